@@ -1,0 +1,349 @@
+//! The device: adapter choice, optional features, real limits, error capture.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::gpu::pipeline::{Pipeline, PipelineKey};
+
+/// Environment variable that picks an adapter (same syntax as `--adapter`).
+pub const ADAPTER_ENV: &str = "SPARSE_ATTN_ADAPTER";
+
+/// Optional adapter features we ask for when present. Kernels check `Gpu::features()` and pick a
+/// variant; nothing requires them.
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+    .union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+
+/// How to open the device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Adapter filter: a backend (`vulkan`, `metal`, `dx12`, `gl`), a device type (`discrete`,
+    /// `integrated`, `cpu`, `virtual`) or a case-insensitive substring of the adapter name.
+    /// Several terms may be joined with `,` (all must match). `None` reads `SPARSE_ATTN_ADAPTER`.
+    pub adapter: Option<String>,
+    /// Lower the storage-binding limit below the adapter's (tests use this to exercise the
+    /// launchers' splitting on small tensors; users may use it to mimic a smaller device).
+    pub max_storage_binding: Option<u64>,
+    /// Do not request optional features (portable code paths only).
+    pub portable_only: bool,
+}
+
+/// What was found about one adapter, for `info` and for choosing.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: wgpu::Backend,
+    pub device_type: wgpu::DeviceType,
+    pub driver: String,
+    pub driver_info: String,
+    /// Subgroup sizes the adapter may use (min, max).
+    pub subgroup_sizes: (u32, u32),
+}
+
+impl AdapterSummary {
+    fn of(info: &wgpu::AdapterInfo) -> Self {
+        Self {
+            name: info.name.clone(),
+            backend: info.backend,
+            device_type: info.device_type,
+            driver: info.driver.clone(),
+            driver_info: info.driver_info.clone(),
+            subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        }
+    }
+}
+
+impl std::fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({:?}, {:?}",
+            self.name, self.backend, self.device_type
+        )?;
+        if !self.driver.is_empty() {
+            write!(f, ", {} {}", self.driver, self.driver_info)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// The GPU runtime: one device and queue, its features and limits, and the pipeline cache.
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    adapter: AdapterSummary,
+    features: wgpu::Features,
+    limits: wgpu::Limits,
+    pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("adapter", &self.adapter)
+            .finish()
+    }
+}
+
+const NO_ADAPTER_HINT: &str = "On Linux without a GPU driver, install Mesa's software Vulkan \
+     device (lavapipe): `sudo apt-get install mesa-vulkan-drivers libvulkan1`. \
+     Set SPARSE_ATTN_ADAPTER (or --adapter) to choose among several adapters.";
+
+fn type_rank(t: wgpu::DeviceType) -> u32 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn backend_rank(b: wgpu::Backend) -> u32 {
+    match b {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        wgpu::Backend::BrowserWebGpu => 0,
+        wgpu::Backend::Gl => 1,
+        _ => 2,
+    }
+}
+
+/// Does one adapter pass a filter such as `vulkan`, `cpu`, `h100` or `vulkan,llvmpipe`?
+pub fn adapter_matches(a: &AdapterSummary, filter: &str) -> bool {
+    filter
+        .split(',')
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .all(|term| {
+            let backend = format!("{:?}", a.backend).to_ascii_lowercase();
+            let dtype = match a.device_type {
+                wgpu::DeviceType::DiscreteGpu => "discrete",
+                wgpu::DeviceType::IntegratedGpu => "integrated",
+                wgpu::DeviceType::VirtualGpu => "virtual",
+                wgpu::DeviceType::Cpu => "cpu",
+                wgpu::DeviceType::Other => "other",
+            };
+            backend == term
+                || (term == "gles" && backend == "gl")
+                || dtype == term
+                || a.name.to_ascii_lowercase().contains(&term)
+        })
+}
+
+/// Order adapters best first: discrete > integrated > virtual > CPU, native APIs before GL.
+pub fn rank_adapters(list: &mut [AdapterSummary]) {
+    list.sort_by_key(|a| (type_rank(a.device_type), backend_rank(a.backend)));
+}
+
+/// An instance over `backends`, unless WGPU_BACKEND names others (wgpu's own variable wins).
+fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        desc.backends = backends;
+    }
+    wgpu::Instance::new(desc)
+}
+
+fn wants_gl(filter: Option<&str>) -> bool {
+    filter.is_some_and(|f| {
+        f.split(',')
+            .any(|t| matches!(t.trim().to_ascii_lowercase().as_str(), "gl" | "gles"))
+    })
+}
+
+/// Adapters of the native APIs first; GL only when asked for or when nothing native exists
+/// (starting the GL backend probes EGL/Wayland, which prints noise on headless machines).
+#[cfg(not(target_arch = "wasm32"))]
+async fn enumerate(filter: Option<&str>) -> Vec<wgpu::Adapter> {
+    if !wants_gl(filter) {
+        let native = new_instance(wgpu::Backends::PRIMARY)
+            .enumerate_adapters(wgpu::Backends::all())
+            .await;
+        if !native.is_empty() {
+            return native;
+        }
+    }
+    new_instance(wgpu::Backends::all())
+        .enumerate_adapters(wgpu::Backends::all())
+        .await
+}
+
+/// Every adapter this machine offers, best first (native only; the browser offers one).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let mut list: Vec<AdapterSummary> = pollster::block_on(enumerate(None))
+        .iter()
+        .map(|a| AdapterSummary::of(&a.get_info()))
+        .collect();
+    rank_adapters(&mut list);
+    list
+}
+
+impl Gpu {
+    /// Open the best adapter (or the one `options.adapter` / `SPARSE_ATTN_ADAPTER` names).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn new(options: &GpuOptions) -> Result<Self> {
+        pollster::block_on(Self::new_async(options))
+    }
+
+    pub async fn new_async(options: &GpuOptions) -> Result<Self> {
+        let filter = options
+            .adapter
+            .clone()
+            .or_else(|| std::env::var(ADAPTER_ENV).ok())
+            .filter(|s| !s.trim().is_empty());
+        let adapter = Self::pick_adapter(filter.as_deref()).await?;
+        Self::from_adapter(adapter, options).await
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    async fn pick_adapter(filter: Option<&str>) -> Result<wgpu::Adapter> {
+        let mut all: Vec<(AdapterSummary, wgpu::Adapter)> = enumerate(filter)
+            .await
+            .into_iter()
+            .map(|a| (AdapterSummary::of(&a.get_info()), a))
+            .collect();
+        all.sort_by_key(|(s, _)| (type_rank(s.device_type), backend_rank(s.backend)));
+        let seen: Vec<String> = all.iter().map(|(s, _)| s.to_string()).collect();
+        let chosen = all
+            .into_iter()
+            .find(|(s, _)| filter.is_none_or(|f| adapter_matches(s, f)));
+        match chosen {
+            Some((_, a)) => Ok(a),
+            None => Err(Error::NoAdapter {
+                filter: match filter {
+                    Some(f) if !seen.is_empty() => {
+                        format!(" matching `{f}` (available: {})", seen.join("; "))
+                    }
+                    Some(f) => format!(" matching `{f}`"),
+                    None => String::new(),
+                },
+                hint: NO_ADAPTER_HINT.to_string(),
+            }),
+        }
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    async fn pick_adapter(_filter: Option<&str>) -> Result<wgpu::Adapter> {
+        new_instance(wgpu::Backends::BROWSER_WEBGPU)
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::NoAdapter {
+                filter: String::new(),
+                hint: format!("The browser offers no WebGPU adapter ({e})."),
+            })
+    }
+
+    async fn from_adapter(adapter: wgpu::Adapter, options: &GpuOptions) -> Result<Self> {
+        let info = adapter.get_info();
+        let features = if options.portable_only {
+            wgpu::Features::empty()
+        } else {
+            adapter.features() & OPTIONAL_FEATURES
+        };
+        let mut limits = adapter.limits();
+        if let Some(cap) = options.max_storage_binding {
+            let cap = u32::try_from(cap).unwrap_or(u32::MAX).max(4096);
+            limits.max_storage_buffer_binding_size =
+                limits.max_storage_buffer_binding_size.min(cap as u64);
+        }
+        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: wgpu's experimental features are opt-in; we only use cooperative matrices
+            // in kernels that are tested against the reference on the device that runs them.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("sparse-attn"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: experimental,
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        // Errors are captured with error scopes where we can return them; anything else is logged
+        // rather than aborting the process (wgpu's default handler panics).
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            log::error!("uncaptured wgpu error: {e}");
+        }));
+        Ok(Self {
+            device,
+            queue,
+            adapter: AdapterSummary::of(&info),
+            features,
+            limits,
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.adapter
+    }
+    pub fn features(&self) -> wgpu::Features {
+        self.features
+    }
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Largest byte range one storage binding may cover on this device.
+    pub fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// Wait for all submitted work; GPU errors surface here as `Error::Gpu`.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+    }
+
+    /// Run `f` inside a validation + out-of-memory error scope and return what it captured.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let v = pollster::block_on(val.pop());
+        let o = pollster::block_on(oom.pop());
+        match v.or(o) {
+            Some(e) => Err(Error::Gpu(format!("{what}: {e}"))),
+            None => Ok(out),
+        }
+    }
+
+    /// In the browser errors arrive asynchronously through the uncaptured-error handler.
+    #[cfg(target_arch = "wasm32")]
+    pub(crate) fn scoped<T>(&self, _what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        Ok(f())
+    }
+}
+
+impl Gpu {
+    /// (min, max) subgroup size the adapter reports (0 when unknown).
+    pub fn adapter_subgroup_sizes(&self) -> (u32, u32) {
+        self.adapter.subgroup_sizes
+    }
+}

@@ -1,0 +1,15 @@
+//! The thin runtime: device, tensors, pipelines, timing.
+
+mod device;
+mod pipeline;
+mod tensor;
+mod timer;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub use device::list_adapters;
+pub use device::{
+    ADAPTER_ENV, AdapterSummary, Gpu, GpuOptions, OPTIONAL_FEATURES, adapter_matches, rank_adapters,
+};
+pub use pipeline::{Pipeline, PipelineKey, preprocess};
+pub use tensor::{DType, Tensor};
+pub use timer::{TimerSource, Timing};

@@ -1,0 +1,122 @@
+//! Shader sources, the tiny preprocessor, and the pipeline cache.
+//!
+//! A kernel is one WGSL file under `shaders/`. It is specialised by integer constants that the
+//! loader prepends as `const NAME: u32 = V;` (WGSL allows module-scope declarations in any order),
+//! and it may pull shared snippets with `//#include "file.wgsl"`. The key
+//! (kernel, entry point, constants, checks) names the compiled code exactly, so it is also the
+//! cache key: each distinct pipeline is built once per `Gpu`.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
+/// Every shader file, embedded at compile time so the library runs anywhere (also in wasm).
+const SOURCES: &[(&str, &str)] = &[
+    (
+        "attention_fwd.wgsl",
+        include_str!("../../shaders/attention_fwd.wgsl"),
+    ),
+    (
+        "attention_bwd.wgsl",
+        include_str!("../../shaders/attention_bwd.wgsl"),
+    ),
+    ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+];
+
+fn source(name: &str) -> Result<&'static str> {
+    SOURCES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| *s)
+        .ok_or_else(|| Error::Gpu(format!("no shader named {name}")))
+}
+
+/// Identifies one compiled pipeline.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    pub file: &'static str,
+    pub entry: &'static str,
+    /// Integer constants prepended to the source, in a fixed order.
+    pub constants: Vec<(&'static str, u32)>,
+    /// Compile with naga's runtime bounds checks (off for hot kernels whose launchers validate
+    /// every index range on the host).
+    pub checked: bool,
+}
+
+/// A cached compute pipeline and its bind layout (group 0).
+#[derive(Debug)]
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// Expand `//#include "x.wgsl"` lines and prepend the constants.
+pub fn preprocess(key: &PipelineKey) -> Result<String> {
+    let mut out = String::new();
+    for (name, value) in &key.constants {
+        out.push_str(&format!("const {name}: u32 = {value}u;\n"));
+    }
+    for line in source(key.file)?.lines() {
+        match line.trim().strip_prefix("//#include ") {
+            Some(inc) => out.push_str(source(inc.trim().trim_matches('"'))?),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+impl Gpu {
+    /// The pipeline for `key`, compiled on first use and cached for the life of the `Gpu`.
+    pub fn pipeline(&self, key: &PipelineKey) -> Result<Arc<Pipeline>> {
+        if let Some(p) = self.pipelines.lock().expect("pipeline cache").get(key) {
+            return Ok(p.clone());
+        }
+        let code = preprocess(key)?;
+        let label = format!("{}:{}", key.file, key.entry);
+        let built = self.scoped(&format!("compiling {label}"), || {
+            let desc = wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(code.into()),
+            };
+            let module = if key.checked {
+                self.device.create_shader_module(desc)
+            } else {
+                // SAFETY: the launchers of unchecked kernels validate all shapes and offsets on
+                // the host (see ops/), and the tests cover the awkward sizes.
+                unsafe {
+                    self.device
+                        .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+                }
+            };
+            let pipeline = self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(key.entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &[],
+                        // Kernels initialise the workgroup memory they read.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                });
+            let layout = pipeline.get_bind_group_layout(0);
+            Pipeline { pipeline, layout }
+        })?;
+        let built = Arc::new(built);
+        self.pipelines
+            .lock()
+            .expect("pipeline cache")
+            .insert(key.clone(), built.clone());
+        Ok(built)
+    }
+
+    /// Number of distinct pipelines compiled so far (tests check the cache with it).
+    pub fn pipelines_built(&self) -> usize {
+        self.pipelines.lock().expect("pipeline cache").len()
+    }
+}

@@ -1,0 +1,160 @@
+//! A typed GPU tensor: one storage buffer, a shape, a dtype. Upload and readback.
+
+use crate::error::{Error, Result, invalid};
+use crate::gpu::Gpu;
+
+/// Element type of a tensor. f16 storage arrives with the fast-path kernels (SHADER_F16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+        }
+    }
+}
+
+/// Row-major contiguous tensor on the GPU.
+#[derive(Debug)]
+pub struct Tensor {
+    pub(crate) buffer: wgpu::Buffer,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl Tensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn size_bytes(&self) -> u64 {
+        (self.len() * self.dtype.size()) as u64
+    }
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+fn checked_len(shape: &[usize], dtype: DType) -> Result<(usize, u64)> {
+    let len = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| Error::InvalidInput(format!("shape {shape:?} overflows")))?;
+    let bytes = (len as u64)
+        .checked_mul(dtype.size() as u64)
+        .ok_or_else(|| Error::InvalidInput(format!("shape {shape:?} overflows")))?;
+    Ok((len, bytes))
+}
+
+impl Gpu {
+    /// A tensor with undefined contents (kernels overwrite it).
+    pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let (_, bytes) = checked_len(shape, dtype)?;
+        let max = self.limits().max_buffer_size;
+        if bytes > max {
+            return Err(Error::Unsupported(format!(
+                "tensor of shape {shape:?} needs {bytes} bytes; this device allows buffers of at \
+                 most {max} bytes"
+            )));
+        }
+        // Zero-sized buffers are legal in wgpu but cannot be bound: keep at least one element.
+        let size = bytes.max(4).next_multiple_of(4);
+        let buffer = self.scoped("allocating a tensor", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tensor"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(Tensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// Upload f32 data of the given shape.
+    pub fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let (len, _) = checked_len(shape, DType::F32)?;
+        if len != data.len() {
+            invalid!(
+                "shape {shape:?} holds {len} elements but {} were given",
+                data.len()
+            );
+        }
+        let t = self.empty(shape, DType::F32)?;
+        self.write(&t, data)?;
+        Ok(t)
+    }
+
+    /// Overwrite a tensor's contents from the host.
+    pub fn write(&self, t: &Tensor, data: &[f32]) -> Result<()> {
+        if t.dtype != DType::F32 || t.len() != data.len() {
+            invalid!(
+                "writing {} f32 values into a {:?} tensor of shape {:?}",
+                data.len(),
+                t.dtype,
+                t.shape
+            );
+        }
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        }
+        Ok(())
+    }
+
+    /// Fill every element with one value (tests poison outputs with NaN this way).
+    pub fn fill(&self, t: &Tensor, value: f32) -> Result<()> {
+        self.write(t, &vec![value; t.len()])
+    }
+
+    /// Copy a tensor back to the host (waits for the GPU).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        if t.is_empty() {
+            return Ok(Vec::new());
+        }
+        let size = t.size_bytes();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback was never completed".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("reading the mapped buffer failed: {e}")))?;
+        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}

@@ -1,0 +1,125 @@
+//! Timing GPU work for benchmarks: timestamp queries around many repetitions in one submission,
+//! or wall-clock time over the same submission when the adapter has no timestamps.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
+/// How a measurement was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerSource {
+    Timestamps,
+    WallClock,
+}
+
+/// Seconds per repetition and how they were measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub seconds: f64,
+    pub source: TimerSource,
+}
+
+impl Gpu {
+    /// Time `reps` repetitions of the work `encode` records, all in one submission, after one
+    /// untimed warm-up submission. Returns the mean time of one repetition.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn time<F>(&self, reps: u32, mut encode: F) -> Result<Timing>
+    where
+        F: FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+    {
+        if reps == 0 {
+            return Err(Error::InvalidInput(
+                "timing needs at least one repetition".into(),
+            ));
+        }
+        // Warm-up: first-use costs (pipeline upload, page faults) stay out of the measurement.
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        encode(&mut enc)?;
+        self.queue.submit([enc.finish()]);
+        self.wait()?;
+
+        let queries = self.has_timestamps().then(|| {
+            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("timer"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timer-resolve"),
+                size: 16,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let read = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timer-read"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            (set, resolve, read)
+        });
+        let mark = |enc: &mut wgpu::CommandEncoder, index: u32| {
+            if let Some((set, _, _)) = &queries {
+                // An empty pass whose only job is to write a timestamp between the real passes.
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("timestamp"),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: set,
+                        beginning_of_pass_write_index: Some(index),
+                        end_of_pass_write_index: None,
+                    }),
+                });
+            }
+        };
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        mark(&mut enc, 0);
+        for _ in 0..reps {
+            encode(&mut enc)?;
+        }
+        mark(&mut enc, 1);
+        if let Some((set, resolve, read)) = &queries {
+            enc.resolve_query_set(set, 0..2, resolve, 0);
+            enc.copy_buffer_to_buffer(resolve, 0, read, 0, 16);
+        }
+        let start = Instant::now();
+        self.queue.submit([enc.finish()]);
+        self.wait()?;
+        let wall = start.elapsed().as_secs_f64();
+        let Some((_, _, read)) = &queries else {
+            return Ok(Timing {
+                seconds: wall / reps as f64,
+                source: TimerSource::WallClock,
+            });
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        read.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("timestamp readback never completed".into()))?
+            .map_err(|e| Error::Gpu(format!("timestamp readback failed: {e}")))?;
+        let ticks: [u64; 2] = {
+            let view = read
+                .get_mapped_range(..)
+                .map_err(|e| Error::Gpu(format!("timestamp readback failed: {e}")))?;
+            let v = bytemuck::cast_slice::<u8, u64>(&view);
+            [v[0], v[1]]
+        };
+        read.unmap();
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        let gpu = ticks[1].saturating_sub(ticks[0]) as f64 * period_ns * 1e-9;
+        // A zero or absurd reading (some drivers) falls back to the wall clock.
+        if gpu <= 0.0 || gpu > wall * 1.5 {
+            return Ok(Timing {
+                seconds: wall / reps as f64,
+                source: TimerSource::WallClock,
+            });
+        }
+        Ok(Timing {
+            seconds: gpu / reps as f64,
+            source: TimerSource::Timestamps,
+        })
+    }
+}

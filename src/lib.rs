@@ -1,0 +1,31 @@
+//! # sparse-attn
+//!
+//! Trainable sparse attention (SSA, NOSA) on any GPU through WebGPU: WGSL compute kernels, a thin
+//! wgpu runtime, and a plain-Rust f64 reference beside every kernel.
+//!
+//! ```no_run
+//! use sparse_attn::{Gpu, GpuOptions, AttnOptions, attention_forward};
+//! # fn main() -> sparse_attn::Result<()> {
+//! let gpu = Gpu::new(&GpuOptions::default())?;
+//! let data = vec![0.1f32; 2 * 64 * 32];
+//! let q = gpu.upload(&[1, 2, 64, 32], &data)?;
+//! let k = gpu.upload(&[1, 2, 64, 32], &data)?;
+//! let v = gpu.upload(&[1, 2, 64, 32], &data)?;
+//! let out = attention_forward(&gpu, &q, &k, &v, &AttnOptions::causal(true))?;
+//! let o = gpu.read(&out.o)?;
+//! # Ok(()) }
+//! ```
+
+pub mod bench;
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod reference;
+pub mod shape;
+
+pub use error::{Error, Result};
+pub use gpu::{DType, Gpu, GpuOptions, Tensor};
+pub use ops::attention::{
+    AttnGrads, AttnOutput, FullAttention, Variant, attention_backward, attention_forward,
+};
+pub use shape::{AttnOptions, AttnShape};

@@ -1,0 +1,817 @@
+//! Tiled full attention on the GPU: forward (O, LSE) and backward (dQ, dK, dV).
+//!
+//! Owns the pipelines (`shaders/attention_fwd.wgsl`, `shaders/attention_bwd.wgsl`), their tile
+//! configurations, the bind layouts and the dispatch math. The kernels run without naga's runtime
+//! bounds checks, so everything an index depends on is validated here first.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result, invalid};
+use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
+use crate::shape::{AttnOptions, AttnShape};
+
+/// Kernel variants of the portable f32 family. Every variant computes the same thing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// Fits WebGPU's default limits (16 KiB workgroup storage, 256 invocations): runs in every
+    /// browser and on every adapter.
+    Portable,
+    /// Larger tiles for adapters with at least 32 KiB of workgroup storage.
+    Large,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 2] = [Variant::Portable, Variant::Large];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Portable => "f32-portable",
+            Variant::Large => "f32-large",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "portable" | "f32-portable" => Ok(Variant::Portable),
+            "large" | "f32-large" => Ok(Variant::Large),
+            _ => invalid!("unknown kernel variant `{s}` (known: portable, large)"),
+        }
+    }
+}
+
+/// Head dimensions the kernels take: multiples of 16 from 16 to 256.
+pub fn head_dim_supported(d: usize) -> bool {
+    (16..=256).contains(&d) && d.is_multiple_of(16)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Fwd,
+    Dq,
+    Dkdv,
+}
+
+/// Tile of one kernel: `rows` x `cols` logits per workgroup, TM rows and TC column-threads per
+/// thread row, DC head dims staged per step, PC inner rows staged per step of the second product.
+#[derive(Clone, Copy, Debug)]
+struct Tiles {
+    rows: u32,
+    cols: u32,
+    tm: u32,
+    tc: u32,
+    dc: u32,
+    pc: u32,
+}
+
+const THREADS: u32 = 256;
+
+impl Tiles {
+    fn of(kind: Kind, variant: Variant) -> Tiles {
+        let t = |rows, cols, tm, dc, pc| Tiles {
+            rows,
+            cols,
+            tm,
+            tc: 16,
+            dc,
+            pc,
+        };
+        match (kind, variant) {
+            (Kind::Fwd, Variant::Portable) => t(64, 32, 4, 16, 8),
+            (Kind::Fwd, Variant::Large) => t(64, 64, 4, 16, 16),
+            (Kind::Dq, Variant::Portable) => t(64, 32, 4, 8, 8),
+            (Kind::Dq, Variant::Large) => t(64, 64, 4, 8, 16),
+            (Kind::Dkdv, Variant::Portable) => t(32, 32, 2, 8, 8),
+            (Kind::Dkdv, Variant::Large) => t(64, 32, 4, 8, 8),
+        }
+    }
+
+    fn threads(&self) -> u32 {
+        (self.rows / self.tm) * self.tc
+    }
+
+    /// Workgroup arrays (in f32 elements) as the shader declares them.
+    fn shared(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
+        let dcp = self.dc + 1;
+        let (r, c) = (self.rows, self.cols);
+        match kind {
+            Kind::Fwd => vec![("SH_A", ((r + c) * dcp).max(r * self.tc).max(self.pc * d))],
+            Kind::Dq => vec![
+                ("SH0", (2 * (r + c) * dcp).max(self.pc * d)),
+                ("SH1", r * c),
+                ("SH2", 1),
+            ],
+            Kind::Dkdv => vec![
+                ("SH0", (2 * (r + c) * dcp).max(2 * self.pc * d)),
+                ("SH1", r * c),
+                ("SH2", r * c + 2 * c),
+            ],
+        }
+    }
+
+    fn shared_bytes(&self, kind: Kind, d: u32) -> u32 {
+        let extra = if kind == Kind::Fwd {
+            self.rows * self.cols
+        } else {
+            0
+        };
+        4 * (self.shared(kind, d).iter().map(|(_, n)| n).sum::<u32>() + extra)
+    }
+
+    /// The tiles for head dim `d`, with the product chunk shrunk until they fit `max_shared`.
+    fn fitted(kind: Kind, variant: Variant, d: u32, max_shared: u32) -> Option<Tiles> {
+        let mut t = Tiles::of(kind, variant);
+        while t.shared_bytes(kind, d) > max_shared {
+            if t.pc == 1 {
+                return None;
+            }
+            t.pc /= 2;
+        }
+        Some(t)
+    }
+
+    fn constants(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
+        let (bq, bk) = match kind {
+            Kind::Fwd | Kind::Dq => (self.rows, self.cols),
+            Kind::Dkdv => (self.cols, self.rows),
+        };
+        let mut c = vec![
+            ("D", d),
+            ("BQ", bq),
+            ("BK", bk),
+            ("TM", self.tm),
+            ("TC", self.tc),
+            ("TR", self.rows / self.tm),
+            ("TN", self.cols / self.tc),
+            ("TD", d / self.tc),
+            ("NT", self.threads()),
+            ("DC", self.dc),
+            ("DCP", self.dc + 1),
+            ("PC", self.pc),
+        ];
+        c.extend(self.shared(kind, d));
+        c
+    }
+}
+
+/// Can this device run `variant` for head dim `d` (forward and backward)?
+pub fn variant_supported(gpu: &Gpu, variant: Variant, d: usize) -> Result<()> {
+    if !head_dim_supported(d) {
+        invalid!(
+            "head_dim = {d} is not supported: the kernels take multiples of 16 from 16 to 256"
+        );
+    }
+    let l = gpu.limits();
+    if l.max_compute_invocations_per_workgroup < THREADS || l.max_compute_workgroup_size_x < THREADS
+    {
+        return Err(Error::Unsupported(format!(
+            "the attention kernels use {THREADS} invocations per workgroup; this device allows {}",
+            l.max_compute_invocations_per_workgroup
+        )));
+    }
+    for kind in [Kind::Fwd, Kind::Dq, Kind::Dkdv] {
+        if Tiles::fitted(
+            kind,
+            variant,
+            d as u32,
+            l.max_compute_workgroup_storage_size,
+        )
+        .is_none()
+        {
+            let need = Tiles::of(kind, variant).shared_bytes(kind, d as u32);
+            return Err(Error::Unsupported(format!(
+                "variant {} needs about {need} bytes of workgroup storage for head_dim {d}; this \
+                 device allows {}",
+                variant.name(),
+                l.max_compute_workgroup_storage_size
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The fastest variant this device can run for head dim `d`.
+pub fn best_variant(gpu: &Gpu, d: usize) -> Result<Variant> {
+    let mut last = None;
+    for v in [Variant::Large, Variant::Portable] {
+        match variant_supported(gpu, v, d) {
+            Ok(()) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one variant"))
+}
+
+/// A byte window of a buffer that a binding may cover, and where the data starts inside it.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    offset: u64,
+    size: u64,
+    /// First element of the data, counted from `offset`.
+    skip: u32,
+}
+
+fn window(first_elem: u64, elems: u64, align: u64) -> Window {
+    let start = first_elem * 4;
+    let offset = start / align * align;
+    Window {
+        offset,
+        size: (start + elems * 4 - offset).max(4),
+        skip: ((start - offset) / 4) as u32,
+    }
+}
+
+/// One launch's share of the problem: (batch, kv-head) groups `u0..u1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Chunk {
+    u0: u64,
+    u1: u64,
+}
+
+/// Split the (batch, kv-head) groups so that every binding fits the device's binding limit and
+/// every grid dimension its dispatch limit.
+fn plan_chunks(shape: &AttnShape, gpu: &Gpu) -> Result<Vec<Chunk>> {
+    let l = gpu.limits();
+    let align = l.min_storage_buffer_offset_alignment as u64;
+    let max_bind = gpu.max_binding();
+    let g = shape.group() as u64;
+    let per_unit = [
+        (
+            "query-shaped tensor (q, o, dO, dQ)",
+            g * (shape.seq_q * shape.head_dim) as u64 * 4,
+        ),
+        (
+            "key-shaped tensor (k, v, dK, dV)",
+            (shape.seq_k * shape.head_dim) as u64 * 4,
+        ),
+        ("per-row tensor (LSE)", g * shape.seq_q as u64 * 4),
+    ];
+    let mut units_max = l.max_compute_workgroups_per_dimension as u64 / g;
+    for (what, bytes) in per_unit {
+        let fit = max_bind.saturating_sub(align) / bytes;
+        if fit == 0 {
+            return Err(Error::Unsupported(format!(
+                "one (batch, kv-head) slice of the {what} takes {bytes} bytes, more than this \
+                 device can bind at once ({max_bind} bytes); shorten the sequence"
+            )));
+        }
+        units_max = units_max.min(fit);
+    }
+    if units_max == 0 {
+        return Err(Error::Unsupported(format!(
+            "{} query heads per kv head exceed this device's dispatch limit of {}",
+            g, l.max_compute_workgroups_per_dimension
+        )));
+    }
+    let tiles = (shape.seq_q.max(shape.seq_k) as u64).div_ceil(32);
+    if tiles > l.max_compute_workgroups_per_dimension as u64 {
+        return Err(Error::Unsupported(format!(
+            "sequence of {} tokens needs {tiles} workgroups along one dimension; this device \
+             allows {}",
+            shape.seq_q.max(shape.seq_k),
+            l.max_compute_workgroups_per_dimension
+        )));
+    }
+    let units = (shape.batch * shape.heads_kv) as u64;
+    Ok((0..units.div_ceil(units_max))
+        .map(|i| Chunk {
+            u0: i * units_max,
+            u1: ((i + 1) * units_max).min(units),
+        })
+        .collect())
+}
+
+/// Uniform block shared with `shaders/common.wgsl` (`Params`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    seq_q: u32,
+    seq_k: u32,
+    q_pos0: u32,
+    causal: u32,
+    group: u32,
+    q_off: u32,
+    k_off: u32,
+    r_off: u32,
+    scale_log2: f32,
+    scale: f32,
+    grid_x: u32,
+    rows: u32,
+}
+
+/// Which window a tensor gets bound with in one chunk.
+#[derive(Clone, Copy, Debug)]
+enum Class {
+    Q,
+    Kv,
+    Row,
+}
+
+/// Outputs of the forward pass.
+#[derive(Debug)]
+pub struct AttnOutput {
+    /// `[batch, heads_q, seq_q, head_dim]`
+    pub o: Tensor,
+    /// `[batch, heads_q, seq_q]`, natural log of the softmax denominators (scaled logits).
+    pub lse: Tensor,
+}
+
+/// Gradients with the shapes of q, k and v.
+#[derive(Debug)]
+pub struct AttnGrads {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+}
+
+/// Full attention for one problem shape: validated once, pipelines fetched once.
+#[derive(Debug)]
+pub struct FullAttention {
+    shape: AttnShape,
+    opts: AttnOptions,
+    variant: Variant,
+    chunks: Vec<Chunk>,
+    fwd: Arc<Pipeline>,
+    dq: Arc<Pipeline>,
+    dkdv: Arc<Pipeline>,
+    rowdot: Arc<Pipeline>,
+    tiles: [Tiles; 3],
+}
+
+impl FullAttention {
+    /// Validate the problem and pick the fastest variant the device runs.
+    pub fn new(gpu: &Gpu, shape: AttnShape, opts: AttnOptions) -> Result<Self> {
+        shape.validate(&opts)?;
+        let variant = best_variant(gpu, shape.head_dim)?;
+        Self::with_variant(gpu, shape, opts, variant)
+    }
+
+    pub fn with_variant(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: AttnOptions,
+        variant: Variant,
+    ) -> Result<Self> {
+        shape.validate(&opts)?;
+        variant_supported(gpu, variant, shape.head_dim)?;
+        let chunks = plan_chunks(&shape, gpu)?;
+        let d = shape.head_dim as u32;
+        let max_shared = gpu.limits().max_compute_workgroup_storage_size;
+        let fit = |kind| Tiles::fitted(kind, variant, d, max_shared).expect("checked above");
+        let tiles = [fit(Kind::Fwd), fit(Kind::Dq), fit(Kind::Dkdv)];
+        let key = |file, entry, consts| PipelineKey {
+            file,
+            entry,
+            constants: consts,
+            checked: false,
+        };
+        let fwd = gpu.pipeline(&key(
+            "attention_fwd.wgsl",
+            "main",
+            tiles[0].constants(Kind::Fwd, d),
+        ))?;
+        let dq = gpu.pipeline(&key(
+            "attention_bwd.wgsl",
+            "dq_main",
+            tiles[1].constants(Kind::Dq, d),
+        ))?;
+        let dkdv = gpu.pipeline(&key(
+            "attention_bwd.wgsl",
+            "dkdv",
+            tiles[2].constants(Kind::Dkdv, d),
+        ))?;
+        // rowdot reads only D and NT; the other constants just have to declare the arrays.
+        let mut rowdot_consts = tiles[1].constants(Kind::Dq, d);
+        for c in rowdot_consts.iter_mut() {
+            if c.0.starts_with("SH") {
+                c.1 = 1;
+            }
+        }
+        let rowdot = gpu.pipeline(&key("attention_bwd.wgsl", "rowdot", rowdot_consts))?;
+        Ok(Self {
+            shape,
+            opts,
+            variant,
+            chunks,
+            fwd,
+            dq,
+            dkdv,
+            rowdot,
+            tiles,
+        })
+    }
+
+    pub fn shape(&self) -> &AttnShape {
+        &self.shape
+    }
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+    /// Number of launches per kernel (more than one when tensors exceed the binding limit).
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    fn check(&self, name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
+        if t.dtype() != DType::F32 {
+            invalid!("{name} has dtype {:?}; these kernels take f32", t.dtype());
+        }
+        if t.shape() != dims {
+            invalid!(
+                "{name} has shape {:?}, expected {:?} for {:?}",
+                t.shape(),
+                dims,
+                self.shape
+            );
+        }
+        Ok(())
+    }
+
+    fn no_alias(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> Result<()> {
+        for (i, (on, o)) in outputs.iter().enumerate() {
+            for (n, t) in inputs.iter().chain(&outputs[i + 1..]) {
+                if o.buffer() == t.buffer() {
+                    invalid!("output {on} shares its buffer with {n}; give each output its own");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&self, gpu: &Gpu, c: Chunk) -> Params {
+        let s = &self.shape;
+        let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+        let (g, d) = (s.group() as u64, s.head_dim as u64);
+        let scale = self.opts.scale_for(s.head_dim);
+        Params {
+            seq_q: s.seq_q as u32,
+            seq_k: s.seq_k as u32,
+            q_pos0: s.q_offset() as u32,
+            causal: self.opts.causal as u32,
+            group: s.group() as u32,
+            q_off: window(c.u0 * g * s.seq_q as u64 * d, 0, align).skip,
+            k_off: window(c.u0 * s.seq_k as u64 * d, 0, align).skip,
+            r_off: window(c.u0 * g * s.seq_q as u64, 0, align).skip,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            scale,
+            grid_x: 0,
+            rows: 0,
+        }
+    }
+
+    fn window_of(&self, gpu: &Gpu, class: Class, c: Chunk) -> Window {
+        let s = &self.shape;
+        let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+        let (g, d) = (s.group() as u64, s.head_dim as u64);
+        let per_unit = match class {
+            Class::Q => g * s.seq_q as u64 * d,
+            Class::Kv => s.seq_k as u64 * d,
+            Class::Row => g * s.seq_q as u64,
+        };
+        window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        pipe: &Pipeline,
+        params: &Params,
+        chunk: Chunk,
+        bindings: &[(u32, Class, &Tensor)],
+        grid: (u32, u32),
+    ) {
+        let ubuf = gpu
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("attention-params"),
+                contents: bytemuck::bytes_of(params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: ubuf.as_entire_binding(),
+        }];
+        for &(binding, class, t) in bindings {
+            let w = self.window_of(gpu, class, chunk);
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: t.buffer(),
+                    offset: w.offset,
+                    size: NonZeroU64::new(w.size),
+                }),
+            });
+        }
+        let bg = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("attention"),
+            layout: &pipe.layout,
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("attention"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipe.pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(grid.0, grid.1, 1);
+    }
+
+    /// Record the forward pass into `enc`: O and LSE are overwritten.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_forward(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+    ) -> Result<()> {
+        let s = self.shape;
+        self.check("q", q, &s.q_dims())?;
+        self.check("k", k, &s.kv_dims())?;
+        self.check("v", v, &s.kv_dims())?;
+        self.check("o", o, &s.q_dims())?;
+        self.check("lse", lse, &s.lse_dims())?;
+        Self::no_alias(&[("o", o), ("lse", lse)], &[("q", q), ("k", k), ("v", v)])?;
+        let t = self.tiles[0];
+        for &c in &self.chunks {
+            let p = self.params(gpu, c);
+            let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
+            self.dispatch(
+                gpu,
+                enc,
+                &self.fwd,
+                &p,
+                c,
+                &[
+                    (1, Class::Q, q),
+                    (2, Class::Kv, k),
+                    (3, Class::Kv, v),
+                    (4, Class::Q, o),
+                    (5, Class::Row, lse),
+                ],
+                ((s.seq_q as u32).div_ceil(t.rows), heads),
+            );
+        }
+        Ok(())
+    }
+
+    /// Record the backward pass. `rowd` (shape of LSE) is scratch for D = rowsum(dO ∘ O).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_backward(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+        rowd: &Tensor,
+        grads: &AttnGrads,
+    ) -> Result<()> {
+        let s = self.shape;
+        for (n, t, dims) in [
+            ("q", q, &s.q_dims()[..]),
+            ("k", k, &s.kv_dims()),
+            ("v", v, &s.kv_dims()),
+            ("o", o, &s.q_dims()),
+            ("lse", lse, &s.lse_dims()),
+            ("dO", d_o, &s.q_dims()),
+            ("rowd", rowd, &s.lse_dims()),
+            ("dq", &grads.dq, &s.q_dims()),
+            ("dk", &grads.dk, &s.kv_dims()),
+            ("dv", &grads.dv, &s.kv_dims()),
+        ] {
+            self.check(n, t, dims)?;
+        }
+        Self::no_alias(
+            &[
+                ("rowd", rowd),
+                ("dq", &grads.dq),
+                ("dk", &grads.dk),
+                ("dv", &grads.dv),
+            ],
+            &[
+                ("q", q),
+                ("k", k),
+                ("v", v),
+                ("o", o),
+                ("lse", lse),
+                ("dO", d_o),
+            ],
+        )?;
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension;
+        for &c in &self.chunks {
+            let base = self.params(gpu, c);
+            let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
+            let rows = heads * s.seq_q as u32;
+            let blocks = rows.div_ceil(THREADS);
+            let gx = blocks.min(max_x);
+            let p = Params {
+                grid_x: gx,
+                rows,
+                ..base
+            };
+            self.dispatch(
+                gpu,
+                enc,
+                &self.rowdot,
+                &p,
+                c,
+                &[(4, Class::Q, o), (5, Class::Q, d_o), (7, Class::Row, rowd)],
+                (gx, blocks.div_ceil(gx)),
+            );
+            self.dispatch(
+                gpu,
+                enc,
+                &self.dkdv,
+                &base,
+                c,
+                &[
+                    (1, Class::Q, q),
+                    (2, Class::Kv, k),
+                    (3, Class::Kv, v),
+                    (5, Class::Q, d_o),
+                    (6, Class::Row, lse),
+                    (7, Class::Row, rowd),
+                    (9, Class::Kv, &grads.dk),
+                    (10, Class::Kv, &grads.dv),
+                ],
+                (
+                    (s.seq_k as u32).div_ceil(self.tiles[2].rows),
+                    (c.u1 - c.u0) as u32,
+                ),
+            );
+            self.dispatch(
+                gpu,
+                enc,
+                &self.dq,
+                &base,
+                c,
+                &[
+                    (1, Class::Q, q),
+                    (2, Class::Kv, k),
+                    (3, Class::Kv, v),
+                    (5, Class::Q, d_o),
+                    (6, Class::Row, lse),
+                    (7, Class::Row, rowd),
+                    (8, Class::Q, &grads.dq),
+                ],
+                ((s.seq_q as u32).div_ceil(self.tiles[1].rows), heads),
+            );
+        }
+        Ok(())
+    }
+
+    /// Run the forward pass and return new O and LSE tensors.
+    pub fn forward(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnOutput> {
+        let s = self.shape;
+        let out = AttnOutput {
+            o: gpu.empty(&s.q_dims(), DType::F32)?,
+            lse: gpu.empty(&s.lse_dims(), DType::F32)?,
+        };
+        self.forward_into(gpu, q, k, v, &out)?;
+        Ok(out)
+    }
+
+    /// Run the forward pass into existing tensors.
+    pub fn forward_into(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &AttnOutput,
+    ) -> Result<()> {
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode_forward(gpu, &mut enc, q, k, v, &out.o, &out.lse)?;
+        gpu.scoped("attention forward", || gpu.queue.submit([enc.finish()]))?;
+        Ok(())
+    }
+
+    /// Run the backward pass and return new gradient tensors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &AttnOutput,
+        d_o: &Tensor,
+    ) -> Result<AttnGrads> {
+        let s = self.shape;
+        let grads = AttnGrads {
+            dq: gpu.empty(&s.q_dims(), DType::F32)?,
+            dk: gpu.empty(&s.kv_dims(), DType::F32)?,
+            dv: gpu.empty(&s.kv_dims(), DType::F32)?,
+        };
+        self.backward_into(gpu, q, k, v, out, d_o, &grads)?;
+        Ok(grads)
+    }
+
+    /// Run the backward pass into existing gradient tensors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &AttnOutput,
+        d_o: &Tensor,
+        grads: &AttnGrads,
+    ) -> Result<()> {
+        let rowd = gpu.empty(&self.shape.lse_dims(), DType::F32)?;
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode_backward(gpu, &mut enc, q, k, v, &out.o, &out.lse, d_o, &rowd, grads)?;
+        gpu.scoped("attention backward", || gpu.queue.submit([enc.finish()]))?;
+        Ok(())
+    }
+}
+
+/// The attention shape implied by q `[b, hq, sq, d]` and k `[b, hkv, sk, d]`.
+pub fn shape_of(q: &Tensor, k: &Tensor) -> Result<AttnShape> {
+    let (qs, ks) = (q.shape(), k.shape());
+    if qs.len() != 4 || ks.len() != 4 {
+        invalid!(
+            "q and k must be 4-D [batch, heads, seq, head_dim]; got {:?} and {:?}",
+            qs,
+            ks
+        );
+    }
+    if qs[0] != ks[0] || qs[3] != ks[3] {
+        invalid!("q {:?} and k {:?} disagree on batch or head_dim", qs, ks);
+    }
+    Ok(AttnShape {
+        batch: qs[0],
+        heads_q: qs[1],
+        heads_kv: ks[1],
+        seq_q: qs[2],
+        seq_k: ks[2],
+        head_dim: qs[3],
+    })
+}
+
+/// One-shot forward: shape from the tensors, best variant, new outputs.
+pub fn attention_forward(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttnOptions,
+) -> Result<AttnOutput> {
+    FullAttention::new(gpu, shape_of(q, k)?, *opts)?.forward(gpu, q, k, v)
+}
+
+/// One-shot backward of [`attention_forward`].
+pub fn attention_backward(
+    gpu: &Gpu,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &AttnOutput,
+    d_o: &Tensor,
+    opts: &AttnOptions,
+) -> Result<AttnGrads> {
+    FullAttention::new(gpu, shape_of(q, k)?, *opts)?.backward(gpu, q, k, v, out, d_o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_aligned_and_cover_the_data() {
+        let w = window(100, 50, 256);
+        assert_eq!(w.offset, 256);
+        assert_eq!(w.skip, 36);
+        assert_eq!(w.offset + 4 * w.skip as u64, 400);
+        assert_eq!(w.size, 400 + 200 - 256);
+    }
+
+    #[test]
+    fn every_variant_fits_webgpu_defaults_or_says_so() {
+        // The portable variant must fit WebGPU's defaults for every supported head dim.
+        for d in (16..=256).step_by(16) {
+            for kind in [Kind::Fwd, Kind::Dq, Kind::Dkdv] {
+                let t = Tiles::fitted(kind, Variant::Portable, d, 16384)
+                    .unwrap_or_else(|| panic!("portable {kind:?} d={d} does not fit 16 KiB"));
+                assert!(t.threads() <= 256);
+                assert_eq!(t.rows % t.tm, 0);
+                assert_eq!(t.cols % t.tc, 0);
+                assert_eq!(d % t.tc, 0);
+                assert_eq!(d % t.dc, 0);
+                assert_eq!(t.cols % t.pc, 0);
+            }
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! One module per kernel family: validates shapes, picks the variant the device supports, owns
+//! bind layouts and dispatch math; everything returns `Result`.
+
+pub mod attention;

@@ -1,0 +1,8 @@
+//! Plain-Rust f64 versions of every op: the ground truth of the tests.
+
+pub mod attention;
+mod rng;
+mod stats;
+
+pub use rng::Rng;
+pub use stats::{ErrorStats, compare};

@@ -1,0 +1,240 @@
+//! Bad input gets an error that names the problem: never a panic, never a wrong answer.
+
+mod common;
+
+use sparse_attn::reference::{self, Rng, compare};
+use sparse_attn::{
+    AttnOptions, AttnOutput, AttnShape, Error, FullAttention, GpuOptions, attention_forward,
+};
+
+fn msg<T: std::fmt::Debug>(r: sparse_attn::Result<T>) -> String {
+    r.expect_err("expected an error").to_string()
+}
+
+#[test]
+fn shape_errors_name_the_problem() {
+    let Some(gpu) = common::gpu() else { return };
+    let opts = AttnOptions::causal(false);
+    let t = |shape: &[usize]| {
+        gpu.upload(shape, &vec![0.5; shape.iter().product()])
+            .unwrap()
+    };
+
+    // head_dim disagreement between q and k
+    let e = msg(attention_forward(
+        &gpu,
+        &t(&[1, 2, 16, 32]),
+        &t(&[1, 2, 16, 64]),
+        &t(&[1, 2, 16, 64]),
+        &opts,
+    ));
+    assert!(e.contains("disagree"), "{e}");
+    // v differs from k
+    let e = msg(attention_forward(
+        &gpu,
+        &t(&[1, 2, 16, 32]),
+        &t(&[1, 2, 16, 32]),
+        &t(&[1, 2, 15, 32]),
+        &opts,
+    ));
+    assert!(e.contains("v has shape"), "{e}");
+    // heads not a GQA multiple
+    let e = msg(attention_forward(
+        &gpu,
+        &t(&[1, 3, 16, 32]),
+        &t(&[1, 2, 16, 32]),
+        &t(&[1, 2, 16, 32]),
+        &opts,
+    ));
+    assert!(e.contains("not a multiple of heads_kv"), "{e}");
+    // unsupported head dims
+    for d in [24usize, 8, 512] {
+        let e = msg(attention_forward(
+            &gpu,
+            &t(&[1, 1, 4, d]),
+            &t(&[1, 1, 4, d]),
+            &t(&[1, 1, 4, d]),
+            &opts,
+        ));
+        assert!(
+            e.contains(&format!("head_dim = {d} is not supported")),
+            "{e}"
+        );
+    }
+    // zero-length sequence
+    let e = msg(attention_forward(
+        &gpu,
+        &t(&[1, 1, 0, 32]),
+        &t(&[1, 1, 8, 32]),
+        &t(&[1, 1, 8, 32]),
+        &opts,
+    ));
+    assert!(e.contains("seq_q is 0"), "{e}");
+    // 3-D tensors
+    let e = msg(attention_forward(
+        &gpu,
+        &t(&[2, 16, 32]),
+        &t(&[2, 16, 32]),
+        &t(&[2, 16, 32]),
+        &opts,
+    ));
+    assert!(e.contains("must be 4-D"), "{e}");
+    // causal with more queries than keys
+    let e = msg(attention_forward(
+        &gpu,
+        &t(&[1, 1, 9, 32]),
+        &t(&[1, 1, 8, 32]),
+        &t(&[1, 1, 8, 32]),
+        &AttnOptions::causal(true),
+    ));
+    assert!(e.contains("seq_q = 9 > seq_k = 8"), "{e}");
+    // bad scale
+    let bad = AttnOptions {
+        causal: false,
+        scale: Some(f32::NAN),
+    };
+    let e = msg(attention_forward(
+        &gpu,
+        &t(&[1, 1, 8, 32]),
+        &t(&[1, 1, 8, 32]),
+        &t(&[1, 1, 8, 32]),
+        &bad,
+    ));
+    assert!(e.contains("scale"), "{e}");
+    // upload with the wrong number of elements
+    let e = msg(gpu.upload(&[2, 3], &[1.0; 5]));
+    assert!(e.contains("holds 6 elements but 5 were given"), "{e}");
+    // an output that aliases an input
+    let s = AttnShape::new(1, 1, 1, 8, 32);
+    let att = FullAttention::new(&gpu, s, opts).unwrap();
+    let q = t(&s.q_dims());
+    let out = AttnOutput {
+        o: q,
+        lse: t(&s.lse_dims()),
+    };
+    let e = msg(att.forward_into(&gpu, &out.o, &t(&s.kv_dims()), &t(&s.kv_dims()), &out));
+    assert!(e.contains("shares its buffer"), "{e}");
+    // wrong output shape
+    let bad_out = AttnOutput {
+        o: t(&[1, 1, 8, 16]),
+        lse: t(&s.lse_dims()),
+    };
+    let e = msg(att.forward_into(
+        &gpu,
+        &t(&s.q_dims()),
+        &t(&s.kv_dims()),
+        &t(&s.kv_dims()),
+        &bad_out,
+    ));
+    assert!(e.contains("o has shape [1, 1, 8, 16]"), "{e}");
+}
+
+#[test]
+fn reference_rejects_what_the_gpu_rejects() {
+    let s = AttnShape::new(1, 3, 2, 8, 32);
+    let e = reference::attention::forward(
+        &s,
+        &AttnOptions::default(),
+        &[0.0; 768],
+        &[0.0; 512],
+        &[0.0; 512],
+    );
+    assert!(msg(e).contains("not a multiple"));
+    let s = AttnShape::new(1, 2, 2, 8, 32);
+    let e = reference::attention::forward(
+        &s,
+        &AttnOptions::default(),
+        &[0.0; 10],
+        &[0.0; 512],
+        &[0.0; 512],
+    );
+    assert!(msg(e).contains("q has 10 elements"));
+}
+
+/// Tensors larger than the device's storage-binding limit are split across launches (by
+/// (batch, kv-head) groups) and still give the reference answer.
+#[test]
+fn tensors_past_the_binding_limit_are_split() {
+    let limit = 64 * 1024;
+    let Some(gpu) = common::gpu_with(&GpuOptions {
+        max_storage_binding: Some(limit),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert_eq!(gpu.max_binding(), limit);
+    // q: 3 x 4 x 70 x 32 x 4 B = 107 KiB > 64 KiB; kv heads 2 -> groups of 2 query heads.
+    let s = AttnShape {
+        batch: 3,
+        heads_q: 4,
+        heads_kv: 2,
+        seq_q: 70,
+        seq_k: 70,
+        head_dim: 32,
+    };
+    let opts = AttnOptions::causal(true);
+    let att = FullAttention::new(&gpu, s, opts).unwrap();
+    assert!(
+        att.chunks() > 1,
+        "expected a split, got {} chunk(s)",
+        att.chunks()
+    );
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    let (q, k, v, d_o) = (
+        rng.normal_vec(s.q_len(), 1.0),
+        rng.normal_vec(s.kv_len(), 1.0),
+        rng.normal_vec(s.kv_len(), 1.0),
+        rng.normal_vec(s.q_len(), 1.0),
+    );
+    let up = |dims: &[usize], x: &[f32]| gpu.upload(dims, x).unwrap();
+    let (tq, tk, tv) = (
+        up(&s.q_dims(), &q),
+        up(&s.kv_dims(), &k),
+        up(&s.kv_dims(), &v),
+    );
+    let out = AttnOutput {
+        o: up(&s.q_dims(), &vec![f32::NAN; s.q_len()]),
+        lse: up(&s.lse_dims(), &vec![f32::NAN; s.lse_len()]),
+    };
+    att.forward_into(&gpu, &tq, &tk, &tv, &out).unwrap();
+    let want = reference::attention::forward(&s, &opts, &q, &k, &v).unwrap();
+    let e = compare(&gpu.read(&out.o).unwrap(), &want.o);
+    assert!(e.within(2e-5), "O {e:?} seed {seed}");
+    let grads = att
+        .backward(&gpu, &tq, &tk, &tv, &out, &up(&s.q_dims(), &d_o))
+        .unwrap();
+    let want = reference::attention::backward(&s, &opts, &q, &k, &v, &d_o).unwrap();
+    for (n, t, w) in [
+        ("dQ", &grads.dq, &want.dq),
+        ("dK", &grads.dk, &want.dk),
+        ("dV", &grads.dv, &want.dv),
+    ] {
+        let e = compare(&gpu.read(t).unwrap(), w);
+        assert!(e.within(2e-5), "{n} {e:?} seed {seed}");
+    }
+
+    // One (batch, kv-head) slice alone is larger than the limit: refused with a clear error.
+    let big = AttnShape::new(1, 1, 1, 1000, 32); // 128 KB per head
+    match FullAttention::new(&gpu, big, opts) {
+        Err(Error::Unsupported(m)) => assert!(m.contains("more than this device can bind"), "{m}"),
+        other => panic!("expected Unsupported, got {other:?}"),
+    }
+}
+
+#[test]
+fn pipelines_are_built_once() {
+    let Some(gpu) = common::gpu() else { return };
+    let s = AttnShape::new(1, 2, 1, 40, 64);
+    let _a = FullAttention::new(&gpu, s, AttnOptions::causal(true)).unwrap();
+    let n = gpu.pipelines_built();
+    assert!(n >= 4);
+    // Another shape with the same head dim reuses every pipeline.
+    let _b = FullAttention::new(
+        &gpu,
+        AttnShape::new(2, 4, 2, 99, 64),
+        AttnOptions::causal(false),
+    )
+    .unwrap();
+    assert_eq!(gpu.pipelines_built(), n);
+}

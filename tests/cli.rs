@@ -1,0 +1,108 @@
+//! The CLI as a user runs it.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sparse-attn"))
+        .args(args)
+        .output()
+        .expect("run sparse-attn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn no_gpu_ok() -> bool {
+    std::env::var("SPARSE_ATTN_ALLOW_NO_GPU").as_deref() == Ok("1")
+}
+
+#[test]
+fn info_lists_adapter_features_limits_and_variants() {
+    let (ok, out, err) = run(&["info"]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "info failed: {err}");
+    for needle in [
+        "adapter:",
+        "features:",
+        "shader-f16",
+        "max_storage_buffer_binding_size",
+        "kernel variants:",
+        "f32-portable (head_dim 128)",
+    ] {
+        assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
+    }
+    let (ok, out, _) = run(&["info", "--json"]);
+    assert!(ok);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("info --json is JSON");
+    assert!(j["adapter"].is_string() && j["limits"]["max_buffer_size"].is_u64());
+}
+
+#[test]
+fn demo_checks_against_the_reference_and_passes() {
+    let (ok, out, err) = run(&["demo", "--seq", "96", "--heads", "4", "--kv-heads", "2"]);
+    if no_gpu_ok() && out.contains("CPU-only") {
+        return;
+    }
+    assert!(ok, "demo failed:\n{out}\n{err}");
+    for needle in [
+        "device:",
+        "kernel variant:",
+        "relative L2",
+        "dK",
+        "speed: forward",
+        "TFLOP/s",
+        "demo: PASS",
+    ] {
+        assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
+    }
+}
+
+#[test]
+fn demo_without_a_gpu_explains_and_runs_the_cpu_reference() {
+    // An adapter filter that matches nothing is what a machine without any GPU driver sees.
+    let (ok, out, err) = run(&["--adapter", "no-such-adapter-xyz", "demo"]);
+    assert!(ok, "demo must not fail without a GPU:\n{out}\n{err}");
+    assert!(out.contains("no GPU adapter found"), "{out}");
+    assert!(out.contains("mesa-vulkan-drivers"), "{out}");
+    assert!(out.contains("CPU reference forward"), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bench_full_prints_json_and_rejects_bad_flags() {
+    let (ok, out, err) = run(&[
+        "bench",
+        "full",
+        "--seq",
+        "80",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--head-dim",
+        "32",
+        "--mask",
+        "both",
+        "--target-seconds",
+        "0.01",
+        "--json",
+    ]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "bench failed: {err}");
+    let j: serde_json::Value =
+        serde_json::from_str(out.trim()).expect("bench --json is one JSON object");
+    let rows = j["results"].as_array().unwrap();
+    assert!(rows.len() >= 2, "{out}");
+    for r in rows {
+        assert!(r["fwd_tflops"].as_f64().unwrap() > 0.0 && r["bwd_ms"].as_f64().unwrap() > 0.0);
+    }
+    let (ok, _, err) = run(&["bench", "full", "--head-dim", "24"]);
+    assert!(!ok && err.contains("head_dim 24 is not supported"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
