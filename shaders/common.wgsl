@@ -1,13 +1,22 @@
-// Shared by the attention kernels. Constants (D, BQ, BK, TM, TC, TR, NT, TN, TD, DC, DCP, PC, SH*)
-// are prepended by the loader (src/gpu/pipeline.rs) from the launcher's tile configuration.
+// Shared by the attention kernels. The loader (src/gpu/pipeline.rs) prepends the tile constants
+// from the launcher (src/ops/attention.rs):
+//   D    head dim             BQ, BK  query / key rows per tile     NT  threads per workgroup
+//   TM   rows per thread      TC      threads per row (TR = rows / TM thread rows)
+//   TN   logit columns per thread (columns tx + TC*j)
+//   TD4  output vec4 columns per thread (vec4 columns tx + TC*j), D = 4 * TC * TD4
+//   DC   head dims staged per step (DCV = DC / 4 vec4), staged rows have stride DSV vec4
+//        (DCV + 1: rows 16 bytes apart in bank space, so vec4 reads never conflict)
+//   PC   inner rows staged per step of the second product (multiple of 4)
+//   SH0, SH1, SH2  workgroup array sizes in vec4
 
 // Masked logits hold exactly this value; compare with `!=` (no infinities in flight).
 const NEG: f32 = -3.0e38;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
+const D4: u32 = D / 4u;
 
-// One launch covers a chunk of (batch, kv-head) groups. Offsets are in elements, relative to the
-// start of each binding (the launcher binds 256-byte-aligned windows of larger buffers).
+// One launch covers a chunk of (batch, kv-head) groups. Offsets are in elements (multiples of 4),
+// relative to the start of each binding (the launcher binds 256-byte-aligned windows).
 struct Params {
     seq_q: u32,
     seq_k: u32,
@@ -21,4 +30,37 @@ struct Params {
     scale: f32,
     grid_x: u32,     // workgroups along x (flattened 2-D grids)
     rows: u32,       // rows in this launch (rowdot)
+}
+
+var<workgroup> sh0: array<vec4<f32>, SH0>;
+var<workgroup> sh1: array<vec4<f32>, SH1>;
+var<workgroup> sh2: array<vec4<f32>, SH2>;
+
+fn sh1_set(i: u32, x: f32) {
+    sh1[i / 4u][i % 4u] = x;
+}
+fn sh2_set(i: u32, x: f32) {
+    sh2[i / 4u][i % 4u] = x;
+}
+fn sh0_get(i: u32) -> f32 {
+    return sh0[i / 4u][i % 4u];
+}
+fn sh0_set(i: u32, x: f32) {
+    sh0[i / 4u][i % 4u] = x;
+}
+fn sh2_get(i: u32) -> f32 {
+    return sh2[i / 4u][i % 4u];
+}
+
+// Last key (exclusive) any query of rows [row0, row0 + BQ) may see.
+fn key_end(row0: u32) -> u32 {
+    if (prm.causal == 0u) {
+        return prm.seq_k;
+    }
+    return min(prm.seq_k, prm.q_pos0 + min(row0 + BQ, prm.seq_q));
+}
+
+// Is key `c` visible to query row `r`?
+fn visible(r: u32, c: u32) -> bool {
+    return c < prm.seq_k && r < prm.seq_q && (prm.causal == 0u || c <= prm.q_pos0 + r);
 }

@@ -129,20 +129,43 @@ fn cases() -> Vec<Case> {
         shape: sh(1, 3, 1, 50, 50, 256),
         causal: true,
     });
+    // a long causal sequence with GQA
+    v.push(Case {
+        shape: sh(1, 4, 2, 700, 700, 64),
+        causal: true,
+    });
+    // head dims whose d/4 is not a multiple of 16 (fewer threads per row)
+    v.push(Case {
+        shape: sh(2, 2, 1, 45, 45, 48),
+        causal: true,
+    });
+    v.push(Case {
+        shape: sh(1, 2, 2, 70, 70, 80),
+        causal: false,
+    });
     v
 }
 
 fn variant_suite(variant: Variant) {
     let Some(gpu) = common::gpu() else { return };
-    if let Err(e) = sparse_attn::ops::attention::variant_supported(&gpu, variant, 128) {
-        eprintln!("skipping {}: {e}", variant.name());
-        return;
-    }
+    suite_on(&gpu, variant);
+}
+
+fn suite_on(gpu: &Gpu, variant: Variant) {
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
+    let mut ran = 0;
     for (i, case) in cases().iter().enumerate() {
-        run_case(&gpu, case, variant, seed.wrapping_add(i as u64), true);
+        let d = case.shape.head_dim;
+        if let Err(e) = sparse_attn::ops::attention::variant_supported(gpu, variant, d) {
+            // GPU-only variants run in scripts/gpu-check.sh on a machine that has them.
+            eprintln!("SKIPPED {} d={d} on {}: {e}", variant.name(), gpu.adapter().name);
+            continue;
+        }
+        run_case(gpu, case, variant, seed.wrapping_add(i as u64), true);
+        ran += 1;
     }
+    eprintln!("{}: {ran} of {} cases ran", variant.name(), cases().len());
 }
 
 #[test]
@@ -153,4 +176,27 @@ fn portable_forward_and_backward_match_reference() {
 #[test]
 fn large_forward_and_backward_match_reference() {
     variant_suite(Variant::Large);
+}
+
+#[test]
+fn xl_forward_and_backward_match_reference() {
+    variant_suite(Variant::Xl);
+}
+
+/// With WebGPU's default limits (what every browser grants) the portable variant is the one
+/// chosen, and it is correct.
+#[test]
+fn portable_runs_within_webgpu_default_limits() {
+    let Some(gpu) = common::gpu_with(&sparse_attn::GpuOptions {
+        webgpu_default_limits: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert_eq!(gpu.limits().max_compute_workgroup_storage_size, 16384);
+    assert_eq!(
+        sparse_attn::ops::attention::best_variant(&gpu, 128).unwrap(),
+        Variant::Portable
+    );
+    suite_on(&gpu, Variant::Portable);
 }

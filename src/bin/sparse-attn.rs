@@ -87,6 +87,9 @@ struct FullArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also append the JSON object (one line) to this file, keeping the table on stdout.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -315,14 +318,27 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
             }
         }
     }
+    let j = serde_json::json!({
+        "device": gpu.adapter().to_string(),
+        "date_utc": utc_date(),
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "baseline": "first variant listed for each shape (fwd time ratio)",
+        "backward_flops": "2.5 x forward (FlashAttention convention)",
+        "results": results.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+    });
+    let line = serde_json::to_string(&j).expect("json");
+    if let Some(path) = &a.json_out {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::InvalidInput(format!("cannot write {}: {e}", path.display())))?;
+        writeln!(f, "{line}")
+            .map_err(|e| Error::InvalidInput(format!("cannot write {}: {e}", path.display())))?;
+    }
     if a.json {
-        let j = serde_json::json!({
-            "device": gpu.adapter().to_string(),
-            "baseline": "first variant listed for each shape (fwd time ratio)",
-            "backward_flops": "2.5 x forward (FlashAttention convention)",
-            "results": results.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string(&j).expect("json"));
+        println!("{line}");
     } else {
         println!(
             "TFLOP/s count visible (query, key) pairs only (causal ~ half); backward FLOPs = 2.5 x \
@@ -331,6 +347,25 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, for benchmark records.
+fn utc_date() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86400)
+        .unwrap_or(0) as i64;
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 /// Relative L2 error the demo accepts for f32 kernels (observed ~1e-7..1e-6).

@@ -29,6 +29,10 @@ pub struct GpuOptions {
     pub max_storage_binding: Option<u64>,
     /// Do not request optional features (portable code paths only).
     pub portable_only: bool,
+    /// Request WebGPU's default limits instead of the adapter's (what a browser grants without
+    /// asking): native runs then see exactly the browser's budget (16 KiB workgroup storage,
+    /// 256 invocations, 128 MiB storage bindings).
+    pub webgpu_default_limits: bool,
 }
 
 /// What was found about one adapter, for `info` and for choosing.
@@ -247,7 +251,11 @@ impl Gpu {
         } else {
             adapter.features() & OPTIONAL_FEATURES
         };
-        let mut limits = adapter.limits();
+        let mut limits = if options.webgpu_default_limits {
+            wgpu::Limits::default()
+        } else {
+            adapter.limits()
+        };
         if let Some(cap) = options.max_storage_binding {
             let cap = u32::try_from(cap).unwrap_or(u32::MAX).max(4096);
             limits.max_storage_buffer_binding_size =

@@ -19,17 +19,20 @@ pub enum Variant {
     /// Fits WebGPU's default limits (16 KiB workgroup storage, 256 invocations): runs in every
     /// browser and on every adapter.
     Portable,
-    /// Larger tiles for adapters with at least 32 KiB of workgroup storage.
+    /// Larger tiles for adapters with at least 32 KiB of workgroup storage (lavapipe, Apple).
     Large,
+    /// The largest tiles, for adapters with 48 KiB of workgroup storage (NVIDIA, AMD desktop).
+    Xl,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 2] = [Variant::Portable, Variant::Large];
+    pub const ALL: [Variant; 3] = [Variant::Portable, Variant::Large, Variant::Xl];
 
     pub fn name(self) -> &'static str {
         match self {
             Variant::Portable => "f32-portable",
             Variant::Large => "f32-large",
+            Variant::Xl => "f32-xl",
         }
     }
 
@@ -37,7 +40,8 @@ impl Variant {
         match s {
             "portable" | "f32-portable" => Ok(Variant::Portable),
             "large" | "f32-large" => Ok(Variant::Large),
-            _ => invalid!("unknown kernel variant `{s}` (known: portable, large)"),
+            "xl" | "f32-xl" => Ok(Variant::Xl),
+            _ => invalid!("unknown kernel variant `{s}` (known: portable, large, xl)"),
         }
     }
 }
@@ -54,101 +58,157 @@ enum Kind {
     Dkdv,
 }
 
-/// Tile of one kernel: `rows` x `cols` logits per workgroup, TM rows and TC column-threads per
-/// thread row, DC head dims staged per step, PC inner rows staged per step of the second product.
-#[derive(Clone, Copy, Debug)]
+/// Tile of one kernel. 16 thread rows of TM rows each (`rows` = 16·TM logit rows per workgroup),
+/// TC threads per row (see `tc`), `cols` logit
+/// columns, DC head dims staged per step, PC inner rows staged per step of the second product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tiles {
-    rows: u32,
-    cols: u32,
     tm: u32,
-    tc: u32,
+    cols: u32,
     dc: u32,
     pc: u32,
 }
 
-const THREADS: u32 = 256;
+const THREAD_ROWS: u32 = 16;
+
+/// Developer knob for tuning the xl variant on a new device, e.g.
+/// `SPARSE_ATTN_TILES=fwd:4,64,16,16;dq:4,64,8,16;dkdv:4,32,8,8` (tm,cols,dc,pc per kernel).
+pub const TILES_ENV: &str = "SPARSE_ATTN_TILES";
+
+fn tiles_override(kind: Kind) -> Option<Tiles> {
+    let spec = std::env::var(TILES_ENV).ok()?;
+    let name = match kind {
+        Kind::Fwd => "fwd",
+        Kind::Dq => "dq",
+        Kind::Dkdv => "dkdv",
+    };
+    let part = spec
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix(&format!("{name}:")))?;
+    let n: Vec<u32> = part
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    let t = Tiles {
+        tm: *n.first()?,
+        cols: *n.get(1)?,
+        dc: *n.get(2)?,
+        pc: *n.get(3)?,
+    };
+    let ok = [1, 2, 4, 8].contains(&t.tm)
+        && [16, 32, 64, 128].contains(&t.cols)
+        && [8, 16, 32].contains(&t.dc)
+        && [4, 8, 16, 32].contains(&t.pc)
+        && t.pc <= t.cols;
+    if !ok {
+        log::warn!("ignoring {TILES_ENV} entry `{name}:{part}` (out of the tested ranges)");
+        return None;
+    }
+    Some(t)
+}
 
 impl Tiles {
     fn of(kind: Kind, variant: Variant) -> Tiles {
-        let t = |rows, cols, tm, dc, pc| Tiles {
-            rows,
-            cols,
-            tm,
-            tc: 16,
-            dc,
-            pc,
-        };
+        let t = |tm, cols, dc, pc| Tiles { tm, cols, dc, pc };
         match (kind, variant) {
-            (Kind::Fwd, Variant::Portable) => t(64, 32, 4, 16, 8),
-            (Kind::Fwd, Variant::Large) => t(64, 64, 4, 16, 16),
-            (Kind::Dq, Variant::Portable) => t(64, 32, 4, 8, 8),
-            (Kind::Dq, Variant::Large) => t(64, 64, 4, 8, 16),
-            (Kind::Dkdv, Variant::Portable) => t(32, 32, 2, 8, 8),
-            (Kind::Dkdv, Variant::Large) => t(64, 32, 4, 8, 8),
+            // Measured on an H100 (docs/BENCHMARKS.md): taller tiles (TM = 8) pay off most.
+            (Kind::Fwd, Variant::Portable) => t(4, 32, 16, 8),
+            (Kind::Dq, Variant::Portable) => t(2, 32, 8, 8),
+            (Kind::Dkdv, Variant::Portable) => t(2, 32, 8, 8),
+            (Kind::Fwd, Variant::Large) => t(4, 64, 16, 16),
+            (Kind::Dq, Variant::Large) => t(4, 64, 8, 16),
+            (Kind::Dkdv, Variant::Large) => t(4, 32, 8, 8),
+            (_, Variant::Xl) => tiles_override(kind).unwrap_or(match kind {
+                Kind::Fwd => t(8, 64, 16, 16),
+                Kind::Dq => t(4, 64, 16, 16),
+                Kind::Dkdv => t(8, 32, 8, 8),
+            }),
         }
     }
 
-    fn threads(&self) -> u32 {
-        (self.rows / self.tm) * self.tc
+    fn rows(&self) -> u32 {
+        THREAD_ROWS * self.tm
     }
 
-    /// Workgroup arrays (in f32 elements) as the shader declares them.
-    fn shared(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
-        let dcp = self.dc + 1;
-        let (r, c) = (self.rows, self.cols);
+    /// Threads per row: the largest power of two up to 16 that divides d/4, so every thread owns
+    /// whole vec4 output columns and the column tiles (multiples of 16) split evenly.
+    fn tc(d: u32) -> u32 {
+        1 << (d / 4).trailing_zeros().min(4)
+    }
+
+    fn threads(&self, d: u32) -> u32 {
+        THREAD_ROWS * Self::tc(d)
+    }
+
+    /// Workgroup arrays (in vec4) as the shaders declare them.
+    fn shared(&self, kind: Kind, d: u32) -> [(&'static str, u32); 3] {
+        let dsv = self.dc / 4 + 1;
+        let (r, c, d4) = (self.rows(), self.cols, d / 4);
         match kind {
-            Kind::Fwd => vec![("SH_A", ((r + c) * dcp).max(r * self.tc).max(self.pc * d))],
-            Kind::Dq => vec![
-                ("SH0", (2 * (r + c) * dcp).max(self.pc * d)),
-                ("SH1", r * c),
+            Kind::Fwd => [
+                (
+                    "SH0",
+                    ((r + c) * dsv)
+                        .max((r * Self::tc(d)).div_ceil(4))
+                        .max(self.pc * d4),
+                ),
+                ("SH1", r * c / 4),
                 ("SH2", 1),
             ],
-            Kind::Dkdv => vec![
-                ("SH0", (2 * (r + c) * dcp).max(2 * self.pc * d)),
-                ("SH1", r * c),
-                ("SH2", r * c + 2 * c),
+            Kind::Dq => [
+                ("SH0", (2 * (r + c) * dsv).max(self.pc * d4)),
+                ("SH1", r * c / 4),
+                ("SH2", 1),
+            ],
+            Kind::Dkdv => [
+                ("SH0", (2 * (r + c) * dsv).max(2 * self.pc * d4)),
+                ("SH1", r * c / 4),
+                ("SH2", (r * c + 2 * c) / 4),
             ],
         }
     }
 
     fn shared_bytes(&self, kind: Kind, d: u32) -> u32 {
-        let extra = if kind == Kind::Fwd {
-            self.rows * self.cols
-        } else {
-            0
-        };
-        4 * (self.shared(kind, d).iter().map(|(_, n)| n).sum::<u32>() + extra)
+        16 * self.shared(kind, d).iter().map(|(_, n)| n).sum::<u32>()
     }
 
-    /// The tiles for head dim `d`, with the product chunk shrunk until they fit `max_shared`.
+    /// The tiles for head dim `d` if they fit `max_shared`. The portable variant must run
+    /// everywhere, so it shrinks for large head dims: first the product chunk (down to 4), then
+    /// the column tile (down to 16). The larger variants fit as they are or not at all.
     fn fitted(kind: Kind, variant: Variant, d: u32, max_shared: u32) -> Option<Tiles> {
         let mut t = Tiles::of(kind, variant);
         while t.shared_bytes(kind, d) > max_shared {
-            if t.pc == 1 {
+            if variant != Variant::Portable {
+                return None;
+            } else if t.pc > 4 {
+                t.pc /= 2;
+            } else if t.cols > 16 && t.cols / 2 >= Self::tc(d) {
+                t.cols /= 2;
+                t.pc = t.pc.min(t.cols);
+            } else {
                 return None;
             }
-            t.pc /= 2;
         }
         Some(t)
     }
 
     fn constants(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
+        let tc = Self::tc(d);
         let (bq, bk) = match kind {
-            Kind::Fwd | Kind::Dq => (self.rows, self.cols),
-            Kind::Dkdv => (self.cols, self.rows),
+            Kind::Fwd | Kind::Dq => (self.rows(), self.cols),
+            Kind::Dkdv => (self.cols, self.rows()),
         };
         let mut c = vec![
             ("D", d),
             ("BQ", bq),
             ("BK", bk),
             ("TM", self.tm),
-            ("TC", self.tc),
-            ("TR", self.rows / self.tm),
-            ("TN", self.cols / self.tc),
-            ("TD", d / self.tc),
-            ("NT", self.threads()),
-            ("DC", self.dc),
-            ("DCP", self.dc + 1),
+            ("TC", tc),
+            ("TN", self.cols / tc),
+            ("TD4", d / 4 / tc),
+            ("NT", self.threads(d)),
+            ("DCV", self.dc / 4),
+            ("DSV", self.dc / 4 + 1),
             ("PC", self.pc),
         ];
         c.extend(self.shared(kind, d));
@@ -164,10 +224,11 @@ pub fn variant_supported(gpu: &Gpu, variant: Variant, d: usize) -> Result<()> {
         );
     }
     let l = gpu.limits();
-    if l.max_compute_invocations_per_workgroup < THREADS || l.max_compute_workgroup_size_x < THREADS
+    let threads = Tiles::tc(d as u32) * THREAD_ROWS;
+    if l.max_compute_invocations_per_workgroup < threads || l.max_compute_workgroup_size_x < threads
     {
         return Err(Error::Unsupported(format!(
-            "the attention kernels use {THREADS} invocations per workgroup; this device allows {}",
+            "the attention kernels use {threads} invocations per workgroup; this device allows {}",
             l.max_compute_invocations_per_workgroup
         )));
     }
@@ -195,7 +256,7 @@ pub fn variant_supported(gpu: &Gpu, variant: Variant, d: usize) -> Result<()> {
 /// The fastest variant this device can run for head dim `d`.
 pub fn best_variant(gpu: &Gpu, d: usize) -> Result<Variant> {
     let mut last = None;
-    for v in [Variant::Large, Variant::Portable] {
+    for v in [Variant::Xl, Variant::Large, Variant::Portable] {
         match variant_supported(gpu, v, d) {
             Ok(()) => return Ok(v),
             Err(e) => last = Some(e),
@@ -214,6 +275,9 @@ struct Window {
 }
 
 fn window(first_elem: u64, elems: u64, align: u64) -> Window {
+    // 256 is a multiple of every device's offset alignment and keeps `skip` a multiple of 4
+    // elements (the kernels read vec4).
+    let align = align.max(256);
     let start = first_elem * 4;
     let offset = start / align * align;
     Window {
@@ -384,10 +448,8 @@ impl FullAttention {
         ))?;
         // rowdot reads only D and NT; the other constants just have to declare the arrays.
         let mut rowdot_consts = tiles[1].constants(Kind::Dq, d);
-        for c in rowdot_consts.iter_mut() {
-            if c.0.starts_with("SH") {
-                c.1 = 1;
-            }
+        for c in rowdot_consts.iter_mut().filter(|c| c.0.starts_with("SH")) {
+            c.1 = 1;
         }
         let rowdot = gpu.pipeline(&key("attention_bwd.wgsl", "rowdot", rowdot_consts))?;
         Ok(Self {
@@ -556,7 +618,7 @@ impl FullAttention {
                     (4, Class::Q, o),
                     (5, Class::Row, lse),
                 ],
-                ((s.seq_q as u32).div_ceil(t.rows), heads),
+                ((s.seq_q as u32).div_ceil(t.rows()), heads),
             );
         }
         Ok(())
@@ -613,7 +675,7 @@ impl FullAttention {
             let base = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
             let rows = heads * s.seq_q as u32;
-            let blocks = rows.div_ceil(THREADS);
+            let blocks = rows.div_ceil(self.tiles[1].threads(s.head_dim as u32));
             let gx = blocks.min(max_x);
             let p = Params {
                 grid_x: gx,
@@ -646,7 +708,7 @@ impl FullAttention {
                     (10, Class::Kv, &grads.dv),
                 ],
                 (
-                    (s.seq_k as u32).div_ceil(self.tiles[2].rows),
+                    (s.seq_k as u32).div_ceil(self.tiles[2].rows()),
                     (c.u1 - c.u0) as u32,
                 ),
             );
@@ -665,7 +727,7 @@ impl FullAttention {
                     (7, Class::Row, rowd),
                     (8, Class::Q, &grads.dq),
                 ],
-                ((s.seq_q as u32).div_ceil(self.tiles[1].rows), heads),
+                ((s.seq_q as u32).div_ceil(self.tiles[1].rows()), heads),
             );
         }
         Ok(())
@@ -799,18 +861,19 @@ mod tests {
     }
 
     #[test]
-    fn every_variant_fits_webgpu_defaults_or_says_so() {
+    fn portable_variant_fits_webgpu_defaults() {
         // The portable variant must fit WebGPU's defaults for every supported head dim.
         for d in (16..=256).step_by(16) {
             for kind in [Kind::Fwd, Kind::Dq, Kind::Dkdv] {
                 let t = Tiles::fitted(kind, Variant::Portable, d, 16384)
                     .unwrap_or_else(|| panic!("portable {kind:?} d={d} does not fit 16 KiB"));
-                assert!(t.threads() <= 256);
-                assert_eq!(t.rows % t.tm, 0);
-                assert_eq!(t.cols % t.tc, 0);
-                assert_eq!(d % t.tc, 0);
+                let tc = Tiles::tc(d);
+                assert!(t.threads(d) <= 256);
+                assert_eq!(t.cols % tc, 0, "{kind:?} d={d}");
+                assert_eq!(d % (4 * tc), 0);
                 assert_eq!(d % t.dc, 0);
                 assert_eq!(t.cols % t.pc, 0);
+                assert_eq!(t.pc % 4, 0);
             }
         }
     }
