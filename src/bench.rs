@@ -1,9 +1,8 @@
 //! Benchmark drivers shared by the CLI: time kernels on real shapes and report throughput.
 
 use crate::error::Result;
-use crate::gpu::{DType, Gpu, TimerSource};
-use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variant};
-use crate::reference::Rng;
+use crate::gpu::{DType, Gpu, Reps, TimerSource};
+use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
 use crate::shape::{AttnOptions, AttnShape};
 
 /// One measured configuration.
@@ -11,7 +10,7 @@ use crate::shape::{AttnOptions, AttnShape};
 pub struct FullBench {
     pub shape: AttnShape,
     pub causal: bool,
-    pub variant: Variant,
+    pub variants: Variants,
     pub fwd_s: f64,
     pub fwd_tflops: f64,
     /// Compulsory traffic of the forward pass (read q, k, v; write O, LSE) per second.
@@ -22,50 +21,45 @@ pub struct FullBench {
     pub timer: TimerSource,
 }
 
-/// Repetitions so that one timed submission lasts roughly `target_s` (at least 3, at most 200).
-fn reps_for(one_s: f64, target_s: f64) -> u32 {
-    ((target_s / one_s.max(1e-6)) as u32).clamp(3, 200)
-}
-
 /// Time forward (and backward) full attention for one shape and variant.
 pub fn bench_full(
     gpu: &Gpu,
     shape: AttnShape,
     opts: AttnOptions,
-    variant: Variant,
+    variants: Variants,
     backward: bool,
     target_s: f64,
 ) -> Result<FullBench> {
-    let att = FullAttention::with_variant(gpu, shape, opts, variant)?;
-    let mut rng = Rng::new(0x5eed);
-    let q = gpu.upload(&shape.q_dims(), &rng.normal_vec(shape.q_len(), 1.0))?;
-    let k = gpu.upload(&shape.kv_dims(), &rng.normal_vec(shape.kv_len(), 1.0))?;
-    let v = gpu.upload(&shape.kv_dims(), &rng.normal_vec(shape.kv_len(), 1.0))?;
+    let att = FullAttention::with_variants(gpu, shape, opts, variants)?;
+    // Inputs are made on the GPU: host generation and upload of GBs would dominate a sweep.
+    // Uniform in [-sqrt(3), sqrt(3)) has unit variance, like the tests' normal inputs.
+    let s3 = 3f32.sqrt();
+    let q = gpu.random_uniform(&shape.q_dims(), 1, s3)?;
+    let k = gpu.random_uniform(&shape.kv_dims(), 2, s3)?;
+    let v = gpu.random_uniform(&shape.kv_dims(), 3, s3)?;
     let out = AttnOutput {
         o: gpu.empty(&shape.q_dims(), DType::F32)?,
         lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
     };
     let fwd =
         |enc: &mut wgpu::CommandEncoder| att.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse);
-    let probe = gpu.time(1, fwd)?;
-    let reps = reps_for(probe.seconds, target_s);
-    let t = gpu.time(reps, fwd)?;
+    let t = gpu.time(Reps::Target(target_s), fwd)?;
     let flops = shape.forward_flops(opts.causal);
     let bytes = 4.0 * (2 * shape.q_len() + 2 * shape.kv_len() + shape.lse_len()) as f64;
     let mut r = FullBench {
         shape,
         causal: opts.causal,
-        variant,
+        variants,
         fwd_s: t.seconds,
         fwd_tflops: flops / t.seconds * 1e-12,
         fwd_gbps: bytes / t.seconds * 1e-9,
         bwd_s: None,
         bwd_tflops: None,
-        reps,
+        reps: t.reps,
         timer: t.source,
     };
     if backward {
-        let d_o = gpu.upload(&shape.q_dims(), &rng.normal_vec(shape.q_len(), 1.0))?;
+        let d_o = gpu.random_uniform(&shape.q_dims(), 4, s3)?;
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
         let grads = AttnGrads {
             dq: gpu.empty(&shape.q_dims(), DType::F32)?,
@@ -76,8 +70,7 @@ pub fn bench_full(
         let bwd = |enc: &mut wgpu::CommandEncoder| {
             att.encode_backward(gpu, enc, &q, &k, &v, &out.o, &out.lse, &d_o, &rowd, &grads)
         };
-        let probe = gpu.time(1, bwd)?;
-        let t = gpu.time(reps_for(probe.seconds, target_s), bwd)?;
+        let t = gpu.time(Reps::Target(target_s), bwd)?;
         r.bwd_s = Some(t.seconds);
         r.bwd_tflops = Some(shape.backward_flops(opts.causal) / t.seconds * 1e-12);
     }
@@ -89,7 +82,7 @@ impl FullBench {
         let s = &self.shape;
         serde_json::json!({
             "kernel": "full",
-            "variant": self.variant.name(),
+            "variant": self.variants.name(),
             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
             "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,
             "causal": self.causal,

@@ -26,6 +26,8 @@ pub mod shape;
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Tensor};
 pub use ops::attention::{
-    AttnGrads, AttnOutput, FullAttention, Variant, attention_backward, attention_forward,
+    AttnGrads, AttnOutput, FullAttention, Variant, Variants, attention_backward, attention_forward,
 };
 pub use shape::{AttnOptions, AttnShape};
+/// The wgpu this crate is built on, for callers that record into their own encoders.
+pub use wgpu;

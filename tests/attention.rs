@@ -3,7 +3,7 @@
 mod common;
 
 use sparse_attn::reference::{self, Rng, compare};
-use sparse_attn::{AttnOptions, AttnOutput, AttnShape, FullAttention, Gpu, Variant};
+use sparse_attn::{AttnOptions, AttnOutput, AttnShape, FullAttention, Gpu, Variant, Variants};
 
 /// Relative L2 error allowed for f32 kernels against the f64 reference. Observed errors are
 /// ~1e-7..1e-6; the bound leaves room for long sums (seq 300, d 128) without hiding real bugs,
@@ -15,7 +15,7 @@ struct Case {
     causal: bool,
 }
 
-fn run_case(gpu: &Gpu, case: &Case, variant: Variant, seed: u64, backward: bool) {
+fn run_case(gpu: &Gpu, case: &Case, variants: Variants, seed: u64, backward: bool) {
     let s = case.shape;
     let opts = AttnOptions::causal(case.causal);
     let mut rng = Rng::new(seed);
@@ -26,10 +26,10 @@ fn run_case(gpu: &Gpu, case: &Case, variant: Variant, seed: u64, backward: bool)
     let ctx = format!(
         "seed {seed}, {s:?}, causal {}, {}",
         case.causal,
-        variant.name()
+        variants.name()
     );
 
-    let att = FullAttention::with_variant(gpu, s, opts, variant).expect(&ctx);
+    let att = FullAttention::with_variants(gpu, s, opts, variants).expect(&ctx);
     let (tq, tk, tv) = (
         gpu.upload(&s.q_dims(), &q).unwrap(),
         gpu.upload(&s.kv_dims(), &k).unwrap(),
@@ -159,10 +159,20 @@ fn suite_on(gpu: &Gpu, variant: Variant) {
         let d = case.shape.head_dim;
         if let Err(e) = sparse_attn::ops::attention::variant_supported(gpu, variant, d) {
             // GPU-only variants run in scripts/gpu-check.sh on a machine that has them.
-            eprintln!("SKIPPED {} d={d} on {}: {e}", variant.name(), gpu.adapter().name);
+            eprintln!(
+                "SKIPPED {} d={d} on {}: {e}",
+                variant.name(),
+                gpu.adapter().name
+            );
             continue;
         }
-        run_case(gpu, case, variant, seed.wrapping_add(i as u64), true);
+        run_case(
+            gpu,
+            case,
+            Variants::uniform(variant),
+            seed.wrapping_add(i as u64),
+            true,
+        );
         ran += 1;
     }
     eprintln!("{}: {ran} of {} cases ran", variant.name(), cases().len());
@@ -195,8 +205,28 @@ fn portable_runs_within_webgpu_default_limits() {
     };
     assert_eq!(gpu.limits().max_compute_workgroup_storage_size, 16384);
     assert_eq!(
-        sparse_attn::ops::attention::best_variant(&gpu, 128).unwrap(),
-        Variant::Portable
+        sparse_attn::ops::attention::auto_variants(&gpu, 128).unwrap(),
+        sparse_attn::Variants::uniform(Variant::Portable)
     );
     suite_on(&gpu, Variant::Portable);
+}
+
+/// Forward and backward may use different variants (the automatic choice does on big GPUs).
+#[test]
+fn mixed_variants_match_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    let mixed = Variants {
+        forward: Variant::Large,
+        backward: Variant::Portable,
+    };
+    for (i, case) in cases().iter().enumerate().step_by(3) {
+        if case.shape.head_dim > 128 {
+            continue;
+        }
+        run_case(&gpu, case, mixed, seed.wrapping_add(i as u64), true);
+    }
+    // The automatic choice, whatever it is on this device.
+    let auto = sparse_attn::ops::attention::auto_variants(&gpu, 64).unwrap();
+    run_case(&gpu, &cases()[4], auto, seed, true);
 }

@@ -50,7 +50,7 @@ fn demo_checks_against_the_reference_and_passes() {
     assert!(ok, "demo failed:\n{out}\n{err}");
     for needle in [
         "device:",
-        "kernel variant:",
+        "kernel variants:",
         "relative L2",
         "dK",
         "speed: forward",

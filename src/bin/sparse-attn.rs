@@ -6,7 +6,9 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sparse_attn::bench::{FullBench, bench_full};
 use sparse_attn::gpu::{self, Gpu, GpuOptions};
-use sparse_attn::ops::attention::{Variant, best_variant, head_dim_supported, variant_supported};
+use sparse_attn::ops::attention::{
+    Variant, Variants, auto_variants, head_dim_supported, variant_supported,
+};
 use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::{AttnOptions, AttnShape, Error, FullAttention};
 
@@ -75,7 +77,8 @@ struct FullArgs {
     head_dim: Vec<usize>,
     #[arg(long, value_enum, default_value_t = Mask::Causal)]
     mask: Mask,
-    /// Kernel variants to time: auto (best), all, portable, large (comma-separated).
+    /// Kernel variants to time: all, auto (the library's choice per pass), portable, large, xl
+    /// (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["all".to_string()])]
     variant: Vec<String>,
     /// Skip the backward pass.
@@ -238,7 +241,7 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
     if !a.json {
         println!("device: {}", gpu.adapter());
         println!(
-            "{:<13} {:>5} {:>5} {:>4} {:>6} {:>4} {:>6} | {:>9} {:>8} {:>7} | {:>9} {:>8} | {:>6}",
+            "{:<25} {:>5} {:>5} {:>4} {:>6} {:>4} {:>6} | {:>9} {:>8} {:>7} | {:>9} {:>8} | {:>6}",
             "variant",
             "batch",
             "heads",
@@ -267,10 +270,11 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
                     Variant::ALL
                         .iter()
                         .copied()
-                        .filter(|v| variant_supported(&gpu, *v, d).is_ok()),
+                        .filter(|v| variant_supported(&gpu, *v, d).is_ok())
+                        .map(Variants::uniform),
                 ),
-                "auto" => variants.push(best_variant(&gpu, d)?),
-                other => variants.push(Variant::parse(other)?),
+                "auto" => variants.push(auto_variants(&gpu, d)?),
+                other => variants.push(Variants::uniform(Variant::parse(other)?)),
             }
         }
         variants.dedup();
@@ -297,7 +301,7 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
                     if !a.json {
                         let s = &r.shape;
                         println!(
-                            "{:<13} {:>5} {:>5} {:>4} {:>6} {:>4} {:>6} | {:>9.3} {:>8.2} {:>7.1} | {:>9} {:>8} | {:>5.2}x",
+                            "{:<25} {:>5} {:>5} {:>4} {:>6} {:>4} {:>6} | {:>9.3} {:>8.2} {:>7.1} | {:>9} {:>8} | {:>5.2}x",
                             v.name(),
                             s.batch,
                             s.heads_q,
@@ -395,7 +399,7 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
     let d_o = rng.normal_vec(shape.q_len(), 1.0);
 
     let att = FullAttention::new(&gpu, shape, att_opts)?;
-    println!("kernel variant: {}", att.variant().name());
+    println!("kernel variants: {}", att.variants().name());
     let (tq, tk, tv) = (
         gpu.upload(&shape.q_dims(), &q)?,
         gpu.upload(&shape.kv_dims(), &k)?,
@@ -429,7 +433,7 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
             if pass { "" } else { "  <-- FAIL" }
         );
     }
-    let r = bench_full(&gpu, shape, att_opts, att.variant(), true, 0.2)?;
+    let r = bench_full(&gpu, shape, att_opts, att.variants(), true, 0.2)?;
     println!(
         "speed: forward {:.3} ms ({:.3} TFLOP/s), backward {:.3} ms ({:.3} TFLOP/s) [{:?}]",
         r.fwd_s * 1e3,

@@ -12,4 +12,4 @@ pub use device::{
 };
 pub use pipeline::{Pipeline, PipelineKey, preprocess};
 pub use tensor::{DType, Tensor};
-pub use timer::{TimerSource, Timing};
+pub use timer::{Reps, TimerSource, Timing};

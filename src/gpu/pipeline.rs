@@ -22,6 +22,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_bwd.wgsl"),
     ),
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

@@ -158,3 +158,88 @@ impl Gpu {
         Ok(out)
     }
 }
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct FillParams {
+    count: u32,
+    first: u32,
+    seed: u32,
+    grid_x: u32,
+    skip: u32,
+    scale: f32,
+    _pad: [u32; 2],
+}
+
+impl Gpu {
+    /// A new tensor of uniform values in [-scale, scale), generated on the GPU from `seed`
+    /// (reproducible; used for benchmarks, where host generation and upload would dominate).
+    pub fn random_uniform(&self, shape: &[usize], seed: u32, scale: f32) -> Result<Tensor> {
+        use wgpu::util::DeviceExt;
+        let t = self.empty(shape, DType::F32)?;
+        let key = crate::gpu::PipelineKey {
+            file: "fill.wgsl",
+            entry: "uniform_fill",
+            constants: vec![],
+            checked: true,
+        };
+        let pipe = self.pipeline(&key)?;
+        let l = self.limits();
+        let max_x = l.max_compute_workgroups_per_dimension as u64;
+        // Elements per launch: within one binding (minus alignment slack) and one 2-D grid.
+        let per = ((self.max_binding() - 256) / 4)
+            .min(max_x * max_x * 256)
+            .min(u32::MAX as u64 / 2);
+        let total = t.len() as u64;
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut first = 0u64;
+        while first < total {
+            let count = per.min(total - first);
+            let offset = first * 4 / 256 * 256;
+            let blocks = count.div_ceil(256);
+            let gx = blocks.min(max_x);
+            let p = FillParams {
+                count: count as u32,
+                first: first as u32,
+                seed,
+                grid_x: gx as u32,
+                skip: ((first * 4 - offset) / 4) as u32,
+                scale,
+                _pad: [0; 2],
+            };
+            let ubuf = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("fill-params"),
+                    contents: bytemuck::bytes_of(&p),
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("fill"),
+                layout: &pipe.layout,
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: ubuf.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &t.buffer,
+                            offset,
+                            size: std::num::NonZeroU64::new(first * 4 - offset + count * 4),
+                        }),
+                    },
+                ],
+            });
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipe.pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(gx as u32, blocks.div_ceil(gx) as u32, 1);
+            drop(pass);
+            first += count;
+        }
+        self.scoped("random fill", || self.queue.submit([enc.finish()]))?;
+        Ok(t)
+    }
+}

@@ -13,31 +13,45 @@ pub enum TimerSource {
     WallClock,
 }
 
+/// How many repetitions to time.
+#[derive(Clone, Copy, Debug)]
+pub enum Reps {
+    Fixed(u32),
+    /// Enough to fill about this many seconds (3 to 200), judged from the warm-up run.
+    Target(f64),
+}
+
 /// Seconds per repetition and how they were measured.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
     pub seconds: f64,
     pub source: TimerSource,
+    pub reps: u32,
 }
 
 impl Gpu {
-    /// Time `reps` repetitions of the work `encode` records, all in one submission, after one
-    /// untimed warm-up submission. Returns the mean time of one repetition.
+    /// Time repetitions of the work `encode` records, all in one submission, after one untimed
+    /// warm-up submission. Returns the mean time of one repetition.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn time<F>(&self, reps: u32, mut encode: F) -> Result<Timing>
+    pub fn time<F>(&self, reps: Reps, mut encode: F) -> Result<Timing>
     where
         F: FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
     {
-        if reps == 0 {
-            return Err(Error::InvalidInput(
-                "timing needs at least one repetition".into(),
-            ));
-        }
         // Warm-up: first-use costs (pipeline upload, page faults) stay out of the measurement.
+        let warm = Instant::now();
         let mut enc = self.device.create_command_encoder(&Default::default());
         encode(&mut enc)?;
         self.queue.submit([enc.finish()]);
         self.wait()?;
+        let reps = match reps {
+            Reps::Fixed(0) => {
+                return Err(Error::InvalidInput(
+                    "timing needs at least one repetition".into(),
+                ));
+            }
+            Reps::Fixed(n) => n,
+            Reps::Target(s) => ((s / warm.elapsed().as_secs_f64().max(1e-6)) as u32).clamp(3, 200),
+        };
 
         let queries = self.has_timestamps().then(|| {
             let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -90,6 +104,7 @@ impl Gpu {
             return Ok(Timing {
                 seconds: wall / reps as f64,
                 source: TimerSource::WallClock,
+                reps,
             });
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -115,11 +130,13 @@ impl Gpu {
             return Ok(Timing {
                 seconds: wall / reps as f64,
                 source: TimerSource::WallClock,
+                reps,
             });
         }
         Ok(Timing {
             seconds: gpu / reps as f64,
             source: TimerSource::Timestamps,
+            reps,
         })
     }
 }

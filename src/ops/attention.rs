@@ -216,8 +216,31 @@ impl Tiles {
     }
 }
 
-/// Can this device run `variant` for head dim `d` (forward and backward)?
-pub fn variant_supported(gpu: &Gpu, variant: Variant, d: usize) -> Result<()> {
+/// The variant of each pass: forward and backward may differ (what is fastest differs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Variants {
+    pub forward: Variant,
+    pub backward: Variant,
+}
+
+impl Variants {
+    pub fn uniform(v: Variant) -> Self {
+        Self {
+            forward: v,
+            backward: v,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        if self.forward == self.backward {
+            self.forward.name().to_string()
+        } else {
+            format!("fwd {} + bwd {}", self.forward.name(), self.backward.name())
+        }
+    }
+}
+
+fn check_fits(gpu: &Gpu, variant: Variant, d: usize, kinds: &[Kind]) -> Result<()> {
     if !head_dim_supported(d) {
         invalid!(
             "head_dim = {d} is not supported: the kernels take multiples of 16 from 16 to 256"
@@ -232,37 +255,50 @@ pub fn variant_supported(gpu: &Gpu, variant: Variant, d: usize) -> Result<()> {
             l.max_compute_invocations_per_workgroup
         )));
     }
-    for kind in [Kind::Fwd, Kind::Dq, Kind::Dkdv] {
-        if Tiles::fitted(
-            kind,
-            variant,
-            d as u32,
-            l.max_compute_workgroup_storage_size,
-        )
-        .is_none()
-        {
+    let max_shared = l.max_compute_workgroup_storage_size;
+    for &kind in kinds {
+        if Tiles::fitted(kind, variant, d as u32, max_shared).is_none() {
             let need = Tiles::of(kind, variant).shared_bytes(kind, d as u32);
             return Err(Error::Unsupported(format!(
                 "variant {} needs about {need} bytes of workgroup storage for head_dim {d}; this \
-                 device allows {}",
+                 device allows {max_shared}",
                 variant.name(),
-                l.max_compute_workgroup_storage_size
             )));
         }
     }
     Ok(())
 }
 
-/// The fastest variant this device can run for head dim `d`.
-pub fn best_variant(gpu: &Gpu, d: usize) -> Result<Variant> {
-    let mut last = None;
-    for v in [Variant::Xl, Variant::Large, Variant::Portable] {
-        match variant_supported(gpu, v, d) {
-            Ok(()) => return Ok(v),
-            Err(e) => last = Some(e),
+const BACKWARD: [Kind; 2] = [Kind::Dq, Kind::Dkdv];
+
+/// Can this device run `variant` for head dim `d` (forward and backward)?
+pub fn variant_supported(gpu: &Gpu, variant: Variant, d: usize) -> Result<()> {
+    check_fits(gpu, variant, d, &[Kind::Fwd, Kind::Dq, Kind::Dkdv])
+}
+
+/// The fastest variants this device runs for head dim `d`, by the H100 measurements in
+/// docs/BENCHMARKS.md: the tallest tiles win for the backward everywhere and for the forward
+/// from head_dim 128 up; at smaller head dims the xl forward loses to the large one.
+pub fn auto_variants(gpu: &Gpu, d: usize) -> Result<Variants> {
+    let pick = |order: &[Variant], kinds: &[Kind]| -> Result<Variant> {
+        let mut last = None;
+        for &v in order {
+            match check_fits(gpu, v, d, kinds) {
+                Ok(()) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
         }
-    }
-    Err(last.expect("at least one variant"))
+        Err(last.expect("at least one variant"))
+    };
+    let fwd_order: &[Variant] = if d >= 128 {
+        &[Variant::Xl, Variant::Large, Variant::Portable]
+    } else {
+        &[Variant::Large, Variant::Portable]
+    };
+    Ok(Variants {
+        forward: pick(fwd_order, &[Kind::Fwd])?,
+        backward: pick(&[Variant::Xl, Variant::Large, Variant::Portable], &BACKWARD)?,
+    })
 }
 
 /// A byte window of a buffer that a binding may cover, and where the data starts inside it.
@@ -395,7 +431,7 @@ pub struct AttnGrads {
 pub struct FullAttention {
     shape: AttnShape,
     opts: AttnOptions,
-    variant: Variant,
+    variants: Variants,
     chunks: Vec<Chunk>,
     fwd: Arc<Pipeline>,
     dq: Arc<Pipeline>,
@@ -405,26 +441,41 @@ pub struct FullAttention {
 }
 
 impl FullAttention {
-    /// Validate the problem and pick the fastest variant the device runs.
+    /// Validate the problem and pick the fastest variants the device runs.
     pub fn new(gpu: &Gpu, shape: AttnShape, opts: AttnOptions) -> Result<Self> {
         shape.validate(&opts)?;
-        let variant = best_variant(gpu, shape.head_dim)?;
-        Self::with_variant(gpu, shape, opts, variant)
+        let variants = auto_variants(gpu, shape.head_dim)?;
+        Self::with_variants(gpu, shape, opts, variants)
     }
 
+    /// One variant for both passes.
     pub fn with_variant(
         gpu: &Gpu,
         shape: AttnShape,
         opts: AttnOptions,
         variant: Variant,
     ) -> Result<Self> {
+        Self::with_variants(gpu, shape, opts, Variants::uniform(variant))
+    }
+
+    pub fn with_variants(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: AttnOptions,
+        variants: Variants,
+    ) -> Result<Self> {
         shape.validate(&opts)?;
-        variant_supported(gpu, variant, shape.head_dim)?;
+        check_fits(gpu, variants.forward, shape.head_dim, &[Kind::Fwd])?;
+        check_fits(gpu, variants.backward, shape.head_dim, &BACKWARD)?;
         let chunks = plan_chunks(&shape, gpu)?;
         let d = shape.head_dim as u32;
         let max_shared = gpu.limits().max_compute_workgroup_storage_size;
-        let fit = |kind| Tiles::fitted(kind, variant, d, max_shared).expect("checked above");
-        let tiles = [fit(Kind::Fwd), fit(Kind::Dq), fit(Kind::Dkdv)];
+        let fit = |kind, v| Tiles::fitted(kind, v, d, max_shared).expect("checked above");
+        let tiles = [
+            fit(Kind::Fwd, variants.forward),
+            fit(Kind::Dq, variants.backward),
+            fit(Kind::Dkdv, variants.backward),
+        ];
         let key = |file, entry, consts| PipelineKey {
             file,
             entry,
@@ -455,7 +506,7 @@ impl FullAttention {
         Ok(Self {
             shape,
             opts,
-            variant,
+            variants,
             chunks,
             fwd,
             dq,
@@ -468,8 +519,8 @@ impl FullAttention {
     pub fn shape(&self) -> &AttnShape {
         &self.shape
     }
-    pub fn variant(&self) -> Variant {
-        self.variant
+    pub fn variants(&self) -> Variants {
+        self.variants
     }
     /// Number of launches per kernel (more than one when tensors exceed the binding limit).
     pub fn chunks(&self) -> usize {
