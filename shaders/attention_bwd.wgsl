@@ -116,8 +116,8 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                         let qb = sh0[(2u * BK + tx + TC * j) * DSV + dv4];
                         let ob = sh0[(2u * BK + BQ + tx + TC * j) * DSV + dv4];
                         for (var i = 0u; i < TM; i++) {
-                            s[i * TN + j] += dot(ka[i], qb);
-                            dp[i * TN + j] += dot(va[i], ob);
+                            s[i * TN + j] = dot_acc(ka[i], qb, s[i * TN + j]);
+                            dp[i * TN + j] = dot_acc(va[i], ob, dp[i * TN + j]);
                         }
                     }
                 }
@@ -169,8 +169,8 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                         let q2 = sh0[(PC + r + 2u) * D4 + col];
                         let q3 = sh0[(PC + r + 3u) * D4 + col];
                         for (var i = 0u; i < TM; i++) {
-                            gv[i * TD4 + j] += pa[i].x * o0 + pa[i].y * o1 + pa[i].z * o2 + pa[i].w * o3;
-                            gk[i * TD4 + j] += sa[i].x * q0 + sa[i].y * q1 + sa[i].z * q2 + sa[i].w * q3;
+                            gv[i * TD4 + j] = axpy4(pa[i], o0, o1, o2, o3, gv[i * TD4 + j]);
+                            gk[i * TD4 + j] = axpy4(sa[i], q0, q1, q2, q3, gk[i * TD4 + j]);
                         }
                     }
                 }
@@ -242,8 +242,8 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
                     let kb = sh0[(2u * BQ + tx + TC * j) * DSV + dv4];
                     let vb = sh0[(2u * BQ + BK + tx + TC * j) * DSV + dv4];
                     for (var i = 0u; i < TM; i++) {
-                        s[i * TN + j] += dot(qa[i], kb);
-                        dp[i * TN + j] += dot(oa[i], vb);
+                        s[i * TN + j] = dot_acc(qa[i], kb, s[i * TN + j]);
+                        dp[i * TN + j] = dot_acc(oa[i], vb, dp[i * TN + j]);
                     }
                 }
             }
@@ -282,7 +282,7 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
                     let k2 = sh0[(c + 2u) * D4 + col];
                     let k3 = sh0[(c + 3u) * D4 + col];
                     for (var i = 0u; i < TM; i++) {
-                        g[i * TD4 + j] += sa[i].x * k0 + sa[i].y * k1 + sa[i].z * k2 + sa[i].w * k3;
+                        g[i * TD4 + j] = axpy4(sa[i], k0, k1, k2, k3, g[i * TD4 + j]);
                     }
                 }
             }

@@ -69,7 +69,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                 for (var j = 0u; j < TN; j++) {
                     let b = sh0[(BQ + tx + TC * j) * DSV + dv];
                     for (var i = 0u; i < TM; i++) {
-                        s[i * TN + j] += dot(a[i], b);
+                        s[i * TN + j] = dot_acc(a[i], b, s[i * TN + j]);
                     }
                 }
             }
@@ -91,10 +91,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         workgroupBarrier();
         for (var i = 0u; i < TM; i++) {
             let r = ty * TM + i;
-            var mt = m[i];
-            for (var x = 0u; x < TC; x++) {
-                mt = max(mt, sh0_get(r * TC + x));
-            }
+            let mt = row_max(r, m[i]);
             let alpha = exp2(m[i] - mt);
             m[i] = mt;
             var ls = 0.0;
@@ -134,7 +131,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                     let v2 = sh0[(c + 2u) * D4 + col];
                     let v3 = sh0[(c + 3u) * D4 + col];
                     for (var i = 0u; i < TM; i++) {
-                        acc[i * TD4 + j] += p[i].x * v0 + p[i].y * v1 + p[i].z * v2 + p[i].w * v3;
+                        acc[i * TD4 + j] = axpy4(p[i], v0, v1, v2, v3, acc[i * TD4 + j]);
                     }
                 }
             }
@@ -150,10 +147,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     for (var i = 0u; i < TM; i++) {
         let r = row0 + ty * TM + i;
         if (r < prm.seq_q) {
-            var lt = 0.0;
-            for (var x = 0u; x < TC; x++) {
-                lt += sh0_get((ty * TM + i) * TC + x);
-            }
+            let lt = row_sum(ty * TM + i);
             let inv = 1.0 / lt;
             for (var j = 0u; j < TD4; j++) {
                 o[q4 + r * D4 + tx + TC * j] = acc[i * TD4 + j] * inv;

@@ -42,9 +42,6 @@ fn sh1_set(i: u32, x: f32) {
 fn sh2_set(i: u32, x: f32) {
     sh2[i / 4u][i % 4u] = x;
 }
-fn sh0_get(i: u32) -> f32 {
-    return sh0[i / 4u][i % 4u];
-}
 fn sh0_set(i: u32, x: f32) {
     sh0[i / 4u][i % 4u] = x;
 }
@@ -63,4 +60,35 @@ fn key_end(row0: u32) -> u32 {
 // Is key `c` visible to query row `r`?
 fn visible(r: u32, c: u32) -> bool {
     return c < prm.seq_k && r < prm.seq_q && (prm.causal == 0u || c <= prm.q_pos0 + r);
+}
+
+// c + a·b as four fused multiply-adds (dot() then add costs a multiply and an add more).
+fn dot_acc(a: vec4<f32>, b: vec4<f32>, c: f32) -> f32 {
+    return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, c))));
+}
+
+// acc + p.x*r0 + p.y*r1 + p.z*r2 + p.w*r3 as sixteen fused multiply-adds.
+fn axpy4(p: vec4<f32>, r0: vec4<f32>, r1: vec4<f32>, r2: vec4<f32>, r3: vec4<f32>,
+         acc: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(p.w), r3, fma(vec4<f32>(p.z), r2,
+        fma(vec4<f32>(p.y), r1, fma(vec4<f32>(p.x), r0, acc))));
+}
+
+// Sum or max of the TC per-thread partials of row `r`, stored as scalars at sh0[r*TC ..]
+// (TC is a multiple of 4: read them as vec4).
+fn row_max(r: u32, init: f32) -> f32 {
+    var m = init;
+    for (var x = 0u; x < TC / 4u; x++) {
+        let w = sh0[r * (TC / 4u) + x];
+        m = max(m, max(max(w.x, w.y), max(w.z, w.w)));
+    }
+    return m;
+}
+fn row_sum(r: u32) -> f32 {
+    var t = 0.0;
+    for (var x = 0u; x < TC / 4u; x++) {
+        let w = sh0[r * (TC / 4u) + x];
+        t += (w.x + w.y) + (w.z + w.w);
+    }
+    return t;
 }

@@ -276,13 +276,14 @@ pub fn variant_supported(gpu: &Gpu, variant: Variant, d: usize) -> Result<()> {
     check_fits(gpu, variant, d, &[Kind::Fwd, Kind::Dq, Kind::Dkdv])
 }
 
-/// The fastest variants this device runs for head dim `d`, by the H100 measurements in
-/// docs/BENCHMARKS.md: the tallest tiles win for the backward everywhere and for the forward
-/// from head_dim 128 up; at smaller head dims the xl forward loses to the large one.
+/// The fastest variants this device runs for head dim `d`: on the H100 the tallest tiles win
+/// for both passes at head_dim 64 and 128 (docs/BENCHMARKS.md), so each pass takes the largest
+/// variant that fits. The passes are chosen separately because their tiles need different
+/// amounts of workgroup memory (at head_dim 256 the xl forward fits 48 KiB, its backward not).
 pub fn auto_variants(gpu: &Gpu, d: usize) -> Result<Variants> {
-    let pick = |order: &[Variant], kinds: &[Kind]| -> Result<Variant> {
+    let pick = |kinds: &[Kind]| -> Result<Variant> {
         let mut last = None;
-        for &v in order {
+        for v in [Variant::Xl, Variant::Large, Variant::Portable] {
             match check_fits(gpu, v, d, kinds) {
                 Ok(()) => return Ok(v),
                 Err(e) => last = Some(e),
@@ -290,14 +291,9 @@ pub fn auto_variants(gpu: &Gpu, d: usize) -> Result<Variants> {
         }
         Err(last.expect("at least one variant"))
     };
-    let fwd_order: &[Variant] = if d >= 128 {
-        &[Variant::Xl, Variant::Large, Variant::Portable]
-    } else {
-        &[Variant::Large, Variant::Portable]
-    };
     Ok(Variants {
-        forward: pick(fwd_order, &[Kind::Fwd])?,
-        backward: pick(&[Variant::Xl, Variant::Large, Variant::Portable], &BACKWARD)?,
+        forward: pick(&[Kind::Fwd])?,
+        backward: pick(&BACKWARD)?,
     })
 }
 
