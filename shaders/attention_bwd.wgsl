@@ -39,22 +39,40 @@ fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     rowd[prm.r_off + row] = acc;
 }
 
-// Stage DC dims from d0v (in vec4) of rows [r0, r0 + n) of a tensor into sh0 at row `at`;
-// rows at or past `len` read as zero. which: 0 q, 1 dO, 2 k, 3 v.
-fn stage(which: u32, at: u32, base4: u32, r0: u32, n: u32, len: u32, d0v: u32, tid: u32) {
-    for (var e = tid; e < n * DCV; e += NT) {
-        let r = e / DCV;
-        var x = vec4<f32>(0.0);
-        if (r0 + r < len) {
-            let g = base4 + (r0 + r) * D4 + d0v + e % DCV;
-            switch which {
-                case 0u: { x = q[g]; }
-                case 1u: { x = d_o[g]; }
-                case 2u: { x = k[g]; }
-                default: { x = v[g]; }
-            }
+fn fetch(which: u32, g: u32) -> vec4<f32> {
+    switch which {
+        case 0u: { return q[g]; }
+        case 1u: { return d_o[g]; }
+        case 2u: { return k[g]; }
+        default: { return v[g]; }
+    }
+}
+
+// S = Q Kᵀ and dP = dO Vᵀ for one (query tile, key tile), accumulated over the head dim in
+// staged chunks. With kv_rows the thread tile's rows are keys (dkdv: Sᵀ, dPᵀ), else queries.
+fn logits_and_dprobs(s: ptr<function, Logits>, dp: ptr<function, Logits>, kv_rows: bool,
+                     q4: u32, row0: u32, k4: u32, key0: u32, tid: u32, ty: u32, tx: u32) {
+    // sh0 rows: the thread tile's row operands first, then its column operands.
+    let at_q = select(0u, 2u * BK, kv_rows);
+    let at_k = select(2u * BQ, 0u, kv_rows);
+    for (var i = 0u; i < TM * TN; i++) {
+        (*s)[i] = 0.0;
+        (*dp)[i] = 0.0;
+    }
+    for (var d0 = 0u; d0 < D4; d0 += DCV) {
+        stage_chunk(0u, at_q, q4, row0, BQ, prm.seq_q, d0, tid);
+        stage_chunk(1u, at_q + BQ, q4, row0, BQ, prm.seq_q, d0, tid);
+        stage_chunk(2u, at_k, k4, key0, BK, prm.seq_k, d0, tid);
+        stage_chunk(3u, at_k + BK, k4, key0, BK, prm.seq_k, d0, tid);
+        workgroupBarrier();
+        if (kv_rows) {
+            logits_acc(s, at_k, at_q, ty, tx);
+            logits_acc(dp, at_k + BK, at_q + BQ, ty, tx);
+        } else {
+            logits_acc(s, at_q, at_k, ty, tx);
+            logits_acc(dp, at_q + BQ, at_k + BK, ty, tx);
         }
-        sh0[(at + r) * DSV + e % DCV] = x;
+        workgroupBarrier();
     }
 }
 
@@ -67,8 +85,8 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let ty = tid / TC;
     let tx = tid % TC;
 
-    var gk: array<vec4<f32>, TM * TD4>;
-    var gv: array<vec4<f32>, TM * TD4>;
+    var gk: Acc;
+    var gv: Acc;
     for (var i = 0u; i < TM * TD4; i++) {
         gk[i] = vec4<f32>(0.0);
         gv[i] = vec4<f32>(0.0);
@@ -93,36 +111,9 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                 sh2_set(BK * BQ + e, a);
                 sh2_set(BK * BQ + BQ + e, b);
             }
-            var s: array<f32, TM * TN>;
-            var dp: array<f32, TM * TN>;
-            for (var i = 0u; i < TM * TN; i++) {
-                s[i] = 0.0;
-                dp[i] = 0.0;
-            }
-            for (var d0 = 0u; d0 < D4; d0 += DCV) {
-                stage(2u, 0u, k4, key0, BK, prm.seq_k, d0, tid);
-                stage(3u, BK, k4, key0, BK, prm.seq_k, d0, tid);
-                stage(0u, 2u * BK, q4, row0, BQ, prm.seq_q, d0, tid);
-                stage(1u, 2u * BK + BQ, q4, row0, BQ, prm.seq_q, d0, tid);
-                workgroupBarrier();
-                for (var dv4 = 0u; dv4 < DCV; dv4++) {
-                    var ka: array<vec4<f32>, TM>;
-                    var va: array<vec4<f32>, TM>;
-                    for (var i = 0u; i < TM; i++) {
-                        ka[i] = sh0[(ty * TM + i) * DSV + dv4];
-                        va[i] = sh0[(BK + ty * TM + i) * DSV + dv4];
-                    }
-                    for (var j = 0u; j < TN; j++) {
-                        let qb = sh0[(2u * BK + tx + TC * j) * DSV + dv4];
-                        let ob = sh0[(2u * BK + BQ + tx + TC * j) * DSV + dv4];
-                        for (var i = 0u; i < TM; i++) {
-                            s[i * TN + j] = dot_acc(ka[i], qb, s[i * TN + j]);
-                            dp[i * TN + j] = dot_acc(va[i], ob, dp[i * TN + j]);
-                        }
-                    }
-                }
-                workgroupBarrier();
-            }
+            var s: Logits;
+            var dp: Logits;
+            logits_and_dprobs(&s, &dp, true, q4, row0, k4, key0, tid, ty, tx);
             // Pᵀ and dSᵀ into sh1 / sh2 ([BK][BQ] each).
             for (var i = 0u; i < TM; i++) {
                 let c = ty * TM + i;
@@ -138,42 +129,11 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             workgroupBarrier();
             // dV += Pᵀ dO, dK += dSᵀ Q; dO and Q staged PC rows at a time: dO [PC][D4] | Q [PC][D4].
             for (var r0 = 0u; r0 < BQ; r0 += PC) {
-                for (var e = tid; e < PC * D4; e += NT) {
-                    let r = e / D4;
-                    var a = vec4<f32>(0.0);
-                    var b = vec4<f32>(0.0);
-                    if (row0 + r0 + r < prm.seq_q) {
-                        let g = q4 + (row0 + r0 + r) * D4 + e % D4;
-                        a = d_o[g];
-                        b = q[g];
-                    }
-                    sh0[e] = a;
-                    sh0[PC * D4 + e] = b;
-                }
+                stage_rows(1u, 0u, q4, row0 + r0, prm.seq_q, tid);
+                stage_rows(0u, PC * D4, q4, row0 + r0, prm.seq_q, tid);
                 workgroupBarrier();
-                for (var r = 0u; r < PC; r += 4u) {
-                    var pa: array<vec4<f32>, TM>;
-                    var sa: array<vec4<f32>, TM>;
-                    for (var i = 0u; i < TM; i++) {
-                        pa[i] = sh1[((ty * TM + i) * BQ + r0 + r) / 4u];
-                        sa[i] = sh2[((ty * TM + i) * BQ + r0 + r) / 4u];
-                    }
-                    for (var j = 0u; j < TD4; j++) {
-                        let col = tx + TC * j;
-                        let o0 = sh0[r * D4 + col];
-                        let o1 = sh0[(r + 1u) * D4 + col];
-                        let o2 = sh0[(r + 2u) * D4 + col];
-                        let o3 = sh0[(r + 3u) * D4 + col];
-                        let q0 = sh0[(PC + r) * D4 + col];
-                        let q1 = sh0[(PC + r + 1u) * D4 + col];
-                        let q2 = sh0[(PC + r + 2u) * D4 + col];
-                        let q3 = sh0[(PC + r + 3u) * D4 + col];
-                        for (var i = 0u; i < TM; i++) {
-                            gv[i * TD4 + j] = axpy4(pa[i], o0, o1, o2, o3, gv[i * TD4 + j]);
-                            gk[i * TD4 + j] = axpy4(sa[i], q0, q1, q2, q3, gk[i * TD4 + j]);
-                        }
-                    }
-                }
+                rows_acc(&gv, 1u, BQ, r0, 0u, ty, tx);
+                rows_acc(&gk, 2u, BQ, r0, PC * D4, ty, tx);
                 workgroupBarrier();
             }
         }
@@ -204,7 +164,7 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 
     var lse2: array<f32, TM>;
     var rd: array<f32, TM>;
-    var g: array<vec4<f32>, TM * TD4>;
+    var g: Acc;
     for (var i = 0u; i < TM; i++) {
         let r = row0 + ty * TM + i;
         lse2[i] = 0.0;
@@ -219,36 +179,9 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     }
     let kend = key_end(row0);
     for (var key0 = 0u; key0 < kend; key0 += BK) {
-        var s: array<f32, TM * TN>;
-        var dp: array<f32, TM * TN>;
-        for (var i = 0u; i < TM * TN; i++) {
-            s[i] = 0.0;
-            dp[i] = 0.0;
-        }
-        for (var d0 = 0u; d0 < D4; d0 += DCV) {
-            stage(0u, 0u, q4, row0, BQ, prm.seq_q, d0, tid);
-            stage(1u, BQ, q4, row0, BQ, prm.seq_q, d0, tid);
-            stage(2u, 2u * BQ, k4, key0, BK, prm.seq_k, d0, tid);
-            stage(3u, 2u * BQ + BK, k4, key0, BK, prm.seq_k, d0, tid);
-            workgroupBarrier();
-            for (var dv4 = 0u; dv4 < DCV; dv4++) {
-                var qa: array<vec4<f32>, TM>;
-                var oa: array<vec4<f32>, TM>;
-                for (var i = 0u; i < TM; i++) {
-                    qa[i] = sh0[(ty * TM + i) * DSV + dv4];
-                    oa[i] = sh0[(BQ + ty * TM + i) * DSV + dv4];
-                }
-                for (var j = 0u; j < TN; j++) {
-                    let kb = sh0[(2u * BQ + tx + TC * j) * DSV + dv4];
-                    let vb = sh0[(2u * BQ + BK + tx + TC * j) * DSV + dv4];
-                    for (var i = 0u; i < TM; i++) {
-                        s[i * TN + j] = dot_acc(qa[i], kb, s[i * TN + j]);
-                        dp[i * TN + j] = dot_acc(oa[i], vb, dp[i * TN + j]);
-                    }
-                }
-            }
-            workgroupBarrier();
-        }
+        var s: Logits;
+        var dp: Logits;
+        logits_and_dprobs(&s, &dp, false, q4, row0, k4, key0, tid, ty, tx);
         for (var i = 0u; i < TM; i++) {
             let r = ty * TM + i;
             for (var j = 0u; j < TN; j++) {
@@ -261,31 +194,9 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         workgroupBarrier();
         // dQ += dS K, K staged PC keys at a time.
         for (var c0 = 0u; c0 < BK; c0 += PC) {
-            for (var e = tid; e < PC * D4; e += NT) {
-                let c = e / D4;
-                var x = vec4<f32>(0.0);
-                if (key0 + c0 + c < prm.seq_k) {
-                    x = k[k4 + (key0 + c0 + c) * D4 + e % D4];
-                }
-                sh0[e] = x;
-            }
+            stage_rows(2u, 0u, k4, key0 + c0, prm.seq_k, tid);
             workgroupBarrier();
-            for (var c = 0u; c < PC; c += 4u) {
-                var sa: array<vec4<f32>, TM>;
-                for (var i = 0u; i < TM; i++) {
-                    sa[i] = sh1[((ty * TM + i) * BK + c0 + c) / 4u];
-                }
-                for (var j = 0u; j < TD4; j++) {
-                    let col = tx + TC * j;
-                    let k0 = sh0[c * D4 + col];
-                    let k1 = sh0[(c + 1u) * D4 + col];
-                    let k2 = sh0[(c + 2u) * D4 + col];
-                    let k3 = sh0[(c + 3u) * D4 + col];
-                    for (var i = 0u; i < TM; i++) {
-                        g[i * TD4 + j] = axpy4(sa[i], k0, k1, k2, k3, g[i * TD4 + j]);
-                    }
-                }
-            }
+            rows_acc(&g, 1u, BK, c0, 0u, ty, tx);
             workgroupBarrier();
         }
     }

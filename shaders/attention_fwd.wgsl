@@ -12,6 +12,14 @@
 @group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 
+fn fetch(which: u32, g: u32) -> vec4<f32> {
+    switch which {
+        case 0u: { return q[g]; }
+        case 1u: { return k[g]; }
+        default: { return v[g]; }
+    }
+}
+
 // sh0: Q chunk [BQ][DSV] | K chunk [BK][DSV]; then row-max partials [BQ][TC] (scalars);
 //      then a V chunk [PC][D4].
 // sh1: probabilities P [BQ][BK] (scalars, read back as vec4 over 4 keys).
@@ -26,7 +34,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let ty = tid / TC;
     let tx = tid % TC;
 
-    var acc: array<vec4<f32>, TM * TD4>;
+    var acc: Acc;
     var m: array<f32, TM>;
     var l: array<f32, TM>;
     for (var i = 0u; i < TM; i++) {
@@ -39,40 +47,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
 
     let kend = key_end(row0);
     for (var key0 = 0u; key0 < kend; key0 += BK) {
-        var s: array<f32, TM * TN>;
+        var s: Logits;
         for (var i = 0u; i < TM * TN; i++) {
             s[i] = 0.0;
         }
         for (var d0 = 0u; d0 < D4; d0 += DCV) {
-            for (var e = tid; e < BQ * DCV; e += NT) {
-                let r = e / DCV;
-                var x = vec4<f32>(0.0);
-                if (row0 + r < prm.seq_q) {
-                    x = q[q4 + (row0 + r) * D4 + d0 + e % DCV];
-                }
-                sh0[r * DSV + e % DCV] = x;
-            }
-            for (var e = tid; e < BK * DCV; e += NT) {
-                let c = e / DCV;
-                var x = vec4<f32>(0.0);
-                if (key0 + c < prm.seq_k) {
-                    x = k[k4 + (key0 + c) * D4 + d0 + e % DCV];
-                }
-                sh0[(BQ + c) * DSV + e % DCV] = x;
-            }
+            stage_chunk(0u, 0u, q4, row0, BQ, prm.seq_q, d0, tid);
+            stage_chunk(1u, BQ, k4, key0, BK, prm.seq_k, d0, tid);
             workgroupBarrier();
-            for (var dv = 0u; dv < DCV; dv++) {
-                var a: array<vec4<f32>, TM>;
-                for (var i = 0u; i < TM; i++) {
-                    a[i] = sh0[(ty * TM + i) * DSV + dv];
-                }
-                for (var j = 0u; j < TN; j++) {
-                    let b = sh0[(BQ + tx + TC * j) * DSV + dv];
-                    for (var i = 0u; i < TM; i++) {
-                        s[i * TN + j] = dot_acc(a[i], b, s[i * TN + j]);
-                    }
-                }
-            }
+            logits_acc(&s, 0u, BQ, ty, tx);
             workgroupBarrier();
         }
 
@@ -110,31 +93,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
 
         // O += P V, V staged PC keys at a time.
         for (var c0 = 0u; c0 < BK; c0 += PC) {
-            for (var e = tid; e < PC * D4; e += NT) {
-                let c = e / D4;
-                var x = vec4<f32>(0.0);
-                if (key0 + c0 + c < prm.seq_k) {
-                    x = v[k4 + (key0 + c0 + c) * D4 + e % D4];
-                }
-                sh0[e] = x;
-            }
+            stage_rows(2u, 0u, k4, key0 + c0, prm.seq_k, tid);
             workgroupBarrier();
-            for (var c = 0u; c < PC; c += 4u) {
-                var p: array<vec4<f32>, TM>;
-                for (var i = 0u; i < TM; i++) {
-                    p[i] = sh1[((ty * TM + i) * BK + c0 + c) / 4u];
-                }
-                for (var j = 0u; j < TD4; j++) {
-                    let col = tx + TC * j;
-                    let v0 = sh0[c * D4 + col];
-                    let v1 = sh0[(c + 1u) * D4 + col];
-                    let v2 = sh0[(c + 2u) * D4 + col];
-                    let v3 = sh0[(c + 3u) * D4 + col];
-                    for (var i = 0u; i < TM; i++) {
-                        acc[i * TD4 + j] = axpy4(p[i], v0, v1, v2, v3, acc[i * TD4 + j]);
-                    }
-                }
-            }
+            rows_acc(&acc, 1u, BK, c0, 0u, ty, tx);
             workgroupBarrier();
         }
     }

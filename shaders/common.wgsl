@@ -92,3 +92,78 @@ fn row_sum(r: u32) -> f32 {
     }
     return t;
 }
+
+// Staging: each kernel file defines `fetch(which: u32, g: u32) -> vec4<f32>`, which reads its
+// tensor number `which` at vec4 index `g`.
+
+// Rows [r0, r0 + n) x vec4 dims [d0v, d0v + DCV) of a tensor into sh0 rows at..at+n (stride DSV);
+// rows at or past `len` read as zero.
+fn stage_chunk(which: u32, at: u32, base4: u32, r0: u32, n: u32, len: u32, d0v: u32, tid: u32) {
+    for (var e = tid; e < n * DCV; e += NT) {
+        let r = e / DCV;
+        var x = vec4<f32>(0.0);
+        if (r0 + r < len) {
+            x = fetch(which, base4 + (r0 + r) * D4 + d0v + e % DCV);
+        }
+        sh0[(at + r) * DSV + e % DCV] = x;
+    }
+}
+
+// PC whole rows [r0, r0 + PC) of a tensor into sh0 at vec4 offset `at` (stride D4).
+fn stage_rows(which: u32, at: u32, base4: u32, r0: u32, len: u32, tid: u32) {
+    for (var e = tid; e < PC * D4; e += NT) {
+        var x = vec4<f32>(0.0);
+        if (r0 + e / D4 < len) {
+            x = fetch(which, base4 + r0 * D4 + e);
+        }
+        sh0[at + e] = x;
+    }
+}
+
+alias Logits = array<f32, TM * TN>;
+alias Acc = array<vec4<f32>, TM * TD4>;
+
+// The first product of every kernel, one staged chunk of DC dims:
+// s[i][j] += sh0 row (ra + ty*TM + i) · sh0 row (rb + tx + TC*j), rows of stride DSV.
+fn logits_acc(s: ptr<function, Logits>, ra: u32, rb: u32, ty: u32, tx: u32) {
+    for (var dv = 0u; dv < DCV; dv++) {
+        var a: array<vec4<f32>, TM>;
+        for (var i = 0u; i < TM; i++) {
+            a[i] = sh0[(ra + ty * TM + i) * DSV + dv];
+        }
+        for (var j = 0u; j < TN; j++) {
+            let b = sh0[(rb + tx + TC * j) * DSV + dv];
+            for (var i = 0u; i < TM; i++) {
+                (*s)[i * TN + j] = dot_acc(a[i], b, (*s)[i * TN + j]);
+            }
+        }
+    }
+}
+
+// The second product of every kernel, one staged chunk of PC inner rows:
+// acc[i][j] += Σ_c W[ty*TM + i][w0 + c] · sh0[b_at + c*D4 + tx + TC*j], where W is sh1
+// (which = 1) or sh2 (which = 2) holding scalars with row stride w_stride.
+fn rows_acc(acc: ptr<function, Acc>, which: u32, w_stride: u32, w0: u32, b_at: u32, ty: u32,
+            tx: u32) {
+    for (var c = 0u; c < PC; c += 4u) {
+        var w: array<vec4<f32>, TM>;
+        for (var i = 0u; i < TM; i++) {
+            let at = ((ty * TM + i) * w_stride + w0 + c) / 4u;
+            if (which == 1u) {
+                w[i] = sh1[at];
+            } else {
+                w[i] = sh2[at];
+            }
+        }
+        for (var j = 0u; j < TD4; j++) {
+            let col = b_at + c * D4 + tx + TC * j;
+            let r0 = sh0[col];
+            let r1 = sh0[col + D4];
+            let r2 = sh0[col + 2u * D4];
+            let r3 = sh0[col + 3u * D4];
+            for (var i = 0u; i < TM; i++) {
+                (*acc)[i * TD4 + j] = axpy4(w[i], r0, r1, r2, r3, (*acc)[i * TD4 + j]);
+            }
+        }
+    }
+}

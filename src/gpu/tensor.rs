@@ -123,6 +123,25 @@ impl Gpu {
         self.write(t, &vec![value; t.len()])
     }
 
+    /// Map a MAP_READ buffer whose copy has been submitted, wait, and return its bytes.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn read_mapped(&self, buf: &wgpu::Buffer, what: &str) -> Result<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        buf.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu(format!("{what} was never completed")))?
+            .map_err(|e| Error::Gpu(format!("{what}: mapping failed: {e}")))?;
+        let bytes = buf
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("{what}: reading the mapping failed: {e}")))?
+            .to_vec();
+        buf.unmap();
+        Ok(bytes)
+    }
+
     /// Copy a tensor back to the host (waits for the GPU).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
@@ -141,20 +160,8 @@ impl Gpu {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
         enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
         self.queue.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("readback was never completed".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("reading the mapped buffer failed: {e}")))?;
-        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
-        drop(view);
-        staging.unmap();
+        let bytes = self.read_mapped(&staging, "tensor readback")?;
+        let out = bytemuck::pod_collect_to_vec::<u8, f32>(&bytes);
         Ok(out)
     }
 }

@@ -107,22 +107,8 @@ impl Gpu {
                 reps,
             });
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        read.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("timestamp readback never completed".into()))?
-            .map_err(|e| Error::Gpu(format!("timestamp readback failed: {e}")))?;
-        let ticks: [u64; 2] = {
-            let view = read
-                .get_mapped_range(..)
-                .map_err(|e| Error::Gpu(format!("timestamp readback failed: {e}")))?;
-            let v = bytemuck::cast_slice::<u8, u64>(&view);
-            [v[0], v[1]]
-        };
-        read.unmap();
+        let bytes = self.read_mapped(read, "timestamp readback")?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
         let period_ns = self.queue.get_timestamp_period() as f64;
         let gpu = ticks[1].saturating_sub(ticks[0]) as f64 * period_ns * 1e-9;
         // A zero or absurd reading (some drivers) falls back to the wall clock.

@@ -718,6 +718,15 @@ impl FullAttention {
             ],
         )?;
         let max_x = gpu.limits().max_compute_workgroups_per_dimension;
+        // What dkdv and dq both read.
+        let inputs = [
+            (1, Class::Q, q),
+            (2, Class::Kv, k),
+            (3, Class::Kv, v),
+            (5, Class::Q, d_o),
+            (6, Class::Row, lse),
+            (7, Class::Row, rowd),
+        ];
         for &c in &self.chunks {
             let base = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
@@ -745,15 +754,10 @@ impl FullAttention {
                 &base,
                 c,
                 &[
-                    (1, Class::Q, q),
-                    (2, Class::Kv, k),
-                    (3, Class::Kv, v),
-                    (5, Class::Q, d_o),
-                    (6, Class::Row, lse),
-                    (7, Class::Row, rowd),
-                    (9, Class::Kv, &grads.dk),
-                    (10, Class::Kv, &grads.dv),
-                ],
+                    &inputs[..],
+                    &[(9, Class::Kv, &grads.dk), (10, Class::Kv, &grads.dv)],
+                ]
+                .concat(),
                 (
                     (s.seq_k as u32).div_ceil(self.tiles[2].rows()),
                     (c.u1 - c.u0) as u32,
@@ -765,15 +769,7 @@ impl FullAttention {
                 &self.dq,
                 &base,
                 c,
-                &[
-                    (1, Class::Q, q),
-                    (2, Class::Kv, k),
-                    (3, Class::Kv, v),
-                    (5, Class::Q, d_o),
-                    (6, Class::Row, lse),
-                    (7, Class::Row, rowd),
-                    (8, Class::Q, &grads.dq),
-                ],
+                &[&inputs[..], &[(8, Class::Q, &grads.dq)]].concat(),
                 ((s.seq_q as u32).div_ceil(self.tiles[1].rows()), heads),
             );
         }
