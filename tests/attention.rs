@@ -230,3 +230,29 @@ fn mixed_variants_match_reference() {
     let auto = sparse_attn::ops::attention::auto_variants(&gpu, 64).unwrap();
     run_case(&gpu, &cases()[4], auto, seed, true);
 }
+
+/// The same WGSL through wgpu's GL backend (naga -> GLSL), where the machine has one (Mesa's
+/// llvmpipe over EGL here). Not every machine has GL; none is a skip, not a failure.
+#[test]
+fn gl_backend_matches_reference_when_present() {
+    let gpu = match Gpu::new(&sparse_attn::GpuOptions {
+        adapter: Some("gl".into()),
+        ..Default::default()
+    }) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED: no GL adapter here ({e})");
+            return;
+        }
+    };
+    assert_eq!(gpu.adapter().backend, wgpu::Backend::Gl);
+    let seed = Rng::fresh_seed();
+    let auto = sparse_attn::ops::attention::auto_variants(&gpu, 64).unwrap();
+    for (i, case) in cases().iter().enumerate().step_by(4) {
+        if case.shape.head_dim == 64 || case.shape.head_dim == 32 {
+            let v = sparse_attn::ops::attention::auto_variants(&gpu, case.shape.head_dim).unwrap();
+            run_case(&gpu, case, v, seed.wrapping_add(i as u64), true);
+        }
+    }
+    run_case(&gpu, &cases()[4], auto, seed, true);
+}
