@@ -4,13 +4,11 @@
 //! configurations, the bind layouts and the dispatch math. The kernels run without naga's runtime
 //! bounds checks, so everything an index depends on is validated here first.
 
-use std::num::NonZeroU64;
 use std::sync::Arc;
-
-use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
+use crate::ops::launch::{self, Chunk, Window, plan_units, window};
 use crate::shape::{AttnOptions, AttnShape};
 
 /// Kernel variants of the portable f32 family. Every variant computes the same thing.
@@ -297,41 +295,10 @@ pub fn auto_variants(gpu: &Gpu, d: usize) -> Result<Variants> {
     })
 }
 
-/// A byte window of a buffer that a binding may cover, and where the data starts inside it.
-#[derive(Clone, Copy, Debug)]
-struct Window {
-    offset: u64,
-    size: u64,
-    /// First element of the data, counted from `offset`.
-    skip: u32,
-}
-
-fn window(first_elem: u64, elems: u64, align: u64) -> Window {
-    // 256 is a multiple of every device's offset alignment and keeps `skip` a multiple of 4
-    // elements (the kernels read vec4).
-    let align = align.max(256);
-    let start = first_elem * 4;
-    let offset = start / align * align;
-    Window {
-        offset,
-        size: (start + elems * 4 - offset).max(4),
-        skip: ((start - offset) / 4) as u32,
-    }
-}
-
-/// One launch's share of the problem: (batch, kv-head) groups `u0..u1`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Chunk {
-    u0: u64,
-    u1: u64,
-}
-
 /// Split the (batch, kv-head) groups so that every binding fits the device's binding limit and
 /// every grid dimension its dispatch limit.
 fn plan_chunks(shape: &AttnShape, gpu: &Gpu) -> Result<Vec<Chunk>> {
     let l = gpu.limits();
-    let align = l.min_storage_buffer_offset_alignment as u64;
-    let max_bind = gpu.max_binding();
     let g = shape.group() as u64;
     let per_unit = [
         (
@@ -344,23 +311,6 @@ fn plan_chunks(shape: &AttnShape, gpu: &Gpu) -> Result<Vec<Chunk>> {
         ),
         ("per-row tensor (LSE)", g * shape.seq_q as u64 * 4),
     ];
-    let mut units_max = l.max_compute_workgroups_per_dimension as u64 / g;
-    for (what, bytes) in per_unit {
-        let fit = max_bind.saturating_sub(align) / bytes;
-        if fit == 0 {
-            return Err(Error::Unsupported(format!(
-                "one (batch, kv-head) slice of the {what} takes {bytes} bytes, more than this \
-                 device can bind at once ({max_bind} bytes); shorten the sequence"
-            )));
-        }
-        units_max = units_max.min(fit);
-    }
-    if units_max == 0 {
-        return Err(Error::Unsupported(format!(
-            "{} query heads per kv head exceed this device's dispatch limit of {}",
-            g, l.max_compute_workgroups_per_dimension
-        )));
-    }
     let tiles = (shape.seq_q.max(shape.seq_k) as u64).div_ceil(32);
     if tiles > l.max_compute_workgroups_per_dimension as u64 {
         return Err(Error::Unsupported(format!(
@@ -370,13 +320,14 @@ fn plan_chunks(shape: &AttnShape, gpu: &Gpu) -> Result<Vec<Chunk>> {
             l.max_compute_workgroups_per_dimension
         )));
     }
-    let units = (shape.batch * shape.heads_kv) as u64;
-    Ok((0..units.div_ceil(units_max))
-        .map(|i| Chunk {
-            u0: i * units_max,
-            u1: ((i + 1) * units_max).min(units),
-        })
-        .collect())
+    // Grid y holds the query heads of a chunk.
+    let max_units = l.max_compute_workgroups_per_dimension as u64 / g;
+    plan_units(
+        gpu,
+        (shape.batch * shape.heads_kv) as u64,
+        &per_unit,
+        max_units,
+    )
 }
 
 /// Uniform block shared with `shaders/common.wgsl` (`Params`).
@@ -593,40 +544,11 @@ impl FullAttention {
         bindings: &[(u32, Class, &Tensor)],
         grid: (u32, u32),
     ) {
-        let ubuf = gpu
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("attention-params"),
-                contents: bytemuck::bytes_of(params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: ubuf.as_entire_binding(),
-        }];
-        for &(binding, class, t) in bindings {
-            let w = self.window_of(gpu, class, chunk);
-            entries.push(wgpu::BindGroupEntry {
-                binding,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: t.buffer(),
-                    offset: w.offset,
-                    size: NonZeroU64::new(w.size),
-                }),
-            });
-        }
-        let bg = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("attention"),
-            layout: &pipe.layout,
-            entries: &entries,
-        });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("attention"),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(&pipe.pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(grid.0, grid.1, 1);
+        let views: Vec<(u32, &Tensor, Window)> = bindings
+            .iter()
+            .map(|&(b, class, t)| (b, t, self.window_of(gpu, class, chunk)))
+            .collect();
+        launch::dispatch(gpu, enc, pipe, bytemuck::bytes_of(params), &views, grid);
     }
 
     /// Record the forward pass into `enc`: O and LSE are overwritten.
@@ -893,15 +815,6 @@ pub fn attention_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn windows_are_aligned_and_cover_the_data() {
-        let w = window(100, 50, 256);
-        assert_eq!(w.offset, 256);
-        assert_eq!(w.skip, 36);
-        assert_eq!(w.offset + 4 * w.skip as u64, 400);
-        assert_eq!(w.size, 400 + 200 - 256);
-    }
 
     #[test]
     fn portable_variant_fits_webgpu_defaults() {

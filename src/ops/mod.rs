@@ -2,3 +2,4 @@
 //! bind layouts and dispatch math; everything returns `Result`.
 
 pub mod attention;
+pub(crate) mod launch;

@@ -2,6 +2,7 @@
 
 pub mod attention;
 mod rng;
+pub mod select;
 mod stats;
 
 pub use rng::Rng;

@@ -1,0 +1,132 @@
+//! Launch plumbing shared by the ops: binding windows, splitting work across launches when
+//! tensors exceed the device's storage-binding limit, and recording one dispatch.
+
+use std::num::NonZeroU64;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Pipeline, Tensor};
+
+/// A byte window of a buffer that a binding may cover, and where the data starts inside it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Window {
+    pub offset: u64,
+    pub size: u64,
+    /// First element of the data, counted from `offset`.
+    pub skip: u32,
+}
+
+pub(crate) fn window(first_elem: u64, elems: u64, align: u64) -> Window {
+    // 256 is a multiple of every device's offset alignment and keeps `skip` a multiple of 4
+    // elements (the kernels read vec4).
+    let align = align.max(256);
+    let start = first_elem * 4;
+    let offset = start / align * align;
+    Window {
+        offset,
+        size: (start + elems * 4 - offset).max(4),
+        skip: ((start - offset) / 4) as u32,
+    }
+}
+
+/// One launch's share of the problem: (batch, kv-head) groups `u0..u1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Chunk {
+    pub u0: u64,
+    pub u1: u64,
+}
+
+/// Split `units` work units (e.g. (batch, kv-head) groups) into chunks such that each tensor
+/// class, taking `per_unit` bytes per unit, fits one storage binding, and a chunk holds at most
+/// `max_units` units (the grid limit).
+pub(crate) fn plan_units(
+    gpu: &Gpu,
+    units: u64,
+    per_unit: &[(&str, u64)],
+    max_units: u64,
+) -> Result<Vec<Chunk>> {
+    let align = gpu.limits().min_storage_buffer_offset_alignment.max(256) as u64;
+    let max_bind = gpu.max_binding();
+    let mut units_max = max_units;
+    for &(what, bytes) in per_unit {
+        let fit = max_bind.saturating_sub(align) / bytes.max(1);
+        if fit == 0 {
+            return Err(Error::Unsupported(format!(
+                "one (batch, kv-head) slice of the {what} takes {bytes} bytes, more than this \
+                 device can bind at once ({max_bind} bytes); shorten the sequence"
+            )));
+        }
+        units_max = units_max.min(fit);
+    }
+    if units_max == 0 {
+        return Err(Error::Unsupported(format!(
+            "one work unit needs more workgroups than this device's dispatch limit of {}",
+            gpu.limits().max_compute_workgroups_per_dimension
+        )));
+    }
+    Ok((0..units.div_ceil(units_max))
+        .map(|i| Chunk {
+            u0: i * units_max,
+            u1: ((i + 1) * units_max).min(units),
+        })
+        .collect())
+}
+
+/// Record one dispatch: uniform `params` at binding 0, then each tensor window at its binding.
+pub(crate) fn dispatch(
+    gpu: &Gpu,
+    enc: &mut wgpu::CommandEncoder,
+    pipe: &Pipeline,
+    params: &[u8],
+    views: &[(u32, &Tensor, Window)],
+    grid: (u32, u32),
+) {
+    let ubuf = gpu
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: params,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+    let mut entries = vec![wgpu::BindGroupEntry {
+        binding: 0,
+        resource: ubuf.as_entire_binding(),
+    }];
+    for &(binding, t, w) in views {
+        entries.push(wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: t.buffer(),
+                offset: w.offset,
+                size: NonZeroU64::new(w.size),
+            }),
+        });
+    }
+    let bg = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipe.layout,
+        entries: &entries,
+    });
+    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: None,
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(&pipe.pipeline);
+    pass.set_bind_group(0, &bg, &[]);
+    pass.dispatch_workgroups(grid.0, grid.1, 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_aligned_and_cover_the_data() {
+        let w = window(100, 50, 256);
+        assert_eq!(w.offset, 256);
+        assert_eq!(w.skip, 36);
+        assert_eq!(w.offset + 4 * w.skip as u64, 400);
+        assert_eq!(w.size, 400 + 200 - 256);
+    }
+}

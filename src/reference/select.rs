@@ -1,0 +1,201 @@
+//! Block selection in plain Rust (f64): the ground truth for `shaders/block_select.wgsl`.
+//!
+//! For query token t at absolute position p = seq_k − seq_q + t and kv head g (PAPERS.md §1):
+//! - block keys k̄_j = mean of the keys of block j (blocks of B tokens; the last may be partial);
+//! - candidates: blocks that start at or before p (causal), or every block;
+//! - score_j = Σ_{h in group g} softmax_j(s·q_{t,h}·k̄_j) over the candidates (SSA/NSA), or
+//!   Σ_{h in group g} s·q_{t,h}·k̄_j (MoBA's plain dot product, summed over the group);
+//! - forced: the block holding p, the first `n_init` blocks, and the `n_local` blocks right
+//!   before the current one; then the best-scoring candidates up to k blocks in all, ties to the
+//!   lower index; output sorted ascending and padded with [`SENTINEL`].
+
+use crate::error::{Result, invalid};
+use crate::shape::AttnShape;
+
+/// Marks an unused slot of a selection (fewer than k candidate blocks).
+pub const SENTINEL: u32 = u32::MAX;
+
+/// Block sizes the kernels take.
+pub const BLOCK_SIZES: [usize; 4] = [16, 32, 64, 128];
+
+/// How blocks are scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scoring {
+    /// Sum over the group's query heads of the softmax over candidate blocks (SSA, NSA).
+    Ssa,
+    /// Sum over the group's query heads of the scaled dot product (MoBA-style).
+    Moba,
+}
+
+/// What to select.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SelectOptions {
+    pub block: usize,
+    /// Blocks kept per (token, kv head), forced ones included.
+    pub k: usize,
+    /// Forced initial ("sink") blocks.
+    pub n_init: usize,
+    /// Forced local blocks right before the current one.
+    pub n_local: usize,
+    pub scoring: Scoring,
+    pub causal: bool,
+    /// Logit scale; `None` means 1/sqrt(head_dim).
+    pub scale: Option<f32>,
+}
+
+impl SelectOptions {
+    /// SSA's defaults: B = 16, k = 16, no forced blocks besides the current one.
+    pub fn ssa() -> Self {
+        Self {
+            block: 16,
+            k: 16,
+            n_init: 0,
+            n_local: 0,
+            scoring: Scoring::Ssa,
+            causal: true,
+            scale: None,
+        }
+    }
+
+    pub fn blocks(&self, seq_k: usize) -> usize {
+        seq_k.div_ceil(self.block)
+    }
+
+    /// Checks shared by the reference and the GPU launcher.
+    pub fn validate(&self, shape: &AttnShape) -> Result<()> {
+        shape.validate(&crate::shape::AttnOptions {
+            causal: self.causal,
+            scale: self.scale,
+        })?;
+        if !BLOCK_SIZES.contains(&self.block) {
+            invalid!(
+                "block size {} is not supported (supported: {:?})",
+                self.block,
+                BLOCK_SIZES
+            );
+        }
+        let nb = self.blocks(shape.seq_k);
+        if self.k == 0 {
+            invalid!("k = 0: the selection must keep at least one block");
+        }
+        if self.k > nb {
+            invalid!(
+                "k = {} is larger than the {nb} blocks of {} keys at block size {}",
+                self.k,
+                shape.seq_k,
+                self.block
+            );
+        }
+        if self.n_init + self.n_local + 1 > self.k {
+            invalid!(
+                "n_init ({}) + n_local ({}) + the current block exceed k = {}",
+                self.n_init,
+                self.n_local,
+                self.k
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Block of the token at absolute position `pos`, and the candidate range `0..end`.
+pub fn current_and_end(opts: &SelectOptions, nb: usize, pos: usize) -> (usize, usize) {
+    let cur = (pos / opts.block).min(nb - 1);
+    (cur, if opts.causal { cur + 1 } else { nb })
+}
+
+/// Is block `j` forced for a token whose current block is `cur`?
+pub fn forced(opts: &SelectOptions, cur: usize, j: usize) -> bool {
+    j == cur || j < opts.n_init || (j < cur && cur - j <= opts.n_local)
+}
+
+/// Mean-pooled block keys `[b, hkv, nb, d]`.
+pub fn block_keys(shape: &AttnShape, opts: &SelectOptions, k: &[f32]) -> Vec<f32> {
+    let (d, sk, bsz) = (shape.head_dim, shape.seq_k, opts.block);
+    let nb = opts.blocks(sk);
+    let mut out = vec![0f32; shape.batch * shape.heads_kv * nb * d];
+    for bh in 0..shape.batch * shape.heads_kv {
+        for j in 0..nb {
+            let (t0, t1) = (j * bsz, ((j + 1) * bsz).min(sk));
+            for c in 0..d {
+                let s: f64 = (t0..t1).map(|t| k[(bh * sk + t) * d + c] as f64).sum();
+                out[(bh * nb + j) * d + c] = (s / (t1 - t0) as f64) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// Selection with its scores.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    /// `[b, hkv, seq_q, k]`, ascending, padded with SENTINEL.
+    pub indices: Vec<u32>,
+    /// `[b, hkv, seq_q, nb]`: score of every block (NaN for blocks that are not candidates).
+    pub scores: Vec<f64>,
+}
+
+pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> Result<Selection> {
+    opts.validate(shape)?;
+    if q.len() != shape.q_len() || k.len() != shape.kv_len() {
+        invalid!(
+            "q has {} and k {} elements; the shape {shape:?} needs {} and {}",
+            q.len(),
+            k.len(),
+            shape.q_len(),
+            shape.kv_len()
+        );
+    }
+    let (d, sq, g) = (shape.head_dim, shape.seq_q, shape.group());
+    let nb = opts.blocks(shape.seq_k);
+    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
+    let kbar = block_keys(shape, opts, k);
+    let rows = shape.batch * shape.heads_kv * sq;
+    let mut indices = vec![SENTINEL; rows * opts.k];
+    let mut scores = vec![f64::NAN; rows * nb];
+    for bkv in 0..shape.batch * shape.heads_kv {
+        for t in 0..sq {
+            let row = bkv * sq + t;
+            let (cur, end) = current_and_end(opts, nb, shape.q_offset() + t);
+            let score = &mut scores[row * nb..row * nb + end];
+            score.fill(0.0);
+            for h in 0..g {
+                let qrow = (bkv * g + h) * sq + t;
+                let qv = &q[qrow * d..(qrow + 1) * d];
+                let logits: Vec<f64> = (0..end)
+                    .map(|j| {
+                        let kb = &kbar[(bkv * nb + j) * d..(bkv * nb + j + 1) * d];
+                        scale
+                            * qv.iter()
+                                .zip(kb)
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum::<f64>()
+                    })
+                    .collect();
+                match opts.scoring {
+                    Scoring::Moba => score.iter_mut().zip(&logits).for_each(|(s, l)| *s += l),
+                    Scoring::Ssa => {
+                        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
+                        score
+                            .iter_mut()
+                            .zip(&logits)
+                            .for_each(|(s, l)| *s += (l - m).exp() / z);
+                    }
+                }
+            }
+            // Forced blocks first (by index), then by score (ties to the lower index).
+            let mut order: Vec<usize> = (0..end).collect();
+            order.sort_by(|&a, &b| {
+                let (fa, fb) = (forced(opts, cur, a), forced(opts, cur, b));
+                fb.cmp(&fa)
+                    .then(score[b].total_cmp(&score[a]))
+                    .then(a.cmp(&b))
+            });
+            let mut chosen: Vec<u32> = order.iter().take(opts.k).map(|&j| j as u32).collect();
+            chosen.sort_unstable();
+            indices[row * opts.k..row * opts.k + chosen.len()].copy_from_slice(&chosen);
+        }
+    }
+    Ok(Selection { indices, scores })
+}
