@@ -22,6 +22,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_bwd.wgsl"),
     ),
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    (
+        "block_select.wgsl",
+        include_str!("../../shaders/block_select.wgsl"),
+    ),
     ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
 ];
 

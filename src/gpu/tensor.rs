@@ -7,12 +7,14 @@ use crate::gpu::Gpu;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
+    /// Indices (block selections).
+    U32,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
-            DType::F32 => 4,
+            DType::F32 | DType::U32 => 4,
         }
     }
 }
@@ -89,15 +91,23 @@ impl Gpu {
 
     /// Upload f32 data of the given shape.
     pub fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
-        let (len, _) = checked_len(shape, DType::F32)?;
-        if len != data.len() {
-            invalid!(
-                "shape {shape:?} holds {len} elements but {} were given",
-                data.len()
-            );
+        self.upload_raw(shape, DType::F32, bytemuck::cast_slice(data), data.len())
+    }
+
+    /// Upload u32 data (indices) of the given shape.
+    pub fn upload_u32(&self, shape: &[usize], data: &[u32]) -> Result<Tensor> {
+        self.upload_raw(shape, DType::U32, bytemuck::cast_slice(data), data.len())
+    }
+
+    fn upload_raw(&self, shape: &[usize], dtype: DType, bytes: &[u8], n: usize) -> Result<Tensor> {
+        let (len, _) = checked_len(shape, dtype)?;
+        if len != n {
+            invalid!("shape {shape:?} holds {len} elements but {n} were given");
         }
-        let t = self.empty(shape, DType::F32)?;
-        self.write(&t, data)?;
+        let t = self.empty(shape, dtype)?;
+        if !bytes.is_empty() {
+            self.queue.write_buffer(&t.buffer, 0, bytes);
+        }
         Ok(t)
     }
 
@@ -142,9 +152,26 @@ impl Gpu {
         Ok(bytes)
     }
 
-    /// Copy a tensor back to the host (waits for the GPU).
+    /// Copy an f32 tensor back to the host (waits for the GPU).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
+        if t.dtype() != DType::F32 {
+            invalid!("read() wants an f32 tensor, this one is {:?}", t.dtype());
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
+    }
+
+    /// Copy a u32 tensor back to the host (waits for the GPU).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
+        if t.dtype() != DType::U32 {
+            invalid!("read_u32() wants a u32 tensor, this one is {:?}", t.dtype());
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
         if t.is_empty() {
             return Ok(Vec::new());
         }
@@ -160,9 +187,7 @@ impl Gpu {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
         enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
         self.queue.submit([enc.finish()]);
-        let bytes = self.read_mapped(&staging, "tensor readback")?;
-        let out = bytemuck::pod_collect_to_vec::<u8, f32>(&bytes);
-        Ok(out)
+        self.read_mapped(&staging, "tensor readback")
     }
 }
 

@@ -3,3 +3,4 @@
 
 pub mod attention;
 pub(crate) mod launch;
+pub mod select;

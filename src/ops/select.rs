@@ -1,0 +1,299 @@
+//! Block selection on the GPU (`shaders/block_select.wgsl`): mean-pooled block keys, block
+//! scores (SSA softmax or MoBA dot product, summed over the query heads of a group), and top-k
+//! with forced blocks. The reference is `reference::select`; the definitions are there.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result, invalid};
+use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
+use crate::ops::attention::head_dim_supported;
+use crate::ops::launch::{self, Chunk, Window, plan_units, window};
+use crate::reference::select::{Scoring, SelectOptions};
+use crate::shape::AttnShape;
+
+const THREADS: u32 = 128;
+
+/// Uniform block shared with `shaders/block_select.wgsl` (`SelParams`).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    seq_q: u32,
+    seq_k: u32,
+    q_pos0: u32,
+    causal: u32,
+    group: u32,
+    nb: u32,
+    k: u32,
+    n_init: u32,
+    n_local: u32,
+    moba: u32,
+    scale: f32,
+    grid_x: u32,
+    q_off: u32,
+    k_off: u32,
+    kb_off: u32,
+    s_off: u32,
+    i_off: u32,
+    units: u32,
+    _pad: [u32; 2],
+}
+
+/// Tensor classes of one launch, each split by (batch, kv-head) unit.
+#[derive(Clone, Copy, Debug)]
+enum Class {
+    Q,
+    K,
+    KBar,
+    Scores,
+    Sel,
+}
+
+/// Intermediate tensors of a selection (kept so metrics and tests can look at the scores).
+#[derive(Debug)]
+pub struct SelectScratch {
+    /// Mean-pooled block keys `[b, hkv, nb, d]`.
+    pub block_keys: Tensor,
+    /// `[b, hkv, seq_q, nb]`: block scores of the candidates (-3e38 for the others).
+    pub scores: Tensor,
+}
+
+/// Block selection for one problem shape: validated once, pipelines fetched once.
+#[derive(Debug)]
+pub struct BlockSelect {
+    shape: AttnShape,
+    opts: SelectOptions,
+    nb: usize,
+    chunks: Vec<Chunk>,
+    keys: Arc<Pipeline>,
+    scores: Arc<Pipeline>,
+    topk: Arc<Pipeline>,
+}
+
+impl BlockSelect {
+    pub fn new(gpu: &Gpu, shape: AttnShape, opts: SelectOptions) -> Result<Self> {
+        opts.validate(&shape)?;
+        if !head_dim_supported(shape.head_dim) {
+            invalid!(
+                "head_dim = {} is not supported: the kernels take multiples of 16 from 16 to 256",
+                shape.head_dim
+            );
+        }
+        let nb = opts.blocks(shape.seq_k);
+        let nbp = nb.next_power_of_two().max(2) as u32;
+        let l = gpu.limits();
+        if nbp * 8 > l.max_compute_workgroup_storage_size {
+            return Err(Error::Unsupported(format!(
+                "{nb} blocks per row need {} bytes of workgroup memory for the top-k sort; this \
+                 device allows {} (use a larger block size or a shorter sequence)",
+                nbp * 8,
+                l.max_compute_workgroup_storage_size
+            )));
+        }
+        if l.max_compute_invocations_per_workgroup < THREADS {
+            return Err(Error::Unsupported(format!(
+                "block selection uses {THREADS} invocations per workgroup; this device allows {}",
+                l.max_compute_invocations_per_workgroup
+            )));
+        }
+        let (d, sq, sk) = (
+            shape.head_dim as u64,
+            shape.seq_q as u64,
+            shape.seq_k as u64,
+        );
+        let g = shape.group() as u64;
+        if sq.div_ceil(THREADS as u64) > l.max_compute_workgroups_per_dimension as u64 {
+            return Err(Error::Unsupported(format!(
+                "{sq} query tokens exceed this device's dispatch limit"
+            )));
+        }
+        let per_unit = [
+            ("query tensor", g * sq * d * 4),
+            ("key tensor", sk * d * 4),
+            ("block-key scratch", nb as u64 * d * 4),
+            ("block-score scratch", sq * nb as u64 * 4),
+            ("selection", sq * opts.k as u64 * 4),
+        ];
+        let chunks = plan_units(
+            gpu,
+            (shape.batch * shape.heads_kv) as u64,
+            &per_unit,
+            l.max_compute_workgroups_per_dimension as u64,
+        )?;
+        let key = |entry| PipelineKey {
+            file: "block_select.wgsl",
+            entry,
+            constants: vec![
+                ("D", shape.head_dim as u32),
+                ("BLK", opts.block as u32),
+                ("NBP", nbp),
+                ("NT", THREADS),
+            ],
+            checked: false,
+        };
+        Ok(Self {
+            shape,
+            opts,
+            nb,
+            chunks,
+            keys: gpu.pipeline(&key("block_keys"))?,
+            scores: gpu.pipeline(&key("block_scores"))?,
+            topk: gpu.pipeline(&key("block_topk"))?,
+        })
+    }
+
+    /// Blocks of the key sequence.
+    pub fn blocks(&self) -> usize {
+        self.nb
+    }
+
+    /// Launches per kernel (more than one when tensors exceed the binding limit).
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Shape of the selection tensor: `[b, hkv, seq_q, k]`.
+    pub fn selection_dims(&self) -> [usize; 4] {
+        let s = &self.shape;
+        [s.batch, s.heads_kv, s.seq_q, self.opts.k]
+    }
+
+    pub fn scratch(&self, gpu: &Gpu) -> Result<SelectScratch> {
+        let s = &self.shape;
+        Ok(SelectScratch {
+            block_keys: gpu.empty(&[s.batch, s.heads_kv, self.nb, s.head_dim], DType::F32)?,
+            scores: gpu.empty(&[s.batch, s.heads_kv, s.seq_q, self.nb], DType::F32)?,
+        })
+    }
+
+    fn window_of(&self, gpu: &Gpu, class: Class, c: Chunk) -> Window {
+        let s = &self.shape;
+        let (d, sq, nb) = (s.head_dim as u64, s.seq_q as u64, self.nb as u64);
+        let per_unit = match class {
+            Class::Q => s.group() as u64 * sq * d,
+            Class::K => s.seq_k as u64 * d,
+            Class::KBar => nb * d,
+            Class::Scores => sq * nb,
+            Class::Sel => sq * self.opts.k as u64,
+        };
+        let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+        window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
+    }
+
+    /// Record the selection: `out` (u32, [`Self::selection_dims`]) receives the block indices.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        k: &Tensor,
+        scratch: &SelectScratch,
+        out: &Tensor,
+    ) -> Result<()> {
+        let s = self.shape;
+        let check = |name: &str, t: &Tensor, dims: &[usize], dtype: DType| -> Result<()> {
+            if t.shape() != dims || t.dtype() != dtype {
+                invalid!(
+                    "{name} is {:?} {:?}; this selection needs {dtype:?} {dims:?}",
+                    t.dtype(),
+                    t.shape()
+                );
+            }
+            Ok(())
+        };
+        check("q", q, &s.q_dims(), DType::F32)?;
+        check("k", k, &s.kv_dims(), DType::F32)?;
+        check(
+            "block_keys",
+            &scratch.block_keys,
+            &[s.batch, s.heads_kv, self.nb, s.head_dim],
+            DType::F32,
+        )?;
+        check(
+            "scores",
+            &scratch.scores,
+            &[s.batch, s.heads_kv, s.seq_q, self.nb],
+            DType::F32,
+        )?;
+        check("selection", out, &self.selection_dims(), DType::U32)?;
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension;
+        let grid2 = |n: u64| {
+            let blocks = n.div_ceil(THREADS as u64);
+            let gx = blocks.min(max_x as u64);
+            (gx as u32, blocks.div_ceil(gx) as u32)
+        };
+        for &c in &self.chunks {
+            let units = (c.u1 - c.u0) as u32;
+            let w = |class| self.window_of(gpu, class, c);
+            let base = Params {
+                seq_q: s.seq_q as u32,
+                seq_k: s.seq_k as u32,
+                q_pos0: s.q_offset() as u32,
+                causal: self.opts.causal as u32,
+                group: s.group() as u32,
+                nb: self.nb as u32,
+                k: self.opts.k as u32,
+                n_init: self.opts.n_init as u32,
+                n_local: self.opts.n_local as u32,
+                moba: (self.opts.scoring == Scoring::Moba) as u32,
+                scale: self.opts.scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
+                grid_x: 0,
+                q_off: w(Class::Q).skip,
+                k_off: w(Class::K).skip,
+                kb_off: w(Class::KBar).skip,
+                s_off: w(Class::Scores).skip,
+                i_off: w(Class::Sel).skip,
+                units,
+                _pad: [0; 2],
+            };
+            let kbar = (3, &scratch.block_keys, w(Class::KBar));
+            let scores = (4, &scratch.scores, w(Class::Scores));
+            let g = grid2(units as u64 * self.nb as u64 * s.head_dim as u64 / 4);
+            let p = Params {
+                grid_x: g.0,
+                ..base
+            };
+            launch::dispatch(
+                gpu,
+                enc,
+                &self.keys,
+                bytemuck::bytes_of(&p),
+                &[(2, k, w(Class::K)), kbar],
+                g,
+            );
+            launch::dispatch(
+                gpu,
+                enc,
+                &self.scores,
+                bytemuck::bytes_of(&base),
+                &[(1, q, w(Class::Q)), kbar, scores],
+                ((s.seq_q as u32).div_ceil(THREADS), units),
+            );
+            // One workgroup per row: the 2-D grid counts workgroups, not threads.
+            let rows = units as u64 * s.seq_q as u64;
+            let gx = rows.min(max_x as u64);
+            let p = Params {
+                grid_x: gx as u32,
+                ..base
+            };
+            launch::dispatch(
+                gpu,
+                enc,
+                &self.topk,
+                bytemuck::bytes_of(&p),
+                &[scores, (5, out, w(Class::Sel))],
+                (gx as u32, rows.div_ceil(gx) as u32),
+            );
+        }
+        Ok(())
+    }
+
+    /// Select blocks for q, k; returns the selection and the scratch (block keys, scores).
+    pub fn select(&self, gpu: &Gpu, q: &Tensor, k: &Tensor) -> Result<(Tensor, SelectScratch)> {
+        let scratch = self.scratch(gpu)?;
+        let out = gpu.empty(&self.selection_dims(), DType::U32)?;
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode(gpu, &mut enc, q, k, &scratch, &out)?;
+        gpu.scoped("block selection", || gpu.queue.submit([enc.finish()]))?;
+        Ok((out, scratch))
+    }
+}

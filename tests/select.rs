@@ -1,0 +1,279 @@
+//! Block selection on the GPU against the f64 reference (PAPERS.md §1).
+
+mod common;
+
+use sparse_attn::gpu::Gpu;
+use sparse_attn::ops::select::{BlockSelect, SelectScratch};
+use sparse_attn::reference::select::{
+    self as refsel, SENTINEL, Scoring, SelectOptions, current_and_end, forced,
+};
+use sparse_attn::reference::{Rng, compare};
+use sparse_attn::{AttnShape, Error};
+
+/// Scores and block keys: relative L2 against the reference. A selected block may differ from
+/// the reference's only when the two scores are closer than this (relative to the row's spread).
+const TOL: f64 = 2e-5;
+const POISON: u32 = 0xDEAD_BEEF;
+
+fn shape(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> AttnShape {
+    AttnShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        seq_q: sq,
+        seq_k: sk,
+        head_dim: d,
+    }
+}
+
+fn opts(block: usize, k: usize, n_init: usize, n_local: usize, scoring: Scoring) -> SelectOptions {
+    SelectOptions {
+        block,
+        k,
+        n_init,
+        n_local,
+        scoring,
+        causal: true,
+        scale: None,
+    }
+}
+
+/// The properties every selection row must have, checked against reference scores.
+fn check_rows(s: &AttnShape, o: &SelectOptions, sel: &[u32], ref_scores: &[f64], ctx: &str) {
+    let nb = o.blocks(s.seq_k);
+    for bkv in 0..s.batch * s.heads_kv {
+        for t in 0..s.seq_q {
+            let row = bkv * s.seq_q + t;
+            let got = &sel[row * o.k..(row + 1) * o.k];
+            let (cur, end) = current_and_end(o, nb, s.q_offset() + t);
+            let n = o.k.min(end);
+            let where_ = format!("row {row} (token {t}, cur {cur}): {got:?} ({ctx})");
+            assert!(
+                got[..n].windows(2).all(|w| w[0] < w[1]),
+                "not ascending: {where_}"
+            );
+            assert!(
+                got[..n].iter().all(|&j| (j as usize) < end),
+                "not a candidate: {where_}"
+            );
+            assert!(
+                got[n..].iter().all(|&j| j == SENTINEL),
+                "bad padding: {where_}"
+            );
+            for j in 0..end {
+                if forced(o, cur, j) {
+                    assert!(
+                        got.contains(&(j as u32)),
+                        "forced block {j} missing: {where_}"
+                    );
+                }
+            }
+            // No selected (non-forced) score below an unselected candidate's.
+            let sc = &ref_scores[row * nb..row * nb + end];
+            let spread = sc
+                .iter()
+                .cloned()
+                .fold(0.0f64, |a, b| a.max(b.abs()))
+                .max(1e-30);
+            let min_sel = got[..n]
+                .iter()
+                .filter(|&&j| !forced(o, cur, j as usize))
+                .map(|&j| sc[j as usize])
+                .fold(f64::INFINITY, f64::min);
+            let max_unsel = (0..end)
+                .filter(|&j| !got.contains(&(j as u32)))
+                .map(|j| sc[j])
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert!(
+                min_sel >= max_unsel - TOL * spread,
+                "selected score {min_sel} below unselected {max_unsel}: {where_}"
+            );
+        }
+    }
+}
+
+fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) {
+    let ctx = format!("seed {seed}, {s:?}, {o:?}");
+    let mut rng = Rng::new(seed);
+    let q = rng.normal_vec(s.q_len(), 1.0);
+    let k = rng.normal_vec(s.kv_len(), 1.0);
+    let want = refsel::select(&s, &o, &q, &k).expect(&ctx);
+    check_rows(
+        &s,
+        &o,
+        &want.indices,
+        &want.scores,
+        &format!("reference, {ctx}"),
+    );
+
+    let op = BlockSelect::new(gpu, s, o).expect(&ctx);
+    let nb = op.blocks();
+    let (tq, tk) = (
+        gpu.upload(&s.q_dims(), &q).unwrap(),
+        gpu.upload(&s.kv_dims(), &k).unwrap(),
+    );
+    let scratch = SelectScratch {
+        block_keys: gpu
+            .upload(
+                &[s.batch, s.heads_kv, nb, s.head_dim],
+                &vec![f32::NAN; s.batch * s.heads_kv * nb * s.head_dim],
+            )
+            .unwrap(),
+        scores: gpu
+            .upload(
+                &[s.batch, s.heads_kv, s.seq_q, nb],
+                &vec![f32::NAN; s.batch * s.heads_kv * s.seq_q * nb],
+            )
+            .unwrap(),
+    };
+    let n_sel = op.selection_dims().iter().product();
+    let out = gpu
+        .upload_u32(&op.selection_dims(), &vec![POISON; n_sel])
+        .unwrap();
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode(gpu, &mut enc, &tq, &tk, &scratch, &out)
+        .expect(&ctx);
+    gpu.queue().submit([enc.finish()]);
+
+    let kb = compare(
+        &gpu.read(&scratch.block_keys).unwrap(),
+        &refsel::block_keys(&s, &o, &k),
+    );
+    assert!(kb.within(TOL), "block keys {kb:?} ({ctx})");
+    // Candidate scores against the reference; the others hold the NEG marker.
+    let got_scores = gpu.read(&scratch.scores).unwrap();
+    let (mut g, mut w) = (Vec::new(), Vec::new());
+    for (i, (&x, &y)) in got_scores.iter().zip(&want.scores).enumerate() {
+        if y.is_nan() {
+            assert_eq!(x, -3.0e38, "non-candidate score at {i} ({ctx})");
+        } else {
+            g.push(x);
+            w.push(y as f32);
+        }
+    }
+    let e = compare(&g, &w);
+    assert!(e.within(TOL), "scores {e:?} ({ctx})");
+    let sel = gpu.read_u32(&out).unwrap();
+    assert!(
+        !sel.contains(&POISON),
+        "unwritten selection entries ({ctx})"
+    );
+    check_rows(&s, &o, &sel, &want.scores, &format!("GPU, {ctx}"));
+    let same = sel == want.indices;
+    eprintln!("{ctx}: identical to the reference: {same}");
+}
+
+#[test]
+fn selection_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let cases = [
+        // SSA defaults, GQA 16:1, seq not a multiple of B
+        (
+            shape(1, 16, 1, 100, 100, 64),
+            opts(16, 4, 0, 0, Scoring::Ssa),
+        ),
+        // seq < B: one block
+        (shape(1, 2, 2, 10, 10, 32), opts(16, 1, 0, 0, Scoring::Ssa)),
+        // B 64, forced init + local, GQA 4:1, 2 batches
+        (
+            shape(2, 8, 2, 300, 300, 32),
+            opts(64, 4, 1, 1, Scoring::Ssa),
+        ),
+        // MoBA scoring, 1:1
+        (
+            shape(1, 2, 2, 130, 130, 64),
+            opts(32, 3, 0, 1, Scoring::Moba),
+        ),
+        // queries at the end of a longer key range (decoding-like), B 128
+        (
+            shape(1, 4, 1, 7, 700, 128),
+            opts(128, 5, 1, 2, Scoring::Ssa),
+        ),
+        // k = every block: all candidates kept
+        (shape(1, 2, 1, 90, 90, 16), opts(16, 6, 0, 0, Scoring::Ssa)),
+    ];
+    for (i, (s, o)) in cases.into_iter().enumerate() {
+        run(&gpu, s, o, seed.wrapping_add(i as u64));
+    }
+    // Non-causal: every block is a candidate.
+    let mut o = opts(16, 3, 1, 0, Scoring::Ssa);
+    o.causal = false;
+    run(&gpu, shape(1, 4, 2, 50, 70, 32), o, seed ^ 0x55);
+}
+
+#[test]
+fn bad_selection_options_name_the_problem() {
+    let Some(gpu) = common::gpu() else { return };
+    let s = shape(1, 4, 2, 100, 100, 64);
+    let err = |o: SelectOptions| BlockSelect::new(&gpu, s, o).unwrap_err().to_string();
+    assert!(err(opts(24, 2, 0, 0, Scoring::Ssa)).contains("block size 24 is not supported"));
+    assert!(err(opts(16, 0, 0, 0, Scoring::Ssa)).contains("k = 0"));
+    assert!(err(opts(16, 8, 0, 0, Scoring::Ssa)).contains("larger than the 7 blocks"));
+    assert!(err(opts(16, 3, 1, 2, Scoring::Ssa)).contains("exceed k = 3"));
+    let bad = shape(1, 3, 2, 100, 100, 64);
+    assert!(
+        BlockSelect::new(&gpu, bad, opts(16, 2, 0, 0, Scoring::Ssa))
+            .unwrap_err()
+            .to_string()
+            .contains("not a multiple")
+    );
+    // A selection tensor from another shape, or of the wrong dtype.
+    let op = BlockSelect::new(&gpu, s, opts(16, 2, 0, 0, Scoring::Ssa)).unwrap();
+    let q = gpu.upload(&s.q_dims(), &vec![0.0; s.q_len()]).unwrap();
+    let k = gpu.upload(&s.kv_dims(), &vec![0.0; s.kv_len()]).unwrap();
+    let scratch = op.scratch(&gpu).unwrap();
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let wrong = gpu.upload_u32(&[1, 2, 100, 3], &vec![0; 600]).unwrap();
+    let e = op
+        .encode(&gpu, &mut enc, &q, &k, &scratch, &wrong)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput(_)) && e.to_string().contains("selection"));
+    let as_f32 = gpu.upload(&[1, 2, 100, 2], &vec![0.0; 400]).unwrap();
+    let e = op
+        .encode(&gpu, &mut enc, &q, &k, &scratch, &as_f32)
+        .unwrap_err();
+    assert!(e.to_string().contains("U32"), "{e}");
+}
+
+/// Equal scores (every block key the same) go to the lower block index, on the GPU as in the
+/// reference.
+#[test]
+fn ties_go_to_the_lower_index() {
+    let Some(gpu) = common::gpu() else { return };
+    let s = shape(1, 4, 1, 200, 200, 32);
+    let o = opts(16, 5, 0, 1, Scoring::Ssa);
+    let mut rng = Rng::new(9);
+    let q = rng.normal_vec(s.q_len(), 1.0);
+    let row: Vec<f32> = rng.normal_vec(s.head_dim, 1.0);
+    let k: Vec<f32> = row.iter().cycle().take(s.kv_len()).copied().collect();
+    let want = refsel::select(&s, &o, &q, &k).unwrap();
+    let op = BlockSelect::new(&gpu, s, o).unwrap();
+    let (sel, _) = op
+        .select(
+            &gpu,
+            &gpu.upload(&s.q_dims(), &q).unwrap(),
+            &gpu.upload(&s.kv_dims(), &k).unwrap(),
+        )
+        .unwrap();
+    let got = gpu.read_u32(&sel).unwrap();
+    assert_eq!(got, want.indices);
+    // Token 150 sits in block 9: forced 9 and 8 (local), then the lowest: 0, 1, 2.
+    assert_eq!(&got[150 * 5..151 * 5], &[0, 1, 2, 8, 9]);
+}
+
+/// Tensors past the device's binding limit are split by (batch, kv-head) and give the same result.
+#[test]
+fn selection_splits_past_the_binding_limit() {
+    let Some(gpu) = common::gpu_with(&sparse_attn::GpuOptions {
+        max_storage_binding: Some(64 * 1024),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let s = shape(2, 4, 2, 200, 200, 16); // q: 102 KB in all, 25.6 KB per (batch, kv head)
+    let o = opts(16, 4, 1, 0, Scoring::Ssa);
+    assert!(BlockSelect::new(&gpu, s, o).unwrap().chunks() > 1);
+    run(&gpu, s, o, Rng::fresh_seed());
+}
