@@ -1,8 +1,8 @@
 // Tiled full attention forward (FlashAttention-2 style), portable f32.
 // One workgroup per (query tile of BQ rows, batch x query head). Thread (ty, tx) owns rows
 // ty*TM.. of the tile, logit columns tx + TC*j and output vec4 columns tx + TC*j.
-// Per key tile: S = Q Kᵀ over chunks of DC dims staged in sh0; online softmax with the row max
-// reduced across the TC threads of a row; P to sh1; O = alpha*O + P V over chunks of PC keys.
+// Per key tile: S = Q Kᵀ over chunks of DC dims staged in sh0, then `online_tile` (common.wgsl):
+// online softmax, P to sh1, O = alpha*O + P V over chunks of PC keys.
 //#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -34,16 +34,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let ty = tid / TC;
     let tx = tid % TC;
 
+    var m: Rows;
+    var l: Rows;
     var acc: Acc;
-    var m: array<f32, TM>;
-    var l: array<f32, TM>;
-    for (var i = 0u; i < TM; i++) {
-        m[i] = NEG;
-        l[i] = 0.0;
-    }
-    for (var i = 0u; i < TM * TD4; i++) {
-        acc[i] = vec4<f32>(0.0);
-    }
+    online_init(&m, &l, &acc);
 
     let kend = key_end(row0);
     for (var key0 = 0u; key0 < kend; key0 += BK) {
@@ -59,52 +53,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             workgroupBarrier();
         }
 
-        // Scale, mask, and this thread's share of each row max.
         for (var i = 0u; i < TM; i++) {
-            let r = ty * TM + i;
-            var mx = NEG;
             for (var j = 0u; j < TN; j++) {
-                let x = select(NEG, s[i * TN + j] * prm.scale_log2,
-                    visible(row0 + r, key0 + tx + TC * j));
-                s[i * TN + j] = x;
-                mx = max(mx, x);
-            }
-            sh0_set(r * TC + tx, mx);
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < TM; i++) {
-            let r = ty * TM + i;
-            let mt = row_max(r, m[i]);
-            let alpha = exp2(m[i] - mt);
-            m[i] = mt;
-            var ls = 0.0;
-            for (var j = 0u; j < TN; j++) {
-                let x = s[i * TN + j];
-                let p = select(0.0, exp2(x - mt), x != NEG);
-                sh1_set(r * BK + tx + TC * j, p);
-                ls += p;
-            }
-            l[i] = l[i] * alpha + ls;
-            for (var j = 0u; j < TD4; j++) {
-                acc[i * TD4 + j] *= alpha;
+                s[i * TN + j] = select(NEG, s[i * TN + j] * prm.scale_log2,
+                    visible(row0 + ty * TM + i, key0 + tx + TC * j));
             }
         }
-        workgroupBarrier();
-
-        // O += P V, V staged PC keys at a time.
-        for (var c0 = 0u; c0 < BK; c0 += PC) {
-            stage_rows(2u, 0u, k4, key0 + c0, prm.seq_k, tid);
-            workgroupBarrier();
-            rows_acc(&acc, 1u, BK, c0, 0u, ty, tx);
-            workgroupBarrier();
-        }
+        online_tile(&m, &l, &acc, &s, 2u, k4, key0, prm.seq_k, tid, ty, tx);
     }
 
-    // Row sums: each thread holds the sum over its own columns; add the TC shares.
-    for (var i = 0u; i < TM; i++) {
-        sh0_set((ty * TM + i) * TC + tx, l[i]);
-    }
-    workgroupBarrier();
+    online_totals(&l, ty, tx);
     for (var i = 0u; i < TM; i++) {
         let r = row0 + ty * TM + i;
         if (r < prm.seq_q) {

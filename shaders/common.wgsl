@@ -30,6 +30,10 @@ struct Params {
     scale: f32,
     grid_x: u32,     // workgroups along x (flattened 2-D grids)
     rows: u32,       // rows in this launch (rowdot)
+    nsel: u32,       // sparse: selected blocks per (token, kv head)
+    i_off: u32,      // sparse: offset of the selection
+    b_off: u32,      // sparse: offset of the per-key bias
+    _pad: u32,
 }
 
 var<workgroup> sh0: array<vec4<f32>, SH0>;
@@ -97,16 +101,22 @@ fn row_sum(r: u32) -> f32 {
 // tensor number `which` at vec4 index `g`.
 
 // Rows [r0, r0 + n) x vec4 dims [d0v, d0v + DCV) of a tensor into sh0 rows at..at+n (stride DSV);
-// rows at or past `len` read as zero.
-fn stage_chunk(which: u32, at: u32, base4: u32, r0: u32, n: u32, len: u32, d0v: u32, tid: u32) {
+// rows at or past `len` read as zero. Rows are `stride4` vec4 apart in the tensor.
+fn stage_strided(which: u32, at: u32, base4: u32, stride4: u32, r0: u32, n: u32, len: u32,
+                 d0v: u32, tid: u32) {
     for (var e = tid; e < n * DCV; e += NT) {
         let r = e / DCV;
         var x = vec4<f32>(0.0);
         if (r0 + r < len) {
-            x = fetch(which, base4 + (r0 + r) * D4 + d0v + e % DCV);
+            x = fetch(which, base4 + (r0 + r) * stride4 + d0v + e % DCV);
         }
         sh0[(at + r) * DSV + e % DCV] = x;
     }
+}
+
+// The same for contiguous rows of D values.
+fn stage_chunk(which: u32, at: u32, base4: u32, r0: u32, n: u32, len: u32, d0v: u32, tid: u32) {
+    stage_strided(which, at, base4, D4, r0, n, len, d0v, tid);
 }
 
 // PC whole rows [r0, r0 + PC) of a tensor into sh0 at vec4 offset `at` (stride D4).
@@ -166,4 +176,67 @@ fn rows_acc(acc: ptr<function, Acc>, which: u32, w_stride: u32, w0: u32, b_at: u
             }
         }
     }
+}
+
+alias Rows = array<f32, TM>;
+
+// Running softmax state of a thread's TM rows: max m (log2 domain), its own columns' share l of
+// the denominator, and the unnormalised output acc.
+fn online_init(m: ptr<function, Rows>, l: ptr<function, Rows>, acc: ptr<function, Acc>) {
+    for (var i = 0u; i < TM; i++) {
+        (*m)[i] = NEG;
+        (*l)[i] = 0.0;
+    }
+    for (var i = 0u; i < TM * TD4; i++) {
+        (*acc)[i] = vec4<f32>(0.0);
+    }
+}
+
+// One key tile of the forward pass. `s` holds the tile's logits, scaled to the log2 domain and
+// NEG where masked. Updates the row maxima (reduced across the TC threads of a row), writes P to
+// sh1, rescales the output and adds P V, with V rows [key0, key0 + BK) of tensor `which_v`
+// staged PC at a time (rows at or past `kv_len` read as zero).
+fn online_tile(m: ptr<function, Rows>, l: ptr<function, Rows>, acc: ptr<function, Acc>,
+               s: ptr<function, Logits>, which_v: u32, k4: u32, key0: u32, kv_len: u32,
+               tid: u32, ty: u32, tx: u32) {
+    for (var i = 0u; i < TM; i++) {
+        var mx = NEG;
+        for (var j = 0u; j < TN; j++) {
+            mx = max(mx, (*s)[i * TN + j]);
+        }
+        sh0_set((ty * TM + i) * TC + tx, mx);
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < TM; i++) {
+        let r = ty * TM + i;
+        let mt = row_max(r, (*m)[i]);
+        let alpha = exp2((*m)[i] - mt);
+        (*m)[i] = mt;
+        var ls = 0.0;
+        for (var j = 0u; j < TN; j++) {
+            let x = (*s)[i * TN + j];
+            let p = select(0.0, exp2(x - mt), x != NEG);
+            sh1_set(r * BK + tx + TC * j, p);
+            ls += p;
+        }
+        (*l)[i] = (*l)[i] * alpha + ls;
+        for (var j = 0u; j < TD4; j++) {
+            (*acc)[i * TD4 + j] *= alpha;
+        }
+    }
+    workgroupBarrier();
+    for (var c0 = 0u; c0 < BK; c0 += PC) {
+        stage_rows(which_v, 0u, k4, key0 + c0, kv_len, tid);
+        workgroupBarrier();
+        rows_acc(acc, 1u, BK, c0, 0u, ty, tx);
+        workgroupBarrier();
+    }
+}
+
+// Full denominators: afterwards row_sum(r) gives row r's total (call in uniform control flow).
+fn online_totals(l: ptr<function, Rows>, ty: u32, tx: u32) {
+    for (var i = 0u; i < TM; i++) {
+        sh0_set((ty * TM + i) * TC + tx, (*l)[i]);
+    }
+    workgroupBarrier();
 }

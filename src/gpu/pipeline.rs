@@ -23,6 +23,10 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
     (
+        "sparse_fwd.wgsl",
+        include_str!("../../shaders/sparse_fwd.wgsl"),
+    ),
+    (
         "block_select.wgsl",
         include_str!("../../shaders/block_select.wgsl"),
     ),

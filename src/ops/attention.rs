@@ -50,7 +50,7 @@ pub fn head_dim_supported(d: usize) -> bool {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Fwd,
     Dq,
     Dkdv,
@@ -60,11 +60,11 @@ enum Kind {
 /// TC threads per row (see `tc`), `cols` logit
 /// columns, DC head dims staged per step, PC inner rows staged per step of the second product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tiles {
-    tm: u32,
-    cols: u32,
-    dc: u32,
-    pc: u32,
+pub(crate) struct Tiles {
+    pub tm: u32,
+    pub cols: u32,
+    pub dc: u32,
+    pub pc: u32,
 }
 
 const THREAD_ROWS: u32 = 16;
@@ -124,13 +124,13 @@ impl Tiles {
         }
     }
 
-    fn rows(&self) -> u32 {
+    pub(crate) fn rows(&self) -> u32 {
         THREAD_ROWS * self.tm
     }
 
     /// Threads per row: the largest power of two up to 16 that divides d/4, so every thread owns
     /// whole vec4 output columns and the column tiles (multiples of 16) split evenly.
-    fn tc(d: u32) -> u32 {
+    pub(crate) fn tc(d: u32) -> u32 {
         1 << (d / 4).trailing_zeros().min(4)
     }
 
@@ -166,7 +166,7 @@ impl Tiles {
         }
     }
 
-    fn shared_bytes(&self, kind: Kind, d: u32) -> u32 {
+    pub(crate) fn shared_bytes(&self, kind: Kind, d: u32) -> u32 {
         16 * self.shared(kind, d).iter().map(|(_, n)| n).sum::<u32>()
     }
 
@@ -190,7 +190,7 @@ impl Tiles {
         Some(t)
     }
 
-    fn constants(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
+    pub(crate) fn constants(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
         let tc = Self::tc(d);
         let (bq, bk) = match kind {
             Kind::Fwd | Kind::Dq => (self.rows(), self.cols),
@@ -346,6 +346,10 @@ struct Params {
     scale: f32,
     grid_x: u32,
     rows: u32,
+    nsel: u32,
+    i_off: u32,
+    b_off: u32,
+    _pad: u32,
 }
 
 /// Which window a tensor gets bound with in one chunk.
@@ -518,6 +522,10 @@ impl FullAttention {
             scale,
             grid_x: 0,
             rows: 0,
+            nsel: 0,
+            i_off: 0,
+            b_off: 0,
+            _pad: 0,
         }
     }
 

@@ -4,3 +4,4 @@
 pub mod attention;
 pub(crate) mod launch;
 pub mod select;
+pub mod sparse;

@@ -3,6 +3,7 @@
 pub mod attention;
 mod rng;
 pub mod select;
+pub mod sparse;
 mod stats;
 
 pub use rng::Rng;

@@ -1,0 +1,137 @@
+//! Block-sparse attention in plain Rust (f64): the ground truth for `shaders/sparse_fwd.wgsl`.
+//!
+//! Token t (position p = seq_k − seq_q + t) of query head h attends to the keys of the blocks
+//! its kv group selected (`sel[b, h / G, t, ..]`, SENTINEL = none), causal (key ≤ p) when asked,
+//! with an optional additive per-key bias `bias[b, hkv, key]` on the logits:
+//! O = Σ_j softmax_j(s·q·k_j + bias_j) v_j, LSE = ln Σ_j exp(s·q·k_j + bias_j).
+//! A row whose selection holds no visible key gets O = 0 and LSE = −∞.
+
+use crate::error::{Result, invalid};
+use crate::reference::attention::Forward;
+use crate::reference::select::{BLOCK_SIZES, SENTINEL};
+use crate::shape::{AttnOptions, AttnShape};
+
+/// What the sparse stream needs besides the shape: the block size the selection refers to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseOptions {
+    pub block: usize,
+    pub causal: bool,
+    /// Logit scale; `None` means 1/sqrt(head_dim).
+    pub scale: Option<f32>,
+}
+
+impl SparseOptions {
+    pub fn attn(&self) -> AttnOptions {
+        AttnOptions {
+            causal: self.causal,
+            scale: self.scale,
+        }
+    }
+
+    pub fn validate(&self, shape: &AttnShape, nsel: usize) -> Result<()> {
+        shape.validate(&self.attn())?;
+        if !BLOCK_SIZES.contains(&self.block) {
+            invalid!(
+                "block size {} is not supported (supported: {:?})",
+                self.block,
+                BLOCK_SIZES
+            );
+        }
+        if nsel == 0 {
+            invalid!("a selection of 0 blocks per token attends to nothing");
+        }
+        Ok(())
+    }
+}
+
+/// The keys token `t` attends to, in ascending order.
+pub fn visible_keys(
+    shape: &AttnShape,
+    opts: &SparseOptions,
+    blocks: &[u32],
+    t: usize,
+) -> Vec<usize> {
+    let end = if opts.causal {
+        (shape.q_offset() + t + 1).min(shape.seq_k)
+    } else {
+        shape.seq_k
+    };
+    let nb = shape.seq_k.div_ceil(opts.block) as u32;
+    let mut keys: Vec<usize> = blocks
+        .iter()
+        .filter(|&&b| b != SENTINEL && b < nb)
+        .flat_map(|&b| {
+            let k0 = b as usize * opts.block;
+            k0..(k0 + opts.block).min(end)
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    shape: &AttnShape,
+    opts: &SparseOptions,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sel: &[u32],
+    nsel: usize,
+    bias: Option<&[f32]>,
+) -> Result<Forward> {
+    opts.validate(shape, nsel)?;
+    let rows_kv = shape.batch * shape.heads_kv * shape.seq_q;
+    for (name, got, want) in [
+        ("q", q.len(), shape.q_len()),
+        ("k", k.len(), shape.kv_len()),
+        ("v", v.len(), shape.kv_len()),
+        ("selection", sel.len(), rows_kv * nsel),
+        (
+            "bias",
+            bias.map_or(0, |b| b.len()),
+            bias.map_or(0, |_| shape.batch * shape.heads_kv * shape.seq_k),
+        ),
+    ] {
+        if got != want {
+            invalid!("{name} has {got} elements, the shape {shape:?} needs {want}");
+        }
+    }
+    let (d, sq, sk, g) = (shape.head_dim, shape.seq_q, shape.seq_k, shape.group());
+    let scale = opts.attn().scale_for(d) as f64;
+    let mut o = vec![0f32; shape.q_len()];
+    let mut lse = vec![f32::NEG_INFINITY; shape.lse_len()];
+    for bh in 0..shape.batch * shape.heads_q {
+        let kv = bh / g;
+        for t in 0..sq {
+            let srow = (kv * sq + t) * nsel;
+            let keys = visible_keys(shape, opts, &sel[srow..srow + nsel], t);
+            if keys.is_empty() {
+                continue;
+            }
+            let row = bh * sq + t;
+            let qi = &q[row * d..(row + 1) * d];
+            let logits: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    let kj = &k[(kv * sk + j) * d..(kv * sk + j + 1) * d];
+                    let dot: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    scale * dot + bias.map_or(0.0, |b| b[kv * sk + j] as f64)
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|&x| (x - m).exp()).sum();
+            lse[row] = (m + z.ln()) as f32;
+            for c in 0..d {
+                let acc: f64 = keys
+                    .iter()
+                    .zip(&logits)
+                    .map(|(&j, &x)| (x - m).exp() / z * v[(kv * sk + j) * d + c] as f64)
+                    .sum();
+                o[row * d + c] = acc as f32;
+            }
+        }
+    }
+    Ok(Forward { o, lse })
+}

@@ -1,0 +1,252 @@
+//! Block-sparse attention on the GPU against the f64 reference (full attention restricted to the
+//! selected blocks), with selections from the GPU selector and random ones.
+
+mod common;
+
+use sparse_attn::gpu::Gpu;
+use sparse_attn::ops::select::BlockSelect;
+use sparse_attn::ops::sparse::SparseAttention;
+use sparse_attn::reference::select::{SENTINEL, Scoring, SelectOptions};
+use sparse_attn::reference::sparse::{self as refsp, SparseOptions};
+use sparse_attn::reference::{Rng, compare};
+use sparse_attn::{AttnOptions, AttnOutput, AttnShape, FullAttention};
+
+/// Relative L2 error allowed for f32 against the f64 reference (observed ~1e-7).
+const TOL: f64 = 2e-5;
+
+fn shape(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> AttnShape {
+    AttnShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        seq_q: sq,
+        seq_k: sk,
+        head_dim: d,
+    }
+}
+
+/// Random selections: `nsel` slots per row, some blocks, ascending, SENTINEL-padded.
+fn random_selection(rng: &mut Rng, s: &AttnShape, block: usize, nsel: usize) -> Vec<u32> {
+    let nb = s.seq_k.div_ceil(block);
+    let rows = s.batch * s.heads_kv * s.seq_q;
+    let mut out = Vec::with_capacity(rows * nsel);
+    for _ in 0..rows {
+        let mut row: Vec<u32> = (0..nsel)
+            .map(|_| (rng.next_u64() % (nb as u64 + 2)) as u32)
+            .map(|b| if b as usize >= nb { SENTINEL } else { b })
+            .collect();
+        row.sort_unstable();
+        row.dedup();
+        row.resize(nsel, SENTINEL);
+        out.extend(row);
+    }
+    out
+}
+
+fn poisoned(gpu: &Gpu, s: &AttnShape) -> AttnOutput {
+    AttnOutput {
+        o: gpu.upload(&s.q_dims(), &vec![f32::NAN; s.q_len()]).unwrap(),
+        lse: gpu
+            .upload(&s.lse_dims(), &vec![f32::NAN; s.lse_len()])
+            .unwrap(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    gpu: &Gpu,
+    s: AttnShape,
+    o: SparseOptions,
+    nsel: usize,
+    sel: &[u32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: Option<&[f32]>,
+    ctx: &str,
+) {
+    let op = SparseAttention::new(gpu, s, o, nsel, bias.is_some()).expect(ctx);
+    let up = |dims: &[usize], x: &[f32]| gpu.upload(dims, x).unwrap();
+    let tsel = gpu.upload_u32(&op.selection_dims(), sel).unwrap();
+    let tb = bias.map(|b| up(&op.bias_dims(), b));
+    let out = poisoned(gpu, &s);
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode_forward(
+        gpu,
+        &mut enc,
+        &up(&s.q_dims(), q),
+        &up(&s.kv_dims(), k),
+        &up(&s.kv_dims(), v),
+        &tsel,
+        tb.as_ref(),
+        &out,
+    )
+    .expect(ctx);
+    gpu.queue().submit([enc.finish()]);
+    let want = refsp::forward(&s, &o, q, k, v, sel, nsel, bias).expect(ctx);
+    let got_lse = gpu.read(&out.lse).unwrap();
+    // Rows that see no key: LSE = -inf on both sides; compare the finite ones.
+    let (mut gl, mut wl) = (Vec::new(), Vec::new());
+    for (&g, &w) in got_lse.iter().zip(&want.lse) {
+        if w == f32::NEG_INFINITY {
+            assert_eq!(g, f32::NEG_INFINITY, "empty row must give LSE -inf ({ctx})");
+        } else {
+            gl.push(g);
+            wl.push(w);
+        }
+    }
+    let e = compare(&gl, &wl);
+    assert!(e.within(TOL), "LSE {e:?} ({ctx})");
+    let e = compare(&gpu.read(&out.o).unwrap(), &want.o);
+    assert!(e.within(TOL), "O {e:?} ({ctx})");
+}
+
+#[test]
+fn sparse_forward_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let cases = [
+        // (shape, block, nsel, causal, bias)
+        (shape(1, 16, 1, 100, 100, 64), 16, 4, true, false), // SSA-like GQA 16:1
+        (shape(1, 2, 2, 10, 10, 32), 16, 1, true, true),     // seq < B
+        (shape(2, 8, 2, 300, 300, 32), 64, 3, true, true),   // B 64, GQA 4:1
+        (shape(1, 4, 4, 130, 130, 128), 32, 3, false, false), // non-causal, 1:1
+        (shape(1, 4, 1, 7, 700, 64), 128, 4, true, true),    // queries at the end, B 128
+        (shape(1, 32, 1, 40, 40, 16), 16, 2, true, false),   // 32 heads per group
+    ];
+    for (i, (s, block, nsel, causal, with_bias)) in cases.into_iter().enumerate() {
+        let seed = seed.wrapping_add(i as u64);
+        let mut rng = Rng::new(seed);
+        let o = SparseOptions {
+            block,
+            causal,
+            scale: None,
+        };
+        let q = rng.normal_vec(s.q_len(), 1.0);
+        let k = rng.normal_vec(s.kv_len(), 1.0);
+        let v = rng.normal_vec(s.kv_len(), 1.0);
+        let bias = with_bias.then(|| rng.normal_vec(s.batch * s.heads_kv * s.seq_k, 1.0));
+        let ctx = format!("seed {seed}, {s:?}, block {block}, nsel {nsel}, causal {causal}");
+        // Random selections (with empty rows and sentinels) ...
+        let sel = random_selection(&mut rng, &s, block, nsel);
+        check(
+            &gpu,
+            s,
+            o,
+            nsel,
+            &sel,
+            &q,
+            &k,
+            &v,
+            bias.as_deref(),
+            &format!("random, {ctx}"),
+        );
+        // ... and the selector's own output.
+        if causal {
+            let so = SelectOptions {
+                block,
+                k: nsel.min(s.seq_k.div_ceil(block)),
+                n_init: 0,
+                n_local: 0,
+                scoring: Scoring::Ssa,
+                causal,
+                scale: None,
+            };
+            let op = BlockSelect::new(&gpu, s, so).unwrap();
+            let (tsel, _) = op
+                .select(
+                    &gpu,
+                    &gpu.upload(&s.q_dims(), &q).unwrap(),
+                    &gpu.upload(&s.kv_dims(), &k).unwrap(),
+                )
+                .unwrap();
+            let sel = gpu.read_u32(&tsel).unwrap();
+            check(
+                &gpu,
+                s,
+                o,
+                so.k,
+                &sel,
+                &q,
+                &k,
+                &v,
+                bias.as_deref(),
+                &format!("selected, {ctx}"),
+            );
+        }
+    }
+}
+
+/// With every block selected, sparse attention is full attention.
+#[test]
+fn sparse_with_all_blocks_equals_full_attention() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    let mut rng = Rng::new(seed);
+    for (s, block, causal) in [
+        (shape(1, 4, 2, 150, 150, 64), 16, true),
+        (shape(2, 2, 1, 70, 200, 32), 64, false),
+    ] {
+        let nb = s.seq_k.div_ceil(block);
+        let q = gpu
+            .upload(&s.q_dims(), &rng.normal_vec(s.q_len(), 1.0))
+            .unwrap();
+        let k = gpu
+            .upload(&s.kv_dims(), &rng.normal_vec(s.kv_len(), 1.0))
+            .unwrap();
+        let v = gpu
+            .upload(&s.kv_dims(), &rng.normal_vec(s.kv_len(), 1.0))
+            .unwrap();
+        let all: Vec<u32> = (0..s.batch * s.heads_kv * s.seq_q)
+            .flat_map(|_| 0..nb as u32)
+            .collect();
+        let o = SparseOptions {
+            block,
+            causal,
+            scale: None,
+        };
+        let sp = SparseAttention::new(&gpu, s, o, nb, false).unwrap();
+        let sel = gpu.upload_u32(&sp.selection_dims(), &all).unwrap();
+        let got = sp.forward(&gpu, &q, &k, &v, &sel, None).unwrap();
+        let full = FullAttention::new(&gpu, s, AttnOptions::causal(causal))
+            .unwrap()
+            .forward(&gpu, &q, &k, &v)
+            .unwrap();
+        let e = compare(&gpu.read(&got.o).unwrap(), &gpu.read(&full.o).unwrap());
+        assert!(e.within(TOL), "O {e:?} (seed {seed}, {s:?})");
+        let e = compare(&gpu.read(&got.lse).unwrap(), &gpu.read(&full.lse).unwrap());
+        assert!(e.within(TOL), "LSE {e:?} (seed {seed}, {s:?})");
+    }
+}
+
+#[test]
+fn bad_sparse_input_names_the_problem() {
+    let Some(gpu) = common::gpu() else { return };
+    let s = shape(1, 4, 2, 50, 50, 32);
+    let o = SparseOptions {
+        block: 16,
+        causal: true,
+        scale: None,
+    };
+    let err = |o: SparseOptions, nsel| {
+        SparseAttention::new(&gpu, s, o, nsel, false)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(SparseOptions { block: 48, ..o }, 2).contains("block size 48"));
+    assert!(err(o, 0).contains("0 blocks"));
+    let op = SparseAttention::new(&gpu, s, o, 2, false).unwrap();
+    let t = |dims: &[usize]| gpu.upload(dims, &vec![0.0; dims.iter().product()]).unwrap();
+    let (q, k, v) = (t(&s.q_dims()), t(&s.kv_dims()), t(&s.kv_dims()));
+    let wrong_sel = gpu.upload_u32(&[1, 2, 50, 3], &vec![0; 300]).unwrap();
+    let e = op.forward(&gpu, &q, &k, &v, &wrong_sel, None).unwrap_err();
+    assert!(e.to_string().contains("selection"), "{e}");
+    let sel = gpu.upload_u32(&op.selection_dims(), &vec![0; 200]).unwrap();
+    let b = t(&op.bias_dims());
+    let e = op.forward(&gpu, &q, &k, &v, &sel, Some(&b)).unwrap_err();
+    assert!(e.to_string().contains("built without"), "{e}");
+    let float_sel = t(&op.selection_dims());
+    let e = op.forward(&gpu, &q, &k, &v, &float_sel, None).unwrap_err();
+    assert!(e.to_string().contains("U32"), "{e}");
+}
