@@ -3,6 +3,10 @@
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Reps, TimerSource};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
+use crate::ops::select::BlockSelect;
+use crate::ops::sparse::SparseAttention;
+use crate::reference::select::SelectOptions;
+use crate::reference::sparse::SparseOptions;
 use crate::shape::{AttnOptions, AttnShape};
 
 /// One measured configuration.
@@ -92,6 +96,115 @@ impl FullBench {
             "bwd_ms": self.bwd_s.map(|x| x * 1e3),
             "bwd_tflops": self.bwd_tflops,
             "reps": self.reps,
+            "timer": format!("{:?}", self.timer),
+        })
+    }
+}
+
+/// One measured block-sparse configuration: selection, sparse forward, and the dense causal
+/// forward on the same inputs (the baseline of the same run).
+#[derive(Clone, Debug)]
+pub struct SparseBench {
+    pub shape: AttnShape,
+    pub select: SelectOptions,
+    pub select_s: f64,
+    pub sparse_fwd_s: f64,
+    pub dense_fwd_s: f64,
+    /// Dense causal FLOPs over (selection + sparse forward) time.
+    pub dense_equiv_tflops: f64,
+    /// FLOPs of the pairs the sparse forward attends to, over its own time.
+    pub sparse_tflops: f64,
+    pub timer: TimerSource,
+}
+
+/// (query, key) pairs a causal sparse forward attends to when every token keeps `k` blocks of
+/// `block` keys including its own (the selector's forced current block).
+pub fn sparse_pairs(shape: &AttnShape, block: usize, k: usize) -> u64 {
+    let off = shape.q_offset();
+    let per_head: u64 = (0..shape.seq_q)
+        .map(|t| {
+            let p = off + t;
+            if p / block < k {
+                (p + 1) as u64
+            } else {
+                ((k - 1) * block + p % block + 1) as u64
+            }
+        })
+        .sum();
+    per_head * (shape.batch * shape.heads_q) as u64
+}
+
+/// Time block selection, the sparse forward over its selection, and the dense causal forward.
+pub fn bench_sparse(
+    gpu: &Gpu,
+    shape: AttnShape,
+    select: SelectOptions,
+    target_s: f64,
+) -> Result<SparseBench> {
+    let s3 = 3f32.sqrt();
+    let q = gpu.random_uniform(&shape.q_dims(), 1, s3)?;
+    let k = gpu.random_uniform(&shape.kv_dims(), 2, s3)?;
+    let v = gpu.random_uniform(&shape.kv_dims(), 3, s3)?;
+    let selector = BlockSelect::new(gpu, shape, select)?;
+    let scratch = selector.scratch(gpu)?;
+    let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
+    let t_sel = gpu.time(Reps::Target(target_s), |enc| {
+        selector.encode(gpu, enc, &q, &k, &scratch, &sel)
+    })?;
+    let sparse_opts = SparseOptions {
+        block: select.block,
+        causal: select.causal,
+        scale: select.scale,
+    };
+    let sparse = SparseAttention::new(gpu, shape, sparse_opts, select.k, false)?;
+    let out = AttnOutput {
+        o: gpu.empty(&shape.q_dims(), DType::F32)?,
+        lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
+    };
+    let t_sp = gpu.time(Reps::Target(target_s), |enc| {
+        sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
+    })?;
+    let dense = FullAttention::new(gpu, shape, AttnOptions::causal(select.causal))?;
+    let t_dense = gpu.time(Reps::Target(target_s), |enc| {
+        dense.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse)
+    })?;
+    let pairs = sparse_pairs(&shape, select.block, select.k) as f64;
+    Ok(SparseBench {
+        shape,
+        select,
+        select_s: t_sel.seconds,
+        sparse_fwd_s: t_sp.seconds,
+        dense_fwd_s: t_dense.seconds,
+        dense_equiv_tflops: shape.forward_flops(select.causal) / (t_sel.seconds + t_sp.seconds)
+            * 1e-12,
+        sparse_tflops: 4.0 * shape.head_dim as f64 * pairs / t_sp.seconds * 1e-12,
+        timer: t_sp.source,
+    })
+}
+
+impl SparseBench {
+    /// Dense forward time over selection + sparse forward time.
+    pub fn speedup(&self) -> f64 {
+        self.dense_fwd_s / (self.select_s + self.sparse_fwd_s)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = &self.shape;
+        serde_json::json!({
+            "kernel": "sparse",
+            "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
+            "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,
+            "causal": self.select.causal,
+            "block": self.select.block, "k": self.select.k,
+            "n_init": self.select.n_init, "n_local": self.select.n_local,
+            "scoring": format!("{:?}", self.select.scoring),
+            "select_ms": self.select_s * 1e3,
+            "sparse_fwd_ms": self.sparse_fwd_s * 1e3,
+            "dense_fwd_ms": self.dense_fwd_s * 1e3,
+            "speedup_fwd_incl_select": self.speedup(),
+            "select_share": self.select_s / (self.select_s + self.sparse_fwd_s),
+            "dense_equiv_tflops": self.dense_equiv_tflops,
+            "sparse_tflops": self.sparse_tflops,
             "timer": format!("{:?}", self.timer),
         })
     }

@@ -106,3 +106,45 @@ fn bench_full_prints_json_and_rejects_bad_flags() {
     assert!(!ok && err.contains("head_dim 24 is not supported"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn bench_sparse_prints_json() {
+    let (ok, out, err) = run(&[
+        "bench",
+        "sparse",
+        "--seq",
+        "96",
+        "--batch",
+        "1",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "32",
+        "--block",
+        "16",
+        "--topk",
+        "2",
+        "--target-seconds",
+        "0.01",
+        "--json",
+    ]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "bench sparse failed: {err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let r = &j["results"][0];
+    assert_eq!(r["block"], 16);
+    for key in [
+        "select_ms",
+        "sparse_fwd_ms",
+        "dense_fwd_ms",
+        "speedup_fwd_incl_select",
+    ] {
+        assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {out}");
+    }
+    let (ok, _, err) = run(&["bench", "sparse", "--block", "24"]);
+    assert!(!ok && err.contains("block size 24"), "{err}");
+}

@@ -4,11 +4,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sparse_attn::bench::{FullBench, bench_full};
+use sparse_attn::bench::{FullBench, bench_full, bench_sparse};
 use sparse_attn::gpu::{self, Gpu, GpuOptions};
 use sparse_attn::ops::attention::{
     Variant, Variants, auto_variants, head_dim_supported, variant_supported,
 };
+use sparse_attn::reference::select::{Scoring, SelectOptions};
 use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::{AttnOptions, AttnShape, Error, FullAttention};
 
@@ -49,6 +50,8 @@ enum Cmd {
 enum BenchCmd {
     /// Tiled full attention, forward and backward.
     Full(FullArgs),
+    /// Block selection + block-sparse forward against the dense causal forward.
+    Sparse(SparseArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -87,12 +90,52 @@ struct FullArgs {
     /// Target seconds per timed submission (repetitions are chosen to fill it).
     #[arg(long, default_value_t = 0.5)]
     target_seconds: f64,
-    /// Print one JSON object instead of a table.
+    #[command(flatten)]
+    out: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum ScoringArg {
+    Ssa,
+    Moba,
+}
+
+#[derive(Args)]
+struct SparseArgs {
+    /// Batch size; default fills the GPU: max(1, 65536 / seq).
     #[arg(long)]
-    json: bool,
-    /// Also append the JSON object (one line) to this file, keeping the table on stdout.
+    batch: Option<usize>,
+    /// Query heads.
+    #[arg(long, default_value_t = 16)]
+    heads: usize,
+    /// Key/value heads (GQA); default = heads.
     #[arg(long)]
-    json_out: Option<std::path::PathBuf>,
+    kv_heads: Option<usize>,
+    /// Sequence lengths (comma-separated list runs a sweep).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4096])]
+    seq: Vec<usize>,
+    /// Head dims (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![128])]
+    head_dim: Vec<usize>,
+    /// Block size B (16, 32, 64, 128).
+    #[arg(long, default_value_t = 64)]
+    block: usize,
+    /// Blocks kept per token and kv head (k), forced ones included.
+    #[arg(long, default_value_t = 16)]
+    topk: usize,
+    /// Forced initial blocks.
+    #[arg(long, default_value_t = 0)]
+    n_init: usize,
+    /// Forced local blocks before the current one.
+    #[arg(long, default_value_t = 0)]
+    n_local: usize,
+    #[arg(long, value_enum, default_value_t = ScoringArg::Ssa)]
+    scoring: ScoringArg,
+    /// Target seconds per timed submission.
+    #[arg(long, default_value_t = 0.3)]
+    target_seconds: f64,
+    #[command(flatten)]
+    out: Output,
 }
 
 #[derive(Args)]
@@ -121,6 +164,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: BenchCmd::Full(a),
         } => bench_full_cmd(&opts, &a),
+        Cmd::Bench {
+            which: BenchCmd::Sparse(a),
+        } => bench_sparse_cmd(&opts, &a),
         Cmd::Demo(a) => demo(&opts, &a),
     };
     match result {
@@ -238,7 +284,7 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
         Mask::Both => &[true, false],
     };
     let mut results: Vec<FullBench> = Vec::new();
-    if !a.json {
+    if !a.out.json {
         println!("device: {}", gpu.adapter());
         println!(
             "{:<25} {:>5} {:>5} {:>4} {:>6} {:>4} {:>6} | {:>9} {:>8} {:>7} | {:>9} {:>8} | {:>6}",
@@ -298,7 +344,7 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
                         a.target_seconds,
                     )?;
                     let b = *base.get_or_insert(r.fwd_s);
-                    if !a.json {
+                    if !a.out.json {
                         let s = &r.shape;
                         println!(
                             "{:<25} {:>5} {:>5} {:>4} {:>6} {:>4} {:>6} | {:>9.3} {:>8.2} {:>7.1} | {:>9} {:>8} | {:>5.2}x",
@@ -322,32 +368,135 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
             }
         }
     }
-    let j = serde_json::json!({
-        "device": gpu.adapter().to_string(),
-        "date_utc": utc_date(),
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
+    let record = serde_json::json!({
         "baseline": "first variant listed for each shape (fwd time ratio)",
         "backward_flops": "2.5 x forward (FlashAttention convention)",
         "results": results.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
     });
-    let line = serde_json::to_string(&j).expect("json");
-    if let Some(path) = &a.json_out {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::InvalidInput(format!("cannot write {}: {e}", path.display())))?;
-        writeln!(f, "{line}")
-            .map_err(|e| Error::InvalidInput(format!("cannot write {}: {e}", path.display())))?;
-    }
-    if a.json {
-        println!("{line}");
-    } else {
+    emit_record(&gpu, record, &a.out)?;
+    if !a.out.json {
         println!(
             "TFLOP/s count visible (query, key) pairs only (causal ~ half); backward FLOPs = 2.5 x \
              forward; GB/s = compulsory traffic (q, k, v, O, LSE); 'vs base' = forward speed over \
              the first variant of the row group."
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where a benchmark's record goes.
+#[derive(Args)]
+struct Output {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also append the JSON object (one line) to this file, keeping the table on stdout.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+}
+
+/// Complete a benchmark record (device, date, command) and print and/or append it.
+fn emit_record(gpu: &Gpu, mut record: serde_json::Value, out: &Output) -> Result<(), Error> {
+    record["device"] = gpu.adapter().to_string().into();
+    record["date_utc"] = utc_date().into();
+    record["command"] = std::env::args().collect::<Vec<_>>().join(" ").into();
+    let line = serde_json::to_string(&record).expect("json");
+    if let Some(path) = &out.json_out {
+        use std::io::Write;
+        let fail = |e: std::io::Error| {
+            Error::InvalidInput(format!("cannot write {}: {e}", path.display()))
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(fail)?;
+        writeln!(f, "{line}").map_err(fail)?;
+    }
+    if out.json {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error> {
+    let gpu = Gpu::new(opts)?;
+    if !a.out.json {
+        println!("device: {}", gpu.adapter());
+        println!(
+            "{:>5} {:>5} {:>4} {:>6} {:>4} {:>4} {:>3} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8}",
+            "batch",
+            "heads",
+            "kv",
+            "seq",
+            "d",
+            "B",
+            "k",
+            "select ms",
+            "sparse ms",
+            "dense ms",
+            "speedup",
+            "sel %",
+            "eq TF/s",
+            "TF/s"
+        );
+    }
+    let mut results = Vec::new();
+    for &d in &a.head_dim {
+        for &seq in &a.seq {
+            let shape = AttnShape::new(
+                a.batch.unwrap_or((65536 / seq.max(1)).max(1)),
+                a.heads,
+                a.kv_heads.unwrap_or(a.heads),
+                seq,
+                d,
+            );
+            let sel = SelectOptions {
+                block: a.block,
+                k: a.topk,
+                n_init: a.n_init,
+                n_local: a.n_local,
+                scoring: match a.scoring {
+                    ScoringArg::Ssa => Scoring::Ssa,
+                    ScoringArg::Moba => Scoring::Moba,
+                },
+                causal: true,
+                scale: None,
+            };
+            let r = bench_sparse(&gpu, shape, sel, a.target_seconds)?;
+            if !a.out.json {
+                let s = &r.shape;
+                println!(
+                    "{:>5} {:>5} {:>4} {:>6} {:>4} {:>4} {:>3} | {:>9.3} {:>9.3} {:>9.3} | {:>6.2}x {:>6.1}% | {:>8.2} {:>8.2}",
+                    s.batch,
+                    s.heads_q,
+                    s.heads_kv,
+                    s.seq_q,
+                    s.head_dim,
+                    a.block,
+                    a.topk,
+                    r.select_s * 1e3,
+                    r.sparse_fwd_s * 1e3,
+                    r.dense_fwd_s * 1e3,
+                    r.speedup(),
+                    100.0 * r.select_s / (r.select_s + r.sparse_fwd_s),
+                    r.dense_equiv_tflops,
+                    r.sparse_tflops
+                );
+            }
+            results.push(r);
+        }
+    }
+    let record = serde_json::json!({
+        "results": results.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+    });
+    emit_record(&gpu, record, &a.out)?;
+    if !a.out.json {
+        println!(
+            "causal forward only (the sparse backward is not built yet). speedup = dense causal \
+             forward / (selection + sparse forward); sel % = selection's share of that time; \
+             eq TF/s = dense causal FLOPs per second of that time; TF/s = FLOPs of the pairs the \
+             sparse forward attends to, per second of its own time."
         );
     }
     Ok(ExitCode::SUCCESS)
