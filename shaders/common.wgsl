@@ -130,6 +130,19 @@ fn stage_rows(which: u32, at: u32, base4: u32, r0: u32, len: u32, tid: u32) {
     }
 }
 
+// The same for rows `stride4` vec4 apart (the query heads of one token).
+fn stage_rows_strided(which: u32, at: u32, base4: u32, stride4: u32, r0: u32, len: u32,
+                      tid: u32) {
+    for (var e = tid; e < PC * D4; e += NT) {
+        var x = vec4<f32>(0.0);
+        let r = r0 + e / D4;
+        if (r < len) {
+            x = fetch(which, base4 + r * stride4 + e % D4);
+        }
+        sh0[at + e] = x;
+    }
+}
+
 alias Logits = array<f32, TM * TN>;
 alias Acc = array<vec4<f32>, TM * TD4>;
 

@@ -9,7 +9,7 @@ use sparse_attn::ops::sparse::SparseAttention;
 use sparse_attn::reference::select::{SENTINEL, Scoring, SelectOptions};
 use sparse_attn::reference::sparse::{self as refsp, SparseOptions};
 use sparse_attn::reference::{Rng, compare};
-use sparse_attn::{AttnOptions, AttnOutput, AttnShape, FullAttention};
+use sparse_attn::{AttnGrads, AttnOptions, AttnOutput, AttnShape, FullAttention};
 
 /// Relative L2 error allowed for f32 against the f64 reference (observed ~1e-7).
 const TOL: f64 = 2e-5;
@@ -69,19 +69,11 @@ fn check(
     let up = |dims: &[usize], x: &[f32]| gpu.upload(dims, x).unwrap();
     let tsel = gpu.upload_u32(&op.selection_dims(), sel).unwrap();
     let tb = bias.map(|b| up(&op.bias_dims(), b));
+    let (tq, tk, tv) = (up(&s.q_dims(), q), up(&s.kv_dims(), k), up(&s.kv_dims(), v));
     let out = poisoned(gpu, &s);
     let mut enc = gpu.device().create_command_encoder(&Default::default());
-    op.encode_forward(
-        gpu,
-        &mut enc,
-        &up(&s.q_dims(), q),
-        &up(&s.kv_dims(), k),
-        &up(&s.kv_dims(), v),
-        &tsel,
-        tb.as_ref(),
-        &out,
-    )
-    .expect(ctx);
+    op.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &tsel, tb.as_ref(), &out)
+        .expect(ctx);
     gpu.queue().submit([enc.finish()]);
     let want = refsp::forward(&s, &o, q, k, v, sel, nsel, bias).expect(ctx);
     let got_lse = gpu.read(&out.lse).unwrap();
@@ -99,10 +91,45 @@ fn check(
     assert!(e.within(TOL), "LSE {e:?} ({ctx})");
     let e = compare(&gpu.read(&out.o).unwrap(), &want.o);
     assert!(e.within(TOL), "O {e:?} ({ctx})");
+
+    // Backward, outputs poisoned first.
+    let mut rng = Rng::new(q.len() as u64);
+    let d_o = rng.normal_vec(s.q_len(), 1.0);
+    let grads = AttnGrads {
+        dq: up(&s.q_dims(), &vec![f32::NAN; s.q_len()]),
+        dk: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
+        dv: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
+    };
+    let rowd = up(&s.lse_dims(), &vec![f32::NAN; s.lse_len()]);
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode_backward(
+        gpu,
+        &mut enc,
+        &tq,
+        &tk,
+        &tv,
+        &tsel,
+        tb.as_ref(),
+        &out,
+        &up(&s.q_dims(), &d_o),
+        &rowd,
+        &grads,
+    )
+    .expect(ctx);
+    gpu.queue().submit([enc.finish()]);
+    let want = refsp::backward(&s, &o, q, k, v, sel, nsel, bias, &d_o).expect(ctx);
+    for (name, t, w) in [
+        ("dQ", &grads.dq, &want.dq),
+        ("dK", &grads.dk, &want.dk),
+        ("dV", &grads.dv, &want.dv),
+    ] {
+        let e = compare(&gpu.read(t).unwrap(), w);
+        assert!(e.within(TOL), "{name} {e:?} ({ctx})");
+    }
 }
 
 #[test]
-fn sparse_forward_matches_reference() {
+fn sparse_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
@@ -178,7 +205,7 @@ fn sparse_forward_matches_reference() {
     }
 }
 
-/// With every block selected, sparse attention is full attention.
+/// With every block selected, sparse attention is full attention, forward and backward.
 #[test]
 fn sparse_with_all_blocks_equals_full_attention() {
     let Some(gpu) = common::gpu() else { return };
@@ -217,6 +244,24 @@ fn sparse_with_all_blocks_equals_full_attention() {
         assert!(e.within(TOL), "O {e:?} (seed {seed}, {s:?})");
         let e = compare(&gpu.read(&got.lse).unwrap(), &gpu.read(&full.lse).unwrap());
         assert!(e.within(TOL), "LSE {e:?} (seed {seed}, {s:?})");
+        let d_o = gpu
+            .upload(&s.q_dims(), &rng.normal_vec(s.q_len(), 1.0))
+            .unwrap();
+        let gs = sp
+            .backward(&gpu, &q, &k, &v, &sel, None, &got, &d_o)
+            .unwrap();
+        let gf = FullAttention::new(&gpu, s, AttnOptions::causal(causal))
+            .unwrap()
+            .backward(&gpu, &q, &k, &v, &full, &d_o)
+            .unwrap();
+        for (n, a, b) in [
+            ("dQ", &gs.dq, &gf.dq),
+            ("dK", &gs.dk, &gf.dk),
+            ("dV", &gs.dv, &gf.dv),
+        ] {
+            let e = compare(&gpu.read(a).unwrap(), &gpu.read(b).unwrap());
+            assert!(e.within(TOL), "{n} {e:?} (seed {seed}, {s:?})");
+        }
     }
 }
 

@@ -27,6 +27,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/sparse_fwd.wgsl"),
     ),
     (
+        "sparse_bwd.wgsl",
+        include_str!("../../shaders/sparse_bwd.wgsl"),
+    ),
+    (
         "block_select.wgsl",
         include_str!("../../shaders/block_select.wgsl"),
     ),

@@ -1,13 +1,14 @@
 //! Block-sparse attention on the GPU (`shaders/sparse_fwd.wgsl`): exact softmax over the keys of
 //! the blocks a selection names (see `ops::select`), causal inside the current block, GQA with
 //! the G query heads of a group in one workgroup, optional additive per-key bias.
-//! Reference: `reference::sparse`. The backward pass is not implemented yet.
+//! Backward (`shaders/sparse_bwd.wgsl`): dQ per token over its blocks, dK/dV per key block over
+//! the tokens that selected it (deterministic order, no atomics). Reference: `reference::sparse`.
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
-use crate::ops::attention::{AttnOutput, Kind, Tiles, head_dim_supported};
+use crate::ops::attention::{AttnGrads, AttnOutput, Kind, Tiles, head_dim_supported};
 use crate::ops::launch::{self, Chunk, Window, plan_units, window};
 use crate::reference::sparse::SparseOptions;
 use crate::shape::AttnShape;
@@ -52,6 +53,26 @@ pub struct SparseAttention {
     has_bias: bool,
     chunks: Vec<Chunk>,
     fwd: Arc<Pipeline>,
+    dq: Arc<Pipeline>,
+    dkdv: Arc<Pipeline>,
+    rowdot: Arc<Pipeline>,
+    /// Threads of the rowdot workgroup (it must match its NT constant).
+    nt_rowdot: u32,
+}
+
+/// Shrink a tile's product chunk, then its head-dim chunk, until it fits `max_shared` (with
+/// `extra` bytes of other workgroup variables).
+fn fit(mut t: Tiles, kind: Kind, d: u32, max_shared: u32, extra: u32) -> Option<Tiles> {
+    while t.shared_bytes(kind, d) + extra > max_shared {
+        if t.pc > 4 {
+            t.pc /= 2;
+        } else if t.dc > 8 {
+            t.dc /= 2;
+        } else {
+            return None;
+        }
+    }
+    Some(t)
 }
 
 impl SparseAttention {
@@ -87,26 +108,47 @@ impl SparseAttention {
                 l.max_compute_invocations_per_workgroup
             )));
         }
-        let mut tiles = Tiles {
+        let max_shared = l.max_compute_workgroup_storage_size;
+        let too_big = |what: &str| {
+            Error::Unsupported(format!(
+                "the sparse {what} kernel for {g} query heads per kv head, block {} and head_dim \
+                 {d} needs more than the {max_shared} bytes of workgroup memory this device has",
+                opts.block
+            ))
+        };
+        let base = Tiles {
             tm,
             cols,
             dc: 16,
             pc: cols.min(16),
         };
-        let max_shared = l.max_compute_workgroup_storage_size;
-        while tiles.shared_bytes(Kind::Fwd, d as u32) > max_shared {
-            if tiles.pc > 4 {
-                tiles.pc /= 2;
-            } else if tiles.dc > 8 {
-                tiles.dc /= 2;
-            } else {
-                return Err(Error::Unsupported(format!(
-                    "the sparse kernel for {g} query heads per kv head and head_dim {d} needs \
-                     {} bytes of workgroup memory; this device allows {max_shared}",
-                    tiles.shared_bytes(Kind::Fwd, d as u32)
-                )));
-            }
-        }
+        let tiles =
+            fit(base, Kind::Fwd, d as u32, max_shared, 16).ok_or_else(|| too_big("forward"))?;
+        let threads_d = 16 * Tiles::tc(d as u32);
+        let flags = 4 * threads_d + 16;
+        let dq_tiles = fit(
+            Tiles { dc: 8, ..base },
+            Kind::Dq,
+            d as u32,
+            max_shared,
+            flags,
+        )
+        .ok_or_else(|| too_big("dQ"))?;
+        // dK/dV: rows are the block's keys, columns the group's heads (at least TC of them).
+        let heads_cols = (g.next_power_of_two() as u32).max(Tiles::tc(d as u32));
+        let dkdv_tiles = fit(
+            Tiles {
+                tm: opts.block as u32 / 16,
+                cols: heads_cols,
+                dc: 8,
+                pc: heads_cols.min(16),
+            },
+            Kind::Dkdv,
+            d as u32,
+            max_shared,
+            flags,
+        )
+        .ok_or_else(|| too_big("dK/dV"))?;
         if shape.seq_q > l.max_compute_workgroups_per_dimension as usize {
             return Err(Error::Unsupported(format!(
                 "{} query tokens exceed this device's dispatch limit of {} per launch",
@@ -127,13 +169,29 @@ impl SparseAttention {
             &per_unit,
             l.max_compute_workgroups_per_dimension as u64,
         )?;
-        let mut constants = tiles.constants(Kind::Fwd, d as u32);
-        constants.push(("BLK", opts.block as u32));
-        constants.push(("HAS_BIAS", has_bias as u32));
-        let fwd = gpu.pipeline(&PipelineKey {
-            file: "sparse_fwd.wgsl",
-            entry: "main",
-            constants,
+        let key = |file, entry, t: Tiles, kind| {
+            let mut constants = t.constants(kind, d as u32);
+            constants.push(("BLK", opts.block as u32));
+            constants.push(("HAS_BIAS", has_bias as u32));
+            PipelineKey {
+                file,
+                entry,
+                constants,
+                checked: false,
+            }
+        };
+        let fwd = gpu.pipeline(&key("sparse_fwd.wgsl", "main", tiles, Kind::Fwd))?;
+        let dq = gpu.pipeline(&key("sparse_bwd.wgsl", "dq_main", dq_tiles, Kind::Dq))?;
+        let dkdv = gpu.pipeline(&key("sparse_bwd.wgsl", "dkdv", dkdv_tiles, Kind::Dkdv))?;
+        // D = rowsum(dO ∘ O): the dense backward's `rowdot` entry (reads D and NT only).
+        let mut rowdot_consts = dq_tiles.constants(Kind::Dq, d as u32);
+        for c in rowdot_consts.iter_mut().filter(|c| c.0.starts_with("SH")) {
+            c.1 = 1;
+        }
+        let rowdot = gpu.pipeline(&PipelineKey {
+            file: "attention_bwd.wgsl",
+            entry: "rowdot",
+            constants: rowdot_consts,
             checked: false,
         })?;
         Ok(Self {
@@ -143,6 +201,10 @@ impl SparseAttention {
             has_bias,
             chunks,
             fwd,
+            dq,
+            dkdv,
+            rowdot,
+            nt_rowdot: threads_d,
         })
     }
 
@@ -182,6 +244,92 @@ impl SparseAttention {
         window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
     }
 
+    fn check(name: &str, t: &Tensor, dims: &[usize], dtype: DType) -> Result<()> {
+        if t.shape() != dims || t.dtype() != dtype {
+            invalid!(
+                "{name} is {:?} {:?}; this sparse attention needs {dtype:?} {dims:?}",
+                t.dtype(),
+                t.shape()
+            );
+        }
+        Ok(())
+    }
+
+    /// Shapes of q, k, v, selection and bias; the bias matches how this op was built.
+    fn check_inputs(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sel: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<()> {
+        let s = self.shape;
+        Self::check("q", q, &s.q_dims(), DType::F32)?;
+        Self::check("k", k, &s.kv_dims(), DType::F32)?;
+        Self::check("v", v, &s.kv_dims(), DType::F32)?;
+        Self::check("selection", sel, &self.selection_dims(), DType::U32)?;
+        match (bias, self.has_bias) {
+            (Some(b), true) => Self::check("bias", b, &self.bias_dims(), DType::F32),
+            (None, false) => Ok(()),
+            (Some(_), false) => invalid!("a bias was given to a sparse attention built without"),
+            (None, true) => invalid!("this sparse attention was built with a bias; give one"),
+        }
+    }
+
+    fn no_alias(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> Result<()> {
+        for (i, (n, t)) in outputs.iter().enumerate() {
+            for (m, x) in inputs.iter().chain(&outputs[i + 1..]) {
+                if t.buffer() == x.buffer() {
+                    invalid!("output {n} shares its buffer with {m}; give each output its own");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&self, gpu: &Gpu, c: Chunk) -> Params {
+        let s = &self.shape;
+        let w = |class| self.window_of(gpu, class, c);
+        let scale = self.opts.attn().scale_for(s.head_dim);
+        Params {
+            seq_q: s.seq_q as u32,
+            seq_k: s.seq_k as u32,
+            q_pos0: s.q_offset() as u32,
+            causal: self.opts.causal as u32,
+            group: s.group() as u32,
+            q_off: w(Class::Q).skip,
+            k_off: w(Class::Kv).skip,
+            r_off: w(Class::Row).skip,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            scale,
+            grid_x: 0,
+            rows: 0,
+            nsel: self.nsel as u32,
+            i_off: w(Class::Sel).skip,
+            b_off: if self.has_bias {
+                w(Class::Bias).skip
+            } else {
+                0
+            },
+            _pad: 0,
+        }
+    }
+
+    /// The bias binding: the given tensor, or a one-element stand-in the kernel never reads.
+    fn bias_view<'a>(
+        &self,
+        gpu: &Gpu,
+        c: Chunk,
+        bias: Option<&'a Tensor>,
+        dummy: &'a Tensor,
+    ) -> (u32, &'a Tensor, Window) {
+        match bias {
+            Some(b) => (12, b, self.window_of(gpu, Class::Bias, c)),
+            None => (12, dummy, window(0, 1, 256)),
+        }
+    }
+
     /// Record the forward pass: O and LSE are overwritten.
     #[allow(clippy::too_many_arguments)]
     pub fn encode_forward(
@@ -196,78 +344,22 @@ impl SparseAttention {
         out: &AttnOutput,
     ) -> Result<()> {
         let s = self.shape;
-        let check = |name: &str, t: &Tensor, dims: &[usize], dtype: DType| -> Result<()> {
-            if t.shape() != dims || t.dtype() != dtype {
-                invalid!(
-                    "{name} is {:?} {:?}; this sparse attention needs {dtype:?} {dims:?}",
-                    t.dtype(),
-                    t.shape()
-                );
-            }
-            Ok(())
-        };
-        check("q", q, &s.q_dims(), DType::F32)?;
-        check("k", k, &s.kv_dims(), DType::F32)?;
-        check("v", v, &s.kv_dims(), DType::F32)?;
-        check("selection", sel, &self.selection_dims(), DType::U32)?;
-        check("o", &out.o, &s.q_dims(), DType::F32)?;
-        check("lse", &out.lse, &s.lse_dims(), DType::F32)?;
-        match (bias, self.has_bias) {
-            (Some(b), true) => check("bias", b, &self.bias_dims(), DType::F32)?,
-            (None, false) => {}
-            (Some(_), false) => invalid!("a bias was given to a sparse attention built without"),
-            (None, true) => invalid!("this sparse attention was built with a bias; give one"),
-        }
-        for (n, t) in [("o", &out.o), ("lse", &out.lse)] {
-            for (m, i) in [("q", q), ("k", k), ("v", v), ("selection", sel)] {
-                if t.buffer() == i.buffer() {
-                    invalid!("output {n} shares its buffer with {m}; give each output its own");
-                }
-            }
-        }
-        // Without a bias the binding still needs a buffer; the kernel never reads it.
-        let dummy;
-        let bias_t = match bias {
-            Some(b) => b,
-            None => {
-                dummy = gpu.empty(&[1], DType::F32)?;
-                &dummy
-            }
-        };
-        let scale = self.opts.attn().scale_for(s.head_dim);
+        self.check_inputs(q, k, v, sel, bias)?;
+        Self::check("o", &out.o, &s.q_dims(), DType::F32)?;
+        Self::check("lse", &out.lse, &s.lse_dims(), DType::F32)?;
+        Self::no_alias(
+            &[("o", &out.o), ("lse", &out.lse)],
+            &[("q", q), ("k", k), ("v", v), ("selection", sel)],
+        )?;
+        let dummy = gpu.empty(&[1], DType::F32)?;
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
-            let p = Params {
-                seq_q: s.seq_q as u32,
-                seq_k: s.seq_k as u32,
-                q_pos0: s.q_offset() as u32,
-                causal: self.opts.causal as u32,
-                group: s.group() as u32,
-                q_off: w(Class::Q).skip,
-                k_off: w(Class::Kv).skip,
-                r_off: w(Class::Row).skip,
-                scale_log2: scale * std::f32::consts::LOG2_E,
-                scale,
-                grid_x: 0,
-                rows: 0,
-                nsel: self.nsel as u32,
-                i_off: w(Class::Sel).skip,
-                b_off: if bias.is_some() {
-                    w(Class::Bias).skip
-                } else {
-                    0
-                },
-                _pad: 0,
-            };
-            let bias_w = match bias {
-                Some(_) => w(Class::Bias),
-                None => window(0, 1, 256),
-            };
+            let (_, bt, bw) = self.bias_view(gpu, c, bias, &dummy);
             launch::dispatch(
                 gpu,
                 enc,
                 &self.fwd,
-                bytemuck::bytes_of(&p),
+                bytemuck::bytes_of(&self.params(gpu, c)),
                 &[
                     (1, q, w(Class::Q)),
                     (2, k, w(Class::Kv)),
@@ -275,9 +367,112 @@ impl SparseAttention {
                     (4, &out.o, w(Class::Q)),
                     (5, &out.lse, w(Class::Row)),
                     (6, sel, w(Class::Sel)),
-                    (7, bias_t, bias_w),
+                    (7, bt, bw),
                 ],
                 (s.seq_q as u32, (c.u1 - c.u0) as u32),
+            );
+        }
+        Ok(())
+    }
+
+    /// Record the backward pass. `rowd` (shape of LSE) is scratch for D = rowsum(dO ∘ O).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_backward(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sel: &Tensor,
+        bias: Option<&Tensor>,
+        out: &AttnOutput,
+        d_o: &Tensor,
+        rowd: &Tensor,
+        grads: &AttnGrads,
+    ) -> Result<()> {
+        let s = self.shape;
+        self.check_inputs(q, k, v, sel, bias)?;
+        Self::check("o", &out.o, &s.q_dims(), DType::F32)?;
+        Self::check("lse", &out.lse, &s.lse_dims(), DType::F32)?;
+        Self::check("dO", d_o, &s.q_dims(), DType::F32)?;
+        Self::check("rowd", rowd, &s.lse_dims(), DType::F32)?;
+        Self::check("dq", &grads.dq, &s.q_dims(), DType::F32)?;
+        Self::check("dk", &grads.dk, &s.kv_dims(), DType::F32)?;
+        Self::check("dv", &grads.dv, &s.kv_dims(), DType::F32)?;
+        Self::no_alias(
+            &[
+                ("rowd", rowd),
+                ("dq", &grads.dq),
+                ("dk", &grads.dk),
+                ("dv", &grads.dv),
+            ],
+            &[
+                ("q", q),
+                ("k", k),
+                ("v", v),
+                ("selection", sel),
+                ("o", &out.o),
+                ("lse", &out.lse),
+                ("dO", d_o),
+            ],
+        )?;
+        let dummy = gpu.empty(&[1], DType::F32)?;
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension;
+        let nb = s.seq_k.div_ceil(self.opts.block) as u32;
+        for &c in &self.chunks {
+            let w = |class| self.window_of(gpu, class, c);
+            let base = self.params(gpu, c);
+            let units = (c.u1 - c.u0) as u32;
+            let rows = units * s.group() as u32 * s.seq_q as u32;
+            let blocks = rows.div_ceil(self.nt_rowdot);
+            let gx = blocks.min(max_x);
+            let p = Params {
+                grid_x: gx,
+                rows,
+                ..base
+            };
+            launch::dispatch(
+                gpu,
+                enc,
+                &self.rowdot,
+                bytemuck::bytes_of(&p),
+                &[
+                    (4, &out.o, w(Class::Q)),
+                    (5, d_o, w(Class::Q)),
+                    (7, rowd, w(Class::Row)),
+                ],
+                (gx, blocks.div_ceil(gx)),
+            );
+            let inputs = [
+                (1, q, w(Class::Q)),
+                (2, k, w(Class::Kv)),
+                (3, v, w(Class::Kv)),
+                (5, d_o, w(Class::Q)),
+                (6, &out.lse, w(Class::Row)),
+                (7, rowd, w(Class::Row)),
+                (11, sel, w(Class::Sel)),
+                self.bias_view(gpu, c, bias, &dummy),
+            ];
+            launch::dispatch(
+                gpu,
+                enc,
+                &self.dq,
+                bytemuck::bytes_of(&base),
+                &[&inputs[..], &[(8, &grads.dq, w(Class::Q))]].concat(),
+                (s.seq_q as u32, units),
+            );
+            launch::dispatch(
+                gpu,
+                enc,
+                &self.dkdv,
+                bytemuck::bytes_of(&base),
+                &[
+                    &inputs[..],
+                    &[(9, &grads.dk, w(Class::Kv)), (10, &grads.dv, w(Class::Kv))],
+                ]
+                .concat(),
+                (nb, units),
             );
         }
         Ok(())
@@ -304,5 +499,35 @@ impl SparseAttention {
             gpu.queue.submit([enc.finish()])
         })?;
         Ok(out)
+    }
+}
+
+impl SparseAttention {
+    /// Run the backward pass and return new gradient tensors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        sel: &Tensor,
+        bias: Option<&Tensor>,
+        out: &AttnOutput,
+        d_o: &Tensor,
+    ) -> Result<AttnGrads> {
+        let s = self.shape;
+        let grads = AttnGrads {
+            dq: gpu.empty(&s.q_dims(), DType::F32)?,
+            dk: gpu.empty(&s.kv_dims(), DType::F32)?,
+            dv: gpu.empty(&s.kv_dims(), DType::F32)?,
+        };
+        let rowd = gpu.empty(&s.lse_dims(), DType::F32)?;
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode_backward(gpu, &mut enc, q, k, v, sel, bias, out, d_o, &rowd, &grads)?;
+        gpu.scoped("sparse attention backward", || {
+            gpu.queue.submit([enc.finish()])
+        })?;
+        Ok(grads)
     }
 }

@@ -135,3 +135,75 @@ pub fn forward(
     }
     Ok(Forward { o, lse })
 }
+
+/// Gradients of `Σ O·dO` with respect to q, k, v for [`forward`] (recomputed in f64).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    shape: &AttnShape,
+    opts: &SparseOptions,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sel: &[u32],
+    nsel: usize,
+    bias: Option<&[f32]>,
+    d_o: &[f32],
+) -> Result<crate::reference::attention::Grads> {
+    // Validates everything but dO.
+    forward(shape, opts, q, k, v, sel, nsel, bias)?;
+    if d_o.len() != shape.q_len() {
+        invalid!(
+            "dO has {} elements, the shape needs {}",
+            d_o.len(),
+            shape.q_len()
+        );
+    }
+    let (d, sq, sk, g) = (shape.head_dim, shape.seq_q, shape.seq_k, shape.group());
+    let scale = opts.attn().scale_for(d) as f64;
+    let mut dq = vec![0f64; shape.q_len()];
+    let mut dk = vec![0f64; shape.kv_len()];
+    let mut dv = vec![0f64; shape.kv_len()];
+    for bh in 0..shape.batch * shape.heads_q {
+        let kv = bh / g;
+        for t in 0..sq {
+            let srow = (kv * sq + t) * nsel;
+            let keys = visible_keys(shape, opts, &sel[srow..srow + nsel], t);
+            if keys.is_empty() {
+                continue;
+            }
+            let row = bh * sq + t;
+            let qi = &q[row * d..(row + 1) * d];
+            let doi = &d_o[row * d..(row + 1) * d];
+            let kr = |j: usize| (kv * sk + j) * d;
+            let logits: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    let dot: f64 = (0..d).map(|c| qi[c] as f64 * k[kr(j) + c] as f64).sum();
+                    scale * dot + bias.map_or(0.0, |b| b[kv * sk + j] as f64)
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = logits.iter().map(|&x| (x - m).exp()).sum();
+            let p: Vec<f64> = logits.iter().map(|&x| (x - m).exp() / z).collect();
+            let dp: Vec<f64> = keys
+                .iter()
+                .map(|&j| (0..d).map(|c| doi[c] as f64 * v[kr(j) + c] as f64).sum())
+                .collect();
+            let di: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            for (n, &j) in keys.iter().enumerate() {
+                let ds = p[n] * (dp[n] - di);
+                for c in 0..d {
+                    dv[kr(j) + c] += p[n] * doi[c] as f64;
+                    dq[row * d + c] += scale * ds * k[kr(j) + c] as f64;
+                    dk[kr(j) + c] += scale * ds * qi[c] as f64;
+                }
+            }
+        }
+    }
+    let f = |x: Vec<f64>| x.into_iter().map(|v| v as f32).collect();
+    Ok(crate::reference::attention::Grads {
+        dq: f(dq),
+        dk: f(dk),
+        dv: f(dv),
+    })
+}
