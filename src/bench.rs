@@ -110,6 +110,8 @@ pub struct SparseBench {
     pub select_s: f64,
     pub sparse_fwd_s: f64,
     pub dense_fwd_s: f64,
+    pub sparse_bwd_s: Option<f64>,
+    pub dense_bwd_s: Option<f64>,
     /// Dense causal FLOPs over (selection + sparse forward) time.
     pub dense_equiv_tflops: f64,
     /// FLOPs of the pairs the sparse forward attends to, over its own time.
@@ -139,6 +141,7 @@ pub fn bench_sparse(
     gpu: &Gpu,
     shape: AttnShape,
     select: SelectOptions,
+    backward: bool,
     target_s: f64,
 ) -> Result<SparseBench> {
     let s3 = 3f32.sqrt();
@@ -168,8 +171,43 @@ pub fn bench_sparse(
     let t_dense = gpu.time(Reps::Target(target_s), |enc| {
         dense.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse)
     })?;
+    let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
+    if backward {
+        let d_o = gpu.random_uniform(&shape.q_dims(), 4, s3)?;
+        let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
+        let grads = AttnGrads {
+            dq: gpu.empty(&shape.q_dims(), DType::F32)?,
+            dk: gpu.empty(&shape.kv_dims(), DType::F32)?,
+            dv: gpu.empty(&shape.kv_dims(), DType::F32)?,
+        };
+        let sp_out = sparse.forward(gpu, &q, &k, &v, &sel, None)?;
+        let t = gpu.time(Reps::Target(target_s), |enc| {
+            sparse.encode_backward(
+                gpu, enc, &q, &k, &v, &sel, None, &sp_out, &d_o, &rowd, &grads,
+            )
+        })?;
+        sparse_bwd_s = Some(t.seconds);
+        let dense_out = dense.forward(gpu, &q, &k, &v)?;
+        let t = gpu.time(Reps::Target(target_s), |enc| {
+            dense.encode_backward(
+                gpu,
+                enc,
+                &q,
+                &k,
+                &v,
+                &dense_out.o,
+                &dense_out.lse,
+                &d_o,
+                &rowd,
+                &grads,
+            )
+        })?;
+        dense_bwd_s = Some(t.seconds);
+    }
     let pairs = sparse_pairs(&shape, select.block, select.k) as f64;
     Ok(SparseBench {
+        sparse_bwd_s,
+        dense_bwd_s,
         shape,
         select,
         select_s: t_sel.seconds,
@@ -201,6 +239,9 @@ impl SparseBench {
             "select_ms": self.select_s * 1e3,
             "sparse_fwd_ms": self.sparse_fwd_s * 1e3,
             "dense_fwd_ms": self.dense_fwd_s * 1e3,
+            "sparse_bwd_ms": self.sparse_bwd_s.map(|x| x * 1e3),
+            "dense_bwd_ms": self.dense_bwd_s.map(|x| x * 1e3),
+            "speedup_bwd": self.dense_bwd_s.zip(self.sparse_bwd_s).map(|(d, s)| d / s),
             "speedup_fwd_incl_select": self.speedup(),
             "select_share": self.select_s / (self.select_s + self.sparse_fwd_s),
             "dense_equiv_tflops": self.dense_equiv_tflops,

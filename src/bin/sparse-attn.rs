@@ -50,7 +50,7 @@ enum Cmd {
 enum BenchCmd {
     /// Tiled full attention, forward and backward.
     Full(FullArgs),
-    /// Block selection + block-sparse forward against the dense causal forward.
+    /// Block selection + block-sparse forward and backward against the dense causal kernels.
     Sparse(SparseArgs),
 }
 
@@ -131,6 +131,9 @@ struct SparseArgs {
     n_local: usize,
     #[arg(long, value_enum, default_value_t = ScoringArg::Ssa)]
     scoring: ScoringArg,
+    /// Skip the backward passes.
+    #[arg(long)]
+    no_backward: bool,
     /// Target seconds per timed submission.
     #[arg(long, default_value_t = 0.3)]
     target_seconds: f64,
@@ -419,12 +422,17 @@ fn emit_record(gpu: &Gpu, mut record: serde_json::Value, out: &Output) -> Result
     Ok(())
 }
 
+/// Milliseconds of an optional time, or "-".
+fn ms(t: Option<f64>) -> String {
+    t.map_or("-".into(), |x| format!("{:.3}", x * 1e3))
+}
+
 fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error> {
     let gpu = Gpu::new(opts)?;
     if !a.out.json {
         println!("device: {}", gpu.adapter());
         println!(
-            "{:>5} {:>5} {:>4} {:>6} {:>4} {:>4} {:>3} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8}",
+            "{:>5} {:>5} {:>4} {:>6} {:>4} {:>4} {:>3} | {:>9} {:>9} {:>9} | {:>7} {:>7} | {:>8} {:>8} | {:>9} {:>9} {:>7}",
             "batch",
             "heads",
             "kv",
@@ -438,7 +446,10 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
             "speedup",
             "sel %",
             "eq TF/s",
-            "TF/s"
+            "TF/s",
+            "sp bwd ms",
+            "dn bwd ms",
+            "bwd x"
         );
     }
     let mut results = Vec::new();
@@ -463,11 +474,11 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                 causal: true,
                 scale: None,
             };
-            let r = bench_sparse(&gpu, shape, sel, a.target_seconds)?;
+            let r = bench_sparse(&gpu, shape, sel, !a.no_backward, a.target_seconds)?;
             if !a.out.json {
                 let s = &r.shape;
                 println!(
-                    "{:>5} {:>5} {:>4} {:>6} {:>4} {:>4} {:>3} | {:>9.3} {:>9.3} {:>9.3} | {:>6.2}x {:>6.1}% | {:>8.2} {:>8.2}",
+                    "{:>5} {:>5} {:>4} {:>6} {:>4} {:>4} {:>3} | {:>9.3} {:>9.3} {:>9.3} | {:>6.2}x {:>6.1}% | {:>8.2} {:>8.2} | {:>9} {:>9} {:>7}",
                     s.batch,
                     s.heads_q,
                     s.heads_kv,
@@ -481,7 +492,12 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                     r.speedup(),
                     100.0 * r.select_s / (r.select_s + r.sparse_fwd_s),
                     r.dense_equiv_tflops,
-                    r.sparse_tflops
+                    r.sparse_tflops,
+                    ms(r.sparse_bwd_s),
+                    ms(r.dense_bwd_s),
+                    r.dense_bwd_s
+                        .zip(r.sparse_bwd_s)
+                        .map_or("-".into(), |(d, s)| format!("{:.2}x", d / s))
                 );
             }
             results.push(r);
@@ -493,10 +509,10 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
     emit_record(&gpu, record, &a.out)?;
     if !a.out.json {
         println!(
-            "causal forward only (the sparse backward is not built yet). speedup = dense causal \
-             forward / (selection + sparse forward); sel % = selection's share of that time; \
-             eq TF/s = dense causal FLOPs per second of that time; TF/s = FLOPs of the pairs the \
-             sparse forward attends to, per second of its own time."
+            "causal. speedup = dense causal forward / (selection + sparse forward); sel % = \
+             selection's share of that time; eq TF/s = dense causal FLOPs per second of that time; \
+             TF/s = FLOPs of the pairs the sparse forward attends to, per second of its own time; \
+             bwd x = dense backward / sparse backward (the selection is reused from the forward)."
         );
     }
     Ok(ExitCode::SUCCESS)
