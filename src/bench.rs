@@ -1,7 +1,7 @@
 //! Benchmark drivers shared by the CLI: time kernels on real shapes and report throughput.
 
 use crate::error::Result;
-use crate::gpu::{DType, Gpu, Reps, TimerSource};
+use crate::gpu::{DType, Gpu, Reps, Tensor, TimerSource};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
 use crate::ops::select::BlockSelect;
 use crate::ops::sparse::SparseAttention;
@@ -25,6 +25,18 @@ pub struct FullBench {
     pub timer: TimerSource,
 }
 
+/// q, k, v and dO made on the GPU: host generation and upload of GBs would dominate a sweep.
+/// Uniform in [-sqrt(3), sqrt(3)) has unit variance, like the tests' normal inputs.
+fn random_inputs(gpu: &Gpu, shape: &AttnShape) -> Result<[Tensor; 4]> {
+    let s3 = 3f32.sqrt();
+    Ok([
+        gpu.random_uniform(&shape.q_dims(), 1, s3)?,
+        gpu.random_uniform(&shape.kv_dims(), 2, s3)?,
+        gpu.random_uniform(&shape.kv_dims(), 3, s3)?,
+        gpu.random_uniform(&shape.q_dims(), 4, s3)?,
+    ])
+}
+
 /// Time forward (and backward) full attention for one shape and variant.
 pub fn bench_full(
     gpu: &Gpu,
@@ -35,12 +47,7 @@ pub fn bench_full(
     target_s: f64,
 ) -> Result<FullBench> {
     let att = FullAttention::with_variants(gpu, shape, opts, variants)?;
-    // Inputs are made on the GPU: host generation and upload of GBs would dominate a sweep.
-    // Uniform in [-sqrt(3), sqrt(3)) has unit variance, like the tests' normal inputs.
-    let s3 = 3f32.sqrt();
-    let q = gpu.random_uniform(&shape.q_dims(), 1, s3)?;
-    let k = gpu.random_uniform(&shape.kv_dims(), 2, s3)?;
-    let v = gpu.random_uniform(&shape.kv_dims(), 3, s3)?;
+    let [q, k, v, d_o] = random_inputs(gpu, &shape)?;
     let out = AttnOutput {
         o: gpu.empty(&shape.q_dims(), DType::F32)?,
         lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
@@ -63,7 +70,6 @@ pub fn bench_full(
         timer: t.source,
     };
     if backward {
-        let d_o = gpu.random_uniform(&shape.q_dims(), 4, s3)?;
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
         let grads = AttnGrads {
             dq: gpu.empty(&shape.q_dims(), DType::F32)?,
@@ -144,10 +150,7 @@ pub fn bench_sparse(
     backward: bool,
     target_s: f64,
 ) -> Result<SparseBench> {
-    let s3 = 3f32.sqrt();
-    let q = gpu.random_uniform(&shape.q_dims(), 1, s3)?;
-    let k = gpu.random_uniform(&shape.kv_dims(), 2, s3)?;
-    let v = gpu.random_uniform(&shape.kv_dims(), 3, s3)?;
+    let [q, k, v, d_o] = random_inputs(gpu, &shape)?;
     let selector = BlockSelect::new(gpu, shape, select)?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
@@ -173,7 +176,6 @@ pub fn bench_sparse(
     })?;
     let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
     if backward {
-        let d_o = gpu.random_uniform(&shape.q_dims(), 4, s3)?;
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
         let grads = AttnGrads {
             dq: gpu.empty(&shape.q_dims(), DType::F32)?,

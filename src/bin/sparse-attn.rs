@@ -61,8 +61,9 @@ enum Mask {
     Both,
 }
 
+/// Problem shapes of a benchmark sweep.
 #[derive(Args)]
-struct FullArgs {
+struct ShapeArgs {
     /// Batch size; default fills the GPU: max(1, 65536 / seq).
     #[arg(long)]
     batch: Option<usize>,
@@ -78,6 +79,24 @@ struct FullArgs {
     /// Head dims (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = vec![128])]
     head_dim: Vec<usize>,
+}
+
+impl ShapeArgs {
+    fn shape(&self, seq: usize, d: usize) -> AttnShape {
+        AttnShape::new(
+            self.batch.unwrap_or((65536 / seq.max(1)).max(1)),
+            self.heads,
+            self.kv_heads.unwrap_or(self.heads),
+            seq,
+            d,
+        )
+    }
+}
+
+#[derive(Args)]
+struct FullArgs {
+    #[command(flatten)]
+    shape: ShapeArgs,
     #[arg(long, value_enum, default_value_t = Mask::Causal)]
     mask: Mask,
     /// Kernel variants to time: all, auto (the library's choice per pass), portable, large, xl
@@ -102,21 +121,8 @@ enum ScoringArg {
 
 #[derive(Args)]
 struct SparseArgs {
-    /// Batch size; default fills the GPU: max(1, 65536 / seq).
-    #[arg(long)]
-    batch: Option<usize>,
-    /// Query heads.
-    #[arg(long, default_value_t = 16)]
-    heads: usize,
-    /// Key/value heads (GQA); default = heads.
-    #[arg(long)]
-    kv_heads: Option<usize>,
-    /// Sequence lengths (comma-separated list runs a sweep).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![4096])]
-    seq: Vec<usize>,
-    /// Head dims (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![128])]
-    head_dim: Vec<usize>,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Block size B (16, 32, 64, 128).
     #[arg(long, default_value_t = 64)]
     block: usize,
@@ -306,7 +312,7 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
             "vs base"
         );
     }
-    for &d in &a.head_dim {
+    for &d in &a.shape.head_dim {
         if !head_dim_supported(d) {
             return Err(Error::InvalidInput(format!(
                 "head_dim {d} is not supported (multiples of 16 from 16 to 256)"
@@ -327,15 +333,9 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
             }
         }
         variants.dedup();
-        for &seq in &a.seq {
+        for &seq in &a.shape.seq {
             for &causal in masks {
-                let shape = AttnShape::new(
-                    a.batch.unwrap_or((65536 / seq.max(1)).max(1)),
-                    a.heads,
-                    a.kv_heads.unwrap_or(a.heads),
-                    seq,
-                    d,
-                );
+                let shape = a.shape.shape(seq, d);
                 let mut base: Option<f64> = None;
                 for &v in &variants {
                     let r = bench_full(
@@ -453,15 +453,9 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
         );
     }
     let mut results = Vec::new();
-    for &d in &a.head_dim {
-        for &seq in &a.seq {
-            let shape = AttnShape::new(
-                a.batch.unwrap_or((65536 / seq.max(1)).max(1)),
-                a.heads,
-                a.kv_heads.unwrap_or(a.heads),
-                seq,
-                d,
-            );
+    for &d in &a.shape.head_dim {
+        for &seq in &a.shape.seq {
+            let shape = a.shape.shape(seq, d);
             let sel = SelectOptions {
                 block: a.block,
                 k: a.topk,

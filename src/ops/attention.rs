@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
-use crate::ops::launch::{self, Chunk, Window, plan_units, window};
+use crate::ops::launch::{self, Chunk, Params, Window, plan_units, window};
 use crate::shape::{AttnOptions, AttnShape};
 
 /// Kernel variants of the portable f32 family. Every variant computes the same thing.
@@ -328,28 +328,6 @@ fn plan_chunks(shape: &AttnShape, gpu: &Gpu) -> Result<Vec<Chunk>> {
         &per_unit,
         max_units,
     )
-}
-
-/// Uniform block shared with `shaders/common.wgsl` (`Params`).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    seq_q: u32,
-    seq_k: u32,
-    q_pos0: u32,
-    causal: u32,
-    group: u32,
-    q_off: u32,
-    k_off: u32,
-    r_off: u32,
-    scale_log2: f32,
-    scale: f32,
-    grid_x: u32,
-    rows: u32,
-    nsel: u32,
-    i_off: u32,
-    b_off: u32,
-    _pad: u32,
 }
 
 /// Which window a tensor gets bound with in one chunk.
