@@ -35,6 +35,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/block_select.wgsl"),
     ),
     ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
+    ("metrics.wgsl", include_str!("../../shaders/metrics.wgsl")),
 ];
 
 fn source(name: &str) -> Result<&'static str> {

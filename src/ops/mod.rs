@@ -3,5 +3,6 @@
 
 pub mod attention;
 pub(crate) mod launch;
+pub mod metrics;
 pub mod select;
 pub mod sparse;

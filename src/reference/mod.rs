@@ -1,6 +1,7 @@
 //! Plain-Rust f64 versions of every op: the ground truth of the tests.
 
 pub mod attention;
+pub mod metrics;
 mod rng;
 pub mod select;
 pub mod sparse;

@@ -1,0 +1,227 @@
+//! Attention metrics on the GPU (`shaders/metrics.wgsl`): block-level attention map, attention
+//! sparsity of a selection and attention entropy, per (batch, query head, token).
+//! Definitions and reference: `reference::metrics`.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result, invalid};
+use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
+use crate::ops::attention::head_dim_supported;
+use crate::ops::launch::{self, Chunk, Window, plan_units, window};
+use crate::reference::select::BLOCK_SIZES;
+use crate::shape::{AttnOptions, AttnShape};
+
+const THREADS: u32 = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    seq_q: u32,
+    seq_k: u32,
+    q_pos0: u32,
+    causal: u32,
+    group: u32,
+    nb: u32,
+    nsel: u32,
+    scale_log2: f32,
+    q_off: u32,
+    k_off: u32,
+    i_off: u32,
+    m_off: u32,
+    r_off: u32,
+    _pad: [u32; 3],
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Class {
+    Q,
+    K,
+    Sel,
+    Mass,
+    Row,
+}
+
+/// Metrics of one attention problem.
+#[derive(Debug)]
+pub struct MetricsOut {
+    /// `[b, hq, seq_q, nb]`: full-attention mass of each key block (the block attention map).
+    pub block_mass: Tensor,
+    /// `[b, hq, seq_q]`: share of the full mass inside the selected blocks.
+    pub sparsity: Tensor,
+    /// `[b, hq, seq_q]`: entropy of the full attention (nats).
+    pub entropy: Tensor,
+}
+
+/// Metrics for one shape, block size and selection width.
+#[derive(Debug)]
+pub struct AttentionMetrics {
+    shape: AttnShape,
+    opts: AttnOptions,
+    block: usize,
+    nsel: usize,
+    nb: usize,
+    chunks: Vec<Chunk>,
+    pipe: Arc<Pipeline>,
+}
+
+impl AttentionMetrics {
+    pub fn new(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: AttnOptions,
+        block: usize,
+        nsel: usize,
+    ) -> Result<Self> {
+        shape.validate(&opts)?;
+        if !head_dim_supported(shape.head_dim) {
+            invalid!(
+                "head_dim = {} is not supported: the kernels take multiples of 16 from 16 to 256",
+                shape.head_dim
+            );
+        }
+        if !BLOCK_SIZES.contains(&block) {
+            invalid!("block size {block} is not supported (supported: {BLOCK_SIZES:?})");
+        }
+        if nsel == 0 {
+            invalid!("a selection of 0 blocks per token");
+        }
+        let l = gpu.limits();
+        if shape.seq_q.div_ceil(THREADS as usize) > l.max_compute_workgroups_per_dimension as usize
+        {
+            return Err(Error::Unsupported(format!(
+                "{} query tokens exceed this device's dispatch limit",
+                shape.seq_q
+            )));
+        }
+        let nb = shape.seq_k.div_ceil(block);
+        let (g, sq, sk, d) = (
+            shape.group() as u64,
+            shape.seq_q as u64,
+            shape.seq_k as u64,
+            shape.head_dim as u64,
+        );
+        let per_unit = [
+            ("query tensor", g * sq * d * 4),
+            ("key tensor", sk * d * 4),
+            ("selection", sq * nsel as u64 * 4),
+            ("block attention map", g * sq * nb as u64 * 4),
+        ];
+        let chunks = plan_units(
+            gpu,
+            (shape.batch * shape.heads_kv) as u64,
+            &per_unit,
+            l.max_compute_workgroups_per_dimension as u64 / g,
+        )?;
+        let pipe = gpu.pipeline(&PipelineKey {
+            file: "metrics.wgsl",
+            entry: "main",
+            constants: vec![
+                ("D", shape.head_dim as u32),
+                ("BLK", block as u32),
+                ("NT", THREADS),
+            ],
+            checked: false,
+        })?;
+        Ok(Self {
+            shape,
+            opts,
+            block,
+            nsel,
+            nb,
+            chunks,
+            pipe,
+        })
+    }
+
+    fn window_of(&self, gpu: &Gpu, class: Class, c: Chunk) -> Window {
+        let s = &self.shape;
+        let (g, sq, d) = (s.group() as u64, s.seq_q as u64, s.head_dim as u64);
+        let per_unit = match class {
+            Class::Q => g * sq * d,
+            Class::K => s.seq_k as u64 * d,
+            Class::Sel => sq * self.nsel as u64,
+            Class::Mass => g * sq * self.nb as u64,
+            Class::Row => g * sq,
+        };
+        let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+        window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
+    }
+
+    /// Metrics of full attention on q, k against the selection `sel` (`[b, hkv, seq_q, nsel]`).
+    pub fn compute(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, sel: &Tensor) -> Result<MetricsOut> {
+        let s = self.shape;
+        for (name, t, dims, dtype) in [
+            ("q", q, &s.q_dims()[..], DType::F32),
+            ("k", k, &s.kv_dims()[..], DType::F32),
+            (
+                "selection",
+                sel,
+                &[s.batch, s.heads_kv, s.seq_q, self.nsel][..],
+                DType::U32,
+            ),
+        ] {
+            if t.shape() != dims || t.dtype() != dtype {
+                invalid!(
+                    "{name} is {:?} {:?}; the metrics need {dtype:?} {dims:?}",
+                    t.dtype(),
+                    t.shape()
+                );
+            }
+        }
+        let out = MetricsOut {
+            block_mass: gpu.empty(&[s.batch, s.heads_q, s.seq_q, self.nb], DType::F32)?,
+            sparsity: gpu.empty(&s.lse_dims(), DType::F32)?,
+            entropy: gpu.empty(&s.lse_dims(), DType::F32)?,
+        };
+        let scale = self.opts.scale_for(s.head_dim);
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        for &c in &self.chunks {
+            let w = |class| self.window_of(gpu, class, c);
+            let p = Params {
+                seq_q: s.seq_q as u32,
+                seq_k: s.seq_k as u32,
+                q_pos0: s.q_offset() as u32,
+                causal: self.opts.causal as u32,
+                group: s.group() as u32,
+                nb: self.nb as u32,
+                nsel: self.nsel as u32,
+                scale_log2: scale * std::f32::consts::LOG2_E,
+                q_off: w(Class::Q).skip,
+                k_off: w(Class::K).skip,
+                i_off: w(Class::Sel).skip,
+                m_off: w(Class::Mass).skip,
+                r_off: w(Class::Row).skip,
+                _pad: [0; 3],
+            };
+            launch::dispatch(
+                gpu,
+                &mut enc,
+                &self.pipe,
+                bytemuck::bytes_of(&p),
+                &[
+                    (1, q, w(Class::Q)),
+                    (2, k, w(Class::K)),
+                    (3, sel, w(Class::Sel)),
+                    (4, &out.block_mass, w(Class::Mass)),
+                    (5, &out.sparsity, w(Class::Row)),
+                    (6, &out.entropy, w(Class::Row)),
+                ],
+                (
+                    (s.seq_q as u32).div_ceil(THREADS),
+                    ((c.u1 - c.u0) * s.group() as u64) as u32,
+                ),
+            );
+        }
+        gpu.scoped("attention metrics", || gpu.queue.submit([enc.finish()]))?;
+        Ok(out)
+    }
+
+    /// Key blocks of the map.
+    pub fn blocks(&self) -> usize {
+        self.nb
+    }
+
+    pub fn block(&self) -> usize {
+        self.block
+    }
+}
