@@ -148,13 +148,13 @@ pub fn bench_sparse(
     shape: AttnShape,
     select: SelectOptions,
     backward: bool,
-    target_s: f64,
+    reps: Reps,
 ) -> Result<SparseBench> {
     let [q, k, v, d_o] = random_inputs(gpu, &shape)?;
     let selector = BlockSelect::new(gpu, shape, select)?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
-    let t_sel = gpu.time(Reps::Target(target_s), |enc| {
+    let t_sel = gpu.time(reps, |enc| {
         selector.encode(gpu, enc, &q, &k, &scratch, &sel)
     })?;
     let sparse_opts = SparseOptions {
@@ -167,11 +167,11 @@ pub fn bench_sparse(
         o: gpu.empty(&shape.q_dims(), DType::F32)?,
         lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
     };
-    let t_sp = gpu.time(Reps::Target(target_s), |enc| {
+    let t_sp = gpu.time(reps, |enc| {
         sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
     })?;
     let dense = FullAttention::new(gpu, shape, AttnOptions::causal(select.causal))?;
-    let t_dense = gpu.time(Reps::Target(target_s), |enc| {
+    let t_dense = gpu.time(reps, |enc| {
         dense.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse)
     })?;
     let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
@@ -183,14 +183,14 @@ pub fn bench_sparse(
             dv: gpu.empty(&shape.kv_dims(), DType::F32)?,
         };
         let sp_out = sparse.forward(gpu, &q, &k, &v, &sel, None)?;
-        let t = gpu.time(Reps::Target(target_s), |enc| {
+        let t = gpu.time(reps, |enc| {
             sparse.encode_backward(
                 gpu, enc, &q, &k, &v, &sel, None, &sp_out, &d_o, &rowd, &grads,
             )
         })?;
         sparse_bwd_s = Some(t.seconds);
         let dense_out = dense.forward(gpu, &q, &k, &v)?;
-        let t = gpu.time(Reps::Target(target_s), |enc| {
+        let t = gpu.time(reps, |enc| {
             dense.encode_backward(
                 gpu,
                 enc,
