@@ -55,6 +55,9 @@ fn demo_checks_against_the_reference_and_passes() {
         "dK",
         "speed: forward",
         "TFLOP/s",
+        "block-sparse: SSA selection",
+        "attention sparsity",
+        "sparse output vs full output",
         "demo: PASS",
     ] {
         assert!(out.contains(needle), "`{needle}` missing from:\n{out}");
