@@ -1,9 +1,12 @@
 // Block selection (PAPERS.md §1; reference: src/reference/select.rs). Three entries:
-//   block_keys:   k̄_j = mean of the keys of block j                      (thread per vec4 element)
-//   block_scores: score_j = Σ_{h in group} softmax_j(s·q_h·k̄_j) (SSA) or Σ_h s·q_h·k̄_j (MoBA),
-//                 over the candidate blocks; others get NEG                  (thread per token)
-//   block_topk:   forced blocks, then the best scores (ties to the lower index), k in all, written
-//                 ascending and padded with SENTINEL                   (workgroup per token row)
+//   block_keys:   k̄_p = mean of the keys of pooling window p: the blocks (SSA, MoBA) or
+//                 InfLLM-V2's 32-token kernels at stride 16             (thread per vec4 element)
+//   block_scores: score_p = Σ_{h in group} softmax_p(s·q_h·k̄_p) (SSA, InfLLM-V2) or
+//                 Σ_h s·q_h·k̄_p (MoBA) over the candidate windows; others get NEG
+//                                                                         (thread per token)
+//   block_topk:   block scores (InfLLM-V2: max over the candidate kernels overlapping the block),
+//                 forced blocks, then the best scores (ties to the lower index), k in all,
+//                 written ascending and padded with SENTINEL         (workgroup per token row)
 // Constants from the launcher: D, BLK (block size), NBP (power of two >= blocks), NT (threads).
 
 const D4: u32 = D / 4u;
@@ -23,7 +26,7 @@ struct SelParams {
     k: u32,
     n_init: u32,
     n_local: u32,
-    moba: u32,
+    mode: u32,    // 0 SSA, 1 MoBA, 2 InfLLM-V2
     scale: f32,
     grid_x: u32,
     q_off: u32,   // element offsets inside the bindings (multiples of 4)
@@ -32,8 +35,12 @@ struct SelParams {
     s_off: u32,
     i_off: u32,
     units: u32,   // (batch, kv-head) groups in this launch
+    np: u32,      // pooled keys (= nb except for InfLLM-V2)
+    pool_w: u32,  // pooling window and stride in tokens
+    pool_s: u32,
     _p0: u32,
     _p1: u32,
+    _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> prm: SelParams;
@@ -58,22 +65,27 @@ fn is_forced(cur: u32, j: u32) -> bool {
     return j == cur || j < prm.n_init || (j < cur && cur - j <= prm.n_local);
 }
 
+// Candidate pooled keys of token t: those starting at or before it (causal).
+fn pooled_end(t: u32) -> u32 {
+    return select(prm.np, min(prm.np, (prm.q_pos0 + t) / prm.pool_s + 1u), prm.causal != 0u);
+}
+
 @compute @workgroup_size(NT)
 fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let e = (wg.y * prm.grid_x + wg.x) * NT + tid;
-    if (e >= prm.units * prm.nb * D4) {
+    if (e >= prm.units * prm.np * D4) {
         return;
     }
-    let u = e / (prm.nb * D4);
-    let j = (e / D4) % prm.nb;
+    let u = e / (prm.np * D4);
+    let p = (e / D4) % prm.np;
     let c = e % D4;
-    let t0 = j * BLK;
-    let t1 = min(t0 + BLK, prm.seq_k);
+    let t0 = p * prm.pool_s;
+    let t1 = min(t0 + prm.pool_w, prm.seq_k);
     var acc = vec4<f32>(0.0);
     for (var t = t0; t < t1; t++) {
         acc += k[prm.k_off / 4u + (u * prm.seq_k + t) * D4 + c];
     }
-    kbar[prm.kb_off / 4u + (u * prm.nb + j) * D4 + c] = acc / f32(t1 - t0);
+    kbar[prm.kb_off / 4u + (u * prm.np + p) * D4 + c] = acc / f32(t1 - t0);
 }
 
 fn logit(qv: ptr<function, array<vec4<f32>, D4>>, kb: u32) -> f32 {
@@ -93,12 +105,13 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     if (t >= prm.seq_q) {
         return;
     }
-    let end = candidate_end(current_block(t));
-    let srow = prm.s_off + (u * prm.seq_q + t) * prm.nb;
-    let kb0 = prm.kb_off / 4u + u * prm.nb * D4;
-    for (var j = 0u; j < prm.nb; j++) {
+    let end = pooled_end(t);
+    let srow = prm.s_off + (u * prm.seq_q + t) * prm.np;
+    let kb0 = prm.kb_off / 4u + u * prm.np * D4;
+    for (var j = 0u; j < prm.np; j++) {
         scores[srow + j] = select(NEG, 0.0, j < end);
     }
+    let moba = prm.mode == 1u;
     var qv: array<vec4<f32>, D4>;
     for (var h = 0u; h < prm.group; h++) {
         let q0 = prm.q_off / 4u + ((u * prm.group + h) * prm.seq_q + t) * D4;
@@ -106,7 +119,7 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             qv[c] = q[q0 + c];
         }
         var lse2 = 0.0;
-        if (prm.moba == 0u) {
+        if (!moba) {
             // Online log-sum-exp (log2 domain) over the candidates.
             var m = NEG;
             var l = 0.0;
@@ -123,9 +136,28 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         }
         for (var j = 0u; j < end; j++) {
             let x = logit(&qv, kb0 + j * D4);
-            scores[srow + j] += select(exp2(x * LOG2E - lse2), x, prm.moba != 0u);
+            scores[srow + j] += select(exp2(x * LOG2E - lse2), x, moba);
         }
     }
+}
+
+// Score of block j: its pooled score, or (InfLLM-V2) the max over the candidate kernels that
+// overlap it. `pend` = candidate pooled keys of the row.
+fn block_score(srow: u32, j: u32, pend: u32) -> f32 {
+    if (prm.mode != 2u) {
+        return scores[srow + j];
+    }
+    let start = j * BLK;
+    var lo = 0u;
+    if (start >= prm.pool_w) {
+        lo = (start - prm.pool_w) / prm.pool_s + 1u;
+    }
+    let hi = min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, prm.np), pend);
+    var best = NEG;
+    for (var m = lo; m < hi; m++) {
+        best = max(best, scores[srow + m]);
+    }
+    return best;
 }
 
 // Does (ka, ia) come before (kb, ib)? Higher key first, then the lower index.
@@ -147,11 +179,12 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     while (p2 < end) {
         p2 <<= 1u;
     }
-    let srow = prm.s_off + row * prm.nb;
+    let srow = prm.s_off + row * prm.np;
+    let pend = pooled_end(t);
     for (var j = tid; j < p2; j += NT) {
         var key = PAD;
         if (j < end) {
-            key = select(scores[srow + j], FORCED, is_forced(cur, j));
+            key = select(block_score(srow, j, pend), FORCED, is_forced(cur, j));
         }
         sh_key[j] = key;
         sh_idx[j] = j;

@@ -107,7 +107,7 @@ fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) {
     );
 
     let op = BlockSelect::new(gpu, s, o).expect(&ctx);
-    let nb = op.blocks();
+    let np = op.pooled();
     let (tq, tk) = (
         gpu.upload(&s.q_dims(), &q).unwrap(),
         gpu.upload(&s.kv_dims(), &k).unwrap(),
@@ -115,14 +115,14 @@ fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) {
     let scratch = SelectScratch {
         block_keys: gpu
             .upload(
-                &[s.batch, s.heads_kv, nb, s.head_dim],
-                &vec![f32::NAN; s.batch * s.heads_kv * nb * s.head_dim],
+                &[s.batch, s.heads_kv, np, s.head_dim],
+                &vec![f32::NAN; s.batch * s.heads_kv * np * s.head_dim],
             )
             .unwrap(),
         scores: gpu
             .upload(
-                &[s.batch, s.heads_kv, s.seq_q, nb],
-                &vec![f32::NAN; s.batch * s.heads_kv * s.seq_q * nb],
+                &[s.batch, s.heads_kv, s.seq_q, np],
+                &vec![f32::NAN; s.batch * s.heads_kv * s.seq_q * np],
             )
             .unwrap(),
     };
@@ -140,10 +140,10 @@ fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) {
         &refsel::block_keys(&s, &o, &k),
     );
     assert!(kb.within(TOL), "block keys {kb:?} ({ctx})");
-    // Candidate scores against the reference; the others hold the NEG marker.
+    // Candidate (pooled) scores against the reference; the others hold the NEG marker.
     let got_scores = gpu.read(&scratch.scores).unwrap();
     let (mut g, mut w) = (Vec::new(), Vec::new());
-    for (i, (&x, &y)) in got_scores.iter().zip(&want.scores).enumerate() {
+    for (i, (&x, &y)) in got_scores.iter().zip(&want.pooled).enumerate() {
         if y.is_nan() {
             assert_eq!(x, -3.0e38, "non-candidate score at {i} ({ctx})");
         } else {
@@ -193,6 +193,15 @@ fn selection_matches_reference() {
         ),
         // k = every block: all candidates kept
         (shape(1, 2, 1, 90, 90, 16), opts(16, 6, 0, 0, Scoring::Ssa)),
+        // InfLLM-V2 kernels (32 tokens at stride 16) with blocks of 64 and of 16
+        (
+            shape(1, 8, 2, 333, 333, 32),
+            opts(64, 3, 1, 1, Scoring::InfLlmV2),
+        ),
+        (
+            shape(1, 4, 1, 120, 120, 64),
+            opts(16, 4, 0, 0, Scoring::InfLlmV2),
+        ),
     ];
     for (i, (s, o)) in cases.into_iter().enumerate() {
         run(&gpu, s, o, seed.wrapping_add(i as u64));
@@ -201,6 +210,8 @@ fn selection_matches_reference() {
     let mut o = opts(16, 3, 1, 0, Scoring::Ssa);
     o.causal = false;
     run(&gpu, shape(1, 4, 2, 50, 70, 32), o, seed ^ 0x55);
+    o.scoring = Scoring::InfLlmV2;
+    run(&gpu, shape(1, 4, 2, 50, 70, 32), o, seed ^ 0x56);
 }
 
 #[test]

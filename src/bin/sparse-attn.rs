@@ -121,6 +121,7 @@ struct FullArgs {
 enum ScoringArg {
     Ssa,
     Moba,
+    InfllmV2,
 }
 
 #[derive(Args)]
@@ -468,6 +469,7 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                 scoring: match a.scoring {
                     ScoringArg::Ssa => Scoring::Ssa,
                     ScoringArg::Moba => Scoring::Moba,
+                    ScoringArg::InfllmV2 => Scoring::InfLlmV2,
                 },
                 causal: true,
                 scale: None,

@@ -8,7 +8,7 @@ use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
 use crate::ops::attention::head_dim_supported;
 use crate::ops::launch::{self, Chunk, Window, plan_units, window};
-use crate::reference::select::{Scoring, SelectOptions};
+use crate::reference::select::{Scoring, SelectOptions, pooled_len, pooling};
 use crate::shape::AttnShape;
 
 const THREADS: u32 = 128;
@@ -26,7 +26,7 @@ struct Params {
     k: u32,
     n_init: u32,
     n_local: u32,
-    moba: u32,
+    mode: u32,
     scale: f32,
     grid_x: u32,
     q_off: u32,
@@ -35,7 +35,10 @@ struct Params {
     s_off: u32,
     i_off: u32,
     units: u32,
-    _pad: [u32; 2],
+    np: u32,
+    pool_w: u32,
+    pool_s: u32,
+    _pad: [u32; 3],
 }
 
 /// Tensor classes of one launch, each split by (batch, kv-head) unit.
@@ -51,9 +54,9 @@ enum Class {
 /// Intermediate tensors of a selection (kept so metrics and tests can look at the scores).
 #[derive(Debug)]
 pub struct SelectScratch {
-    /// Mean-pooled block keys `[b, hkv, nb, d]`.
+    /// Mean-pooled keys `[b, hkv, np, d]` (np = blocks, or InfLLM-V2's kernels).
     pub block_keys: Tensor,
-    /// `[b, hkv, seq_q, nb]`: block scores of the candidates (-3e38 for the others).
+    /// `[b, hkv, seq_q, np]`: pooled-key scores of the candidates (-3e38 for the others).
     pub scores: Tensor,
 }
 
@@ -63,6 +66,8 @@ pub struct BlockSelect {
     shape: AttnShape,
     opts: SelectOptions,
     nb: usize,
+    /// Pooled keys (= nb except for InfLLM-V2's overlapping kernels).
+    np: usize,
     chunks: Vec<Chunk>,
     keys: Arc<Pipeline>,
     scores: Arc<Pipeline>,
@@ -79,6 +84,7 @@ impl BlockSelect {
             );
         }
         let nb = opts.blocks(shape.seq_k);
+        let np = pooled_len(&opts, shape.seq_k);
         let nbp = nb.next_power_of_two().max(2) as u32;
         let l = gpu.limits();
         if nbp * 8 > l.max_compute_workgroup_storage_size {
@@ -109,8 +115,8 @@ impl BlockSelect {
         let per_unit = [
             ("query tensor", g * sq * d * 4),
             ("key tensor", sk * d * 4),
-            ("block-key scratch", nb as u64 * d * 4),
-            ("block-score scratch", sq * nb as u64 * 4),
+            ("pooled-key scratch", np as u64 * d * 4),
+            ("pooled-score scratch", sq * np as u64 * 4),
             ("selection", sq * opts.k as u64 * 4),
         ];
         let chunks = plan_units(
@@ -134,6 +140,7 @@ impl BlockSelect {
             shape,
             opts,
             nb,
+            np,
             chunks,
             keys: gpu.pipeline(&key("block_keys"))?,
             scores: gpu.pipeline(&key("block_scores"))?,
@@ -144,6 +151,11 @@ impl BlockSelect {
     /// Blocks of the key sequence.
     pub fn blocks(&self) -> usize {
         self.nb
+    }
+
+    /// Pooled keys the scores refer to (the blocks, or InfLLM-V2's overlapping kernels).
+    pub fn pooled(&self) -> usize {
+        self.np
     }
 
     /// Launches per kernel (more than one when tensors exceed the binding limit).
@@ -160,19 +172,19 @@ impl BlockSelect {
     pub fn scratch(&self, gpu: &Gpu) -> Result<SelectScratch> {
         let s = &self.shape;
         Ok(SelectScratch {
-            block_keys: gpu.empty(&[s.batch, s.heads_kv, self.nb, s.head_dim], DType::F32)?,
-            scores: gpu.empty(&[s.batch, s.heads_kv, s.seq_q, self.nb], DType::F32)?,
+            block_keys: gpu.empty(&[s.batch, s.heads_kv, self.np, s.head_dim], DType::F32)?,
+            scores: gpu.empty(&[s.batch, s.heads_kv, s.seq_q, self.np], DType::F32)?,
         })
     }
 
     fn window_of(&self, gpu: &Gpu, class: Class, c: Chunk) -> Window {
         let s = &self.shape;
-        let (d, sq, nb) = (s.head_dim as u64, s.seq_q as u64, self.nb as u64);
+        let (d, sq, np) = (s.head_dim as u64, s.seq_q as u64, self.np as u64);
         let per_unit = match class {
             Class::Q => s.group() as u64 * sq * d,
             Class::K => s.seq_k as u64 * d,
-            Class::KBar => nb * d,
-            Class::Scores => sq * nb,
+            Class::KBar => np * d,
+            Class::Scores => sq * np,
             Class::Sel => sq * self.opts.k as u64,
         };
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
@@ -205,13 +217,13 @@ impl BlockSelect {
         check(
             "block_keys",
             &scratch.block_keys,
-            &[s.batch, s.heads_kv, self.nb, s.head_dim],
+            &[s.batch, s.heads_kv, self.np, s.head_dim],
             DType::F32,
         )?;
         check(
             "scores",
             &scratch.scores,
-            &[s.batch, s.heads_kv, s.seq_q, self.nb],
+            &[s.batch, s.heads_kv, s.seq_q, self.np],
             DType::F32,
         )?;
         check("selection", out, &self.selection_dims(), DType::U32)?;
@@ -234,7 +246,11 @@ impl BlockSelect {
                 k: self.opts.k as u32,
                 n_init: self.opts.n_init as u32,
                 n_local: self.opts.n_local as u32,
-                moba: (self.opts.scoring == Scoring::Moba) as u32,
+                mode: match self.opts.scoring {
+                    Scoring::Ssa => 0,
+                    Scoring::Moba => 1,
+                    Scoring::InfLlmV2 => 2,
+                },
                 scale: self.opts.scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
                 grid_x: 0,
                 q_off: w(Class::Q).skip,
@@ -243,11 +259,14 @@ impl BlockSelect {
                 s_off: w(Class::Scores).skip,
                 i_off: w(Class::Sel).skip,
                 units,
-                _pad: [0; 2],
+                np: self.np as u32,
+                pool_w: pooling(&self.opts).0 as u32,
+                pool_s: pooling(&self.opts).1 as u32,
+                _pad: [0; 3],
             };
             let kbar = (3, &scratch.block_keys, w(Class::KBar));
             let scores = (4, &scratch.scores, w(Class::Scores));
-            let g = grid2(units as u64 * self.nb as u64 * s.head_dim as u64 / 4);
+            let g = grid2(units as u64 * self.np as u64 * s.head_dim as u64 / 4);
             let p = Params {
                 grid_x: g.0,
                 ..base

@@ -4,7 +4,10 @@
 //! - block keys k̄_j = mean of the keys of block j (blocks of B tokens; the last may be partial);
 //! - candidates: blocks that start at or before p (causal), or every block;
 //! - score_j = Σ_{h in group g} softmax_j(s·q_{t,h}·k̄_j) over the candidates (SSA/NSA), or
-//!   Σ_{h in group g} s·q_{t,h}·k̄_j (MoBA's plain dot product, summed over the group);
+//!   Σ_{h in group g} s·q_{t,h}·k̄_j (MoBA's plain dot product, summed over the group), or
+//!   InfLLM-V2's overlapping kernels: keys mean-pooled over 32 tokens at stride 16, the SSA score
+//!   over the candidate kernels (those starting at or before p), and a block scores the max over
+//!   the candidate kernels that overlap it;
 //! - forced: the block holding p, the first `n_init` blocks, and the `n_local` blocks right
 //!   before the current one; then the best-scoring candidates up to k blocks in all, ties to the
 //!   lower index; output sorted ascending and padded with [`SENTINEL`].
@@ -25,6 +28,30 @@ pub enum Scoring {
     Ssa,
     /// Sum over the group's query heads of the scaled dot product (MoBA-style).
     Moba,
+    /// InfLLM-V2: SSA scores of 32-token pooled keys at stride 16, max over a block's kernels.
+    InfLlmV2,
+}
+
+/// Key pooling of a scoring mode: (window, stride) in tokens.
+pub fn pooling(opts: &SelectOptions) -> (usize, usize) {
+    match opts.scoring {
+        Scoring::InfLlmV2 => (32, 16),
+        Scoring::Ssa | Scoring::Moba => (opts.block, opts.block),
+    }
+}
+
+/// Number of pooled keys over `seq_k` tokens.
+pub fn pooled_len(opts: &SelectOptions, seq_k: usize) -> usize {
+    seq_k.div_ceil(pooling(opts).1)
+}
+
+/// Pooled keys a block overlaps: `lo..=hi` (clamped to the `np` pooled keys).
+pub fn block_kernels(opts: &SelectOptions, np: usize, j: usize) -> (usize, usize) {
+    let (w, st) = pooling(opts);
+    let start = j * opts.block;
+    let lo = if start >= w { (start - w) / st + 1 } else { 0 };
+    let hi = ((j + 1) * opts.block).div_ceil(st).min(np) - 1;
+    (lo, hi)
 }
 
 /// What to select.
@@ -109,17 +136,18 @@ pub fn forced(opts: &SelectOptions, cur: usize, j: usize) -> bool {
     j == cur || j < opts.n_init || (j < cur && cur - j <= opts.n_local)
 }
 
-/// Mean-pooled block keys `[b, hkv, nb, d]`.
+/// Mean-pooled keys `[b, hkv, np, d]`: blocks (SSA, MoBA) or InfLLM-V2's overlapping kernels.
 pub fn block_keys(shape: &AttnShape, opts: &SelectOptions, k: &[f32]) -> Vec<f32> {
-    let (d, sk, bsz) = (shape.head_dim, shape.seq_k, opts.block);
-    let nb = opts.blocks(sk);
-    let mut out = vec![0f32; shape.batch * shape.heads_kv * nb * d];
+    let (d, sk) = (shape.head_dim, shape.seq_k);
+    let (w, st) = pooling(opts);
+    let np = pooled_len(opts, sk);
+    let mut out = vec![0f32; shape.batch * shape.heads_kv * np * d];
     for bh in 0..shape.batch * shape.heads_kv {
-        for j in 0..nb {
-            let (t0, t1) = (j * bsz, ((j + 1) * bsz).min(sk));
+        for p in 0..np {
+            let (t0, t1) = (p * st, (p * st + w).min(sk));
             for c in 0..d {
                 let s: f64 = (t0..t1).map(|t| k[(bh * sk + t) * d + c] as f64).sum();
-                out[(bh * nb + j) * d + c] = (s / (t1 - t0) as f64) as f32;
+                out[(bh * np + p) * d + c] = (s / (t1 - t0) as f64) as f32;
             }
         }
     }
@@ -133,6 +161,9 @@ pub struct Selection {
     pub indices: Vec<u32>,
     /// `[b, hkv, seq_q, nb]`: score of every block (NaN for blocks that are not candidates).
     pub scores: Vec<f64>,
+    /// `[b, hkv, seq_q, np]`: score of every pooled key (NaN for non-candidates); the same as
+    /// `scores` except for InfLLM-V2.
+    pub pooled: Vec<f64>,
 }
 
 pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> Result<Selection> {
@@ -148,23 +179,33 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
     }
     let (d, sq, g) = (shape.head_dim, shape.seq_q, shape.group());
     let nb = opts.blocks(shape.seq_k);
+    let np = pooled_len(opts, shape.seq_k);
+    let stride = pooling(opts).1;
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
     let kbar = block_keys(shape, opts, k);
     let rows = shape.batch * shape.heads_kv * sq;
     let mut indices = vec![SENTINEL; rows * opts.k];
     let mut scores = vec![f64::NAN; rows * nb];
+    let mut pooled = vec![f64::NAN; rows * np];
     for bkv in 0..shape.batch * shape.heads_kv {
         for t in 0..sq {
             let row = bkv * sq + t;
-            let (cur, end) = current_and_end(opts, nb, shape.q_offset() + t);
-            let score = &mut scores[row * nb..row * nb + end];
-            score.fill(0.0);
+            let pos = shape.q_offset() + t;
+            let (cur, end) = current_and_end(opts, nb, pos);
+            // Candidate pooled keys: those starting at or before the token (causal).
+            let pend = if opts.causal {
+                (pos / stride + 1).min(np)
+            } else {
+                np
+            };
+            let ps = &mut pooled[row * np..row * np + pend];
+            ps.fill(0.0);
             for h in 0..g {
                 let qrow = (bkv * g + h) * sq + t;
                 let qv = &q[qrow * d..(qrow + 1) * d];
-                let logits: Vec<f64> = (0..end)
-                    .map(|j| {
-                        let kb = &kbar[(bkv * nb + j) * d..(bkv * nb + j + 1) * d];
+                let logits: Vec<f64> = (0..pend)
+                    .map(|p| {
+                        let kb = &kbar[(bkv * np + p) * d..(bkv * np + p + 1) * d];
                         scale
                             * qv.iter()
                                 .zip(kb)
@@ -173,16 +214,27 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
                     })
                     .collect();
                 match opts.scoring {
-                    Scoring::Moba => score.iter_mut().zip(&logits).for_each(|(s, l)| *s += l),
-                    Scoring::Ssa => {
+                    Scoring::Moba => ps.iter_mut().zip(&logits).for_each(|(s, l)| *s += l),
+                    Scoring::Ssa | Scoring::InfLlmV2 => {
                         let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                         let z: f64 = logits.iter().map(|l| (l - m).exp()).sum();
-                        score
-                            .iter_mut()
+                        ps.iter_mut()
                             .zip(&logits)
                             .for_each(|(s, l)| *s += (l - m).exp() / z);
                     }
                 }
+            }
+            let score = &mut scores[row * nb..row * nb + end];
+            for (j, sc) in score.iter_mut().enumerate() {
+                *sc = match opts.scoring {
+                    Scoring::InfLlmV2 => {
+                        let (lo, hi) = block_kernels(opts, np, j);
+                        (lo..=hi.min(pend - 1))
+                            .map(|m| ps[m])
+                            .fold(f64::NEG_INFINITY, f64::max)
+                    }
+                    _ => ps[j],
+                };
             }
             // Forced blocks first (by index), then by score (ties to the lower index).
             let mut order: Vec<usize> = (0..end).collect();
@@ -197,5 +249,9 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
             indices[row * opts.k..row * opts.k + chosen.len()].copy_from_slice(&chosen);
         }
     }
-    Ok(Selection { indices, scores })
+    Ok(Selection {
+        indices,
+        scores,
+        pooled,
+    })
 }
