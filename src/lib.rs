@@ -19,9 +19,11 @@
 pub mod bench;
 pub mod error;
 pub mod gpu;
+pub mod npy;
 pub mod ops;
 pub mod reference;
 pub mod shape;
+pub mod viz;
 
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Tensor};

@@ -151,3 +151,93 @@ fn bench_sparse_prints_json() {
     let (ok, _, err) = run(&["bench", "sparse", "--block", "24"]);
     assert!(!ok && err.contains("block size 24"), "{err}");
 }
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("sparse-attn-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn map_writes_a_png_from_random_inputs_and_from_npy_files() {
+    let dir = temp_dir("map");
+    let out = dir.join("map.png");
+    let out_s = out.to_str().unwrap();
+    let (ok, stdout, err) = run(&[
+        "map",
+        "--seq",
+        "80",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--head-dim",
+        "32",
+        "--block",
+        "16",
+        "--topk",
+        "2",
+        "--out",
+        out_s,
+    ]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "map failed: {err}");
+    assert!(stdout.contains("token-level map") && stdout.contains("mean kept attention mass"));
+    let img = image::open(&out).expect("a PNG").to_rgb8();
+    assert!(
+        img.width() > 600 && img.height() > 600,
+        "{}x{}",
+        img.width(),
+        img.height()
+    );
+
+    // The same from .npy files ([heads, seq, d] and [seq, d] layouts).
+    let mut rng = sparse_attn::reference::Rng::new(5);
+    let q = sparse_attn::npy::NpyArray {
+        shape: vec![2, 70, 32],
+        data: rng.normal_vec(2 * 70 * 32, 1.0),
+    };
+    let k = sparse_attn::npy::NpyArray {
+        shape: vec![70, 32],
+        data: rng.normal_vec(70 * 32, 1.0),
+    };
+    let (qp, kp) = (dir.join("q.npy"), dir.join("k.npy"));
+    std::fs::write(&qp, sparse_attn::npy::to_bytes(&q)).unwrap();
+    std::fs::write(&kp, sparse_attn::npy::to_bytes(&k)).unwrap();
+    let (ok, stdout, err) = run(&[
+        "map",
+        "--q",
+        qp.to_str().unwrap(),
+        "--k",
+        kp.to_str().unwrap(),
+        "--head",
+        "1",
+        "--block",
+        "32",
+        "--topk",
+        "2",
+        "--out",
+        out_s,
+    ]);
+    assert!(ok, "map from .npy failed: {err}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+
+    // A file that is not .npy, and a head that does not exist: clear errors, no panic.
+    std::fs::write(&kp, b"not numpy").unwrap();
+    let (ok, _, err) = run(&[
+        "map",
+        "--q",
+        qp.to_str().unwrap(),
+        "--k",
+        kp.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("not a .npy file") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["map", "--seq", "64", "--head", "9", "--out", out_s]);
+    assert!(!ok && err.contains("out of range"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -162,3 +162,45 @@ pub fn backward(
         dv: f(dv),
     })
 }
+
+/// Full attention weights of query row-block `bh` (flattened batch x query head): `[seq_q,
+/// seq_k]`, zero for keys a query does not see. For maps of real activations.
+pub fn probabilities(
+    shape: &AttnShape,
+    opts: &AttnOptions,
+    q: &[f32],
+    k: &[f32],
+    bh: usize,
+) -> Result<Vec<f64>> {
+    check_lens(
+        shape,
+        opts,
+        &[
+            ("q", q.len(), shape.q_len()),
+            ("k", k.len(), shape.kv_len()),
+        ],
+    )?;
+    if bh >= shape.batch * shape.heads_q {
+        invalid!(
+            "row block {bh} is past the {} (batch, head) pairs",
+            shape.batch * shape.heads_q
+        );
+    }
+    let (d, sq, sk) = (shape.head_dim, shape.seq_q, shape.seq_k);
+    let kv = bh / shape.group();
+    let kh = &k[kv * sk * d..(kv + 1) * sk * d];
+    let scale = opts.scale_for(d) as f64;
+    let mut out = vec![0.0; sq * sk];
+    for i in 0..sq {
+        let row = bh * sq + i;
+        let (p, _) = row_probs(
+            &q[row * d..(row + 1) * d],
+            kh,
+            d,
+            key_end(shape, opts.causal, i),
+            scale,
+        );
+        out[i * sk..i * sk + p.len()].copy_from_slice(&p);
+    }
+    Ok(out)
+}

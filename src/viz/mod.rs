@@ -1,0 +1,320 @@
+//! Attention-map PNGs: where full attention goes, which blocks the selector keeps, and how much of
+//! the full attention mass each token keeps (its attention sparsity).
+
+use font8x8::UnicodeFonts;
+use image::{Rgb, RgbImage};
+
+use crate::error::{Result, invalid};
+use crate::reference::select::SENTINEL;
+
+/// What one map shows (one batch element, one query head).
+#[derive(Clone, Debug)]
+pub struct MapData<'a> {
+    /// Title lines.
+    pub title: Vec<String>,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    /// Position of query 0 in key coordinates (seq_k - seq_q).
+    pub q_offset: usize,
+    pub block: usize,
+    pub causal: bool,
+    /// Token-level full attention `[seq_q, seq_k]`; `None` draws the block-level map.
+    pub probs: Option<&'a [f64]>,
+    /// Full-attention mass per key block `[seq_q, nb]`.
+    pub block_mass: &'a [f32],
+    /// Kept blocks per token `[seq_q, k]`, SENTINEL-padded.
+    pub selection: &'a [u32],
+    pub k: usize,
+    /// Share of the full mass inside the kept blocks `[seq_q]`.
+    pub sparsity: &'a [f32],
+}
+
+const BG: Rgb<u8> = Rgb([255, 255, 255]);
+const INK: Rgb<u8> = Rgb([20, 20, 20]);
+const HIDDEN: Rgb<u8> = Rgb([215, 215, 215]);
+const KEPT: Rgb<u8> = Rgb([0, 230, 255]);
+/// Smallest attention weight the colour scale shows (log10).
+const LOG_MIN: f64 = -4.0;
+
+/// Magma-like colour map, v in [0, 1].
+pub fn magma(v: f64) -> Rgb<u8> {
+    const STOPS: [(f64, [f64; 3]); 5] = [
+        (0.0, [0.0, 0.0, 4.0]),
+        (0.25, [81.0, 18.0, 124.0]),
+        (0.5, [183.0, 55.0, 121.0]),
+        (0.75, [252.0, 137.0, 97.0]),
+        (1.0, [252.0, 253.0, 191.0]),
+    ];
+    let v = v.clamp(0.0, 1.0);
+    let i = STOPS.iter().rposition(|s| s.0 <= v).unwrap_or(0).min(3);
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let f = (v - a.0) / (b.0 - a.0);
+    Rgb(std::array::from_fn(|c| {
+        (a.1[c] + f * (b.1[c] - a.1[c])).round() as u8
+    }))
+}
+
+fn log_scale(p: f64) -> f64 {
+    (p.max(1e-30).log10() - LOG_MIN) / -LOG_MIN
+}
+
+fn mix(a: Rgb<u8>, b: Rgb<u8>, t: f64) -> Rgb<u8> {
+    Rgb(std::array::from_fn(|c| {
+        (a.0[c] as f64 * (1.0 - t) + b.0[c] as f64 * t).round() as u8
+    }))
+}
+
+/// Draw `text` with the 8x8 font, top-left at (x, y).
+pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, color: Rgb<u8>) {
+    for (n, ch) in text.chars().enumerate() {
+        let glyph = font8x8::BASIC_FONTS.get(ch).unwrap_or([0; 8]);
+        for (gy, row) in glyph.iter().enumerate() {
+            for gx in 0..8 {
+                if row >> gx & 1 == 1 {
+                    let (px, py) = (x + n as i64 * 8 + gx, y + gy as i64);
+                    if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height()
+                    {
+                        img.put_pixel(px as u32, py as u32, color);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn fill(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, c: Rgb<u8>) {
+    for yy in y..(y + h).min(img.height()) {
+        for xx in x..(x + w).min(img.width()) {
+            img.put_pixel(xx, yy, c);
+        }
+    }
+}
+
+/// Render the map. Rows are query tokens (grouped when there are more than 640), columns are
+/// keys (token-level) or key blocks.
+pub fn render_map(d: &MapData) -> Result<RgbImage> {
+    let nb = d.seq_k.div_ceil(d.block);
+    if d.seq_q == 0 || d.seq_k == 0 || d.block == 0 || d.k == 0 {
+        invalid!("empty map");
+    }
+    if d.block_mass.len() != d.seq_q * nb
+        || d.selection.len() != d.seq_q * d.k
+        || d.sparsity.len() != d.seq_q
+        || d.probs.is_some_and(|p| p.len() != d.seq_q * d.seq_k)
+    {
+        invalid!(
+            "map inputs do not match seq_q {}, seq_k {}, block {}",
+            d.seq_q,
+            d.seq_k,
+            d.block
+        );
+    }
+    let token_level = d.probs.is_some();
+    let cols = if token_level { d.seq_k } else { nb };
+    // Rows: query tokens, grouped (averaged) when there are more than 640.
+    let group = d.seq_q.div_ceil(640);
+    let rows = d.seq_q.div_ceil(group);
+    // Cells are stretched to about 640 px each way (block-level maps have few columns).
+    let (sx, sy) = (
+        (640 / cols).clamp(1, 32) as u32,
+        (640 / rows).clamp(1, 32) as u32,
+    );
+    let (w, h) = (cols as u32 * sx, rows as u32 * sy);
+    let (left, top, bottom, right) = (64u32, 28 + 12 * d.title.len() as u32, 44u32, 160u32);
+    let mut img = RgbImage::from_pixel(left + w + right, top + h + bottom, BG);
+
+    // Heat map with the kept blocks tinted.
+    for r in 0..rows {
+        let tokens = (r * group)..((r + 1) * group).min(d.seq_q);
+        let n = tokens.len() as f64;
+        for c in 0..cols {
+            let blk = if token_level { c / d.block } else { c };
+            let (mut val, mut kept, mut seen) = (0.0, 0.0, 0.0);
+            for t in tokens.clone() {
+                let visible = !d.causal || blk * d.block <= d.q_offset + t;
+                let visible = visible && (!token_level || !d.causal || c <= d.q_offset + t);
+                if !visible {
+                    continue;
+                }
+                seen += 1.0;
+                val += match d.probs {
+                    Some(p) => p[t * d.seq_k + c],
+                    None => d.block_mass[t * nb + c] as f64,
+                };
+                let sel = &d.selection[t * d.k..(t + 1) * d.k];
+                if sel.iter().any(|&b| b != SENTINEL && b as usize == blk) {
+                    kept += 1.0;
+                }
+            }
+            let color = if seen == 0.0 {
+                HIDDEN
+            } else {
+                let base = magma(log_scale(val / n));
+                mix(base, KEPT, 0.4 * kept / n)
+            };
+            fill(
+                &mut img,
+                left + c as u32 * sx,
+                top + r as u32 * sy,
+                sx,
+                sy,
+                color,
+            );
+        }
+        // Kept mass strip.
+        let sp: f64 = tokens.map(|t| d.sparsity[t] as f64).sum::<f64>() / n;
+        let g = (sp.clamp(0.0, 1.0) * 255.0).round() as u8;
+        fill(
+            &mut img,
+            left + w + 10,
+            top + r as u32 * sy,
+            16,
+            sy,
+            Rgb([g, g, g]),
+        );
+    }
+    // Colour bar for the attention weights.
+    let cb = left + w + 78;
+    for y in 0..h {
+        let v = 1.0 - y as f64 / (h.max(2) - 1) as f64;
+        fill(&mut img, cb, top + y, 14, 1, magma(v));
+    }
+    for (i, label) in ["1", "1e-1", "1e-2", "1e-3", "1e-4"].iter().enumerate() {
+        let y = top + (h.saturating_sub(8)) * i as u32 / 4;
+        draw_text(&mut img, (cb + 18) as i64, y as i64, label, INK);
+    }
+    draw_text(
+        &mut img,
+        (left + w + 6) as i64,
+        (top - 12) as i64,
+        "kept",
+        INK,
+    );
+    draw_text(&mut img, (cb - 14) as i64, (top - 12) as i64, "weight", INK);
+    draw_text(
+        &mut img,
+        (left + w + 4) as i64,
+        (top + h + 22) as i64,
+        "black 0, white 1",
+        INK,
+    );
+
+    // Axes: ticks every quarter, labelled in tokens (or blocks).
+    for i in 0..=4u32 {
+        let x = left + (w.saturating_sub(1)) * i / 4;
+        let val = (cols.saturating_sub(1)) as u32 * i / 4;
+        fill(&mut img, x, top + h, 1, 4, INK);
+        let label = val.to_string();
+        draw_text(
+            &mut img,
+            x as i64 - 4 * label.len() as i64,
+            (top + h + 6) as i64,
+            &label,
+            INK,
+        );
+        let y = top + (h.saturating_sub(1)) * i / 4;
+        let tval = ((rows.saturating_sub(1)) * group) as u32 * i / 4;
+        fill(&mut img, left - 4, y, 4, 1, INK);
+        let label = tval.to_string();
+        draw_text(
+            &mut img,
+            (left - 6) as i64 - 8 * label.len() as i64,
+            y as i64 - 3,
+            &label,
+            INK,
+        );
+    }
+    let xlabel = if token_level {
+        "key position (cyan tint: kept blocks)".to_string()
+    } else {
+        format!("key block of {} (cyan tint: kept)", d.block)
+    };
+    draw_text(&mut img, left as i64, (top + h + 22) as i64, &xlabel, INK);
+    draw_text(&mut img, 4, (top - 12) as i64, "query", INK);
+    for (i, line) in d.title.iter().enumerate() {
+        draw_text(&mut img, 4, 6 + 12 * i as i64, line, INK);
+    }
+    Ok(img)
+}
+
+/// Demo inputs with structure worth looking at: a smooth positional component shared by queries
+/// and keys (attention to nearby tokens) plus a few "needle" keys every query is drawn to.
+/// Returns (q, k) for `[b, hq, sq, d]` and `[b, hkv, sk, d]`.
+pub fn structured_qk(shape: &crate::AttnShape, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = crate::reference::Rng::new(seed);
+    let d = shape.head_dim;
+    let mut q = rng.normal_vec(shape.q_len(), 1.0);
+    let mut k = rng.normal_vec(shape.kv_len(), 1.0);
+    // A shared direction queries carry and needle keys amplify.
+    let c: Vec<f32> = rng.normal_vec(d, 1.0);
+    let needles: Vec<usize> = (0..6)
+        .map(|_| (rng.next_u64() % shape.seq_k as u64) as usize)
+        .collect();
+    let pos = |p: usize, c: usize| -> f32 {
+        // Slow sinusoids over the first dims: nearby positions look alike.
+        let f = (c / 2 + 1) as f32 * 0.02;
+        if c.is_multiple_of(2) {
+            (p as f32 * f).sin()
+        } else {
+            (p as f32 * f).cos()
+        }
+    };
+    let band = d.min(16);
+    for (row, x) in q.chunks_mut(d).enumerate() {
+        let t = shape.q_offset() + row % shape.seq_q;
+        for (c, xc) in x.iter_mut().take(band).enumerate() {
+            *xc += 2.5 * pos(t, c);
+        }
+        for (xc, cc) in x.iter_mut().zip(&c) {
+            *xc += 0.4 * cc;
+        }
+    }
+    for (row, x) in k.chunks_mut(d).enumerate() {
+        let j = row % shape.seq_k;
+        for (c, xc) in x.iter_mut().take(band).enumerate() {
+            *xc += 2.5 * pos(j, c);
+        }
+        if needles.contains(&j) {
+            for (xc, cc) in x.iter_mut().zip(&c) {
+                *xc += 2.0 * cc;
+            }
+        }
+    }
+    (q, k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_kept_and_dropped_cells_look_different() {
+        // Two tokens at positions 30, 31 over 32 keys in blocks of 16; token 31 keeps block 1 only.
+        let probs: Vec<f64> = (0..2 * 32)
+            .map(|i| if i % 32 < 31 { 1.0 / 31.0 } else { 0.0 })
+            .collect();
+        let mass = [0.5f32, 0.5, 0.5, 0.5];
+        let data = MapData {
+            title: vec!["t".into()],
+            seq_q: 2,
+            seq_k: 32,
+            q_offset: 29,
+            block: 16,
+            causal: true,
+            probs: Some(&probs),
+            block_mass: &mass,
+            selection: &[1, SENTINEL, 1, SENTINEL],
+            k: 2,
+            sparsity: &[0.5, 0.5],
+        };
+        let img = render_map(&data).unwrap();
+        let (sx, sy) = (640 / 32, 32);
+        let top = 28 + 12;
+        let at = |c: u32, r: u32| *img.get_pixel(64 + c * sx + sx / 2, top + r * sy + sy / 2);
+        // Key 31 is in the future of token 0 (position 29 + 0 = 29... sees keys 0..=29).
+        assert_eq!(at(31, 0), HIDDEN);
+        // Same weight, block 0 dropped vs block 1 kept: the kept one is tinted.
+        assert_eq!(at(3, 1), magma(log_scale(1.0 / 31.0)));
+        assert_ne!(at(20, 1), at(3, 1));
+    }
+}
