@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
-use crate::ops::launch::{self, Chunk, Params, Window, plan_units, window};
+use crate::ops::launch::{
+    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window,
+};
 use crate::shape::{AttnOptions, AttnShape};
 
 /// Kernel variants of the portable f32 family. Every variant computes the same thing.
@@ -456,32 +458,6 @@ impl FullAttention {
         self.chunks.len()
     }
 
-    fn check(&self, name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
-        if t.dtype() != DType::F32 {
-            invalid!("{name} has dtype {:?}; these kernels take f32", t.dtype());
-        }
-        if t.shape() != dims {
-            invalid!(
-                "{name} has shape {:?}, expected {:?} for {:?}",
-                t.shape(),
-                dims,
-                self.shape
-            );
-        }
-        Ok(())
-    }
-
-    fn no_alias(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> Result<()> {
-        for (i, (on, o)) in outputs.iter().enumerate() {
-            for (n, t) in inputs.iter().chain(&outputs[i + 1..]) {
-                if o.buffer() == t.buffer() {
-                    invalid!("output {on} shares its buffer with {n}; give each output its own");
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn params(&self, gpu: &Gpu, c: Chunk) -> Params {
         let s = &self.shape;
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
@@ -550,12 +526,12 @@ impl FullAttention {
         lse: &Tensor,
     ) -> Result<()> {
         let s = self.shape;
-        self.check("q", q, &s.q_dims())?;
-        self.check("k", k, &s.kv_dims())?;
-        self.check("v", v, &s.kv_dims())?;
-        self.check("o", o, &s.q_dims())?;
-        self.check("lse", lse, &s.lse_dims())?;
-        Self::no_alias(&[("o", o), ("lse", lse)], &[("q", q), ("k", k), ("v", v)])?;
+        expect_tensor("q", q, &s.q_dims(), DType::F32)?;
+        expect_tensor("k", k, &s.kv_dims(), DType::F32)?;
+        expect_tensor("v", v, &s.kv_dims(), DType::F32)?;
+        expect_tensor("o", o, &s.q_dims(), DType::F32)?;
+        expect_tensor("lse", lse, &s.lse_dims(), DType::F32)?;
+        no_alias(&[("o", o), ("lse", lse)], &[("q", q), ("k", k), ("v", v)])?;
         let t = self.tiles[0];
         for &c in &self.chunks {
             let p = self.params(gpu, c);
@@ -607,9 +583,9 @@ impl FullAttention {
             ("dk", &grads.dk, &s.kv_dims()),
             ("dv", &grads.dv, &s.kv_dims()),
         ] {
-            self.check(n, t, dims)?;
+            expect_tensor(n, t, dims, DType::F32)?;
         }
-        Self::no_alias(
+        no_alias(
             &[
                 ("rowd", rowd),
                 ("dq", &grads.dq),

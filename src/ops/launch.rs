@@ -5,8 +5,9 @@ use std::num::NonZeroU64;
 
 use wgpu::util::DeviceExt;
 
+use crate::error::invalid;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Pipeline, Tensor};
+use crate::gpu::{DType, Gpu, Pipeline, Tensor};
 
 /// A byte window of a buffer that a binding may cover, and where the data starts inside it.
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +94,30 @@ pub(crate) fn plan_units(
             u1: ((i + 1) * units_max).min(units),
         })
         .collect())
+}
+
+/// `t` must have exactly `dims` and `dtype`; the error names the tensor.
+pub(crate) fn expect_tensor(name: &str, t: &Tensor, dims: &[usize], dtype: DType) -> Result<()> {
+    if t.shape() != dims || t.dtype() != dtype {
+        invalid!(
+            "{name} has shape {:?} and dtype {:?}; expected shape {dims:?} and dtype {dtype:?}",
+            t.shape(),
+            t.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// No output may share a buffer with an input or with another output.
+pub(crate) fn no_alias(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> Result<()> {
+    for (i, (n, t)) in outputs.iter().enumerate() {
+        for (m, x) in inputs.iter().chain(&outputs[i + 1..]) {
+            if t.buffer() == x.buffer() {
+                invalid!("output {n} shares its buffer with {m}; give each output its own");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Record one dispatch: uniform `params` at binding 0, then each tensor window at its binding.

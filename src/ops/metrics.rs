@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
 use crate::ops::attention::head_dim_supported;
-use crate::ops::launch::{self, Chunk, Window, plan_units, window};
+use crate::ops::launch::{self, Chunk, Window, expect_tensor, plan_units, window};
 use crate::reference::select::BLOCK_SIZES;
 use crate::shape::{AttnOptions, AttnShape};
 
@@ -160,13 +160,7 @@ impl AttentionMetrics {
                 DType::U32,
             ),
         ] {
-            if t.shape() != dims || t.dtype() != dtype {
-                invalid!(
-                    "{name} is {:?} {:?}; the metrics need {dtype:?} {dims:?}",
-                    t.dtype(),
-                    t.shape()
-                );
-            }
+            expect_tensor(name, t, dims, dtype)?;
         }
         let out = MetricsOut {
             block_mass: gpu.empty(&[s.batch, s.heads_q, s.seq_q, self.nb], DType::F32)?,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
 use crate::ops::attention::head_dim_supported;
-use crate::ops::launch::{self, Chunk, Window, plan_units, window};
+use crate::ops::launch::{self, Chunk, Window, expect_tensor, plan_units, window};
 use crate::reference::select::{Scoring, SelectOptions, pooled_len, pooling};
 use crate::shape::AttnShape;
 
@@ -202,31 +202,21 @@ impl BlockSelect {
         out: &Tensor,
     ) -> Result<()> {
         let s = self.shape;
-        let check = |name: &str, t: &Tensor, dims: &[usize], dtype: DType| -> Result<()> {
-            if t.shape() != dims || t.dtype() != dtype {
-                invalid!(
-                    "{name} is {:?} {:?}; this selection needs {dtype:?} {dims:?}",
-                    t.dtype(),
-                    t.shape()
-                );
-            }
-            Ok(())
-        };
-        check("q", q, &s.q_dims(), DType::F32)?;
-        check("k", k, &s.kv_dims(), DType::F32)?;
-        check(
+        expect_tensor("q", q, &s.q_dims(), DType::F32)?;
+        expect_tensor("k", k, &s.kv_dims(), DType::F32)?;
+        expect_tensor(
             "block_keys",
             &scratch.block_keys,
             &[s.batch, s.heads_kv, self.np, s.head_dim],
             DType::F32,
         )?;
-        check(
+        expect_tensor(
             "scores",
             &scratch.scores,
             &[s.batch, s.heads_kv, s.seq_q, self.np],
             DType::F32,
         )?;
-        check("selection", out, &self.selection_dims(), DType::U32)?;
+        expect_tensor("selection", out, &self.selection_dims(), DType::U32)?;
         let max_x = gpu.limits().max_compute_workgroups_per_dimension;
         let grid2 = |n: u64| {
             let blocks = n.div_ceil(THREADS as u64);

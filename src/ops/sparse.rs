@@ -9,7 +9,9 @@ use std::sync::Arc;
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
 use crate::ops::attention::{AttnGrads, AttnOutput, Kind, Tiles, head_dim_supported};
-use crate::ops::launch::{self, Chunk, Params, Window, plan_units, window};
+use crate::ops::launch::{
+    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window,
+};
 use crate::reference::sparse::SparseOptions;
 use crate::shape::AttnShape;
 
@@ -222,17 +224,6 @@ impl SparseAttention {
         window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
     }
 
-    fn check(name: &str, t: &Tensor, dims: &[usize], dtype: DType) -> Result<()> {
-        if t.shape() != dims || t.dtype() != dtype {
-            invalid!(
-                "{name} is {:?} {:?}; this sparse attention needs {dtype:?} {dims:?}",
-                t.dtype(),
-                t.shape()
-            );
-        }
-        Ok(())
-    }
-
     /// Shapes of q, k, v, selection and bias; the bias matches how this op was built.
     fn check_inputs(
         &self,
@@ -243,27 +234,16 @@ impl SparseAttention {
         bias: Option<&Tensor>,
     ) -> Result<()> {
         let s = self.shape;
-        Self::check("q", q, &s.q_dims(), DType::F32)?;
-        Self::check("k", k, &s.kv_dims(), DType::F32)?;
-        Self::check("v", v, &s.kv_dims(), DType::F32)?;
-        Self::check("selection", sel, &self.selection_dims(), DType::U32)?;
+        expect_tensor("q", q, &s.q_dims(), DType::F32)?;
+        expect_tensor("k", k, &s.kv_dims(), DType::F32)?;
+        expect_tensor("v", v, &s.kv_dims(), DType::F32)?;
+        expect_tensor("selection", sel, &self.selection_dims(), DType::U32)?;
         match (bias, self.has_bias) {
-            (Some(b), true) => Self::check("bias", b, &self.bias_dims(), DType::F32),
+            (Some(b), true) => expect_tensor("bias", b, &self.bias_dims(), DType::F32),
             (None, false) => Ok(()),
             (Some(_), false) => invalid!("a bias was given to a sparse attention built without"),
             (None, true) => invalid!("this sparse attention was built with a bias; give one"),
         }
-    }
-
-    fn no_alias(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> Result<()> {
-        for (i, (n, t)) in outputs.iter().enumerate() {
-            for (m, x) in inputs.iter().chain(&outputs[i + 1..]) {
-                if t.buffer() == x.buffer() {
-                    invalid!("output {n} shares its buffer with {m}; give each output its own");
-                }
-            }
-        }
-        Ok(())
     }
 
     fn params(&self, gpu: &Gpu, c: Chunk) -> Params {
@@ -323,9 +303,9 @@ impl SparseAttention {
     ) -> Result<()> {
         let s = self.shape;
         self.check_inputs(q, k, v, sel, bias)?;
-        Self::check("o", &out.o, &s.q_dims(), DType::F32)?;
-        Self::check("lse", &out.lse, &s.lse_dims(), DType::F32)?;
-        Self::no_alias(
+        expect_tensor("o", &out.o, &s.q_dims(), DType::F32)?;
+        expect_tensor("lse", &out.lse, &s.lse_dims(), DType::F32)?;
+        no_alias(
             &[("o", &out.o), ("lse", &out.lse)],
             &[("q", q), ("k", k), ("v", v), ("selection", sel)],
         )?;
@@ -371,14 +351,14 @@ impl SparseAttention {
     ) -> Result<()> {
         let s = self.shape;
         self.check_inputs(q, k, v, sel, bias)?;
-        Self::check("o", &out.o, &s.q_dims(), DType::F32)?;
-        Self::check("lse", &out.lse, &s.lse_dims(), DType::F32)?;
-        Self::check("dO", d_o, &s.q_dims(), DType::F32)?;
-        Self::check("rowd", rowd, &s.lse_dims(), DType::F32)?;
-        Self::check("dq", &grads.dq, &s.q_dims(), DType::F32)?;
-        Self::check("dk", &grads.dk, &s.kv_dims(), DType::F32)?;
-        Self::check("dv", &grads.dv, &s.kv_dims(), DType::F32)?;
-        Self::no_alias(
+        expect_tensor("o", &out.o, &s.q_dims(), DType::F32)?;
+        expect_tensor("lse", &out.lse, &s.lse_dims(), DType::F32)?;
+        expect_tensor("dO", d_o, &s.q_dims(), DType::F32)?;
+        expect_tensor("rowd", rowd, &s.lse_dims(), DType::F32)?;
+        expect_tensor("dq", &grads.dq, &s.q_dims(), DType::F32)?;
+        expect_tensor("dk", &grads.dk, &s.kv_dims(), DType::F32)?;
+        expect_tensor("dv", &grads.dv, &s.kv_dims(), DType::F32)?;
+        no_alias(
             &[
                 ("rowd", rowd),
                 ("dq", &grads.dq),
