@@ -177,6 +177,10 @@ impl Tiles {
     /// the column tile (down to 16). The larger variants fit as they are or not at all.
     fn fitted(kind: Kind, variant: Variant, d: u32, max_shared: u32) -> Option<Tiles> {
         let mut t = Tiles::of(kind, variant);
+        // The head-dim chunk must divide d (a tuning override could ask otherwise).
+        if !d.is_multiple_of(t.dc) {
+            return None;
+        }
         while t.shared_bytes(kind, d) > max_shared {
             if variant != Variant::Portable {
                 return None;

@@ -96,6 +96,9 @@ impl SparseAttention {
                 opts.block
             ))
         };
+        // Measured on the H100 (docs/BENCHMARKS.md): a 32-dim chunk with whole-tile product
+        // steps helps B = 16 but costs B = 64 more (36 KiB of workgroup memory, fewer resident
+        // workgroups) than it saves; these are the better-balanced defaults.
         let base = Tiles {
             tm,
             cols,
