@@ -82,18 +82,8 @@ struct MapArgs {
     head_dim: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Block size B.
-    #[arg(long, default_value_t = 16)]
-    block: usize,
-    /// Blocks kept per token and kv head.
-    #[arg(long, default_value_t = 8)]
-    topk: usize,
-    #[arg(long, default_value_t = 0)]
-    n_init: usize,
-    #[arg(long, default_value_t = 0)]
-    n_local: usize,
-    #[arg(long, value_enum, default_value_t = ScoringArg::Ssa)]
-    scoring: ScoringArg,
+    #[command(flatten)]
+    select: SelectArgs,
     /// Draw individual keys up to this many (block-level beyond).
     #[arg(long, default_value_t = 1024)]
     token_level_max: usize,
@@ -176,12 +166,11 @@ enum ScoringArg {
     InfllmV2,
 }
 
+/// How blocks are selected.
 #[derive(Args)]
-struct SparseArgs {
-    #[command(flatten)]
-    shape: ShapeArgs,
+struct SelectArgs {
     /// Block size B (16, 32, 64, 128).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 16)]
     block: usize,
     /// Blocks kept per token and kv head (k), forced ones included.
     #[arg(long, default_value_t = 16)]
@@ -194,6 +183,32 @@ struct SparseArgs {
     n_local: usize,
     #[arg(long, value_enum, default_value_t = ScoringArg::Ssa)]
     scoring: ScoringArg,
+}
+
+impl SelectArgs {
+    fn options(&self) -> SelectOptions {
+        SelectOptions {
+            block: self.block,
+            k: self.topk,
+            n_init: self.n_init,
+            n_local: self.n_local,
+            scoring: match self.scoring {
+                ScoringArg::Ssa => Scoring::Ssa,
+                ScoringArg::Moba => Scoring::Moba,
+                ScoringArg::InfllmV2 => Scoring::InfLlmV2,
+            },
+            causal: true,
+            scale: None,
+        }
+    }
+}
+
+#[derive(Args)]
+struct SparseArgs {
+    #[command(flatten)]
+    shape: ShapeArgs,
+    #[command(flatten)]
+    select: SelectArgs,
     /// Skip the backward passes.
     #[arg(long)]
     no_backward: bool,
@@ -514,19 +529,7 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
     for &d in &a.shape.head_dim {
         for &seq in &a.shape.seq {
             let shape = a.shape.shape(seq, d);
-            let sel = SelectOptions {
-                block: a.block,
-                k: a.topk,
-                n_init: a.n_init,
-                n_local: a.n_local,
-                scoring: match a.scoring {
-                    ScoringArg::Ssa => Scoring::Ssa,
-                    ScoringArg::Moba => Scoring::Moba,
-                    ScoringArg::InfllmV2 => Scoring::InfLlmV2,
-                },
-                causal: true,
-                scale: None,
-            };
+            let sel = a.select.options();
             let r = bench_sparse(
                 &gpu,
                 shape,
@@ -543,8 +546,8 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                     s.heads_kv,
                     s.seq_q,
                     s.head_dim,
-                    a.block,
-                    a.topk,
+                    a.select.block,
+                    a.select.topk,
                     r.select_s * 1e3,
                     r.sparse_fwd_s * 1e3,
                     r.dense_fwd_s * 1e3,
@@ -811,33 +814,21 @@ fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
             a.head, a.batch_index
         )));
     }
-    let select = SelectOptions {
-        block: a.block,
-        k: a.topk,
-        n_init: a.n_init,
-        n_local: a.n_local,
-        scoring: match a.scoring {
-            ScoringArg::Ssa => Scoring::Ssa,
-            ScoringArg::Moba => Scoring::Moba,
-            ScoringArg::InfllmV2 => Scoring::InfLlmV2,
-        },
-        causal: true,
-        scale: None,
-    };
+    let select = a.select.options();
     let gpu = Gpu::new(opts)?;
     let (tq, tk) = (
         gpu.upload(&shape.q_dims(), &q)?,
         gpu.upload(&shape.kv_dims(), &k)?,
     );
     let (sel, _) = BlockSelect::new(&gpu, shape, select)?.select(&gpu, &tq, &tk)?;
-    let metrics = AttentionMetrics::new(&gpu, shape, att_opts, a.block, a.topk)?
+    let metrics = AttentionMetrics::new(&gpu, shape, att_opts, select.block, select.k)?
         .compute(&gpu, &tq, &tk, &sel)?;
-    let (sq, nb) = (shape.seq_q, shape.seq_k.div_ceil(a.block));
+    let (sq, nb) = (shape.seq_q, shape.seq_k.div_ceil(select.block));
     let bh = a.batch_index * shape.heads_q + a.head;
     let bkv = bh / shape.group();
     let mass = gpu.read(&metrics.block_mass)?[bh * sq * nb..(bh + 1) * sq * nb].to_vec();
     let sparsity = gpu.read(&metrics.sparsity)?[bh * sq..(bh + 1) * sq].to_vec();
-    let selection = gpu.read_u32(&sel)?[bkv * sq * a.topk..(bkv + 1) * sq * a.topk].to_vec();
+    let selection = gpu.read_u32(&sel)?[bkv * sq * select.k..(bkv + 1) * sq * select.k].to_vec();
     let probs = (shape.seq_k <= a.token_level_max)
         .then(|| reference::attention::probabilities(&shape, &att_opts, &q, &k, bh))
         .transpose()?;
@@ -854,18 +845,18 @@ fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
             ),
             format!(
                 "{:?} selection: B={} k={} (init {}, local {}); mean kept mass {mean:.3}",
-                select.scoring, a.block, a.topk, a.n_init, a.n_local
+                select.scoring, select.block, select.k, select.n_init, select.n_local
             ),
         ],
         seq_q: sq,
         seq_k: shape.seq_k,
         q_offset: shape.q_offset(),
-        block: a.block,
+        block: select.block,
         causal: true,
         probs: probs.as_deref(),
         block_mass: &mass,
         selection: &selection,
-        k: a.topk,
+        k: select.k,
         sparsity: &sparsity,
     };
     let img = sparse_attn::viz::render_map(&data)?;
