@@ -48,10 +48,7 @@ pub fn bench_full(
 ) -> Result<FullBench> {
     let att = FullAttention::with_variants(gpu, shape, opts, variants)?;
     let [q, k, v, d_o] = random_inputs(gpu, &shape)?;
-    let out = AttnOutput {
-        o: gpu.empty(&shape.q_dims(), DType::F32)?,
-        lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
-    };
+    let out = AttnOutput::empty(gpu, &shape)?;
     let fwd =
         |enc: &mut wgpu::CommandEncoder| att.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse);
     let t = gpu.time(Reps::Target(target_s), fwd)?;
@@ -71,11 +68,7 @@ pub fn bench_full(
     };
     if backward {
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
-        let grads = AttnGrads {
-            dq: gpu.empty(&shape.q_dims(), DType::F32)?,
-            dk: gpu.empty(&shape.kv_dims(), DType::F32)?,
-            dv: gpu.empty(&shape.kv_dims(), DType::F32)?,
-        };
+        let grads = AttnGrads::empty(gpu, &shape)?;
         att.forward_into(gpu, &q, &k, &v, &out)?;
         let bwd = |enc: &mut wgpu::CommandEncoder| {
             att.encode_backward(gpu, enc, &q, &k, &v, &out.o, &out.lse, &d_o, &rowd, &grads)
@@ -163,10 +156,7 @@ pub fn bench_sparse(
         scale: select.scale,
     };
     let sparse = SparseAttention::new(gpu, shape, sparse_opts, select.k, false)?;
-    let out = AttnOutput {
-        o: gpu.empty(&shape.q_dims(), DType::F32)?,
-        lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
-    };
+    let out = AttnOutput::empty(gpu, &shape)?;
     let t_sp = gpu.time(reps, |enc| {
         sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
     })?;
@@ -177,11 +167,7 @@ pub fn bench_sparse(
     let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
     if backward {
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
-        let grads = AttnGrads {
-            dq: gpu.empty(&shape.q_dims(), DType::F32)?,
-            dk: gpu.empty(&shape.kv_dims(), DType::F32)?,
-            dv: gpu.empty(&shape.kv_dims(), DType::F32)?,
-        };
+        let grads = AttnGrads::empty(gpu, &shape)?;
         let sp_out = sparse.forward(gpu, &q, &k, &v, &sel, None)?;
         let t = gpu.time(reps, |enc| {
             sparse.encode_backward(

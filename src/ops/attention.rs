@@ -361,6 +361,27 @@ pub struct AttnGrads {
     pub dv: Tensor,
 }
 
+impl AttnOutput {
+    /// Uninitialised O and LSE for `shape` (the kernels overwrite every element).
+    pub fn empty(gpu: &Gpu, shape: &AttnShape) -> Result<Self> {
+        Ok(Self {
+            o: gpu.empty(&shape.q_dims(), DType::F32)?,
+            lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
+        })
+    }
+}
+
+impl AttnGrads {
+    /// Uninitialised dQ, dK, dV for `shape` (the kernels overwrite every element).
+    pub fn empty(gpu: &Gpu, shape: &AttnShape) -> Result<Self> {
+        Ok(Self {
+            dq: gpu.empty(&shape.q_dims(), DType::F32)?,
+            dk: gpu.empty(&shape.kv_dims(), DType::F32)?,
+            dv: gpu.empty(&shape.kv_dims(), DType::F32)?,
+        })
+    }
+}
+
 /// Full attention for one problem shape: validated once, pipelines fetched once.
 #[derive(Debug)]
 pub struct FullAttention {
@@ -667,10 +688,7 @@ impl FullAttention {
     /// Run the forward pass and return new O and LSE tensors.
     pub fn forward(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnOutput> {
         let s = self.shape;
-        let out = AttnOutput {
-            o: gpu.empty(&s.q_dims(), DType::F32)?,
-            lse: gpu.empty(&s.lse_dims(), DType::F32)?,
-        };
+        let out = AttnOutput::empty(gpu, &s)?;
         self.forward_into(gpu, q, k, v, &out)?;
         Ok(out)
     }
@@ -702,11 +720,7 @@ impl FullAttention {
         d_o: &Tensor,
     ) -> Result<AttnGrads> {
         let s = self.shape;
-        let grads = AttnGrads {
-            dq: gpu.empty(&s.q_dims(), DType::F32)?,
-            dk: gpu.empty(&s.kv_dims(), DType::F32)?,
-            dv: gpu.empty(&s.kv_dims(), DType::F32)?,
-        };
+        let grads = AttnGrads::empty(gpu, &s)?;
         self.backward_into(gpu, q, k, v, out, d_o, &grads)?;
         Ok(grads)
     }

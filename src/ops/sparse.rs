@@ -36,6 +36,8 @@ pub struct SparseAttention {
     dq: Arc<Pipeline>,
     dkdv: Arc<Pipeline>,
     rowdot: Arc<Pipeline>,
+    /// Bound in place of the bias when there is none (the kernels never read it); made once.
+    no_bias: Tensor,
     /// Threads of the rowdot workgroup (it must match its NT constant).
     nt_rowdot: u32,
 }
@@ -187,6 +189,7 @@ impl SparseAttention {
             dq,
             dkdv,
             rowdot,
+            no_bias: gpu.empty(&[1], DType::F32)?,
             nt_rowdot: threads_d,
         })
     }
@@ -279,15 +282,14 @@ impl SparseAttention {
 
     /// The bias binding: the given tensor, or a one-element stand-in the kernel never reads.
     fn bias_view<'a>(
-        &self,
+        &'a self,
         gpu: &Gpu,
         c: Chunk,
         bias: Option<&'a Tensor>,
-        dummy: &'a Tensor,
     ) -> (u32, &'a Tensor, Window) {
         match bias {
             Some(b) => (12, b, self.window_of(gpu, Class::Bias, c)),
-            None => (12, dummy, window(0, 1, 256)),
+            None => (12, &self.no_bias, window(0, 1, 256)),
         }
     }
 
@@ -312,10 +314,9 @@ impl SparseAttention {
             &[("o", &out.o), ("lse", &out.lse)],
             &[("q", q), ("k", k), ("v", v), ("selection", sel)],
         )?;
-        let dummy = gpu.empty(&[1], DType::F32)?;
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
-            let (_, bt, bw) = self.bias_view(gpu, c, bias, &dummy);
+            let (_, bt, bw) = self.bias_view(gpu, c, bias);
             launch::dispatch(
                 gpu,
                 enc,
@@ -378,7 +379,6 @@ impl SparseAttention {
                 ("dO", d_o),
             ],
         )?;
-        let dummy = gpu.empty(&[1], DType::F32)?;
         let max_x = gpu.limits().max_compute_workgroups_per_dimension;
         let nb = s.seq_k.div_ceil(self.opts.block) as u32;
         for &c in &self.chunks {
@@ -413,7 +413,7 @@ impl SparseAttention {
                 (6, &out.lse, w(Class::Row)),
                 (7, rowd, w(Class::Row)),
                 (11, sel, w(Class::Sel)),
-                self.bias_view(gpu, c, bias, &dummy),
+                self.bias_view(gpu, c, bias),
             ];
             launch::dispatch(
                 gpu,
@@ -450,10 +450,7 @@ impl SparseAttention {
         bias: Option<&Tensor>,
     ) -> Result<AttnOutput> {
         let s = self.shape;
-        let out = AttnOutput {
-            o: gpu.empty(&s.q_dims(), DType::F32)?,
-            lse: gpu.empty(&s.lse_dims(), DType::F32)?,
-        };
+        let out = AttnOutput::empty(gpu, &s)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         self.encode_forward(gpu, &mut enc, q, k, v, sel, bias, &out)?;
         gpu.scoped("sparse attention forward", || {
@@ -478,11 +475,7 @@ impl SparseAttention {
         d_o: &Tensor,
     ) -> Result<AttnGrads> {
         let s = self.shape;
-        let grads = AttnGrads {
-            dq: gpu.empty(&s.q_dims(), DType::F32)?,
-            dk: gpu.empty(&s.kv_dims(), DType::F32)?,
-            dv: gpu.empty(&s.kv_dims(), DType::F32)?,
-        };
+        let grads = AttnGrads::empty(gpu, &s)?;
         let rowd = gpu.empty(&s.lse_dims(), DType::F32)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         self.encode_backward(gpu, &mut enc, q, k, v, sel, bias, out, d_o, &rowd, &grads)?;

@@ -70,6 +70,32 @@ pub fn visible_keys(
     keys
 }
 
+/// Softmax weights of one query row over `keys` of kv head `kv` (with the optional bias), and the
+/// row's LSE.
+#[allow(clippy::too_many_arguments)]
+fn row_probs(
+    shape: &AttnShape,
+    scale: f64,
+    qi: &[f32],
+    k: &[f32],
+    kv: usize,
+    keys: &[usize],
+    bias: Option<&[f32]>,
+) -> (Vec<f64>, f64) {
+    let (d, sk) = (shape.head_dim, shape.seq_k);
+    let logits: Vec<f64> = keys
+        .iter()
+        .map(|&j| {
+            let kj = &k[(kv * sk + j) * d..(kv * sk + j + 1) * d];
+            let dot: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
+            scale * dot + bias.map_or(0.0, |b| b[kv * sk + j] as f64)
+        })
+        .collect();
+    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + logits.iter().map(|&x| (x - m).exp()).sum::<f64>().ln();
+    (logits.iter().map(|&x| (x - lse).exp()).collect(), lse)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     shape: &AttnShape,
@@ -111,23 +137,13 @@ pub fn forward(
                 continue;
             }
             let row = bh * sq + t;
-            let qi = &q[row * d..(row + 1) * d];
-            let logits: Vec<f64> = keys
-                .iter()
-                .map(|&j| {
-                    let kj = &k[(kv * sk + j) * d..(kv * sk + j + 1) * d];
-                    let dot: f64 = qi.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    scale * dot + bias.map_or(0.0, |b| b[kv * sk + j] as f64)
-                })
-                .collect();
-            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = logits.iter().map(|&x| (x - m).exp()).sum();
-            lse[row] = (m + z.ln()) as f32;
+            let (p, l) = row_probs(shape, scale, &q[row * d..(row + 1) * d], k, kv, &keys, bias);
+            lse[row] = l as f32;
             for c in 0..d {
                 let acc: f64 = keys
                     .iter()
-                    .zip(&logits)
-                    .map(|(&j, &x)| (x - m).exp() / z * v[(kv * sk + j) * d + c] as f64)
+                    .zip(&p)
+                    .map(|(&j, &pj)| pj * v[(kv * sk + j) * d + c] as f64)
                     .sum();
                 o[row * d + c] = acc as f32;
             }
@@ -175,16 +191,7 @@ pub fn backward(
             let qi = &q[row * d..(row + 1) * d];
             let doi = &d_o[row * d..(row + 1) * d];
             let kr = |j: usize| (kv * sk + j) * d;
-            let logits: Vec<f64> = keys
-                .iter()
-                .map(|&j| {
-                    let dot: f64 = (0..d).map(|c| qi[c] as f64 * k[kr(j) + c] as f64).sum();
-                    scale * dot + bias.map_or(0.0, |b| b[kv * sk + j] as f64)
-                })
-                .collect();
-            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = logits.iter().map(|&x| (x - m).exp()).sum();
-            let p: Vec<f64> = logits.iter().map(|&x| (x - m).exp() / z).collect();
+            let (p, _) = row_probs(shape, scale, qi, k, kv, &keys, bias);
             let dp: Vec<f64> = keys
                 .iter()
                 .map(|&j| (0..d).map(|c| doi[c] as f64 * v[kr(j) + c] as f64).sum())
