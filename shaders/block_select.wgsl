@@ -3,18 +3,19 @@
 //                 InfLLM-V2's 32-token kernels at stride 16             (thread per vec4 element)
 //   block_scores: score_p = Σ_{h in group} softmax_p(s·q_h·k̄_p) (SSA, InfLLM-V2) or
 //                 Σ_h s·q_h·k̄_p (MoBA) over the candidate windows; others get NEG
-//                                                                         (thread per token)
+//                                      (workgroup per tile of tokens x all heads of the group)
 //   block_topk:   block scores (InfLLM-V2: max over the candidate kernels overlapping the block),
 //                 forced blocks, then the best scores (ties to the lower index), k in all,
 //                 written ascending and padded with SENTINEL         (workgroup per token row)
-// Constants from the launcher: D, BLK (block size), NBP (power of two >= blocks), NT (threads).
+// Constants from the launcher: BLK (block size), NBP (power of two >= blocks), and the tile
+// constants of common.wgsl for block_scores (NT threads is shared by all three entries).
 
-const D4: u32 = D / 4u;
-const NEG: f32 = -3.0e38;      // not a candidate
+//#include "common.wgsl"
+
+// NEG (from common.wgsl) marks a pooled key that is not a candidate.
 const PAD: f32 = -3.4e38;      // past the last block (sorts after NEG)
 const FORCED: f32 = 3.0e38;    // forced blocks sort first
 const SENTINEL: u32 = 0xffffffffu;
-const LOG2E: f32 = 1.4426950408889634;
 
 struct SelParams {
     seq_q: u32,
@@ -88,56 +89,173 @@ fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     kbar[prm.kb_off / 4u + (u * prm.np + p) * D4 + c] = acc / f32(t1 - t0);
 }
 
-fn logit(qv: ptr<function, array<vec4<f32>, D4>>, kb: u32) -> f32 {
-    var acc = 0.0;
-    for (var c = 0u; c < D4; c++) {
-        let b = kbar[kb + c];
-        let a = (*qv)[c];
-        acc = fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, acc))));
+// Tensor `which` of the staging helpers in common.wgsl: 0 = q, 1 = pooled keys.
+fn fetch(which: u32, g: u32) -> vec4<f32> {
+    if (which == 0u) {
+        return q[g];
     }
-    return acc * prm.scale;
+    return kbar[g];
 }
 
+// q row r of the token tile starting at t0: token t0 + r / G, head r % G (rows past the tile's
+// tokens or the sequence are padding). Returns the row's vec4 base, or SENTINEL for padding.
+fn score_row(u: u32, t0: u32, r: u32) -> u32 {
+    let tt = r / prm.group;
+    let t = t0 + tt;
+    if (tt >= BQ / prm.group || t >= prm.seq_q) {
+        return SENTINEL;
+    }
+    return prm.q_off / 4u + ((u * prm.group + r % prm.group) * prm.seq_q + t) * D4;
+}
+
+// The tile's Q rows, head dims [d0v, d0v + DCV), in registers one staging step ahead (like
+// chunk_load for the pooled keys): the global loads overlap the previous step's products.
+fn q_load(u: u32, t0: u32, d0v: u32, tid: u32) -> array<vec4<f32>, QPT> {
+    var x: array<vec4<f32>, QPT>;
+    for (var n = 0u; n < QPT; n++) {
+        let e = tid + n * NT;
+        x[n] = vec4<f32>(0.0);
+        if (e < BQ * DCV) {
+            let base = score_row(u, t0, e / DCV);
+            if (base != SENTINEL) {
+                x[n] = fetch(0u, base + d0v + e % DCV);
+            }
+        }
+    }
+    return x;
+}
+
+fn q_store(x: ptr<function, array<vec4<f32>, QPT>>, tid: u32) {
+    for (var n = 0u; n < QPT; n++) {
+        let e = tid + n * NT;
+        if (e < BQ * DCV) {
+            sh0[(e / DCV) * DSV + e % DCV] = (*x)[n];
+        }
+    }
+}
+
+// Logits of the tile against pooled keys [p0, p0 + BK), scaled by `scale`; NEG where the key
+// is not a candidate of the row's token.
+fn score_logits(u: u32, t0: u32, p0: u32, scale: f32, tid: u32, ty: u32, tx: u32) -> Logits {
+    var s: Logits;
+    for (var i = 0u; i < TM * TN; i++) {
+        s[i] = 0.0;
+    }
+    let kb4 = prm.kb_off / 4u + u * prm.np * D4;
+    var qr = q_load(u, t0, 0u, tid);
+    var kr = chunk_load(1u, kb4, p0, prm.np, 0u, tid);
+    for (var d0 = 0u; d0 < D4; d0 += DCV) {
+        q_store(&qr, tid);
+        chunk_store(BQ, &kr, tid);
+        workgroupBarrier();
+        if (d0 + DCV < D4) {
+            qr = q_load(u, t0, d0 + DCV, tid);
+            kr = chunk_load(1u, kb4, p0, prm.np, d0 + DCV, tid);
+        }
+        logits_acc(&s, 0u, BQ, ty, tx);
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < TM; i++) {
+        let end = pooled_end(t0 + (ty * TM + i) / prm.group);
+        for (var j = 0u; j < TN; j++) {
+            s[i * TN + j] = select(NEG, s[i * TN + j] * scale, p0 + tx + TC * j < end);
+        }
+    }
+    return s;
+}
+
+// One workgroup per tile of BQ / G tokens (all G query heads of each) and (batch, kv head):
+// the logits are a tiled matrix product of those rows with the pooled keys. SSA and InfLLM-V2
+// take two passes (each row's log-sum-exp over its candidates, then the normalised
+// probabilities summed over the heads); MoBA sums the scaled logits in one.
 @compute @workgroup_size(NT)
 fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let t = wg.x * NT + tid;
     let u = wg.y;
-    if (t >= prm.seq_q) {
-        return;
-    }
-    let end = pooled_end(t);
-    let srow = prm.s_off + (u * prm.seq_q + t) * prm.np;
-    let kb0 = prm.kb_off / 4u + u * prm.np * D4;
-    for (var j = 0u; j < prm.np; j++) {
-        scores[srow + j] = select(NEG, 0.0, j < end);
-    }
+    let tpw = BQ / prm.group;
+    let t0 = wg.x * tpw;
+    let ty = tid / TC;
+    let tx = tid % TC;
     let moba = prm.mode == 1u;
-    var qv: array<vec4<f32>, D4>;
-    for (var h = 0u; h < prm.group; h++) {
-        let q0 = prm.q_off / 4u + ((u * prm.group + h) * prm.seq_q + t) * D4;
-        for (var c = 0u; c < D4; c++) {
-            qv[c] = q[q0 + c];
+    // Candidates of the tile's last token bound every row's.
+    let p_end = pooled_end(min(t0 + tpw, prm.seq_q) - 1u);
+    var lse2: array<f32, TM>;
+    for (var i = 0u; i < TM; i++) {
+        lse2[i] = 0.0;
+    }
+    if (!moba) {
+        // Pass 1: per-thread running max and sum over its columns, then combined per row.
+        var m: array<f32, TM>;
+        var l: array<f32, TM>;
+        for (var i = 0u; i < TM; i++) {
+            m[i] = NEG;
+            l[i] = 0.0;
         }
-        var lse2 = 0.0;
-        if (!moba) {
-            // Online log-sum-exp (log2 domain) over the candidates.
-            var m = NEG;
-            var l = 0.0;
-            for (var j = 0u; j < end; j++) {
-                let x = logit(&qv, kb0 + j * D4) * LOG2E;
-                if (x > m) {
-                    l = l * exp2(m - x) + 1.0;
-                    m = x;
-                } else {
-                    l += exp2(x - m);
+        for (var p0 = 0u; p0 < p_end; p0 += BK) {
+            var s = score_logits(u, t0, p0, prm.scale * LOG2E, tid, ty, tx);
+            for (var i = 0u; i < TM; i++) {
+                var mx = m[i];
+                for (var j = 0u; j < TN; j++) {
+                    mx = max(mx, s[i * TN + j]);
+                }
+                var sum = l[i] * exp2(m[i] - mx);
+                for (var j = 0u; j < TN; j++) {
+                    let x = s[i * TN + j];
+                    sum += select(0.0, exp2(x - mx), x != NEG);
+                }
+                m[i] = mx;
+                l[i] = sum;
+            }
+        }
+        for (var i = 0u; i < TM; i++) {
+            sh0_set((ty * TM + i) * TC + tx, m[i]);
+        }
+        workgroupBarrier();
+        var mr: array<f32, TM>;
+        for (var i = 0u; i < TM; i++) {
+            mr[i] = row_max(ty * TM + i, NEG);
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < TM; i++) {
+            sh0_set((ty * TM + i) * TC + tx, select(0.0, l[i] * exp2(m[i] - mr[i]), m[i] != NEG));
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < TM; i++) {
+            lse2[i] = mr[i] + log2(max(row_sum(ty * TM + i), 1e-30));
+        }
+        workgroupBarrier();
+    }
+    // Pass 2: per-row probabilities (SSA, InfLLM-V2) or logits (MoBA) into sh1, then each
+    // (token, pooled key) sums its token's G rows.
+    let scale = select(prm.scale * LOG2E, prm.scale, moba);
+    for (var p0 = 0u; p0 < prm.np; p0 += BK) {
+        if (p0 < p_end) {
+            let s = score_logits(u, t0, p0, scale, tid, ty, tx);
+            for (var i = 0u; i < TM; i++) {
+                for (var j = 0u; j < TN; j++) {
+                    let x = s[i * TN + j];
+                    let p = select(exp2(x - lse2[i]), x, moba);
+                    sh1_set((ty * TM + i) * BK + tx + TC * j, select(0.0, p, x != NEG));
                 }
             }
-            lse2 = m + log2(l);
+            workgroupBarrier();
         }
-        for (var j = 0u; j < end; j++) {
-            let x = logit(&qv, kb0 + j * D4);
-            scores[srow + j] += select(exp2(x * LOG2E - lse2), x, moba);
+        for (var e = tid; e < tpw * BK; e += NT) {
+            let tt = e / BK;
+            let c = e % BK;
+            let t = t0 + tt;
+            let p = p0 + c;
+            if (t < prm.seq_q && p < prm.np) {
+                var sum = NEG;
+                if (p < pooled_end(t)) {
+                    sum = 0.0;
+                    for (var h = 0u; h < prm.group; h++) {
+                        sum += sh1_get((tt * prm.group + h) * BK + c);
+                    }
+                }
+                scores[prm.s_off + (u * prm.seq_q + t) * prm.np + p] = sum;
+            }
         }
+        // sh1 is rewritten only after the next tile's barriers.
     }
 }
 

@@ -49,6 +49,9 @@ fn sh2_set(i: u32, x: f32) {
 fn sh0_set(i: u32, x: f32) {
     sh0[i / 4u][i % 4u] = x;
 }
+fn sh1_get(i: u32) -> f32 {
+    return sh1[i / 4u][i % 4u];
+}
 fn sh2_get(i: u32) -> f32 {
     return sh2[i / 4u][i % 4u];
 }
@@ -212,6 +215,19 @@ fn online_init(m: ptr<function, Rows>, l: ptr<function, Rows>, acc: ptr<function
 fn online_tile(m: ptr<function, Rows>, l: ptr<function, Rows>, acc: ptr<function, Acc>,
                s: ptr<function, Logits>, which_v: u32, k4: u32, key0: u32, kv_len: u32,
                tid: u32, ty: u32, tx: u32) {
+    online_softmax(m, l, acc, s, ty, tx);
+    for (var c0 = 0u; c0 < BK; c0 += PC) {
+        stage_rows(which_v, 0u, k4, key0 + c0, kv_len, tid);
+        workgroupBarrier();
+        rows_acc(acc, 1u, BK, c0, 0u, ty, tx);
+        workgroupBarrier();
+    }
+}
+
+// The softmax half of `online_tile`: new maxima, P in sh1 (visible after its final barrier),
+// rescaled denominators and outputs.
+fn online_softmax(m: ptr<function, Rows>, l: ptr<function, Rows>, acc: ptr<function, Acc>,
+                  s: ptr<function, Logits>, ty: u32, tx: u32) {
     for (var i = 0u; i < TM; i++) {
         var mx = NEG;
         for (var j = 0u; j < TN; j++) {
@@ -238,11 +254,96 @@ fn online_tile(m: ptr<function, Rows>, l: ptr<function, Rows>, acc: ptr<function
         }
     }
     workgroupBarrier();
+}
+
+// Register prefetch: a thread's share of a staging step, loaded into registers one step ahead
+// so the global loads overlap the previous step's arithmetic instead of stalling before a barrier.
+const QPT: u32 = (BQ * DCV + NT - 1u) / NT;
+const KPT: u32 = (BK * DCV + NT - 1u) / NT;
+const VPT: u32 = (PC * D4 + NT - 1u) / NT;
+alias ChunkRegs = array<vec4<f32>, KPT>;
+alias RowsRegs = array<vec4<f32>, VPT>;
+
+// What `stage_chunk(which, at, base4, r0, BK, len, d0v, tid)` stages, in registers.
+fn chunk_load(which: u32, base4: u32, r0: u32, len: u32, d0v: u32, tid: u32) -> ChunkRegs {
+    var x: ChunkRegs;
+    for (var n = 0u; n < KPT; n++) {
+        let e = tid + n * NT;
+        x[n] = vec4<f32>(0.0);
+        if (e < BK * DCV && r0 + e / DCV < len) {
+            x[n] = fetch(which, base4 + (r0 + e / DCV) * D4 + d0v + e % DCV);
+        }
+    }
+    return x;
+}
+
+fn chunk_store(at: u32, x: ptr<function, ChunkRegs>, tid: u32) {
+    for (var n = 0u; n < KPT; n++) {
+        let e = tid + n * NT;
+        if (e < BK * DCV) {
+            sh0[(at + e / DCV) * DSV + e % DCV] = (*x)[n];
+        }
+    }
+}
+
+// What `stage_strided(which, at, base4, stride4, 0, BQ, len, d0v, tid)` stages, in registers.
+fn strided_load(which: u32, base4: u32, stride4: u32, len: u32, d0v: u32, tid: u32)
+    -> array<vec4<f32>, QPT> {
+    var x: array<vec4<f32>, QPT>;
+    for (var n = 0u; n < QPT; n++) {
+        let e = tid + n * NT;
+        x[n] = vec4<f32>(0.0);
+        if (e < BQ * DCV && e / DCV < len) {
+            x[n] = fetch(which, base4 + (e / DCV) * stride4 + d0v + e % DCV);
+        }
+    }
+    return x;
+}
+
+fn strided_store(at: u32, x: ptr<function, array<vec4<f32>, QPT>>, tid: u32) {
+    for (var n = 0u; n < QPT; n++) {
+        let e = tid + n * NT;
+        if (e < BQ * DCV) {
+            sh0[(at + e / DCV) * DSV + e % DCV] = (*x)[n];
+        }
+    }
+}
+
+// What `stage_rows(which, at, base4, r0, len, tid)` stages, in registers.
+fn rows_load(which: u32, base4: u32, r0: u32, len: u32, tid: u32) -> RowsRegs {
+    var x: RowsRegs;
+    for (var n = 0u; n < VPT; n++) {
+        let e = tid + n * NT;
+        x[n] = vec4<f32>(0.0);
+        if (e < PC * D4 && r0 + e / D4 < len) {
+            x[n] = fetch(which, base4 + r0 * D4 + e);
+        }
+    }
+    return x;
+}
+
+// acc += W · rows [key0, key0 + BK) of tensor `which_v` (W: scalars in sh1, row stride BK), the
+// rows staged PC at a time from registers one step ahead; `x` holds the first step, loaded by
+// the caller early (e.g. before its softmax) so the loads overlap that work too.
+fn rows_product(acc: ptr<function, Acc>, x: ptr<function, RowsRegs>, which_v: u32, k4: u32,
+                key0: u32, kv_len: u32, tid: u32, ty: u32, tx: u32) {
     for (var c0 = 0u; c0 < BK; c0 += PC) {
-        stage_rows(which_v, 0u, k4, key0 + c0, kv_len, tid);
+        rows_store(0u, x, tid);
         workgroupBarrier();
+        if (c0 + PC < BK) {
+            *x = rows_load(which_v, k4, key0 + c0 + PC, kv_len, tid);
+        }
         rows_acc(acc, 1u, BK, c0, 0u, ty, tx);
         workgroupBarrier();
+    }
+}
+
+fn rows_store(at: u32, x: ptr<function, RowsRegs>, tid: u32) {
+    for (var n = 0u; n < VPT; n++) {
+        let e = tid + n * NT;
+        if (e < PC * D4) {
+            sh0[at + e] = (*x)[n];
+        }
     }
 }
 

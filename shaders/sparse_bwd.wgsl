@@ -3,10 +3,10 @@
 // `rowdot` entry. Two entries:
 //   dq_main: per (token, batch x kv head): rows = the G query heads of the token, loop over its
 //            selected blocks: P, dP = dO Vᵀ, dS = P ∘ (dP − D), dQ += s·dS K.
-//   dkdv:    per (key block, batch x kv head): rows = the block's keys, loop over the tokens that
-//            selected the block (found by scanning the selection, NT tokens at a time, so the
-//            sums run in token order: deterministic, no atomics): Pᵀ, dPᵀ, dSᵀ,
-//            dV += Pᵀ dO, dK += s·dSᵀ Q over the token's G heads.
+//   dkdv:    per (key block, batch x kv head): rows = the block's keys, columns = the G heads
+//            of BQ / G tokens that selected the block (found by scanning the selection and
+//            compacted in token order: deterministic, no atomics): Pᵀ, dPᵀ, dSᵀ,
+//            dV += Pᵀ dO, dK += s·dSᵀ Q.
 // Extra constants: BLK (block size), HAS_BIAS.
 //#include "common.wgsl"
 
@@ -92,12 +92,23 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
                 s[i] = 0.0;
                 dp[i] = 0.0;
             }
+            // Staged from registers loaded one step ahead (see chunk_load in common.wgsl).
+            var qr = strided_load(0u, q4, qstride, prm.group, 0u, tid);
+            var dr = strided_load(1u, q4, qstride, prm.group, 0u, tid);
+            var kr = chunk_load(2u, k4, key0, kv_len, 0u, tid);
+            var vr = chunk_load(3u, k4, key0, kv_len, 0u, tid);
             for (var d0 = 0u; d0 < D4; d0 += DCV) {
-                stage_strided(0u, 0u, q4, qstride, 0u, BQ, prm.group, d0, tid);
-                stage_strided(1u, BQ, q4, qstride, 0u, BQ, prm.group, d0, tid);
-                stage_chunk(2u, 2u * BQ, k4, key0, BK, kv_len, d0, tid);
-                stage_chunk(3u, 2u * BQ + BK, k4, key0, BK, kv_len, d0, tid);
+                strided_store(0u, &qr, tid);
+                strided_store(BQ, &dr, tid);
+                chunk_store(2u * BQ, &kr, tid);
+                chunk_store(2u * BQ + BK, &vr, tid);
                 workgroupBarrier();
+                if (d0 + DCV < D4) {
+                    qr = strided_load(0u, q4, qstride, prm.group, d0 + DCV, tid);
+                    dr = strided_load(1u, q4, qstride, prm.group, d0 + DCV, tid);
+                    kr = chunk_load(2u, k4, key0, kv_len, d0 + DCV, tid);
+                    vr = chunk_load(3u, k4, key0, kv_len, d0 + DCV, tid);
+                }
                 logits_acc(&s, 0u, 2u * BQ, ty, tx);
                 logits_acc(&dp, BQ, 2u * BQ + BK, ty, tx);
                 workgroupBarrier();
@@ -112,13 +123,9 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
                     sh1_set(h * BK + tx + TC * j, p * (dp[i * TN + j] - rd[i]));
                 }
             }
+            var kx = rows_load(2u, k4, key0, kv_len, tid);
             workgroupBarrier();
-            for (var c0 = 0u; c0 < BK; c0 += PC) {
-                stage_rows(2u, 0u, k4, key0 + c0, kv_len, tid);
-                workgroupBarrier();
-                rows_acc(&g, 1u, BK, c0, 0u, ty, tx);
-                workgroupBarrier();
-            }
+            rows_product(&g, &kx, 2u, k4, key0, kv_len, tid, ty, tx);
         }
     }
     for (var i = 0u; i < TM; i++) {
@@ -131,7 +138,106 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     }
 }
 
-// dkdv: rows are the BK = BLK keys of block wg.x, columns the BQ (>= G) heads of one token.
+// dkdv: rows are the BK = BLK keys of block wg.x; columns are (token, head) pairs: BQ / G tokens
+// that selected the block, all G heads of each. The tokens are found by scanning the selection
+// NT tokens at a time and compacted in token order (a prefix sum), so the sums always run in
+// the same order: deterministic, no atomics.
+var<workgroup> sh_list: array<u32, NT + BQ>;  // tokens waiting for a tile, in order
+var<workgroup> sh_pending: u32;
+var<workgroup> sh_col: array<u32, BQ>;        // q / dO vec4 base of each column, or SENTINEL
+var<workgroup> sh_kvl: array<u32, BQ>;        // keys visible to each column's token (0: padding)
+
+// Columns of head dims [d0v, d0v + DCV) of tensor `which` (q or dO) into sh0 rows at...
+fn stage_cols(which: u32, at: u32, d0v: u32, tid: u32) {
+    for (var e = tid; e < BQ * DCV; e += NT) {
+        let r = e / DCV;
+        let base = sh_col[r];
+        var x = vec4<f32>(0.0);
+        if (base != SENTINEL) {
+            x = fetch(which, base + d0v + e % DCV);
+        }
+        sh0[(at + r) * DSV + e % DCV] = x;
+    }
+}
+
+// PC whole columns [r0, r0 + PC) of tensor `which` into sh0 at vec4 offset `at` (stride D4).
+fn stage_col_rows(which: u32, at: u32, r0: u32, tid: u32) {
+    for (var e = tid; e < PC * D4; e += NT) {
+        let base = sh_col[r0 + e / D4];
+        var x = vec4<f32>(0.0);
+        if (base != SENTINEL) {
+            x = fetch(which, base + e % D4);
+        }
+        sh0[at + e] = x;
+    }
+}
+
+// One tile: the tokens sh_list[first .. first + count) (count <= BQ / G) against the block.
+fn dkdv_tile(gk: ptr<function, Acc>, gv: ptr<function, Acc>, u: u32, k4: u32, key0: u32,
+             first: u32, count: u32, tid: u32, ty: u32, tx: u32) {
+    for (var c = tid; c < BQ; c += NT) {
+        let li = c / prm.group;
+        var base = SENTINEL;
+        var kvl = 0u;
+        var a = 0.0;
+        var b = 0.0;
+        if (li < count) {
+            let t = sh_list[first + li];
+            let hq = u * prm.group + c % prm.group;
+            base = (prm.q_off + (hq * prm.seq_q + t) * D) / 4u;
+            kvl = kv_len_of(t);
+            let row = prm.r_off + hq * prm.seq_q + t;
+            a = lse[row] * LOG2E;
+            b = rowd[row];
+        }
+        sh_col[c] = base;
+        sh_kvl[c] = kvl;
+        sh2_set(BK * BQ + c, a);
+        sh2_set(BK * BQ + BQ + c, b);
+    }
+    workgroupBarrier();
+    var s: Logits;
+    var dp: Logits;
+    for (var i = 0u; i < TM * TN; i++) {
+        s[i] = 0.0;
+        dp[i] = 0.0;
+    }
+    for (var d0 = 0u; d0 < D4; d0 += DCV) {
+        stage_chunk(2u, 0u, k4, key0, BK, prm.seq_k, d0, tid);
+        stage_chunk(3u, BK, k4, key0, BK, prm.seq_k, d0, tid);
+        stage_cols(0u, 2u * BK, d0, tid);
+        stage_cols(1u, 2u * BK + BQ, d0, tid);
+        workgroupBarrier();
+        logits_acc(&s, 0u, 2u * BK, ty, tx);
+        logits_acc(&dp, BK, 2u * BK + BQ, ty, tx);
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < TM; i++) {
+        let c = key0 + ty * TM + i;
+        var b = 0.0;
+        if (c < prm.seq_k) {
+            b = key_bias(u, c);
+        }
+        for (var j = 0u; j < TN; j++) {
+            let col = tx + TC * j;
+            let p = select(0.0,
+                exp2(fma(s[i * TN + j], prm.scale_log2, b) - sh2_get(BK * BQ + col)),
+                c < sh_kvl[col]);
+            sh1_set((ty * TM + i) * BQ + col, p);
+            sh2_set((ty * TM + i) * BQ + col, p * (dp[i * TN + j] - sh2_get(BK * BQ + BQ + col)));
+        }
+    }
+    workgroupBarrier();
+    for (var r0 = 0u; r0 < BQ; r0 += PC) {
+        stage_col_rows(1u, 0u, r0, tid);
+        stage_col_rows(0u, PC * D4, r0, tid);
+        workgroupBarrier();
+        rows_acc(gv, 1u, BQ, r0, 0u, ty, tx);
+        rows_acc(gk, 2u, BQ, r0, PC * D4, ty, tx);
+        workgroupBarrier();
+    }
+}
+
 @compute @workgroup_size(NT)
 fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let blk = wg.x;
@@ -140,13 +246,16 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let ty = tid / TC;
     let tx = tid % TC;
     let k4 = (prm.k_off + u * prm.seq_k * D) / 4u;
-    let qstride = prm.seq_q * D4;
+    let tpt = BQ / prm.group;
 
     var gk: Acc;
     var gv: Acc;
     for (var i = 0u; i < TM * TD4; i++) {
         gk[i] = vec4<f32>(0.0);
         gv[i] = vec4<f32>(0.0);
+    }
+    if (tid == 0u) {
+        sh_pending = 0u;
     }
     // The first token that can see key0 (causal): q_pos0 + t >= key0.
     var tstart = 0u;
@@ -163,68 +272,46 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                 hit |= select(0u, 1u, sel[sel0 + si] == blk);
             }
         }
+        // Inclusive prefix sum of the hits (Hillis-Steele) gives each hit its place in line.
         sh_flags[tid] = hit;
         workgroupBarrier();
-        for (var n = 0u; n < NT; n++) {
-            if (workgroupUniformLoad(&sh_flags[n]) == 0u) {
-                continue;
-            }
-            let t = t0 + n;
-            let kv_len = kv_len_of(t);
-            let q4 = (prm.q_off + (u * prm.group * prm.seq_q + t) * D) / 4u;
-            // LSE·log2(e) and D of the token's heads, after Pᵀ and dSᵀ in sh2.
-            for (var h = tid; h < BQ; h += NT) {
-                var a = 0.0;
-                var b = 0.0;
-                if (h < prm.group) {
-                    let row = prm.r_off + (u * prm.group + h) * prm.seq_q + t;
-                    a = lse[row] * LOG2E;
-                    b = rowd[row];
-                }
-                sh2_set(BK * BQ + h, a);
-                sh2_set(BK * BQ + BQ + h, b);
-            }
-            var s: Logits;
-            var dp: Logits;
-            for (var i = 0u; i < TM * TN; i++) {
-                s[i] = 0.0;
-                dp[i] = 0.0;
-            }
-            for (var d0 = 0u; d0 < D4; d0 += DCV) {
-                stage_chunk(2u, 0u, k4, key0, BK, kv_len, d0, tid);
-                stage_chunk(3u, BK, k4, key0, BK, kv_len, d0, tid);
-                stage_strided(0u, 2u * BK, q4, qstride, 0u, BQ, prm.group, d0, tid);
-                stage_strided(1u, 2u * BK + BQ, q4, qstride, 0u, BQ, prm.group, d0, tid);
-                workgroupBarrier();
-                logits_acc(&s, 0u, 2u * BK, ty, tx);
-                logits_acc(&dp, BK, 2u * BK + BQ, ty, tx);
-                workgroupBarrier();
-            }
-            for (var i = 0u; i < TM; i++) {
-                let c = key0 + ty * TM + i;
-                let b = select(0.0, key_bias(u, c), c < kv_len);
-                for (var j = 0u; j < TN; j++) {
-                    let h = tx + TC * j;
-                    let p = select(0.0,
-                        exp2(fma(s[i * TN + j], prm.scale_log2, b) - sh2_get(BK * BQ + h)),
-                        c < kv_len && h < prm.group);
-                    sh1_set((ty * TM + i) * BQ + h, p);
-                    sh2_set((ty * TM + i) * BQ + h,
-                        p * (dp[i * TN + j] - sh2_get(BK * BQ + BQ + h)));
-                }
+        for (var off = 1u; off < NT; off <<= 1u) {
+            var x = sh_flags[tid];
+            if (tid >= off) {
+                x += sh_flags[tid - off];
             }
             workgroupBarrier();
-            for (var r0 = 0u; r0 < BQ; r0 += PC) {
-                stage_rows_strided(1u, 0u, q4, qstride, r0, prm.group, tid);
-                stage_rows_strided(0u, PC * D4, q4, qstride, r0, prm.group, tid);
-                workgroupBarrier();
-                rows_acc(&gv, 1u, BQ, r0, 0u, ty, tx);
-                rows_acc(&gk, 2u, BQ, r0, PC * D4, ty, tx);
-                workgroupBarrier();
-            }
+            sh_flags[tid] = x;
+            workgroupBarrier();
         }
-        // sh_flags is rewritten by the next round only after everyone has read it.
+        let base = sh_pending;
+        if (hit != 0u) {
+            sh_list[base + sh_flags[tid] - 1u] = tt;
+        }
+        let n = workgroupUniformLoad(&sh_pending) + workgroupUniformLoad(&sh_flags[NT - 1u]);
+        var done = 0u;
+        while (n - done >= tpt) {
+            dkdv_tile(&gk, &gv, u, k4, key0, done, tpt, tid, ty, tx);
+            done += tpt;
+        }
+        // Move the rest (fewer than a tile) to the front of the line.
+        let rem = n - done;
+        var keep = 0u;
+        if (tid < rem) {
+            keep = sh_list[done + tid];
+        }
         workgroupBarrier();
+        if (tid < rem) {
+            sh_list[tid] = keep;
+        }
+        if (tid == 0u) {
+            sh_pending = rem;
+        }
+        workgroupBarrier();
+    }
+    let rem = workgroupUniformLoad(&sh_pending);
+    if (rem > 0u) {
+        dkdv_tile(&gk, &gv, u, k4, key0, 0u, rem, tid, ty, tx);
     }
     for (var i = 0u; i < TM; i++) {
         let c = key0 + ty * TM + i;

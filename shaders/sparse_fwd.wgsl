@@ -61,10 +61,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             for (var i = 0u; i < TM * TN; i++) {
                 s[i] = 0.0;
             }
+            // Q, K and V are staged from registers loaded one step ahead (see chunk_load).
+            // (Loading the next tile's first K step during this tile's P V was measured slower
+            // on the H100: registers live across the softmax.)
+            var qr = strided_load(0u, q4, qstride, prm.group, 0u, tid);
+            var kr = chunk_load(1u, k4, key0, kv_len, 0u, tid);
             for (var d0 = 0u; d0 < D4; d0 += DCV) {
-                stage_strided(0u, 0u, q4, qstride, 0u, BQ, prm.group, d0, tid);
-                stage_chunk(1u, BQ, k4, key0, BK, kv_len, d0, tid);
+                strided_store(0u, &qr, tid);
+                chunk_store(BQ, &kr, tid);
                 workgroupBarrier();
+                if (d0 + DCV < D4) {
+                    qr = strided_load(0u, q4, qstride, prm.group, d0 + DCV, tid);
+                    kr = chunk_load(1u, k4, key0, kv_len, d0 + DCV, tid);
+                }
                 logits_acc(&s, 0u, BQ, ty, tx);
                 workgroupBarrier();
             }
@@ -78,7 +87,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                     s[i * TN + j] = select(NEG, fma(s[i * TN + j], prm.scale_log2, b), c < kv_len);
                 }
             }
-            online_tile(&m, &l, &acc, &s, 2u, k4, key0, kv_len, tid, ty, tx);
+            var vr = rows_load(2u, k4, key0, kv_len, tid);
+            online_softmax(&m, &l, &acc, &s, ty, tx);
+            rows_product(&acc, &vr, 2u, k4, key0, kv_len, tid, ty, tx);
         }
     }
 

@@ -116,6 +116,9 @@ pub struct SparseBench {
     /// FLOPs of the pairs the sparse forward attends to, over its own time.
     pub sparse_tflops: f64,
     pub timer: TimerSource,
+    /// Per kernel (`file:entry`, seconds, dispatches) of selection, sparse forward and sparse
+    /// backward, when asked for (`Gpu::profile`).
+    pub stages: Vec<(String, f64, u32)>,
 }
 
 /// (query, key) pairs a causal sparse forward attends to when every token keeps `k` blocks of
@@ -142,6 +145,7 @@ pub fn bench_sparse(
     select: SelectOptions,
     backward: bool,
     reps: Reps,
+    stages: bool,
 ) -> Result<SparseBench> {
     let [q, k, v, d_o] = random_inputs(gpu, &shape)?;
     let selector = BlockSelect::new(gpu, shape, select)?;
@@ -165,15 +169,26 @@ pub fn bench_sparse(
         dense.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse)
     })?;
     let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
+    let mut profile = Vec::new();
+    if stages {
+        profile.extend(gpu.profile(3, |enc| selector.encode(gpu, enc, &q, &k, &scratch, &sel))?);
+        profile.extend(gpu.profile(3, |enc| {
+            sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
+        })?);
+    }
     if backward {
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
         let grads = AttnGrads::empty(gpu, &shape)?;
         let sp_out = sparse.forward(gpu, &q, &k, &v, &sel, None)?;
-        let t = gpu.time(reps, |enc| {
+        let bwd = |enc: &mut wgpu::CommandEncoder| {
             sparse.encode_backward(
                 gpu, enc, &q, &k, &v, &sel, None, &sp_out, &d_o, &rowd, &grads,
             )
-        })?;
+        };
+        let t = gpu.time(reps, bwd)?;
+        if stages {
+            profile.extend(gpu.profile(3, bwd)?);
+        }
         sparse_bwd_s = Some(t.seconds);
         let dense_out = dense.forward(gpu, &q, &k, &v)?;
         let t = gpu.time(reps, |enc| {
@@ -205,6 +220,7 @@ pub fn bench_sparse(
             * 1e-12,
         sparse_tflops: 4.0 * shape.head_dim as f64 * pairs / t_sp.seconds * 1e-12,
         timer: t_sp.source,
+        stages: profile,
     })
 }
 
@@ -235,6 +251,12 @@ impl SparseBench {
             "dense_equiv_tflops": self.dense_equiv_tflops,
             "sparse_tflops": self.sparse_tflops,
             "timer": format!("{:?}", self.timer),
+            "stages": self.stages.iter().map(|(k, s, n)| serde_json::json!({
+                "kernel": k, "ms": s * 1e3, "dispatches": n,
+            })).collect::<Vec<_>>(),
+            "stages": self.stages.iter().map(|(k, s, n)| serde_json::json!({
+                "kernel": k, "ms": s * 1e3, "dispatches": n,
+            })).collect::<Vec<_>>(),
         })
     }
 }

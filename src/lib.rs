@@ -22,6 +22,7 @@ pub mod gpu;
 pub mod npy;
 pub mod ops;
 pub mod reference;
+pub mod safetensors;
 pub mod shape;
 pub mod viz;
 

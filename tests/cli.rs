@@ -206,23 +206,32 @@ fn map_writes_a_png_from_random_inputs_and_from_npy_files() {
     let (qp, kp) = (dir.join("q.npy"), dir.join("k.npy"));
     std::fs::write(&qp, sparse_attn::npy::to_bytes(&q)).unwrap();
     std::fs::write(&kp, sparse_attn::npy::to_bytes(&k)).unwrap();
-    let (ok, stdout, err) = run(&[
-        "map",
-        "--q",
-        qp.to_str().unwrap(),
-        "--k",
-        kp.to_str().unwrap(),
-        "--head",
-        "1",
-        "--block",
-        "32",
-        "--topk",
-        "2",
-        "--out",
-        out_s,
-    ]);
+    let map_from = |q: &str, k: &str| {
+        run(&[
+            "map", "--q", q, "--k", k, "--head", "1", "--block", "32", "--topk", "2", "--out",
+            out_s,
+        ])
+    };
+    let (ok, stdout, err) = map_from(qp.to_str().unwrap(), kp.to_str().unwrap());
     assert!(ok, "map from .npy failed: {err}");
     assert!(stdout.contains("wrote"), "{stdout}");
+
+    // The same arrays from one .safetensors file, tensors named after the colon.
+    let st = dir.join("acts.safetensors");
+    std::fs::write(
+        &st,
+        sparse_attn::safetensors::to_bytes(&[("q", &q), ("k", &k)]),
+    )
+    .unwrap();
+    let spec = |name: &str| format!("{}:{name}", st.to_str().unwrap());
+    let (ok, stdout, err) = map_from(&spec("q"), &spec("k"));
+    assert!(ok, "map from .safetensors failed: {err}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let (ok, _, err) = run(&["map", "--q", &spec("q"), "--k", &spec("v"), "--out", out_s]);
+    assert!(
+        !ok && err.contains("no tensor `v`") && !err.contains("panicked"),
+        "{err}"
+    );
 
     // A file that is not .npy, and a head that does not exist: clear errors, no panic.
     std::fs::write(&kp, b"not numpy").unwrap();

@@ -202,6 +202,21 @@ fn selection_matches_reference() {
             shape(1, 4, 1, 120, 120, 64),
             opts(16, 4, 0, 0, Scoring::InfLlmV2),
         ),
+        // More pooled keys than one score tile (69 blocks), a group of 3 (padding rows in the
+        // score kernel's token tiles)
+        (
+            shape(1, 6, 2, 1100, 1100, 32),
+            opts(16, 8, 1, 2, Scoring::Ssa),
+        ),
+        (
+            shape(1, 3, 1, 1100, 1100, 16),
+            opts(16, 5, 0, 0, Scoring::InfLlmV2),
+        ),
+        // A group of 32 query heads: more than 16 rows per thread column of the score tile
+        (
+            shape(1, 32, 1, 150, 150, 16),
+            opts(16, 4, 0, 0, Scoring::Moba),
+        ),
     ];
     for (i, (s, o)) in cases.into_iter().enumerate() {
         run(&gpu, s, o, seed.wrapping_add(i as u64));
@@ -272,6 +287,31 @@ fn ties_go_to_the_lower_index() {
     assert_eq!(got, want.indices);
     // Token 150 sits in block 9: forced 9 and 8 (local), then the lowest: 0, 1, 2.
     assert_eq!(&got[150 * 5..151 * 5], &[0, 1, 2, 8, 9]);
+}
+
+/// Under WebGPU's default limits (what a browser grants) the score kernel takes smaller tiles.
+#[test]
+fn selection_under_webgpu_default_limits() {
+    let Some(gpu) = common::gpu_with(&sparse_attn::GpuOptions {
+        webgpu_default_limits: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    run(
+        &gpu,
+        shape(1, 16, 1, 300, 300, 128),
+        opts(16, 4, 1, 1, Scoring::Ssa),
+        seed,
+    );
+    run(
+        &gpu,
+        shape(1, 8, 2, 200, 200, 64),
+        opts(16, 3, 0, 0, Scoring::InfLlmV2),
+        seed ^ 1,
+    );
 }
 
 /// Tensors past the device's binding limit are split by (batch, kv-head) and give the same result.

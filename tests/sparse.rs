@@ -141,6 +141,10 @@ fn sparse_forward_and_backward_match_reference() {
         (shape(1, 4, 4, 130, 130, 128), 32, 3, false, false), // non-causal, 1:1
         (shape(1, 4, 1, 7, 700, 64), 128, 4, true, true),    // queries at the end, B 128
         (shape(1, 32, 1, 40, 40, 16), 16, 2, true, false),   // 32 heads per group
+        // Long enough that dK/dV scans several rounds of tokens and fills many token tiles;
+        // a group of 3 leaves padding columns in every tile.
+        (shape(1, 6, 2, 700, 700, 32), 16, 5, true, true),
+        (shape(1, 16, 1, 600, 600, 128), 64, 4, true, false),
     ];
     for (i, (s, block, nsel, causal, with_bias)) in cases.into_iter().enumerate() {
         let seed = seed.wrapping_add(i as u64);

@@ -61,13 +61,14 @@ struct MapArgs {
     /// Batch element to draw.
     #[arg(long, default_value_t = 0)]
     batch_index: usize,
-    /// q from a .npy file (little-endian float32, [batch, heads, seq, head_dim], [heads, seq,
-    /// head_dim] or [seq, head_dim]); with --k. Default: structured random inputs.
+    /// q from a file: `q.npy` (little-endian float32) or `acts.safetensors:NAME` (F32, F16,
+    /// BF16 or F64); shape [batch, heads, seq, head_dim], [heads, seq, head_dim] or
+    /// [seq, head_dim]. With --k. Default: structured random inputs.
     #[arg(long, requires = "k")]
-    q: Option<std::path::PathBuf>,
-    /// k from a .npy file (same layout as q, kv heads).
+    q: Option<String>,
+    /// k from a file, as for --q (kv heads).
     #[arg(long, requires = "q")]
-    k: Option<std::path::PathBuf>,
+    k: Option<String>,
     /// Random inputs: sequence length.
     #[arg(long, default_value_t = 512)]
     seq: usize,
@@ -212,6 +213,10 @@ struct SparseArgs {
     /// Skip the backward passes.
     #[arg(long)]
     no_backward: bool,
+    /// Also time every kernel of the selection, sparse forward and backward on its own
+    /// (timestamps around each dispatch).
+    #[arg(long)]
+    stages: bool,
     /// Target seconds per timed submission.
     #[arg(long, default_value_t = 0.3)]
     target_seconds: f64,
@@ -536,6 +541,7 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                 sel,
                 !a.no_backward,
                 Reps::Target(a.target_seconds),
+                a.stages,
             )?;
             if !a.out.json {
                 let s = &r.shape;
@@ -561,6 +567,12 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                         .zip(r.sparse_bwd_s)
                         .map_or("-".into(), |(d, s)| format!("{:.2}x", d / s))
                 );
+                for (kernel, secs, n) in &r.stages {
+                    println!(
+                        "      {kernel:<32} {:>9.3} ms  ({n} dispatches)",
+                        secs * 1e3
+                    );
+                }
             }
             results.push(r);
         }
@@ -741,7 +753,7 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
          trains them to)"
     );
     // One repetition: the demo must stay quick on software adapters too.
-    let r = bench_sparse(&gpu, shape, select, true, Reps::Fixed(1))?;
+    let r = bench_sparse(&gpu, shape, select, true, Reps::Fixed(1), false)?;
     println!(
         "  speed: selection {:.3} ms + sparse forward {:.3} ms vs dense forward {:.3} ms \
          ({:.2}x); sparse backward {:.3} ms vs dense {:.3} ms ({:.2}x)",
@@ -762,7 +774,7 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
     }
 }
 
-/// Reshape a .npy array to [batch, heads, seq, head_dim].
+/// Reshape a loaded array to [batch, heads, seq, head_dim].
 fn as_4d(a: sparse_attn::npy::NpyArray, what: &str) -> Result<(Vec<usize>, Vec<f32>), Error> {
     let dims = match a.shape.len() {
         4 => a.shape.clone(),
@@ -782,8 +794,8 @@ fn as_4d(a: sparse_attn::npy::NpyArray, what: &str) -> Result<(Vec<usize>, Vec<f
 fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
     let (shape, q, k) = match (&a.q, &a.k) {
         (Some(qp), Some(kp)) => {
-            let (qd, q) = as_4d(sparse_attn::npy::read(qp)?, "q")?;
-            let (kd, k) = as_4d(sparse_attn::npy::read(kp)?, "k")?;
+            let (qd, q) = as_4d(sparse_attn::safetensors::load_spec(qp)?, "q")?;
+            let (kd, k) = as_4d(sparse_attn::safetensors::load_spec(kp)?, "k")?;
             if qd[0] != kd[0] || qd[3] != kd[3] {
                 return Err(Error::InvalidInput(format!(
                     "q {qd:?} and k {kd:?} disagree on batch or head_dim"
@@ -834,7 +846,7 @@ fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
         .transpose()?;
     let mean = sparsity.iter().map(|&x| x as f64).sum::<f64>() / sq as f64;
     let source = match &a.q {
-        Some(p) => format!("{}", p.display()),
+        Some(p) => p.clone(),
         None => format!("structured random inputs (seed {})", a.seed),
     };
     let data = sparse_attn::viz::MapData {

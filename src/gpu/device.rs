@@ -82,6 +82,8 @@ pub struct Gpu {
     features: wgpu::Features,
     limits: wgpu::Limits,
     pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+    /// Set while `Gpu::profile` records: every dispatch then writes its own timestamps.
+    pub(crate) profiler: Mutex<Option<crate::gpu::timer::Profiler>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -291,6 +293,7 @@ impl Gpu {
             features,
             limits,
             pipelines: Mutex::new(HashMap::new()),
+            profiler: Mutex::new(None),
         })
     }
 

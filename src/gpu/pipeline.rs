@@ -63,6 +63,8 @@ pub struct PipelineKey {
 pub struct Pipeline {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
+    /// `file:entry`, as profiles name it.
+    pub label: String,
 }
 
 /// Expand `//#include "x.wgsl"` lines and prepend the constants.
@@ -119,7 +121,11 @@ impl Gpu {
                     cache: None,
                 });
             let layout = pipeline.get_bind_group_layout(0);
-            Pipeline { pipeline, layout }
+            Pipeline {
+                pipeline,
+                layout,
+                label: label.clone(),
+            }
         })?;
         let built = Arc::new(built);
         self.pipelines

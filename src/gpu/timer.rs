@@ -126,3 +126,107 @@ impl Gpu {
         })
     }
 }
+
+/// Per-dispatch timestamps while `Gpu::profile` records (see `ops::launch::dispatch`).
+pub(crate) struct Profiler {
+    set: wgpu::QuerySet,
+    labels: Vec<String>,
+}
+
+/// Queries in one profile: wgpu caps a query set at 4096 (two per dispatch).
+const PROFILE_QUERIES: u32 = 4096;
+
+impl Gpu {
+    /// The query set and first index for the next dispatch of `label` while a profile records
+    /// (a clone of the handle: wgpu resources are reference counted).
+    pub(crate) fn profile_slot(&self, label: &str) -> Option<(wgpu::QuerySet, u32)> {
+        let mut guard = self.profiler.lock().ok()?;
+        let p = guard.as_mut()?;
+        let i = 2 * p.labels.len() as u32;
+        if i + 2 > PROFILE_QUERIES {
+            return None;
+        }
+        p.labels.push(label.to_string());
+        Some((p.set.clone(), i))
+    }
+
+    /// Time every dispatch `encode` records, by kernel: `(file:entry, seconds per call of
+    /// encode, dispatches per call)` in order of first appearance. Runs `encode` once untimed,
+    /// then `reps` times in one submission with timestamps around each dispatch. Needs the
+    /// adapter's timestamp queries.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile<F>(&self, reps: u32, mut encode: F) -> Result<Vec<(String, f64, u32)>>
+    where
+        F: FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+    {
+        if !self.has_timestamps() {
+            return Err(Error::Unsupported(
+                "profiling needs timestamp queries, which this adapter lacks".into(),
+            ));
+        }
+        let reps = reps.max(1);
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        encode(&mut enc)?;
+        self.queue.submit([enc.finish()]);
+        self.wait()?;
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: PROFILE_QUERIES,
+        });
+        *self.profiler.lock().expect("profiler") = Some(Profiler {
+            set: set.clone(),
+            labels: Vec::new(),
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        let recorded = (0..reps).try_for_each(|_| encode(&mut enc));
+        let labels = self
+            .profiler
+            .lock()
+            .expect("profiler")
+            .take()
+            .map(|p| p.labels)
+            .unwrap_or_default();
+        recorded?;
+        let n = 2 * labels.len() as u64;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if n == PROFILE_QUERIES as u64 {
+            log::warn!("profile full: dispatches past {} were not timed", n / 2);
+        }
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile-resolve"),
+            size: 8 * n,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("profile-read"),
+            size: 8 * n,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        enc.resolve_query_set(&set, 0..n as u32, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 8 * n);
+        self.queue.submit([enc.finish()]);
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_mapped(&read, "profile")?);
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        let mut out: Vec<(String, f64, u32)> = Vec::new();
+        for (i, label) in labels.into_iter().enumerate() {
+            let s = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns * 1e-9;
+            match out.iter_mut().find(|e| e.0 == label) {
+                Some(e) => {
+                    e.1 += s;
+                    e.2 += 1;
+                }
+                None => out.push((label, s, 1)),
+            }
+        }
+        for e in &mut out {
+            e.1 /= reps as f64;
+            e.2 = e.2.div_ceil(reps);
+        }
+        Ok(out)
+    }
+}

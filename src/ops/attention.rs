@@ -58,12 +58,15 @@ pub(crate) enum Kind {
     Dkdv,
 }
 
-/// Tile of one kernel. 16 thread rows of TM rows each (`rows` = 16·TM logit rows per workgroup),
-/// TC threads per row (see `tc`), `cols` logit
+/// Tile of one kernel. `tr` thread rows of TM rows each (`rows` = tr·TM logit rows per
+/// workgroup; the dense kernels use 16), TC threads per row (see `tc`), `cols` logit
 /// columns, DC head dims staged per step, PC inner rows staged per step of the second product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Tiles {
     pub tm: u32,
+    pub tr: u32,
+    /// Threads per row; 0 = `Tiles::tc(d)`.
+    pub tc: u32,
     pub cols: u32,
     pub dc: u32,
     pub pc: u32,
@@ -72,16 +75,14 @@ pub(crate) struct Tiles {
 const THREAD_ROWS: u32 = 16;
 
 /// Developer knob for tuning the xl variant on a new device, e.g.
-/// `SPARSE_ATTN_TILES=fwd:4,64,16,16;dq:4,64,8,16;dkdv:4,32,8,8` (tm,cols,dc,pc per kernel).
+/// `SPARSE_ATTN_TILES=fwd:4,64,16,16;dq:4,64,8,16;dkdv:4,32,8,8` (tm,cols,dc,pc per kernel);
+/// `score:8,64,16,4` sets the block-score tile of `ops::select` the same way.
 pub const TILES_ENV: &str = "SPARSE_ATTN_TILES";
 
-fn tiles_override(kind: Kind) -> Option<Tiles> {
+/// `name:tm,cols,dc,pc` from `SPARSE_ATTN_TILES` (16 thread rows), checked only for the
+/// ranges every kernel takes; callers check what their kernel needs on top.
+pub(crate) fn tiles_override(name: &str) -> Option<Tiles> {
     let spec = std::env::var(TILES_ENV).ok()?;
-    let name = match kind {
-        Kind::Fwd => "fwd",
-        Kind::Dq => "dq",
-        Kind::Dkdv => "dkdv",
-    };
     let part = spec
         .split(';')
         .find_map(|p| p.trim().strip_prefix(&format!("{name}:")))?;
@@ -90,6 +91,8 @@ fn tiles_override(kind: Kind) -> Option<Tiles> {
         .filter_map(|x| x.trim().parse().ok())
         .collect();
     let t = Tiles {
+        tr: THREAD_ROWS,
+        tc: 0,
         tm: *n.first()?,
         cols: *n.get(1)?,
         dc: *n.get(2)?,
@@ -109,7 +112,14 @@ fn tiles_override(kind: Kind) -> Option<Tiles> {
 
 impl Tiles {
     fn of(kind: Kind, variant: Variant) -> Tiles {
-        let t = |tm, cols, dc, pc| Tiles { tm, cols, dc, pc };
+        let t = |tm, cols, dc, pc| Tiles {
+            tm,
+            tr: THREAD_ROWS,
+            tc: 0,
+            cols,
+            dc,
+            pc,
+        };
         match (kind, variant) {
             // Measured on an H100 (docs/BENCHMARKS.md): taller tiles (TM = 8) pay off most.
             (Kind::Fwd, Variant::Portable) => t(4, 32, 16, 8),
@@ -118,7 +128,12 @@ impl Tiles {
             (Kind::Fwd, Variant::Large) => t(4, 64, 16, 16),
             (Kind::Dq, Variant::Large) => t(4, 64, 8, 16),
             (Kind::Dkdv, Variant::Large) => t(4, 32, 8, 8),
-            (_, Variant::Xl) => tiles_override(kind).unwrap_or(match kind {
+            (_, Variant::Xl) => tiles_override(match kind {
+                Kind::Fwd => "fwd",
+                Kind::Dq => "dq",
+                Kind::Dkdv => "dkdv",
+            })
+            .unwrap_or(match kind {
                 Kind::Fwd => t(8, 64, 16, 16),
                 Kind::Dq => t(4, 64, 16, 16),
                 Kind::Dkdv => t(8, 32, 8, 8),
@@ -127,7 +142,7 @@ impl Tiles {
     }
 
     pub(crate) fn rows(&self) -> u32 {
-        THREAD_ROWS * self.tm
+        self.tr * self.tm
     }
 
     /// Threads per row: the largest power of two up to 16 that divides d/4, so every thread owns
@@ -136,8 +151,13 @@ impl Tiles {
         1 << (d / 4).trailing_zeros().min(4)
     }
 
-    fn threads(&self, d: u32) -> u32 {
-        THREAD_ROWS * Self::tc(d)
+    /// Threads per row of this tile (the default for `d`, or the tile's own).
+    pub(crate) fn tcols(&self, d: u32) -> u32 {
+        if self.tc > 0 { self.tc } else { Self::tc(d) }
+    }
+
+    pub(crate) fn threads(&self, d: u32) -> u32 {
+        self.tr * self.tcols(d)
     }
 
     /// Workgroup arrays (in vec4) as the shaders declare them.
@@ -149,7 +169,7 @@ impl Tiles {
                 (
                     "SH0",
                     ((r + c) * dsv)
-                        .max((r * Self::tc(d)).div_ceil(4))
+                        .max((r * self.tcols(d)).div_ceil(4))
                         .max(self.pc * d4),
                 ),
                 ("SH1", r * c / 4),
@@ -197,7 +217,7 @@ impl Tiles {
     }
 
     pub(crate) fn constants(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
-        let tc = Self::tc(d);
+        let tc = self.tcols(d);
         let (bq, bk) = match kind {
             Kind::Fwd | Kind::Dq => (self.rows(), self.cols),
             Kind::Dkdv => (self.cols, self.rows()),

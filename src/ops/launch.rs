@@ -155,9 +155,16 @@ pub(crate) fn dispatch(
         layout: &pipe.layout,
         entries: &entries,
     });
+    let slot = gpu.profile_slot(&pipe.label);
     let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: None,
-        timestamp_writes: None,
+        timestamp_writes: slot
+            .as_ref()
+            .map(|(set, i)| wgpu::ComputePassTimestampWrites {
+                query_set: set,
+                beginning_of_pass_write_index: Some(*i),
+                end_of_pass_write_index: Some(*i + 1),
+            }),
     });
     pass.set_pipeline(&pipe.pipeline);
     pass.set_bind_group(0, &bg, &[]);

@@ -6,12 +6,40 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
-use crate::ops::attention::head_dim_supported;
+use crate::ops::attention::{Kind, Tiles, head_dim_supported, tiles_override};
 use crate::ops::launch::{self, Chunk, Window, expect_tensor, plan_units, window};
 use crate::reference::select::{Scoring, SelectOptions, pooled_len, pooling};
 use crate::shape::AttnShape;
 
-const THREADS: u32 = 128;
+/// Tiles of the block-score kernel, largest first; the first that fits the device and has rows
+/// for the whole group wins. Rows are (token, head) pairs, columns pooled keys.
+fn score_tiles(g: u32, d: u32, max_shared: u32) -> Option<Tiles> {
+    let t = |tm, cols, dc| Tiles {
+        tm,
+        tr: 16,
+        tc: 0,
+        cols,
+        dc,
+        pc: 4,
+    };
+    let mut cands = vec![
+        t(8, 64, 16),
+        t(4, 64, 16),
+        t(4, 32, 16),
+        t(2, 32, 16),
+        t(2, 32, 8),
+        t(1, 16, 8),
+    ];
+    if let Some(o) = tiles_override("score") {
+        cands.insert(0, o);
+    }
+    cands.into_iter().find(|c| {
+        c.rows() >= g
+            && d.is_multiple_of(c.dc)
+            && c.cols >= Tiles::tc(d)
+            && c.shared_bytes(Kind::Fwd, d) <= max_shared
+    })
+}
 
 /// Uniform block shared with `shaders/block_select.wgsl` (`SelParams`).
 #[repr(C)]
@@ -69,6 +97,9 @@ pub struct BlockSelect {
     /// Pooled keys (= nb except for InfLLM-V2's overlapping kernels).
     np: usize,
     chunks: Vec<Chunk>,
+    /// Threads per workgroup of every entry, and tokens per block-score workgroup.
+    nt: u32,
+    tokens_per_wg: u32,
     keys: Arc<Pipeline>,
     scores: Arc<Pipeline>,
     topk: Arc<Pipeline>,
@@ -95,19 +126,30 @@ impl BlockSelect {
                 l.max_compute_workgroup_storage_size
             )));
         }
-        if l.max_compute_invocations_per_workgroup < THREADS {
+        let g = shape.group() as u32;
+        let d32 = shape.head_dim as u32;
+        let tiles = score_tiles(g, d32, l.max_compute_workgroup_storage_size - 16).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "block scores for {g} query heads per kv head and head_dim {d32} need more than \
+                 the {} bytes of workgroup memory this device has",
+                l.max_compute_workgroup_storage_size
+            ))
+        })?;
+        let nt = tiles.threads(d32);
+        if l.max_compute_invocations_per_workgroup < nt || l.max_compute_workgroup_size_x < nt {
             return Err(Error::Unsupported(format!(
-                "block selection uses {THREADS} invocations per workgroup; this device allows {}",
+                "block selection uses {nt} invocations per workgroup; this device allows {}",
                 l.max_compute_invocations_per_workgroup
             )));
         }
+        let tokens_per_wg = tiles.rows() / g;
         let (d, sq, sk) = (
             shape.head_dim as u64,
             shape.seq_q as u64,
             shape.seq_k as u64,
         );
         let g = shape.group() as u64;
-        if sq.div_ceil(THREADS as u64) > l.max_compute_workgroups_per_dimension as u64 {
+        if sq.div_ceil(tokens_per_wg as u64) > l.max_compute_workgroups_per_dimension as u64 {
             return Err(Error::Unsupported(format!(
                 "{sq} query tokens exceed this device's dispatch limit"
             )));
@@ -128,12 +170,10 @@ impl BlockSelect {
         let key = |entry| PipelineKey {
             file: "block_select.wgsl",
             entry,
-            constants: vec![
-                ("D", shape.head_dim as u32),
-                ("BLK", opts.block as u32),
-                ("NBP", nbp),
-                ("NT", THREADS),
-            ],
+            constants: [("BLK", opts.block as u32), ("NBP", nbp)]
+                .into_iter()
+                .chain(tiles.constants(Kind::Fwd, d32))
+                .collect(),
             checked: false,
         };
         Ok(Self {
@@ -142,6 +182,8 @@ impl BlockSelect {
             nb,
             np,
             chunks,
+            nt,
+            tokens_per_wg,
             keys: gpu.pipeline(&key("block_keys"))?,
             scores: gpu.pipeline(&key("block_scores"))?,
             topk: gpu.pipeline(&key("block_topk"))?,
@@ -219,7 +261,7 @@ impl BlockSelect {
         expect_tensor("selection", out, &self.selection_dims(), DType::U32)?;
         let max_x = gpu.limits().max_compute_workgroups_per_dimension;
         let grid2 = |n: u64| {
-            let blocks = n.div_ceil(THREADS as u64);
+            let blocks = n.div_ceil(self.nt as u64);
             let gx = blocks.min(max_x as u64);
             (gx as u32, blocks.div_ceil(gx) as u32)
         };
@@ -275,7 +317,7 @@ impl BlockSelect {
                 &self.scores,
                 bytemuck::bytes_of(&base),
                 &[(1, q, w(Class::Q)), kbar, scores],
-                ((s.seq_q as u32).div_ceil(THREADS), units),
+                ((s.seq_q as u32).div_ceil(self.tokens_per_wg), units),
             );
             // One workgroup per row: the 2-D grid counts workgroups, not threads.
             let rows = units as u64 * s.seq_q as u64;

@@ -42,6 +42,89 @@ pub struct SparseAttention {
     nt_rowdot: u32,
 }
 
+/// Developer knob for tuning the sparse kernels on a new device, e.g.
+/// `SPARSE_ATTN_SPARSE_TILES=fwd:4,4,64,16,16;dq:4,4,64,8,16;dkdv:4,16,16,8,16`
+/// (tm, thread rows, cols, dc, pc[, threads per row] per kernel; fwd/dq rows must cover the group's heads, dK/dV
+/// rows must equal the block size).
+pub const SPARSE_TILES_ENV: &str = "SPARSE_ATTN_SPARSE_TILES";
+
+/// Tiles of the forward, dQ and dK/dV kernels for `g` query heads per kv head, blocks of `blk`.
+fn default_tiles(g: u32, blk: u32, d: u32) -> [Tiles; 3] {
+    // Forward and dQ: rows are the group's heads (padded to a power of two): up to 4 per thread
+    // (more only past 16 thread rows). Key tiles: up to 64 keys.
+    let rows = g.next_power_of_two();
+    let tm = rows.clamp(1, 4).max(rows / 16);
+    let cols = blk.min(64);
+    // Measured on the H100 at seq 16384, G 16, d 128 (docs/BENCHMARKS.md): 4 rows x 4 thread
+    // rows beat 2 x 8 by 2% and 1 x 16 by 1.6x; 32-dim staging steps help the forward, 16 the dQ.
+    let fwd = Tiles {
+        tm,
+        tr: rows / tm,
+        tc: 0,
+        cols,
+        dc: if d.is_multiple_of(32) { 32 } else { 16 },
+        pc: cols.min(16),
+    };
+    let dq = Tiles { dc: 16, ..fwd };
+    // dK/dV: rows are the block's keys, columns (token, head) pairs of the tokens that selected
+    // the block: up to 64, at least one token's heads (and TC columns).
+    let cols = rows.max(Tiles::tc(d)).max(64);
+    let dkdv = Tiles {
+        tm: blk / 16,
+        tr: 16,
+        tc: 0,
+        cols,
+        dc: 8,
+        pc: 8,
+    };
+    let mut out = [fwd, dq, dkdv];
+    if let Ok(spec) = std::env::var(SPARSE_TILES_ENV) {
+        for (i, name) in ["fwd", "dq", "dkdv"].iter().enumerate() {
+            let Some(part) = spec
+                .split(';')
+                .find_map(|p| p.trim().strip_prefix(&format!("{name}:")))
+            else {
+                continue;
+            };
+            let n: Vec<u32> = part
+                .split(',')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect();
+            // Optional sixth number: threads per row (default: from head_dim).
+            let tc = n.get(5).copied().unwrap_or(Tiles::tc(d));
+            let ok = (n.len() == 5 || n.len() == 6)
+                && n.iter().all(|x| x.is_power_of_two())
+                && tc <= Tiles::tc(d)
+                && tc >= 4
+                && tc <= n[2]
+                && n[0] <= 8
+                && n[1] <= 32
+                && (16..=128).contains(&n[2])
+                && [8, 16, 32].contains(&n[3])
+                && d.is_multiple_of(n[3])
+                && (4..=n[2]).contains(&n[4])
+                && if i < 2 {
+                    n[0] * n[1] >= g && n[2] <= blk
+                } else {
+                    n[0] * n[1] == blk && n[2] >= g && n[2] >= Tiles::tc(d)
+                };
+            if ok {
+                out[i] = Tiles {
+                    tm: n[0],
+                    tr: n[1],
+                    tc,
+                    cols: n[2],
+                    dc: n[3],
+                    pc: n[4],
+                };
+            } else {
+                log::warn!("ignoring {SPARSE_TILES_ENV} entry `{name}:{part}`");
+            }
+        }
+    }
+    out
+}
+
 /// Shrink a tile's product chunk, then its head-dim chunk, until it fits `max_shared` (with
 /// `extra` bytes of other workgroup variables).
 fn fit(mut t: Tiles, kind: Kind, d: u32, max_shared: u32, extra: u32) -> Option<Tiles> {
@@ -79,17 +162,7 @@ impl SparseAttention {
                 "{g} query heads per kv head; the sparse kernel takes up to 128"
             )));
         }
-        // Rows: the group's query heads (16 thread rows of TM). Key tiles: up to 64 keys of a block.
-        let tm = g.div_ceil(16).next_power_of_two() as u32;
-        let cols = opts.block.min(64) as u32;
         let l = gpu.limits();
-        let threads = 16 * Tiles::tc(d as u32);
-        if l.max_compute_invocations_per_workgroup < threads {
-            return Err(Error::Unsupported(format!(
-                "the sparse kernel uses {threads} invocations per workgroup; this device allows {}",
-                l.max_compute_invocations_per_workgroup
-            )));
-        }
         let max_shared = l.max_compute_workgroup_storage_size;
         let too_big = |what: &str| {
             Error::Unsupported(format!(
@@ -98,42 +171,42 @@ impl SparseAttention {
                 opts.block
             ))
         };
-        // Measured on the H100 (docs/BENCHMARKS.md): a 32-dim chunk with whole-tile product
-        // steps helps B = 16 but costs B = 64 more (36 KiB of workgroup memory, fewer resident
-        // workgroups) than it saves; these are the better-balanced defaults.
-        let base = Tiles {
-            tm,
-            cols,
-            dc: 16,
-            pc: cols.min(16),
-        };
+        let [fwd_t, dq_t, dkdv_t] = default_tiles(g as u32, opts.block as u32, d as u32);
         let tiles =
-            fit(base, Kind::Fwd, d as u32, max_shared, 16).ok_or_else(|| too_big("forward"))?;
-        let threads_d = 16 * Tiles::tc(d as u32);
-        let flags = 4 * threads_d + 16;
-        let dq_tiles = fit(
-            Tiles { dc: 8, ..base },
-            Kind::Dq,
-            d as u32,
-            max_shared,
-            flags,
-        )
-        .ok_or_else(|| too_big("dQ"))?;
-        // dK/dV: rows are the block's keys, columns the group's heads (at least TC of them).
-        let heads_cols = (g.next_power_of_two() as u32).max(Tiles::tc(d as u32));
-        let dkdv_tiles = fit(
-            Tiles {
-                tm: opts.block as u32 / 16,
-                cols: heads_cols,
-                dc: 8,
-                pc: heads_cols.min(16),
-            },
-            Kind::Dkdv,
-            d as u32,
-            max_shared,
-            flags,
-        )
-        .ok_or_else(|| too_big("dK/dV"))?;
+            fit(fwd_t, Kind::Fwd, d as u32, max_shared, 16).ok_or_else(|| too_big("forward"))?;
+
+        // dK/dV's token line: scan flags (NT), waiting tokens (NT + cols), per-column data.
+        let line = |t: Tiles| 4 * (2 * t.threads(d as u32) + 3 * t.cols) + 16;
+        let min_cols = (g as u32).next_power_of_two().max(Tiles::tc(d as u32));
+        let dq_tiles =
+            fit(dq_t, Kind::Dq, d as u32, max_shared, 16).ok_or_else(|| too_big("dQ"))?;
+        // Fewer columns (tokens per tile) before smaller staging steps.
+        let mut dkdv_t = dkdv_t;
+        while dkdv_t.shared_bytes(Kind::Dkdv, d as u32) + line(dkdv_t) > max_shared
+            && dkdv_t.cols / 2 >= min_cols
+        {
+            dkdv_t.cols /= 2;
+            dkdv_t.pc = dkdv_t.pc.min(dkdv_t.cols);
+        }
+        let dkdv_tiles = fit(dkdv_t, Kind::Dkdv, d as u32, max_shared, line(dkdv_t))
+            .ok_or_else(|| too_big("dK/dV"))?;
+        if dkdv_tiles.cols > dkdv_tiles.threads(d as u32) {
+            return Err(Error::Unsupported(format!(
+                "the sparse dK/dV kernel for {g} query heads per kv head and head_dim {d} needs \
+                 more columns than threads; use a larger head_dim or fewer heads per kv head"
+            )));
+        }
+        for t in [tiles, dq_tiles, dkdv_tiles] {
+            let threads = t.threads(d as u32);
+            if l.max_compute_invocations_per_workgroup < threads
+                || l.max_compute_workgroup_size_x < threads
+            {
+                return Err(Error::Unsupported(format!(
+                    "the sparse kernels use {threads} invocations per workgroup; this device allows {}",
+                    l.max_compute_invocations_per_workgroup
+                )));
+            }
+        }
         if shape.seq_q > l.max_compute_workgroups_per_dimension as usize {
             return Err(Error::Unsupported(format!(
                 "{} query tokens exceed this device's dispatch limit of {} per launch",
@@ -190,7 +263,7 @@ impl SparseAttention {
             dkdv,
             rowdot,
             no_bias: gpu.empty(&[1], DType::F32)?,
-            nt_rowdot: threads_d,
+            nt_rowdot: dq_tiles.threads(d as u32),
         })
     }
 
