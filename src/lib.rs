@@ -16,6 +16,8 @@
 //! # Ok(()) }
 //! ```
 
+// Benchmarks block on the GPU (pollster); the browser times work asynchronously instead.
+#[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod error;
 pub mod gpu;

@@ -51,3 +51,47 @@ fn timer_measures_positive_times_and_rejects_zero_reps() {
     assert!(r.seconds > 0.0 && r.seconds < 1.0, "{r:?}");
     assert!(gpu.time(Reps::Fixed(0), copy).is_err());
 }
+
+/// `Gpu::profile` times each dispatch and names it by kernel; outside a profile, dispatches
+/// carry no timestamps (the profiler is off again afterwards).
+#[test]
+fn profile_names_every_kernel_of_a_pass() {
+    let Some(gpu) = common::gpu() else { return };
+    let shape = sparse_attn::AttnShape::new(1, 2, 1, 40, 16);
+    let att = sparse_attn::FullAttention::new(&gpu, shape, sparse_attn::AttnOptions::causal(true))
+        .unwrap();
+    let q = gpu.random_uniform(&shape.q_dims(), 1, 1.0).unwrap();
+    let k = gpu.random_uniform(&shape.kv_dims(), 2, 1.0).unwrap();
+    let v = gpu.random_uniform(&shape.kv_dims(), 3, 1.0).unwrap();
+    let d_o = gpu.random_uniform(&shape.q_dims(), 4, 1.0).unwrap();
+    let out = att.forward(&gpu, &q, &k, &v).unwrap();
+    let grads = sparse_attn::ops::attention::AttnGrads::empty(&gpu, &shape).unwrap();
+    let rowd = gpu
+        .empty(&shape.lse_dims(), sparse_attn::DType::F32)
+        .unwrap();
+    let bwd = |enc: &mut wgpu::CommandEncoder| {
+        att.encode_backward(&gpu, enc, &q, &k, &v, &out.o, &out.lse, &d_o, &rowd, &grads)
+    };
+    if !gpu.has_timestamps() {
+        let e = gpu.profile(2, bwd).unwrap_err();
+        assert!(e.to_string().contains("timestamp"), "{e}");
+        return;
+    }
+    let p = gpu.profile(3, bwd).unwrap();
+    let names: Vec<&str> = p.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "attention_bwd.wgsl:rowdot",
+            "attention_bwd.wgsl:dkdv",
+            "attention_bwd.wgsl:dq_main"
+        ],
+        "{p:?}"
+    );
+    for (name, secs, n) in &p {
+        assert!(*secs > 0.0 && *secs < 1.0, "{name}: {secs}");
+        assert_eq!(*n, 1, "{name}: one dispatch per pass");
+    }
+    // The profiler is off again: plain timing still works and sees no profile slots.
+    assert!(gpu.time(Reps::Fixed(2), bwd).unwrap().seconds > 0.0);
+}

@@ -94,6 +94,7 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 const NO_ADAPTER_HINT: &str = "On Linux without a GPU driver, install Mesa's software Vulkan \
      device (lavapipe): `sudo apt-get install mesa-vulkan-drivers libvulkan1`. \
      Set SPARSE_ATTN_ADAPTER (or --adapter) to choose among several adapters.";
@@ -153,6 +154,7 @@ fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
     wgpu::Instance::new(desc)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn wants_gl(filter: Option<&str>) -> bool {
     filter.is_some_and(|f| {
         f.split(',')

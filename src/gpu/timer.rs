@@ -1,8 +1,10 @@
 //! Timing GPU work for benchmarks: timestamp queries around many repetitions in one submission,
 //! or wall-clock time over the same submission when the adapter has no timestamps.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::time::Instant;
 
+#[cfg(not(target_arch = "wasm32"))]
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
