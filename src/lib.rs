@@ -20,6 +20,7 @@
 #[cfg(not(target_arch = "wasm32"))]
 pub mod bench;
 pub mod error;
+pub mod explore;
 pub mod gpu;
 pub mod npy;
 pub mod ops;

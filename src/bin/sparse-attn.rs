@@ -51,6 +51,21 @@ enum Cmd {
     /// Draw where full attention goes, which blocks the selector keeps, and each token's kept
     /// share of the attention mass, as a PNG.
     Map(MapArgs),
+    /// What the browser demo computes (web/), natively: full and sparse attention, selection and
+    /// metrics for one configuration, as JSON. Same numbers as the page for the same config.
+    Explore {
+        /// JSON object; missing fields keep their defaults, e.g.
+        /// '{"seq":512,"heads":4,"kv_heads":1,"head_dim":64,"block":16,"topk":8,"n_init":1,
+        /// "n_local":1,"scoring":"ssa","seed":42,"head":0,"inputs":"structured"}'
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Also time the passes (GPU timestamps).
+        #[arg(long)]
+        timing: bool,
+        /// Include the per-token arrays (block map, selection, sparsity strip).
+        #[arg(long)]
+        arrays: bool,
+    },
 }
 
 #[derive(Args)]
@@ -255,6 +270,11 @@ fn main() -> ExitCode {
         } => bench_sparse_cmd(&opts, &a),
         Cmd::Demo(a) => demo(&opts, &a),
         Cmd::Map(a) => map(&opts, &a),
+        Cmd::Explore {
+            config,
+            timing,
+            arrays,
+        } => explore(&opts, &config, timing, arrays),
     };
     match result {
         Ok(code) => code,
@@ -589,6 +609,20 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
              bwd x = dense backward / sparse backward (the selection is reused from the forward)."
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn explore(opts: &GpuOptions, config: &str, timing: bool, arrays: bool) -> Result<ExitCode, Error> {
+    let cfg = sparse_attn::explore::ExploreConfig::from_json(config)?;
+    let gpu = Gpu::new(opts)?;
+    let r = pollster::block_on(sparse_attn::explore::explore(&gpu, &cfg, timing))?;
+    let mut j = r.to_json();
+    if !arrays && let Some(o) = j.as_object_mut() {
+        for key in ["block_mass", "selection", "sparsity"] {
+            o.remove(key);
+        }
+    }
+    println!("{j}");
     Ok(ExitCode::SUCCESS)
 }
 

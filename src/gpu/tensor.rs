@@ -1,5 +1,7 @@
 //! A typed GPU tensor: one storage buffer, a shape, a dtype. Upload and readback.
 
+use std::sync::{Arc, Mutex};
+
 use crate::error::{Error, Result, invalid};
 use crate::gpu::Gpu;
 
@@ -152,6 +154,87 @@ impl Gpu {
         Ok(bytes)
     }
 
+    /// Map a MAP_READ buffer whose copy has been submitted and return its bytes, without
+    /// blocking: in the browser the mapping completes on the event loop, which a blocking wait
+    /// would never let run. Natively it waits for the GPU first, so the future is ready at once.
+    pub(crate) async fn read_mapped_async(
+        &self,
+        buf: &wgpu::Buffer,
+        what: &str,
+    ) -> Result<Vec<u8>> {
+        let slot: Arc<Mutex<Delivery>> = Arc::default();
+        let s = slot.clone();
+        buf.map_async(wgpu::MapMode::Read, .., move |r| {
+            let mut d = s.lock().expect("delivery");
+            d.result = Some(r.map_err(|e| e.to_string()));
+            if let Some(w) = d.waker.take() {
+                w.wake();
+            }
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.wait()?;
+        Delivered(slot)
+            .await
+            .map_err(|e| Error::Gpu(format!("{what}: mapping failed: {e}")))?;
+        let bytes = buf
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("{what}: reading the mapping failed: {e}")))?
+            .to_vec();
+        buf.unmap();
+        Ok(bytes)
+    }
+
+    async fn read_bytes_async(&self, t: &Tensor) -> Result<Vec<u8>> {
+        if t.is_empty() {
+            return Ok(Vec::new());
+        }
+        let staging = self.readback_copy(t);
+        self.read_mapped_async(&staging, "tensor readback").await
+    }
+
+    /// Copy an f32 tensor back to the host; works in the browser too (see `read_mapped_async`).
+    pub async fn read_async(&self, t: &Tensor) -> Result<Vec<f32>> {
+        if t.dtype() != DType::F32 {
+            invalid!(
+                "read_async() wants an f32 tensor, this one is {:?}",
+                t.dtype()
+            );
+        }
+        Ok(bytemuck::pod_collect_to_vec(
+            &self.read_bytes_async(t).await?,
+        ))
+    }
+
+    /// Copy a u32 tensor back to the host; works in the browser too.
+    pub async fn read_u32_async(&self, t: &Tensor) -> Result<Vec<u32>> {
+        if t.dtype() != DType::U32 {
+            invalid!(
+                "read_u32_async() wants a u32 tensor, this one is {:?}",
+                t.dtype()
+            );
+        }
+        Ok(bytemuck::pod_collect_to_vec(
+            &self.read_bytes_async(t).await?,
+        ))
+    }
+
+    /// Submit a copy of `t` into a new MAP_READ buffer.
+    fn readback_copy(&self, t: &Tensor) -> wgpu::Buffer {
+        let size = t.size_bytes();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        staging
+    }
+
     /// Copy an f32 tensor back to the host (waits for the GPU).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
@@ -175,18 +258,7 @@ impl Gpu {
         if t.is_empty() {
             return Ok(Vec::new());
         }
-        let size = t.size_bytes();
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
-        self.queue.submit([enc.finish()]);
+        let staging = self.readback_copy(t);
         self.read_mapped(&staging, "tensor readback")
     }
 }
@@ -273,5 +345,33 @@ impl Gpu {
         }
         self.scoped("random fill", || self.queue.submit([enc.finish()]))?;
         Ok(t)
+    }
+}
+
+/// What a buffer-mapping callback delivers, and who waits for it.
+#[derive(Default)]
+struct Delivery {
+    result: Option<std::result::Result<(), String>>,
+    waker: Option<std::task::Waker>,
+}
+
+/// Resolves when the mapping callback has run (a one-shot channel without dependencies).
+struct Delivered(Arc<Mutex<Delivery>>);
+
+impl std::future::Future for Delivered {
+    type Output = std::result::Result<(), String>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let mut d = self.0.lock().expect("delivery");
+        match d.result.take() {
+            Some(r) => std::task::Poll::Ready(r),
+            None => {
+                d.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        }
     }
 }

@@ -55,39 +55,8 @@ impl Gpu {
             Reps::Target(s) => ((s / warm.elapsed().as_secs_f64().max(1e-6)) as u32).clamp(3, 200),
         };
 
-        let queries = self.has_timestamps().then(|| {
-            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: Some("timer"),
-                ty: wgpu::QueryType::Timestamp,
-                count: 2,
-            });
-            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("timer-resolve"),
-                size: 16,
-                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let read = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("timer-read"),
-                size: 16,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            (set, resolve, read)
-        });
-        let mark = |enc: &mut wgpu::CommandEncoder, index: u32| {
-            if let Some((set, _, _)) = &queries {
-                // An empty pass whose only job is to write a timestamp between the real passes.
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("timestamp"),
-                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                        query_set: set,
-                        beginning_of_pass_write_index: Some(index),
-                        end_of_pass_write_index: None,
-                    }),
-                });
-            }
-        };
+        let queries = self.timer_queries();
+        let mark = |enc: &mut wgpu::CommandEncoder, index: u32| mark(queries.as_ref(), enc, index);
         let mut enc = self.device.create_command_encoder(&Default::default());
         mark(&mut enc, 0);
         for _ in 0..reps {
@@ -110,9 +79,7 @@ impl Gpu {
             });
         };
         let bytes = self.read_mapped(read, "timestamp readback")?;
-        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
-        let period_ns = self.queue.get_timestamp_period() as f64;
-        let gpu = ticks[1].saturating_sub(ticks[0]) as f64 * period_ns * 1e-9;
+        let gpu = self.elapsed(&bytes);
         // A zero or absurd reading (some drivers) falls back to the wall clock.
         if gpu <= 0.0 || gpu > wall * 1.5 {
             return Ok(Timing {
@@ -126,6 +93,82 @@ impl Gpu {
             source: TimerSource::Timestamps,
             reps,
         })
+    }
+}
+
+/// Timestamp query set (2 queries) with its resolve and readback buffers.
+type TimerQueries = (wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer);
+
+/// An empty pass whose only job is to write timestamp `index` between the real passes.
+fn mark(queries: Option<&TimerQueries>, enc: &mut wgpu::CommandEncoder, index: u32) {
+    if let Some((set, _, _)) = queries {
+        enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("timestamp"),
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set: set,
+                beginning_of_pass_write_index: Some(index),
+                end_of_pass_write_index: None,
+            }),
+        });
+    }
+}
+
+impl Gpu {
+    fn timer_queries(&self) -> Option<TimerQueries> {
+        self.has_timestamps().then(|| {
+            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("timer"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timer-resolve"),
+                size: 16,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let read = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timer-read"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            (set, resolve, read)
+        })
+    }
+
+    /// Seconds between the two resolved timestamps in `bytes`.
+    fn elapsed(&self, bytes: &[u8]) -> f64 {
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(bytes);
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        ticks[1].saturating_sub(ticks[0]) as f64 * period_ns * 1e-9
+    }
+
+    /// GPU seconds per repetition of the work `encode` records (`reps` repetitions in one
+    /// submission after one untimed one), from timestamp queries; `None` when the adapter has
+    /// none. Does not block, so it works in the browser.
+    pub async fn time_async<F>(&self, reps: u32, mut encode: F) -> crate::error::Result<Option<f64>>
+    where
+        F: FnMut(&mut wgpu::CommandEncoder) -> crate::error::Result<()>,
+    {
+        let Some(q) = self.timer_queries() else {
+            return Ok(None);
+        };
+        let reps = reps.max(1);
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        encode(&mut enc)?;
+        self.queue.submit([enc.finish()]);
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        mark(Some(&q), &mut enc, 0);
+        for _ in 0..reps {
+            encode(&mut enc)?;
+        }
+        mark(Some(&q), &mut enc, 1);
+        enc.resolve_query_set(&q.0, 0..2, &q.1, 0);
+        enc.copy_buffer_to_buffer(&q.1, 0, &q.2, 0, 16);
+        self.queue.submit([enc.finish()]);
+        let bytes = self.read_mapped_async(&q.2, "timestamp readback").await?;
+        Ok(Some(self.elapsed(&bytes) / reps as f64))
     }
 }
 

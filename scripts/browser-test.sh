@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The browser test CI runs: build the site, serve it on 127.0.0.1, drive Debian's Chromium
+# headless with WebGPU on SwiftShader through the page (tests/browser/demo.test.mjs), compare
+# what the page computed with the native library, and keep screenshots in
+# target/browser-artifacts/ (demo.png, no-webgpu.png).
+# Installs what it needs when missing: chromium (apt), the node packages (npm ci), and what
+# scripts/web-build.sh installs. The native side needs a Vulkan driver (scripts/test.sh
+# installs lavapipe).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+if ! command -v chromium >/dev/null; then
+    sudo_cmd=""
+    [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium
+fi
+command -v node >/dev/null || { echo "node (>= 18) is needed for the browser test" >&2; exit 1; }
+(cd tests/browser && npm ci --no-audit --no-fund --silent)
+bash scripts/web-build.sh web/dist
+cargo build --locked --release --bin sparse-attn
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 -m http.server "$port" --bind 127.0.0.1 --directory web/dist >/dev/null 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" 2>/dev/null && break
+    sleep 0.2
+done
+node tests/browser/demo.test.mjs "http://127.0.0.1:$port/" target/release/sparse-attn target/browser-artifacts
