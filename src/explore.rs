@@ -29,8 +29,12 @@ pub struct ExploreConfig {
     pub seed: u64,
     /// Query head whose map, selection and sparsity strip are returned.
     pub head: usize,
-    /// Inputs: "structured" (local + needle keys, see `viz::structured_qk`) or "random".
+    /// Inputs: "structured" (local + needle keys, see `viz::structured_qk_with`) or "random".
     pub structured: bool,
+    /// Structured inputs: keys every query is drawn to (0..=64).
+    pub needles: usize,
+    /// Structured inputs: weight of the positional (local) component (0..=8).
+    pub locality: f64,
 }
 
 impl Default for ExploreConfig {
@@ -48,6 +52,8 @@ impl Default for ExploreConfig {
             seed: 42,
             head: 0,
             structured: true,
+            needles: 6,
+            locality: 2.5,
         }
     }
 }
@@ -80,6 +86,14 @@ impl ExploreConfig {
                 "n_local" => c.n_local = num()? as usize,
                 "seed" => c.seed = num()?,
                 "head" => c.head = num()? as usize,
+                "needles" => c.needles = num()? as usize,
+                "locality" => {
+                    c.locality = val.as_f64().ok_or_else(|| {
+                        crate::Error::InvalidInput(format!(
+                            "explore config: `locality` must be a number, got {val}"
+                        ))
+                    })?
+                }
                 "scoring" => {
                     c.scoring = match val.as_str() {
                         Some("ssa") => Scoring::Ssa,
@@ -121,6 +135,13 @@ impl ExploreConfig {
     pub fn validate(&self) -> Result<()> {
         if !(1..=4096).contains(&self.seq) {
             invalid!("seq = {} is outside the demo's range 1..=4096", self.seq);
+        }
+        if self.needles > 64 || !(0.0..=8.0).contains(&self.locality) {
+            invalid!(
+                "needles = {} and locality = {} must lie in 0..=64 and 0..=8",
+                self.needles,
+                self.locality
+            );
         }
         if self.head >= self.heads {
             invalid!(
@@ -165,7 +186,7 @@ pub struct Explore {
 pub fn inputs(cfg: &ExploreConfig) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let shape = cfg.shape();
     let (q, k) = if cfg.structured {
-        crate::viz::structured_qk(&shape, cfg.seed)
+        crate::viz::structured_qk_with(&shape, cfg.seed, cfg.needles, cfg.locality as f32)
     } else {
         let mut rng = Rng::new(cfg.seed);
         (
@@ -292,7 +313,7 @@ impl Explore {
             "adapter": self.adapter,
             "seq": c.seq, "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
             "block": c.block, "topk": c.topk, "n_init": c.n_init, "n_local": c.n_local,
-            "seed": c.seed, "head": c.head,
+            "seed": c.seed, "head": c.head, "needles": c.needles, "locality": c.locality,
             "blocks": self.blocks,
             "block_mass": self.block_mass,
             "selection": self.selection.iter()

@@ -24,7 +24,7 @@ fn explore_matches_the_references() {
     eprintln!("seed {seed}");
     let cases = [
         r#"{"seq": 300, "heads": 4, "kv_heads": 2, "head_dim": 32, "block": 16, "topk": 5,
-            "n_init": 1, "n_local": 1, "head": 3}"#,
+            "n_init": 1, "n_local": 1, "head": 3, "needles": 3, "locality": 1.5}"#,
         r#"{"seq": 130, "heads": 2, "kv_heads": 1, "head_dim": 64, "block": 32, "topk": 2,
             "n_init": 0, "n_local": 0, "scoring": "moba", "inputs": "random"}"#,
     ];
@@ -112,6 +112,7 @@ fn explore_config_errors_are_clear() {
     assert!(err(r#"{"seq": -3}"#).contains("`seq` must be"));
     assert!(err(r#"{"scoring": "dense"}"#).contains("scoring must be"));
     assert!(err(r#"{"colour": 1}"#).contains("unknown field `colour`"));
+    assert!(err(r#"{"locality": "high"}"#).contains("`locality` must be a number"));
     let bad = |json: &str| {
         ExploreConfig::from_json(json)
             .unwrap()
@@ -120,6 +121,11 @@ fn explore_config_errors_are_clear() {
     };
     assert!(matches!(bad(r#"{"seq": 0}"#), Error::InvalidInput(_)));
     assert!(bad(r#"{"head": 4}"#).to_string().contains("out of range"));
+    assert!(
+        bad(r#"{"needles": 100}"#)
+            .to_string()
+            .contains("must lie in")
+    );
     assert!(bad(r#"{"topk": 40}"#).to_string().contains("larger than"));
     assert!(
         bad(r#"{"heads": 3, "kv_heads": 2}"#)

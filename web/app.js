@@ -41,6 +41,7 @@ function config() {
     seq: num("seq"), heads: num("heads"), kv_heads: num("kv_heads"), head_dim: 64,
     block: num("block"), topk: num("topk"), n_init: num("n_init"), n_local: num("n_local"),
     scoring: $("scoring").value, inputs: $("inputs").value, seed: num("seed"), head: num("head"),
+    needles: num("needles"), locality: parseFloat($("locality").value),
   };
 }
 
@@ -60,7 +61,12 @@ function syncControls() {
   const k = parseInt(topk.value, 10);
   $("n_init").max = String(Math.max(0, Math.min(4, k - 1)));
   $("n_local").max = String(Math.max(0, Math.min(4, k - 1 - parseInt($("n_init").value, 10))));
-  for (const id of ["topk", "n_init", "n_local"]) $(`${id}-out`).textContent = $(id).value;
+  for (const id of ["topk", "n_init", "n_local", "needles", "locality"]) {
+    $(`${id}-out`).textContent = $(id).value;
+  }
+  const structured = $("inputs").value === "structured";
+  $("needles").disabled = !structured;
+  $("locality").disabled = !structured;
   $("nb-out").textContent = String(nb);
 }
 
