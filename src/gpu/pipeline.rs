@@ -35,6 +35,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/block_select.wgsl"),
     ),
     ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
+    ("align.wgsl", include_str!("../../shaders/align.wgsl")),
     ("metrics.wgsl", include_str!("../../shaders/metrics.wgsl")),
 ];
 

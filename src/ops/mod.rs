@@ -1,6 +1,7 @@
 //! One module per kernel family: validates shapes, picks the variant the device supports, owns
 //! bind layouts and dispatch math; everything returns `Result`.
 
+pub mod align;
 pub mod attention;
 pub(crate) mod launch;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! Plain-Rust f64 versions of every op: the ground truth of the tests.
 
+pub mod align;
 pub mod attention;
 pub mod metrics;
 mod rng;
