@@ -15,7 +15,7 @@ if ! command -v chromium >/dev/null; then
     $sudo_cmd apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium
 fi
-command -v node >/dev/null || { echo "node (>= 18) is needed for the browser test" >&2; exit 1; }
+command -v node >/dev/null || { echo "node >= 20 (for playwright-core) is needed for the browser test" >&2; exit 1; }
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 bash scripts/web-build.sh web/dist
 cargo build --locked --release --bin sparse-attn
