@@ -26,6 +26,7 @@ pub mod npy;
 pub mod ops;
 pub mod reference;
 pub mod safetensors;
+pub mod selfcheck;
 pub mod shape;
 pub mod viz;
 

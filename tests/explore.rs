@@ -133,3 +133,21 @@ fn explore_config_errors_are_clear() {
             .contains("multiple")
     );
 }
+
+/// The device self-check the browser page also runs: every kernel family against the references.
+#[test]
+fn selfcheck_passes_on_this_device() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    let checks = pollster::block_on(sparse_attn::selfcheck::selfcheck(&gpu, seed)).unwrap();
+    assert!(checks.len() >= 15);
+    for c in &checks {
+        assert!(
+            c.ok && c.error.is_finite(),
+            "{} ({c:?}), seed {seed}",
+            c.name
+        );
+    }
+    let j = sparse_attn::selfcheck::to_json(&checks);
+    assert_eq!(j["ok"], true);
+}

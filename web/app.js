@@ -243,6 +243,8 @@ async function main() {
     return;
   }
   $("adapter").textContent = demo.adapter();
+  // For the browser test and the curious: every kernel against the f64 references, here.
+  window.sparseAttnSelfcheck = async (seed = 7) => JSON.parse(await demo.selfcheck(seed));
   $("controls").addEventListener("input", () => { syncControls(); run(); });
   await run();
 }

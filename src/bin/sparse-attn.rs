@@ -66,6 +66,14 @@ enum Cmd {
         #[arg(long)]
         arrays: bool,
     },
+    /// Check every kernel family on this device against the f64 references (small random
+    /// inputs); exits non-zero when one is off. The browser demo runs the same check.
+    Selfcheck {
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -275,6 +283,7 @@ fn main() -> ExitCode {
             timing,
             arrays,
         } => explore(&opts, &config, timing, arrays),
+        Cmd::Selfcheck { seed, json } => selfcheck(&opts, seed, json),
     };
     match result {
         Ok(code) => code,
@@ -610,6 +619,39 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn selfcheck(opts: &GpuOptions, seed: u64, json: bool) -> Result<ExitCode, Error> {
+    let gpu = Gpu::new(opts)?;
+    let checks = pollster::block_on(sparse_attn::selfcheck::selfcheck(&gpu, seed))?;
+    let ok = checks.iter().all(|c| c.ok);
+    if json {
+        println!("{}", sparse_attn::selfcheck::to_json(&checks));
+    } else {
+        println!("device: {}", gpu.adapter());
+        for c in &checks {
+            println!(
+                "  {:<36} {:>10.2e}  {}",
+                c.name,
+                c.error,
+                if c.ok { "ok" } else { "FAILED" }
+            );
+        }
+        println!(
+            "{} (relative L2 error against the f64 references, tolerance {:.0e})",
+            if ok {
+                "all kernels agree"
+            } else {
+                "SOME KERNELS DISAGREE"
+            },
+            sparse_attn::selfcheck::TOLERANCE
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn explore(opts: &GpuOptions, config: &str, timing: bool, arrays: bool) -> Result<ExitCode, Error> {

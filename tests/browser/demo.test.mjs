@@ -102,6 +102,11 @@ try {
   const shot = path.join(outDir, "demo.png");
   await page.screenshot({ path: shot });
   console.log(`screenshot: ${shot}`);
+  // Every kernel family (backward passes and the alignment loss too) against the f64
+  // references, compiled by the browser's own WGSL compiler.
+  const sc = await page.evaluate(() => window.sparseAttnSelfcheck(7));
+  for (const c of sc.checks) check(c.ok, `selfcheck in the browser: ${c.name} (error ${c.error})`);
+  check(sc.checks.length >= 15, `selfcheck ran ${sc.checks.length} checks`);
   check(errors.length === 0, `no console errors (${errors.join(" | ")})`);
 } finally {
   await browser.close();

@@ -34,6 +34,20 @@ impl Demo {
         self.gpu.adapter().to_string()
     }
 
+    /// Check every kernel family on this GPU against the f64 references (see
+    /// `sparse_attn::selfcheck`); resolves to `{"ok": bool, "checks": [...]}` as JSON.
+    pub fn selfcheck(&self, seed: u32) -> js_sys::Promise {
+        let gpu = self.gpu.clone();
+        wasm_bindgen_futures::future_to_promise(async move {
+            let checks = sparse_attn::selfcheck::selfcheck(&gpu, seed as u64)
+                .await
+                .map_err(js_err)?;
+            Ok(JsValue::from_str(
+                &sparse_attn::selfcheck::to_json(&checks).to_string(),
+            ))
+        })
+    }
+
     /// Run one configuration (JSON) and resolve to the JSON the page draws.
     pub fn run(&self, config: String, timing: bool) -> js_sys::Promise {
         let gpu = self.gpu.clone();

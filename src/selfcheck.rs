@@ -1,0 +1,245 @@
+//! Does this GPU compute our kernels correctly? Every kernel family (full attention forward and
+//! backward, block selection, block-sparse forward and backward, metrics, the alignment loss)
+//! on small random inputs against the f64 references. Async, so it runs the same in the browser
+//! (the demo page exposes it, and the browser test runs it: WGSL that one compiler accepts and
+//! another rejects shows up here) and natively (`sparse-attn selfcheck`).
+
+use crate::error::Result;
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::align::{AlignLoss, AlignOut};
+use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention};
+use crate::ops::metrics::AttentionMetrics;
+use crate::ops::select::BlockSelect;
+use crate::ops::sparse::SparseAttention;
+use crate::reference::select::{SENTINEL, SelectOptions};
+use crate::reference::sparse::SparseOptions;
+use crate::reference::{self, Rng, compare};
+use crate::shape::{AttnOptions, AttnShape};
+
+/// Relative L2 error every f32 kernel must stay within against its f64 reference.
+pub const TOLERANCE: f64 = 1e-4;
+
+/// One compared output.
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: &'static str,
+    /// Relative L2 error (see `reference::stats`); infinite when an output is not finite.
+    pub error: f64,
+    pub ok: bool,
+}
+
+fn push(out: &mut Vec<Check>, name: &'static str, got: &[f32], want: &[f32], tol: f64) {
+    let e = compare(got, want);
+    let error = if e.non_finite > 0 {
+        f64::INFINITY
+    } else {
+        e.rel_l2
+    };
+    out.push(Check {
+        name,
+        error,
+        ok: e.within(tol),
+    });
+}
+
+/// O, LSE, dQ, dK, dV of one attention op against the reference's.
+async fn push_attention(
+    gpu: &Gpu,
+    out: &mut Vec<Check>,
+    names: [&'static str; 5],
+    o: &AttnOutput,
+    g: &AttnGrads,
+    want: &reference::attention::Forward,
+    want_g: &reference::attention::Grads,
+) -> Result<()> {
+    let got = [&o.o, &o.lse, &g.dq, &g.dk, &g.dv];
+    let want = [&want.o, &want.lse, &want_g.dq, &want_g.dk, &want_g.dv];
+    for ((name, t), w) in names.into_iter().zip(got).zip(want) {
+        push(out, name, &gpu.read_async(t).await?, w, TOLERANCE);
+    }
+    Ok(())
+}
+
+fn f32s(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// Run every kernel family once on `seed`'s inputs and compare with the references.
+pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
+    // Lengths that are not multiples of the tiles or blocks, GQA 2:1, causal.
+    let shape = AttnShape::new(1, 4, 2, 70, 32);
+    let causal = AttnOptions::causal(true);
+    let mut rng = Rng::new(seed);
+    let q = rng.normal_vec(shape.q_len(), 1.0);
+    let k = rng.normal_vec(shape.kv_len(), 1.0);
+    let v = rng.normal_vec(shape.kv_len(), 1.0);
+    let d_o = rng.normal_vec(shape.q_len(), 1.0);
+    let up = |dims: &[usize], x: &[f32]| gpu.upload(dims, x);
+    let (tq, tk, tv, tdo) = (
+        up(&shape.q_dims(), &q)?,
+        up(&shape.kv_dims(), &k)?,
+        up(&shape.kv_dims(), &v)?,
+        up(&shape.q_dims(), &d_o)?,
+    );
+    let mut out = Vec::new();
+
+    // Full attention.
+    let full = FullAttention::new(gpu, shape, causal)?;
+    let fo = AttnOutput::empty(gpu, &shape)?;
+    let fg = AttnGrads::empty(gpu, &shape)?;
+    let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    full.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &fo.o, &fo.lse)?;
+    full.encode_backward(
+        gpu, &mut enc, &tq, &tk, &tv, &fo.o, &fo.lse, &tdo, &rowd, &fg,
+    )?;
+    gpu.queue().submit([enc.finish()]);
+    let want = reference::attention::forward(&shape, &causal, &q, &k, &v)?;
+    let want_g = reference::attention::backward(&shape, &causal, &q, &k, &v, &d_o)?;
+    let names = [
+        "full forward O",
+        "full forward LSE",
+        "full backward dQ",
+        "full backward dK",
+        "full backward dV",
+    ];
+    push_attention(gpu, &mut out, names, &fo, &fg, &want, &want_g).await?;
+
+    // Block selection: the GPU's choice may differ from the reference's only on near-ties, so
+    // the check is on the share of the reference's best scores it reaches.
+    let sel_opts = SelectOptions {
+        block: 16,
+        k: 3,
+        n_init: 1,
+        n_local: 0,
+        ..SelectOptions::ssa()
+    };
+    let selector = BlockSelect::new(gpu, shape, sel_opts)?;
+    let (sel, _) = {
+        let scratch = selector.scratch(gpu)?;
+        let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        selector.encode(gpu, &mut enc, &tq, &tk, &scratch, &sel)?;
+        gpu.queue().submit([enc.finish()]);
+        (sel, scratch)
+    };
+    let want_sel = reference::select::select(&shape, &sel_opts, &q, &k)?;
+    let got_sel = gpu.read_u32_async(&sel).await?;
+    let nb = sel_opts.blocks(shape.seq_k);
+    let score_sum = |idx: &[u32], row: usize| -> f64 {
+        idx.iter()
+            .filter(|&&b| b != SENTINEL)
+            .map(|&b| want_sel.scores[row * nb + b as usize])
+            .filter(|s| s.is_finite())
+            .sum()
+    };
+    let (mut got_total, mut want_total) = (0.0, 0.0);
+    for (row, (g, w)) in got_sel
+        .chunks(sel_opts.k)
+        .zip(want_sel.indices.chunks(sel_opts.k))
+        .enumerate()
+    {
+        got_total += score_sum(g, row);
+        want_total += score_sum(w, row);
+    }
+    let shortfall = ((want_total - got_total) / want_total.abs().max(1e-30)).max(0.0);
+    out.push(Check {
+        name: "block selection (score shortfall)",
+        error: shortfall,
+        ok: shortfall <= 1e-5 && got_sel.len() == want_sel.indices.len(),
+    });
+
+    // Block-sparse attention over the reference's selection (independent of near-ties).
+    let sp_opts = SparseOptions {
+        block: 16,
+        causal: true,
+        scale: None,
+    };
+    let tsel: Tensor = gpu.upload_u32(&selector.selection_dims(), &want_sel.indices)?;
+    let sparse = SparseAttention::new(gpu, shape, sp_opts, sel_opts.k, false)?;
+    let so = AttnOutput::empty(gpu, &shape)?;
+    let sg = AttnGrads::empty(gpu, &shape)?;
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    sparse.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &tsel, None, &so)?;
+    sparse.encode_backward(
+        gpu, &mut enc, &tq, &tk, &tv, &tsel, None, &so, &tdo, &rowd, &sg,
+    )?;
+    gpu.queue().submit([enc.finish()]);
+    let (idx, kk) = (&want_sel.indices, sel_opts.k);
+    let want = reference::sparse::forward(&shape, &sp_opts, &q, &k, &v, idx, kk, None)?;
+    let want_g = reference::sparse::backward(&shape, &sp_opts, &q, &k, &v, idx, kk, None, &d_o)?;
+    let names = [
+        "sparse forward O",
+        "sparse forward LSE",
+        "sparse backward dQ",
+        "sparse backward dK",
+        "sparse backward dV",
+    ];
+    push_attention(gpu, &mut out, names, &so, &sg, &want, &want_g).await?;
+
+    // Metrics of the reference's selection.
+    let metrics = AttentionMetrics::new(gpu, shape, causal, 16, kk)?;
+    let m = metrics.compute(gpu, &tq, &tk, &tsel)?;
+    let want = reference::metrics::metrics(&shape, &causal, 16, &q, &k, idx, kk)?;
+    for (name, t, w) in [
+        ("metrics block mass", &m.block_mass, &want.block_mass),
+        ("metrics sparsity", &m.sparsity, &want.sparsity),
+        ("metrics entropy", &m.entropy, &want.entropy),
+    ] {
+        push(
+            &mut out,
+            name,
+            &gpu.read_async(t).await?,
+            &f32s(w),
+            TOLERANCE,
+        );
+    }
+
+    // SSA's alignment loss between the two streams' outputs.
+    let dims = shape.q_dims();
+    let align = AlignLoss::new(gpu, &dims, 1.0)?;
+    let ao = AlignOut::empty(gpu, &dims)?;
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    align.encode(gpu, &mut enc, &fo.o, &so.o, 10.0, &ao)?;
+    gpu.queue().submit([enc.finish()]);
+    let (h_full, h_sparse) = (gpu.read_async(&fo.o).await?, gpu.read_async(&so.o).await?);
+    let want = reference::align::align(&h_full, &h_sparse, 1.0, 10.0)?;
+    push(
+        &mut out,
+        "alignment loss",
+        &gpu.read_async(&ao.loss).await?,
+        &[want.loss as f32],
+        TOLERANCE,
+    );
+    // Gradients are ψ(d)·scale/N: compare ψ (order 1) so the relative error means something.
+    let unit = shape.q_len() as f64 / 10.0;
+    let norm = |x: Vec<f32>| -> Vec<f32> { x.iter().map(|&g| (g as f64 * unit) as f32).collect() };
+    let norm64 = |x: &[f64]| -> Vec<f32> { x.iter().map(|&g| (g * unit) as f32).collect() };
+    push(
+        &mut out,
+        "alignment dL/dh_full",
+        &norm(gpu.read_async(&ao.g_full).await?),
+        &norm64(&want.g_full),
+        TOLERANCE,
+    );
+    push(
+        &mut out,
+        "alignment dL/dh_sparse",
+        &norm(gpu.read_async(&ao.g_sparse).await?),
+        &norm64(&want.g_sparse),
+        TOLERANCE,
+    );
+    Ok(out)
+}
+
+/// The checks as JSON: `{"ok": bool, "checks": [{"name", "error", "ok"}]}`.
+pub fn to_json(checks: &[Check]) -> serde_json::Value {
+    serde_json::json!({
+        "ok": checks.iter().all(|c| c.ok),
+        "checks": checks.iter().map(|c| serde_json::json!({
+            "name": c.name,
+            "error": if c.error.is_finite() { Some(c.error) } else { None },
+            "ok": c.ok,
+        })).collect::<Vec<_>>(),
+    })
+}
