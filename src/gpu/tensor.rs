@@ -138,20 +138,8 @@ impl Gpu {
     /// Map a MAP_READ buffer whose copy has been submitted, wait, and return its bytes.
     #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn read_mapped(&self, buf: &wgpu::Buffer, what: &str) -> Result<Vec<u8>> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        buf.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu(format!("{what} was never completed")))?
-            .map_err(|e| Error::Gpu(format!("{what}: mapping failed: {e}")))?;
-        let bytes = buf
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("{what}: reading the mapping failed: {e}")))?
-            .to_vec();
-        buf.unmap();
-        Ok(bytes)
+        // Natively the async path waits for the GPU before awaiting, so this never parks.
+        pollster::block_on(self.read_mapped_async(buf, what))
     }
 
     /// Map a MAP_READ buffer whose copy has been submitted and return its bytes, without
@@ -184,38 +172,35 @@ impl Gpu {
         Ok(bytes)
     }
 
-    async fn read_bytes_async(&self, t: &Tensor) -> Result<Vec<u8>> {
+    /// The elements of `t`, which must have dtype `want` (`what` names the caller in errors).
+    async fn read_typed<T: bytemuck::Pod>(
+        &self,
+        t: &Tensor,
+        want: DType,
+        what: &str,
+    ) -> Result<Vec<T>> {
+        if t.dtype() != want {
+            invalid!(
+                "{what} wants a {want:?} tensor, this one is {:?}",
+                t.dtype()
+            );
+        }
         if t.is_empty() {
             return Ok(Vec::new());
         }
         let staging = self.readback_copy(t);
-        self.read_mapped_async(&staging, "tensor readback").await
+        let bytes = self.read_mapped_async(&staging, "tensor readback").await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Copy an f32 tensor back to the host; works in the browser too (see `read_mapped_async`).
     pub async fn read_async(&self, t: &Tensor) -> Result<Vec<f32>> {
-        if t.dtype() != DType::F32 {
-            invalid!(
-                "read_async() wants an f32 tensor, this one is {:?}",
-                t.dtype()
-            );
-        }
-        Ok(bytemuck::pod_collect_to_vec(
-            &self.read_bytes_async(t).await?,
-        ))
+        self.read_typed(t, DType::F32, "read_async()").await
     }
 
     /// Copy a u32 tensor back to the host; works in the browser too.
     pub async fn read_u32_async(&self, t: &Tensor) -> Result<Vec<u32>> {
-        if t.dtype() != DType::U32 {
-            invalid!(
-                "read_u32_async() wants a u32 tensor, this one is {:?}",
-                t.dtype()
-            );
-        }
-        Ok(bytemuck::pod_collect_to_vec(
-            &self.read_bytes_async(t).await?,
-        ))
+        self.read_typed(t, DType::U32, "read_u32_async()").await
     }
 
     /// Submit a copy of `t` into a new MAP_READ buffer.
@@ -238,28 +223,13 @@ impl Gpu {
     /// Copy an f32 tensor back to the host (waits for the GPU).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
-        if t.dtype() != DType::F32 {
-            invalid!("read() wants an f32 tensor, this one is {:?}", t.dtype());
-        }
-        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
+        pollster::block_on(self.read_typed(t, DType::F32, "read()"))
     }
 
     /// Copy a u32 tensor back to the host (waits for the GPU).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read_u32(&self, t: &Tensor) -> Result<Vec<u32>> {
-        if t.dtype() != DType::U32 {
-            invalid!("read_u32() wants a u32 tensor, this one is {:?}", t.dtype());
-        }
-        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(t)?))
-    }
-
-    #[cfg(not(target_arch = "wasm32"))]
-    fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
-        if t.is_empty() {
-            return Ok(Vec::new());
-        }
-        let staging = self.readback_copy(t);
-        self.read_mapped(&staging, "tensor readback")
+        pollster::block_on(self.read_typed(t, DType::U32, "read_u32()"))
     }
 }
 
