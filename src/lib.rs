@@ -28,6 +28,8 @@ pub mod reference;
 pub mod safetensors;
 pub mod selfcheck;
 pub mod shape;
+#[cfg(all(feature = "train", not(target_arch = "wasm32")))]
+pub mod train;
 pub mod viz;
 
 pub use error::{Error, Result};

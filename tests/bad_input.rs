@@ -113,7 +113,7 @@ fn shape_errors_name_the_problem() {
         lse: t(&s.lse_dims()),
     };
     let e = msg(att.forward_into(&gpu, &out.o, &t(&s.kv_dims()), &t(&s.kv_dims()), &out));
-    assert!(e.contains("shares its buffer"), "{e}");
+    assert!(e.contains("overlaps"), "{e}");
     // wrong output shape
     let bad_out = AttnOutput {
         o: t(&[1, 1, 8, 16]),

@@ -74,6 +74,197 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train a small Llama-style LM with full, sparse (MoBA-style) or SSA attention on our
+    /// kernels (Burn on the wgpu backend); checkpoints to --out, --resume continues one.
+    #[cfg(feature = "train")]
+    Train(TrainArgs),
+    /// Evaluate trained checkpoints, full and sparse inference: perplexity, per-layer attention
+    /// sparsity and entropy, a budget sweep, length extrapolation with pass-key retrieval. Prints
+    /// a table; writes the JSON report and PNG plots.
+    #[cfg(feature = "train")]
+    Eval(EvalArgs),
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct EvalArgs {
+    /// Checkpoint folders (from `train --out`); several are compared in one table and plot.
+    #[arg(long, num_args = 1.., required_unless_present = "reports")]
+    ckpt: Vec<std::path::PathBuf>,
+    /// Instead of evaluating: combine JSON reports written by earlier `eval` runs into one
+    /// table, report and set of plots (no GPU needed).
+    #[arg(long, num_args = 1.., conflicts_with = "ckpt")]
+    reports: Vec<std::path::PathBuf>,
+    #[arg(long, default_value = "data/shakespeare")]
+    data: std::path::PathBuf,
+    #[arg(long, default_value_t = 10)]
+    valid_every: usize,
+    /// JSON report.
+    #[arg(long, default_value = "eval.json")]
+    out: std::path::PathBuf,
+    /// Folder for the PNG plots.
+    #[arg(long, default_value = "eval-plots")]
+    plots: std::path::PathBuf,
+    /// Validation windows per measurement.
+    #[arg(long, default_value_t = 64)]
+    windows: usize,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Pass-key samples per length.
+    #[arg(long, default_value_t = 32)]
+    passkeys: usize,
+    /// Multiples of the trained top-k.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    budgets: Vec<usize>,
+    /// Multiples of the training length.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    lengths: Vec<usize>,
+    #[arg(long, default_value_t = 4)]
+    metric_windows: usize,
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct TrainArgs {
+    /// full, sparse (MoBA-style sparse-only) or ssa.
+    #[arg(long)]
+    mode: String,
+    /// Folder of .txt files (scripts/fetch-corpus.sh makes data/shakespeare).
+    #[arg(long, default_value = "data/shakespeare")]
+    data: std::path::PathBuf,
+    /// Every N-th file (sorted by name, from the first) is validation text.
+    #[arg(long, default_value_t = 10)]
+    valid_every: usize,
+    /// Checkpoint folder.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Continue the checkpoint in --out (same model, mode and seed).
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) after this many steps of this invocation.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Stop (with a checkpoint) after this many seconds; --resume continues.
+    #[arg(long)]
+    time_limit: Option<f64>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Model and optimisation settings shared by `train` and `bench train`.
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Training context (tokens = bytes).
+    #[arg(long, default_value_t = 1024)]
+    seq: usize,
+    #[arg(long, default_value_t = 256)]
+    d_model: usize,
+    #[arg(long, default_value_t = 6)]
+    layers: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    /// MLP width (default: 8/3 d_model rounded up to a multiple of 64).
+    #[arg(long)]
+    d_ff: Option<usize>,
+    /// Longest sequence RoPE covers (evaluation extrapolates up to it). Default 4 x --seq.
+    #[arg(long)]
+    max_seq: Option<usize>,
+    /// Sparse attention: block size and blocks kept (receptive field = block x topk).
+    #[arg(long, default_value_t = 16)]
+    block: usize,
+    #[arg(long, default_value_t = 16)]
+    topk: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    min_lr: f64,
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// Per-parameter gradient-norm clip.
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    /// SSA: weight of the alignment loss.
+    #[arg(long, default_value_t = 10.0)]
+    alpha: f32,
+    /// Share of training windows that are pass-key samples.
+    #[arg(long, default_value_t = 0.05)]
+    passkey_rate: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 200)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 32)]
+    eval_windows: usize,
+    #[arg(long, default_value_t = 200)]
+    ckpt_every: usize,
+}
+
+#[cfg(feature = "train")]
+impl RunArgs {
+    fn config(&self, mode: &str) -> Result<sparse_attn::train::TrainConfig, Error> {
+        use sparse_attn::train::{LmConfig, Mode, TrainConfig};
+        let a = self;
+        let cfg = TrainConfig {
+            model: LmConfig {
+                vocab: sparse_attn::train::data::VOCAB,
+                d_model: a.d_model,
+                layers: a.layers,
+                heads_q: a.heads,
+                heads_kv: a.kv_heads,
+                d_ff: a.d_ff.unwrap_or((a.d_model * 8 / 3).div_ceil(64) * 64),
+                max_seq: a.max_seq.unwrap_or(4 * a.seq),
+                rope_theta: 10000.0,
+                block: a.block,
+                topk: a.topk,
+            },
+            mode: Mode::parse(mode)?,
+            steps: a.steps,
+            batch: a.batch,
+            seq: a.seq,
+            lr: a.lr,
+            min_lr: a.min_lr,
+            warmup: a.warmup,
+            weight_decay: a.weight_decay,
+            clip: a.clip,
+            alpha: a.alpha,
+            passkey_rate: a.passkey_rate,
+            seed: a.seed,
+            eval_every: a.eval_every,
+            eval_windows: a.eval_windows,
+            ckpt_every: a.ckpt_every,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(feature = "train")]
+#[derive(Args)]
+struct BenchTrainArgs {
+    /// Modes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "full,sparse,ssa")]
+    modes: Vec<String>,
+    #[arg(long, default_value = "data/shakespeare")]
+    data: std::path::PathBuf,
+    /// Untimed steps first (pipeline compilation, autotuning).
+    #[arg(long, default_value_t = 3)]
+    warmup_steps: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    timed_steps: usize,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -118,6 +309,10 @@ struct MapArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Training throughput per mode (tokens/s), SSA's step cost over sparse-only and full, and
+    /// the share of the step's GPU time spent in our attention kernels.
+    #[cfg(feature = "train")]
+    Train(BenchTrainArgs),
     /// Tiled full attention, forward and backward.
     Full(FullArgs),
     /// Block selection + block-sparse forward and backward against the dense causal kernels.
@@ -276,6 +471,10 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: BenchCmd::Sparse(a),
         } => bench_sparse_cmd(&opts, &a),
+        #[cfg(feature = "train")]
+        Cmd::Bench {
+            which: BenchCmd::Train(a),
+        } => bench_train_cmd(&opts, &a),
         Cmd::Demo(a) => demo(&opts, &a),
         Cmd::Map(a) => map(&opts, &a),
         Cmd::Explore {
@@ -284,6 +483,10 @@ fn main() -> ExitCode {
             arrays,
         } => explore(&opts, &config, timing, arrays),
         Cmd::Selfcheck { seed, json } => selfcheck(&opts, seed, json),
+        #[cfg(feature = "train")]
+        Cmd::Train(a) => train_cmd(&opts, &a),
+        #[cfg(feature = "train")]
+        Cmd::Eval(a) => eval_cmd(&opts, &a),
     };
     match result {
         Ok(code) => code,
@@ -987,5 +1190,189 @@ fn demo_cpu_only(seed: u64) -> Result<ExitCode, Error> {
         &f.o[..4]
     );
     println!("demo: CPU-only (no GPU adapter); install a Vulkan driver to run the GPU kernels");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "train")]
+fn train_cmd(opts: &GpuOptions, a: &TrainArgs) -> Result<ExitCode, Error> {
+    use sparse_attn::train::{Runtime, data::Corpus, train};
+    let cfg = a.run.config(&a.mode)?;
+    let corpus = Corpus::load(&a.data, a.valid_every)?;
+    let rt = Runtime::new(opts)?;
+    eprintln!(
+        "{} on {}: {:.1}M parameters, {} train / {} valid bytes ({} / {} files)",
+        cfg.mode.name(),
+        rt.gpu.adapter(),
+        cfg.model.params() as f64 / 1e6,
+        corpus.train.len(),
+        corpus.valid.len(),
+        corpus.train_files.len(),
+        corpus.valid_files.len()
+    );
+    let inv = sparse_attn::train::trainer::Invocation {
+        resume: a.resume,
+        quiet: false,
+        stop_after: a.stop_after,
+        time_limit_s: a.time_limit,
+    };
+    let log = train(&cfg, &corpus, &rt.device, &a.out, &inv)?;
+    if let Some(last) = log.last() {
+        println!(
+            "{}",
+            serde_json::json!({"mode": cfg.mode.name(), "step": last.step, "loss": last.loss,
+                "ce": last.ce, "align": last.align, "tokens_per_s": last.tokens_per_s,
+                "out": a.out.display().to_string()})
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "train")]
+fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
+    use sparse_attn::train::eval::{EvalConfig, evaluate, plot_reports, table};
+    use sparse_attn::train::{Runtime, data::Corpus, trainer::load};
+    if !a.reports.is_empty() {
+        let mut reports = Vec::new();
+        let mut devices = Vec::new();
+        for p in &a.reports {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::InvalidInput(format!("reading {}: {e}", p.display())))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::InvalidInput(format!("{}: {e}", p.display())))?;
+            let list = v["reports"].as_array().ok_or_else(|| {
+                Error::InvalidInput(format!("{} is not an eval report", p.display()))
+            })?;
+            reports.extend(list.iter().cloned());
+            devices.push(v["device"].clone());
+        }
+        let all = serde_json::json!({"devices": devices, "reports": reports});
+        std::fs::write(&a.out, serde_json::to_string_pretty(&all).unwrap())
+            .map_err(|e| Error::InvalidInput(format!("writing {}: {e}", a.out.display())))?;
+        let files = plot_reports(&reports, &a.plots)?;
+        println!("{}", table(&reports));
+        for f in files {
+            eprintln!("plot: {}", f.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let corpus = Corpus::load(&a.data, a.valid_every)?;
+    let rt = Runtime::new(opts)?;
+    let ec = EvalConfig {
+        windows: a.windows,
+        batch: a.batch,
+        budgets: a.budgets.clone(),
+        lengths: a.lengths.clone(),
+        passkeys: a.passkeys,
+        metric_windows: a.metric_windows,
+        ..EvalConfig::default()
+    };
+    let mut reports = Vec::new();
+    for dir in &a.ckpt {
+        let (model, cfg) = load(dir, &rt.device)?;
+        eprintln!("== {} ({})", dir.display(), cfg.mode.name());
+        let mut r = evaluate(&model, &cfg, &corpus, &rt.gpu, &rt.device, &ec, true)?;
+        r["checkpoint"] = serde_json::json!(dir.display().to_string());
+        // The training log (loss, validation loss, tokens/s by step) travels with the report.
+        let state = std::fs::read_to_string(dir.join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        if let Some(st) = state {
+            r["train_log"] = st["log"].clone();
+            r["train_config"] = st["config"].clone();
+        }
+        reports.push(r);
+    }
+    let all = serde_json::json!({"device": rt.gpu.adapter().to_string(), "reports": reports});
+    std::fs::write(&a.out, serde_json::to_string_pretty(&all).unwrap())
+        .map_err(|e| Error::InvalidInput(format!("writing {}: {e}", a.out.display())))?;
+    let files = plot_reports(&reports, &a.plots)?;
+    println!("{}", table(&reports));
+    eprintln!("report: {}", a.out.display());
+    for f in files {
+        eprintln!("plot: {}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "train")]
+fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode, Error> {
+    use sparse_attn::train::{Runtime, data::Corpus, trainer::measure_steps};
+    let corpus = Corpus::load(&a.data, 10)?;
+    let rt = Runtime::new(opts)?;
+    let mut rows = Vec::new();
+    for m in &a.modes {
+        let cfg = a.run.config(m)?;
+        let t = measure_steps(
+            &cfg,
+            &corpus,
+            &rt.device,
+            &rt.gpu,
+            a.warmup_steps,
+            a.timed_steps,
+        )?;
+        eprintln!(
+            "{:>6}: {:.1} ms/step, {:.0} tokens/s, our kernels {:.1} ms/step",
+            m,
+            t.step_s * 1e3,
+            t.tokens_per_s,
+            t.ours_s() * 1e3
+        );
+        rows.push((cfg, t));
+    }
+    let step = |mode: &str| {
+        rows.iter()
+            .find(|r| r.0.mode.name() == mode)
+            .map(|r| r.1.step_s)
+    };
+    println!(
+        "device: {}\nmodel: {:.1}M params, batch {} x seq {}, block {} topk {}\n",
+        rt.gpu.adapter(),
+        rows[0].0.model.params() as f64 / 1e6,
+        a.run.batch,
+        a.run.seq,
+        a.run.block,
+        a.run.topk
+    );
+    println!("| mode | ms/step | tokens/s | our kernels ms/step | share of step |");
+    println!("|---|---|---|---|---|");
+    for (_, t) in &rows {
+        println!(
+            "| {} | {:.1} | {:.0} | {:.1} | {:.0}% |",
+            t.mode.name(),
+            t.step_s * 1e3,
+            t.tokens_per_s,
+            t.ours_s() * 1e3,
+            100.0 * t.ours_s() / t.step_s
+        );
+    }
+    if let (Some(ssa), Some(sp), Some(full)) = (step("ssa"), step("sparse"), step("full")) {
+        println!(
+            "\nSSA step cost: {:+.0}% over sparse-only, {:+.0}% over full",
+            100.0 * (ssa / sp - 1.0),
+            100.0 * (ssa / full - 1.0)
+        );
+    }
+    for (_, t) in &rows {
+        println!("\n{} kernels (ms/step, dispatches/step):", t.mode.name());
+        for (l, s, n) in &t.ours {
+            println!("  {l:<28} {:8.3} {n}", s * 1e3);
+        }
+    }
+    if a.json {
+        let j: Vec<_> = rows
+            .iter()
+            .map(|(c, t)| {
+                serde_json::json!({"mode": t.mode.name(), "config": c.to_json(),
+                    "step_s": t.step_s, "tokens_per_s": t.tokens_per_s,
+                    "ours_s": t.ours_s(),
+                    "kernels": t.ours.iter().map(|k| serde_json::json!({"kernel": k.0,
+                        "s": k.1, "dispatches": k.2})).collect::<Vec<_>>()})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"device": rt.gpu.adapter().to_string(), "rows": j})
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -29,6 +29,10 @@ pub struct GpuOptions {
     pub max_storage_binding: Option<u64>,
     /// Do not request optional features (portable code paths only).
     pub portable_only: bool,
+    /// Request every feature the adapter offers (what Burn's wgpu runtime asks for: its kernels
+    /// use e.g. 64-bit integers and float atomics where the adapter has them). `train::Runtime`
+    /// sets this; our own kernels need only [`OPTIONAL_FEATURES`].
+    pub all_features: bool,
     /// Request WebGPU's default limits instead of the adapter's (what a browser grants without
     /// asking): native runs then see exactly the browser's budget (16 KiB workgroup storage,
     /// 256 invocations, 128 MiB storage bindings).
@@ -76,12 +80,17 @@ impl std::fmt::Display for AdapterSummary {
 
 /// The GPU runtime: one device and queue, its features and limits, and the pipeline cache.
 pub struct Gpu {
+    /// Kept so the device can be shared (Burn registers instance, adapter, device and queue).
+    instance: wgpu::Instance,
+    raw_adapter: wgpu::Adapter,
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     adapter: AdapterSummary,
     features: wgpu::Features,
     limits: wgpu::Limits,
-    pub(crate) pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+    /// Cached pipelines, by key and by whether inputs are declared writable (pooled buffers).
+    pub(crate) pipelines: Mutex<HashMap<(PipelineKey, bool), Arc<Pipeline>>>,
+    pooled: std::sync::atomic::AtomicBool,
     /// Set while `Gpu::profile` records: every dispatch then writes its own timestamps.
     pub(crate) profiler: Mutex<Option<crate::gpu::timer::Profiler>>,
 }
@@ -165,24 +174,24 @@ fn wants_gl(filter: Option<&str>) -> bool {
 /// Adapters of the native APIs first; GL only when asked for or when nothing native exists
 /// (starting the GL backend probes EGL/Wayland, which prints noise on headless machines).
 #[cfg(not(target_arch = "wasm32"))]
-async fn enumerate(filter: Option<&str>) -> Vec<wgpu::Adapter> {
+async fn enumerate(filter: Option<&str>) -> (wgpu::Instance, Vec<wgpu::Adapter>) {
     if !wants_gl(filter) {
-        let native = new_instance(wgpu::Backends::PRIMARY)
-            .enumerate_adapters(wgpu::Backends::all())
-            .await;
+        let instance = new_instance(wgpu::Backends::PRIMARY);
+        let native = instance.enumerate_adapters(wgpu::Backends::all()).await;
         if !native.is_empty() {
-            return native;
+            return (instance, native);
         }
     }
-    new_instance(wgpu::Backends::all())
-        .enumerate_adapters(wgpu::Backends::all())
-        .await
+    let instance = new_instance(wgpu::Backends::all());
+    let all = instance.enumerate_adapters(wgpu::Backends::all()).await;
+    (instance, all)
 }
 
 /// Every adapter this machine offers, best first (native only; the browser offers one).
 #[cfg(not(target_arch = "wasm32"))]
 pub fn list_adapters() -> Vec<AdapterSummary> {
     let mut list: Vec<AdapterSummary> = pollster::block_on(enumerate(None))
+        .1
         .iter()
         .map(|a| AdapterSummary::of(&a.get_info()))
         .collect();
@@ -203,14 +212,14 @@ impl Gpu {
             .clone()
             .or_else(|| std::env::var(ADAPTER_ENV).ok())
             .filter(|s| !s.trim().is_empty());
-        let adapter = Self::pick_adapter(filter.as_deref()).await?;
-        Self::from_adapter(adapter, options).await
+        let (instance, adapter) = Self::pick_adapter(filter.as_deref()).await?;
+        Self::from_adapter(instance, adapter, options).await
     }
 
     #[cfg(not(target_arch = "wasm32"))]
-    async fn pick_adapter(filter: Option<&str>) -> Result<wgpu::Adapter> {
-        let mut all: Vec<(AdapterSummary, wgpu::Adapter)> = enumerate(filter)
-            .await
+    async fn pick_adapter(filter: Option<&str>) -> Result<(wgpu::Instance, wgpu::Adapter)> {
+        let (instance, adapters) = enumerate(filter).await;
+        let mut all: Vec<(AdapterSummary, wgpu::Adapter)> = adapters
             .into_iter()
             .map(|a| (AdapterSummary::of(&a.get_info()), a))
             .collect();
@@ -220,7 +229,7 @@ impl Gpu {
             .into_iter()
             .find(|(s, _)| filter.is_none_or(|f| adapter_matches(s, f)));
         match chosen {
-            Some((_, a)) => Ok(a),
+            Some((_, a)) => Ok((instance, a)),
             None => Err(Error::NoAdapter {
                 filter: match filter {
                     Some(f) if !seen.is_empty() => {
@@ -235,8 +244,9 @@ impl Gpu {
     }
 
     #[cfg(target_arch = "wasm32")]
-    async fn pick_adapter(_filter: Option<&str>) -> Result<wgpu::Adapter> {
-        new_instance(wgpu::Backends::BROWSER_WEBGPU)
+    async fn pick_adapter(_filter: Option<&str>) -> Result<(wgpu::Instance, wgpu::Adapter)> {
+        let instance = new_instance(wgpu::Backends::BROWSER_WEBGPU);
+        let adapter = instance
             .request_adapter(&wgpu::RequestAdapterOptions {
                 power_preference: wgpu::PowerPreference::HighPerformance,
                 ..Default::default()
@@ -245,13 +255,20 @@ impl Gpu {
             .map_err(|e| Error::NoAdapter {
                 filter: String::new(),
                 hint: format!("The browser offers no WebGPU adapter ({e})."),
-            })
+            })?;
+        Ok((instance, adapter))
     }
 
-    async fn from_adapter(adapter: wgpu::Adapter, options: &GpuOptions) -> Result<Self> {
+    async fn from_adapter(
+        instance: wgpu::Instance,
+        adapter: wgpu::Adapter,
+        options: &GpuOptions,
+    ) -> Result<Self> {
         let info = adapter.get_info();
         let features = if options.portable_only {
             wgpu::Features::empty()
+        } else if options.all_features {
+            adapter.features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
         } else {
             adapter.features() & OPTIONAL_FEATURES
         };
@@ -265,7 +282,9 @@ impl Gpu {
             limits.max_storage_buffer_binding_size =
                 limits.max_storage_buffer_binding_size.min(cap as u64);
         }
-        let experimental = if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        let experimental = if options.all_features
+            || features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        {
             // SAFETY: wgpu's experimental features are opt-in; we only use cooperative matrices
             // in kernels that are tested against the reference on the device that runs them.
             unsafe { wgpu::ExperimentalFeatures::enabled() }
@@ -289,12 +308,15 @@ impl Gpu {
             log::error!("uncaptured wgpu error: {e}");
         }));
         Ok(Self {
+            instance,
+            raw_adapter: adapter,
             device,
             queue,
             adapter: AdapterSummary::of(&info),
             features,
             limits,
             pipelines: Mutex::new(HashMap::new()),
+            pooled: std::sync::atomic::AtomicBool::new(false),
             profiler: Mutex::new(None),
         })
     }
@@ -314,6 +336,23 @@ impl Gpu {
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }
+    pub fn instance(&self) -> &wgpu::Instance {
+        &self.instance
+    }
+    pub fn wgpu_adapter(&self) -> &wgpu::Adapter {
+        &self.raw_adapter
+    }
+    /// Tensors may be ranges of one shared buffer (an allocator's pool, such as Burn's): wgpu
+    /// forbids binding one buffer both read-only and writable in a dispatch, so from now on
+    /// every kernel declares all its storage bindings `read_write` (pipelines are cached per
+    /// setting). `train::Runtime` turns this on for the device it shares with Burn.
+    pub fn set_pooled_buffers(&self, on: bool) {
+        self.pooled.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn pooled_buffers(&self) -> bool {
+        self.pooled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }

@@ -84,13 +84,28 @@ pub fn preprocess(key: &PipelineKey) -> Result<String> {
     Ok(out)
 }
 
+/// Declare every storage binding `read_write` (see [`Gpu::set_pooled_buffers`]).
+fn all_read_write(code: &str) -> String {
+    code.replace("var<storage, read>", "var<storage, read_write>")
+}
+
 impl Gpu {
     /// The pipeline for `key`, compiled on first use and cached for the life of the `Gpu`.
     pub fn pipeline(&self, key: &PipelineKey) -> Result<Arc<Pipeline>> {
-        if let Some(p) = self.pipelines.lock().expect("pipeline cache").get(key) {
+        let pooled = self.pooled_buffers();
+        let cache_key = (key.clone(), pooled);
+        if let Some(p) = self
+            .pipelines
+            .lock()
+            .expect("pipeline cache")
+            .get(&cache_key)
+        {
             return Ok(p.clone());
         }
-        let code = preprocess(key)?;
+        let mut code = preprocess(key)?;
+        if pooled {
+            code = all_read_write(&code);
+        }
         let label = format!("{}:{}", key.file, key.entry);
         let built = self.scoped(&format!("compiling {label}"), || {
             let desc = wgpu::ShaderModuleDescriptor {
@@ -132,7 +147,7 @@ impl Gpu {
         self.pipelines
             .lock()
             .expect("pipeline cache")
-            .insert(key.clone(), built.clone());
+            .insert(cache_key, built.clone());
         Ok(built)
     }
 

@@ -21,10 +21,14 @@ impl DType {
     }
 }
 
-/// Row-major contiguous tensor on the GPU.
-#[derive(Debug)]
+/// Row-major contiguous tensor on the GPU: `len` elements from byte `offset` of `buffer`.
+///
+/// Tensors made here own their buffer (offset 0); `Tensor::view` wraps memory someone else owns,
+/// such as one allocation inside a Burn memory page.
+#[derive(Debug, Clone)]
 pub struct Tensor {
     pub(crate) buffer: wgpu::Buffer,
+    offset: u64,
     shape: Vec<usize>,
     dtype: DType,
 }
@@ -47,6 +51,70 @@ impl Tensor {
     }
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
+    }
+    /// Byte offset of the first element inside `buffer()`.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// A tensor over `shape` elements of `dtype` starting at byte `offset` of `buffer`. The range
+    /// must lie inside the buffer and the offset must meet the device's storage-binding alignment
+    /// (the launchers bind windows relative to it); the buffer needs STORAGE usage, and
+    /// COPY_SRC / COPY_DST for readback / writes.
+    pub fn view(
+        gpu: &Gpu,
+        buffer: wgpu::Buffer,
+        offset: u64,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let (_, bytes) = checked_len(shape, dtype)?;
+        let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+        if offset % align.max(4) != 0 {
+            invalid!(
+                "a tensor view must start at a multiple of {} bytes (the device's storage \
+                 alignment); offset {offset} does not",
+                align.max(4)
+            );
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            invalid!("a tensor view needs a buffer with STORAGE usage");
+        }
+        match offset.checked_add(bytes) {
+            Some(end) if end <= buffer.size() => {}
+            _ => invalid!(
+                "a tensor view of shape {shape:?} ({bytes} bytes at offset {offset}) does not fit \
+                 its buffer of {} bytes",
+                buffer.size()
+            ),
+        }
+        Ok(Tensor {
+            buffer,
+            offset,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// Byte range this tensor occupies in its buffer.
+    pub(crate) fn byte_range(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.size_bytes()
+    }
+
+    /// Same memory, another shape with as many elements.
+    pub fn reshaped(&self, shape: &[usize]) -> Result<Tensor> {
+        let (len, _) = checked_len(shape, self.dtype)?;
+        if len != self.len() {
+            invalid!(
+                "cannot view {:?} ({} elements) as {shape:?} ({len} elements)",
+                self.shape,
+                self.len()
+            );
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self.clone()
+        })
     }
 }
 
@@ -86,6 +154,7 @@ impl Gpu {
         })?;
         Ok(Tensor {
             buffer,
+            offset: 0,
             shape: shape.to_vec(),
             dtype,
         })
@@ -108,7 +177,7 @@ impl Gpu {
         }
         let t = self.empty(shape, dtype)?;
         if !bytes.is_empty() {
-            self.queue.write_buffer(&t.buffer, 0, bytes);
+            self.queue.write_buffer(&t.buffer, t.offset, bytes);
         }
         Ok(t)
     }
@@ -125,7 +194,7 @@ impl Gpu {
         }
         if !data.is_empty() {
             self.queue
-                .write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
         }
         Ok(())
     }
@@ -215,7 +284,7 @@ impl Gpu {
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        enc.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        enc.copy_buffer_to_buffer(&t.buffer, t.offset, &staging, 0, size);
         self.queue.submit([enc.finish()]);
         staging
     }

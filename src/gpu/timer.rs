@@ -178,6 +178,40 @@ pub(crate) struct Profiler {
     labels: Vec<String>,
 }
 
+impl Gpu {
+    /// Start timing every dispatch our launchers record, in any encoder, until
+    /// [`Gpu::profile_end`] (e.g. across the training steps of a Burn model). Needs timestamps.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile_begin(&self) -> Result<()> {
+        if !self.has_timestamps() {
+            return Err(Error::Unsupported(
+                "profiling needs timestamp queries, which this adapter lacks".into(),
+            ));
+        }
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: PROFILE_QUERIES,
+        });
+        *self.profiler.lock().expect("profiler") = Some(Profiler {
+            set,
+            labels: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Stop the profile `profile_begin` started (after everything it timed was submitted) and
+    /// return `(file:entry, total seconds, dispatches)` per kernel in order of first appearance.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile_end(&self) -> Result<Vec<(String, f64, u32)>> {
+        let Some(p) = self.profiler.lock().expect("profiler").take() else {
+            return Ok(Vec::new());
+        };
+        let enc = self.device.create_command_encoder(&Default::default());
+        self.resolve_profile(enc, &p.set, p.labels)
+    }
+}
+
 /// Queries in one profile: wgpu caps a query set at 4096 (two per dispatch).
 const PROFILE_QUERIES: u32 = 4096;
 
@@ -233,6 +267,22 @@ impl Gpu {
             .map(|p| p.labels)
             .unwrap_or_default();
         recorded?;
+        let mut out = self.resolve_profile(enc, &set, labels)?;
+        for e in &mut out {
+            e.1 /= reps as f64;
+            e.2 = e.2.div_ceil(reps);
+        }
+        Ok(out)
+    }
+
+    /// Read back the timestamps of `labels` (two queries each, in order) after `enc`.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn resolve_profile(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        set: &wgpu::QuerySet,
+        labels: Vec<String>,
+    ) -> Result<Vec<(String, f64, u32)>> {
         let n = 2 * labels.len() as u64;
         if n == 0 {
             return Ok(Vec::new());
@@ -252,7 +302,7 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        enc.resolve_query_set(&set, 0..n as u32, &resolve, 0);
+        enc.resolve_query_set(set, 0..n as u32, &resolve, 0);
         enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 8 * n);
         self.queue.submit([enc.finish()]);
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_mapped(&read, "profile")?);
@@ -267,10 +317,6 @@ impl Gpu {
                 }
                 None => out.push((label, s, 1)),
             }
-        }
-        for e in &mut out {
-            e.1 /= reps as f64;
-            e.2 = e.2.div_ceil(reps);
         }
         Ok(out)
     }

@@ -112,8 +112,9 @@ pub(crate) fn expect_tensor(name: &str, t: &Tensor, dims: &[usize], dtype: DType
 pub(crate) fn no_alias(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> Result<()> {
     for (i, (n, t)) in outputs.iter().enumerate() {
         for (m, x) in inputs.iter().chain(&outputs[i + 1..]) {
-            if t.buffer() == x.buffer() {
-                invalid!("output {n} shares its buffer with {m}; give each output its own");
+            let (a, b) = (t.byte_range(), x.byte_range());
+            if t.buffer() == x.buffer() && a.start < b.end && b.start < a.end {
+                invalid!("output {n} overlaps {m} in memory; give each output its own");
             }
         }
     }
@@ -145,7 +146,8 @@ pub(crate) fn dispatch(
             binding,
             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                 buffer: t.buffer(),
-                offset: w.offset,
+                // Views inside a larger buffer (Burn's pages) start at an aligned offset.
+                offset: t.offset() + w.offset,
                 size: NonZeroU64::new(w.size),
             }),
         });

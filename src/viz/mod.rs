@@ -4,6 +4,9 @@
 use font8x8::UnicodeFonts;
 use image::{Rgb, RgbImage};
 
+mod plot;
+pub use plot::{Series, line_plot};
+
 use crate::error::{Result, invalid};
 use crate::reference::select::SENTINEL;
 
@@ -82,7 +85,7 @@ pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, color: Rgb<u8>)
     }
 }
 
-fn fill(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, c: Rgb<u8>) {
+pub(crate) fn fill(img: &mut RgbImage, x: u32, y: u32, w: u32, h: u32, c: Rgb<u8>) {
     for yy in y..(y + h).min(img.height()) {
         for xx in x..(x + w).min(img.width()) {
             img.put_pixel(xx, yy, c);

@@ -1,0 +1,200 @@
+//! One wgpu device shared by Burn and our kernels.
+//!
+//! We open the device (our adapter choice, features and limits), hand the same instance,
+//! adapter, device and queue to Burn's wgpu runtime, and remember which `Gpu` belongs to which
+//! Burn device. Inside an op, a Burn tensor's memory is a range of a pooled wgpu buffer: we bind
+//! that range directly ([`Tensor::view`]), after Burn has submitted the work queued before it, so
+//! a training step never leaves the GPU.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::backend::wgpu::{AutoCompiler, CubeTensor, WgpuDevice, WgpuSetup};
+use burn::tensor::{DType as BurnDType, Device, Shape};
+use cubecl::wgpu::WgpuServer;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, GpuOptions, Tensor};
+
+type Registry = Mutex<HashMap<WgpuDevice, Arc<Gpu>>>;
+
+fn registry() -> &'static Registry {
+    static REG: OnceLock<Registry> = OnceLock::new();
+    REG.get_or_init(Default::default)
+}
+
+/// Our runtime and the Burn device that shares it.
+#[derive(Clone, Debug)]
+pub struct Runtime {
+    pub gpu: Arc<Gpu>,
+    /// Burn's device (without autodiff; use `.autodiff()` for training).
+    pub device: Device,
+}
+
+impl Runtime {
+    /// Open a device as `Gpu::new` does, with every adapter feature (Burn's kernels use what
+    /// the adapter offers), and register it with Burn.
+    pub fn new(options: &GpuOptions) -> Result<Self> {
+        Self::from_gpu(Arc::new(Gpu::new(&Self::gpu_options(options))?))
+    }
+
+    /// `options` as Burn needs them: every feature of the adapter requested.
+    pub fn gpu_options(options: &GpuOptions) -> GpuOptions {
+        GpuOptions {
+            all_features: true,
+            portable_only: false,
+            ..options.clone()
+        }
+    }
+
+    /// Register an open `Gpu` with Burn. It must have been opened with
+    /// [`Runtime::gpu_options`] (Burn's kernels assume the adapter's features). Each call makes
+    /// a new Burn runtime: call it once per device and clone the result.
+    pub fn from_gpu(gpu: Arc<Gpu>) -> Result<Self> {
+        let want = gpu.wgpu_adapter().features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        let missing = want - gpu.device().features();
+        if !missing.is_empty() {
+            return Err(Error::Unsupported(format!(
+                "Burn's kernels use every feature the adapter offers, but this device was opened \
+                 without {missing:?}; open it with train::Runtime::gpu_options(..)"
+            )));
+        }
+        // Burn packs many tensors into one buffer: inputs and outputs of one dispatch may share it.
+        gpu.set_pooled_buffers(true);
+        let setup = WgpuSetup {
+            instance: gpu.instance().clone(),
+            adapter: gpu.wgpu_adapter().clone(),
+            device: gpu.device().clone(),
+            queue: gpu.queue().clone(),
+            backend: gpu.adapter().backend,
+        };
+        let device = Device::wgpu_options()
+            .setup(setup)
+            .init()
+            .map_err(|e| Error::Gpu(format!("Burn could not use this device: {e}")))?;
+        let wgpu_device = wgpu_device_of(&device).ok_or_else(|| {
+            Error::Gpu("Burn returned a device that is not a wgpu device".to_string())
+        })?;
+        registry()
+            .lock()
+            .expect("registry")
+            .insert(wgpu_device, gpu.clone());
+        Ok(Self { gpu, device })
+    }
+}
+
+fn wgpu_device_of(device: &Device) -> Option<WgpuDevice> {
+    use burn::backend::DispatchDevice;
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Cube(cubecl::Device::Wgpu(w)) => Some(w.clone()),
+        _ => None,
+    }
+}
+
+/// The `Gpu` registered for a Burn device (with or without autodiff).
+pub fn gpu_for(device: &Device) -> Result<Arc<Gpu>> {
+    let w = wgpu_device_of(device).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "sparse-attn's Burn ops run on the wgpu device made by train::Runtime, not on {device:?}"
+        ))
+    })?;
+    registry()
+        .lock()
+        .expect("registry")
+        .get(&w)
+        .cloned()
+        .ok_or_else(|| {
+            Error::Unsupported(
+                "this Burn wgpu device was not opened through sparse_attn::train::Runtime, so \
+                 our kernels cannot reach its buffers"
+                    .to_string(),
+            )
+        })
+}
+
+/// The `Gpu` of a tensor inside an op. The public wrappers have checked it already.
+pub(crate) fn gpu_of(t: &CubeTensor) -> Arc<Gpu> {
+    let cubecl::Device::Wgpu(w) = &t.device else {
+        panic!("sparse-attn ops run on wgpu devices only");
+    };
+    registry()
+        .lock()
+        .expect("registry")
+        .get(w)
+        .cloned()
+        .expect("device registered (checked by the public wrapper)")
+}
+
+/// A Burn tensor's memory seen as one of our tensors, pinned while this lives.
+pub(crate) struct Bound {
+    pub tensor: Tensor,
+    /// Burn's guard of the allocation (cubecl's `ManagedResource`): while it lives the memory is
+    /// neither freed nor handed out again.
+    _pin: Box<dyn std::any::Any>,
+}
+
+fn dtype_of(t: &CubeTensor) -> DType {
+    match t.dtype {
+        BurnDType::F32 => DType::F32,
+        BurnDType::U32 | BurnDType::I32 => DType::U32,
+        other => panic!("sparse-attn ops take f32 tensors and u32 indices, got {other:?}"),
+    }
+}
+
+/// Bind a (made contiguous) Burn tensor. A range that does not start at the device's storage
+/// alignment (a slice of a larger tensor) is copied to a fresh allocation first.
+pub(crate) fn bind(gpu: &Gpu, t: CubeTensor) -> (Bound, CubeTensor) {
+    let t = burn::backend::wgpu::into_contiguous(t);
+    let dims: Vec<usize> = t.meta.shape().iter().copied().collect();
+    let dtype = dtype_of(&t);
+    let pin = t
+        .client
+        .get_resource::<WgpuServer<AutoCompiler>>(t.handle.clone())
+        .expect("Burn tensor resource");
+    let r = pin.resource();
+    let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+    if r.offset % align.max(4) == 0 {
+        let tensor = Tensor::view(gpu, r.buffer.clone(), r.offset, &dims, dtype)
+            .expect("a Burn allocation is a valid view");
+        return (
+            Bound {
+                tensor,
+                _pin: Box::new(pin),
+            },
+            t,
+        );
+    }
+    // Unaligned: copy into a new allocation (Burn's allocations are aligned).
+    let bytes = dims.iter().product::<usize>() * 4;
+    let fresh = alloc(gpu, &t, &dims, t.dtype);
+    let (dst, fresh) = bind(gpu, fresh);
+    flush(&t);
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(
+        &r.buffer,
+        r.offset,
+        dst.tensor.buffer(),
+        dst.tensor.offset(),
+        bytes as u64,
+    );
+    gpu.queue().submit([enc.finish()]);
+    (dst, fresh)
+}
+
+/// A new contiguous Burn tensor on `like`'s device.
+pub(crate) fn alloc(_gpu: &Gpu, like: &CubeTensor, dims: &[usize], dtype: BurnDType) -> CubeTensor {
+    let bytes = dims.iter().product::<usize>().max(1) * 4;
+    let handle = like.client.empty(bytes);
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(dims.to_vec()),
+        handle,
+        dtype,
+    )
+}
+
+/// Submit the work Burn has queued, so that ours (submitted next on the same queue) runs after.
+pub(crate) fn flush(t: &CubeTensor) {
+    t.client.flush().expect("flushing Burn's queued work");
+}

@@ -1,0 +1,15 @@
+//! Training with SSA in Burn: our kernels as differentiable Burn ops on a device shared with
+//! Burn's wgpu backend (`bridge`, `ops`), a small Llama-style LM (`model`), byte-level data with
+//! a pass-key task (`data`), and the training loop with checkpoints (`trainer`).
+
+pub mod bridge;
+pub mod data;
+pub mod eval;
+pub mod model;
+pub mod ops;
+pub mod trainer;
+
+pub use bridge::{Runtime, gpu_for};
+pub use model::{Lm, LmConfig, Mode};
+pub use ops::{AttnBackend, align_loss, attention, select_blocks, sparse_attention};
+pub use trainer::{TrainConfig, train};

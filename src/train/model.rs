@@ -1,0 +1,390 @@
+//! A small Llama-style language model in Burn whose attention runs our kernels: RMSNorm, RoPE,
+//! grouped-query attention with a sigmoid output gate, SwiGLU MLP, tied embeddings.
+//!
+//! Attention per layer, by [`Mode`]:
+//! - `Full`: h = g ⊙ FullAttn(q, k, v);
+//! - `Sparse`: h = g ⊙ SparseAttn(q, k, v) over the blocks the selector picks (the SSA paper's
+//!   MoBA-style sparse baseline);
+//! - `Ssa`: both streams at every layer on the same q, k, v; the stream drawn for this forward
+//!   (Bernoulli(0.5), shared by all layers) continues, and the layer's alignment loss
+//!   SmoothL1(h_full, sg(h_sparse)) + SmoothL1(h_sparse, sg(h_full)) is returned
+//!   (PAPERS.md section 2). The gate g = sigmoid(W_g x) is elementwise per head.
+
+use burn::module::Module;
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+    RotaryEncoding, RotaryEncodingConfig,
+};
+use burn::tensor::activation::{log_softmax, sigmoid, silu};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::error::{Result, invalid};
+use crate::reference::select::{Scoring, SelectOptions};
+use crate::shape::AttnOptions;
+use crate::train::ops::{align_loss, attention, select_blocks, sparse_attention};
+
+/// How attention runs in training or inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Full,
+    Sparse,
+    Ssa,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(Mode::Full),
+            "sparse" | "moba" => Ok(Mode::Sparse),
+            "ssa" => Ok(Mode::Ssa),
+            _ => invalid!("unknown mode `{s}` (expected full, sparse or ssa)"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::Sparse => "sparse",
+            Mode::Ssa => "ssa",
+        }
+    }
+}
+
+/// Architecture and sparse-attention settings of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LmConfig {
+    pub vocab: usize,
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub d_ff: usize,
+    /// Longest sequence RoPE is prepared for (evaluation may go past the training length).
+    pub max_seq: usize,
+    pub rope_theta: f32,
+    /// Block size and blocks kept per token (receptive field = block · topk).
+    pub block: usize,
+    pub topk: usize,
+}
+
+impl LmConfig {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.heads_q
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        for (n, v) in [
+            ("vocab", self.vocab),
+            ("d_model", self.d_model),
+            ("layers", self.layers),
+            ("heads_q", self.heads_q),
+            ("heads_kv", self.heads_kv),
+            ("d_ff", self.d_ff),
+            ("max_seq", self.max_seq),
+            ("topk", self.topk),
+        ] {
+            if v == 0 {
+                invalid!("{n} must be at least 1");
+            }
+        }
+        if !self.d_model.is_multiple_of(self.heads_q) {
+            invalid!(
+                "d_model {} is not a multiple of heads_q {}",
+                self.d_model,
+                self.heads_q
+            );
+        }
+        if !self.heads_q.is_multiple_of(self.heads_kv) {
+            invalid!(
+                "heads_q {} is not a multiple of heads_kv {} (grouped-query attention)",
+                self.heads_q,
+                self.heads_kv
+            );
+        }
+        if !crate::ops::attention::head_dim_supported(self.head_dim()) {
+            invalid!(
+                "head_dim {} (d_model / heads_q) is not supported: use a multiple of 16 from 16 \
+                 to 256",
+                self.head_dim()
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            invalid!("RoPE needs an even head_dim");
+        }
+        self.select_options().validate(&crate::AttnShape::new(
+            1,
+            self.heads_q,
+            self.heads_kv,
+            self.max_seq.max(self.receptive_field()),
+            self.head_dim(),
+        ))?;
+        Ok(())
+    }
+
+    /// Tokens a sparse query sees at most.
+    pub fn receptive_field(&self) -> usize {
+        self.block * self.topk
+    }
+
+    /// Selection settings for sequences of `seq` tokens: the budget is capped at the blocks
+    /// there are (a sequence shorter than the receptive field is attended in full).
+    pub fn select_options_for(&self, seq: usize) -> SelectOptions {
+        SelectOptions {
+            k: self.topk.min(seq.div_ceil(self.block)),
+            ..self.select_options()
+        }
+    }
+
+    pub fn select_options(&self) -> SelectOptions {
+        SelectOptions {
+            block: self.block,
+            k: self.topk,
+            n_init: 0,
+            n_local: 0,
+            scoring: Scoring::Ssa,
+            causal: true,
+            scale: None,
+        }
+    }
+
+    /// The same model with another sparse budget (inference-time budget sweeps).
+    pub fn with_topk(&self, topk: usize) -> Self {
+        Self {
+            topk,
+            ..self.clone()
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "vocab": self.vocab, "d_model": self.d_model, "layers": self.layers,
+            "heads_q": self.heads_q, "heads_kv": self.heads_kv, "d_ff": self.d_ff,
+            "max_seq": self.max_seq, "rope_theta": self.rope_theta,
+            "block": self.block, "topk": self.topk,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let u = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| crate::Error::InvalidInput(format!("model config lacks `{k}`")))
+        };
+        let c = Self {
+            vocab: u("vocab")?,
+            d_model: u("d_model")?,
+            layers: u("layers")?,
+            heads_q: u("heads_q")?,
+            heads_kv: u("heads_kv")?,
+            d_ff: u("d_ff")?,
+            max_seq: u("max_seq")?,
+            rope_theta: v
+                .get("rope_theta")
+                .and_then(|x| x.as_f64())
+                .unwrap_or(10000.0) as f32,
+            block: u("block")?,
+            topk: u("topk")?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Parameters, embeddings counted once (tied).
+    pub fn params(&self) -> usize {
+        let d = self.d_model;
+        let kv = self.heads_kv * self.head_dim();
+        let attn = d * d * 3 + 2 * d * kv; // q, gate, o + k, v
+        let mlp = 3 * d * self.d_ff;
+        self.vocab * d + self.layers * (attn + mlp + 2 * d) + d
+    }
+
+    pub fn init(&self, device: &Device) -> Result<Lm> {
+        self.validate()?;
+        let dh = self.head_dim();
+        let lin = |i, o| {
+            LinearConfig::new(i, o)
+                .with_bias(false)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device)
+        };
+        // Residual branches' output projections scaled down by depth (GPT-2 style).
+        let out = |i, o| {
+            LinearConfig::new(i, o)
+                .with_bias(false)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02 / (2.0 * self.layers as f64).sqrt(),
+                })
+                .init(device)
+        };
+        let layers = (0..self.layers)
+            .map(|_| Layer {
+                norm1: RmsNormConfig::new(self.d_model).init(device),
+                wq: lin(self.d_model, self.d_model),
+                wk: lin(self.d_model, self.heads_kv * dh),
+                wv: lin(self.d_model, self.heads_kv * dh),
+                wg: lin(self.d_model, self.d_model),
+                wo: out(self.d_model, self.d_model),
+                norm2: RmsNormConfig::new(self.d_model).init(device),
+                w1: lin(self.d_model, self.d_ff),
+                w3: lin(self.d_model, self.d_ff),
+                w2: out(self.d_ff, self.d_model),
+            })
+            .collect();
+        Ok(Lm {
+            embed: EmbeddingConfig::new(self.vocab, self.d_model)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device),
+            layers,
+            norm: RmsNormConfig::new(self.d_model).init(device),
+            rope: RotaryEncodingConfig::new(self.max_seq, dh)
+                .with_theta(self.rope_theta)
+                .init(device),
+        })
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Layer {
+    norm1: RmsNorm,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wg: Linear,
+    wo: Linear,
+    norm2: RmsNorm,
+    w1: Linear,
+    w3: Linear,
+    w2: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct Lm {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    rope: RotaryEncoding,
+}
+
+/// What one forward pass returns besides the logits.
+pub struct Forward {
+    /// `[batch, seq, vocab]`
+    pub logits: Tensor<3>,
+    /// Mean over layers of the alignment loss (SSA mode only).
+    pub align: Option<Tensor<1>>,
+    /// Each layer's (q, k) after RoPE, detached, when `Run::capture` is set (metrics).
+    pub qk: Vec<(Tensor<4>, Tensor<4>)>,
+}
+
+/// How the attention of one forward pass runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    pub mode: Mode,
+    /// SSA: which stream continues (true = sparse). Ignored by the other modes.
+    pub sparse_main: bool,
+    /// Return each layer's q and k (evaluation metrics).
+    pub capture: bool,
+}
+
+impl Run {
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            sparse_main: mode == Mode::Sparse,
+            capture: false,
+        }
+    }
+}
+
+impl Lm {
+    /// Logits for `tokens` `[batch, seq]` (and the SSA alignment loss).
+    pub fn forward(&self, cfg: &LmConfig, tokens: Tensor<2, Int>, run: Run) -> Result<Forward> {
+        let [b, s] = tokens.dims();
+        if s > cfg.max_seq {
+            invalid!(
+                "sequence of {s} tokens exceeds the model's max_seq {}",
+                cfg.max_seq
+            );
+        }
+        let mut x = self.embed.forward(tokens);
+        let mut aligns = Vec::new();
+        let mut qk = Vec::new();
+        for layer in &self.layers {
+            let (y, a) = layer.forward(cfg, &self.rope, x, b, s, run, &mut qk)?;
+            x = y;
+            aligns.extend(a);
+        }
+        let h = self.norm.forward(x);
+        // Tied embeddings: logits = h Eᵀ.
+        let w = self.embed.weight.val().transpose().unsqueeze::<3>();
+        let logits = h.matmul(w);
+        let n = aligns.len();
+        let align = (n > 0).then(|| Tensor::cat(aligns, 0).sum() / n as f32);
+        Ok(Forward { logits, align, qk })
+    }
+}
+
+impl Layer {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        cfg: &LmConfig,
+        rope: &RotaryEncoding,
+        x: Tensor<3>,
+        b: usize,
+        s: usize,
+        run: Run,
+        qk: &mut Vec<(Tensor<4>, Tensor<4>)>,
+    ) -> Result<(Tensor<3>, Option<Tensor<1>>)> {
+        let (hq, hkv, dh) = (cfg.heads_q, cfg.heads_kv, cfg.head_dim());
+        let h = self.norm1.forward(x.clone());
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, dh]).swap_dims(1, 2);
+        let q = rope.forward(heads(self.wq.forward(h.clone()), hq));
+        let k = rope.forward(heads(self.wk.forward(h.clone()), hkv));
+        let v = heads(self.wv.forward(h.clone()), hkv);
+        let gate = sigmoid(heads(self.wg.forward(h), hq));
+        if run.capture {
+            qk.push((q.clone().detach(), k.clone().detach()));
+        }
+        let opts = AttnOptions::causal(true);
+        let sel_opts = cfg.select_options_for(s);
+        let full = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
+            Ok(attention(q, k, v, opts)?.0)
+        };
+        let sparse = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
+            let sel = select_blocks(q.clone(), k.clone(), &sel_opts)?;
+            Ok(sparse_attention(q, k, v, sel, &sel_opts)?.0)
+        };
+        let (att, align) = match run.mode {
+            Mode::Full => (gate * full(q, k, v)?, None),
+            Mode::Sparse => (gate * sparse(q, k, v)?, None),
+            Mode::Ssa => {
+                let hf = gate.clone() * full(q.clone(), k.clone(), v.clone())?;
+                let hs = gate * sparse(q, k, v)?;
+                let a = align_loss(hf.clone(), hs.clone(), 1.0)?;
+                (if run.sparse_main { hs } else { hf }, Some(a))
+            }
+        };
+        let att = att.swap_dims(1, 2).reshape([b, s, hq * dh]);
+        let x = x + self.wo.forward(att);
+        let h = self.norm2.forward(x.clone());
+        let mlp = self
+            .w2
+            .forward(silu(self.w1.forward(h.clone())) * self.w3.forward(h));
+        Ok((x + mlp, align))
+    }
+}
+
+/// Mean next-token cross-entropy of `logits` `[b, s, vocab]` against `targets` `[b, s]`.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, s, v] = logits.dims();
+    let lp = log_softmax(logits.reshape([b * s, v]), 1);
+    let picked = lp.gather(1, targets.reshape([b * s, 1]));
+    picked.mean().neg()
+}

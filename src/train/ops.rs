@@ -1,0 +1,747 @@
+//! Our kernels as differentiable Burn operations.
+//!
+//! `AttnBackend` is a Burn backend extension: its `CubeBackend` implementation runs our WGSL
+//! kernels on the buffers of Burn's own tensors (see `bridge`), `Fusion` defers them like any
+//! other op, and the `Autodiff` implementation registers our backward kernels as the gradients.
+//! The public functions below validate everything first and return `Result`; inside the
+//! backend methods a failure is a bug and panics with its message.
+//!
+//! Gradients:
+//! - full and sparse attention: dQ, dK, dV from our backward kernels (O and LSE kept from the
+//!   forward, FlashAttention-2 style recomputation); the block selection is not differentiable
+//!   (as in SSA and MoBA, it only decides which keys are attended);
+//! - the SSA alignment loss: its kernel writes the loss and both stop-gradient gradients in one
+//!   pass; backward scales them by the upstream gradient.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::fusion::custom::TensorSpec;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::wgpu::{CubeBackend, CubeTensor};
+use burn::backend::{AutodiffBackend, Backend, Dispatch, backend_extension};
+use burn::tensor::{DType as BurnDType, Int, Shape, Tensor as BTensor};
+
+use crate::error::{Result, invalid};
+use crate::ops::align::{AlignLoss, AlignOut};
+use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention};
+use crate::ops::select::{BlockSelect, SelectScratch};
+use crate::ops::sparse::SparseAttention;
+use crate::reference::select::SelectOptions;
+use crate::reference::sparse::SparseOptions;
+use crate::shape::{AttnOptions, AttnShape};
+use crate::train::bridge::{Bound, alloc, bind, flush, gpu_for, gpu_of};
+
+/// Options of full attention, as the backend ops carry them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FullCfg(pub AttnOptions);
+
+/// Options of selection and sparse attention (the selection's block and k define the sparse op).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseCfg(pub SelectOptions);
+
+impl SparseCfg {
+    fn sparse(&self) -> SparseOptions {
+        SparseOptions {
+            block: self.0.block,
+            causal: self.0.causal,
+            scale: self.0.scale,
+        }
+    }
+}
+
+fn lse_spec(q: &TensorSpec) -> TensorSpec {
+    TensorSpec::new(Shape::new([q.shape[0], q.shape[1], q.shape[2]]), q.dtype)
+}
+
+fn full_fwd_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _c: &FullCfg,
+) -> (TensorSpec, TensorSpec) {
+    (q.clone(), lse_spec(q))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn full_bwd_meta(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    _o: &TensorSpec,
+    _l: &TensorSpec,
+    _d: &TensorSpec,
+    _c: &FullCfg,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone())
+}
+
+fn select_meta(q: &TensorSpec, k: &TensorSpec, c: &SparseCfg) -> TensorSpec {
+    TensorSpec::new(
+        Shape::new([q.shape[0], k.shape[1], q.shape[2], c.0.k]),
+        BurnDType::U32,
+    )
+}
+
+fn sparse_fwd_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _s: &TensorSpec,
+    _c: &SparseCfg,
+) -> (TensorSpec, TensorSpec) {
+    (q.clone(), lse_spec(q))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sparse_bwd_meta(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    _s: &TensorSpec,
+    _o: &TensorSpec,
+    _l: &TensorSpec,
+    _d: &TensorSpec,
+    _c: &SparseCfg,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone())
+}
+
+fn align_meta(
+    h: &TensorSpec,
+    _s: &TensorSpec,
+    _beta: &f32,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (
+        TensorSpec::new(Shape::new([1]), h.dtype),
+        h.clone(),
+        h.clone(),
+    )
+}
+
+/// Our kernels as backend operations (see the module docs). Use the functions below rather
+/// than these methods: they validate the inputs and return errors instead of panicking.
+#[backend_extension(Autodiff, Cube, Fusion)]
+pub trait AttnBackend: Backend {
+    /// Full attention: (O, LSE).
+    #[fusion(meta = full_fwd_meta)]
+    fn sa_full_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Gradients of full attention: (dQ, dK, dV).
+    #[fusion(meta = full_bwd_meta)]
+    #[allow(clippy::too_many_arguments)]
+    fn sa_full_bwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Block selection: u32 `[b, hkv, seq_q, k]`.
+    #[fusion(meta = select_meta)]
+    fn sa_select(q: FloatTensor<Self>, k: FloatTensor<Self>, cfg: SparseCfg) -> IntTensor<Self>;
+
+    /// Block-sparse attention over a selection: (O, LSE).
+    #[fusion(meta = sparse_fwd_meta)]
+    fn sa_sparse_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Gradients of block-sparse attention: (dQ, dK, dV).
+    #[fusion(meta = sparse_bwd_meta)]
+    #[allow(clippy::too_many_arguments)]
+    fn sa_sparse_bwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// SSA alignment: (loss `[1]`, dL/dh_full, dL/dh_sparse).
+    #[fusion(meta = align_meta)]
+    fn sa_align(
+        h_full: FloatTensor<Self>,
+        h_sparse: FloatTensor<Self>,
+        beta: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+fn dims(t: &CubeTensor) -> Vec<usize> {
+    t.meta.shape().iter().copied().collect()
+}
+
+fn shape4(q: &[usize], k: &[usize]) -> AttnShape {
+    AttnShape {
+        batch: q[0],
+        heads_q: q[1],
+        heads_kv: k[1],
+        seq_q: q[2],
+        seq_k: k[2],
+        head_dim: q[3],
+    }
+}
+
+fn submit(gpu: &crate::Gpu, like: &CubeTensor, what: &str, enc: wgpu::CommandEncoder) {
+    flush(like);
+    gpu.scoped(what, || gpu.queue().submit([enc.finish()]))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+impl AttnBackend for CubeBackend {
+    fn sa_full_fwd(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        cfg: FullCfg,
+    ) -> (CubeTensor, CubeTensor) {
+        let gpu = gpu_of(&q);
+        let s = shape4(&dims(&q), &dims(&k));
+        let op = FullAttention::new(&gpu, s, cfg.0).unwrap_or_else(|e| panic!("{e}"));
+        let (bq, q) = bind(&gpu, q);
+        let (bk, _k) = bind(&gpu, k);
+        let (bv, _v) = bind(&gpu, v);
+        let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+        let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        op.encode_forward(
+            &gpu, &mut enc, &bq.tensor, &bk.tensor, &bv.tensor, &bo.tensor, &bl.tensor,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        submit(&gpu, &q, "attention forward", enc);
+        (o, lse)
+    }
+
+    fn sa_full_bwd(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        o: CubeTensor,
+        lse: CubeTensor,
+        d_o: CubeTensor,
+        cfg: FullCfg,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let gpu = gpu_of(&q);
+        let s = shape4(&dims(&q), &dims(&k));
+        let op = FullAttention::new(&gpu, s, cfg.0).unwrap_or_else(|e| panic!("{e}"));
+        let (bq, q) = bind(&gpu, q);
+        let b: Vec<Bound> = [k, v, o, lse, d_o]
+            .into_iter()
+            .map(|t| bind(&gpu, t).0)
+            .collect();
+        let (rowd, _r) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+        let (bdq, dq) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+        let (bdk, dk) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
+        let (bdv, dv) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
+        let grads = AttnGrads {
+            dq: bdq.tensor.clone(),
+            dk: bdk.tensor.clone(),
+            dv: bdv.tensor.clone(),
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        op.encode_backward(
+            &gpu,
+            &mut enc,
+            &bq.tensor,
+            &b[0].tensor,
+            &b[1].tensor,
+            &b[2].tensor,
+            &b[3].tensor,
+            &b[4].tensor,
+            &rowd.tensor,
+            &grads,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        submit(&gpu, &q, "attention backward", enc);
+        (dq, dk, dv)
+    }
+
+    fn sa_select(q: CubeTensor, k: CubeTensor, cfg: SparseCfg) -> CubeTensor {
+        let gpu = gpu_of(&q);
+        let s = shape4(&dims(&q), &dims(&k));
+        let op = BlockSelect::new(&gpu, s, cfg.0).unwrap_or_else(|e| panic!("{e}"));
+        let (bq, q) = bind(&gpu, q);
+        let (bk, _k) = bind(&gpu, k);
+        let np = op.pooled();
+        let (kb, _kb) = bind(
+            &gpu,
+            alloc(
+                &gpu,
+                &q,
+                &[s.batch, s.heads_kv, np, s.head_dim],
+                BurnDType::F32,
+            ),
+        );
+        let (sc, _sc) = bind(
+            &gpu,
+            alloc(
+                &gpu,
+                &q,
+                &[s.batch, s.heads_kv, s.seq_q, np],
+                BurnDType::F32,
+            ),
+        );
+        let (bs, sel) = bind(&gpu, alloc(&gpu, &q, &op.selection_dims(), BurnDType::U32));
+        let scratch = SelectScratch {
+            block_keys: kb.tensor.clone(),
+            scores: sc.tensor.clone(),
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        op.encode(&gpu, &mut enc, &bq.tensor, &bk.tensor, &scratch, &bs.tensor)
+            .unwrap_or_else(|e| panic!("{e}"));
+        submit(&gpu, &q, "block selection", enc);
+        sel
+    }
+
+    fn sa_sparse_fwd(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        sel: CubeTensor,
+        cfg: SparseCfg,
+    ) -> (CubeTensor, CubeTensor) {
+        let gpu = gpu_of(&q);
+        let s = shape4(&dims(&q), &dims(&k));
+        let op = SparseAttention::new(&gpu, s, cfg.sparse(), cfg.0.k, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (bq, q) = bind(&gpu, q);
+        let (bk, _k) = bind(&gpu, k);
+        let (bv, _v) = bind(&gpu, v);
+        let (bs, _s) = bind(&gpu, sel);
+        let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+        let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+        let out = AttnOutput {
+            o: bo.tensor.clone(),
+            lse: bl.tensor.clone(),
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        op.encode_forward(
+            &gpu, &mut enc, &bq.tensor, &bk.tensor, &bv.tensor, &bs.tensor, None, &out,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        submit(&gpu, &q, "sparse attention forward", enc);
+        (o, lse)
+    }
+
+    fn sa_sparse_bwd(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        sel: CubeTensor,
+        o: CubeTensor,
+        lse: CubeTensor,
+        d_o: CubeTensor,
+        cfg: SparseCfg,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let gpu = gpu_of(&q);
+        let s = shape4(&dims(&q), &dims(&k));
+        let op = SparseAttention::new(&gpu, s, cfg.sparse(), cfg.0.k, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (bq, q) = bind(&gpu, q);
+        let b: Vec<Bound> = [k, v, sel, o, lse, d_o]
+            .into_iter()
+            .map(|t| bind(&gpu, t).0)
+            .collect();
+        let (rowd, _r) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+        let (bdq, dq) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+        let (bdk, dk) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
+        let (bdv, dv) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
+        let grads = AttnGrads {
+            dq: bdq.tensor.clone(),
+            dk: bdk.tensor.clone(),
+            dv: bdv.tensor.clone(),
+        };
+        let out = AttnOutput {
+            o: b[3].tensor.clone(),
+            lse: b[4].tensor.clone(),
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        op.encode_backward(
+            &gpu,
+            &mut enc,
+            &bq.tensor,
+            &b[0].tensor,
+            &b[1].tensor,
+            &b[2].tensor,
+            None,
+            &out,
+            &b[5].tensor,
+            &rowd.tensor,
+            &grads,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        submit(&gpu, &q, "sparse attention backward", enc);
+        (dq, dk, dv)
+    }
+
+    fn sa_align(
+        h_full: CubeTensor,
+        h_sparse: CubeTensor,
+        beta: f32,
+    ) -> (CubeTensor, CubeTensor, CubeTensor) {
+        let gpu = gpu_of(&h_full);
+        let d = dims(&h_full);
+        let op = AlignLoss::new(&gpu, &d, beta).unwrap_or_else(|e| panic!("{e}"));
+        let (bf, hf) = bind(&gpu, h_full);
+        let (bs, _hs) = bind(&gpu, h_sparse);
+        let (bl, loss) = bind(&gpu, alloc(&gpu, &hf, &[1], BurnDType::F32));
+        let (bgf, gf) = bind(&gpu, alloc(&gpu, &hf, &d, BurnDType::F32));
+        let (bgs, gs) = bind(&gpu, alloc(&gpu, &hf, &d, BurnDType::F32));
+        let out = AlignOut {
+            loss: bl.tensor.clone(),
+            g_full: bgf.tensor.clone(),
+            g_sparse: bgs.tensor.clone(),
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        op.encode(&gpu, &mut enc, &bf.tensor, &bs.tensor, 1.0, &out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        submit(&gpu, &hf, "alignment loss", enc);
+        (loss, gf, gs)
+    }
+}
+
+/// Register the gradients of q, k, v for the parents that need them.
+macro_rules! register3 {
+    ($b:ty, $parents:expr, $grads:expr, $g:expr) => {{
+        let [nq, nk, nv] = $parents;
+        let (dq, dk, dv) = $g;
+        for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
+            if let Some(n) = node {
+                $grads.register::<$b>(n.id, g);
+            }
+        }
+    }};
+}
+
+#[derive(Debug)]
+struct FullBackward;
+
+impl<B: AttnBackend> Backward<B, 3> for FullBackward {
+    /// q, k, v, o, lse, options.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FullCfg,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_o = grads.consume::<B>(&ops.node);
+        let (q, k, v, o, lse, cfg) = ops.state;
+        register3!(
+            B,
+            ops.parents,
+            grads,
+            B::sa_full_bwd(q, k, v, o, lse, d_o, cfg)
+        );
+    }
+}
+
+#[derive(Debug)]
+struct SparseBackward;
+
+impl<B: AttnBackend> Backward<B, 3> for SparseBackward {
+    /// q, k, v, selection, o, lse, options.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        IntTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        SparseCfg,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_o = grads.consume::<B>(&ops.node);
+        let (q, k, v, sel, o, lse, cfg) = ops.state;
+        register3!(
+            B,
+            ops.parents,
+            grads,
+            B::sa_sparse_bwd(q, k, v, sel, o, lse, d_o, cfg)
+        );
+    }
+}
+
+#[derive(Debug)]
+struct AlignBackward;
+
+impl<B: AttnBackend> Backward<B, 2> for AlignBackward {
+    /// dL/dh_full, dL/dh_sparse (for an upstream gradient of 1).
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let g = grads.consume::<B>(&ops.node);
+        let (gf, gs) = ops.state;
+        let rank = burn::backend::TensorMetadata::shape(&gf).num_dims();
+        // The upstream gradient of a one-element loss, broadcast over the inputs.
+        let g = B::float_reshape(g, Shape::from(vec![1; rank]));
+        let [nf, ns] = ops.parents;
+        if let Some(n) = nf {
+            grads.register::<B>(n.id, B::float_mul(gf, g.clone()));
+        }
+        if let Some(n) = ns {
+            grads.register::<B>(n.id, B::float_mul(gs, g));
+        }
+    }
+}
+
+impl<B: AttnBackend, C: CheckpointStrategy> AttnBackend for Autodiff<B, C> {
+    fn sa_full_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, nq) = q.into_parts();
+        let (k, nk) = k.into_parts();
+        let (v, nv) = v.into_parts();
+        let prep = FullBackward
+            .prepare::<C>([nq, nk, nv])
+            .compute_bound()
+            .stateful();
+        let (o, lse) = B::sa_full_fwd(q.clone(), k.clone(), v.clone(), cfg);
+        let o = match prep {
+            OpsKind::Tracked(p) => p.finish((q, k, v, o.clone(), lse.clone(), cfg), o),
+            OpsKind::UnTracked(p) => p.finish(o),
+        };
+        (o, Self::from_inner(lse))
+    }
+
+    fn sa_full_bwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::sa_full_bwd(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            o.into_primitive(),
+            lse.into_primitive(),
+            d_o.into_primitive(),
+            cfg,
+        );
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+        )
+    }
+
+    fn sa_select(q: FloatTensor<Self>, k: FloatTensor<Self>, cfg: SparseCfg) -> IntTensor<Self> {
+        B::sa_select(q.into_primitive(), k.into_primitive(), cfg)
+    }
+
+    fn sa_sparse_fwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, nq) = q.into_parts();
+        let (k, nk) = k.into_parts();
+        let (v, nv) = v.into_parts();
+        let prep = SparseBackward
+            .prepare::<C>([nq, nk, nv])
+            .compute_bound()
+            .stateful();
+        let (o, lse) = B::sa_sparse_fwd(q.clone(), k.clone(), v.clone(), sel.clone(), cfg);
+        let o = match prep {
+            OpsKind::Tracked(p) => p.finish((q, k, v, sel, o.clone(), lse.clone(), cfg), o),
+            OpsKind::UnTracked(p) => p.finish(o),
+        };
+        (o, Self::from_inner(lse))
+    }
+
+    fn sa_sparse_bwd(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::sa_sparse_bwd(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            sel,
+            o.into_primitive(),
+            lse.into_primitive(),
+            d_o.into_primitive(),
+            cfg,
+        );
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+        )
+    }
+
+    fn sa_align(
+        h_full: FloatTensor<Self>,
+        h_sparse: FloatTensor<Self>,
+        beta: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (hf, nf) = h_full.into_parts();
+        let (hs, ns) = h_sparse.into_parts();
+        let prep = AlignBackward
+            .prepare::<C>([nf, ns])
+            .compute_bound()
+            .stateful();
+        let (loss, gf, gs) = B::sa_align(hf, hs, beta);
+        let loss = match prep {
+            OpsKind::Tracked(p) => p.finish((gf.clone(), gs.clone()), loss),
+            OpsKind::UnTracked(p) => p.finish(loss),
+        };
+        (loss, Self::from_inner(gf), Self::from_inner(gs))
+    }
+}
+
+// ---- Public, validated API on Burn tensors -------------------------------------------------
+
+fn check_f32<const D: usize>(name: &str, t: &BTensor<D>) -> Result<()> {
+    if t.dtype() != BurnDType::F32 {
+        invalid!("{name} must be f32, got {:?}", t.dtype());
+    }
+    Ok(())
+}
+
+fn attn_shape(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<AttnShape> {
+    let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+    if kd != vd {
+        invalid!("k {kd:?} and v {vd:?} must have the same shape");
+    }
+    if qd[0] != kd[0] || qd[3] != kd[3] {
+        invalid!("q {qd:?} and k {kd:?} disagree on batch or head_dim");
+    }
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        check_f32(n, t)?;
+    }
+    if q.device() != k.device() || q.device() != v.device() {
+        invalid!("q, k and v must live on one device");
+    }
+    Ok(shape4(&qd, &kd))
+}
+
+/// Full attention `softmax(q kᵀ · scale) v` on `[batch, heads, seq, head_dim]` tensors (GQA
+/// when k and v have fewer heads), differentiable in q, k and v. Returns O and the row LSE.
+pub fn attention(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    v: BTensor<4>,
+    opts: AttnOptions,
+) -> Result<(BTensor<4>, BTensor<3>)> {
+    let s = attn_shape(&q, &k, &v)?;
+    FullAttention::new(&*gpu_for(&q.device())?, s, opts)?;
+    let (o, lse) = <Dispatch as AttnBackend>::sa_full_fwd(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        FullCfg(opts),
+    );
+    Ok((BTensor::from_dispatch(o), BTensor::from_dispatch(lse)))
+}
+
+/// Blocks each (token, kv head) attends: u32 `[batch, heads_kv, seq_q, opts.k]`, ascending,
+/// padded with `u32::MAX` (see `reference::select`). Not differentiable.
+pub fn select_blocks(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    opts: &SelectOptions,
+) -> Result<BTensor<4, Int>> {
+    let s = attn_shape(&q, &k, &k)?;
+    BlockSelect::new(&*gpu_for(&q.device())?, s, *opts)?;
+    let sel = <Dispatch as AttnBackend>::sa_select(
+        q.detach().into_dispatch(),
+        k.detach().into_dispatch(),
+        SparseCfg(*opts),
+    );
+    Ok(BTensor::from_dispatch(sel))
+}
+
+/// Block-sparse attention over a selection from [`select_blocks`] made with the same `opts`;
+/// differentiable in q, k and v. Returns O and the row LSE.
+pub fn sparse_attention(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    v: BTensor<4>,
+    sel: BTensor<4, Int>,
+    opts: &SelectOptions,
+) -> Result<(BTensor<4>, BTensor<3>)> {
+    let s = attn_shape(&q, &k, &v)?;
+    let gpu = gpu_for(&q.device())?;
+    let cfg = SparseCfg(*opts);
+    let op = SparseAttention::new(&gpu, s, cfg.sparse(), opts.k, false)?;
+    if sel.dims() != op.selection_dims() {
+        invalid!(
+            "the selection has shape {:?}; these inputs and options need {:?}",
+            sel.dims(),
+            op.selection_dims()
+        );
+    }
+    if !matches!(sel.dtype(), BurnDType::U32 | BurnDType::I32) {
+        invalid!(
+            "the selection must hold 32-bit indices, got {:?}",
+            sel.dtype()
+        );
+    }
+    let (o, lse) = <Dispatch as AttnBackend>::sa_sparse_fwd(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        sel.into_dispatch(),
+        cfg,
+    );
+    Ok((BTensor::from_dispatch(o), BTensor::from_dispatch(lse)))
+}
+
+/// SSA's alignment loss `SmoothL1(h_full, sg(h_sparse)) + SmoothL1(h_sparse, sg(h_full))`
+/// (means over elements, threshold `beta`), a one-element tensor differentiable in both inputs.
+pub fn align_loss<const D: usize>(
+    h_full: BTensor<D>,
+    h_sparse: BTensor<D>,
+    beta: f32,
+) -> Result<BTensor<1>> {
+    check_f32("h_full", &h_full)?;
+    check_f32("h_sparse", &h_sparse)?;
+    if h_full.dims() != h_sparse.dims() {
+        invalid!(
+            "h_full {:?} and h_sparse {:?} must have the same shape",
+            h_full.dims(),
+            h_sparse.dims()
+        );
+    }
+    AlignLoss::new(&*gpu_for(&h_full.device())?, &h_full.dims(), beta)?;
+    let (loss, _, _) =
+        <Dispatch as AttnBackend>::sa_align(h_full.into_dispatch(), h_sparse.into_dispatch(), beta);
+    Ok(BTensor::from_dispatch(loss))
+}

@@ -1,0 +1,546 @@
+//! The training loop: AdamW with warmup and cosine decay, per-parameter gradient-norm clipping,
+//! the SSA objective (CE + alpha · mean-over-layers alignment), checkpoints that resume exactly
+//! (model, optimizer state, data-sampler state, log), and a progress line with loss, tokens/s
+//! and ETA.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::error::{Error, Result, invalid};
+use crate::reference::Rng;
+use crate::train::data::{Batch, Corpus, random_batch, sequential_batches};
+use crate::train::model::{Lm, LmConfig, Mode, Run, cross_entropy};
+
+/// Everything a training run is made of besides the data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub model: LmConfig,
+    pub mode: Mode,
+    pub steps: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup: usize,
+    pub weight_decay: f32,
+    pub clip: f32,
+    /// Weight of the alignment loss (SSA: 10).
+    pub alpha: f32,
+    /// Share of the training windows that are pass-key samples.
+    pub passkey_rate: f64,
+    pub seed: u64,
+    /// Validation loss every this many steps (0: never) over `eval_windows` windows.
+    pub eval_every: usize,
+    pub eval_windows: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub ckpt_every: usize,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        if self.steps == 0 || self.batch == 0 || self.seq == 0 {
+            invalid!("steps, batch and seq must be at least 1");
+        }
+        if self.seq > self.model.max_seq {
+            invalid!(
+                "seq {} exceeds the model's max_seq {}",
+                self.seq,
+                self.model.max_seq
+            );
+        }
+        if self.mode != Mode::Full && self.model.receptive_field() > self.seq {
+            invalid!(
+                "the sparse budget (block {} x topk {} = {} tokens) exceeds the context of {} \
+                 tokens: every block would be kept",
+                self.model.block,
+                self.model.topk,
+                self.model.receptive_field(),
+                self.seq
+            );
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            invalid!("need 0 <= min_lr <= lr and lr > 0");
+        }
+        if !(0.0..=1.0).contains(&self.passkey_rate) {
+            invalid!("passkey_rate must be in [0, 1]");
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based): linear warmup, then cosine to `min_lr`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = (self.steps - self.warmup).max(1) as f64;
+        let t = ((step - self.warmup) as f64 / span).min(1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * t).cos())
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model": self.model.to_json(), "mode": self.mode.name(), "steps": self.steps,
+            "batch": self.batch, "seq": self.seq, "lr": self.lr, "min_lr": self.min_lr,
+            "warmup": self.warmup, "weight_decay": self.weight_decay, "clip": self.clip,
+            "alpha": self.alpha, "passkey_rate": self.passkey_rate, "seed": self.seed,
+            "eval_every": self.eval_every, "eval_windows": self.eval_windows,
+            "ckpt_every": self.ckpt_every,
+        })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let bad = |k: &str| Error::InvalidInput(format!("training config lacks `{k}`"));
+        let u = |k: &str| v.get(k).and_then(|x| x.as_u64()).ok_or_else(|| bad(k));
+        let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| bad(k));
+        let c = Self {
+            model: LmConfig::from_json(v.get("model").ok_or_else(|| bad("model"))?)?,
+            mode: Mode::parse(
+                v.get("mode")
+                    .and_then(|x| x.as_str())
+                    .ok_or_else(|| bad("mode"))?,
+            )?,
+            steps: u("steps")? as usize,
+            batch: u("batch")? as usize,
+            seq: u("seq")? as usize,
+            lr: f("lr")?,
+            min_lr: f("min_lr")?,
+            warmup: u("warmup")? as usize,
+            weight_decay: f("weight_decay")? as f32,
+            clip: f("clip")? as f32,
+            alpha: f("alpha")? as f32,
+            passkey_rate: f("passkey_rate")?,
+            seed: u("seed")?,
+            eval_every: u("eval_every")? as usize,
+            eval_windows: u("eval_windows")? as usize,
+            ckpt_every: u("ckpt_every")? as usize,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// One logged step.
+#[derive(Clone, Debug)]
+pub struct LogEntry {
+    pub step: usize,
+    pub loss: f64,
+    pub ce: f64,
+    pub align: Option<f64>,
+    pub lr: f64,
+    pub valid_ce: Option<f64>,
+    pub tokens_per_s: f64,
+}
+
+/// Files of a checkpoint folder.
+pub struct CkptPaths {
+    pub model: PathBuf,
+    pub optim: PathBuf,
+    pub state: PathBuf,
+}
+
+pub fn ckpt_paths(dir: &Path) -> CkptPaths {
+    CkptPaths {
+        model: dir.join("model.bpk"),
+        optim: dir.join("optim.bpk"),
+        state: dir.join("state.json"),
+    }
+}
+
+/// Burn tensors of a batch.
+pub fn batch_tensors(b: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let t = |v: &[i32]| {
+        Tensor::<2, Int>::from_data(TensorData::new(v.to_vec(), [b.batch, b.seq]), device)
+    };
+    (t(&b.inputs), t(&b.targets))
+}
+
+/// Mean validation cross-entropy (nats per token) of `model` on the first `windows` windows.
+pub fn valid_ce(
+    model: &Lm,
+    cfg: &LmConfig,
+    corpus: &Corpus,
+    device: &Device,
+    seq: usize,
+    batch: usize,
+    windows: usize,
+    mode: Mode,
+) -> Result<f64> {
+    let batches = sequential_batches(&corpus.valid, batch, seq, windows);
+    let (mut sum, mut n) = (0.0, 0usize);
+    for b in &batches {
+        let (x, y) = batch_tensors(b, device);
+        let fwd = model.forward(cfg, x, Run::new(mode))?;
+        let ce = cross_entropy(fwd.logits, y).into_scalar::<f32>() as f64;
+        sum += ce * b.batch as f64;
+        n += b.batch;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// How one invocation runs: resume or start, output, and where to stop early (a checkpoint is
+/// written when stopping, so a later `resume` continues the same schedule).
+#[derive(Clone, Debug, Default)]
+pub struct Invocation {
+    pub resume: bool,
+    pub quiet: bool,
+    /// Stop after this many steps of this invocation.
+    pub stop_after: Option<usize>,
+    /// Stop at the first step boundary after this many seconds.
+    pub time_limit_s: Option<f64>,
+}
+
+/// Train (or resume) into `out`. Returns the log of this invocation.
+pub fn train(
+    cfg: &TrainConfig,
+    corpus: &Corpus,
+    device: &Device,
+    out: &Path,
+    inv: &Invocation,
+) -> Result<Vec<LogEntry>> {
+    let (resume, quiet) = (inv.resume, inv.quiet);
+    cfg.validate()?;
+    corpus.check_len(cfg.seq)?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::InvalidInput(format!("creating {}: {e}", out.display())))?;
+    let paths = ckpt_paths(out);
+    let device = device.clone().autodiff();
+    let mut optim: ModuleOptimizer = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
+        .init();
+    // The initial weights come from Burn's generator: seed it so that a run is reproducible.
+    device.seed(cfg.seed);
+    let mut model = cfg.model.init(&device)?;
+    let mut step = 0usize;
+    let mut rng = Rng::new(cfg.seed);
+    if resume && paths.state.exists() {
+        let state: serde_json::Value = read_json(&paths.state)?;
+        let saved = TrainConfig::from_json(&state["config"])?;
+        if saved.model != cfg.model || saved.mode != cfg.mode || saved.seed != cfg.seed {
+            invalid!(
+                "{} holds a run of another model, mode or seed; use another --out or drop \
+                 --resume",
+                out.display()
+            );
+        }
+        step = state["step"].as_u64().unwrap_or(0) as usize;
+        rng = Rng::from_state(
+            state["rng"]
+                .as_u64()
+                .ok_or_else(|| Error::InvalidInput("checkpoint lacks rng".into()))?,
+        );
+        model = model
+            .try_load_file(&paths.model)
+            .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", paths.model.display())))?;
+        optim = optim
+            .load(&paths.optim)
+            .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", paths.optim.display())))?;
+        if !quiet {
+            eprintln!("resuming at step {step} from {}", out.display());
+        }
+    } else if paths.state.exists() && !resume {
+        invalid!(
+            "{} already holds a checkpoint; pass --resume to continue it or choose another --out",
+            out.display()
+        );
+    }
+    let mut log = Vec::new();
+    let start = Instant::now();
+    let first = step;
+    let tokens_per_step = (cfg.batch * cfg.seq) as f64;
+    while step < cfg.steps {
+        if inv.stop_after.is_some_and(|n| step - first >= n)
+            || inv
+                .time_limit_s
+                .is_some_and(|t| start.elapsed().as_secs_f64() >= t)
+        {
+            if !quiet {
+                eprintln!(
+                    "\nstopping at step {step} (limit of this invocation); --resume continues"
+                );
+            }
+            break;
+        }
+        let lr = cfg.lr_at(step);
+        let b = random_batch(
+            &mut rng,
+            &corpus.train,
+            cfg.batch,
+            cfg.seq,
+            cfg.passkey_rate,
+        );
+        let sparse_main = rng.uniform() < 0.5;
+        let (m, ce, align) = train_step(model, &mut optim, cfg, &b, sparse_main, lr, &device)?;
+        model = m;
+        step += 1;
+        // Reading the loss waits for the GPU: report every 1% of the run (at most every 10 steps).
+        let every = (cfg.steps / 100).clamp(1, 10);
+        let report = step == cfg.steps || step.is_multiple_of(every) || step == first + 1;
+        let do_eval = cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every);
+        if report || do_eval {
+            let ce_v = ce.into_scalar::<f32>() as f64;
+            let al = align.map(|a| a.into_scalar::<f32>() as f64);
+            let loss_v = ce_v + al.unwrap_or(0.0) * cfg.alpha as f64;
+            if !loss_v.is_finite() {
+                return Err(Error::Gpu(format!(
+                    "the loss is {loss_v} at step {step}; stopping (lower the learning rate?)"
+                )));
+            }
+            let valid = if do_eval {
+                let m = model.valid();
+                Some(valid_ce(
+                    &m,
+                    &cfg.model,
+                    corpus,
+                    &device.clone().inner(),
+                    cfg.seq,
+                    cfg.batch,
+                    cfg.eval_windows,
+                    if cfg.mode == Mode::Sparse {
+                        Mode::Sparse
+                    } else {
+                        Mode::Full
+                    },
+                )?)
+            } else {
+                None
+            };
+            let el = start.elapsed().as_secs_f64();
+            let tps = (step - first) as f64 * tokens_per_step / el.max(1e-9);
+            let eta = (cfg.steps - step) as f64 * tokens_per_step / tps.max(1e-9);
+            let e = LogEntry {
+                step,
+                loss: loss_v,
+                ce: ce_v,
+                align: al,
+                lr,
+                valid_ce: valid,
+                tokens_per_s: tps,
+            };
+            if !quiet {
+                progress(cfg, &e, eta);
+            }
+            log.push(e);
+        }
+        if cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every) && step < cfg.steps {
+            save(&model, &optim, cfg, step, &rng, &log, &paths)?;
+        }
+    }
+    save(&model, &optim, cfg, step, &rng, &log, &paths)?;
+    if !quiet {
+        eprintln!();
+    }
+    Ok(log)
+}
+
+/// One optimizer step on batch `b`; returns the model and the (unread) CE and alignment losses.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    model: Lm,
+    optim: &mut ModuleOptimizer,
+    cfg: &TrainConfig,
+    b: &Batch,
+    sparse_main: bool,
+    lr: f64,
+    device: &Device,
+) -> Result<(Lm, Tensor<1>, Option<Tensor<1>>)> {
+    let (x, y) = batch_tensors(b, device);
+    let fwd = model.forward(
+        &cfg.model,
+        x,
+        Run {
+            sparse_main,
+            ..Run::new(cfg.mode)
+        },
+    )?;
+    let ce = cross_entropy(fwd.logits, y);
+    let (loss, align) = match fwd.align {
+        Some(a) => (ce.clone() + a.clone() * cfg.alpha, Some(a)),
+        None => (ce.clone(), None),
+    };
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    Ok((optim.step(lr, model, grads), ce, align))
+}
+
+/// Training speed of one configuration (`sparse-attn bench train`).
+#[derive(Clone, Debug)]
+pub struct StepTiming {
+    pub mode: Mode,
+    pub steps: usize,
+    /// Wall time per step (the GPU is waited for at the end of the timed steps).
+    pub step_s: f64,
+    pub tokens_per_s: f64,
+    /// GPU time per step in our kernels, by kernel (`file:entry`, seconds, dispatches).
+    pub ours: Vec<(String, f64, u32)>,
+}
+
+impl StepTiming {
+    pub fn ours_s(&self) -> f64 {
+        self.ours.iter().map(|k| k.1).sum()
+    }
+}
+
+/// Time `steps` training steps after `warmup` untimed ones (fresh model, random batches).
+/// With timestamp queries, our kernels' GPU time is measured in a separate pass of the same
+/// number of steps (timestamps around every one of our dispatches), so that the wall-clock
+/// figure carries no profiling overhead.
+pub fn measure_steps(
+    cfg: &TrainConfig,
+    corpus: &Corpus,
+    device: &Device,
+    gpu: &crate::Gpu,
+    warmup: usize,
+    steps: usize,
+) -> Result<StepTiming> {
+    cfg.validate()?;
+    corpus.check_len(cfg.seq)?;
+    let device = device.clone().autodiff();
+    let mut optim: ModuleOptimizer = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
+        .init();
+    let mut model = cfg.model.init(&device)?;
+    let mut rng = Rng::new(cfg.seed);
+    let mut run = |model: Lm, n: usize, rng: &mut Rng| -> Result<(Lm, f64)> {
+        let mut model = model;
+        let t = Instant::now();
+        let mut last = None;
+        for i in 0..n {
+            let b = random_batch(rng, &corpus.train, cfg.batch, cfg.seq, 0.0);
+            let main = rng.uniform() < 0.5;
+            let (m, ce, _) = train_step(model, &mut optim, cfg, &b, main, cfg.lr_at(i), &device)?;
+            model = m;
+            last = Some(ce);
+        }
+        // Reading the last loss waits for every step's work.
+        if let Some(ce) = last {
+            let _ = ce.into_scalar::<f32>();
+        }
+        Ok((model, t.elapsed().as_secs_f64()))
+    };
+    (model, _) = run(model, warmup.max(1), &mut rng)?;
+    let (m, wall) = run(model, steps.max(1), &mut rng)?;
+    model = m;
+    let ours = if gpu.has_timestamps() {
+        gpu.profile_begin()?;
+        let r = run(model, steps.max(1), &mut rng);
+        let prof = gpu.profile_end()?;
+        r?;
+        prof.into_iter()
+            .map(|(l, s, n)| (l, s / steps.max(1) as f64, n.div_ceil(steps.max(1) as u32)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let step_s = wall / steps.max(1) as f64;
+    Ok(StepTiming {
+        mode: cfg.mode,
+        steps,
+        step_s,
+        tokens_per_s: (cfg.batch * cfg.seq) as f64 / step_s,
+        ours,
+    })
+}
+
+fn progress(cfg: &TrainConfig, e: &LogEntry, eta: f64) {
+    let width = 30;
+    let done = (e.step * width / cfg.steps).min(width);
+    let bar: String = "#".repeat(done) + &"-".repeat(width - done);
+    let mut line = format!(
+        "\r[{bar}] {}/{} loss {:.4} ce {:.4}",
+        e.step, cfg.steps, e.loss, e.ce
+    );
+    if let Some(a) = e.align {
+        line += &format!(" align {a:.4}");
+    }
+    if let Some(v) = e.valid_ce {
+        line += &format!(" valid {v:.4}");
+    }
+    line += &format!(
+        " lr {:.2e} {:.0} tok/s ETA {}",
+        e.lr,
+        e.tokens_per_s,
+        fmt_secs(eta)
+    );
+    let mut err = std::io::stderr();
+    let _ = write!(err, "{line}\x1b[K");
+    if e.valid_ce.is_some() {
+        let _ = writeln!(err);
+    }
+    let _ = err.flush();
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn read_json(p: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| Error::InvalidInput(format!("reading {}: {e}", p.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidInput(format!("{} is not valid JSON: {e}", p.display())))
+}
+
+fn save(
+    model: &Lm,
+    optim: &ModuleOptimizer,
+    cfg: &TrainConfig,
+    step: usize,
+    rng: &Rng,
+    log: &[LogEntry],
+    paths: &CkptPaths,
+) -> Result<()> {
+    let io = |p: &Path, e: String| Error::InvalidInput(format!("writing {}: {e}", p.display()));
+    model
+        .clone()
+        .save_file(&paths.model)
+        .map_err(|e| io(&paths.model, e.to_string()))?;
+    optim
+        .save(&paths.optim)
+        .map_err(|e| io(&paths.optim, e.to_string()))?;
+    // Append this invocation's log to what earlier ones wrote.
+    let mut entries: Vec<serde_json::Value> = if paths.state.exists() {
+        read_json(&paths.state)?["log"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let last = entries.last().and_then(|e| e["step"].as_u64()).unwrap_or(0) as usize;
+    entries.extend(log.iter().filter(|e| e.step > last).map(|e| {
+        serde_json::json!({
+            "step": e.step, "loss": e.loss, "ce": e.ce, "align": e.align, "lr": e.lr,
+            "valid_ce": e.valid_ce, "tokens_per_s": e.tokens_per_s,
+        })
+    }));
+    let state = serde_json::json!({
+        "config": cfg.to_json(),
+        "step": step,
+        "rng": rng.state(),
+        "log": entries,
+    });
+    std::fs::write(&paths.state, serde_json::to_string_pretty(&state).unwrap())
+        .map_err(|e| io(&paths.state, e.to_string()))
+}
+
+/// Load a trained model and its configuration from a checkpoint folder.
+pub fn load(dir: &Path, device: &Device) -> Result<(Lm, TrainConfig)> {
+    let paths = ckpt_paths(dir);
+    let state = read_json(&paths.state)?;
+    let cfg = TrainConfig::from_json(&state["config"])?;
+    let model = cfg
+        .model
+        .init(device)?
+        .try_load_file(&paths.model)
+        .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", paths.model.display())))?;
+    Ok((model, cfg))
+}

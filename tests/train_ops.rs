@@ -1,0 +1,264 @@
+//! Our kernels inside Burn: forward values and Burn's gradients through our ops against the f64
+//! references (gradient of Σ O·W with random W, so dO = W), on Burn's own device and buffers.
+#![cfg(feature = "train")]
+
+mod common;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use sparse_attn::reference::Rng;
+use sparse_attn::reference::compare;
+use sparse_attn::reference::select::{Scoring, SelectOptions};
+use sparse_attn::reference::sparse::SparseOptions;
+use sparse_attn::reference::{
+    align, attention as ref_attn, select as ref_select, sparse as ref_sparse,
+};
+use sparse_attn::train::{Runtime, align_loss, attention, select_blocks, sparse_attention};
+use sparse_attn::{AttnOptions, AttnShape, GpuOptions};
+
+/// Relative L2 tolerance: f32 kernels against f64 references on N(0, 1) inputs.
+const TOL: f64 = 2e-3;
+
+fn runtime() -> Option<Runtime> {
+    // One Burn runtime per device: every test in this binary shares it.
+    static RT: std::sync::OnceLock<Option<Runtime>> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        let gpu = common::gpu_with(&Runtime::gpu_options(&GpuOptions::default()))?;
+        Some(Runtime::from_gpu(std::sync::Arc::new(gpu)).expect("Burn shares our device"))
+    })
+    .clone()
+}
+
+fn tensor(dev: &Device, data: &[f32], dims: [usize; 4]) -> Tensor<4> {
+    Tensor::from_data(TensorData::new(data.to_vec(), dims), dev)
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+fn check(name: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = compare(got, want);
+    assert!(e.within(tol), "{name}: {e:?} (tolerance {tol})");
+}
+
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    w: Vec<f32>,
+}
+
+fn inputs(s: &AttnShape, seed: u64) -> Inputs {
+    let mut r = Rng::new(seed);
+    Inputs {
+        q: r.normal_vec(s.q_len(), 1.0),
+        k: r.normal_vec(s.kv_len(), 1.0),
+        v: r.normal_vec(s.kv_len(), 1.0),
+        w: r.normal_vec(s.q_len(), 1.0),
+    }
+}
+
+#[test]
+fn full_attention_forward_and_gradients_match_the_reference() {
+    let Some(rt) = runtime() else { return };
+    let dev = rt.device.clone().autodiff();
+    // Odd lengths, one token, GQA, causal and not.
+    for (i, (s, causal)) in [
+        (AttnShape::new(1, 2, 2, 37, 32), true),
+        (AttnShape::new(2, 4, 2, 19, 16), false),
+        (AttnShape::new(1, 4, 1, 1, 64), true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = Rng::fresh_seed() + i as u64;
+        eprintln!("shape {s:?} causal {causal} seed {seed}");
+        let x = inputs(&s, seed);
+        let opts = AttnOptions::causal(causal);
+        let q = tensor(&dev, &x.q, s.q_dims()).require_grad();
+        let k = tensor(&dev, &x.k, s.kv_dims()).require_grad();
+        let v = tensor(&dev, &x.v, s.kv_dims()).require_grad();
+        let w = tensor(&dev, &x.w, s.q_dims());
+        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), opts).unwrap();
+        let loss = (o.clone() * w).sum();
+        let grads = loss.backward();
+        let want = ref_attn::forward(&s, &opts, &x.q, &x.k, &x.v).unwrap();
+        check("O", &values(o), &want.o, TOL);
+        check("LSE", &values(lse), &want.lse, TOL);
+        let g = ref_attn::backward(&s, &opts, &x.q, &x.k, &x.v, &x.w).unwrap();
+        check("dQ", &values(q.grad(&grads).unwrap()), &g.dq, TOL);
+        check("dK", &values(k.grad(&grads).unwrap()), &g.dk, TOL);
+        check("dV", &values(v.grad(&grads).unwrap()), &g.dv, TOL);
+    }
+}
+
+#[test]
+fn inputs_that_are_permuted_or_sliced_are_read_correctly() {
+    // A transposed view (not contiguous) and a slice that starts mid-buffer (unaligned offset).
+    let Some(rt) = runtime() else { return };
+    let dev = rt.device.clone().autodiff();
+    let s = AttnShape::new(1, 2, 2, 21, 16);
+    let x = inputs(&s, Rng::fresh_seed());
+    let opts = AttnOptions::causal(true);
+    // q given as [b, seq, heads, d] and swapped back.
+    let mut q_bshd = vec![0f32; s.q_len()];
+    for h in 0..2 {
+        for t in 0..21 {
+            for c in 0..16 {
+                q_bshd[(t * 2 + h) * 16 + c] = x.q[(h * 21 + t) * 16 + c];
+            }
+        }
+    }
+    let q = tensor(&dev, &q_bshd, [1, 21, 2, 16]).swap_dims(1, 2);
+    // k stored after one extra row: slicing it away leaves an offset of 16 floats.
+    let mut k_pad = vec![7f32; 16];
+    k_pad.extend_from_slice(&x.k);
+    let k = Tensor::<2>::from_data(TensorData::new(k_pad, [1 + 2 * 21, 16]), &dev)
+        .slice([1..1 + 2 * 21])
+        .reshape([1, 2, 21, 16]);
+    let v = tensor(&dev, &x.v, s.kv_dims());
+    let (o, _) = attention(q, k, v, opts).unwrap();
+    let want = ref_attn::forward(&s, &opts, &x.q, &x.k, &x.v).unwrap();
+    check("O", &values(o), &want.o, TOL);
+}
+
+#[test]
+fn selection_and_sparse_attention_match_the_reference() {
+    let Some(rt) = runtime() else { return };
+    let dev = rt.device.clone().autodiff();
+    for (i, (s, scoring)) in [
+        (AttnShape::new(1, 4, 2, 77, 32), Scoring::Ssa),
+        (AttnShape::new(2, 2, 1, 50, 16), Scoring::Moba),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = Rng::fresh_seed() + i as u64;
+        eprintln!("shape {s:?} {scoring:?} seed {seed}");
+        let x = inputs(&s, seed);
+        let opts = SelectOptions {
+            block: 16,
+            k: 3,
+            scoring,
+            ..SelectOptions::ssa()
+        };
+        let q = tensor(&dev, &x.q, s.q_dims()).require_grad();
+        let k = tensor(&dev, &x.k, s.kv_dims()).require_grad();
+        let v = tensor(&dev, &x.v, s.kv_dims()).require_grad();
+        let w = tensor(&dev, &x.w, s.q_dims());
+        let sel: Tensor<4, Int> = select_blocks(q.clone(), k.clone(), &opts).unwrap();
+        let want_sel = ref_select::select(&s, &opts, &x.q, &x.k).unwrap();
+        let got_sel = sel
+            .clone()
+            .into_data()
+            .convert::<u32>()
+            .try_to_vec::<u32>()
+            .unwrap();
+        assert_eq!(got_sel, want_sel.indices, "selection");
+        let (o, _) = sparse_attention(q.clone(), k.clone(), v.clone(), sel, &opts).unwrap();
+        let loss = (o.clone() * w).sum();
+        let grads = loss.backward();
+        let so = SparseOptions {
+            block: 16,
+            causal: true,
+            scale: None,
+        };
+        let want =
+            ref_sparse::forward(&s, &so, &x.q, &x.k, &x.v, &want_sel.indices, 3, None).unwrap();
+        check("sparse O", &values(o), &want.o, TOL);
+        let g = ref_sparse::backward(&s, &so, &x.q, &x.k, &x.v, &want_sel.indices, 3, None, &x.w)
+            .unwrap();
+        check("sparse dQ", &values(q.grad(&grads).unwrap()), &g.dq, TOL);
+        check("sparse dK", &values(k.grad(&grads).unwrap()), &g.dk, TOL);
+        check("sparse dV", &values(v.grad(&grads).unwrap()), &g.dv, TOL);
+    }
+}
+
+#[test]
+fn alignment_loss_and_its_gradients_match_the_reference() {
+    let Some(rt) = runtime() else { return };
+    let dev = rt.device.clone().autodiff();
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut r = Rng::new(seed);
+    let dims = [2, 3, 29, 16];
+    let n: usize = dims.iter().product();
+    let hf = r.normal_vec(n, 1.0);
+    let hs: Vec<f32> = hf.iter().map(|&x| x + 1.5 * r.normal() as f32).collect();
+    let a = tensor(&dev, &hf, dims).require_grad();
+    let b = tensor(&dev, &hs, dims).require_grad();
+    // Scaled by 10 as in SSA's objective: the backward must scale the kernel's gradients.
+    let loss = align_loss(a.clone(), b.clone(), 1.0).unwrap() * 10.0;
+    let grads = loss.backward();
+    let want = align::align(&hf, &hs, 1.0, 10.0).unwrap();
+    let got = values(loss)[0] as f64;
+    assert!(
+        (got - 10.0 * want.loss).abs() <= 1e-4 * (10.0 * want.loss).abs(),
+        "loss {got} vs {}",
+        10.0 * want.loss
+    );
+    // Gradients are O(1/n): compare scaled by n (ψ, as tests/align.rs does).
+    let psi = |g: Vec<f32>| g.iter().map(|x| x * n as f32).collect::<Vec<_>>();
+    let want_f: Vec<f32> = want.g_full.iter().map(|&x| (x * n as f64) as f32).collect();
+    let want_s: Vec<f32> = want
+        .g_sparse
+        .iter()
+        .map(|&x| (x * n as f64) as f32)
+        .collect();
+    check(
+        "g_full",
+        &psi(values(a.grad(&grads).unwrap())),
+        &want_f,
+        1e-4,
+    );
+    check(
+        "g_sparse",
+        &psi(values(b.grad(&grads).unwrap())),
+        &want_s,
+        1e-4,
+    );
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let Some(rt) = runtime() else { return };
+    let dev = rt.device.clone();
+    let z = |d: [usize; 4]| Tensor::<4>::zeros(d, &dev);
+    let e = attention(
+        z([1, 3, 8, 16]),
+        z([1, 2, 8, 16]),
+        z([1, 2, 8, 16]),
+        AttnOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("multiple"), "{e}");
+    let e = attention(
+        z([1, 2, 8, 16]),
+        z([1, 2, 8, 16]),
+        z([1, 2, 9, 16]),
+        AttnOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("same shape"), "{e}");
+    let opts = SelectOptions {
+        k: 99,
+        ..SelectOptions::ssa()
+    };
+    assert!(select_blocks(z([1, 2, 8, 16]), z([1, 2, 8, 16]), &opts).is_err());
+    let sel = Tensor::<4, Int>::zeros([1, 2, 8, 5], &dev);
+    let e = sparse_attention(
+        z([1, 2, 8, 16]),
+        z([1, 2, 8, 16]),
+        z([1, 2, 8, 16]),
+        sel,
+        &SelectOptions {
+            k: 2,
+            ..SelectOptions::ssa()
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("selection"), "{e}");
+    let e = align_loss(z([1, 2, 8, 16]), z([1, 2, 8, 8]), 1.0).unwrap_err();
+    assert!(e.to_string().contains("same shape"), "{e}");
+    assert!(align_loss(z([1, 2, 8, 16]), z([1, 2, 8, 16]), 0.0).is_err());
+}
