@@ -250,3 +250,57 @@ fn map_writes_a_png_from_random_inputs_and_from_npy_files() {
     assert!(!ok && err.contains("out of range"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[cfg(feature = "train")]
+#[test]
+fn train_and_eval_explain_bad_input_and_combine_reports() {
+    let dir = temp_dir("train-cli");
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    // Missing corpus: says how to get it (no GPU needed to get there).
+    let (ok, _, err) = run(&[
+        "train",
+        "--mode",
+        "ssa",
+        "--out",
+        out_s,
+        "--data",
+        "/nonexistent",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("fetch-corpus"), "{err}");
+    // Budget larger than the context.
+    let (ok, _, err) = run(&[
+        "train", "--mode", "sparse", "--out", out_s, "--seq", "128", "--topk", "16",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("exceeds the context"), "{err}");
+    let (ok, _, err) = run(&["train", "--mode", "dense", "--out", out_s]);
+    assert!(!ok && err.contains("unknown mode"), "{err}");
+    // Combining reports needs no GPU: the committed first results give the table and plots.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let reports: Vec<String> = ["full", "sparse", "ssa"]
+        .iter()
+        .map(|m| format!("{root}/bench/results/train-2026-11-23/eval-{m}.json"))
+        .collect();
+    let combined = dir.join("all.json");
+    let plots = dir.join("plots");
+    let mut args = vec!["eval", "--reports"];
+    args.extend(reports.iter().map(|s| s.as_str()));
+    args.extend([
+        "--out",
+        combined.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
+    ]);
+    let (ok, table, err) = run(&args);
+    assert!(ok, "{err}");
+    for mode in ["| full |", "| sparse |", "| ssa |"] {
+        assert!(table.contains(mode), "{table}");
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&combined).unwrap()).unwrap();
+    assert_eq!(j["reports"].as_array().unwrap().len(), 3);
+    assert!(plots.join("extrapolation.png").exists());
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -12,6 +12,14 @@ use sparse_attn::train::eval::{EvalConfig, evaluate, plot_reports, table};
 use sparse_attn::train::trainer::{Invocation, load};
 use sparse_attn::train::{LmConfig, Mode, Runtime, TrainConfig, train};
 
+/// Burn's random generator is one per device and its draws may run on the device's stream
+/// after the seeding thread moved on: tests that train run one at a time so that runs with the
+/// same seed start from the same weights.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn runtime() -> Option<Runtime> {
     static RT: std::sync::OnceLock<Option<Runtime>> = std::sync::OnceLock::new();
     RT.get_or_init(|| {
@@ -86,6 +94,7 @@ fn tmp(name: &str) -> PathBuf {
 
 #[test]
 fn every_mode_trains_and_its_loss_falls() {
+    let _serial = serial();
     let Some(rt) = runtime() else { return };
     let c = corpus();
     for mode in [Mode::Full, Mode::Sparse, Mode::Ssa] {
@@ -111,6 +120,7 @@ fn every_mode_trains_and_its_loss_falls() {
 
 #[test]
 fn a_resumed_run_matches_an_uninterrupted_one() {
+    let _serial = serial();
     let Some(rt) = runtime() else { return };
     let c = corpus();
     let (a, b) = (tmp("straight"), tmp("resumed"));
@@ -165,6 +175,7 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
 
 #[test]
 fn evaluation_runs_end_to_end_on_a_checkpoint() {
+    let _serial = serial();
     let Some(rt) = runtime() else { return };
     let c = corpus();
     let out = tmp("eval");

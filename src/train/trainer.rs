@@ -215,9 +215,7 @@ pub fn train(
         .with_weight_decay(cfg.weight_decay)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
         .init();
-    // The initial weights come from Burn's generator: seed it so that a run is reproducible.
-    device.seed(cfg.seed);
-    let mut model = cfg.model.init(&device)?;
+    let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
     let mut step = 0usize;
     let mut rng = Rng::new(cfg.seed);
     if resume && paths.state.exists() {
@@ -340,6 +338,17 @@ pub fn train(
     Ok(log)
 }
 
+/// A model initialised from `seed`. The initial weights come from Burn's generator, which is
+/// global to the device: seeding and drawing happen under one lock, and the lazily
+/// initialised parameters are materialised inside it, so that concurrent runs (tests) cannot
+/// interleave their draws.
+pub fn seeded_init(cfg: &LmConfig, device: &Device, seed: u64) -> Result<Lm> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    device.seed(seed);
+    Ok(cfg.init(device)?.materialize())
+}
+
 /// One optimizer step on batch `b`; returns the model and the (unread) CE and alignment losses.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
@@ -406,7 +415,7 @@ pub fn measure_steps(
         .with_weight_decay(cfg.weight_decay)
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
         .init();
-    let mut model = cfg.model.init(&device)?;
+    let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
     let mut rng = Rng::new(cfg.seed);
     let mut run = |model: Lm, n: usize, rng: &mut Rng| -> Result<(Lm, f64)> {
         let mut model = model;
