@@ -113,6 +113,7 @@ fn inputs_that_are_permuted_or_sliced_are_read_correctly() {
     // k stored after one extra row: slicing it away leaves an offset of 16 floats.
     let mut k_pad = vec![7f32; 16];
     k_pad.extend_from_slice(&x.k);
+    #[allow(clippy::single_range_in_vec_init)] // Burn's slice takes one range per dimension
     let k = Tensor::<2>::from_data(TensorData::new(k_pad, [1 + 2 * 21, 16]), &dev)
         .slice([1..1 + 2 * 21])
         .reshape([1, 2, 21, 16]);

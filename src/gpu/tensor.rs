@@ -70,7 +70,7 @@ impl Tensor {
     ) -> Result<Tensor> {
         let (_, bytes) = checked_len(shape, dtype)?;
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
-        if offset % align.max(4) != 0 {
+        if !offset.is_multiple_of(align.max(4)) {
             invalid!(
                 "a tensor view must start at a multiple of {} bytes (the device's storage \
                  alignment); offset {offset} does not",

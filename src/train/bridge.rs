@@ -153,7 +153,7 @@ pub(crate) fn bind(gpu: &Gpu, t: CubeTensor) -> (Bound, CubeTensor) {
         .expect("Burn tensor resource");
     let r = pin.resource();
     let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
-    if r.offset % align.max(4) == 0 {
+    if r.offset.is_multiple_of(align.max(4)) {
         let tensor = Tensor::view(gpu, r.buffer.clone(), r.offset, &dims, dtype)
             .expect("a Burn allocation is a valid view");
         return (

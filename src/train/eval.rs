@@ -90,6 +90,7 @@ fn nll(model: &Lm, cfg: &LmConfig, inf: Inference, batches: &[Batch], dev: &Devi
 
 /// Share of pass-key samples of `len` tokens whose five digits are all predicted (greedy,
 /// teacher-forced) under `inf`.
+#[allow(clippy::too_many_arguments)]
 fn passkey_accuracy(
     model: &Lm,
     cfg: &LmConfig,

@@ -107,7 +107,7 @@ impl LmConfig {
                 self.head_dim()
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             invalid!("RoPE needs an even head_dim");
         }
         self.select_options().validate(&crate::AttnShape::new(

@@ -162,6 +162,7 @@ pub fn batch_tensors(b: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, I
 }
 
 /// Mean validation cross-entropy (nats per token) of `model` on the first `windows` windows.
+#[allow(clippy::too_many_arguments)]
 pub fn valid_ce(
     model: &Lm,
     cfg: &LmConfig,

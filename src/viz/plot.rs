@@ -51,9 +51,7 @@ fn tick(v: f64) -> String {
         "0".into()
     } else if v.abs() >= 1e7 || v.abs() < 0.01 {
         format!("{v:.1e}")
-    } else if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.fract() == 0.0 {
+    } else if v.abs() >= 100.0 || v.fract() == 0.0 {
         format!("{v:.0}")
     } else {
         format!("{v:.3}")
