@@ -6,11 +6,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use sparse_attn::GpuOptions;
 use sparse_attn::train::data::Corpus;
 use sparse_attn::train::eval::{EvalConfig, evaluate, plot_reports, table};
 use sparse_attn::train::trainer::{Invocation, load};
-use sparse_attn::train::{LmConfig, Mode, Runtime, TrainConfig, train};
+use sparse_attn::train::{LmConfig, Mode, TrainConfig, train};
 
 /// Burn's random generator is one per device and its draws may run on the device's stream
 /// after the seeding thread moved on: tests that train run one at a time so that runs with the
@@ -18,15 +17,6 @@ use sparse_attn::train::{LmConfig, Mode, Runtime, TrainConfig, train};
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn runtime() -> Option<Runtime> {
-    static RT: std::sync::OnceLock<Option<Runtime>> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        let gpu = common::gpu_with(&Runtime::gpu_options(&GpuOptions::default()))?;
-        Some(Runtime::from_gpu(std::sync::Arc::new(gpu)).expect("Burn shares our device"))
-    })
-    .clone()
 }
 
 fn corpus() -> Corpus {
@@ -95,7 +85,9 @@ fn tmp(name: &str) -> PathBuf {
 #[test]
 fn every_mode_trains_and_its_loss_falls() {
     let _serial = serial();
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let c = corpus();
     for mode in [Mode::Full, Mode::Sparse, Mode::Ssa] {
         let out = tmp(mode.name());
@@ -121,7 +113,9 @@ fn every_mode_trains_and_its_loss_falls() {
 #[test]
 fn a_resumed_run_matches_an_uninterrupted_one() {
     let _serial = serial();
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let c = corpus();
     let (a, b) = (tmp("straight"), tmp("resumed"));
     let straight = train(&tiny(Mode::Ssa, 6), &c, &rt.device, &a, &quiet()).unwrap();
@@ -176,7 +170,9 @@ fn a_resumed_run_matches_an_uninterrupted_one() {
 #[test]
 fn evaluation_runs_end_to_end_on_a_checkpoint() {
     let _serial = serial();
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let c = corpus();
     let out = tmp("eval");
     train(&tiny(Mode::Ssa, 4), &c, &rt.device, &out, &quiet()).unwrap();

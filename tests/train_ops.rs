@@ -12,21 +12,11 @@ use sparse_attn::reference::sparse::SparseOptions;
 use sparse_attn::reference::{
     align, attention as ref_attn, select as ref_select, sparse as ref_sparse,
 };
-use sparse_attn::train::{Runtime, align_loss, attention, select_blocks, sparse_attention};
-use sparse_attn::{AttnOptions, AttnShape, GpuOptions};
+use sparse_attn::train::{align_loss, attention, select_blocks, sparse_attention};
+use sparse_attn::{AttnOptions, AttnShape};
 
 /// Relative L2 tolerance: f32 kernels against f64 references on N(0, 1) inputs.
 const TOL: f64 = 2e-3;
-
-fn runtime() -> Option<Runtime> {
-    // One Burn runtime per device: every test in this binary shares it.
-    static RT: std::sync::OnceLock<Option<Runtime>> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
-        let gpu = common::gpu_with(&Runtime::gpu_options(&GpuOptions::default()))?;
-        Some(Runtime::from_gpu(std::sync::Arc::new(gpu)).expect("Burn shares our device"))
-    })
-    .clone()
-}
 
 fn tensor(dev: &Device, data: &[f32], dims: [usize; 4]) -> Tensor<4> {
     Tensor::from_data(TensorData::new(data.to_vec(), dims), dev)
@@ -60,7 +50,9 @@ fn inputs(s: &AttnShape, seed: u64) -> Inputs {
 
 #[test]
 fn full_attention_forward_and_gradients_match_the_reference() {
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let dev = rt.device.clone().autodiff();
     // Odd lengths, one token, GQA, causal and not.
     for (i, (s, causal)) in [
@@ -95,7 +87,9 @@ fn full_attention_forward_and_gradients_match_the_reference() {
 #[test]
 fn inputs_that_are_permuted_or_sliced_are_read_correctly() {
     // A transposed view (not contiguous) and a slice that starts mid-buffer (unaligned offset).
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let dev = rt.device.clone().autodiff();
     let s = AttnShape::new(1, 2, 2, 21, 16);
     let x = inputs(&s, Rng::fresh_seed());
@@ -125,7 +119,9 @@ fn inputs_that_are_permuted_or_sliced_are_read_correctly() {
 
 #[test]
 fn selection_and_sparse_attention_match_the_reference() {
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let dev = rt.device.clone().autodiff();
     for (i, (s, scoring)) in [
         (AttnShape::new(1, 4, 2, 77, 32), Scoring::Ssa),
@@ -177,7 +173,9 @@ fn selection_and_sparse_attention_match_the_reference() {
 
 #[test]
 fn alignment_loss_and_its_gradients_match_the_reference() {
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let dev = rt.device.clone().autodiff();
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
@@ -222,7 +220,9 @@ fn alignment_loss_and_its_gradients_match_the_reference() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    let Some(rt) = runtime() else { return };
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
     let dev = rt.device.clone();
     let z = |d: [usize; 4]| Tensor::<4>::zeros(d, &dev);
     let e = attention(

@@ -22,3 +22,16 @@ pub fn gpu_with(opts: &GpuOptions) -> Option<Gpu> {
         Err(e) => panic!("{e}\n(set SPARSE_ATTN_ALLOW_NO_GPU=1 to skip GPU tests)"),
     }
 }
+
+/// One Burn runtime on the test GPU, shared by every test of a binary (a device is registered
+/// with Burn once). `None` where `gpu` skips.
+#[cfg(feature = "train")]
+pub fn burn_runtime() -> Option<sparse_attn::train::Runtime> {
+    use sparse_attn::train::Runtime;
+    static RT: std::sync::OnceLock<Option<Runtime>> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        let gpu = gpu_with(&Runtime::gpu_options(&GpuOptions::default()))?;
+        Some(Runtime::from_gpu(std::sync::Arc::new(gpu)).expect("Burn shares our device"))
+    })
+    .clone()
+}
