@@ -9,10 +9,11 @@ use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::ops::attention::shape_of;
 use crate::ops::metrics::AttentionMetrics;
 use crate::ops::select::BlockSelect;
 use crate::reference::Rng;
-use crate::shape::{AttnOptions, AttnShape};
+use crate::shape::AttnOptions;
 use crate::train::data::{Batch, Corpus, passkey, sequential_batches};
 use crate::train::model::{Lm, LmConfig, Mode, Run, cross_entropy};
 use crate::train::trainer::{TrainConfig, batch_tensors};
@@ -181,17 +182,10 @@ fn layer_metrics(
 /// Mean sparsity and entropy of full attention over q, k given the trained-budget selection.
 fn metrics_of(gpu: &Gpu, cfg: &LmConfig, q: Tensor<4>, k: Tensor<4>) -> Result<(f64, f64)> {
     let (qd, kd) = (q.dims(), k.dims());
-    let shape = AttnShape {
-        batch: qd[0],
-        heads_q: qd[1],
-        heads_kv: kd[1],
-        seq_q: qd[2],
-        seq_k: kd[2],
-        head_dim: qd[3],
-    };
     let host = |t: Tensor<4>| host_vec::<f32>(t.into_data().convert::<f32>());
     let qg = gpu.upload(&qd, &host(q)?)?;
     let kg = gpu.upload(&kd, &host(k)?)?;
+    let shape = shape_of(&qg, &kg)?;
     let sel_opts = cfg.select_options_for(shape.seq_k);
     let (sel, _) = BlockSelect::new(gpu, shape, sel_opts)?.select(gpu, &qg, &kg)?;
     let m = AttentionMetrics::new(gpu, shape, AttnOptions::causal(true), cfg.block, sel_opts.k)?
