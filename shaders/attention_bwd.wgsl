@@ -9,16 +9,16 @@
 //#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> o: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> d_o: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> q: array<ST>;
+@group(0) @binding(2) var<storage, read> k: array<ST>;
+@group(0) @binding(3) var<storage, read> v: array<ST>;
+@group(0) @binding(4) var<storage, read> o: array<ST>;
+@group(0) @binding(5) var<storage, read> d_o: array<ST>;
 @group(0) @binding(6) var<storage, read> lse: array<f32>;
 @group(0) @binding(7) var<storage, read_write> rowd: array<f32>;
-@group(0) @binding(8) var<storage, read_write> dq: array<vec4<f32>>;
-@group(0) @binding(9) var<storage, read_write> dk: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> dv: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dq: array<ST>;
+@group(0) @binding(9) var<storage, read_write> dk: array<ST>;
+@group(0) @binding(10) var<storage, read_write> dv: array<ST>;
 
 // dkdv: sh0 stages K|V|Q|dO chunks [rows][DSV], then dO|Q chunks [PC][D4];
 //       sh1 = Pᵀ [BK][BQ]; sh2 = dSᵀ [BK][BQ], then LSE·log2(e) [BQ] and D [BQ].
@@ -34,17 +34,17 @@ fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let base = prm.q_off / 4u + row * D4;
     var acc = 0.0;
     for (var c = 0u; c < D4; c++) {
-        acc += dot(d_o[base + c], o[base + c]);
+        acc += dot(unpack_st(d_o[base + c]), unpack_st(o[base + c]));
     }
     rowd[prm.r_off + row] = acc;
 }
 
 fn fetch(which: u32, g: u32) -> vec4<f32> {
     switch which {
-        case 0u: { return q[g]; }
-        case 1u: { return d_o[g]; }
-        case 2u: { return k[g]; }
-        default: { return v[g]; }
+        case 0u: { return unpack_st(q[g]); }
+        case 1u: { return unpack_st(d_o[g]); }
+        case 2u: { return unpack_st(k[g]); }
+        default: { return unpack_st(v[g]); }
     }
 }
 
@@ -143,8 +143,8 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         if (c < prm.seq_k) {
             for (var j = 0u; j < TD4; j++) {
                 let g = k4 + c * D4 + tx + TC * j;
-                dk[g] = gk[i * TD4 + j] * prm.scale;
-                dv[g] = gv[i * TD4 + j];
+                dk[g] = pack_st(gk[i * TD4 + j] * prm.scale);
+                dv[g] = pack_st(gv[i * TD4 + j]);
             }
         }
     }
@@ -204,7 +204,7 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         let r = row0 + ty * TM + i;
         if (r < prm.seq_q) {
             for (var j = 0u; j < TD4; j++) {
-                dq[q4 + r * D4 + tx + TC * j] = g[i * TD4 + j] * prm.scale;
+                dq[q4 + r * D4 + tx + TC * j] = pack_st(g[i * TD4 + j] * prm.scale);
             }
         }
     }

@@ -6,17 +6,17 @@
 //#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> q: array<ST>;
+@group(0) @binding(2) var<storage, read> k: array<ST>;
+@group(0) @binding(3) var<storage, read> v: array<ST>;
+@group(0) @binding(4) var<storage, read_write> o: array<ST>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 
 fn fetch(which: u32, g: u32) -> vec4<f32> {
     switch which {
-        case 0u: { return q[g]; }
-        case 1u: { return k[g]; }
-        default: { return v[g]; }
+        case 0u: { return unpack_st(q[g]); }
+        case 1u: { return unpack_st(k[g]); }
+        default: { return unpack_st(v[g]); }
     }
 }
 
@@ -69,7 +69,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             let lt = row_sum(ty * TM + i);
             let inv = 1.0 / lt;
             for (var j = 0u; j < TD4; j++) {
-                o[q4 + r * D4 + tx + TC * j] = acc[i * TD4 + j] * inv;
+                o[q4 + r * D4 + tx + TC * j] = pack_st(acc[i * TD4 + j] * inv);
             }
             if (tx == 0u) {
                 lse[prm.r_off + bh * prm.seq_q + r] = (m[i] + log2(lt)) * LN2;

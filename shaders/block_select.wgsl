@@ -45,8 +45,8 @@ struct SelParams {
 }
 
 @group(0) @binding(0) var<uniform> prm: SelParams;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> q: array<ST>;
+@group(0) @binding(2) var<storage, read> k: array<ST>;
 @group(0) @binding(3) var<storage, read_write> kbar: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;
 @group(0) @binding(5) var<storage, read_write> sel: array<u32>;
@@ -84,7 +84,7 @@ fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     let t1 = min(t0 + prm.pool_w, prm.seq_k);
     var acc = vec4<f32>(0.0);
     for (var t = t0; t < t1; t++) {
-        acc += k[prm.k_off / 4u + (u * prm.seq_k + t) * D4 + c];
+        acc += unpack_st(k[prm.k_off / 4u + (u * prm.seq_k + t) * D4 + c]);
     }
     kbar[prm.kb_off / 4u + (u * prm.np + p) * D4 + c] = acc / f32(t1 - t0);
 }
@@ -92,7 +92,7 @@ fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
 // Tensor `which` of the staging helpers in common.wgsl: 0 = q, 1 = pooled keys.
 fn fetch(which: u32, g: u32) -> vec4<f32> {
     if (which == 0u) {
-        return q[g];
+        return unpack_st(q[g]);
     }
     return kbar[g];
 }

@@ -11,15 +11,15 @@
 //#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read> d_o: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> q: array<ST>;
+@group(0) @binding(2) var<storage, read> k: array<ST>;
+@group(0) @binding(3) var<storage, read> v: array<ST>;
+@group(0) @binding(5) var<storage, read> d_o: array<ST>;
 @group(0) @binding(6) var<storage, read> lse: array<f32>;
 @group(0) @binding(7) var<storage, read> rowd: array<f32>;
-@group(0) @binding(8) var<storage, read_write> dq: array<vec4<f32>>;
-@group(0) @binding(9) var<storage, read_write> dk: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> dv: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dq: array<ST>;
+@group(0) @binding(9) var<storage, read_write> dk: array<ST>;
+@group(0) @binding(10) var<storage, read_write> dv: array<ST>;
 @group(0) @binding(11) var<storage, read> sel: array<u32>;
 @group(0) @binding(12) var<storage, read> bias: array<f32>;
 
@@ -27,10 +27,10 @@ const SENTINEL: u32 = 0xffffffffu;
 
 fn fetch(which: u32, g: u32) -> vec4<f32> {
     switch which {
-        case 0u: { return q[g]; }
-        case 1u: { return d_o[g]; }
-        case 2u: { return k[g]; }
-        default: { return v[g]; }
+        case 0u: { return unpack_st(q[g]); }
+        case 1u: { return unpack_st(d_o[g]); }
+        case 2u: { return unpack_st(k[g]); }
+        default: { return unpack_st(v[g]); }
     }
 }
 
@@ -132,7 +132,7 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         let h = ty * TM + i;
         if (h < prm.group) {
             for (var j = 0u; j < TD4; j++) {
-                dq[q4 + h * qstride + tx + TC * j] = g[i * TD4 + j] * prm.scale;
+                dq[q4 + h * qstride + tx + TC * j] = pack_st(g[i * TD4 + j] * prm.scale);
             }
         }
     }
@@ -318,8 +318,8 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         if (c < prm.seq_k) {
             for (var j = 0u; j < TD4; j++) {
                 let gi = k4 + c * D4 + tx + TC * j;
-                dk[gi] = gk[i * TD4 + j] * prm.scale;
-                dv[gi] = gv[i * TD4 + j];
+                dk[gi] = pack_st(gk[i * TD4 + j] * prm.scale);
+                dv[gi] = pack_st(gv[i * TD4 + j]);
             }
         }
     }

@@ -6,10 +6,10 @@
 //#include "common.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> o: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> q: array<ST>;
+@group(0) @binding(2) var<storage, read> k: array<ST>;
+@group(0) @binding(3) var<storage, read> v: array<ST>;
+@group(0) @binding(4) var<storage, read_write> o: array<ST>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<storage, read> sel: array<u32>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
@@ -18,9 +18,9 @@ const SENTINEL: u32 = 0xffffffffu;
 
 fn fetch(which: u32, g: u32) -> vec4<f32> {
     switch which {
-        case 0u: { return q[g]; }
-        case 1u: { return k[g]; }
-        default: { return v[g]; }
+        case 0u: { return unpack_st(q[g]); }
+        case 1u: { return unpack_st(k[g]); }
+        default: { return unpack_st(v[g]); }
     }
 }
 
@@ -107,7 +107,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             // A row whose selection holds no visible key: O = 0, LSE = -inf.
             let inv = select(0.0, 1.0 / lt, lt > 0.0);
             for (var j = 0u; j < TD4; j++) {
-                o[q4 + h * qstride + tx + TC * j] = acc[i * TD4 + j] * inv;
+                o[q4 + h * qstride + tx + TC * j] = pack_st(acc[i * TD4 + j] * inv);
             }
             if (tx == 0u) {
                 lse[prm.r_off + (u * prm.group + h) * prm.seq_q + t] =

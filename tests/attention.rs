@@ -3,12 +3,20 @@
 mod common;
 
 use sparse_attn::reference::{self, Rng, compare};
-use sparse_attn::{AttnOptions, AttnOutput, AttnShape, FullAttention, Gpu, Variant, Variants};
+use sparse_attn::gpu::{Storage, round_f16};
+use sparse_attn::{
+    AttnOptions, AttnOutput, AttnShape, DType, FullAttention, Gpu, Variant, Variants,
+};
 
 /// Relative L2 error allowed for f32 kernels against the f64 reference. Observed errors are
 /// ~1e-7..1e-6; the bound leaves room for long sums (seq 300, d 128) without hiding real bugs,
 /// which show up as errors of 1e-2 or more.
 const TOL: f64 = 2e-5;
+
+/// The same for f16 storage: inputs are rounded to f16 before the reference sees them, so the
+/// error is the rounding of the outputs (2^-11 relative per element, ~3e-4 in L2) plus f32
+/// arithmetic; a wrong index or a lost tile is far above it.
+const TOL_F16: f64 = 2e-3;
 
 struct Case {
     shape: AttnShape,
@@ -16,27 +24,40 @@ struct Case {
 }
 
 fn run_case(gpu: &Gpu, case: &Case, variants: Variants, seed: u64, backward: bool) {
+    run_case_as(gpu, case, variants, Storage::F32, seed, backward)
+}
+
+fn run_case_as(
+    gpu: &Gpu,
+    case: &Case,
+    variants: Variants,
+    storage: Storage,
+    seed: u64,
+    backward: bool,
+) {
     let s = case.shape;
     let opts = AttnOptions::causal(case.causal);
     let mut rng = Rng::new(seed);
-    let q = rng.normal_vec(s.q_len(), 1.0);
-    let k = rng.normal_vec(s.kv_len(), 1.0);
-    let v = rng.normal_vec(s.kv_len(), 1.0);
-    let d_o = rng.normal_vec(s.q_len(), 1.0);
+    let dt = storage.dtype();
+    // What a tensor of dtype `dt` holds: the reference gets exactly that.
+    let held = |x: Vec<f32>| if dt == DType::F16 { round_f16(&x) } else { x };
+    let q = held(rng.normal_vec(s.q_len(), 1.0));
+    let k = held(rng.normal_vec(s.kv_len(), 1.0));
+    let v = held(rng.normal_vec(s.kv_len(), 1.0));
+    let d_o = held(rng.normal_vec(s.q_len(), 1.0));
+    let tol = if dt == DType::F16 { TOL_F16 } else { TOL };
     let ctx = format!(
-        "seed {seed}, {s:?}, causal {}, {}",
+        "seed {seed}, {s:?}, causal {}, {} {}",
         case.causal,
-        variants.name()
+        variants.name(),
+        storage.name()
     );
 
-    let att = FullAttention::with_variants(gpu, s, opts, variants).expect(&ctx);
-    let (tq, tk, tv) = (
-        gpu.upload(&s.q_dims(), &q).unwrap(),
-        gpu.upload(&s.kv_dims(), &k).unwrap(),
-        gpu.upload(&s.kv_dims(), &v).unwrap(),
-    );
+    let att = FullAttention::with_storage(gpu, s, opts, variants, storage).expect(&ctx);
+    let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
+    let (tq, tk, tv) = (up(&s.q_dims(), &q), up(&s.kv_dims(), &k), up(&s.kv_dims(), &v));
     let out = AttnOutput {
-        o: gpu.upload(&s.q_dims(), &vec![f32::NAN; s.q_len()]).unwrap(),
+        o: up(&s.q_dims(), &vec![f32::NAN; s.q_len()]),
         lse: gpu
             .upload(&s.lse_dims(), &vec![f32::NAN; s.lse_len()])
             .unwrap(),
@@ -45,20 +66,16 @@ fn run_case(gpu: &Gpu, case: &Case, variants: Variants, seed: u64, backward: boo
     let want = reference::attention::forward(&s, &opts, &q, &k, &v).unwrap();
     let eo = compare(&gpu.read(&out.o).unwrap(), &want.o);
     let el = compare(&gpu.read(&out.lse).unwrap(), &want.lse);
-    assert!(eo.within(TOL), "O: {eo:?} ({ctx})");
-    assert!(el.within(TOL), "LSE: {el:?} ({ctx})");
+    assert!(eo.within(tol), "O: {eo:?} ({ctx})");
+    assert!(el.within(tol), "LSE: {el:?} ({ctx})");
     if !backward {
         return;
     }
-    let tdo = gpu.upload(&s.q_dims(), &d_o).unwrap();
+    let tdo = up(&s.q_dims(), &d_o);
     let grads = sparse_attn::AttnGrads {
-        dq: gpu.upload(&s.q_dims(), &vec![f32::NAN; s.q_len()]).unwrap(),
-        dk: gpu
-            .upload(&s.kv_dims(), &vec![f32::NAN; s.kv_len()])
-            .unwrap(),
-        dv: gpu
-            .upload(&s.kv_dims(), &vec![f32::NAN; s.kv_len()])
-            .unwrap(),
+        dq: up(&s.q_dims(), &vec![f32::NAN; s.q_len()]),
+        dk: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
+        dv: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
     };
     att.backward_into(gpu, &tq, &tk, &tv, &out, &tdo, &grads)
         .expect(&ctx);
@@ -69,7 +86,7 @@ fn run_case(gpu: &Gpu, case: &Case, variants: Variants, seed: u64, backward: boo
         ("dV", &grads.dv, &want.dv),
     ] {
         let e = compare(&gpu.read(t).unwrap(), w);
-        assert!(e.within(TOL), "{name}: {e:?} ({ctx})");
+        assert!(e.within(tol), "{name}: {e:?} ({ctx})");
     }
 }
 
@@ -152,11 +169,38 @@ fn variant_suite(variant: Variant) {
 }
 
 fn suite_on(gpu: &Gpu, variant: Variant) {
+    suite_as(gpu, variant, Storage::F32)
+}
+
+/// f16 storage: native where the device has SHADER_F16 (lavapipe and the H100 do), and the
+/// packed fallback that browsers without `shader-f16` get, which every device can run.
+#[test]
+fn f16_forward_and_backward_match_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    if let Err(e) = Storage::F16.check(&gpu) {
+        eprintln!("SKIPPED native f16 on {}: {e}", gpu.adapter().name);
+    } else {
+        suite_as(&gpu, Variant::Large, Storage::F16);
+    }
+}
+
+#[test]
+fn f16_packed_forward_and_backward_match_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    suite_as(&gpu, Variant::Portable, Storage::F16Packed);
+}
+
+fn suite_as(gpu: &Gpu, variant: Variant, storage: Storage) {
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
     let mut ran = 0;
     for (i, case) in cases().iter().enumerate() {
         let d = case.shape.head_dim;
+        let sh = case.shape;
+        // f16 changes only loads and stores: the long shapes add time on lavapipe, not coverage.
+        if storage != Storage::F32 && sh.heads_q * sh.seq_q * sh.seq_k > 100_000 {
+            continue;
+        }
         if let Err(e) = sparse_attn::ops::attention::variant_supported(gpu, variant, d) {
             // GPU-only variants run in scripts/gpu-check.sh on a machine that has them.
             eprintln!(
@@ -166,16 +210,22 @@ fn suite_on(gpu: &Gpu, variant: Variant) {
             );
             continue;
         }
-        run_case(
+        run_case_as(
             gpu,
             case,
             Variants::uniform(variant),
+            storage,
             seed.wrapping_add(i as u64),
             true,
         );
         ran += 1;
     }
-    eprintln!("{}: {ran} of {} cases ran", variant.name(), cases().len());
+    eprintln!(
+        "{} {}: {ran} of {} cases ran",
+        variant.name(),
+        storage.name(),
+        cases().len()
+    );
 }
 
 #[test]

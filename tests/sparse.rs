@@ -3,7 +3,7 @@
 
 mod common;
 
-use sparse_attn::gpu::Gpu;
+use sparse_attn::gpu::{DType, Gpu, round_f16};
 use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::ops::sparse::SparseAttention;
 use sparse_attn::reference::select::{SENTINEL, Scoring, SelectOptions};
@@ -13,6 +13,8 @@ use sparse_attn::{AttnGrads, AttnOptions, AttnOutput, AttnShape, FullAttention};
 
 /// Relative L2 error allowed for f32 against the f64 reference (observed ~1e-7).
 const TOL: f64 = 2e-5;
+/// f16 storage: inputs rounded before the reference sees them; outputs rounded (~3e-4 in L2).
+const TOL_F16: f64 = 2e-3;
 
 fn shape(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> AttnShape {
     AttnShape {
@@ -43,9 +45,11 @@ fn random_selection(rng: &mut Rng, s: &AttnShape, block: usize, nsel: usize) -> 
     out
 }
 
-fn poisoned(gpu: &Gpu, s: &AttnShape) -> AttnOutput {
+fn poisoned(gpu: &Gpu, s: &AttnShape, dt: DType) -> AttnOutput {
     AttnOutput {
-        o: gpu.upload(&s.q_dims(), &vec![f32::NAN; s.q_len()]).unwrap(),
+        o: gpu
+            .upload_as(&s.q_dims(), &vec![f32::NAN; s.q_len()], dt)
+            .unwrap(),
         lse: gpu
             .upload(&s.lse_dims(), &vec![f32::NAN; s.lse_len()])
             .unwrap(),
@@ -63,14 +67,16 @@ fn check(
     k: &[f32],
     v: &[f32],
     bias: Option<&[f32]>,
+    dt: DType,
     ctx: &str,
 ) {
-    let op = SparseAttention::new(gpu, s, o, nsel, bias.is_some()).expect(ctx);
-    let up = |dims: &[usize], x: &[f32]| gpu.upload(dims, x).unwrap();
+    let op = SparseAttention::for_dtype(gpu, s, o, nsel, bias.is_some(), dt).expect(ctx);
+    let tol = if dt == DType::F16 { TOL_F16 } else { TOL };
+    let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
     let tsel = gpu.upload_u32(&op.selection_dims(), sel).unwrap();
-    let tb = bias.map(|b| up(&op.bias_dims(), b));
+    let tb = bias.map(|b| gpu.upload(&op.bias_dims(), b).unwrap());
     let (tq, tk, tv) = (up(&s.q_dims(), q), up(&s.kv_dims(), k), up(&s.kv_dims(), v));
-    let out = poisoned(gpu, &s);
+    let out = poisoned(gpu, &s, dt);
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     op.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &tsel, tb.as_ref(), &out)
         .expect(ctx);
@@ -88,19 +94,24 @@ fn check(
         }
     }
     let e = compare(&gl, &wl);
-    assert!(e.within(TOL), "LSE {e:?} ({ctx})");
+    assert!(e.within(tol), "LSE {e:?} ({ctx})");
     let e = compare(&gpu.read(&out.o).unwrap(), &want.o);
-    assert!(e.within(TOL), "O {e:?} ({ctx})");
+    assert!(e.within(tol), "O {e:?} ({ctx})");
 
     // Backward, outputs poisoned first.
     let mut rng = Rng::new(q.len() as u64);
-    let d_o = rng.normal_vec(s.q_len(), 1.0);
+    let mut d_o = rng.normal_vec(s.q_len(), 1.0);
+    if dt == DType::F16 {
+        d_o = round_f16(&d_o);
+    }
     let grads = AttnGrads {
         dq: up(&s.q_dims(), &vec![f32::NAN; s.q_len()]),
         dk: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
         dv: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
     };
-    let rowd = up(&s.lse_dims(), &vec![f32::NAN; s.lse_len()]);
+    let rowd = gpu
+        .upload(&s.lse_dims(), &vec![f32::NAN; s.lse_len()])
+        .unwrap();
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     op.encode_backward(
         gpu,
@@ -124,15 +135,28 @@ fn check(
         ("dV", &grads.dv, &want.dv),
     ] {
         let e = compare(&gpu.read(t).unwrap(), w);
-        assert!(e.within(TOL), "{name} {e:?} ({ctx})");
+        assert!(e.within(tol), "{name} {e:?} ({ctx})");
     }
 }
 
 #[test]
 fn sparse_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };
+    suite(&gpu, DType::F32, usize::MAX);
+}
+
+/// f16 storage (native where the device has SHADER_F16, packed in u32 words elsewhere) on the
+/// smaller cases; the selector on f16 tensors must pick what it picks on the same values in f32.
+#[test]
+fn sparse_f16_forward_and_backward_match_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    suite(&gpu, DType::F16, 300 * 300 * 8);
+}
+
+/// The cases with heads_q * seq_q * seq_k up to `max_work`.
+fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
     let seed = Rng::fresh_seed();
-    eprintln!("seed {seed}");
+    eprintln!("seed {seed} ({dt:?})");
     let cases = [
         // (shape, block, nsel, causal, bias)
         (shape(1, 16, 1, 100, 100, 64), 16, 4, true, false), // SSA-like GQA 16:1
@@ -146,7 +170,11 @@ fn sparse_forward_and_backward_match_reference() {
         (shape(1, 6, 2, 700, 700, 32), 16, 5, true, true),
         (shape(1, 16, 1, 600, 600, 128), 64, 4, true, false),
     ];
+    let held = |x: Vec<f32>| if dt == DType::F16 { round_f16(&x) } else { x };
     for (i, (s, block, nsel, causal, with_bias)) in cases.into_iter().enumerate() {
+        if s.heads_q * s.seq_q * s.seq_k > max_work {
+            continue;
+        }
         let seed = seed.wrapping_add(i as u64);
         let mut rng = Rng::new(seed);
         let o = SparseOptions {
@@ -154,9 +182,9 @@ fn sparse_forward_and_backward_match_reference() {
             causal,
             scale: None,
         };
-        let q = rng.normal_vec(s.q_len(), 1.0);
-        let k = rng.normal_vec(s.kv_len(), 1.0);
-        let v = rng.normal_vec(s.kv_len(), 1.0);
+        let q = held(rng.normal_vec(s.q_len(), 1.0));
+        let k = held(rng.normal_vec(s.kv_len(), 1.0));
+        let v = held(rng.normal_vec(s.kv_len(), 1.0));
         let bias = with_bias.then(|| rng.normal_vec(s.batch * s.heads_kv * s.seq_k, 1.0));
         let ctx = format!("seed {seed}, {s:?}, block {block}, nsel {nsel}, causal {causal}");
         // Random selections (with empty rows and sentinels) ...
@@ -171,6 +199,7 @@ fn sparse_forward_and_backward_match_reference() {
             &k,
             &v,
             bias.as_deref(),
+            dt,
             &format!("random, {ctx}"),
         );
         // ... and the selector's own output.
@@ -184,15 +213,27 @@ fn sparse_forward_and_backward_match_reference() {
                 causal,
                 scale: None,
             };
-            let op = BlockSelect::new(&gpu, s, so).unwrap();
+            let op = BlockSelect::for_dtype(&gpu, s, so, dt).unwrap();
             let (tsel, _) = op
                 .select(
                     &gpu,
-                    &gpu.upload(&s.q_dims(), &q).unwrap(),
-                    &gpu.upload(&s.kv_dims(), &k).unwrap(),
+                    &gpu.upload_as(&s.q_dims(), &q, dt).unwrap(),
+                    &gpu.upload_as(&s.kv_dims(), &k, dt).unwrap(),
                 )
                 .unwrap();
             let sel = gpu.read_u32(&tsel).unwrap();
+            if dt != DType::F32 {
+                // Same values, same f32 arithmetic: the same blocks.
+                let op32 = BlockSelect::new(&gpu, s, so).unwrap();
+                let (t32, _) = op32
+                    .select(
+                        &gpu,
+                        &gpu.upload(&s.q_dims(), &q).unwrap(),
+                        &gpu.upload(&s.kv_dims(), &k).unwrap(),
+                    )
+                    .unwrap();
+                assert_eq!(sel, gpu.read_u32(&t32).unwrap(), "f16 selection ({ctx})");
+            }
             check(
                 &gpu,
                 s,
@@ -203,6 +244,7 @@ fn sparse_forward_and_backward_match_reference() {
                 &k,
                 &v,
                 bias.as_deref(),
+                dt,
                 &format!("selected, {ctx}"),
             );
         }

@@ -10,6 +10,6 @@ pub use device::list_adapters;
 pub use device::{
     ADAPTER_ENV, AdapterSummary, Gpu, GpuOptions, OPTIONAL_FEATURES, adapter_matches, rank_adapters,
 };
-pub use pipeline::{Pipeline, PipelineKey, preprocess};
-pub use tensor::{DType, Tensor};
+pub use pipeline::{Pipeline, PipelineKey, Storage, preprocess};
+pub use tensor::{DType, Tensor, from_f16_bits, round_f16, to_f16_bits};
 pub use timer::{Reps, TimerSource, Timing};

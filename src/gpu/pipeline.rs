@@ -47,6 +47,86 @@ fn source(name: &str) -> Result<&'static str> {
         .ok_or_else(|| Error::Gpu(format!("no shader named {name}")))
 }
 
+/// How a kernel stores the vec4 tensors it declares as `array<ST>` (q, k, v, o and their
+/// gradients): the loader prepends `ST` and the converters `unpack_st` (to `vec4<f32>`) and
+/// `pack_st` (from it). Arithmetic stays f32 in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Storage {
+    #[default]
+    F32,
+    /// Native `vec4<f16>` (needs SHADER_F16).
+    F16,
+    /// f16 pairs packed in `u32` words, converted with `unpack2x16float` / `pack2x16float`:
+    /// f16 tensors on adapters without SHADER_F16 (browsers without `shader-f16`).
+    F16Packed,
+}
+
+impl Storage {
+    /// The tensor dtype this storage reads and writes.
+    pub fn dtype(self) -> crate::gpu::DType {
+        match self {
+            Storage::F32 => crate::gpu::DType::F32,
+            Storage::F16 | Storage::F16Packed => crate::gpu::DType::F16,
+        }
+    }
+
+    /// The storage for tensors of `dtype` on `gpu`: native f16 where the device has it.
+    pub fn for_dtype(gpu: &Gpu, dtype: crate::gpu::DType) -> Result<Storage> {
+        match dtype {
+            crate::gpu::DType::F32 => Ok(Storage::F32),
+            crate::gpu::DType::F16 if gpu.features().contains(wgpu::Features::SHADER_F16) => {
+                Ok(Storage::F16)
+            }
+            crate::gpu::DType::F16 => Ok(Storage::F16Packed),
+            crate::gpu::DType::U32 => {
+                Err(Error::InvalidInput("attention tensors must be F32 or F16, not U32".into()))
+            }
+        }
+    }
+
+    /// Can `gpu` compile this storage?
+    pub fn check(self, gpu: &Gpu) -> Result<()> {
+        if self == Storage::F16 && !gpu.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(Error::Unsupported(
+                "native f16 storage needs the SHADER_F16 feature, which this device lacks \
+                 (Storage::F16Packed runs anywhere)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Storage::F32 => "f32",
+            Storage::F16 => "f16",
+            Storage::F16Packed => "f16-packed",
+        }
+    }
+
+    fn prelude(self) -> &'static str {
+        match self {
+            Storage::F32 => {
+                "alias ST = vec4<f32>;\n\
+                 fn unpack_st(x: ST) -> vec4<f32> { return x; }\n\
+                 fn pack_st(x: vec4<f32>) -> ST { return x; }\n"
+            }
+            Storage::F16 => {
+                "alias ST = vec4<f16>;\n\
+                 fn unpack_st(x: ST) -> vec4<f32> { return vec4<f32>(x); }\n\
+                 fn pack_st(x: vec4<f32>) -> ST { return ST(x); }\n"
+            }
+            Storage::F16Packed => {
+                "alias ST = vec2<u32>;\n\
+                 fn unpack_st(x: ST) -> vec4<f32> {\n\
+                 return vec4<f32>(unpack2x16float(x.x), unpack2x16float(x.y));\n}\n\
+                 fn pack_st(x: vec4<f32>) -> ST {\n\
+                 return ST(pack2x16float(x.xy), pack2x16float(x.zw));\n}\n"
+            }
+        }
+    }
+}
+
 /// Identifies one compiled pipeline.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PipelineKey {
@@ -57,6 +137,8 @@ pub struct PipelineKey {
     /// Compile with naga's runtime bounds checks (off for hot kernels whose launchers validate
     /// every index range on the host).
     pub checked: bool,
+    /// Storage of the vec4 tensors (see [`Storage`]).
+    pub storage: Storage,
 }
 
 /// A cached compute pipeline and its bind layout (group 0).
@@ -71,10 +153,24 @@ pub struct Pipeline {
 /// Expand `//#include "x.wgsl"` lines and prepend the constants.
 pub fn preprocess(key: &PipelineKey) -> Result<String> {
     let mut out = String::new();
+    // `enable` directives must come before any declaration.
+    for line in source(key.file)?.lines() {
+        if line.starts_with("enable ") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if key.storage == Storage::F16 && !out.contains("enable f16;") {
+        out.push_str("enable f16;\n");
+    }
+    out.push_str(key.storage.prelude());
     for (name, value) in &key.constants {
         out.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
     for line in source(key.file)?.lines() {
+        if line.starts_with("enable ") {
+            continue;
+        }
         match line.trim().strip_prefix("//#include ") {
             Some(inc) => out.push_str(source(inc.trim().trim_matches('"'))?),
             None => out.push_str(line),

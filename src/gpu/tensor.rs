@@ -5,10 +5,13 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result, invalid};
 use crate::gpu::Gpu;
 
-/// Element type of a tensor. f16 storage arrives with the fast-path kernels (SHADER_F16).
+/// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
+    /// IEEE half precision: storage of the f16 kernels (they accumulate in f32). Host data goes
+    /// in and out as f32 (rounded to nearest on the way in, widened exactly on the way out).
+    F16,
     /// Indices (block selections).
     U32,
 }
@@ -17,6 +20,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
         }
     }
 }
@@ -118,6 +122,25 @@ impl Tensor {
     }
 }
 
+/// f32 values rounded to f16 bit patterns (nearest even).
+pub fn to_f16_bits(data: &[f32]) -> Vec<u16> {
+    data.iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect()
+}
+
+/// f16 bit patterns widened to f32 (exact).
+pub fn from_f16_bits(bits: &[u16]) -> Vec<f32> {
+    bits.iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect()
+}
+
+/// Each value rounded to the nearest f16 and back: what an f16 tensor of `data` holds.
+pub fn round_f16(data: &[f32]) -> Vec<f32> {
+    from_f16_bits(&to_f16_bits(data))
+}
+
 fn checked_len(shape: &[usize], dtype: DType) -> Result<(usize, u64)> {
     let len = shape
         .iter()
@@ -165,6 +188,21 @@ impl Gpu {
         self.upload_raw(shape, DType::F32, bytemuck::cast_slice(data), data.len())
     }
 
+    /// Upload f32 data as f16 (rounded to nearest even; beyond ±65504 becomes ±inf).
+    pub fn upload_f16(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let h = to_f16_bits(data);
+        self.upload_raw(shape, DType::F16, bytemuck::cast_slice(&h), data.len())
+    }
+
+    /// Upload f32 data as a tensor of `dtype` (F32 or F16).
+    pub fn upload_as(&self, shape: &[usize], data: &[f32], dtype: DType) -> Result<Tensor> {
+        match dtype {
+            DType::F32 => self.upload(shape, data),
+            DType::F16 => self.upload_f16(shape, data),
+            DType::U32 => invalid!("upload_as() takes F32 or F16, not U32 (use upload_u32)"),
+        }
+    }
+
     /// Upload u32 data (indices) of the given shape.
     pub fn upload_u32(&self, shape: &[usize], data: &[u32]) -> Result<Tensor> {
         self.upload_raw(shape, DType::U32, bytemuck::cast_slice(data), data.len())
@@ -182,9 +220,9 @@ impl Gpu {
         Ok(t)
     }
 
-    /// Overwrite a tensor's contents from the host.
+    /// Overwrite a tensor's contents from the host (f32 values; an F16 tensor gets them rounded).
     pub fn write(&self, t: &Tensor, data: &[f32]) -> Result<()> {
-        if t.dtype != DType::F32 || t.len() != data.len() {
+        if t.dtype == DType::U32 || t.len() != data.len() {
             invalid!(
                 "writing {} f32 values into a {:?} tensor of shape {:?}",
                 data.len(),
@@ -192,7 +230,20 @@ impl Gpu {
                 t.shape
             );
         }
-        if !data.is_empty() {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if t.dtype == DType::F16 {
+            let mut h = to_f16_bits(data);
+            // write_buffer wants whole 4-byte words: the pad lands in the buffer's slack.
+            if h.len() % 2 == 1 && t.offset + t.size_bytes() + 2 <= t.buffer.size() {
+                h.push(0);
+            } else if h.len() % 2 == 1 {
+                invalid!("an f16 tensor with an odd length at the end of its buffer cannot be written");
+            }
+            self.queue
+                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(&h));
+        } else {
             self.queue
                 .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
         }
@@ -257,13 +308,23 @@ impl Gpu {
         if t.is_empty() {
             return Ok(Vec::new());
         }
-        let staging = self.readback_copy(t);
+        // Copies move whole 4-byte words: an odd-length f16 tensor brings its pad along.
+        let size = t.size_bytes().next_multiple_of(4);
+        if t.offset + size > t.buffer.size() {
+            invalid!("{what}: an f16 tensor with an odd length at the end of its buffer cannot be read");
+        }
+        let staging = self.readback_copy(t, size);
         let bytes = self.read_mapped_async(&staging, "tensor readback").await?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
+        Ok(bytemuck::pod_collect_to_vec(&bytes[..t.size_bytes() as usize]))
     }
 
-    /// Copy an f32 tensor back to the host; works in the browser too (see `read_mapped_async`).
+    /// Copy an f32 or f16 tensor back to the host as f32; works in the browser too (see
+    /// `read_mapped_async`).
     pub async fn read_async(&self, t: &Tensor) -> Result<Vec<f32>> {
+        if t.dtype() == DType::F16 {
+            let bits: Vec<u16> = self.read_typed(t, DType::F16, "read_async()").await?;
+            return Ok(from_f16_bits(&bits));
+        }
         self.read_typed(t, DType::F32, "read_async()").await
     }
 
@@ -273,8 +334,7 @@ impl Gpu {
     }
 
     /// Submit a copy of `t` into a new MAP_READ buffer.
-    fn readback_copy(&self, t: &Tensor) -> wgpu::Buffer {
-        let size = t.size_bytes();
+    fn readback_copy(&self, t: &Tensor, size: u64) -> wgpu::Buffer {
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size,
@@ -289,10 +349,10 @@ impl Gpu {
         staging
     }
 
-    /// Copy an f32 tensor back to the host (waits for the GPU).
+    /// Copy an f32 or f16 tensor back to the host as f32 (waits for the GPU).
     #[cfg(not(target_arch = "wasm32"))]
     pub fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
-        pollster::block_on(self.read_typed(t, DType::F32, "read()"))
+        pollster::block_on(self.read_async(t))
     }
 
     /// Copy a u32 tensor back to the host (waits for the GPU).
@@ -325,6 +385,7 @@ impl Gpu {
             entry: "uniform_fill",
             constants: vec![],
             checked: true,
+            storage: crate::gpu::Storage::F32,
         };
         let pipe = self.pipeline(&key)?;
         let l = self.limits();

@@ -87,6 +87,7 @@ impl AlignLoss {
             entry,
             constants: vec![("NT", NT), ("PER", PER as u32)],
             checked: false,
+            storage: crate::gpu::Storage::F32,
         };
         Ok(Self {
             dims: dims.to_vec(),

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
-use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
+use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
 use crate::ops::launch::{
-    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window,
+    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window_sized,
 };
 use crate::shape::{AttnOptions, AttnShape};
 
@@ -323,17 +323,17 @@ pub fn auto_variants(gpu: &Gpu, d: usize) -> Result<Variants> {
 
 /// Split the (batch, kv-head) groups so that every binding fits the device's binding limit and
 /// every grid dimension its dispatch limit.
-fn plan_chunks(shape: &AttnShape, gpu: &Gpu) -> Result<Vec<Chunk>> {
+fn plan_chunks(shape: &AttnShape, gpu: &Gpu, elem: u64) -> Result<Vec<Chunk>> {
     let l = gpu.limits();
     let g = shape.group() as u64;
     let per_unit = [
         (
             "query-shaped tensor (q, o, dO, dQ)",
-            g * (shape.seq_q * shape.head_dim) as u64 * 4,
+            g * (shape.seq_q * shape.head_dim) as u64 * elem,
         ),
         (
             "key-shaped tensor (k, v, dK, dV)",
-            (shape.seq_k * shape.head_dim) as u64 * 4,
+            (shape.seq_k * shape.head_dim) as u64 * elem,
         ),
         ("per-row tensor (LSE)", g * shape.seq_q as u64 * 4),
     ];
@@ -384,8 +384,13 @@ pub struct AttnGrads {
 impl AttnOutput {
     /// Uninitialised O and LSE for `shape` (the kernels overwrite every element).
     pub fn empty(gpu: &Gpu, shape: &AttnShape) -> Result<Self> {
+        Self::empty_as(gpu, shape, DType::F32)
+    }
+
+    /// The same with O of `dtype` (LSE stays f32).
+    pub fn empty_as(gpu: &Gpu, shape: &AttnShape, dtype: DType) -> Result<Self> {
         Ok(Self {
-            o: gpu.empty(&shape.q_dims(), DType::F32)?,
+            o: gpu.empty(&shape.q_dims(), dtype)?,
             lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
         })
     }
@@ -394,10 +399,15 @@ impl AttnOutput {
 impl AttnGrads {
     /// Uninitialised dQ, dK, dV for `shape` (the kernels overwrite every element).
     pub fn empty(gpu: &Gpu, shape: &AttnShape) -> Result<Self> {
+        Self::empty_as(gpu, shape, DType::F32)
+    }
+
+    /// The same in `dtype`.
+    pub fn empty_as(gpu: &Gpu, shape: &AttnShape, dtype: DType) -> Result<Self> {
         Ok(Self {
-            dq: gpu.empty(&shape.q_dims(), DType::F32)?,
-            dk: gpu.empty(&shape.kv_dims(), DType::F32)?,
-            dv: gpu.empty(&shape.kv_dims(), DType::F32)?,
+            dq: gpu.empty(&shape.q_dims(), dtype)?,
+            dk: gpu.empty(&shape.kv_dims(), dtype)?,
+            dv: gpu.empty(&shape.kv_dims(), dtype)?,
         })
     }
 }
@@ -414,6 +424,7 @@ pub struct FullAttention {
     dkdv: Arc<Pipeline>,
     rowdot: Arc<Pipeline>,
     tiles: [Tiles; 3],
+    storage: Storage,
 }
 
 impl FullAttention {
@@ -440,10 +451,30 @@ impl FullAttention {
         opts: AttnOptions,
         variants: Variants,
     ) -> Result<Self> {
+        Self::with_storage(gpu, shape, opts, variants, Storage::F32)
+    }
+
+    /// The fastest variants for tensors of `dtype` (F32 or F16; f16 is stored natively where
+    /// the device has SHADER_F16, packed in u32 words elsewhere; arithmetic is f32 either way).
+    pub fn for_dtype(gpu: &Gpu, shape: AttnShape, opts: AttnOptions, dtype: DType) -> Result<Self> {
         shape.validate(&opts)?;
+        let variants = auto_variants(gpu, shape.head_dim)?;
+        Self::with_storage(gpu, shape, opts, variants, Storage::for_dtype(gpu, dtype)?)
+    }
+
+    /// Everything chosen by the caller.
+    pub fn with_storage(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: AttnOptions,
+        variants: Variants,
+        storage: Storage,
+    ) -> Result<Self> {
+        shape.validate(&opts)?;
+        storage.check(gpu)?;
         check_fits(gpu, variants.forward, shape.head_dim, &[Kind::Fwd])?;
         check_fits(gpu, variants.backward, shape.head_dim, &BACKWARD)?;
-        let chunks = plan_chunks(&shape, gpu)?;
+        let chunks = plan_chunks(&shape, gpu, storage.dtype().size() as u64)?;
         let d = shape.head_dim as u32;
         let max_shared = gpu.limits().max_compute_workgroup_storage_size;
         let fit = |kind, v| Tiles::fitted(kind, v, d, max_shared).expect("checked above");
@@ -457,6 +488,7 @@ impl FullAttention {
             entry,
             constants: consts,
             checked: false,
+            storage,
         };
         let fwd = gpu.pipeline(&key(
             "attention_fwd.wgsl",
@@ -489,7 +521,13 @@ impl FullAttention {
             dkdv,
             rowdot,
             tiles,
+            storage,
         })
+    }
+
+    /// Storage of q, k, v, o and the gradients.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     pub fn shape(&self) -> &AttnShape {
@@ -508,15 +546,16 @@ impl FullAttention {
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         let (g, d) = (s.group() as u64, s.head_dim as u64);
         let scale = self.opts.scale_for(s.head_dim);
+        let e = self.storage.dtype().size() as u64;
         Params {
             seq_q: s.seq_q as u32,
             seq_k: s.seq_k as u32,
             q_pos0: s.q_offset() as u32,
             causal: self.opts.causal as u32,
             group: s.group() as u32,
-            q_off: window(c.u0 * g * s.seq_q as u64 * d, 0, align).skip,
-            k_off: window(c.u0 * s.seq_k as u64 * d, 0, align).skip,
-            r_off: window(c.u0 * g * s.seq_q as u64, 0, align).skip,
+            q_off: window_sized(c.u0 * g * s.seq_q as u64 * d, 0, align, e).skip,
+            k_off: window_sized(c.u0 * s.seq_k as u64 * d, 0, align, e).skip,
+            r_off: window_sized(c.u0 * g * s.seq_q as u64, 0, align, 4).skip,
             scale_log2: scale * std::f32::consts::LOG2_E,
             scale,
             grid_x: 0,
@@ -532,12 +571,13 @@ impl FullAttention {
         let s = &self.shape;
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         let (g, d) = (s.group() as u64, s.head_dim as u64);
-        let per_unit = match class {
-            Class::Q => g * s.seq_q as u64 * d,
-            Class::Kv => s.seq_k as u64 * d,
-            Class::Row => g * s.seq_q as u64,
+        let e = self.storage.dtype().size() as u64;
+        let (per_unit, elem) = match class {
+            Class::Q => (g * s.seq_q as u64 * d, e),
+            Class::Kv => (s.seq_k as u64 * d, e),
+            Class::Row => (g * s.seq_q as u64, 4),
         };
-        window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
+        window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -571,10 +611,11 @@ impl FullAttention {
         lse: &Tensor,
     ) -> Result<()> {
         let s = self.shape;
-        expect_tensor("q", q, &s.q_dims(), DType::F32)?;
-        expect_tensor("k", k, &s.kv_dims(), DType::F32)?;
-        expect_tensor("v", v, &s.kv_dims(), DType::F32)?;
-        expect_tensor("o", o, &s.q_dims(), DType::F32)?;
+        let dt = self.storage.dtype();
+        expect_tensor("q", q, &s.q_dims(), dt)?;
+        expect_tensor("k", k, &s.kv_dims(), dt)?;
+        expect_tensor("v", v, &s.kv_dims(), dt)?;
+        expect_tensor("o", o, &s.q_dims(), dt)?;
         expect_tensor("lse", lse, &s.lse_dims(), DType::F32)?;
         no_alias(&[("o", o), ("lse", lse)], &[("q", q), ("k", k), ("v", v)])?;
         let t = self.tiles[0];
@@ -616,19 +657,20 @@ impl FullAttention {
         grads: &AttnGrads,
     ) -> Result<()> {
         let s = self.shape;
-        for (n, t, dims) in [
-            ("q", q, &s.q_dims()[..]),
-            ("k", k, &s.kv_dims()),
-            ("v", v, &s.kv_dims()),
-            ("o", o, &s.q_dims()),
-            ("lse", lse, &s.lse_dims()),
-            ("dO", d_o, &s.q_dims()),
-            ("rowd", rowd, &s.lse_dims()),
-            ("dq", &grads.dq, &s.q_dims()),
-            ("dk", &grads.dk, &s.kv_dims()),
-            ("dv", &grads.dv, &s.kv_dims()),
+        let dt = self.storage.dtype();
+        for (n, t, dims, dtype) in [
+            ("q", q, &s.q_dims()[..], dt),
+            ("k", k, &s.kv_dims(), dt),
+            ("v", v, &s.kv_dims(), dt),
+            ("o", o, &s.q_dims(), dt),
+            ("lse", lse, &s.lse_dims(), DType::F32),
+            ("dO", d_o, &s.q_dims(), dt),
+            ("rowd", rowd, &s.lse_dims(), DType::F32),
+            ("dq", &grads.dq, &s.q_dims(), dt),
+            ("dk", &grads.dk, &s.kv_dims(), dt),
+            ("dv", &grads.dv, &s.kv_dims(), dt),
         ] {
-            expect_tensor(n, t, dims, DType::F32)?;
+            expect_tensor(n, t, dims, dtype)?;
         }
         no_alias(
             &[
@@ -708,7 +750,7 @@ impl FullAttention {
     /// Run the forward pass and return new O and LSE tensors.
     pub fn forward(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<AttnOutput> {
         let s = self.shape;
-        let out = AttnOutput::empty(gpu, &s)?;
+        let out = AttnOutput::empty_as(gpu, &s, self.storage.dtype())?;
         self.forward_into(gpu, q, k, v, &out)?;
         Ok(out)
     }
@@ -740,7 +782,7 @@ impl FullAttention {
         d_o: &Tensor,
     ) -> Result<AttnGrads> {
         let s = self.shape;
-        let grads = AttnGrads::empty(gpu, &s)?;
+        let grads = AttnGrads::empty_as(gpu, &s, self.storage.dtype())?;
         self.backward_into(gpu, q, k, v, out, d_o, &grads)?;
         Ok(grads)
     }
@@ -796,7 +838,7 @@ pub fn attention_forward(
     v: &Tensor,
     opts: &AttnOptions,
 ) -> Result<AttnOutput> {
-    FullAttention::new(gpu, shape_of(q, k)?, *opts)?.forward(gpu, q, k, v)
+    FullAttention::for_dtype(gpu, shape_of(q, k)?, *opts, q.dtype())?.forward(gpu, q, k, v)
 }
 
 /// One-shot backward of [`attention_forward`].
@@ -809,7 +851,8 @@ pub fn attention_backward(
     d_o: &Tensor,
     opts: &AttnOptions,
 ) -> Result<AttnGrads> {
-    FullAttention::new(gpu, shape_of(q, k)?, *opts)?.backward(gpu, q, k, v, out, d_o)
+    FullAttention::for_dtype(gpu, shape_of(q, k)?, *opts, q.dtype())?
+        .backward(gpu, q, k, v, out, d_o)
 }
 
 #[cfg(test)]

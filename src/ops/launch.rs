@@ -19,15 +19,21 @@ pub(crate) struct Window {
 }
 
 pub(crate) fn window(first_elem: u64, elems: u64, align: u64) -> Window {
+    window_sized(first_elem, elems, align, 4)
+}
+
+/// [`window`] for elements of `elem` bytes (2 for f16 tensors).
+pub(crate) fn window_sized(first_elem: u64, elems: u64, align: u64, elem: u64) -> Window {
     // 256 is a multiple of every device's offset alignment and keeps `skip` a multiple of 4
-    // elements (the kernels read vec4).
+    // elements (the kernels read vec4) for 4- and 2-byte elements.
     let align = align.max(256);
-    let start = first_elem * 4;
+    let start = first_elem * elem;
     let offset = start / align * align;
     Window {
         offset,
-        size: (start + elems * 4 - offset).max(4),
-        skip: ((start - offset) / 4) as u32,
+        // Bindings cover whole 4-byte words.
+        size: (start + elems * elem - offset).next_multiple_of(4).max(4),
+        skip: ((start - offset) / elem) as u32,
     }
 }
 

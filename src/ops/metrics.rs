@@ -121,6 +121,7 @@ impl AttentionMetrics {
                 ("NT", THREADS),
             ],
             checked: false,
+            storage: crate::gpu::Storage::F32,
         })?;
         Ok(Self {
             shape,

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
-use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
+use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
 use crate::ops::attention::{Kind, Tiles, head_dim_supported, tiles_override};
-use crate::ops::launch::{self, Chunk, Window, expect_tensor, plan_units, window};
+use crate::ops::launch::{self, Chunk, Window, expect_tensor, plan_units, window_sized};
 use crate::reference::select::{Scoring, SelectOptions, pooled_len, pooling};
 use crate::shape::AttnShape;
 
@@ -103,10 +103,22 @@ pub struct BlockSelect {
     keys: Arc<Pipeline>,
     scores: Arc<Pipeline>,
     topk: Arc<Pipeline>,
+    storage: Storage,
 }
 
 impl BlockSelect {
     pub fn new(gpu: &Gpu, shape: AttnShape, opts: SelectOptions) -> Result<Self> {
+        Self::for_dtype(gpu, shape, opts, DType::F32)
+    }
+
+    /// Selection over q and k of `dtype` (F32 or F16; scores are computed in f32 either way).
+    pub fn for_dtype(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: SelectOptions,
+        dtype: DType,
+    ) -> Result<Self> {
+        let storage = Storage::for_dtype(gpu, dtype)?;
         opts.validate(&shape)?;
         if !head_dim_supported(shape.head_dim) {
             invalid!(
@@ -154,9 +166,10 @@ impl BlockSelect {
                 "{sq} query tokens exceed this device's dispatch limit"
             )));
         }
+        let e = dtype.size() as u64;
         let per_unit = [
-            ("query tensor", g * sq * d * 4),
-            ("key tensor", sk * d * 4),
+            ("query tensor", g * sq * d * e),
+            ("key tensor", sk * d * e),
             ("pooled-key scratch", np as u64 * d * 4),
             ("pooled-score scratch", sq * np as u64 * 4),
             ("selection", sq * opts.k as u64 * 4),
@@ -175,6 +188,7 @@ impl BlockSelect {
                 .chain(tiles.constants(Kind::Fwd, d32))
                 .collect(),
             checked: false,
+            storage,
         };
         Ok(Self {
             shape,
@@ -187,6 +201,7 @@ impl BlockSelect {
             keys: gpu.pipeline(&key("block_keys"))?,
             scores: gpu.pipeline(&key("block_scores"))?,
             topk: gpu.pipeline(&key("block_topk"))?,
+            storage,
         })
     }
 
@@ -222,15 +237,16 @@ impl BlockSelect {
     fn window_of(&self, gpu: &Gpu, class: Class, c: Chunk) -> Window {
         let s = &self.shape;
         let (d, sq, np) = (s.head_dim as u64, s.seq_q as u64, self.np as u64);
-        let per_unit = match class {
-            Class::Q => s.group() as u64 * sq * d,
-            Class::K => s.seq_k as u64 * d,
-            Class::KBar => np * d,
-            Class::Scores => sq * np,
-            Class::Sel => sq * self.opts.k as u64,
+        let e = self.storage.dtype().size() as u64;
+        let (per_unit, elem) = match class {
+            Class::Q => (s.group() as u64 * sq * d, e),
+            Class::K => (s.seq_k as u64 * d, e),
+            Class::KBar => (np * d, 4),
+            Class::Scores => (sq * np, 4),
+            Class::Sel => (sq * self.opts.k as u64, 4),
         };
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
-        window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
+        window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
 
     /// Record the selection: `out` (u32, [`Self::selection_dims`]) receives the block indices.
@@ -244,8 +260,8 @@ impl BlockSelect {
         out: &Tensor,
     ) -> Result<()> {
         let s = self.shape;
-        expect_tensor("q", q, &s.q_dims(), DType::F32)?;
-        expect_tensor("k", k, &s.kv_dims(), DType::F32)?;
+        expect_tensor("q", q, &s.q_dims(), self.storage.dtype())?;
+        expect_tensor("k", k, &s.kv_dims(), self.storage.dtype())?;
         expect_tensor(
             "block_keys",
             &scratch.block_keys,

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
-use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
+use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
 use crate::ops::attention::{AttnGrads, AttnOutput, Kind, Tiles, head_dim_supported};
 use crate::ops::launch::{
-    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window,
+    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window, window_sized,
 };
 use crate::reference::sparse::SparseOptions;
 use crate::shape::AttnShape;
@@ -40,6 +40,7 @@ pub struct SparseAttention {
     no_bias: Tensor,
     /// Threads of the rowdot workgroup (it must match its NT constant).
     nt_rowdot: u32,
+    storage: Storage,
 }
 
 /// Developer knob for tuning the sparse kernels on a new device, e.g.
@@ -149,6 +150,21 @@ impl SparseAttention {
         nsel: usize,
         has_bias: bool,
     ) -> Result<Self> {
+        Self::for_dtype(gpu, shape, opts, nsel, has_bias, DType::F32)
+    }
+
+    /// The same for q, k, v, o and gradients of `dtype` (F32 or F16; LSE, bias and the
+    /// arithmetic stay f32).
+    pub fn for_dtype(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: SparseOptions,
+        nsel: usize,
+        has_bias: bool,
+        dtype: DType,
+    ) -> Result<Self> {
+        let storage = Storage::for_dtype(gpu, dtype)?;
+        let e = dtype.size() as u64;
         opts.validate(&shape, nsel)?;
         let d = shape.head_dim;
         if !head_dim_supported(d) {
@@ -215,8 +231,8 @@ impl SparseAttention {
         }
         let (sq, sk, dd) = (shape.seq_q as u64, shape.seq_k as u64, d as u64);
         let per_unit = [
-            ("query-shaped tensor (q, o)", g as u64 * sq * dd * 4),
-            ("key-shaped tensor (k, v)", sk * dd * 4),
+            ("query-shaped tensor (q, o)", g as u64 * sq * dd * e),
+            ("key-shaped tensor (k, v)", sk * dd * e),
             ("LSE", g as u64 * sq * 4),
             ("selection", sq * nsel as u64 * 4),
             ("bias", sk * 4),
@@ -236,6 +252,7 @@ impl SparseAttention {
                 entry,
                 constants,
                 checked: false,
+                storage,
             }
         };
         let fwd = gpu.pipeline(&key("sparse_fwd.wgsl", "main", tiles, Kind::Fwd))?;
@@ -251,6 +268,7 @@ impl SparseAttention {
             entry: "rowdot",
             constants: rowdot_consts,
             checked: false,
+            storage,
         })?;
         Ok(Self {
             shape,
@@ -264,6 +282,7 @@ impl SparseAttention {
             rowdot,
             no_bias: gpu.empty(&[1], DType::F32)?,
             nt_rowdot: dq_tiles.threads(d as u32),
+            storage,
         })
     }
 
@@ -292,15 +311,16 @@ impl SparseAttention {
             s.seq_k as u64,
             s.head_dim as u64,
         );
-        let per_unit = match class {
-            Class::Q => g * sq * d,
-            Class::Kv => sk * d,
-            Class::Row => g * sq,
-            Class::Sel => sq * self.nsel as u64,
-            Class::Bias => sk,
+        let e = self.storage.dtype().size() as u64;
+        let (per_unit, elem) = match class {
+            Class::Q => (g * sq * d, e),
+            Class::Kv => (sk * d, e),
+            Class::Row => (g * sq, 4),
+            Class::Sel => (sq * self.nsel as u64, 4),
+            Class::Bias => (sk, 4),
         };
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
-        window(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align)
+        window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
 
     /// Shapes of q, k, v, selection and bias; the bias matches how this op was built.
@@ -313,9 +333,10 @@ impl SparseAttention {
         bias: Option<&Tensor>,
     ) -> Result<()> {
         let s = self.shape;
-        expect_tensor("q", q, &s.q_dims(), DType::F32)?;
-        expect_tensor("k", k, &s.kv_dims(), DType::F32)?;
-        expect_tensor("v", v, &s.kv_dims(), DType::F32)?;
+        let dt = self.storage.dtype();
+        expect_tensor("q", q, &s.q_dims(), dt)?;
+        expect_tensor("k", k, &s.kv_dims(), dt)?;
+        expect_tensor("v", v, &s.kv_dims(), dt)?;
         expect_tensor("selection", sel, &self.selection_dims(), DType::U32)?;
         match (bias, self.has_bias) {
             (Some(b), true) => expect_tensor("bias", b, &self.bias_dims(), DType::F32),
@@ -381,7 +402,7 @@ impl SparseAttention {
     ) -> Result<()> {
         let s = self.shape;
         self.check_inputs(q, k, v, sel, bias)?;
-        expect_tensor("o", &out.o, &s.q_dims(), DType::F32)?;
+        expect_tensor("o", &out.o, &s.q_dims(), self.storage.dtype())?;
         expect_tensor("lse", &out.lse, &s.lse_dims(), DType::F32)?;
         no_alias(
             &[("o", &out.o), ("lse", &out.lse)],
@@ -428,13 +449,13 @@ impl SparseAttention {
     ) -> Result<()> {
         let s = self.shape;
         self.check_inputs(q, k, v, sel, bias)?;
-        expect_tensor("o", &out.o, &s.q_dims(), DType::F32)?;
+        expect_tensor("o", &out.o, &s.q_dims(), self.storage.dtype())?;
         expect_tensor("lse", &out.lse, &s.lse_dims(), DType::F32)?;
-        expect_tensor("dO", d_o, &s.q_dims(), DType::F32)?;
+        expect_tensor("dO", d_o, &s.q_dims(), self.storage.dtype())?;
         expect_tensor("rowd", rowd, &s.lse_dims(), DType::F32)?;
-        expect_tensor("dq", &grads.dq, &s.q_dims(), DType::F32)?;
-        expect_tensor("dk", &grads.dk, &s.kv_dims(), DType::F32)?;
-        expect_tensor("dv", &grads.dv, &s.kv_dims(), DType::F32)?;
+        expect_tensor("dq", &grads.dq, &s.q_dims(), self.storage.dtype())?;
+        expect_tensor("dk", &grads.dk, &s.kv_dims(), self.storage.dtype())?;
+        expect_tensor("dv", &grads.dv, &s.kv_dims(), self.storage.dtype())?;
         no_alias(
             &[
                 ("rowd", rowd),
@@ -523,7 +544,7 @@ impl SparseAttention {
         bias: Option<&Tensor>,
     ) -> Result<AttnOutput> {
         let s = self.shape;
-        let out = AttnOutput::empty(gpu, &s)?;
+        let out = AttnOutput::empty_as(gpu, &s, self.storage.dtype())?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         self.encode_forward(gpu, &mut enc, q, k, v, sel, bias, &out)?;
         gpu.scoped("sparse attention forward", || {
@@ -548,7 +569,7 @@ impl SparseAttention {
         d_o: &Tensor,
     ) -> Result<AttnGrads> {
         let s = self.shape;
-        let grads = AttnGrads::empty(gpu, &s)?;
+        let grads = AttnGrads::empty_as(gpu, &s, self.storage.dtype())?;
         let rowd = gpu.empty(&s.lse_dims(), DType::F32)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         self.encode_backward(gpu, &mut enc, q, k, v, sel, bias, out, d_o, &rowd, &grads)?;
