@@ -1,7 +1,7 @@
 //! Benchmark drivers shared by the CLI: time kernels on real shapes and report throughput.
 
 use crate::error::Result;
-use crate::gpu::{DType, Gpu, Reps, Tensor, TimerSource};
+use crate::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
 use crate::ops::select::BlockSelect;
 use crate::ops::sparse::SparseAttention;
@@ -15,6 +15,7 @@ pub struct FullBench {
     pub shape: AttnShape,
     pub causal: bool,
     pub variants: Variants,
+    pub storage: Storage,
     pub fwd_s: f64,
     pub fwd_tflops: f64,
     /// Compulsory traffic of the forward pass (read q, k, v; write O, LSE) per second.
@@ -27,13 +28,13 @@ pub struct FullBench {
 
 /// q, k, v and dO made on the GPU: host generation and upload of GBs would dominate a sweep.
 /// Uniform in [-sqrt(3), sqrt(3)) has unit variance, like the tests' normal inputs.
-fn random_inputs(gpu: &Gpu, shape: &AttnShape) -> Result<[Tensor; 4]> {
+fn random_inputs(gpu: &Gpu, shape: &AttnShape, dtype: DType) -> Result<[Tensor; 4]> {
     let s3 = 3f32.sqrt();
     Ok([
-        gpu.random_uniform(&shape.q_dims(), 1, s3)?,
-        gpu.random_uniform(&shape.kv_dims(), 2, s3)?,
-        gpu.random_uniform(&shape.kv_dims(), 3, s3)?,
-        gpu.random_uniform(&shape.q_dims(), 4, s3)?,
+        gpu.random_uniform_as(&shape.q_dims(), 1, s3, dtype)?,
+        gpu.random_uniform_as(&shape.kv_dims(), 2, s3, dtype)?,
+        gpu.random_uniform_as(&shape.kv_dims(), 3, s3, dtype)?,
+        gpu.random_uniform_as(&shape.q_dims(), 4, s3, dtype)?,
     ])
 }
 
@@ -43,21 +44,25 @@ pub fn bench_full(
     shape: AttnShape,
     opts: AttnOptions,
     variants: Variants,
+    storage: Storage,
     backward: bool,
     target_s: f64,
 ) -> Result<FullBench> {
-    let att = FullAttention::with_variants(gpu, shape, opts, variants)?;
-    let [q, k, v, d_o] = random_inputs(gpu, &shape)?;
-    let out = AttnOutput::empty(gpu, &shape)?;
+    let att = FullAttention::with_storage(gpu, shape, opts, variants, storage)?;
+    let dt = storage.dtype();
+    let [q, k, v, d_o] = random_inputs(gpu, &shape, dt)?;
+    let out = AttnOutput::empty_as(gpu, &shape, dt)?;
     let fwd =
         |enc: &mut wgpu::CommandEncoder| att.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse);
     let t = gpu.time(Reps::Target(target_s), fwd)?;
     let flops = shape.forward_flops(opts.causal);
-    let bytes = 4.0 * (2 * shape.q_len() + 2 * shape.kv_len() + shape.lse_len()) as f64;
+    let e = dt.size() as f64;
+    let bytes = e * (2 * shape.q_len() + 2 * shape.kv_len()) as f64 + 4.0 * shape.lse_len() as f64;
     let mut r = FullBench {
         shape,
         causal: opts.causal,
         variants,
+        storage,
         fwd_s: t.seconds,
         fwd_tflops: flops / t.seconds * 1e-12,
         fwd_gbps: bytes / t.seconds * 1e-9,
@@ -68,7 +73,7 @@ pub fn bench_full(
     };
     if backward {
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
-        let grads = AttnGrads::empty(gpu, &shape)?;
+        let grads = AttnGrads::empty_as(gpu, &shape, dt)?;
         att.forward_into(gpu, &q, &k, &v, &out)?;
         let bwd = |enc: &mut wgpu::CommandEncoder| {
             att.encode_backward(gpu, enc, &q, &k, &v, &out.o, &out.lse, &d_o, &rowd, &grads)
@@ -86,6 +91,7 @@ impl FullBench {
         serde_json::json!({
             "kernel": "full",
             "variant": self.variants.name(),
+            "storage": self.storage.name(),
             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
             "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,
             "causal": self.causal,
@@ -119,6 +125,9 @@ pub struct SparseBench {
     /// Per kernel (`file:entry`, seconds, dispatches) of selection, sparse forward and sparse
     /// backward, when asked for (`Gpu::profile`).
     pub stages: Vec<(String, f64, u32)>,
+    /// Storage of q, k, v, O and the gradients (the arithmetic is f32; the dense baseline runs
+    /// on tensor cores for f16 where the device has them).
+    pub dtype: DType,
 }
 
 /// (query, key) pairs a causal sparse forward attends to when every token keeps `k` blocks of
@@ -146,9 +155,10 @@ pub fn bench_sparse(
     backward: bool,
     reps: Reps,
     stages: bool,
+    dtype: DType,
 ) -> Result<SparseBench> {
-    let [q, k, v, d_o] = random_inputs(gpu, &shape)?;
-    let selector = BlockSelect::new(gpu, shape, select)?;
+    let [q, k, v, d_o] = random_inputs(gpu, &shape, dtype)?;
+    let selector = BlockSelect::for_dtype(gpu, shape, select, dtype)?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let t_sel = gpu.time(reps, |enc| {
@@ -159,12 +169,12 @@ pub fn bench_sparse(
         causal: select.causal,
         scale: select.scale,
     };
-    let sparse = SparseAttention::new(gpu, shape, sparse_opts, select.k, false)?;
-    let out = AttnOutput::empty(gpu, &shape)?;
+    let sparse = SparseAttention::for_dtype(gpu, shape, sparse_opts, select.k, false, dtype)?;
+    let out = AttnOutput::empty_as(gpu, &shape, dtype)?;
     let t_sp = gpu.time(reps, |enc| {
         sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
     })?;
-    let dense = FullAttention::new(gpu, shape, AttnOptions::causal(select.causal))?;
+    let dense = FullAttention::for_dtype(gpu, shape, AttnOptions::causal(select.causal), dtype)?;
     let t_dense = gpu.time(reps, |enc| {
         dense.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse)
     })?;
@@ -178,7 +188,7 @@ pub fn bench_sparse(
     }
     if backward {
         let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
-        let grads = AttnGrads::empty(gpu, &shape)?;
+        let grads = AttnGrads::empty_as(gpu, &shape, dtype)?;
         let sp_out = sparse.forward(gpu, &q, &k, &v, &sel, None)?;
         let bwd = |enc: &mut wgpu::CommandEncoder| {
             sparse.encode_backward(
@@ -221,6 +231,7 @@ pub fn bench_sparse(
         sparse_tflops: 4.0 * shape.head_dim as f64 * pairs / t_sp.seconds * 1e-12,
         timer: t_sp.source,
         stages: profile,
+        dtype,
     })
 }
 
@@ -234,6 +245,7 @@ impl SparseBench {
         let s = &self.shape;
         serde_json::json!({
             "kernel": "sparse",
+            "dtype": format!("{:?}", self.dtype),
             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
             "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,
             "causal": self.select.causal,
@@ -251,9 +263,6 @@ impl SparseBench {
             "dense_equiv_tflops": self.dense_equiv_tflops,
             "sparse_tflops": self.sparse_tflops,
             "timer": format!("{:?}", self.timer),
-            "stages": self.stages.iter().map(|(k, s, n)| serde_json::json!({
-                "kernel": k, "ms": s * 1e3, "dispatches": n,
-            })).collect::<Vec<_>>(),
             "stages": self.stages.iter().map(|(k, s, n)| serde_json::json!({
                 "kernel": k, "ms": s * 1e3, "dispatches": n,
             })).collect::<Vec<_>>(),

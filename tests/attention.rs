@@ -2,8 +2,8 @@
 
 mod common;
 
-use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::gpu::{Storage, round_f16};
+use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::{
     AttnOptions, AttnOutput, AttnShape, DType, FullAttention, Gpu, Variant, Variants,
 };
@@ -55,7 +55,11 @@ fn run_case_as(
 
     let att = FullAttention::with_storage(gpu, s, opts, variants, storage).expect(&ctx);
     let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
-    let (tq, tk, tv) = (up(&s.q_dims(), &q), up(&s.kv_dims(), &k), up(&s.kv_dims(), &v));
+    let (tq, tk, tv) = (
+        up(&s.q_dims(), &q),
+        up(&s.kv_dims(), &k),
+        up(&s.kv_dims(), &v),
+    );
     let out = AttnOutput {
         o: up(&s.q_dims(), &vec![f32::NAN; s.q_len()]),
         lse: gpu
@@ -64,9 +68,23 @@ fn run_case_as(
     };
     att.forward_into(gpu, &tq, &tk, &tv, &out).expect(&ctx);
     let want = reference::attention::forward(&s, &opts, &q, &k, &v).unwrap();
-    let eo = compare(&gpu.read(&out.o).unwrap(), &want.o);
-    let el = compare(&gpu.read(&out.lse).unwrap(), &want.lse);
-    assert!(eo.within(tol), "O: {eo:?} ({ctx})");
+    let (go, gl) = (gpu.read(&out.o).unwrap(), gpu.read(&out.lse).unwrap());
+    let eo = compare(&go, &want.o);
+    let el = compare(&gl, &want.lse);
+    let head = |x: &[f32]| {
+        x.iter()
+            .take(6)
+            .map(|v| format!("{v:.4}"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eo.within(tol),
+        "O: {eo:?} ({ctx}); got {:?}.., want {:?}..; LSE {el:?} got {:?}.., want {:?}..",
+        head(&go),
+        head(&want.o),
+        head(&gl),
+        head(&want.lse)
+    );
     assert!(el.within(tol), "LSE: {el:?} ({ctx})");
     if !backward {
         return;

@@ -3,7 +3,7 @@
 mod common;
 
 use sparse_attn::GpuOptions;
-use sparse_attn::gpu::Reps;
+use sparse_attn::gpu::{DType, Reps, round_f16};
 
 #[test]
 fn random_fill_is_uniform_reproducible_and_covers_split_tensors() {
@@ -35,6 +35,35 @@ fn random_fill_is_uniform_reproducible_and_covers_split_tensors() {
     assert!((var - 4.0 / 3.0).abs() < 0.05, "variance {var}");
     // The tail of the last launch is filled too.
     assert!(a[n - 100..].iter().any(|&x| x != 0.0));
+
+    // f16: the same values rounded, an odd length, split the same way.
+    let m = 40_001;
+    let f = gpu
+        .read(&gpu.random_uniform_as(&[m], 7, 2.0, DType::F16).unwrap())
+        .unwrap();
+    let full = gpu
+        .read(&gpu.random_uniform(&[m], 7, 2.0).unwrap())
+        .unwrap();
+    assert_eq!(f, round_f16(&full));
+}
+
+#[test]
+fn f16_tensors_round_trip_and_reject_wrong_use() {
+    let Some(gpu) = common::gpu() else { return };
+    // Odd length: the last element shares its word with the buffer's pad.
+    let x: Vec<f32> = (0..7).map(|i| i as f32 * 0.3 - 1.0).collect();
+    let t = gpu.upload_f16(&[7], &x).unwrap();
+    assert_eq!(t.size_bytes(), 14);
+    assert_eq!(gpu.read(&t).unwrap(), round_f16(&x));
+    let y: Vec<f32> = x.iter().map(|v| v * 2.0 + 1e5).collect();
+    gpu.write(&t, &y).unwrap();
+    // Beyond the f16 range: infinity, like any f16 conversion.
+    assert!(gpu.read(&t).unwrap().iter().all(|v| v.is_infinite()));
+    gpu.fill(&t, f32::NAN).unwrap();
+    assert!(gpu.read(&t).unwrap().iter().all(|v| v.is_nan()));
+    assert!(gpu.read_u32(&t).is_err());
+    assert!(gpu.upload_as(&[2], &[1.0, 2.0], DType::U32).is_err());
+    assert!(gpu.upload_f16(&[3], &[1.0]).is_err());
 }
 
 #[test]

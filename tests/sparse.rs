@@ -190,7 +190,7 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
         // Random selections (with empty rows and sentinels) ...
         let sel = random_selection(&mut rng, &s, block, nsel);
         check(
-            &gpu,
+            gpu,
             s,
             o,
             nsel,
@@ -213,10 +213,10 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
                 causal,
                 scale: None,
             };
-            let op = BlockSelect::for_dtype(&gpu, s, so, dt).unwrap();
+            let op = BlockSelect::for_dtype(gpu, s, so, dt).unwrap();
             let (tsel, _) = op
                 .select(
-                    &gpu,
+                    gpu,
                     &gpu.upload_as(&s.q_dims(), &q, dt).unwrap(),
                     &gpu.upload_as(&s.kv_dims(), &k, dt).unwrap(),
                 )
@@ -224,10 +224,10 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
             let sel = gpu.read_u32(&tsel).unwrap();
             if dt != DType::F32 {
                 // Same values, same f32 arithmetic: the same blocks.
-                let op32 = BlockSelect::new(&gpu, s, so).unwrap();
+                let op32 = BlockSelect::new(gpu, s, so).unwrap();
                 let (t32, _) = op32
                     .select(
-                        &gpu,
+                        gpu,
                         &gpu.upload(&s.q_dims(), &q).unwrap(),
                         &gpu.upload(&s.kv_dims(), &k).unwrap(),
                     )
@@ -235,7 +235,7 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
                 assert_eq!(sel, gpu.read_u32(&t32).unwrap(), "f16 selection ({ctx})");
             }
             check(
-                &gpu,
+                gpu,
                 s,
                 o,
                 so.k,

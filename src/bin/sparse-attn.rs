@@ -5,10 +5,8 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sparse_attn::bench::{FullBench, bench_full, bench_sparse};
-use sparse_attn::gpu::{self, Gpu, GpuOptions, Reps};
-use sparse_attn::ops::attention::{
-    Variant, Variants, auto_variants, head_dim_supported, variant_supported,
-};
+use sparse_attn::gpu::{self, DType, Gpu, GpuOptions, Reps, Storage};
+use sparse_attn::ops::attention::{Variant, Variants, head_dim_supported, variant_supported};
 use sparse_attn::ops::metrics::AttentionMetrics;
 use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::ops::sparse::SparseAttention;
@@ -364,8 +362,9 @@ struct FullArgs {
     shape: ShapeArgs,
     #[arg(long, value_enum, default_value_t = Mask::Causal)]
     mask: Mask,
-    /// Kernel variants to time: all, auto (the library's choice per pass), portable, large, xl
-    /// (comma-separated).
+    /// Kernel variants to time, comma-separated: all, auto (the library's choice per pass),
+    /// portable, large, xl. A prefix picks the storage: `f16:xl`, `f16p:portable` (f16 packed
+    /// in u32 words, what browsers without shader-f16 run), `f16:auto`; no prefix is f32.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["all".to_string()])]
     variant: Vec<String>,
     /// Skip the backward pass.
@@ -438,8 +437,22 @@ struct SparseArgs {
     /// Target seconds per timed submission.
     #[arg(long, default_value_t = 0.3)]
     target_seconds: f64,
+    /// Storage of q, k, v, O and gradients: f32 or f16 (f32 arithmetic either way).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     #[command(flatten)]
     out: Output,
+}
+
+/// `f32` or `f16`.
+fn parse_dtype(s: &str) -> Result<DType, Error> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        _ => Err(Error::InvalidInput(format!(
+            "unknown dtype `{s}` (known: f32, f16)"
+        ))),
+    }
 }
 
 #[derive(Args)]
@@ -628,18 +641,37 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
                 "head_dim {d} is not supported (multiples of 16 from 16 to 256)"
             )));
         }
-        let mut variants = Vec::new();
-        for name in &a.variant {
-            match name.as_str() {
+        let mut variants: Vec<(Variants, Storage)> = Vec::new();
+        for spec in &a.variant {
+            let (storage, name) = match spec.split_once(':') {
+                None => (Storage::F32, spec.as_str()),
+                Some(("f32", n)) => (Storage::F32, n),
+                Some(("f16", n)) => (Storage::for_dtype(&gpu, DType::F16)?, n),
+                Some(("f16p", n)) => (Storage::F16Packed, n),
+                Some((p, _)) => {
+                    return Err(Error::InvalidInput(format!(
+                        "unknown storage prefix `{p}` in `{spec}` (known: f32, f16, f16p)"
+                    )));
+                }
+            };
+            match name {
                 "all" => variants.extend(
                     Variant::ALL
                         .iter()
                         .copied()
                         .filter(|v| variant_supported(&gpu, *v, d).is_ok())
-                        .map(Variants::uniform),
+                        .map(|v| (Variants::uniform(v), storage)),
                 ),
-                "auto" => variants.push(auto_variants(&gpu, d)?),
-                other => variants.push(Variants::uniform(Variant::parse(other)?)),
+                "auto" => {
+                    let att = FullAttention::for_dtype(
+                        &gpu,
+                        a.shape.shape(a.shape.seq[0], d),
+                        AttnOptions::default(),
+                        storage.dtype(),
+                    )?;
+                    variants.push((att.variants(), att.storage()));
+                }
+                other => variants.push((Variants::uniform(Variant::parse(other)?), storage)),
             }
         }
         variants.dedup();
@@ -647,12 +679,13 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
             for &causal in masks {
                 let shape = a.shape.shape(seq, d);
                 let mut base: Option<f64> = None;
-                for &v in &variants {
+                for &(v, storage) in &variants {
                     let r = bench_full(
                         &gpu,
                         shape,
                         AttnOptions::causal(causal),
                         v,
+                        storage,
                         !a.no_backward,
                         a.target_seconds,
                     )?;
@@ -661,7 +694,7 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
                         let s = &r.shape;
                         println!(
                             "{:<25} {:>5} {:>5} {:>4} {:>6} {:>4} {:>6} | {:>9.3} {:>8.2} {:>7.1} | {:>9} {:>8} | {:>5.2}x",
-                            v.name(),
+                            format!("{} {}", storage.name(), v.name()),
                             s.batch,
                             s.heads_q,
                             s.heads_kv,
@@ -774,6 +807,7 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                 !a.no_backward,
                 Reps::Target(a.target_seconds),
                 a.stages,
+                parse_dtype(&a.dtype)?,
             )?;
             if !a.out.json {
                 let s = &r.shape;
@@ -951,7 +985,15 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
             if pass { "" } else { "  <-- FAIL" }
         );
     }
-    let r = bench_full(&gpu, shape, att_opts, att.variants(), true, 0.2)?;
+    let r = bench_full(
+        &gpu,
+        shape,
+        att_opts,
+        att.variants(),
+        att.storage(),
+        true,
+        0.2,
+    )?;
     println!(
         "speed: forward {:.3} ms ({:.3} TFLOP/s), backward {:.3} ms ({:.3} TFLOP/s) [{:?}]",
         r.fwd_s * 1e3,
@@ -1032,7 +1074,7 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
          trains them to)"
     );
     // One repetition: the demo must stay quick on software adapters too.
-    let r = bench_sparse(&gpu, shape, select, true, Reps::Fixed(1), false)?;
+    let r = bench_sparse(&gpu, shape, select, true, Reps::Fixed(1), false, DType::F32)?;
     println!(
         "  speed: selection {:.3} ms + sparse forward {:.3} ms vs dense forward {:.3} ms \
          ({:.2}x); sparse backward {:.3} ms vs dense {:.3} ms ({:.2}x)",

@@ -78,9 +78,9 @@ impl Storage {
                 Ok(Storage::F16)
             }
             crate::gpu::DType::F16 => Ok(Storage::F16Packed),
-            crate::gpu::DType::U32 => {
-                Err(Error::InvalidInput("attention tensors must be F32 or F16, not U32".into()))
-            }
+            crate::gpu::DType::U32 => Err(Error::InvalidInput(
+                "attention tensors must be F32 or F16, not U32".into(),
+            )),
         }
     }
 

@@ -214,7 +214,12 @@ impl Gpu {
             invalid!("shape {shape:?} holds {len} elements but {n} were given");
         }
         let t = self.empty(shape, dtype)?;
-        if !bytes.is_empty() {
+        if !bytes.len().is_multiple_of(4) {
+            // Writes move whole 4-byte words; `empty` rounded the buffer up to one.
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().next_multiple_of(4), 0);
+            self.queue.write_buffer(&t.buffer, t.offset, &padded);
+        } else if !bytes.is_empty() {
             self.queue.write_buffer(&t.buffer, t.offset, bytes);
         }
         Ok(t)
@@ -236,10 +241,12 @@ impl Gpu {
         if t.dtype == DType::F16 {
             let mut h = to_f16_bits(data);
             // write_buffer wants whole 4-byte words: the pad lands in the buffer's slack.
-            if h.len() % 2 == 1 && t.offset + t.size_bytes() + 2 <= t.buffer.size() {
+            if !h.len().is_multiple_of(2) && t.offset + t.size_bytes() + 2 <= t.buffer.size() {
                 h.push(0);
-            } else if h.len() % 2 == 1 {
-                invalid!("an f16 tensor with an odd length at the end of its buffer cannot be written");
+            } else if !h.len().is_multiple_of(2) {
+                invalid!(
+                    "an f16 tensor with an odd length at the end of its buffer cannot be written"
+                );
             }
             self.queue
                 .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(&h));
@@ -311,11 +318,15 @@ impl Gpu {
         // Copies move whole 4-byte words: an odd-length f16 tensor brings its pad along.
         let size = t.size_bytes().next_multiple_of(4);
         if t.offset + size > t.buffer.size() {
-            invalid!("{what}: an f16 tensor with an odd length at the end of its buffer cannot be read");
+            invalid!(
+                "{what}: an f16 tensor with an odd length at the end of its buffer cannot be read"
+            );
         }
         let staging = self.readback_copy(t, size);
         let bytes = self.read_mapped_async(&staging, "tensor readback").await?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes[..t.size_bytes() as usize]))
+        Ok(bytemuck::pod_collect_to_vec(
+            &bytes[..t.size_bytes() as usize],
+        ))
     }
 
     /// Copy an f32 or f16 tensor back to the host as f32; works in the browser too (see
@@ -378,11 +389,28 @@ impl Gpu {
     /// A new tensor of uniform values in [-scale, scale), generated on the GPU from `seed`
     /// (reproducible; used for benchmarks, where host generation and upload would dominate).
     pub fn random_uniform(&self, shape: &[usize], seed: u32, scale: f32) -> Result<Tensor> {
+        self.random_uniform_as(shape, seed, scale, DType::F32)
+    }
+
+    /// The same values in `dtype` (F16: each value rounded to the nearest f16).
+    pub fn random_uniform_as(
+        &self,
+        shape: &[usize],
+        seed: u32,
+        scale: f32,
+        dtype: DType,
+    ) -> Result<Tensor> {
         use wgpu::util::DeviceExt;
-        let t = self.empty(shape, DType::F32)?;
+        // The kernels write 4-byte words: one f32, or two f16 packed.
+        let (entry, per_word) = match dtype {
+            DType::F32 => ("uniform_fill", 1u64),
+            DType::F16 => ("uniform_fill_f16", 2u64),
+            DType::U32 => invalid!("random_uniform_as() makes F32 or F16 tensors, not U32"),
+        };
+        let t = self.empty(shape, dtype)?;
         let key = crate::gpu::PipelineKey {
             file: "fill.wgsl",
-            entry: "uniform_fill",
+            entry,
             constants: vec![],
             checked: true,
             storage: crate::gpu::Storage::F32,
@@ -394,7 +422,7 @@ impl Gpu {
         let per = ((self.max_binding() - 256) / 4)
             .min(max_x * max_x * 256)
             .min(u32::MAX as u64 / 2);
-        let total = t.len() as u64;
+        let total = (t.len() as u64).div_ceil(per_word);
         let mut enc = self.device.create_command_encoder(&Default::default());
         let mut first = 0u64;
         while first < total {
@@ -404,7 +432,7 @@ impl Gpu {
             let gx = blocks.min(max_x);
             let p = FillParams {
                 count: count as u32,
-                first: first as u32,
+                first: (first * per_word) as u32,
                 seed,
                 grid_x: gx as u32,
                 skip: ((first * 4 - offset) / 4) as u32,
