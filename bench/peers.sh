@@ -13,7 +13,7 @@ mkdir -p "$out"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 rm -f "$out/ours-full.jsonl" "$out/ours-sparse.jsonl"
 "$bin" bench full --seq "$seqs" --head-dim "$dims" --heads 16 --mask causal \
-    --variant f16:xl,f16p:xl,xl --target-seconds 0.2 --json-out "$out/ours-full.jsonl"
+    --variant f16:coop,f16:xl,f16p:xl,xl --target-seconds 0.2 --json-out "$out/ours-full.jsonl"
 "$bin" bench sparse --seq "$seqs" --head-dim "$dims" --heads 16 --kv-heads 1 --block 16 \
     --topk 16 --dtype f16 --target-seconds 0.2 --json-out "$out/ours-sparse.jsonl"
 PYTHONUNBUFFERED=1 python3 "$(dirname "$0")/peers.py" --ours-full "$out/ours-full.jsonl" \

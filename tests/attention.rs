@@ -202,6 +202,32 @@ fn f16_forward_and_backward_match_reference() {
     }
 }
 
+/// Tensor cores: the cooperative-matrix forward (f16), with the f16 backward of the largest
+/// tiles. Runs where the device has cooperative matrices (the H100 via scripts/gpu-check.sh).
+#[test]
+fn coop_forward_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    let mut ran = 0;
+    for (i, case) in cases().iter().enumerate() {
+        let d = case.shape.head_dim;
+        if let Err(e) = sparse_attn::ops::coop::supported(&gpu, d) {
+            eprintln!("SKIPPED coop d={d} on {}: {e}", gpu.adapter().name);
+            continue;
+        }
+        let variants = Variants {
+            forward: Variant::Coop,
+            backward: sparse_attn::ops::attention::auto_variants(&gpu, d)
+                .unwrap()
+                .backward,
+        };
+        let seed = seed.wrapping_add(i as u64);
+        run_case_as(&gpu, case, variants, Storage::F16, seed, true);
+        ran += 1;
+    }
+    eprintln!("coop: {ran} of {} cases ran", cases().len());
+}
+
 #[test]
 fn f16_packed_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };

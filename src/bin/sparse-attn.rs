@@ -6,7 +6,9 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sparse_attn::bench::{FullBench, bench_full, bench_sparse};
 use sparse_attn::gpu::{self, DType, Gpu, GpuOptions, Reps, Storage};
-use sparse_attn::ops::attention::{Variant, Variants, head_dim_supported, variant_supported};
+use sparse_attn::ops::attention::{
+    Variant, Variants, auto_variants, head_dim_supported, variant_supported,
+};
 use sparse_attn::ops::metrics::AttentionMetrics;
 use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::ops::sparse::SparseAttention;
@@ -363,8 +365,9 @@ struct FullArgs {
     #[arg(long, value_enum, default_value_t = Mask::Causal)]
     mask: Mask,
     /// Kernel variants to time, comma-separated: all, auto (the library's choice per pass),
-    /// portable, large, xl. A prefix picks the storage: `f16:xl`, `f16p:portable` (f16 packed
-    /// in u32 words, what browsers without shader-f16 run), `f16:auto`; no prefix is f32.
+    /// portable, large, xl, coop (tensor cores: f16 forward; its backward is the largest tile
+    /// that fits). A prefix picks the storage: `f16:xl`, `f16p:portable` (f16 packed in u32
+    /// words, what browsers without shader-f16 run), `f16:coop`, `f16:auto`; none = f32.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["all".to_string()])]
     variant: Vec<String>,
     /// Skip the backward pass.
@@ -534,11 +537,16 @@ fn info(opts: &GpuOptions, json: bool) -> Result<ExitCode, Error> {
         .collect();
     let variants: Vec<(String, Result<(), Error>)> = Variant::ALL
         .iter()
+        .chain(&[Variant::Coop])
         .flat_map(|&v| {
             [64usize, 128].map(|d| {
                 (
                     format!("{} (head_dim {d})", v.name()),
-                    variant_supported(&gpu, v, d),
+                    if v == Variant::Coop {
+                        sparse_attn::ops::coop::supported(&gpu, d)
+                    } else {
+                        variant_supported(&gpu, v, d)
+                    },
                 )
             })
         })
@@ -671,6 +679,13 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
                     )?;
                     variants.push((att.variants(), att.storage()));
                 }
+                "coop" => variants.push((
+                    Variants {
+                        forward: Variant::Coop,
+                        backward: auto_variants(&gpu, d)?.backward,
+                    },
+                    storage,
+                )),
                 other => variants.push((Variants::uniform(Variant::parse(other)?), storage)),
             }
         }

@@ -23,6 +23,14 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
     (
+        "attn_params.wgsl",
+        include_str!("../../shaders/attn_params.wgsl"),
+    ),
+    (
+        "attention_coop.wgsl",
+        include_str!("../../shaders/attention_coop.wgsl"),
+    ),
+    (
         "sparse_fwd.wgsl",
         include_str!("../../shaders/sparse_fwd.wgsl"),
     ),
@@ -167,17 +175,28 @@ pub fn preprocess(key: &PipelineKey) -> Result<String> {
     for (name, value) in &key.constants {
         out.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
-    for line in source(key.file)?.lines() {
+    expand(key.file, &mut out, 0)?;
+    Ok(out)
+}
+
+/// Append `file` with its includes expanded (recursively; `enable` lines were hoisted).
+fn expand(file: &str, out: &mut String, depth: usize) -> Result<()> {
+    if depth > 4 {
+        return Err(Error::Gpu(format!("includes nested too deeply at {file}")));
+    }
+    for line in source(file)?.lines() {
         if line.starts_with("enable ") {
             continue;
         }
         match line.trim().strip_prefix("//#include ") {
-            Some(inc) => out.push_str(source(inc.trim().trim_matches('"'))?),
-            None => out.push_str(line),
+            Some(inc) => expand(inc.trim().trim_matches('"'), out, depth + 1)?,
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
         }
-        out.push('\n');
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Declare every storage binding `read_write` (see [`Gpu::set_pooled_buffers`]).

@@ -23,9 +23,13 @@ pub enum Variant {
     Large,
     /// The largest tiles, for adapters with 48 KiB of workgroup storage (NVIDIA, AMD desktop).
     Xl,
+    /// Tensor cores through cooperative matrices (`ops::coop`): f16 tensors only, forward only
+    /// so far; needs EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16 and 32-lane subgroups.
+    Coop,
 }
 
 impl Variant {
+    /// The portable-arithmetic (f32 FMA) variants, which every storage runs.
     pub const ALL: [Variant; 3] = [Variant::Portable, Variant::Large, Variant::Xl];
 
     pub fn name(self) -> &'static str {
@@ -33,6 +37,7 @@ impl Variant {
             Variant::Portable => "f32-portable",
             Variant::Large => "f32-large",
             Variant::Xl => "f32-xl",
+            Variant::Coop => "coop",
         }
     }
 
@@ -41,7 +46,8 @@ impl Variant {
             "portable" | "f32-portable" => Ok(Variant::Portable),
             "large" | "f32-large" => Ok(Variant::Large),
             "xl" | "f32-xl" => Ok(Variant::Xl),
-            _ => invalid!("unknown kernel variant `{s}` (known: portable, large, xl)"),
+            "coop" => Ok(Variant::Coop),
+            _ => invalid!("unknown kernel variant `{s}` (known: portable, large, xl, coop)"),
         }
     }
 }
@@ -128,7 +134,9 @@ impl Tiles {
             (Kind::Fwd, Variant::Large) => t(4, 64, 16, 16),
             (Kind::Dq, Variant::Large) => t(4, 64, 8, 16),
             (Kind::Dkdv, Variant::Large) => t(4, 32, 8, 8),
-            (_, Variant::Xl) => tiles_override(match kind {
+            // The cooperative-matrix kernels have tiles of their own (ops::coop); callers check
+            // for Coop before asking.
+            (_, Variant::Xl | Variant::Coop) => tiles_override(match kind {
                 Kind::Fwd => "fwd",
                 Kind::Dq => "dq",
                 Kind::Dkdv => "dkdv",
@@ -269,6 +277,16 @@ fn check_fits(gpu: &Gpu, variant: Variant, d: usize, kinds: &[Kind]) -> Result<(
         invalid!(
             "head_dim = {d} is not supported: the kernels take multiples of 16 from 16 to 256"
         );
+    }
+    if variant == Variant::Coop {
+        if kinds.iter().any(|&k| k != Kind::Fwd) {
+            return Err(Error::Unsupported(
+                "the cooperative-matrix variant has no backward pass yet; use an f32-arithmetic \
+                 variant (portable, large, xl) for the backward"
+                    .into(),
+            ));
+        }
+        return crate::ops::coop::supported(gpu, d);
     }
     let l = gpu.limits();
     let threads = Tiles::tc(d as u32) * THREAD_ROWS;
@@ -420,10 +438,13 @@ pub struct FullAttention {
     variants: Variants,
     chunks: Vec<Chunk>,
     fwd: Arc<Pipeline>,
+    /// Query rows per forward workgroup.
+    fwd_rows: u32,
     dq: Arc<Pipeline>,
     dkdv: Arc<Pipeline>,
     rowdot: Arc<Pipeline>,
-    tiles: [Tiles; 3],
+    /// Tiles of dQ and dK/dV.
+    tiles: [Tiles; 2],
     storage: Storage,
 }
 
@@ -456,9 +477,13 @@ impl FullAttention {
 
     /// The fastest variants for tensors of `dtype` (F32 or F16; f16 is stored natively where
     /// the device has SHADER_F16, packed in u32 words elsewhere; arithmetic is f32 either way).
+    /// With f16 the forward runs on tensor cores (`Variant::Coop`) where the device has them.
     pub fn for_dtype(gpu: &Gpu, shape: AttnShape, opts: AttnOptions, dtype: DType) -> Result<Self> {
         shape.validate(&opts)?;
-        let variants = auto_variants(gpu, shape.head_dim)?;
+        let mut variants = auto_variants(gpu, shape.head_dim)?;
+        if dtype == DType::F16 && crate::ops::coop::supported(gpu, shape.head_dim).is_ok() {
+            variants.forward = Variant::Coop;
+        }
         Self::with_storage(gpu, shape, opts, variants, Storage::for_dtype(gpu, dtype)?)
     }
 
@@ -479,7 +504,6 @@ impl FullAttention {
         let max_shared = gpu.limits().max_compute_workgroup_storage_size;
         let fit = |kind, v| Tiles::fitted(kind, v, d, max_shared).expect("checked above");
         let tiles = [
-            fit(Kind::Fwd, variants.forward),
             fit(Kind::Dq, variants.backward),
             fit(Kind::Dkdv, variants.backward),
         ];
@@ -490,23 +514,36 @@ impl FullAttention {
             checked: false,
             storage,
         };
-        let fwd = gpu.pipeline(&key(
-            "attention_fwd.wgsl",
-            "main",
-            tiles[0].constants(Kind::Fwd, d),
-        ))?;
+        let (fwd, fwd_rows) = if variants.forward == Variant::Coop {
+            if storage != Storage::F16 {
+                return Err(Error::Unsupported(format!(
+                    "the cooperative-matrix variant takes native f16 tensors, not {}",
+                    storage.name()
+                )));
+            }
+            let (p, t) = crate::ops::coop::forward_pipeline(gpu, d)?;
+            (p, t.rows())
+        } else {
+            let t = fit(Kind::Fwd, variants.forward);
+            let p = gpu.pipeline(&key(
+                "attention_fwd.wgsl",
+                "main",
+                t.constants(Kind::Fwd, d),
+            ))?;
+            (p, t.rows())
+        };
         let dq = gpu.pipeline(&key(
             "attention_bwd.wgsl",
             "dq_main",
-            tiles[1].constants(Kind::Dq, d),
+            tiles[0].constants(Kind::Dq, d),
         ))?;
         let dkdv = gpu.pipeline(&key(
             "attention_bwd.wgsl",
             "dkdv",
-            tiles[2].constants(Kind::Dkdv, d),
+            tiles[1].constants(Kind::Dkdv, d),
         ))?;
         // rowdot reads only D and NT; the other constants just have to declare the arrays.
-        let mut rowdot_consts = tiles[1].constants(Kind::Dq, d);
+        let mut rowdot_consts = tiles[0].constants(Kind::Dq, d);
         for c in rowdot_consts.iter_mut().filter(|c| c.0.starts_with("SH")) {
             c.1 = 1;
         }
@@ -517,6 +554,7 @@ impl FullAttention {
             variants,
             chunks,
             fwd,
+            fwd_rows,
             dq,
             dkdv,
             rowdot,
@@ -618,7 +656,6 @@ impl FullAttention {
         expect_tensor("o", o, &s.q_dims(), dt)?;
         expect_tensor("lse", lse, &s.lse_dims(), DType::F32)?;
         no_alias(&[("o", o), ("lse", lse)], &[("q", q), ("k", k), ("v", v)])?;
-        let t = self.tiles[0];
         for &c in &self.chunks {
             let p = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
@@ -635,7 +672,7 @@ impl FullAttention {
                     (4, Class::Q, o),
                     (5, Class::Row, lse),
                 ],
-                ((s.seq_q as u32).div_ceil(t.rows()), heads),
+                ((s.seq_q as u32).div_ceil(self.fwd_rows), heads),
             );
         }
         Ok(())
@@ -702,7 +739,7 @@ impl FullAttention {
             let base = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
             let rows = heads * s.seq_q as u32;
-            let blocks = rows.div_ceil(self.tiles[1].threads(s.head_dim as u32));
+            let blocks = rows.div_ceil(self.tiles[0].threads(s.head_dim as u32));
             let gx = blocks.min(max_x);
             let p = Params {
                 grid_x: gx,
@@ -730,7 +767,7 @@ impl FullAttention {
                 ]
                 .concat(),
                 (
-                    (s.seq_k as u32).div_ceil(self.tiles[2].rows()),
+                    (s.seq_k as u32).div_ceil(self.tiles[1].rows()),
                     (c.u1 - c.u0) as u32,
                 ),
             );
@@ -741,7 +778,7 @@ impl FullAttention {
                 &base,
                 c,
                 &[&inputs[..], &[(8, Class::Q, &grads.dq)]].concat(),
-                ((s.seq_q as u32).div_ceil(self.tiles[1].rows()), heads),
+                ((s.seq_q as u32).div_ceil(self.tiles[0].rows()), heads),
             );
         }
         Ok(())

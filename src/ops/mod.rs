@@ -3,6 +3,7 @@
 
 pub mod align;
 pub mod attention;
+pub mod coop;
 pub(crate) mod launch;
 pub mod metrics;
 pub mod select;
