@@ -19,7 +19,7 @@
 // `workgroupUniformLoad` anywhere in the module every cooperative product came out zero, so
 // the rescale is unconditional rather than skipped by a workgroup-uniform flag; the two lanes
 // of a row exchange values through workgroup memory, and barriers are workgroup-wide
-// (subgroupBarrier needs SUBGROUP_BARRIER). examples/coop_probe.rs checks the primitives.
+// (subgroupBarrier needs SUBGROUP_BARRIER). How this was narrowed down: docs/BENCHMARKS.md.
 //
 // Constants: D (head dim, multiple of 16), BQ, BK (multiple of 16), NSG, NT = 32·NSG,
 // DP = D + 8 (staged row stride in halves: rows 16 bytes apart in bank space).
