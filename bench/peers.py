@@ -44,6 +44,17 @@ def timed(fn, reps=None, target_s=0.25):
     return out[len(out) // 2]
 
 
+def time_fwd_bwd(fwd, inputs):
+    """Seconds of fwd(), then of the backward of its output for a random dO (grads of inputs)."""
+    import torch
+    o = fwd()
+    do = torch.randn_like(o)
+    tf = timed(fwd)
+    o = fwd()
+    tb = timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))
+    return tf, tb
+
+
 def causal_pairs(s):
     return s * (s + 1) // 2
 
@@ -67,14 +78,8 @@ def bench_sdpa(b, h, s, d):
                for _ in range(3))
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        o = fwd()
-        do = torch.randn_like(o)
-        tf = timed(fwd)
-        o = fwd()
-        bwd = lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
-        tb = timed(bwd)
-    return tf, tb
+        return time_fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                            (q, k, v))
 
 
 def random_block_indices(b, hkv, s, block, k, gen):
@@ -105,14 +110,8 @@ def bench_nsa(b, hq, hkv, s, d, block, k):
     v = torch.randn(b, s, hkv, d, device=DEV, dtype=torch.float16, requires_grad=True)
     idx = random_block_indices(b, hkv, s, block, k, gen)
     scale = d ** -0.5
-    fwd = lambda: ParallelNSAFunction.apply(q, kk, v, idx, k, block, scale, None)
-    o = fwd()
-    do = torch.randn_like(o)
-    tf = timed(fwd)
-    o = fwd()
-    bwd = lambda: torch.autograd.grad(o, (q, kk, v), do, retain_graph=True)
-    tb = timed(bwd)
-    return tf, tb
+    return time_fwd_bwd(lambda: ParallelNSAFunction.apply(q, kk, v, idx, k, block, scale, None),
+                        (q, kk, v))
 
 
 def bench_flex(b, hq, hkv, s, d, density):
@@ -138,17 +137,10 @@ def bench_flex(b, hq, hkv, s, d, density):
 
     # Compiled: evaluated block by block (eager evaluation needs S x S memory: OOM at 16k).
     bm = create_block_mask(mask_mod, 1, hq, s, s, device=DEV, BLOCK_SIZE=bs, _compile=True)
-    kept_pairs = int(bm.sparsity() >= 0)  # force evaluation
     q = torch.randn(b, hq, s, d, device=DEV, dtype=torch.float16, requires_grad=True)
     kk = torch.randn(b, hkv, s, d, device=DEV, dtype=torch.float16, requires_grad=True)
     v = torch.randn(b, hkv, s, d, device=DEV, dtype=torch.float16, requires_grad=True)
-    fwd = lambda: fa(q, kk, v, block_mask=bm, enable_gqa=True)
-    o = fwd()
-    do = torch.randn_like(o)
-    tf = timed(fwd)
-    o = fwd()
-    bwd = lambda: torch.autograd.grad(o, (q, kk, v), do, retain_graph=True)
-    tb = timed(bwd)
+    tf, tb = time_fwd_bwd(lambda: fa(q, kk, v, block_mask=bm, enable_gqa=True), (q, kk, v))
     # Actual kept pairs: causal pairs inside kept blocks.
     qi = torch.arange(s, device=DEV)
     pairs = 0
@@ -157,7 +149,6 @@ def bench_flex(b, hq, hkv, s, d, density):
         for kb in keep[0, qb].nonzero().flatten().tolist():
             cols = torch.arange(kb * bs, min(s, (kb + 1) * bs), device=DEV)
             pairs += int((rows[:, None] >= cols[None, :]).sum())
-    del kept_pairs
     return tf, tb, pairs * b * hq
 
 
