@@ -152,6 +152,70 @@ fn bench_sparse_prints_json() {
     assert!(!ok && err.contains("block size 24"), "{err}");
 }
 
+/// f16 storage through the benchmark flags: storage prefixes, --dtype, and clear errors.
+#[test]
+fn bench_takes_f16_storage() {
+    let shape = [
+        "--seq",
+        "64",
+        "--batch",
+        "1",
+        "--heads",
+        "2",
+        "--head-dim",
+        "32",
+        "--target-seconds",
+        "0.01",
+        "--json",
+    ];
+    let mut args = vec![
+        "bench",
+        "full",
+        "--variant",
+        "f16:portable,f16p:portable,portable",
+    ];
+    args.extend(shape);
+    let (ok, out, err) = run(&args);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "bench full failed: {err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let storages: Vec<&str> = j["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["storage"].as_str().unwrap())
+        .collect();
+    // Native f16 where the device has SHADER_F16 (lavapipe does), packed, f32.
+    assert_eq!(storages[1..], ["f16-packed", "f32"], "{out}");
+    assert!(storages[0].starts_with("f16"), "{out}");
+
+    let mut args = vec![
+        "bench",
+        "sparse",
+        "--dtype",
+        "f16",
+        "--kv-heads",
+        "1",
+        "--topk",
+        "2",
+    ];
+    args.extend(shape);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "bench sparse --dtype f16 failed: {err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(j["results"][0]["dtype"], "F16", "{out}");
+
+    let (ok, _, err) = run(&["bench", "full", "--variant", "f64:xl"]);
+    assert!(!ok && err.contains("unknown storage prefix `f64`"), "{err}");
+    let (ok, _, err) = run(&["bench", "sparse", "--dtype", "bf16"]);
+    assert!(!ok && err.contains("unknown dtype `bf16`"), "{err}");
+    // The tensor-core variant takes native f16 only.
+    let (ok, _, err) = run(&["bench", "full", "--variant", "coop", "--seq", "64"]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("sparse-attn-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
