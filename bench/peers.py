@@ -118,37 +118,45 @@ def bench_flex(b, hq, hkv, s, d, density):
     """FlexAttention, block mask of 128x128 blocks: each query block keeps its diagonal block and
     random earlier ones so that the kept fraction of causal keys matches `density`."""
     import torch
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
     fa = torch.compile(flex_attention, dynamic=False)
     bs = 128
     nqb = (s + bs - 1) // bs
     gen = torch.Generator(device=DEV).manual_seed(0)
-    keep = torch.zeros(hkv, nqb, nqb, dtype=torch.bool, device=DEV)
-    for qb in range(nqb):
-        n = max(1, round(density * (qb + 1)))
-        earlier = torch.randperm(qb, device=DEV, generator=gen)[: n - 1] if qb > 0 else \
-            torch.empty(0, dtype=torch.long, device=DEV)
-        keep[:, qb, qb] = True
-        keep[:, qb, earlier] = True
     g = hq // hkv
+    # The mask is given block by block (BlockMask.from_kv_blocks): the diagonal block is partial
+    # (causal inside), the kept earlier blocks are full. Evaluating a mask function instead needs
+    # S x S memory in eager mode (out of memory at 16k) and failed compiled at 8k.
+    part_num = torch.ones(1, hkv, nqb, dtype=torch.int32, device=DEV)
+    part_idx = torch.zeros(1, hkv, nqb, nqb, dtype=torch.int32, device=DEV)
+    full_num = torch.zeros(1, hkv, nqb, dtype=torch.int32, device=DEV)
+    full_idx = torch.zeros(1, hkv, nqb, nqb, dtype=torch.int32, device=DEV)
+    kept = []
+    for qb in range(nqb):
+        part_idx[:, :, qb, 0] = qb
+        n = max(1, round(density * (qb + 1)))
+        earlier = torch.randperm(qb, device=DEV, generator=gen)[: n - 1].sort().values
+        full_num[:, :, qb] = len(earlier)
+        full_idx[:, :, qb, : len(earlier)] = earlier.to(torch.int32)
+        kept.append(len(earlier))
 
-    def mask_mod(bb, hh, qi, ki):
-        return (qi >= ki) & keep[hh // g, qi // bs, ki // bs]
+    def causal(bb, hh, qi, ki):
+        return qi >= ki
 
-    # Compiled: evaluated block by block (eager evaluation needs S x S memory: OOM at 16k).
-    bm = create_block_mask(mask_mod, 1, hq, s, s, device=DEV, BLOCK_SIZE=bs, _compile=True)
+    def heads(t):
+        return t.repeat_interleave(g, dim=1)
+
+    bm = BlockMask.from_kv_blocks(heads(part_num), heads(part_idx), heads(full_num),
+                                  heads(full_idx), BLOCK_SIZE=bs, mask_mod=causal)
     q = torch.randn(b, hq, s, d, device=DEV, dtype=torch.float16, requires_grad=True)
     kk = torch.randn(b, hkv, s, d, device=DEV, dtype=torch.float16, requires_grad=True)
     v = torch.randn(b, hkv, s, d, device=DEV, dtype=torch.float16, requires_grad=True)
     tf, tb = time_fwd_bwd(lambda: fa(q, kk, v, block_mask=bm, enable_gqa=True), (q, kk, v))
-    # Actual kept pairs: causal pairs inside kept blocks.
-    qi = torch.arange(s, device=DEV)
+    # Actual kept pairs: full earlier blocks plus the causal half of each diagonal block.
     pairs = 0
-    for qb in range(nqb):
-        rows = qi[qb * bs:(qb + 1) * bs]
-        for kb in keep[0, qb].nonzero().flatten().tolist():
-            cols = torch.arange(kb * bs, min(s, (kb + 1) * bs), device=DEV)
-            pairs += int((rows[:, None] >= cols[None, :]).sum())
+    for qb, n in enumerate(kept):
+        rows = min(s, (qb + 1) * bs) - qb * bs
+        pairs += n * bs * rows + rows * (rows + 1) // 2
     return tf, tb, pairs * b * hq
 
 

@@ -18,4 +18,4 @@ rm -f "$out/ours-full.jsonl" "$out/ours-sparse.jsonl"
     --topk 16 --dtype f16 --target-seconds 0.2 --json-out "$out/ours-sparse.jsonl"
 PYTHONUNBUFFERED=1 python3 "$(dirname "$0")/peers.py" --ours-full "$out/ours-full.jsonl" \
     --ours-sparse "$out/ours-sparse.jsonl" --out "$out/peers.json" ${PEERS_FLEX:+--flex "$PEERS_FLEX"} \
-    | tee "$out/peers.txt"
+    2> >(tee "$out/peers.err" >&2) | tee "$out/peers.txt"

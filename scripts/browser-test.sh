@@ -18,7 +18,8 @@ fi
 command -v node >/dev/null || { echo "node >= 20 (for playwright-core) is needed for the browser test" >&2; exit 1; }
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 bash scripts/web-build.sh web/dist
-cargo build --locked --release --bin sparse-attn
+# Only the kernels are needed (no training stack): shares the release build of .ci/run's examples.
+cargo build --locked --release --no-default-features --bin sparse-attn
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 -m http.server "$port" --bind 127.0.0.1 --directory web/dist >/dev/null 2>&1 &
 server=$!

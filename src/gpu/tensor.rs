@@ -213,16 +213,35 @@ impl Gpu {
         if len != n {
             invalid!("shape {shape:?} holds {len} elements but {n} were given");
         }
+        // `empty` rounds the buffer up to whole 4-byte words, so the pad always fits.
         let t = self.empty(shape, dtype)?;
-        if !bytes.len().is_multiple_of(4) {
-            // Writes move whole 4-byte words; `empty` rounded the buffer up to one.
-            let mut padded = bytes.to_vec();
-            padded.resize(bytes.len().next_multiple_of(4), 0);
-            self.queue.write_buffer(&t.buffer, t.offset, &padded);
-        } else if !bytes.is_empty() {
-            self.queue.write_buffer(&t.buffer, t.offset, bytes);
-        }
+        self.write_words(&t, bytes)?;
         Ok(t)
+    }
+
+    /// Write `bytes` at the tensor's start. wgpu moves whole 4-byte words: a ragged tail (an
+    /// odd-length f16 tensor) is padded with zeros into the buffer's slack, where there is some.
+    fn write_words(&self, t: &Tensor, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if bytes.len().is_multiple_of(4) {
+            self.queue.write_buffer(&t.buffer, t.offset, bytes);
+            return Ok(());
+        }
+        let words = bytes.len().next_multiple_of(4);
+        if t.offset + words as u64 > t.buffer.size() {
+            invalid!(
+                "a {:?} tensor of {} bytes ending its buffer cannot be written (writes move \
+                 whole 4-byte words)",
+                t.dtype,
+                bytes.len()
+            );
+        }
+        let mut padded = bytes.to_vec();
+        padded.resize(words, 0);
+        self.queue.write_buffer(&t.buffer, t.offset, &padded);
+        Ok(())
     }
 
     /// Overwrite a tensor's contents from the host (f32 values; an F16 tensor gets them rounded).
@@ -235,26 +254,11 @@ impl Gpu {
                 t.shape
             );
         }
-        if data.is_empty() {
-            return Ok(());
-        }
         if t.dtype == DType::F16 {
-            let mut h = to_f16_bits(data);
-            // write_buffer wants whole 4-byte words: the pad lands in the buffer's slack.
-            if !h.len().is_multiple_of(2) && t.offset + t.size_bytes() + 2 <= t.buffer.size() {
-                h.push(0);
-            } else if !h.len().is_multiple_of(2) {
-                invalid!(
-                    "an f16 tensor with an odd length at the end of its buffer cannot be written"
-                );
-            }
-            self.queue
-                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(&h));
+            self.write_words(t, bytemuck::cast_slice(&to_f16_bits(data)))
         } else {
-            self.queue
-                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+            self.write_words(t, bytemuck::cast_slice(data))
         }
-        Ok(())
     }
 
     /// Fill every element with one value (tests poison outputs with NaN this way).

@@ -24,7 +24,7 @@ pub enum Variant {
     /// The largest tiles, for adapters with 48 KiB of workgroup storage (NVIDIA, AMD desktop).
     Xl,
     /// Tensor cores through cooperative matrices (`ops::coop`): f16 tensors only, forward only
-    /// so far; needs EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16 and 32-lane subgroups.
+    /// so far; needs EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16, SUBGROUP and 32-lane subgroups.
     Coop,
 }
 

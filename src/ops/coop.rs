@@ -19,26 +19,33 @@ pub(crate) struct CoopTiles {
     pub bk: u32,
 }
 
-/// Developer knob for tuning on a new device: `SPARSE_ATTN_COOP=nsg,bk` (e.g. `4,64`).
+/// Developer knob for tuning on a new device: `SPARSE_ATTN_COOP=nsg,bk` (e.g. `2,64`).
 pub const COOP_ENV: &str = "SPARSE_ATTN_COOP";
 
 impl CoopTiles {
-    fn default_for(_d: u32) -> CoopTiles {
-        let t = CoopTiles { nsg: 4, bk: 32 };
+    /// The preferred tile that fits the device's workgroup memory at head dim `d` (or the one
+    /// `SPARSE_ATTN_COOP` asks for). Four subgroups share each staged K/V tile: on the H100,
+    /// two were 1.7x slower and one 5x (bench/results/h100-coop-tuning-2026-11-23.txt).
+    fn default_for(d: u32, max_shared: u32) -> CoopTiles {
+        let preferred = [(4, 32), (4, 16), (2, 32), (2, 16), (1, 16)]
+            .into_iter()
+            .map(|(nsg, bk)| CoopTiles { nsg, bk })
+            .find(|t| t.shared_bytes(d) <= max_shared)
+            .unwrap_or(CoopTiles { nsg: 1, bk: 16 });
         let Some(spec) = std::env::var(COOP_ENV).ok() else {
-            return t;
+            return preferred;
         };
         let n: Vec<u32> = spec
             .split(',')
             .filter_map(|x| x.trim().parse().ok())
             .collect();
         match n[..] {
-            [nsg, bk] if [1, 2, 4, 8].contains(&nsg) && [16, 32, 64, 128].contains(&bk) => {
+            [nsg, bk] if [1, 2, 4].contains(&nsg) && [16, 32, 64, 128].contains(&bk) => {
                 CoopTiles { nsg, bk }
             }
             _ => {
-                log::warn!("ignoring {COOP_ENV}={spec} (want nsg in 1,2,4,8 and bk in 16..128)");
-                t
+                log::warn!("ignoring {COOP_ENV}={spec} (want nsg in 1,2,4 and bk in 16..128)");
+                preferred
             }
         }
     }
@@ -47,10 +54,27 @@ impl CoopTiles {
         16 * self.nsg
     }
 
+    /// 16-column slices of O per round through the scratch: divides both D/16 and BK/16.
+    fn out_slices(&self, d: u32) -> u32 {
+        (1..=self.bk / 16)
+            .rev()
+            .find(|w| (d / 16).is_multiple_of(*w))
+            .unwrap_or(1)
+    }
+
+    /// Halves of the staging area: the K and V tiles, or the Q tile where that is larger.
+    fn staging(&self, d: u32) -> u32 {
+        (2 * self.bk).max(self.rows()) * (d + 8)
+    }
+
+    /// Two multiply-add chains at a time need an even number of key chunks and of O slices.
+    fn pairs(&self, d: u32) -> bool {
+        (self.bk / 16).is_multiple_of(2) && self.out_slices(d).is_multiple_of(2)
+    }
+
     fn shared_bytes(&self, d: u32) -> u32 {
-        let stage = self.rows().max(2 * self.bk) * (d + 8) * 2;
-        // kv staging, S scratch (f32) and P (f16) per subgroup, the lane-pair exchange.
-        stage + self.nsg * 16 * self.bk * (4 + 2) + 4 * SUBGROUP * self.nsg
+        // Staging (f16), then per subgroup the f32 scratch and P (f16), rows padded.
+        self.staging(d) * 2 + self.nsg * 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2)
     }
 
     fn constants(&self, d: u32) -> Vec<(&'static str, u32)> {
@@ -61,6 +85,9 @@ impl CoopTiles {
             ("NSG", self.nsg),
             ("NT", SUBGROUP * self.nsg),
             ("DP", d + 8),
+            ("OW", self.out_slices(d)),
+            ("KV", self.staging(d)),
+            ("PAIRS", self.pairs(d) as u32),
         ]
     }
 }
@@ -71,6 +98,7 @@ pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
     let f = gpu.features();
     let need = [
         (wgpu::Features::SHADER_F16, "SHADER_F16"),
+        (wgpu::Features::SUBGROUP, "SUBGROUP"),
         (
             wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
             "EXPERIMENTAL_COOPERATIVE_MATRIX",
@@ -111,8 +139,8 @@ pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
             "head_dim = {d}: the cooperative-matrix kernels take multiples of 16 up to 256"
         )));
     }
-    let t = CoopTiles::default_for(d as u32);
     let l = gpu.limits();
+    let t = CoopTiles::default_for(d as u32, l.max_compute_workgroup_storage_size);
     if t.shared_bytes(d as u32) > l.max_compute_workgroup_storage_size
         || l.max_compute_invocations_per_workgroup < SUBGROUP * t.nsg
     {
@@ -130,7 +158,7 @@ pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
 
 /// The forward pipeline for head dim `d` and its tile (call [`supported`] first).
 pub(crate) fn forward_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
-    let t = CoopTiles::default_for(d);
+    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
     let p = gpu.pipeline(&forward_key(d, t))?;
     Ok((p, t))
 }
@@ -150,12 +178,38 @@ mod tests {
     use super::*;
     use wgpu::naga;
 
+    /// Every head dim gets a tile that fits WebGPU-class 48 KiB, with O slices that divide both
+    /// D/16 and BK/16 (the kernel's accumulation rounds assume it).
+    #[test]
+    fn tiles_fit_and_slices_divide() {
+        for d in (16..=256).step_by(16) {
+            let t = CoopTiles::default_for(d, 48 * 1024);
+            assert!(t.shared_bytes(d) <= 48 * 1024, "d={d}: {t:?}");
+            let w = t.out_slices(d);
+            assert!(
+                (d / 16).is_multiple_of(w) && (t.bk / 16).is_multiple_of(w),
+                "d={d}"
+            );
+        }
+        // What the H100 runs at d 64 and 128 (bench/results/h100-coop-tuning-2026-11-23.txt).
+        for d in [64, 128] {
+            assert_eq!(
+                CoopTiles::default_for(d, 48 * 1024),
+                CoopTiles { nsg: 4, bk: 32 }
+            );
+        }
+        // Two chains need an even number of key chunks and of O slices (d 48: 3 slices).
+        let t = CoopTiles { nsg: 4, bk: 32 };
+        assert!(t.pairs(128) && t.pairs(64) && !t.pairs(48) && !t.pairs(16));
+        assert!(!CoopTiles { nsg: 4, bk: 16 }.pairs(128));
+    }
+
     /// The kernel must get through naga (parse, validate, SPIR-V) on any machine, so CI catches
     /// shader errors even where no device runs it.
     #[test]
     fn coop_shader_compiles_to_spirv() {
-        for d in [64, 128, 256] {
-            let t = CoopTiles::default_for(d);
+        for d in [16, 48, 64, 128, 192, 256] {
+            let t = CoopTiles::default_for(d, 48 * 1024);
             let src = crate::gpu::preprocess(&forward_key(d, t)).unwrap();
             let module = naga::front::wgsl::parse_str(&src)
                 .unwrap_or_else(|e| panic!("d={d}: {}", e.emit_to_string(&src)));
