@@ -4,7 +4,7 @@ use crate::error::Result;
 use crate::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
 use crate::ops::select::BlockSelect;
-use crate::ops::sparse::SparseAttention;
+use crate::ops::sparse::{SparseAttention, SparseForward};
 use crate::reference::select::SelectOptions;
 use crate::reference::sparse::SparseOptions;
 use crate::shape::{AttnOptions, AttnShape};
@@ -125,9 +125,11 @@ pub struct SparseBench {
     /// Per kernel (`file:entry`, seconds, dispatches) of selection, sparse forward and sparse
     /// backward, when asked for (`Gpu::profile`).
     pub stages: Vec<(String, f64, u32)>,
-    /// Storage of q, k, v, O and the gradients (the arithmetic is f32; the dense baseline runs
-    /// on tensor cores for f16 where the device has them).
+    /// Storage of q, k, v, O and the gradients (accumulation is f32; with f16 the dense baseline
+    /// runs on tensor cores where the device has them, the sparse forward where asked).
     pub dtype: DType,
+    /// The sparse forward kernel that ran (`portable` or `coop`).
+    pub forward: &'static str,
 }
 
 /// (query, key) pairs a causal sparse forward attends to when every token keeps `k` blocks of
@@ -148,6 +150,7 @@ pub fn sparse_pairs(shape: &AttnShape, block: usize, k: usize) -> u64 {
 }
 
 /// Time block selection, the sparse forward over its selection, and the dense causal forward.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_sparse(
     gpu: &Gpu,
     shape: AttnShape,
@@ -156,6 +159,7 @@ pub fn bench_sparse(
     reps: Reps,
     stages: bool,
     dtype: DType,
+    forward: SparseForward,
 ) -> Result<SparseBench> {
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dtype)?;
     let selector = BlockSelect::for_dtype(gpu, shape, select, dtype)?;
@@ -169,7 +173,8 @@ pub fn bench_sparse(
         causal: select.causal,
         scale: select.scale,
     };
-    let sparse = SparseAttention::for_dtype(gpu, shape, sparse_opts, select.k, false, dtype)?;
+    let sparse =
+        SparseAttention::with_forward(gpu, shape, sparse_opts, select.k, false, dtype, forward)?;
     let out = AttnOutput::empty_as(gpu, &shape, dtype)?;
     let t_sp = gpu.time(reps, |enc| {
         sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
@@ -232,6 +237,7 @@ pub fn bench_sparse(
         timer: t_sp.source,
         stages: profile,
         dtype,
+        forward: sparse.forward_kernel().name(),
     })
 }
 
@@ -246,6 +252,7 @@ impl SparseBench {
         serde_json::json!({
             "kernel": "sparse",
             "dtype": format!("{:?}", self.dtype),
+            "forward": self.forward,
             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
             "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,
             "causal": self.select.causal,

@@ -206,11 +206,32 @@ fn bench_takes_f16_storage() {
     assert!(ok, "bench sparse --dtype f16 failed: {err}");
     let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
     assert_eq!(j["results"][0]["dtype"], "F16", "{out}");
+    // `auto` runs the portable sparse forward (the tensor-core one is opt-in).
+    assert_eq!(j["results"][0]["forward"], "portable", "{out}");
 
     let (ok, _, err) = run(&["bench", "full", "--variant", "f64:xl"]);
     assert!(!ok && err.contains("unknown storage prefix `f64`"), "{err}");
     let (ok, _, err) = run(&["bench", "sparse", "--dtype", "bf16"]);
     assert!(!ok && err.contains("unknown dtype `bf16`"), "{err}");
+    let (ok, _, err) = run(&["bench", "sparse", "--forward", "fast"]);
+    assert!(
+        !ok && err.contains("unknown sparse forward kernel `fast`"),
+        "{err}"
+    );
+    // The tensor-core sparse forward in f32 says what it needs instead of running something else.
+    let (ok, _, err) = run(&[
+        "bench",
+        "sparse",
+        "--forward",
+        "coop",
+        "--seq",
+        "64",
+        "--topk",
+        "2",
+        "--batch",
+        "1",
+    ]);
+    assert!(!ok && err.contains("f16"), "{err}");
     // The tensor-core variant takes native f16 only.
     let (ok, _, err) = run(&["bench", "full", "--variant", "coop", "--seq", "64"]);
     assert!(!ok && !err.contains("panicked"), "{err}");

@@ -5,7 +5,7 @@ mod common;
 
 use sparse_attn::gpu::{DType, Gpu, round_f16};
 use sparse_attn::ops::select::BlockSelect;
-use sparse_attn::ops::sparse::SparseAttention;
+use sparse_attn::ops::sparse::{SparseAttention, SparseForward};
 use sparse_attn::reference::select::{SENTINEL, Scoring, SelectOptions};
 use sparse_attn::reference::sparse::{self as refsp, SparseOptions};
 use sparse_attn::reference::{Rng, compare};
@@ -68,9 +68,24 @@ fn check(
     v: &[f32],
     bias: Option<&[f32]>,
     dt: DType,
+    fwd: SparseForward,
     ctx: &str,
-) {
-    let op = SparseAttention::for_dtype(gpu, s, o, nsel, bias.is_some(), dt).expect(ctx);
+) -> bool {
+    let op = match SparseAttention::with_forward(gpu, s, o, nsel, bias.is_some(), dt, fwd) {
+        Ok(op) => op,
+        // GPU-only kernels run in scripts/gpu-check.sh on a machine that has them.
+        Err(e) if fwd == SparseForward::Coop => {
+            eprintln!(
+                "SKIPPED coop sparse forward on {} ({ctx}): {e}",
+                gpu.adapter().name
+            );
+            return false;
+        }
+        Err(e) => panic!("{ctx}: {e}"),
+    };
+    if fwd != SparseForward::Auto {
+        assert_eq!(op.forward_kernel(), fwd, "{ctx}");
+    }
     let tol = if dt == DType::F16 { TOL_F16 } else { TOL };
     let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
     let tsel = gpu.upload_u32(&op.selection_dims(), sel).unwrap();
@@ -137,12 +152,13 @@ fn check(
         let e = compare(&gpu.read(t).unwrap(), w);
         assert!(e.within(tol), "{name} {e:?} ({ctx})");
     }
+    true
 }
 
 #[test]
 fn sparse_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };
-    suite(&gpu, DType::F32, usize::MAX);
+    suite(&gpu, DType::F32, usize::MAX, SparseForward::Auto);
 }
 
 /// f16 storage (native where the device has SHADER_F16, packed in u32 words elsewhere) on the
@@ -150,13 +166,24 @@ fn sparse_forward_and_backward_match_reference() {
 #[test]
 fn sparse_f16_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };
-    suite(&gpu, DType::F16, 300 * 300 * 8);
+    suite(&gpu, DType::F16, 300 * 300 * 8, SparseForward::Portable);
 }
 
-/// The cases with heads_q * seq_q * seq_k up to `max_work`.
-fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
+/// Tensor cores: the cooperative-matrix forward (f16) on every case it takes (groups of up to 16
+/// heads, blocks of multiples of 16), with the backward after it. Runs where the device has
+/// cooperative matrices (the H100 via scripts/gpu-check.sh); elsewhere every case is skipped
+/// with the reason.
+#[test]
+fn coop_sparse_forward_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    suite(&gpu, DType::F16, usize::MAX, SparseForward::Coop);
+}
+
+/// The cases with heads_q * seq_q * seq_k up to `max_work`, the forward run by `fwd`.
+fn suite(gpu: &Gpu, dt: DType, max_work: usize, fwd: SparseForward) {
     let seed = Rng::fresh_seed();
-    eprintln!("seed {seed} ({dt:?})");
+    eprintln!("seed {seed} ({dt:?}, {} forward)", fwd.name());
+    let mut ran = 0;
     let cases = [
         // (shape, block, nsel, causal, bias)
         (shape(1, 16, 1, 100, 100, 64), 16, 4, true, false), // SSA-like GQA 16:1
@@ -189,7 +216,7 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
         let ctx = format!("seed {seed}, {s:?}, block {block}, nsel {nsel}, causal {causal}");
         // Random selections (with empty rows and sentinels) ...
         let sel = random_selection(&mut rng, &s, block, nsel);
-        check(
+        let ran_random = check(
             gpu,
             s,
             o,
@@ -200,8 +227,13 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
             &v,
             bias.as_deref(),
             dt,
+            fwd,
             &format!("random, {ctx}"),
         );
+        if fwd == SparseForward::Coop && !ran_random {
+            continue;
+        }
+        ran += 1;
         // ... and the selector's own output.
         if causal {
             let so = SelectOptions {
@@ -245,10 +277,12 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize) {
                 &v,
                 bias.as_deref(),
                 dt,
+                fwd,
                 &format!("selected, {ctx}"),
             );
         }
     }
+    eprintln!("{} forward, {dt:?}: {ran} cases ran", fwd.name());
 }
 
 /// With every block selected, sparse attention is full attention, forward and backward.

@@ -11,7 +11,7 @@ use sparse_attn::ops::attention::{
 };
 use sparse_attn::ops::metrics::AttentionMetrics;
 use sparse_attn::ops::select::BlockSelect;
-use sparse_attn::ops::sparse::SparseAttention;
+use sparse_attn::ops::sparse::{SparseAttention, SparseForward};
 use sparse_attn::reference::select::{Scoring, SelectOptions};
 use sparse_attn::reference::sparse::SparseOptions;
 use sparse_attn::reference::{self, Rng, compare};
@@ -440,9 +440,13 @@ struct SparseArgs {
     /// Target seconds per timed submission.
     #[arg(long, default_value_t = 0.3)]
     target_seconds: f64,
-    /// Storage of q, k, v, O and gradients: f32 or f16 (f32 arithmetic either way).
+    /// Storage of q, k, v, O and gradients: f32 or f16 (f32 accumulation either way).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Sparse forward kernel: auto (the library's choice), portable, or coop (tensor cores:
+    /// f16, up to 16 query heads per kv head, blocks of a multiple of 16).
+    #[arg(long, default_value = "auto")]
+    forward: String,
     #[command(flatten)]
     out: Output,
 }
@@ -454,6 +458,17 @@ fn parse_dtype(s: &str) -> Result<DType, Error> {
         "f16" => Ok(DType::F16),
         _ => Err(Error::InvalidInput(format!(
             "unknown dtype `{s}` (known: f32, f16)"
+        ))),
+    }
+}
+
+fn parse_forward(s: &str) -> Result<SparseForward, Error> {
+    match s {
+        "auto" => Ok(SparseForward::Auto),
+        "portable" => Ok(SparseForward::Portable),
+        "coop" => Ok(SparseForward::Coop),
+        _ => Err(Error::InvalidInput(format!(
+            "unknown sparse forward kernel `{s}` (known: auto, portable, coop)"
         ))),
     }
 }
@@ -823,6 +838,7 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                 Reps::Target(a.target_seconds),
                 a.stages,
                 parse_dtype(&a.dtype)?,
+                parse_forward(&a.forward)?,
             )?;
             if !a.out.json {
                 let s = &r.shape;
@@ -863,6 +879,9 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
     });
     emit_record(&gpu, record, &a.out)?;
     if !a.out.json {
+        let mut kernels: Vec<&str> = results.iter().map(|r| r.forward).collect();
+        kernels.dedup();
+        println!("sparse forward kernel: {}", kernels.join(", "));
         println!(
             "causal. speedup = dense causal forward / (selection + sparse forward); sel % = \
              selection's share of that time; eq TF/s = dense causal FLOPs per second of that time; \
@@ -1089,7 +1108,16 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
          trains them to)"
     );
     // One repetition: the demo must stay quick on software adapters too.
-    let r = bench_sparse(&gpu, shape, select, true, Reps::Fixed(1), false, DType::F32)?;
+    let r = bench_sparse(
+        &gpu,
+        shape,
+        select,
+        true,
+        Reps::Fixed(1),
+        false,
+        DType::F32,
+        SparseForward::Auto,
+    )?;
     println!(
         "  speed: selection {:.3} ms + sparse forward {:.3} ms vs dense forward {:.3} ms \
          ({:.2}x); sparse backward {:.3} ms vs dense {:.3} ms ({:.2}x)",

@@ -39,6 +39,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/sparse_bwd.wgsl"),
     ),
     (
+        "sparse_coop.wgsl",
+        include_str!("../../shaders/sparse_coop.wgsl"),
+    ),
+    (
         "block_select.wgsl",
         include_str!("../../shaders/block_select.wgsl"),
     ),

@@ -92,9 +92,8 @@ impl CoopTiles {
     }
 }
 
-/// Does the device run the cooperative-matrix kernels at head dim `d`? The error says what is
-/// missing.
-pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
+/// Does the device run the cooperative-matrix kernels at all? The error says what is missing.
+fn device_supported(gpu: &Gpu) -> Result<()> {
     let f = gpu.features();
     let need = [
         (wgpu::Features::SHADER_F16, "SHADER_F16"),
@@ -134,11 +133,23 @@ pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
              device has {lo}..{hi}"
         )));
     }
+    Ok(())
+}
+
+fn head_dim_ok(d: usize) -> Result<()> {
     if !d.is_multiple_of(16) || !(16..=256).contains(&d) {
         return Err(Error::InvalidInput(format!(
             "head_dim = {d}: the cooperative-matrix kernels take multiples of 16 up to 256"
         )));
     }
+    Ok(())
+}
+
+/// Does the device run the cooperative-matrix forward at head dim `d`? The error says what is
+/// missing.
+pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
+    device_supported(gpu)?;
+    head_dim_ok(d)?;
     let l = gpu.limits();
     let t = CoopTiles::default_for(d as u32, l.max_compute_workgroup_storage_size);
     if t.shared_bytes(d as u32) > l.max_compute_workgroup_storage_size
@@ -168,6 +179,106 @@ fn forward_key(d: u32, t: CoopTiles) -> PipelineKey {
         file: "attention_coop.wgsl",
         entry: "fwd",
         constants: t.constants(d),
+        checked: false,
+        storage: Storage::F16,
+    }
+}
+
+/// Tile of the block-sparse forward (`shaders/sparse_coop.wgsl`): `nsg` tokens per workgroup,
+/// one per subgroup, each with its own staging area; `bk` keys of the token's list per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SparseTiles {
+    pub nsg: u32,
+    pub bk: u32,
+}
+
+impl SparseTiles {
+    /// The first tile in order of preference that fits `max_shared` at head dim `d`: 32 keys per
+    /// step where possible (two multiply-add chains, half the accumulation rounds per key).
+    fn for_dim(d: u32, max_shared: u32) -> Option<SparseTiles> {
+        [(4, 32), (2, 32), (4, 16), (1, 32), (2, 16), (1, 16)]
+            .into_iter()
+            .map(|(nsg, bk)| SparseTiles { nsg, bk })
+            .find(|t| t.shared_bytes(d) <= max_shared)
+    }
+
+    fn shared_bytes(&self, d: u32) -> u32 {
+        // Per subgroup: K and V staging (f16), the f32 scratch and P (f16), rows padded.
+        self.nsg * (2 * self.bk * (d + 8) * 2 + 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2))
+    }
+
+    fn constants(&self, d: u32, blk: u32, has_bias: bool) -> Vec<(&'static str, u32)> {
+        let t = CoopTiles {
+            nsg: self.nsg,
+            bk: self.bk,
+        };
+        vec![
+            ("D", d),
+            ("BLK", blk),
+            ("BK", self.bk),
+            ("NSG", self.nsg),
+            ("NT", SUBGROUP * self.nsg),
+            ("DP", d + 8),
+            ("OW", t.out_slices(d)),
+            ("PAIRS", t.pairs(d) as u32),
+            ("HAS_BIAS", has_bias as u32),
+            // attn_params.wgsl's key_end reads BQ; the sparse kernel never calls it.
+            ("BQ", 16),
+        ]
+    }
+}
+
+/// Query heads per kv head the sparse kernel takes: they are the 16 rows of its matrices.
+const SPARSE_MAX_GROUP: usize = 16;
+
+/// Does the device run the cooperative-matrix block-sparse forward for head dim `d`, `g` query
+/// heads per kv head and blocks of `blk` keys? The error says what is missing.
+pub fn sparse_supported(gpu: &Gpu, d: usize, g: usize, blk: usize) -> Result<()> {
+    device_supported(gpu)?;
+    head_dim_ok(d)?;
+    if g > SPARSE_MAX_GROUP {
+        return Err(Error::Unsupported(format!(
+            "the cooperative-matrix sparse forward takes up to {SPARSE_MAX_GROUP} query heads per \
+             kv head (the rows of one matrix), not {g}"
+        )));
+    }
+    if !blk.is_multiple_of(16) {
+        return Err(Error::Unsupported(format!(
+            "the cooperative-matrix sparse forward takes blocks of a multiple of 16 keys, not {blk}"
+        )));
+    }
+    let max_shared = gpu.limits().max_compute_workgroup_storage_size;
+    if SparseTiles::for_dim(d as u32, max_shared).is_none() {
+        return Err(Error::Unsupported(format!(
+            "the cooperative-matrix sparse forward at head_dim {d} needs more than the \
+             {max_shared} bytes of workgroup memory this device has"
+        )));
+    }
+    Ok(())
+}
+
+/// The sparse forward pipeline and its tile (call [`sparse_supported`] first).
+pub(crate) fn sparse_forward_pipeline(
+    gpu: &Gpu,
+    d: u32,
+    blk: u32,
+    has_bias: bool,
+) -> Result<(Arc<Pipeline>, SparseTiles)> {
+    let max_shared = gpu.limits().max_compute_workgroup_storage_size;
+    let t = SparseTiles::for_dim(d, max_shared).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "the cooperative-matrix sparse forward at head_dim {d} does not fit"
+        ))
+    })?;
+    let p = gpu.pipeline(&sparse_key(d, blk, has_bias, t))?;
+    Ok((p, t))
+}
+
+fn sparse_key(d: u32, blk: u32, has_bias: bool, t: SparseTiles) -> PipelineKey {
+    PipelineKey {
+        file: "sparse_coop.wgsl",
+        entry: "fwd",
+        constants: t.constants(d, blk, has_bias),
         checked: false,
         storage: Storage::F16,
     }
@@ -204,6 +315,60 @@ mod tests {
         assert!(!CoopTiles { nsg: 4, bk: 16 }.pairs(128));
     }
 
+    #[test]
+    fn sparse_tiles_fit() {
+        for d in (16..=256).step_by(16) {
+            let t = SparseTiles::for_dim(d, 48 * 1024).expect("every head dim fits 48 KiB");
+            assert!(t.shared_bytes(d) <= 48 * 1024, "d={d}: {t:?}");
+        }
+        // Four tokens of 32 keys per step up to d 48; two at d 64 and 128 (42 KiB at 128).
+        assert_eq!(
+            SparseTiles::for_dim(48, 48 * 1024),
+            Some(SparseTiles { nsg: 4, bk: 32 })
+        );
+        assert_eq!(
+            SparseTiles::for_dim(64, 48 * 1024),
+            Some(SparseTiles { nsg: 2, bk: 32 })
+        );
+        assert_eq!(
+            SparseTiles::for_dim(128, 48 * 1024),
+            Some(SparseTiles { nsg: 2, bk: 32 })
+        );
+    }
+
+    /// The sparse kernel through naga to SPIR-V at every block size and head dim class.
+    #[test]
+    fn sparse_coop_shader_compiles_to_spirv() {
+        for (d, blk, bias) in [
+            (16, 16, true),
+            (48, 32, false),
+            (64, 16, false),
+            (128, 64, true),
+            (256, 128, false),
+        ] {
+            let t = SparseTiles::for_dim(d, 48 * 1024).unwrap();
+            let src = crate::gpu::preprocess(&sparse_key(d, blk, bias, t)).unwrap();
+            spirv(&src, &format!("sparse d={d} blk={blk}"));
+        }
+    }
+
+    fn spirv(src: &str, what: &str) {
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+        let opts = naga::back::spv::Options {
+            lang_version: (1, 6),
+            ..Default::default()
+        };
+        naga::back::spv::write_vec(&module, &info, &opts, None)
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    }
+
     /// The kernel must get through naga (parse, validate, SPIR-V) on any machine, so CI catches
     /// shader errors even where no device runs it.
     #[test]
@@ -211,20 +376,7 @@ mod tests {
         for d in [16, 48, 64, 128, 192, 256] {
             let t = CoopTiles::default_for(d, 48 * 1024);
             let src = crate::gpu::preprocess(&forward_key(d, t)).unwrap();
-            let module = naga::front::wgsl::parse_str(&src)
-                .unwrap_or_else(|e| panic!("d={d}: {}", e.emit_to_string(&src)));
-            let info = naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::all(),
-            )
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("d={d}: {}", e.emit_to_string(&src)));
-            let opts = naga::back::spv::Options {
-                lang_version: (1, 6),
-                ..Default::default()
-            };
-            naga::back::spv::write_vec(&module, &info, &opts, None)
-                .unwrap_or_else(|e| panic!("d={d}: {e:?}"));
+            spirv(&src, &format!("d={d}"));
             assert!(t.shared_bytes(d) <= 48 * 1024, "d={d}");
         }
     }

@@ -24,6 +24,29 @@ enum Class {
     Bias,
 }
 
+/// Which kernel runs the sparse forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SparseForward {
+    /// The kernel measured fastest: portable today. The tensor-core forward is correct but
+    /// 1.4-1.7x slower on the H100 at SSA's settings (docs/BENCHMARKS.md), so it is opt-in.
+    Auto,
+    /// f32 arithmetic on any device (`shaders/sparse_fwd.wgsl`).
+    Portable,
+    /// Tensor cores (`shaders/sparse_coop.wgsl`, `ops::coop`): native f16 tensors, up to 16
+    /// query heads per kv head, blocks of a multiple of 16 keys.
+    Coop,
+}
+
+impl SparseForward {
+    pub fn name(self) -> &'static str {
+        match self {
+            SparseForward::Auto => "auto",
+            SparseForward::Portable => "portable",
+            SparseForward::Coop => "coop",
+        }
+    }
+}
+
 /// Block-sparse attention for one problem shape and selection width.
 #[derive(Debug)]
 pub struct SparseAttention {
@@ -33,6 +56,9 @@ pub struct SparseAttention {
     has_bias: bool,
     chunks: Vec<Chunk>,
     fwd: Arc<Pipeline>,
+    /// The forward kernel (resolved: never Auto) and the tokens one of its workgroups takes.
+    forward: SparseForward,
+    fwd_tokens: u32,
     dq: Arc<Pipeline>,
     dkdv: Arc<Pipeline>,
     rowdot: Arc<Pipeline>,
@@ -154,7 +180,7 @@ impl SparseAttention {
     }
 
     /// The same for q, k, v, o and gradients of `dtype` (F32 or F16; LSE, bias and the
-    /// arithmetic stay f32).
+    /// accumulation stay f32).
     pub fn for_dtype(
         gpu: &Gpu,
         shape: AttnShape,
@@ -162,6 +188,20 @@ impl SparseAttention {
         nsel: usize,
         has_bias: bool,
         dtype: DType,
+    ) -> Result<Self> {
+        Self::with_forward(gpu, shape, opts, nsel, has_bias, dtype, SparseForward::Auto)
+    }
+
+    /// The same with the forward kernel chosen; `Coop` where the device or shape cannot run it
+    /// is an error that says why.
+    pub fn with_forward(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: SparseOptions,
+        nsel: usize,
+        has_bias: bool,
+        dtype: DType,
+        forward: SparseForward,
     ) -> Result<Self> {
         let storage = Storage::for_dtype(gpu, dtype)?;
         let e = dtype.size() as u64;
@@ -255,7 +295,34 @@ impl SparseAttention {
                 storage,
             }
         };
-        let fwd = gpu.pipeline(&key("sparse_fwd.wgsl", "main", tiles, Kind::Fwd))?;
+        let coop_ok = || {
+            if storage != Storage::F16 {
+                return Err(Error::Unsupported(format!(
+                    "the cooperative-matrix sparse forward takes native f16 tensors, not {}",
+                    storage.name()
+                )));
+            }
+            crate::ops::coop::sparse_supported(gpu, d, g, opts.block)
+        };
+        let forward = match forward {
+            SparseForward::Auto => SparseForward::Portable,
+            f => f,
+        };
+        let (fwd, fwd_tokens) = if forward == SparseForward::Coop {
+            coop_ok()?;
+            let (p, t) = crate::ops::coop::sparse_forward_pipeline(
+                gpu,
+                d as u32,
+                opts.block as u32,
+                has_bias,
+            )?;
+            (p, t.nsg)
+        } else {
+            (
+                gpu.pipeline(&key("sparse_fwd.wgsl", "main", tiles, Kind::Fwd))?,
+                1,
+            )
+        };
         let dq = gpu.pipeline(&key("sparse_bwd.wgsl", "dq_main", dq_tiles, Kind::Dq))?;
         let dkdv = gpu.pipeline(&key("sparse_bwd.wgsl", "dkdv", dkdv_tiles, Kind::Dkdv))?;
         // D = rowsum(dO ∘ O): the dense backward's `rowdot` entry (reads D and NT only).
@@ -277,6 +344,8 @@ impl SparseAttention {
             has_bias,
             chunks,
             fwd,
+            forward,
+            fwd_tokens,
             dq,
             dkdv,
             rowdot,
@@ -284,6 +353,11 @@ impl SparseAttention {
             nt_rowdot: dq_tiles.threads(d as u32),
             storage,
         })
+    }
+
+    /// The kernel the forward runs (`Portable` or `Coop`).
+    pub fn forward_kernel(&self) -> SparseForward {
+        self.forward
     }
 
     /// `[b, hkv, seq_q, nsel]`
@@ -425,7 +499,10 @@ impl SparseAttention {
                     (6, sel, w(Class::Sel)),
                     (7, bt, bw),
                 ],
-                (s.seq_q as u32, (c.u1 - c.u0) as u32),
+                (
+                    (s.seq_q as u32).div_ceil(self.fwd_tokens),
+                    (c.u1 - c.u0) as u32,
+                ),
             );
         }
         Ok(())
