@@ -7,21 +7,17 @@
 // every product is a full 16 x 16 x 16 tensor-core operation whatever the block size. A workgroup
 // holds NSG subgroups, each with its own token and its own staging area. The selected blocks
 // form one key list, walked in chunks of 16 keys, BK keys (NJ chunks) per step:
-//   stage        the step's K and V rows into the subgroup's staging area; keys of a sentinel
-//                block, past the token's causal limit or past seq_k are zero rows
-//   S = Q Kᵀ     NJ chunks of D/16 multiply-adds into the subgroup's scratch
-//   softmax      lane l owns head l/2 and the columns of parity l%2; invisible keys are masked
-//   O += P V     16-column slices of O through the scratch into the lanes' f32 registers
-// The softmax, the lazy running maximum and the accumulation rounds are those of
-// attention_coop.wgsl (see there for why O lives in registers). Selections are data, so nothing
+// the step's K and V rows go into the subgroup's staging area (keys of a sentinel block, past the
+// token's causal limit or past seq_k are zero rows), then S = Q Kᵀ, softmax (invisible keys
+// masked) and O += P V through the tile machinery of coop_tile.wgsl. Selections are data, so nothing
 // they hold may steer control flow around cooperative operations (naga requires it uniform, and
 // a workgroupUniformLoad zeroed every product on the H100 driver): they only choose addresses
 // and masks, and every subgroup runs the same ceil(nsel·BLK / BK) steps.
 //
-// Constants: D, BLK (block size, multiple of 16), BK (keys per step, multiple of 16), NSG,
-// NT = 32·NSG, DP = D + 8, OW (O slices per round; divides D/16 and BK/16), PAIRS (NJ and OW
-// even), HAS_BIAS. Storage is native f16 (ST = vec4<f16>).
+// Constants: those of coop_tile.wgsl (KV = NSG staging areas of 2·BK·DP halves), BLK (block
+// size, multiple of 16), NT = 32·NSG, HAS_BIAS. Storage is native f16 (ST = vec4<f16>).
 //#include "attn_params.wgsl"
+//#include "coop_tile.wgsl"
 enable wgpu_cooperative_matrix;
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -33,32 +29,10 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(6) var<storage, read> sel: array<u32>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
 
-const RESCALE: f32 = 8.0;
-const DQ: u32 = D / 16u;
-const NJ: u32 = BK / 16u;
-const HB: u32 = BK / 2u;
-const SP: u32 = BK + 4u;
-const PP: u32 = BK + 8u;
-// 16-key chunks per block; vec4s of the step's K (and V) rows per lane.
-const CPB: u32 = BLK / 16u;
+// vec4s of the step's K (and V) rows per lane.
 const NPF: u32 = BK * D4 / 32u;
 // Halves of one subgroup's staging area: K rows [0, BK), V rows [BK, 2·BK); Q before them.
 const STAGE: u32 = 2u * BK * DP;
-
-alias MatA = coop_mat16x16<f16, A>;
-alias MatB = coop_mat16x16<f16, B>;
-alias MatC = coop_mat16x16<f32, C>;
-
-var<workgroup> kv: array<f16, NSG * STAGE>;
-var<workgroup> scr: array<f32, NSG * 16u * SP>;
-var<workgroup> pm: array<f16, NSG * 16u * PP>;
-
-fn put4(at: u32, x: ST) {
-    kv[at] = x.x;
-    kv[at + 1u] = x.y;
-    kv[at + 2u] = x.z;
-    kv[at + 3u] = x.w;
-}
 
 // -inf for the LSE of a head that sees no key, built at run time (a constant -inf is a
 // shader-creation error in WGSL; see sparse_fwd.wgsl).
@@ -123,7 +97,6 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     var acc: array<f32, D / 2u>;
     let sb = sg * 16u * SP;
     let pb = sg * 16u * PP;
-    var zero: MatC;
 
     let steps = (prm.nsel * BLK + BK - 1u) / BK;
     for (var step = 0u; step < steps; step++) {
@@ -152,33 +125,8 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
         }
         workgroupBarrier();
 
-        if (PAIRS == 1u) {
-            for (var j = 0u; j < NJ; j += 2u) {
-                var s0 = zero;
-                var s1 = zero;
-                for (var i = 0u; i < DQ; i++) {
-                    let k0 = coopLoad<MatB>(&kv[st + j * 16u * DP + i * 16u], DP);
-                    let k1 = coopLoad<MatB>(&kv[st + (j + 1u) * 16u * DP + i * 16u], DP);
-                    s0 = coopMultiplyAdd(qa[i], k0, s0);
-                    s1 = coopMultiplyAdd(qa[i], k1, s1);
-                }
-                coopStoreT(s0, &scr[sb + j * 16u], SP);
-                coopStoreT(s1, &scr[sb + j * 16u + 16u], SP);
-            }
-        } else {
-            for (var j = 0u; j < NJ; j++) {
-                var s = zero;
-                for (var i = 0u; i < DQ; i++) {
-                    let kb = coopLoad<MatB>(&kv[st + j * 16u * DP + i * 16u], DP);
-                    s = coopMultiplyAdd(qa[i], kb, s);
-                }
-                coopStoreT(s, &scr[sb + j * 16u], SP);
-            }
-        }
-        workgroupBarrier();
-
+        scores(&qa, st, sb);
         var x: array<f32, HB>;
-        var mx = NEG;
         for (var c = 0u; c < HB; c++) {
             let col = 2u * c + half;
             let key = list_key(i0 + col, live, sel0, nb, kv_len);
@@ -186,82 +134,16 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
             if (HAS_BIAS != 0u && key != 0xffffffffu) {
                 b = bias[bias0 + key] * LOG2E;
             }
-            let sv = scr[sb + r * SP + col];
-            x[c] = select(NEG, fma(sv, prm.scale_log2, b), key != 0xffffffffu);
-            mx = max(mx, x[c]);
+            x[c] = select(NEG, fma(scr[sb + r * SP + col], prm.scale_log2, b), key != 0xffffffffu);
         }
-        mx = max(mx, subgroupShuffleXor(mx, 1u));
-        if (mx > m + RESCALE) {
-            if (m != NEG) {
-                let alpha = exp2(m - mx);
-                l *= alpha;
-                for (var c = 0u; c < D / 2u; c++) {
-                    acc[c] *= alpha;
-                }
-            }
-            m = mx;
-        }
-        for (var c = 0u; c < HB; c++) {
-            let p = select(0.0, exp2(x[c] - m), x[c] != NEG);
-            l += p;
-            pm[pb + r * PP + 2u * c + half] = f16(p);
-        }
-        workgroupBarrier();
-
-        for (var o0 = 0u; o0 < DQ; o0 += OW) {
-            if (PAIRS == 1u) {
-                for (var w = 0u; w < OW; w += 2u) {
-                    var p0 = zero;
-                    var p1 = zero;
-                    for (var j = 0u; j < NJ; j++) {
-                        let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);
-                        let vr = st + (BK + j * 16u) * DP + (o0 + w) * 16u;
-                        let v0 = coopLoadT<MatB>(&kv[vr], DP);
-                        let v1 = coopLoadT<MatB>(&kv[vr + 16u], DP);
-                        p0 = coopMultiplyAdd(pa, v0, p0);
-                        p1 = coopMultiplyAdd(pa, v1, p1);
-                    }
-                    coopStoreT(p0, &scr[sb + w * 16u], SP);
-                    coopStoreT(p1, &scr[sb + w * 16u + 16u], SP);
-                }
-            } else {
-                for (var w = 0u; w < OW; w++) {
-                    var part = zero;
-                    for (var j = 0u; j < NJ; j++) {
-                        let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);
-                        let vb = coopLoadT<MatB>(&kv[st + (BK + j * 16u) * DP + (o0 + w) * 16u], DP);
-                        part = coopMultiplyAdd(pa, vb, part);
-                    }
-                    coopStoreT(part, &scr[sb + w * 16u], SP);
-                }
-            }
-            workgroupBarrier();
-            for (var c = 0u; c < OW * 8u; c++) {
-                acc[o0 * 8u + c] += scr[sb + r * SP + 2u * c + half];
-            }
-            workgroupBarrier();
-        }
+        softmax_tile(&x, &m, &l, &acc, pb, r, half);
+        accumulate_pv(&acc, st + BK * DP, sb, pb, r, half);
     }
 
     // O = acc / l (0 for a head that sees no key), a round of OW slices at a time.
     let lt = l + subgroupShuffleXor(l, 1u);
     let inv = select(0.0, 1.0 / lt, lt > 0.0);
-    for (var o0 = 0u; o0 < DQ; o0 += OW) {
-        workgroupBarrier();
-        for (var c = 0u; c < OW * 8u; c++) {
-            scr[sb + r * SP + 2u * c + half] = acc[o0 * 8u + c] * inv;
-        }
-        workgroupBarrier();
-        for (var e = lane; e < 16u * OW * 4u; e += 32u) {
-            let h = e / (OW * 4u);
-            let cc = e % (OW * 4u);
-            if (live && h < prm.group) {
-                let a = sb + h * SP + cc * 4u;
-                let x = vec4<f32>(scr[a], scr[a + 1u], scr[a + 2u], scr[a + 3u]);
-                o[q4 + h * qstride + o0 * 4u + cc] = pack_st(x);
-            }
-        }
-    }
+    store_o(&acc, inv, q4, qstride, select(0u, prm.group, live), sb, r, half, lane);
     if (live && r < prm.group && half == 0u) {
         lse[prm.r_off + (u * prm.group + r) * prm.seq_q + t] =
             select(neg_inf(), (m + log2(lt)) * LN2, lt > 0.0);

@@ -31,6 +31,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_coop.wgsl"),
     ),
     (
+        "coop_tile.wgsl",
+        include_str!("../../shaders/coop_tile.wgsl"),
+    ),
+    (
         "sparse_fwd.wgsl",
         include_str!("../../shaders/sparse_fwd.wgsl"),
     ),

@@ -222,6 +222,7 @@ impl SparseTiles {
             ("OW", t.out_slices(d)),
             ("PAIRS", t.pairs(d) as u32),
             ("HAS_BIAS", has_bias as u32),
+            ("KV", self.nsg * 2 * self.bk * (d + 8)),
             // attn_params.wgsl's key_end reads BQ; the sparse kernel never calls it.
             ("BQ", 16),
         ]
