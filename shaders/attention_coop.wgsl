@@ -28,6 +28,10 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(4) var<storage, read_write> o: array<ST>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 
+fn put_out(i: u32, x: ST) {
+    o[i] = x;
+}
+
 // vec4s of a K (and of a V) tile each thread carries from global memory to the staging area.
 const NPF: u32 = (BK * D4 + NT - 1u) / NT;
 

@@ -17,7 +17,8 @@
 //
 // Every function here holds barriers or cooperative operations: call them in uniform control
 // flow. Barriers are workgroup-wide (subgroupBarrier needs SUBGROUP_BARRIER).
-// Needs: Params (attn_params.wgsl), the `o` binding, `enable wgpu_cooperative_matrix;` in the
+// Needs: Params (attn_params.wgsl), `fn put_out(i: u32, x: ST)` (the output store), `enable
+// wgpu_cooperative_matrix;` in the
 // kernel file, and constants D, BK, NSG, DP (staged f16 row stride D + 8: rows 16 bytes apart in
 // bank space), KV (staging halves), OW (O slices per round; divides D/16 and BK/16), PAIRS.
 
@@ -145,8 +146,8 @@ fn accumulate_pv(acc: ptr<function, array<f32, D / 2u>>, vb: u32, sb: u32, pb: u
     }
 }
 
-// O = acc · inv for the subgroup's 16 rows: row rr goes to `o` at vec4 index base + rr·stride;
-// rows at or past `nrows` are not written.
+// O = acc · inv for the subgroup's 16 rows: row rr goes to vec4 index base + rr·stride of the
+// kernel's output (its `put_out`); rows at or past `nrows` are not written.
 fn store_o(acc: ptr<function, array<f32, D / 2u>>, inv: f32, base: u32, stride: u32, nrows: u32,
            sb: u32, r: u32, half: u32, lane: u32) {
     for (var i0 = 0u; i0 < DQ; i0 += OW) {
@@ -161,7 +162,7 @@ fn store_o(acc: ptr<function, array<f32, D / 2u>>, inv: f32, base: u32, stride: 
             if (rr < nrows) {
                 let a = sb + rr * SP + cc * 4u;
                 let x = vec4<f32>(scr[a], scr[a + 1u], scr[a + 2u], scr[a + 3u]);
-                o[base + rr * stride + i0 * 4u + cc] = pack_st(x);
+                put_out(base + rr * stride + i0 * 4u + cc, pack_st(x));
             }
         }
     }

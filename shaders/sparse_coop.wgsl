@@ -26,6 +26,10 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(3) var<storage, read> v: array<ST>;
 @group(0) @binding(4) var<storage, read_write> o: array<ST>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+
+fn put_out(i: u32, x: ST) {
+    o[i] = x;
+}
 @group(0) @binding(6) var<storage, read> sel: array<u32>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
 

@@ -228,6 +228,36 @@ fn coop_forward_matches_reference() {
     eprintln!("coop: {ran} of {} cases ran", cases().len());
 }
 
+/// Draft: dQ on tensor cores too (dK/dV on the f32 tile). Runs where the device has cooperative
+/// matrices; skipped with the reason elsewhere.
+#[test]
+fn coop_backward_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    let mut ran = 0;
+    for (i, case) in cases().iter().enumerate() {
+        let d = case.shape.head_dim;
+        if let Err(e) = sparse_attn::ops::coop::supported(&gpu, d) {
+            eprintln!("SKIPPED coop backward d={d} on {}: {e}", gpu.adapter().name);
+            continue;
+        }
+        let variants = Variants {
+            forward: Variant::Coop,
+            backward: Variant::Coop,
+        };
+        run_case_as(
+            &gpu,
+            case,
+            variants,
+            Storage::F16,
+            seed.wrapping_add(i as u64),
+            true,
+        );
+        ran += 1;
+    }
+    eprintln!("coop backward: {ran} of {} cases ran", cases().len());
+}
+
 #[test]
 fn f16_packed_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };

@@ -35,6 +35,10 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/coop_tile.wgsl"),
     ),
     (
+        "attention_coop_bwd.wgsl",
+        include_str!("../../shaders/attention_coop_bwd.wgsl"),
+    ),
+    (
         "sparse_fwd.wgsl",
         include_str!("../../shaders/sparse_fwd.wgsl"),
     ),

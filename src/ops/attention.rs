@@ -279,13 +279,7 @@ fn check_fits(gpu: &Gpu, variant: Variant, d: usize, kinds: &[Kind]) -> Result<(
         );
     }
     if variant == Variant::Coop {
-        if kinds.iter().any(|&k| k != Kind::Fwd) {
-            return Err(Error::Unsupported(
-                "the cooperative-matrix variant has no backward pass yet; use an f32-arithmetic \
-                 variant (portable, large, xl) for the backward"
-                    .into(),
-            ));
-        }
+        // As a backward variant (draft): dQ on tensor cores, dK/dV on the largest f32 tile.
         return crate::ops::coop::supported(gpu, d);
     }
     let l = gpu.limits();
@@ -441,6 +435,8 @@ pub struct FullAttention {
     /// Query rows per forward workgroup.
     fwd_rows: u32,
     dq: Arc<Pipeline>,
+    /// Query rows per dQ workgroup.
+    dq_rows: u32,
     dkdv: Arc<Pipeline>,
     rowdot: Arc<Pipeline>,
     /// Tiles of dQ and dK/dV.
@@ -503,10 +499,14 @@ impl FullAttention {
         let d = shape.head_dim as u32;
         let max_shared = gpu.limits().max_compute_workgroup_storage_size;
         let fit = |kind, v| Tiles::fitted(kind, v, d, max_shared).expect("checked above");
-        let tiles = [
-            fit(Kind::Dq, variants.backward),
-            fit(Kind::Dkdv, variants.backward),
-        ];
+        // A Coop backward runs dQ on tensor cores and dK/dV (and rowdot) on the f32 tile the
+        // device would pick.
+        let f32_bwd = if variants.backward == Variant::Coop {
+            auto_variants(gpu, shape.head_dim)?.backward
+        } else {
+            variants.backward
+        };
+        let tiles = [fit(Kind::Dq, f32_bwd), fit(Kind::Dkdv, f32_bwd)];
         let key = |file, entry, consts| PipelineKey {
             file,
             entry,
@@ -532,11 +532,23 @@ impl FullAttention {
             ))?;
             (p, t.rows())
         };
-        let dq = gpu.pipeline(&key(
-            "attention_bwd.wgsl",
-            "dq_main",
-            tiles[0].constants(Kind::Dq, d),
-        ))?;
+        let (dq, dq_rows) = if variants.backward == Variant::Coop {
+            if storage != Storage::F16 {
+                return Err(Error::Unsupported(format!(
+                    "the cooperative-matrix variant takes native f16 tensors, not {}",
+                    storage.name()
+                )));
+            }
+            let (p, t) = crate::ops::coop::dq_pipeline(gpu, d)?;
+            (p, t.rows())
+        } else {
+            let p = gpu.pipeline(&key(
+                "attention_bwd.wgsl",
+                "dq_main",
+                tiles[0].constants(Kind::Dq, d),
+            ))?;
+            (p, tiles[0].rows())
+        };
         let dkdv = gpu.pipeline(&key(
             "attention_bwd.wgsl",
             "dkdv",
@@ -556,6 +568,7 @@ impl FullAttention {
             fwd,
             fwd_rows,
             dq,
+            dq_rows,
             dkdv,
             rowdot,
             tiles,
@@ -778,7 +791,7 @@ impl FullAttention {
                 &base,
                 c,
                 &[&inputs[..], &[(8, Class::Q, &grads.dq)]].concat(),
-                ((s.seq_q as u32).div_ceil(self.tiles[0].rows()), heads),
+                ((s.seq_q as u32).div_ceil(self.dq_rows), heads),
             );
         }
         Ok(())

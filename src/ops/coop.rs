@@ -174,6 +174,17 @@ pub(crate) fn forward_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, Coop
     Ok((p, t))
 }
 
+/// The draft dQ pipeline (`shaders/attention_coop_bwd.wgsl`), on the forward's tile.
+pub(crate) fn dq_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
+    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
+    let p = gpu.pipeline(&PipelineKey {
+        file: "attention_coop_bwd.wgsl",
+        entry: "dq_coop",
+        ..forward_key(d, t)
+    })?;
+    Ok((p, t))
+}
+
 fn forward_key(d: u32, t: CoopTiles) -> PipelineKey {
     PipelineKey {
         file: "attention_coop.wgsl",
@@ -350,6 +361,21 @@ mod tests {
             let t = SparseTiles::for_dim(d, 48 * 1024).unwrap();
             let src = crate::gpu::preprocess(&sparse_key(d, blk, bias, t)).unwrap();
             spirv(&src, &format!("sparse d={d} blk={blk}"));
+        }
+    }
+
+    /// Draft dQ kernel (not yet launched by any op): it must at least get through naga.
+    #[test]
+    fn coop_dq_shader_compiles_to_spirv() {
+        for d in [16, 48, 64, 128, 256] {
+            let t = CoopTiles::default_for(d, 48 * 1024);
+            let key = PipelineKey {
+                file: "attention_coop_bwd.wgsl",
+                entry: "dq_coop",
+                ..forward_key(d, t)
+            };
+            let src = crate::gpu::preprocess(&key).unwrap();
+            spirv(&src, &format!("dq d={d}"));
         }
     }
 

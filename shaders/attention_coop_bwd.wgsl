@@ -1,0 +1,140 @@
+// DRAFT (branch wip/coop-backward; naga-validated, not yet run on a GPU with cooperative
+// matrices): full attention dQ on cooperative matrices, FlashAttention-2 style recomputation.
+// f16 q, k, v, dO, dQ; f32 LSE, D (= rowsum(dO ∘ O), from attention_bwd.wgsl's rowdot) and
+// accumulators. Same bindings as attention_bwd.wgsl.
+//
+// One workgroup per (query tile of BQ = 16·NSG rows, batch x query head); subgroup `sg` keeps the
+// Q and dO fragments of its 16 rows in registers. Per key tile of BK keys (K and V staged in
+// workgroup memory, shared by the subgroups):
+//   S  = Q Kᵀ            `scores` with the Q fragments over the K rows
+//   P  = exp(s·S − LSE)  per lane (LSE known: no running maximum, P <= 1)
+//   dP = dO Vᵀ           `scores` with the dO fragments over the V rows
+//   dS = P ∘ (dP − D)    per lane, to workgroup memory as f16 (in place of P)
+//   dQ += dS K           `accumulate_pv` over the K rows (row-major B, as V in the forward)
+// dQ = s · acc at the end. Tile machinery and constants: coop_tile.wgsl; BQ = 16·NSG, NT = 32·NSG.
+//#include "attn_params.wgsl"
+//#include "coop_tile.wgsl"
+enable wgpu_cooperative_matrix;
+
+@group(0) @binding(0) var<uniform> prm: Params;
+@group(0) @binding(1) var<storage, read> q: array<ST>;
+@group(0) @binding(2) var<storage, read> k: array<ST>;
+@group(0) @binding(3) var<storage, read> v: array<ST>;
+@group(0) @binding(5) var<storage, read> d_o: array<ST>;
+@group(0) @binding(6) var<storage, read> lse: array<f32>;
+@group(0) @binding(7) var<storage, read_write> rowd: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dq: array<ST>;
+
+fn put_out(i: u32, x: ST) {
+    dq[i] = x;
+}
+
+const NPF: u32 = (BK * D4 + NT - 1u) / NT;
+
+fn fetch(pk: ptr<function, array<ST, NPF>>, pv: ptr<function, array<ST, NPF>>, k4: u32,
+         r0: u32, end: u32, tid: u32) {
+    for (var i = 0u; i < NPF; i++) {
+        let e = tid + i * NT;
+        let r = r0 + e / D4;
+        var a = ST(0.0);
+        var b = ST(0.0);
+        if (e < BK * D4 && r < end) {
+            let g = k4 + r * D4 + e % D4;
+            a = k[g];
+            b = v[g];
+        }
+        (*pk)[i] = a;
+        (*pv)[i] = b;
+    }
+}
+
+// Rows [row0, row0 + BQ) of q (which = 0) or dO (1) into the staging area (zero past seq_q).
+fn stage_rows(which: u32, q4: u32, row0: u32, tid: u32) {
+    for (var e = tid; e < BQ * D4; e += NT) {
+        let r = e / D4;
+        var x = ST(0.0);
+        if (row0 + r < prm.seq_q) {
+            let g = q4 + (row0 + r) * D4 + e % D4;
+            x = select(d_o[g], q[g], which == 0u);
+        }
+        put4(r * DP + (e % D4) * 4u, x);
+    }
+}
+
+@compute @workgroup_size(NT)
+fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let sg = tid / 32u;
+    let lane = tid % 32u;
+    let row0 = wg.x * BQ;
+    let bh = wg.y;
+    let kvh = bh / prm.group;
+    let q4 = (prm.q_off + bh * prm.seq_q * D) / 4u;
+    let k4 = (prm.k_off + kvh * prm.seq_k * D) / 4u;
+
+    // Q, then dO, through the staging area into this subgroup's fragments.
+    var qa: array<MatA, DQ>;
+    var da: array<MatA, DQ>;
+    stage_rows(0u, q4, row0, tid);
+    workgroupBarrier();
+    for (var i = 0u; i < DQ; i++) {
+        qa[i] = coopLoadT<MatA>(&kv[sg * 16u * DP + i * 16u], DP);
+    }
+    workgroupBarrier();
+    stage_rows(1u, q4, row0, tid);
+    workgroupBarrier();
+    for (var i = 0u; i < DQ; i++) {
+        da[i] = coopLoadT<MatA>(&kv[sg * 16u * DP + i * 16u], DP);
+    }
+
+    let r = lane / 2u;
+    let half = lane % 2u;
+    let row = row0 + sg * 16u + r;
+    var lse2 = 0.0;
+    var rd = 0.0;
+    if (row < prm.seq_q) {
+        lse2 = lse[prm.r_off + bh * prm.seq_q + row] * LOG2E;
+        rd = rowd[prm.r_off + bh * prm.seq_q + row];
+    }
+    var acc: array<f32, D / 2u>;
+    let sb = sg * 16u * SP;
+    let pb = sg * 16u * PP;
+
+    let kend = key_end(row0);
+    var pk: array<ST, NPF>;
+    var pv: array<ST, NPF>;
+    fetch(&pk, &pv, k4, 0u, kend, tid);
+    for (var key0 = 0u; key0 < kend; key0 += BK) {
+        workgroupBarrier();
+        for (var i = 0u; i < NPF; i++) {
+            let e = tid + i * NT;
+            if (e < BK * D4) {
+                let s = (e / D4) * DP + (e % D4) * 4u;
+                put4(s, pk[i]);
+                put4(s + BK * DP, pv[i]);
+            }
+        }
+        workgroupBarrier();
+        fetch(&pk, &pv, k4, key0 + BK, kend, tid);
+
+        scores(&qa, 0u, sb);
+        var p: array<f32, HB>;
+        for (var c = 0u; c < HB; c++) {
+            let col = 2u * c + half;
+            let s = scr[sb + r * SP + col];
+            p[c] = select(0.0, exp2(s * prm.scale_log2 - lse2), visible(row, key0 + col));
+        }
+        // The subgroup's lanes have read S before dP overwrites it.
+        workgroupBarrier();
+        scores(&da, BK * DP, sb);
+        for (var c = 0u; c < HB; c++) {
+            let col = 2u * c + half;
+            pm[pb + r * PP + col] = f16(p[c] * (scr[sb + r * SP + col] - rd));
+        }
+        workgroupBarrier();
+        accumulate_pv(&acc, 0u, sb, pb, r, half);
+    }
+
+    let first = row0 + sg * 16u;
+    let nrows = select(0u, min(16u, prm.seq_q - first), first < prm.seq_q);
+    store_o(&acc, prm.scale, q4 + first * D4, D4, nrows, sb, r, half, lane);
+}
