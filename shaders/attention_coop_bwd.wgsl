@@ -1,5 +1,6 @@
 // DRAFT (branch wip/coop-backward; naga-validated, not yet run on a GPU with cooperative
-// matrices): full attention dQ on cooperative matrices, FlashAttention-2 style recomputation.
+// matrices): full attention backward on cooperative matrices, FlashAttention-2 style
+// recomputation. Two entries, dq_coop and dkdv_coop (below).
 // f16 q, k, v, dO, dQ; f32 LSE, D (= rowsum(dO ∘ O), from attention_bwd.wgsl's rowdot) and
 // accumulators. Same bindings as attention_bwd.wgsl.
 //
@@ -24,9 +25,18 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(6) var<storage, read> lse: array<f32>;
 @group(0) @binding(7) var<storage, read_write> rowd: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dq: array<ST>;
+@group(0) @binding(9) var<storage, read_write> dk: array<ST>;
+@group(0) @binding(10) var<storage, read_write> dv: array<ST>;
+
+// Which gradient store_o writes: 0 = dQ, 1 = dK, 2 = dV.
+var<private> out_to: u32;
 
 fn put_out(i: u32, x: ST) {
-    dq[i] = x;
+    switch out_to {
+        case 0u: { dq[i] = x; }
+        case 1u: { dk[i] = x; }
+        default: { dv[i] = x; }
+    }
 }
 
 const NPF: u32 = (BK * D4 + NT - 1u) / NT;
@@ -136,5 +146,126 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 
     let first = row0 + sg * 16u;
     let nrows = select(0u, min(16u, prm.seq_q - first), first < prm.seq_q);
+    out_to = 0u;
     store_o(&acc, prm.scale, q4 + first * D4, D4, nrows, sb, r, half, lane);
+}
+
+// LSE·log2(e) and D of the current query tile (dkdv_coop).
+var<workgroup> tile_lse: array<f32, BK>;
+var<workgroup> tile_d: array<f32, BK>;
+
+// dK and dV for a key tile of BQ = 16·NSG keys (subgroup `sg` owns keys sg·16..; its K and V
+// fragments stay in registers), summed over the G query heads of the group and the query tiles
+// of BK queries that see the keys (Q and dO rows staged as the "key" operand of coop_tile):
+//   Sᵀ = K Qᵀ, Pᵀ = exp(s·Sᵀ − LSE), dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D),
+//   dV += Pᵀ dO, dK += s · dSᵀ Q.
+@compute @workgroup_size(NT)
+fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let sg = tid / 32u;
+    let lane = tid % 32u;
+    let key0 = wg.x * BQ;
+    let kvh = wg.y;
+    let k4 = (prm.k_off + kvh * prm.seq_k * D) / 4u;
+
+    // K, then V, through the staging area into this subgroup's fragments.
+    var ka: array<MatA, DQ>;
+    var va: array<MatA, DQ>;
+    for (var t = 0u; t < 2u; t++) {
+        workgroupBarrier();
+        for (var e = tid; e < BQ * D4; e += NT) {
+            let r = e / D4;
+            var x = ST(0.0);
+            if (key0 + r < prm.seq_k) {
+                let g = k4 + (key0 + r) * D4 + e % D4;
+                x = select(v[g], k[g], t == 0u);
+            }
+            put4(r * DP + (e % D4) * 4u, x);
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < DQ; i++) {
+            let f = coopLoadT<MatA>(&kv[sg * 16u * DP + i * 16u], DP);
+            if (t == 0u) {
+                ka[i] = f;
+            } else {
+                va[i] = f;
+            }
+        }
+    }
+
+    let r = lane / 2u;
+    let half = lane % 2u;
+    let key = key0 + sg * 16u + r;
+    var acck: array<f32, D / 2u>;
+    var accv: array<f32, D / 2u>;
+    let sb = sg * 16u * SP;
+    let pb = sg * 16u * PP;
+    // The first query tile with a query that sees key0 (causal): q_pos0 + row >= key0.
+    var qstart = 0u;
+    if (prm.causal != 0u && key0 > prm.q_pos0) {
+        qstart = ((key0 - prm.q_pos0) / BK) * BK;
+    }
+    for (var h = 0u; h < prm.group; h++) {
+        let bh = kvh * prm.group + h;
+        let q4 = (prm.q_off + bh * prm.seq_q * D) / 4u;
+        let r_base = prm.r_off + bh * prm.seq_q;
+        for (var row0 = qstart; row0 < prm.seq_q; row0 += BK) {
+            // Q rows [0, BK) and dO rows [BK, 2·BK) of the staging area; LSE and D.
+            workgroupBarrier();
+            for (var e = tid; e < BK * D4; e += NT) {
+                let rr = e / D4;
+                var a = ST(0.0);
+                var b = ST(0.0);
+                if (row0 + rr < prm.seq_q) {
+                    let g = q4 + (row0 + rr) * D4 + e % D4;
+                    a = q[g];
+                    b = d_o[g];
+                }
+                let s = rr * DP + (e % D4) * 4u;
+                put4(s, a);
+                put4(s + BK * DP, b);
+            }
+            for (var e = tid; e < BK; e += NT) {
+                var a = 0.0;
+                var b = 0.0;
+                if (row0 + e < prm.seq_q) {
+                    a = lse[r_base + row0 + e] * LOG2E;
+                    b = rowd[r_base + row0 + e];
+                }
+                tile_lse[e] = a;
+                tile_d[e] = b;
+            }
+            workgroupBarrier();
+
+            scores(&ka, 0u, sb);
+            var p: array<f32, HB>;
+            for (var c = 0u; c < HB; c++) {
+                let col = 2u * c + half;
+                let s = scr[sb + r * SP + col];
+                p[c] = select(0.0, exp2(s * prm.scale_log2 - tile_lse[col]),
+                    key < prm.seq_k && visible(row0 + col, key));
+            }
+            workgroupBarrier();
+            scores(&va, BK * DP, sb);
+            var ds: array<f32, HB>;
+            for (var c = 0u; c < HB; c++) {
+                let col = 2u * c + half;
+                ds[c] = p[c] * (scr[sb + r * SP + col] - tile_d[col]);
+                pm[pb + r * PP + col] = f16(p[c]);
+            }
+            workgroupBarrier();
+            accumulate_pv(&accv, BK * DP, sb, pb, r, half);
+            for (var c = 0u; c < HB; c++) {
+                pm[pb + r * PP + 2u * c + half] = f16(ds[c]);
+            }
+            workgroupBarrier();
+            accumulate_pv(&acck, 0u, sb, pb, r, half);
+        }
+    }
+
+    let first = key0 + sg * 16u;
+    let nrows = select(0u, min(16u, prm.seq_k - first), first < prm.seq_k);
+    out_to = 1u;
+    store_o(&acck, prm.scale, k4 + first * D4, D4, nrows, sb, r, half, lane);
+    out_to = 2u;
+    store_o(&accv, 1.0, k4 + first * D4, D4, nrows, sb, r, half, lane);
 }

@@ -228,7 +228,7 @@ fn coop_forward_matches_reference() {
     eprintln!("coop: {ran} of {} cases ran", cases().len());
 }
 
-/// Draft: dQ on tensor cores too (dK/dV on the f32 tile). Runs where the device has cooperative
+/// Draft: the backward on tensor cores too (dQ and dK/dV). Runs where the device has cooperative
 /// matrices; skipped with the reason elsewhere.
 #[test]
 fn coop_backward_matches_reference() {

@@ -279,7 +279,7 @@ fn check_fits(gpu: &Gpu, variant: Variant, d: usize, kinds: &[Kind]) -> Result<(
         );
     }
     if variant == Variant::Coop {
-        // As a backward variant (draft): dQ on tensor cores, dK/dV on the largest f32 tile.
+        // As a backward variant (draft): dQ and dK/dV on tensor cores.
         return crate::ops::coop::supported(gpu, d);
     }
     let l = gpu.limits();
@@ -438,6 +438,8 @@ pub struct FullAttention {
     /// Query rows per dQ workgroup.
     dq_rows: u32,
     dkdv: Arc<Pipeline>,
+    /// Keys per dK/dV workgroup.
+    dkdv_rows: u32,
     rowdot: Arc<Pipeline>,
     /// Tiles of dQ and dK/dV.
     tiles: [Tiles; 2],
@@ -499,8 +501,7 @@ impl FullAttention {
         let d = shape.head_dim as u32;
         let max_shared = gpu.limits().max_compute_workgroup_storage_size;
         let fit = |kind, v| Tiles::fitted(kind, v, d, max_shared).expect("checked above");
-        // A Coop backward runs dQ on tensor cores and dK/dV (and rowdot) on the f32 tile the
-        // device would pick.
+        // A Coop backward runs dQ and dK/dV on tensor cores; rowdot keeps the f32 tile.
         let f32_bwd = if variants.backward == Variant::Coop {
             auto_variants(gpu, shape.head_dim)?.backward
         } else {
@@ -549,11 +550,17 @@ impl FullAttention {
             ))?;
             (p, tiles[0].rows())
         };
-        let dkdv = gpu.pipeline(&key(
-            "attention_bwd.wgsl",
-            "dkdv",
-            tiles[1].constants(Kind::Dkdv, d),
-        ))?;
+        let (dkdv, dkdv_rows) = if variants.backward == Variant::Coop {
+            let (p, t) = crate::ops::coop::dkdv_pipeline(gpu, d)?;
+            (p, t.rows())
+        } else {
+            let p = gpu.pipeline(&key(
+                "attention_bwd.wgsl",
+                "dkdv",
+                tiles[1].constants(Kind::Dkdv, d),
+            ))?;
+            (p, tiles[1].rows())
+        };
         // rowdot reads only D and NT; the other constants just have to declare the arrays.
         let mut rowdot_consts = tiles[0].constants(Kind::Dq, d);
         for c in rowdot_consts.iter_mut().filter(|c| c.0.starts_with("SH")) {
@@ -570,6 +577,7 @@ impl FullAttention {
             dq,
             dq_rows,
             dkdv,
+            dkdv_rows,
             rowdot,
             tiles,
             storage,
@@ -780,7 +788,7 @@ impl FullAttention {
                 ]
                 .concat(),
                 (
-                    (s.seq_k as u32).div_ceil(self.tiles[1].rows()),
+                    (s.seq_k as u32).div_ceil(self.dkdv_rows),
                     (c.u1 - c.u0) as u32,
                 ),
             );

@@ -185,6 +185,17 @@ pub(crate) fn dq_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles
     Ok((p, t))
 }
 
+/// The draft dK/dV pipeline: key tiles of the forward's rows, query tiles of its keys.
+pub(crate) fn dkdv_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
+    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
+    let p = gpu.pipeline(&PipelineKey {
+        file: "attention_coop_bwd.wgsl",
+        entry: "dkdv_coop",
+        ..forward_key(d, t)
+    })?;
+    Ok((p, t))
+}
+
 fn forward_key(d: u32, t: CoopTiles) -> PipelineKey {
     PipelineKey {
         file: "attention_coop.wgsl",
@@ -364,7 +375,8 @@ mod tests {
         }
     }
 
-    /// Draft dQ kernel (not yet launched by any op): it must at least get through naga.
+    /// Draft backward kernels (launched by Variant::Coop as a backward variant): they must at
+    /// least get through naga.
     #[test]
     fn coop_dq_shader_compiles_to_spirv() {
         for d in [16, 48, 64, 128, 256] {
@@ -376,6 +388,12 @@ mod tests {
             };
             let src = crate::gpu::preprocess(&key).unwrap();
             spirv(&src, &format!("dq d={d}"));
+            let key = PipelineKey {
+                entry: "dkdv_coop",
+                ..key
+            };
+            let src = crate::gpu::preprocess(&key).unwrap();
+            spirv(&src, &format!("dkdv d={d}"));
         }
     }
 
