@@ -1,6 +1,7 @@
-// DRAFT (branch wip/coop-backward; naga-validated, not yet run on a GPU with cooperative
-// matrices): full attention backward on cooperative matrices, FlashAttention-2 style
-// recomputation. Two entries, dq_coop and dkdv_coop (below).
+// Full attention backward on cooperative matrices, FlashAttention-2 style recomputation (checked
+// against src/reference/attention.rs by tests/attention.rs coop_backward_matches_reference).
+// Two entries, dq_coop and dkdv_coop (below); both bind all three gradients because the shared
+// store (`put_out`) reaches each of them.
 // f16 q, k, v, dO, dQ; f32 LSE, D (= rowsum(dO ∘ O), from attention_bwd.wgsl's rowdot) and
 // accumulators. Same bindings as attention_bwd.wgsl.
 //

@@ -228,7 +228,7 @@ fn coop_forward_matches_reference() {
     eprintln!("coop: {ran} of {} cases ran", cases().len());
 }
 
-/// Draft: the backward on tensor cores too (dQ and dK/dV). Runs where the device has cooperative
+/// The backward on tensor cores too (dQ and dK/dV). Runs where the device has cooperative
 /// matrices; skipped with the reason elsewhere.
 #[test]
 fn coop_backward_matches_reference() {

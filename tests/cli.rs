@@ -233,8 +233,10 @@ fn bench_takes_f16_storage() {
     ]);
     assert!(!ok && err.contains("f16"), "{err}");
     // The tensor-core variant takes native f16 only.
-    let (ok, _, err) = run(&["bench", "full", "--variant", "coop", "--seq", "64"]);
-    assert!(!ok && !err.contains("panicked"), "{err}");
+    for v in ["coop", "coop-fwd"] {
+        let (ok, _, err) = run(&["bench", "full", "--variant", v, "--seq", "64"]);
+        assert!(!ok && !err.contains("panicked"), "{err}");
+    }
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {

@@ -365,8 +365,8 @@ struct FullArgs {
     #[arg(long, value_enum, default_value_t = Mask::Causal)]
     mask: Mask,
     /// Kernel variants to time, comma-separated: all, auto (the library's choice per pass),
-    /// portable, large, xl, coop (tensor cores: f16 forward; its backward is the largest tile
-    /// that fits). A prefix picks the storage: `f16:xl`, `f16p:portable` (f16 packed in u32
+    /// portable, large, xl, coop (tensor cores, forward and backward; f16 only), coop-fwd (tensor
+    /// cores forward, the largest f32-arithmetic tile backward). A prefix picks the storage: `f16:xl`, `f16p:portable` (f16 packed in u32
     /// words, what browsers without shader-f16 run), `f16:coop`, `f16:auto`; none = f32.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["all".to_string()])]
     variant: Vec<String>,
@@ -625,9 +625,14 @@ fn info(opts: &GpuOptions, json: bool) -> Result<ExitCode, Error> {
             Err(e) => println!("  {n:<32} off: {e}"),
         }
     }
-    println!(
-        "  f16 / subgroup / cooperative-matrix variants: not built yet (fast-path work is planned)"
-    );
+    match Storage::for_dtype(&gpu, DType::F16) {
+        Ok(st) => println!(
+            "f16 tensors: {} (coop, where enabled, runs f16 attention forward and backward on \
+             tensor cores)",
+            st.name()
+        ),
+        Err(e) => println!("f16 tensors: off: {e}"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -694,7 +699,8 @@ fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
                     )?;
                     variants.push((att.variants(), att.storage()));
                 }
-                "coop" => variants.push((
+                // Forward on tensor cores, backward on the largest f32-arithmetic tile.
+                "coop-fwd" => variants.push((
                     Variants {
                         forward: Variant::Coop,
                         backward: auto_variants(&gpu, d)?.backward,

@@ -41,9 +41,14 @@ impl Gpu {
     {
         // Warm-up: first-use costs (pipeline upload, page faults) stay out of the measurement.
         let warm = Instant::now();
-        let mut enc = self.device.create_command_encoder(&Default::default());
-        encode(&mut enc)?;
-        self.queue.submit([enc.finish()]);
+        // Inside an error scope: work the device rejects fails the benchmark instead of timing
+        // an empty submission.
+        self.scoped("timed work", || -> Result<()> {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            encode(&mut enc)?;
+            self.queue.submit([enc.finish()]);
+            Ok(())
+        })??;
         self.wait()?;
         let reps = match reps {
             Reps::Fixed(0) => {

@@ -279,7 +279,7 @@ fn check_fits(gpu: &Gpu, variant: Variant, d: usize, kinds: &[Kind]) -> Result<(
         );
     }
     if variant == Variant::Coop {
-        // As a backward variant (draft): dQ and dK/dV on tensor cores.
+        // As a backward variant: dQ and dK/dV on tensor cores (attention_coop_bwd.wgsl).
         return crate::ops::coop::supported(gpu, d);
     }
     let l = gpu.limits();
@@ -475,14 +475,15 @@ impl FullAttention {
 
     /// The fastest variants for tensors of `dtype` (F32 or F16; f16 is stored natively where
     /// the device has SHADER_F16, packed in u32 words elsewhere; arithmetic is f32 either way).
-    /// With f16 the forward runs on tensor cores (`Variant::Coop`) where the device has them.
+    /// With f16 both passes run on tensor cores (`Variant::Coop`) where the device has them.
     pub fn for_dtype(gpu: &Gpu, shape: AttnShape, opts: AttnOptions, dtype: DType) -> Result<Self> {
         shape.validate(&opts)?;
         let mut variants = auto_variants(gpu, shape.head_dim)?;
-        if dtype == DType::F16 && crate::ops::coop::supported(gpu, shape.head_dim).is_ok() {
-            variants.forward = Variant::Coop;
+        let storage = Storage::for_dtype(gpu, dtype)?;
+        if storage == Storage::F16 && crate::ops::coop::supported(gpu, shape.head_dim).is_ok() {
+            variants = Variants::uniform(Variant::Coop);
         }
-        Self::with_storage(gpu, shape, opts, variants, Storage::for_dtype(gpu, dtype)?)
+        Self::with_storage(gpu, shape, opts, variants, storage)
     }
 
     /// Everything chosen by the caller.
@@ -756,6 +757,11 @@ impl FullAttention {
             (6, Class::Row, lse),
             (7, Class::Row, rowd),
         ];
+        let outs = [
+            (8, Class::Q, &grads.dq),
+            (9, Class::Kv, &grads.dk),
+            (10, Class::Kv, &grads.dv),
+        ];
         for &c in &self.chunks {
             let base = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
@@ -776,17 +782,20 @@ impl FullAttention {
                 &[(4, Class::Q, o), (5, Class::Q, d_o), (7, Class::Row, rowd)],
                 (gx, blocks.div_ceil(gx)),
             );
+            // The tensor-core kernels share one module whose store reaches all three gradients,
+            // so both entries bind all three.
+            let (dkdv_out, dq_out) = if self.variants.backward == Variant::Coop {
+                (&outs[..], &outs[..])
+            } else {
+                (&outs[1..], &outs[..1])
+            };
             self.dispatch(
                 gpu,
                 enc,
                 &self.dkdv,
                 &base,
                 c,
-                &[
-                    &inputs[..],
-                    &[(9, Class::Kv, &grads.dk), (10, Class::Kv, &grads.dv)],
-                ]
-                .concat(),
+                &[&inputs[..], dkdv_out].concat(),
                 (
                     (s.seq_k as u32).div_ceil(self.dkdv_rows),
                     (c.u1 - c.u0) as u32,
@@ -798,7 +807,7 @@ impl FullAttention {
                 &self.dq,
                 &base,
                 c,
-                &[&inputs[..], &[(8, Class::Q, &grads.dq)]].concat(),
+                &[&inputs[..], dq_out].concat(),
                 ((s.seq_q as u32).div_ceil(self.dq_rows), heads),
             );
         }

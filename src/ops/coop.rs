@@ -174,7 +174,7 @@ pub(crate) fn forward_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, Coop
     Ok((p, t))
 }
 
-/// The draft dQ pipeline (`shaders/attention_coop_bwd.wgsl`), on the forward's tile.
+/// The dQ pipeline (`shaders/attention_coop_bwd.wgsl`), on the forward's tile.
 pub(crate) fn dq_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
     let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
     let p = gpu.pipeline(&PipelineKey {
@@ -185,7 +185,7 @@ pub(crate) fn dq_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles
     Ok((p, t))
 }
 
-/// The draft dK/dV pipeline: key tiles of the forward's rows, query tiles of its keys.
+/// The dK/dV pipeline: key tiles of the forward's rows, query tiles of its keys.
 pub(crate) fn dkdv_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
     let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
     let p = gpu.pipeline(&PipelineKey {
@@ -375,8 +375,8 @@ mod tests {
         }
     }
 
-    /// Draft backward kernels (launched by Variant::Coop as a backward variant): they must at
-    /// least get through naga.
+    /// The backward kernels (Variant::Coop as a backward variant) get through naga for every
+    /// head dim.
     #[test]
     fn coop_dq_shader_compiles_to_spirv() {
         for d in [16, 48, 64, 128, 256] {
