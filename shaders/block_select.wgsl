@@ -11,65 +11,9 @@
 // constants of common.wgsl for block_scores (NT threads is shared by all three entries).
 
 //#include "common.wgsl"
-
-// NEG (from common.wgsl) marks a pooled key that is not a candidate.
-const PAD: f32 = -3.4e38;      // past the last block (sorts after NEG)
-const FORCED: f32 = 3.0e38;    // forced blocks sort first
-const SENTINEL: u32 = 0xffffffffu;
-
-struct SelParams {
-    seq_q: u32,
-    seq_k: u32,
-    q_pos0: u32,
-    causal: u32,
-    group: u32,
-    nb: u32,
-    k: u32,
-    n_init: u32,
-    n_local: u32,
-    mode: u32,    // 0 SSA, 1 MoBA, 2 InfLLM-V2
-    scale: f32,
-    grid_x: u32,
-    q_off: u32,   // element offsets inside the bindings (multiples of 4)
-    k_off: u32,
-    kb_off: u32,
-    s_off: u32,
-    i_off: u32,
-    units: u32,   // (batch, kv-head) groups in this launch
-    np: u32,      // pooled keys (= nb except for InfLLM-V2)
-    pool_w: u32,  // pooling window and stride in tokens
-    pool_s: u32,
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
-}
-
-@group(0) @binding(0) var<uniform> prm: SelParams;
-@group(0) @binding(1) var<storage, read> q: array<ST>;
-@group(0) @binding(2) var<storage, read> k: array<ST>;
-@group(0) @binding(3) var<storage, read_write> kbar: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> scores: array<f32>;
-@group(0) @binding(5) var<storage, read_write> sel: array<u32>;
+//#include "select_common.wgsl"
 
 var<workgroup> sh_key: array<f32, NBP>;
-var<workgroup> sh_idx: array<u32, NBP>;
-
-fn current_block(t: u32) -> u32 {
-    return min((prm.q_pos0 + t) / BLK, prm.nb - 1u);
-}
-
-fn candidate_end(cur: u32) -> u32 {
-    return select(prm.nb, cur + 1u, prm.causal != 0u);
-}
-
-fn is_forced(cur: u32, j: u32) -> bool {
-    return j == cur || j < prm.n_init || (j < cur && cur - j <= prm.n_local);
-}
-
-// Candidate pooled keys of token t: those starting at or before it (causal).
-fn pooled_end(t: u32) -> u32 {
-    return select(prm.np, min(prm.np, (prm.q_pos0 + t) / prm.pool_s + 1u), prm.causal != 0u);
-}
 
 @compute @workgroup_size(NT)
 fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
@@ -259,30 +203,6 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-// Score of block j: its pooled score, or (InfLLM-V2) the max over the candidate kernels that
-// overlap it. `pend` = candidate pooled keys of the row.
-fn block_score(srow: u32, j: u32, pend: u32) -> f32 {
-    if (prm.mode != 2u) {
-        return scores[srow + j];
-    }
-    let start = j * BLK;
-    var lo = 0u;
-    if (start >= prm.pool_w) {
-        lo = (start - prm.pool_w) / prm.pool_s + 1u;
-    }
-    let hi = min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, prm.np), pend);
-    var best = NEG;
-    for (var m = lo; m < hi; m++) {
-        best = max(best, scores[srow + m]);
-    }
-    return best;
-}
-
-// Does (ka, ia) come before (kb, ib)? Higher key first, then the lower index.
-fn precedes(ka: f32, ia: u32, kb: f32, ib: u32) -> bool {
-    return ka > kb || (ka == kb && ia < ib);
-}
-
 @compute @workgroup_size(NT)
 fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let row = wg.y * prm.grid_x + wg.x;
@@ -300,11 +220,7 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     let srow = prm.s_off + row * prm.np;
     let pend = pooled_end(t);
     for (var j = tid; j < p2; j += NT) {
-        var key = PAD;
-        if (j < end) {
-            key = select(block_score(srow, j, pend), FORCED, is_forced(cur, j));
-        }
-        sh_key[j] = key;
+        sh_key[j] = topk_key(srow, j, end, cur, pend);
         sh_idx[j] = j;
     }
     workgroupBarrier();
@@ -329,19 +245,6 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
             workgroupBarrier();
         }
     }
-    // The first min(k, candidates) entries are the selection; write them in ascending order.
-    let n = min(prm.k, end);
-    let out = prm.i_off + row * prm.k;
-    for (var s = tid; s < prm.k; s += NT) {
-        if (s < n) {
-            let idx = sh_idx[s];
-            var rank = 0u;
-            for (var r = 0u; r < n; r++) {
-                rank += select(0u, 1u, sh_idx[r] < idx);
-            }
-            sel[out + rank] = idx;
-        } else {
-            sel[out + s] = SENTINEL;
-        }
-    }
+    // The first min(k, candidates) entries are the selection.
+    write_ascending(min(prm.k, end), row, tid);
 }

@@ -3,7 +3,7 @@
 use crate::error::Result;
 use crate::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
-use crate::ops::select::BlockSelect;
+use crate::ops::select::{BlockSelect, TopK};
 use crate::ops::sparse::{SparseAttention, SparseForward};
 use crate::reference::select::SelectOptions;
 use crate::reference::sparse::SparseOptions;
@@ -130,6 +130,8 @@ pub struct SparseBench {
     pub dtype: DType,
     /// The sparse forward kernel that ran (`portable` or `coop`).
     pub forward: &'static str,
+    /// The selection's top-k kernel that ran (`sort` or `subgroup`).
+    pub topk: &'static str,
 }
 
 /// (query, key) pairs a causal sparse forward attends to when every token keeps `k` blocks of
@@ -160,9 +162,10 @@ pub fn bench_sparse(
     stages: bool,
     dtype: DType,
     forward: SparseForward,
+    topk: TopK,
 ) -> Result<SparseBench> {
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dtype)?;
-    let selector = BlockSelect::for_dtype(gpu, shape, select, dtype)?;
+    let selector = BlockSelect::with_topk(gpu, shape, select, dtype, topk)?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let t_sel = gpu.time(reps, |enc| {
@@ -238,6 +241,7 @@ pub fn bench_sparse(
         stages: profile,
         dtype,
         forward: sparse.forward_kernel().name(),
+        topk: selector.topk_kernel().name(),
     })
 }
 
@@ -253,6 +257,7 @@ impl SparseBench {
             "kernel": "sparse",
             "dtype": format!("{:?}", self.dtype),
             "forward": self.forward,
+            "topk": self.topk,
             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
             "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,
             "causal": self.select.causal,

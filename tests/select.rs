@@ -2,8 +2,9 @@
 
 mod common;
 
+use sparse_attn::gpu::DType;
 use sparse_attn::gpu::Gpu;
-use sparse_attn::ops::select::{BlockSelect, SelectScratch};
+use sparse_attn::ops::select::{BlockSelect, SelectScratch, TopK};
 use sparse_attn::reference::select::{
     self as refsel, SENTINEL, Scoring, SelectOptions, current_and_end, forced,
 };
@@ -92,8 +93,18 @@ fn check_rows(s: &AttnShape, o: &SelectOptions, sel: &[u32], ref_scores: &[f64],
     }
 }
 
+/// Both top-k kernels (the subgroup one skipped with the reason where the device lacks it).
 fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) {
-    let ctx = format!("seed {seed}, {s:?}, {o:?}");
+    for topk in [TopK::Sort, TopK::Subgroup] {
+        match TopK::subgroup_supported(gpu) {
+            Err(e) if topk == TopK::Subgroup => eprintln!("SKIPPED subgroup top-k: {e}"),
+            _ => run_with(gpu, s, o, seed, topk),
+        }
+    }
+}
+
+fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
+    let ctx = format!("seed {seed}, {s:?}, {o:?}, top-k {}", topk.name());
     let mut rng = Rng::new(seed);
     let q = rng.normal_vec(s.q_len(), 1.0);
     let k = rng.normal_vec(s.kv_len(), 1.0);
@@ -106,7 +117,8 @@ fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) {
         &format!("reference, {ctx}"),
     );
 
-    let op = BlockSelect::new(gpu, s, o).expect(&ctx);
+    let op = BlockSelect::with_topk(gpu, s, o, DType::F32, topk).expect(&ctx);
+    assert_eq!(op.topk_kernel(), topk);
     let np = op.pooled();
     let (tq, tk) = (
         gpu.upload(&s.q_dims(), &q).unwrap(),
@@ -212,6 +224,16 @@ fn selection_matches_reference() {
             shape(1, 3, 1, 1100, 1100, 16),
             opts(16, 5, 0, 0, Scoring::InfLlmV2),
         ),
+        // 188 blocks: more candidates than threads for the top-k kernels (several per thread),
+        // k = 70 past the subgroup kernel's automatic range
+        (
+            shape(1, 2, 1, 3000, 3000, 16),
+            opts(16, 70, 1, 2, Scoring::Ssa),
+        ),
+        (
+            shape(1, 2, 1, 3000, 3000, 16),
+            opts(16, 9, 0, 0, Scoring::Moba),
+        ),
         // A group of 32 query heads: more than 16 rows per thread column of the score tile
         (
             shape(1, 32, 1, 150, 150, 16),
@@ -275,18 +297,49 @@ fn ties_go_to_the_lower_index() {
     let row: Vec<f32> = rng.normal_vec(s.head_dim, 1.0);
     let k: Vec<f32> = row.iter().cycle().take(s.kv_len()).copied().collect();
     let want = refsel::select(&s, &o, &q, &k).unwrap();
-    let op = BlockSelect::new(&gpu, s, o).unwrap();
-    let (sel, _) = op
-        .select(
-            &gpu,
-            &gpu.upload(&s.q_dims(), &q).unwrap(),
-            &gpu.upload(&s.kv_dims(), &k).unwrap(),
-        )
-        .unwrap();
-    let got = gpu.read_u32(&sel).unwrap();
-    assert_eq!(got, want.indices);
-    // Token 150 sits in block 9: forced 9 and 8 (local), then the lowest: 0, 1, 2.
-    assert_eq!(&got[150 * 5..151 * 5], &[0, 1, 2, 8, 9]);
+    for topk in [TopK::Sort, TopK::Subgroup] {
+        let op = match BlockSelect::with_topk(&gpu, s, o, DType::F32, topk) {
+            Ok(op) => op,
+            Err(e) if topk == TopK::Subgroup => {
+                eprintln!("SKIPPED subgroup top-k: {e}");
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let (sel, _) = op
+            .select(
+                &gpu,
+                &gpu.upload(&s.q_dims(), &q).unwrap(),
+                &gpu.upload(&s.kv_dims(), &k).unwrap(),
+            )
+            .unwrap();
+        let got = gpu.read_u32(&sel).unwrap();
+        assert_eq!(got, want.indices, "top-k {}", topk.name());
+        // Token 150 sits in block 9: forced 9 and 8 (local), then the lowest: 0, 1, 2.
+        assert_eq!(&got[150 * 5..151 * 5], &[0, 1, 2, 8, 9]);
+    }
+}
+
+/// The automatic top-k kernel: subgroup rounds where k <= blocks / 32 and the device has
+/// subgroups, the sort otherwise.
+#[test]
+fn automatic_topk_kernel() {
+    let Some(gpu) = common::gpu() else { return };
+    let s = shape(1, 4, 1, 2000, 2000, 16); // 125 blocks
+    let pick = |k| {
+        BlockSelect::new(&gpu, s, opts(16, k, 0, 0, Scoring::Ssa))
+            .unwrap()
+            .topk_kernel()
+    };
+    let sg = TopK::subgroup_supported(&gpu).is_ok();
+    assert_eq!(pick(3), if sg { TopK::Subgroup } else { TopK::Sort });
+    assert_eq!(pick(4), TopK::Sort);
+    assert!(
+        TopK::parse("heap")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown top-k")
+    );
 }
 
 /// Under WebGPU's default limits (what a browser grants) the score kernel takes smaller tiles.

@@ -10,7 +10,7 @@ use sparse_attn::ops::attention::{
     Variant, Variants, auto_variants, head_dim_supported, variant_supported,
 };
 use sparse_attn::ops::metrics::AttentionMetrics;
-use sparse_attn::ops::select::BlockSelect;
+use sparse_attn::ops::select::{BlockSelect, TopK};
 use sparse_attn::ops::sparse::{SparseAttention, SparseForward};
 use sparse_attn::reference::select::{Scoring, SelectOptions};
 use sparse_attn::reference::sparse::SparseOptions;
@@ -447,6 +447,10 @@ struct SparseArgs {
     /// f16, up to 16 query heads per kv head, blocks of a multiple of 16).
     #[arg(long, default_value = "auto")]
     forward: String,
+    /// Top-k kernel of the selection: auto (the library's choice), sort (bitonic, anywhere), or
+    /// subgroup (subgroup arg-max rounds; needs subgroup operations).
+    #[arg(long, default_value = "auto")]
+    topk_kernel: String,
     #[command(flatten)]
     out: Output,
 }
@@ -845,6 +849,7 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                 a.stages,
                 parse_dtype(&a.dtype)?,
                 parse_forward(&a.forward)?,
+                TopK::parse(&a.topk_kernel)?,
             )?;
             if !a.out.json {
                 let s = &r.shape;
@@ -888,6 +893,9 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
         let mut kernels: Vec<&str> = results.iter().map(|r| r.forward).collect();
         kernels.dedup();
         println!("sparse forward kernel: {}", kernels.join(", "));
+        let mut topk: Vec<&str> = results.iter().map(|r| r.topk).collect();
+        topk.dedup();
+        println!("selection top-k kernel: {}", topk.join(", "));
         println!(
             "causal. speedup = dense causal forward / (selection + sparse forward); sel % = \
              selection's share of that time; eq TF/s = dense causal FLOPs per second of that time; \
@@ -1123,6 +1131,7 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
         false,
         DType::F32,
         SparseForward::Auto,
+        TopK::Auto,
     )?;
     println!(
         "  speed: selection {:.3} ms + sparse forward {:.3} ms vs dense forward {:.3} ms \

@@ -54,6 +54,14 @@ const SOURCES: &[(&str, &str)] = &[
         "block_select.wgsl",
         include_str!("../../shaders/block_select.wgsl"),
     ),
+    (
+        "select_common.wgsl",
+        include_str!("../../shaders/select_common.wgsl"),
+    ),
+    (
+        "block_topk_sg.wgsl",
+        include_str!("../../shaders/block_topk_sg.wgsl"),
+    ),
     ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
     ("align.wgsl", include_str!("../../shaders/align.wgsl")),
     ("metrics.wgsl", include_str!("../../shaders/metrics.wgsl")),

@@ -1,6 +1,8 @@
 //! Block selection on the GPU (`shaders/block_select.wgsl`): mean-pooled block keys, block
 //! scores (SSA softmax or MoBA dot product, summed over the query heads of a group), and top-k
 //! with forced blocks. The reference is `reference::select`; the definitions are there.
+//! The top-k has two kernels ([`TopK`]): a bitonic sort that runs anywhere and, where the device
+//! has subgroup operations, k rounds of a subgroup arg-max (`shaders/block_topk_sg.wgsl`).
 
 use std::sync::Arc;
 
@@ -79,6 +81,73 @@ enum Class {
     Sel,
 }
 
+/// Which kernel picks the top k blocks of each row. Both give the same selection (same order,
+/// same ties); they differ in speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopK {
+    /// Subgroup where the device has subgroup operations and k is small against the blocks
+    /// (see [`TopK::resolve`]), else the sort.
+    Auto,
+    /// Bitonic sort of every candidate in workgroup memory (`block_topk`).
+    Sort,
+    /// min(k, candidates) rounds of a workgroup arg-max built on subgroupMax / subgroupMin
+    /// (`block_topk_sg`); needs SUBGROUP.
+    Subgroup,
+}
+
+impl TopK {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(TopK::Auto),
+            "sort" => Ok(TopK::Sort),
+            "subgroup" => Ok(TopK::Subgroup),
+            _ => invalid!("unknown top-k kernel `{s}` (known: auto, sort, subgroup)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TopK::Auto => "auto",
+            TopK::Sort => "sort",
+            TopK::Subgroup => "subgroup",
+        }
+    }
+
+    /// Can this device run the subgroup kernel? The browser build keeps the sort: WGSL there
+    /// needs `enable subgroups;`, which the native shader compiler (naga) does not accept yet.
+    pub fn subgroup_supported(gpu: &Gpu) -> Result<()> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::Unsupported(
+                "the subgroup top-k is native-only (browsers need `enable subgroups;`)".into(),
+            ));
+        }
+        if !gpu.features().contains(wgpu::Features::SUBGROUP) {
+            return Err(Error::Unsupported(
+                "the subgroup top-k needs SUBGROUP, which this device does not offer".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The kernel that runs for `k` of `blocks` on `gpu`: Sort or Subgroup. Auto takes the
+    /// subgroup rounds when k <= blocks / 32: on the H100 a round cost about what 1/30 of the
+    /// sort did per block (docs/BENCHMARKS.md: at 16k tokens, B 16, k 16 it halves the top-k;
+    /// at 4k, or k 64 at 16k, the sort is faster).
+    pub fn resolve(self, gpu: &Gpu, k: usize, blocks: usize) -> Result<TopK> {
+        match self {
+            TopK::Sort => Ok(TopK::Sort),
+            TopK::Subgroup => Self::subgroup_supported(gpu).map(|()| TopK::Subgroup),
+            TopK::Auto => Ok(
+                if k * 32 <= blocks && Self::subgroup_supported(gpu).is_ok() {
+                    TopK::Subgroup
+                } else {
+                    TopK::Sort
+                },
+            ),
+        }
+    }
+}
+
 /// Intermediate tensors of a selection (kept so metrics and tests can look at the scores).
 #[derive(Debug)]
 pub struct SelectScratch {
@@ -103,6 +172,8 @@ pub struct BlockSelect {
     keys: Arc<Pipeline>,
     scores: Arc<Pipeline>,
     topk: Arc<Pipeline>,
+    /// The top-k kernel running (Sort or Subgroup).
+    topk_kernel: TopK,
     storage: Storage,
 }
 
@@ -118,6 +189,18 @@ impl BlockSelect {
         opts: SelectOptions,
         dtype: DType,
     ) -> Result<Self> {
+        Self::with_topk(gpu, shape, opts, dtype, TopK::Auto)
+    }
+
+    /// As [`Self::for_dtype`], with the top-k kernel chosen by the caller (an error where the
+    /// device cannot run it).
+    pub fn with_topk(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: SelectOptions,
+        dtype: DType,
+        topk: TopK,
+    ) -> Result<Self> {
         let storage = Storage::for_dtype(gpu, dtype)?;
         opts.validate(&shape)?;
         if !head_dim_supported(shape.head_dim) {
@@ -127,6 +210,7 @@ impl BlockSelect {
             );
         }
         let nb = opts.blocks(shape.seq_k);
+        let topk_kernel = topk.resolve(gpu, opts.k, nb)?;
         let np = pooled_len(&opts, shape.seq_k);
         let nbp = nb.next_power_of_two().max(2) as u32;
         let l = gpu.limits();
@@ -181,7 +265,11 @@ impl BlockSelect {
             l.max_compute_workgroups_per_dimension as u64,
         )?;
         let key = |entry| PipelineKey {
-            file: "block_select.wgsl",
+            file: if entry == "block_topk_sg" {
+                "block_topk_sg.wgsl"
+            } else {
+                "block_select.wgsl"
+            },
             entry,
             constants: [("BLK", opts.block as u32), ("NBP", nbp)]
                 .into_iter()
@@ -200,9 +288,18 @@ impl BlockSelect {
             tokens_per_wg,
             keys: gpu.pipeline(&key("block_keys"))?,
             scores: gpu.pipeline(&key("block_scores"))?,
-            topk: gpu.pipeline(&key("block_topk"))?,
+            topk: gpu.pipeline(&key(match topk_kernel {
+                TopK::Subgroup => "block_topk_sg",
+                _ => "block_topk",
+            }))?,
+            topk_kernel,
             storage,
         })
+    }
+
+    /// The top-k kernel this selection runs (Sort or Subgroup).
+    pub fn topk_kernel(&self) -> TopK {
+        self.topk_kernel
     }
 
     /// Blocks of the key sequence.
