@@ -18,6 +18,7 @@
 // size, multiple of 16), NT = 32·NSG, HAS_BIAS. Storage is native f16 (ST = vec4<f16>).
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
+//#include "sparse_coop_list.wgsl"
 enable wgpu_cooperative_matrix;
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -33,30 +34,10 @@ fn put_out(i: u32, x: ST) {
 @group(0) @binding(6) var<storage, read> sel: array<u32>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
 
-// vec4s of the step's K (and V) rows per lane.
-const NPF: u32 = BK * D4 / 32u;
-// Halves of one subgroup's staging area: K rows [0, BK), V rows [BK, 2·BK); Q before them.
-const STAGE: u32 = 2u * BK * DP;
-
 // -inf for the LSE of a head that sees no key, built at run time (a constant -inf is a
 // shader-creation error in WGSL; see sparse_fwd.wgsl).
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u | (prm.causal & 0u));
-}
-
-// The key at position `i` of the token's key list (selection entries from `sel0`), or
-// 0xffffffff where there is none: past the list, a sentinel or out-of-range block, or a key the
-// token may not see (at or past `kv_len`).
-fn list_key(i: u32, live: bool, sel0: u32, nb: u32, kv_len: u32) -> u32 {
-    if (!live || i >= prm.nsel * BLK) {
-        return 0xffffffffu;
-    }
-    let blk = sel[sel0 + i / BLK];
-    let key = blk * BLK + i % BLK;
-    if (blk >= nb || key >= kv_len) {
-        return 0xffffffffu;
-    }
-    return key;
 }
 
 @compute @workgroup_size(NT)
@@ -64,27 +45,14 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     // Subgroups of 32 (checked on the host) hold consecutive invocations.
     let sg = tid / 32u;
     let lane = tid % 32u;
-    let t = wg.x * NSG + sg;
-    let u = wg.y;
-    // A subgroup past the last token still takes part in every step (uniform control flow) with
-    // nothing visible, and writes nothing.
-    let live = t < prm.seq_q;
-    let pos = prm.q_pos0 + t;
-    let kv_len = select(prm.seq_k, min(prm.seq_k, pos + 1u), prm.causal != 0u);
-    let nb = (prm.seq_k + BLK - 1u) / BLK;
-    // Head h of the group at token t: q4 + h·qstride.
-    let q4 = (prm.q_off + (u * prm.group * prm.seq_q + t) * D) / 4u;
-    let qstride = prm.seq_q * D4;
-    let k4 = (prm.k_off + u * prm.seq_k * D) / 4u;
-    let sel0 = prm.i_off + (u * prm.seq_q + t) * prm.nsel;
-    let bias0 = prm.b_off + u * prm.seq_k;
+    var tk = token_of(wg.x * NSG + sg, wg.y);
     let st = sg * STAGE;
 
     for (var e = lane; e < 16u * D4; e += 32u) {
         let h = e / D4;
         var x = ST(0.0);
-        if (live && h < prm.group) {
-            x = q[q4 + h * qstride + e % D4];
+        if (tk.live && h < prm.group) {
+            x = q[tk.q4 + h * tk.qstride + e % D4];
         }
         put4(st + h * DP + (e % D4) * 4u, x);
     }
@@ -105,40 +73,14 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     let steps = (prm.nsel * BLK + BK - 1u) / BK;
     for (var step = 0u; step < steps; step++) {
         let i0 = step * BK;
-        // This step's rows: all loads first, then the stores.
-        var pk: array<ST, NPF>;
-        var pv: array<ST, NPF>;
-        for (var i = 0u; i < NPF; i++) {
-            let e = lane + i * 32u;
-            let key = list_key(i0 + e / D4, live, sel0, nb, kv_len);
-            var a = ST(0.0);
-            var b = ST(0.0);
-            if (key != 0xffffffffu) {
-                a = k[k4 + key * D4 + e % D4];
-                b = v[k4 + key * D4 + e % D4];
-            }
-            pk[i] = a;
-            pv[i] = b;
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < NPF; i++) {
-            let e = lane + i * 32u;
-            let s = st + (e / D4) * DP + (e % D4) * 4u;
-            put4(s, pk[i]);
-            put4(s + BK * DP, pv[i]);
-        }
-        workgroupBarrier();
-
+        stage_step(&tk, i0, st, lane);
         scores(&qa, st, sb);
         var x: array<f32, HB>;
         for (var c = 0u; c < HB; c++) {
             let col = 2u * c + half;
-            let key = list_key(i0 + col, live, sel0, nb, kv_len);
-            var b = 0.0;
-            if (HAS_BIAS != 0u && key != 0xffffffffu) {
-                b = bias[bias0 + key] * LOG2E;
-            }
-            x[c] = select(NEG, fma(scr[sb + r * SP + col], prm.scale_log2, b), key != 0xffffffffu);
+            let key = list_key(&tk, i0 + col);
+            x[c] = select(NEG, fma(scr[sb + r * SP + col], prm.scale_log2, key_bias(&tk, key)),
+                key != NO_KEY);
         }
         softmax_tile(&x, &m, &l, &acc, pb, r, half);
         accumulate_pv(&acc, st + BK * DP, sb, pb, r, half);
@@ -147,9 +89,9 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     // O = acc / l (0 for a head that sees no key), a round of OW slices at a time.
     let lt = l + subgroupShuffleXor(l, 1u);
     let inv = select(0.0, 1.0 / lt, lt > 0.0);
-    store_o(&acc, inv, q4, qstride, select(0u, prm.group, live), sb, r, half, lane);
-    if (live && r < prm.group && half == 0u) {
-        lse[prm.r_off + (u * prm.group + r) * prm.seq_q + t] =
+    store_o(&acc, inv, tk.q4, tk.qstride, select(0u, prm.group, tk.live), sb, r, half, lane);
+    if (tk.live && r < prm.group && half == 0u) {
+        lse[prm.r_off + (tk.u * prm.group + r) * prm.seq_q + tk.t] =
             select(neg_inf(), (m + log2(lt)) * LN2, lt > 0.0);
     }
 }

@@ -4,7 +4,7 @@ use crate::error::Result;
 use crate::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
 use crate::ops::select::{BlockSelect, TopK};
-use crate::ops::sparse::{SparseAttention, SparseForward};
+use crate::ops::sparse::{SparseAttention, SparseKernel};
 use crate::reference::select::SelectOptions;
 use crate::reference::sparse::SparseOptions;
 use crate::shape::{AttnOptions, AttnShape};
@@ -130,6 +130,8 @@ pub struct SparseBench {
     pub dtype: DType,
     /// The sparse forward kernel that ran (`portable` or `coop`).
     pub forward: &'static str,
+    /// The sparse backward kernels that ran (`portable` or `coop`).
+    pub backward: &'static str,
     /// The selection's top-k kernel that ran (`sort` or `subgroup`).
     pub topk: &'static str,
 }
@@ -161,7 +163,8 @@ pub fn bench_sparse(
     reps: Reps,
     stages: bool,
     dtype: DType,
-    forward: SparseForward,
+    forward: SparseKernel,
+    backward_kernel: SparseKernel,
     topk: TopK,
 ) -> Result<SparseBench> {
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dtype)?;
@@ -176,8 +179,16 @@ pub fn bench_sparse(
         causal: select.causal,
         scale: select.scale,
     };
-    let sparse =
-        SparseAttention::with_forward(gpu, shape, sparse_opts, select.k, false, dtype, forward)?;
+    let sparse = SparseAttention::with_kernels(
+        gpu,
+        shape,
+        sparse_opts,
+        select.k,
+        false,
+        dtype,
+        forward,
+        backward_kernel,
+    )?;
     let out = AttnOutput::empty_as(gpu, &shape, dtype)?;
     let t_sp = gpu.time(reps, |enc| {
         sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
@@ -241,6 +252,7 @@ pub fn bench_sparse(
         stages: profile,
         dtype,
         forward: sparse.forward_kernel().name(),
+        backward: sparse.backward_kernel().name(),
         topk: selector.topk_kernel().name(),
     })
 }
@@ -257,6 +269,7 @@ impl SparseBench {
             "kernel": "sparse",
             "dtype": format!("{:?}", self.dtype),
             "forward": self.forward,
+            "backward": self.backward,
             "topk": self.topk,
             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
             "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,

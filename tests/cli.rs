@@ -214,15 +214,27 @@ fn bench_takes_f16_storage() {
     let (ok, _, err) = run(&["bench", "sparse", "--dtype", "bf16"]);
     assert!(!ok && err.contains("unknown dtype `bf16`"), "{err}");
     let (ok, _, err) = run(&["bench", "sparse", "--forward", "fast"]);
-    assert!(
-        !ok && err.contains("unknown sparse forward kernel `fast`"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("unknown sparse kernel `fast`"), "{err}");
+    let (ok, _, err) = run(&["bench", "sparse", "--topk-kernel", "heap"]);
+    assert!(!ok && err.contains("unknown top-k kernel `heap`"), "{err}");
     // The tensor-core sparse forward in f32 says what it needs instead of running something else.
     let (ok, _, err) = run(&[
         "bench",
         "sparse",
         "--forward",
+        "coop",
+        "--seq",
+        "64",
+        "--topk",
+        "2",
+        "--batch",
+        "1",
+    ]);
+    assert!(!ok && err.contains("f16"), "{err}");
+    let (ok, _, err) = run(&[
+        "bench",
+        "sparse",
+        "--backward",
         "coop",
         "--seq",
         "64",

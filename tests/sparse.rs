@@ -5,7 +5,7 @@ mod common;
 
 use sparse_attn::gpu::{DType, Gpu, round_f16};
 use sparse_attn::ops::select::BlockSelect;
-use sparse_attn::ops::sparse::{SparseAttention, SparseForward};
+use sparse_attn::ops::sparse::{SparseAttention, SparseKernel};
 use sparse_attn::reference::select::{SENTINEL, Scoring, SelectOptions};
 use sparse_attn::reference::sparse::{self as refsp, SparseOptions};
 use sparse_attn::reference::{Rng, compare};
@@ -68,23 +68,26 @@ fn check(
     v: &[f32],
     bias: Option<&[f32]>,
     dt: DType,
-    fwd: SparseForward,
+    (fwd, bwd): (SparseKernel, SparseKernel),
     ctx: &str,
 ) -> bool {
-    let op = match SparseAttention::with_forward(gpu, s, o, nsel, bias.is_some(), dt, fwd) {
+    let op = match SparseAttention::with_kernels(gpu, s, o, nsel, bias.is_some(), dt, fwd, bwd) {
         Ok(op) => op,
         // GPU-only kernels run in scripts/gpu-check.sh on a machine that has them.
-        Err(e) if fwd == SparseForward::Coop => {
+        Err(e) if fwd == SparseKernel::Coop || bwd == SparseKernel::Coop => {
             eprintln!(
-                "SKIPPED coop sparse forward on {} ({ctx}): {e}",
+                "SKIPPED coop sparse kernels on {} ({ctx}): {e}",
                 gpu.adapter().name
             );
             return false;
         }
         Err(e) => panic!("{ctx}: {e}"),
     };
-    if fwd != SparseForward::Auto {
+    if fwd != SparseKernel::Auto {
         assert_eq!(op.forward_kernel(), fwd, "{ctx}");
+    }
+    if bwd != SparseKernel::Auto {
+        assert_eq!(op.backward_kernel(), bwd, "{ctx}");
     }
     let tol = if dt == DType::F16 { TOL_F16 } else { TOL };
     let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
@@ -158,7 +161,12 @@ fn check(
 #[test]
 fn sparse_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };
-    suite(&gpu, DType::F32, usize::MAX, SparseForward::Auto);
+    suite(
+        &gpu,
+        DType::F32,
+        usize::MAX,
+        (SparseKernel::Auto, SparseKernel::Auto),
+    );
 }
 
 /// f16 storage (native where the device has SHADER_F16, packed in u32 words elsewhere) on the
@@ -166,23 +174,35 @@ fn sparse_forward_and_backward_match_reference() {
 #[test]
 fn sparse_f16_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };
-    suite(&gpu, DType::F16, 300 * 300 * 8, SparseForward::Portable);
+    let portable = (SparseKernel::Portable, SparseKernel::Portable);
+    suite(&gpu, DType::F16, 300 * 300 * 8, portable);
 }
 
-/// Tensor cores: the cooperative-matrix forward (f16) on every case it takes (groups of up to 16
-/// heads, blocks of multiples of 16), with the backward after it. Runs where the device has
-/// cooperative matrices (the H100 via scripts/gpu-check.sh); elsewhere every case is skipped
-/// with the reason.
+/// Tensor cores: the cooperative-matrix forward and backward (f16) on every case they take
+/// (groups of up to 16 heads, blocks of multiples of 16). Runs where the device has cooperative
+/// matrices (the H100 via scripts/gpu-check.sh); elsewhere every case is skipped with the
+/// reason.
 #[test]
-fn coop_sparse_forward_matches_reference() {
+fn coop_sparse_forward_and_backward_match_reference() {
     let Some(gpu) = common::gpu() else { return };
-    suite(&gpu, DType::F16, usize::MAX, SparseForward::Coop);
+    suite(
+        &gpu,
+        DType::F16,
+        usize::MAX,
+        (SparseKernel::Coop, SparseKernel::Coop),
+    );
 }
 
-/// The cases with heads_q * seq_q * seq_k up to `max_work`, the forward run by `fwd`.
-fn suite(gpu: &Gpu, dt: DType, max_work: usize, fwd: SparseForward) {
+/// The cases with heads_q * seq_q * seq_k up to `max_work`, run by `kernels` (forward,
+/// backward).
+fn suite(gpu: &Gpu, dt: DType, max_work: usize, kernels: (SparseKernel, SparseKernel)) {
     let seed = Rng::fresh_seed();
-    eprintln!("seed {seed} ({dt:?}, {} forward)", fwd.name());
+    let fwd = kernels.0;
+    eprintln!(
+        "seed {seed} ({dt:?}, {} forward, {} backward)",
+        fwd.name(),
+        kernels.1.name()
+    );
     let mut ran = 0;
     let cases = [
         // (shape, block, nsel, causal, bias)
@@ -227,10 +247,10 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize, fwd: SparseForward) {
             &v,
             bias.as_deref(),
             dt,
-            fwd,
+            kernels,
             &format!("random, {ctx}"),
         );
-        if fwd == SparseForward::Coop && !ran_random {
+        if !ran_random {
             continue;
         }
         ran += 1;
@@ -277,12 +297,16 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize, fwd: SparseForward) {
                 &v,
                 bias.as_deref(),
                 dt,
-                fwd,
+                kernels,
                 &format!("selected, {ctx}"),
             );
         }
     }
-    eprintln!("{} forward, {dt:?}: {ran} cases ran", fwd.name());
+    eprintln!(
+        "{} forward, {} backward, {dt:?}: {ran} cases ran",
+        fwd.name(),
+        kernels.1.name()
+    );
 }
 
 /// With every block selected, sparse attention is full attention, forward and backward.

@@ -11,7 +11,7 @@ use sparse_attn::ops::attention::{
 };
 use sparse_attn::ops::metrics::AttentionMetrics;
 use sparse_attn::ops::select::{BlockSelect, TopK};
-use sparse_attn::ops::sparse::{SparseAttention, SparseForward};
+use sparse_attn::ops::sparse::{SparseAttention, SparseKernel};
 use sparse_attn::reference::select::{Scoring, SelectOptions};
 use sparse_attn::reference::sparse::SparseOptions;
 use sparse_attn::reference::{self, Rng, compare};
@@ -447,6 +447,10 @@ struct SparseArgs {
     /// f16, up to 16 query heads per kv head, blocks of a multiple of 16).
     #[arg(long, default_value = "auto")]
     forward: String,
+    /// Sparse backward kernels: auto, portable, or coop (tensor cores; same limits as the
+    /// forward's).
+    #[arg(long, default_value = "auto")]
+    backward: String,
     /// Top-k kernel of the selection: auto (the library's choice), sort (bitonic, anywhere), or
     /// subgroup (subgroup arg-max rounds; needs subgroup operations).
     #[arg(long, default_value = "auto")]
@@ -466,13 +470,13 @@ fn parse_dtype(s: &str) -> Result<DType, Error> {
     }
 }
 
-fn parse_forward(s: &str) -> Result<SparseForward, Error> {
+fn parse_kernel(s: &str) -> Result<SparseKernel, Error> {
     match s {
-        "auto" => Ok(SparseForward::Auto),
-        "portable" => Ok(SparseForward::Portable),
-        "coop" => Ok(SparseForward::Coop),
+        "auto" => Ok(SparseKernel::Auto),
+        "portable" => Ok(SparseKernel::Portable),
+        "coop" => Ok(SparseKernel::Coop),
         _ => Err(Error::InvalidInput(format!(
-            "unknown sparse forward kernel `{s}` (known: auto, portable, coop)"
+            "unknown sparse kernel `{s}` (known: auto, portable, coop)"
         ))),
     }
 }
@@ -848,7 +852,8 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
                 Reps::Target(a.target_seconds),
                 a.stages,
                 parse_dtype(&a.dtype)?,
-                parse_forward(&a.forward)?,
+                parse_kernel(&a.forward)?,
+                parse_kernel(&a.backward)?,
                 TopK::parse(&a.topk_kernel)?,
             )?;
             if !a.out.json {
@@ -893,6 +898,11 @@ fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error
         let mut kernels: Vec<&str> = results.iter().map(|r| r.forward).collect();
         kernels.dedup();
         println!("sparse forward kernel: {}", kernels.join(", "));
+        let mut kernels: Vec<&str> = results.iter().map(|r| r.backward).collect();
+        kernels.dedup();
+        if !a.no_backward {
+            println!("sparse backward kernels: {}", kernels.join(", "));
+        }
         let mut topk: Vec<&str> = results.iter().map(|r| r.topk).collect();
         topk.dedup();
         println!("selection top-k kernel: {}", topk.join(", "));
@@ -1130,7 +1140,8 @@ fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
         Reps::Fixed(1),
         false,
         DType::F32,
-        SparseForward::Auto,
+        SparseKernel::Auto,
+        SparseKernel::Auto,
         TopK::Auto,
     )?;
     println!(

@@ -39,6 +39,14 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_coop_bwd.wgsl"),
     ),
     (
+        "sparse_coop_list.wgsl",
+        include_str!("../../shaders/sparse_coop_list.wgsl"),
+    ),
+    (
+        "sparse_coop_bwd.wgsl",
+        include_str!("../../shaders/sparse_coop_bwd.wgsl"),
+    ),
+    (
         "sparse_fwd.wgsl",
         include_str!("../../shaders/sparse_fwd.wgsl"),
     ),

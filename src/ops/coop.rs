@@ -297,6 +297,154 @@ pub(crate) fn sparse_forward_pipeline(
     Ok((p, t))
 }
 
+/// Layout of the sparse dK/dV kernel: each key block in KC = BLK/16 chunks of 16 keys (one
+/// subgroup each), NPH subgroups per chunk taking alternate tiles of TPT = 16/G tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SparseBwdTiles {
+    pub kc: u32,
+    pub nph: u32,
+    pub tpt: u32,
+}
+
+impl SparseBwdTiles {
+    /// Four subgroups per workgroup where the block allows (KC <= 4), else one per chunk; the
+    /// first that fits `max_shared`.
+    fn new(d: u32, g: u32, blk: u32, max_shared: u32) -> Option<SparseBwdTiles> {
+        let kc = blk / 16;
+        // Developer knob: subgroups per key chunk (1, 2 or 4).
+        let knob: Option<u32> = std::env::var("SPARSE_ATTN_COOP_SPARSE_NPH")
+            .ok()
+            .and_then(|x| x.parse().ok());
+        [4, 2, 1]
+            .into_iter()
+            .filter(|nph| knob.is_none_or(|k| k == *nph))
+            .filter(|nph| kc * nph <= 8.max(kc) && (kc * nph <= 4 || *nph == 1))
+            .map(|nph| SparseBwdTiles {
+                kc,
+                nph,
+                tpt: 16 / g,
+            })
+            .find(|t| t.shared_bytes(d) <= max_shared)
+    }
+
+    fn nsg(&self) -> u32 {
+        self.kc * self.nph
+    }
+
+    fn staging(&self, d: u32) -> u32 {
+        // The rounds' Q and dO rows, or (at the start) the block's K or V rows.
+        (32 * self.nph).max(16 * self.kc) * (d + 8)
+    }
+
+    fn shared_bytes(&self, d: u32) -> u32 {
+        let nt = SUBGROUP * self.nsg();
+        // Staging (f16), per subgroup the f32 scratch and the f16 P of a 16-column tile, the
+        // token line (flags, list, pending) and three per-column values per tile.
+        self.staging(d) * 2
+            + self.nsg() * 16 * (20 * 4 + 24 * 2)
+            + 4 * (nt + (nt + self.nph * self.tpt).next_multiple_of(16) + 16)
+            + self.nph * 16 * 12
+    }
+
+    fn constants(&self, d: u32, blk: u32, has_bias: bool) -> Vec<(&'static str, u32)> {
+        vec![
+            ("D", d),
+            ("BLK", blk),
+            ("BK", 16),
+            ("NSG", self.nsg()),
+            ("NT", SUBGROUP * self.nsg()),
+            ("DP", d + 8),
+            ("OW", 1),
+            ("PAIRS", 0),
+            ("HAS_BIAS", has_bias as u32),
+            ("KV", self.staging(d)),
+            ("BQ", 16),
+            ("KC", self.kc),
+            ("NPH", self.nph),
+            ("TPT", self.tpt),
+        ]
+    }
+
+    /// Threads of a dK/dV workgroup.
+    pub(crate) fn threads(&self) -> u32 {
+        SUBGROUP * self.nsg()
+    }
+}
+
+/// Does the device run the cooperative-matrix block-sparse backward? Beyond the forward's needs
+/// (`sparse_supported`), its dK/dV kernel holds a block's chunks in one workgroup.
+pub fn sparse_backward_supported(gpu: &Gpu, d: usize, g: usize, blk: usize) -> Result<()> {
+    sparse_supported(gpu, d, g, blk)?;
+    let l = gpu.limits();
+    let Some(t) = SparseBwdTiles::new(
+        d as u32,
+        g as u32,
+        blk as u32,
+        l.max_compute_workgroup_storage_size,
+    ) else {
+        return Err(Error::Unsupported(format!(
+            "the cooperative-matrix sparse backward for blocks of {blk} keys at head_dim {d} \
+             needs more than the {} bytes of workgroup memory this device has",
+            l.max_compute_workgroup_storage_size
+        )));
+    };
+    if t.threads() > l.max_compute_invocations_per_workgroup
+        || t.threads() > l.max_compute_workgroup_size_x
+    {
+        return Err(Error::Unsupported(format!(
+            "the cooperative-matrix sparse backward for blocks of {blk} keys uses {} invocations \
+             per workgroup; this device allows {}",
+            t.threads(),
+            l.max_compute_invocations_per_workgroup
+        )));
+    }
+    Ok(())
+}
+
+/// The sparse backward pipelines (call [`sparse_backward_supported`] first): dQ with the tokens
+/// one of its workgroups takes, then dK/dV.
+pub(crate) fn sparse_backward_pipelines(
+    gpu: &Gpu,
+    d: u32,
+    g: u32,
+    blk: u32,
+    has_bias: bool,
+) -> Result<(Arc<Pipeline>, u32, Arc<Pipeline>)> {
+    let max_shared = gpu.limits().max_compute_workgroup_storage_size;
+    let unfit = || {
+        Error::Unsupported(format!(
+            "the cooperative-matrix sparse backward at head_dim {d}, blocks of {blk} does not fit"
+        ))
+    };
+    let t = SparseTiles::for_dim(d, max_shared).ok_or_else(unfit)?;
+    let b = SparseBwdTiles::new(d, g, blk, max_shared).ok_or_else(unfit)?;
+    let (dq, dkdv) = sparse_bwd_keys(d, blk, has_bias, t, b);
+    Ok((gpu.pipeline(&dq)?, t.nsg, gpu.pipeline(&dkdv)?))
+}
+
+fn sparse_bwd_keys(
+    d: u32,
+    blk: u32,
+    has_bias: bool,
+    t: SparseTiles,
+    b: SparseBwdTiles,
+) -> (PipelineKey, PipelineKey) {
+    // The dQ module declares dK/dV's workgroup arrays too: give it their sizes.
+    let mut dq_consts = t.constants(d, blk, has_bias);
+    dq_consts.extend([("KC", b.kc), ("NPH", b.nph), ("TPT", b.tpt)]);
+    let key = |entry, constants| PipelineKey {
+        file: "sparse_coop_bwd.wgsl",
+        entry,
+        constants,
+        checked: false,
+        storage: Storage::F16,
+    };
+    (
+        key("dq_coop", dq_consts),
+        key("dkdv_coop", b.constants(d, blk, has_bias)),
+    )
+}
+
 fn sparse_key(d: u32, blk: u32, has_bias: bool, t: SparseTiles) -> PipelineKey {
     PipelineKey {
         file: "sparse_coop.wgsl",
@@ -395,6 +543,42 @@ mod tests {
             let src = crate::gpu::preprocess(&key).unwrap();
             spirv(&src, &format!("dkdv d={d}"));
         }
+    }
+
+    /// The sparse backward kernels through naga for block sizes, head dims and groups; and
+    /// their layouts fit 48 KiB where the device limits allow.
+    #[test]
+    fn sparse_coop_backward_compiles_to_spirv() {
+        for (d, g, blk, bias) in [
+            (16, 16, 16, true),
+            (48, 3, 32, false),
+            (64, 16, 16, false),
+            (128, 16, 16, false),
+            (128, 4, 64, true),
+            (64, 1, 128, false),
+        ] {
+            let t = SparseTiles::for_dim(d, 48 * 1024).unwrap();
+            let b = SparseBwdTiles::new(d, g, blk, 48 * 1024)
+                .unwrap_or_else(|| panic!("d={d} blk={blk}: no backward layout fits"));
+            assert!(
+                b.shared_bytes(d) <= 48 * 1024 && b.threads() <= 256,
+                "{b:?}"
+            );
+            let (dq, dkdv) = sparse_bwd_keys(d, blk, bias, t, b);
+            for key in [dq, dkdv] {
+                let src = crate::gpu::preprocess(&key).unwrap();
+                spirv(&src, &format!("sparse {} d={d} g={g} blk={blk}", key.entry));
+            }
+        }
+        // SSA's setting: four subgroups, each on its own tile of one token's 16 heads.
+        assert_eq!(
+            SparseBwdTiles::new(128, 16, 16, 48 * 1024),
+            Some(SparseBwdTiles {
+                kc: 1,
+                nph: 4,
+                tpt: 1
+            })
+        );
     }
 
     fn spirv(src: &str, what: &str) {

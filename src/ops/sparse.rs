@@ -24,25 +24,26 @@ enum Class {
     Bias,
 }
 
-/// Which kernel runs the sparse forward.
+/// Which kernels run the sparse forward, or the sparse backward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SparseForward {
-    /// The kernel measured fastest: portable today. The tensor-core forward is correct but
-    /// 1.4-1.7x slower on the H100 at SSA's settings (docs/BENCHMARKS.md), so it is opt-in.
+pub enum SparseKernel {
+    /// The kernels measured fastest on the H100 at SSA's settings (docs/BENCHMARKS.md): the
+    /// portable forward (the tensor-core forward is correct but slower), and the tensor-core
+    /// backward where the device and shape allow it (1.2x the portable one), else portable.
     Auto,
-    /// f32 arithmetic on any device (`shaders/sparse_fwd.wgsl`).
+    /// f32 arithmetic on any device (`shaders/sparse_fwd.wgsl`, `shaders/sparse_bwd.wgsl`).
     Portable,
-    /// Tensor cores (`shaders/sparse_coop.wgsl`, `ops::coop`): native f16 tensors, up to 16
-    /// query heads per kv head, blocks of a multiple of 16 keys.
+    /// Tensor cores (`shaders/sparse_coop.wgsl`, `shaders/sparse_coop_bwd.wgsl`, `ops::coop`):
+    /// native f16 tensors, up to 16 query heads per kv head, blocks of a multiple of 16 keys.
     Coop,
 }
 
-impl SparseForward {
+impl SparseKernel {
     pub fn name(self) -> &'static str {
         match self {
-            SparseForward::Auto => "auto",
-            SparseForward::Portable => "portable",
-            SparseForward::Coop => "coop",
+            SparseKernel::Auto => "auto",
+            SparseKernel::Portable => "portable",
+            SparseKernel::Coop => "coop",
         }
     }
 }
@@ -57,8 +58,12 @@ pub struct SparseAttention {
     chunks: Vec<Chunk>,
     fwd: Arc<Pipeline>,
     /// The forward kernel (resolved: never Auto) and the tokens one of its workgroups takes.
-    forward: SparseForward,
+    forward: SparseKernel,
     fwd_tokens: u32,
+    /// The backward kernels (resolved), the tokens one dQ workgroup takes, and the dK/dV
+    /// kernel's bindings (the tensor-core module binds all three gradients in both entries).
+    backward: SparseKernel,
+    dq_tokens: u32,
     dq: Arc<Pipeline>,
     dkdv: Arc<Pipeline>,
     rowdot: Arc<Pipeline>,
@@ -189,7 +194,7 @@ impl SparseAttention {
         has_bias: bool,
         dtype: DType,
     ) -> Result<Self> {
-        Self::with_forward(gpu, shape, opts, nsel, has_bias, dtype, SparseForward::Auto)
+        Self::with_forward(gpu, shape, opts, nsel, has_bias, dtype, SparseKernel::Auto)
     }
 
     /// The same with the forward kernel chosen; `Coop` where the device or shape cannot run it
@@ -201,7 +206,31 @@ impl SparseAttention {
         nsel: usize,
         has_bias: bool,
         dtype: DType,
-        forward: SparseForward,
+        forward: SparseKernel,
+    ) -> Result<Self> {
+        Self::with_kernels(
+            gpu,
+            shape,
+            opts,
+            nsel,
+            has_bias,
+            dtype,
+            forward,
+            SparseKernel::Auto,
+        )
+    }
+
+    /// The same with the forward and the backward kernels chosen.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_kernels(
+        gpu: &Gpu,
+        shape: AttnShape,
+        opts: SparseOptions,
+        nsel: usize,
+        has_bias: bool,
+        dtype: DType,
+        forward: SparseKernel,
+        backward: SparseKernel,
     ) -> Result<Self> {
         let storage = Storage::for_dtype(gpu, dtype)?;
         let e = dtype.size() as u64;
@@ -295,20 +324,35 @@ impl SparseAttention {
                 storage,
             }
         };
-        let coop_ok = || {
+        let f16_only = |pass: &str| {
             if storage != Storage::F16 {
                 return Err(Error::Unsupported(format!(
-                    "the cooperative-matrix sparse forward takes native f16 tensors, not {}",
+                    "the cooperative-matrix sparse {pass} takes native f16 tensors, not {}",
                     storage.name()
                 )));
             }
+            Ok(())
+        };
+        let coop_ok = || {
+            f16_only("forward")?;
             crate::ops::coop::sparse_supported(gpu, d, g, opts.block)
         };
         let forward = match forward {
-            SparseForward::Auto => SparseForward::Portable,
-            f => f,
+            SparseKernel::Auto => SparseKernel::Portable,
+            k => k,
         };
-        let (fwd, fwd_tokens) = if forward == SparseForward::Coop {
+        let backward = match backward {
+            SparseKernel::Auto
+                if storage == Storage::F16
+                    && crate::ops::coop::sparse_backward_supported(gpu, d, g, opts.block)
+                        .is_ok() =>
+            {
+                SparseKernel::Coop
+            }
+            SparseKernel::Auto => SparseKernel::Portable,
+            k => k,
+        };
+        let (fwd, fwd_tokens) = if forward == SparseKernel::Coop {
             coop_ok()?;
             let (p, t) = crate::ops::coop::sparse_forward_pipeline(
                 gpu,
@@ -323,8 +367,23 @@ impl SparseAttention {
                 1,
             )
         };
-        let dq = gpu.pipeline(&key("sparse_bwd.wgsl", "dq_main", dq_tiles, Kind::Dq))?;
-        let dkdv = gpu.pipeline(&key("sparse_bwd.wgsl", "dkdv", dkdv_tiles, Kind::Dkdv))?;
+        let (dq, dq_tokens, dkdv) = if backward == SparseKernel::Coop {
+            f16_only("backward")?;
+            crate::ops::coop::sparse_backward_supported(gpu, d, g, opts.block)?;
+            crate::ops::coop::sparse_backward_pipelines(
+                gpu,
+                d as u32,
+                g as u32,
+                opts.block as u32,
+                has_bias,
+            )?
+        } else {
+            (
+                gpu.pipeline(&key("sparse_bwd.wgsl", "dq_main", dq_tiles, Kind::Dq))?,
+                1,
+                gpu.pipeline(&key("sparse_bwd.wgsl", "dkdv", dkdv_tiles, Kind::Dkdv))?,
+            )
+        };
         // D = rowsum(dO ∘ O): the dense backward's `rowdot` entry (reads D and NT only).
         let mut rowdot_consts = dq_tiles.constants(Kind::Dq, d as u32);
         for c in rowdot_consts.iter_mut().filter(|c| c.0.starts_with("SH")) {
@@ -346,6 +405,8 @@ impl SparseAttention {
             fwd,
             forward,
             fwd_tokens,
+            backward,
+            dq_tokens,
             dq,
             dkdv,
             rowdot,
@@ -356,8 +417,13 @@ impl SparseAttention {
     }
 
     /// The kernel the forward runs (`Portable` or `Coop`).
-    pub fn forward_kernel(&self) -> SparseForward {
+    pub fn forward_kernel(&self) -> SparseKernel {
         self.forward
+    }
+
+    /// The kernels the backward runs (`Portable` or `Coop`).
+    pub fn backward_kernel(&self) -> SparseKernel {
+        self.backward
     }
 
     /// `[b, hkv, seq_q, nsel]`
@@ -586,24 +652,30 @@ impl SparseAttention {
                 (11, sel, w(Class::Sel)),
                 self.bias_view(gpu, c, bias),
             ];
+            let outs = [
+                (8, &grads.dq, w(Class::Q)),
+                (9, &grads.dk, w(Class::Kv)),
+                (10, &grads.dv, w(Class::Kv)),
+            ];
+            let (dq_out, dkdv_out) = if self.backward == SparseKernel::Coop {
+                (&outs[..], &outs[..])
+            } else {
+                (&outs[..1], &outs[1..])
+            };
             launch::dispatch(
                 gpu,
                 enc,
                 &self.dq,
                 bytemuck::bytes_of(&base),
-                &[&inputs[..], &[(8, &grads.dq, w(Class::Q))]].concat(),
-                (s.seq_q as u32, units),
+                &[&inputs[..], dq_out].concat(),
+                ((s.seq_q as u32).div_ceil(self.dq_tokens), units),
             );
             launch::dispatch(
                 gpu,
                 enc,
                 &self.dkdv,
                 bytemuck::bytes_of(&base),
-                &[
-                    &inputs[..],
-                    &[(9, &grads.dk, w(Class::Kv)), (10, &grads.dv, w(Class::Kv))],
-                ]
-                .concat(),
+                &[&inputs[..], dkdv_out].concat(),
                 (nb, units),
             );
         }

@@ -1,0 +1,344 @@
+// Block-sparse attention backward on cooperative matrices (tensor cores): f16 q, k, v, dO, dQ,
+// dK, dV; f32 LSE, D (= rowsum(dO ∘ O), from attention_bwd.wgsl's rowdot), bias and
+// accumulators. Same contract and bindings as sparse_bwd.wgsl (reference:
+// src/reference/sparse.rs); needs what sparse_coop.wgsl needs (src/ops/coop.rs checks it).
+// Two entries; both bind all three gradients because the shared store (`put_out`) reaches each.
+//
+//   dq:   as sparse_coop.wgsl's forward: a subgroup per token, the group's G <= 16 query heads
+//         as the 16 matrix rows, the selected blocks as one key list, BK keys per step:
+//         S = Q Kᵀ, P = exp(s·S + bias − LSE), dP = dO Vᵀ, dS = P ∘ (dP − D), dQ += s·dS K.
+//   dkdv: a workgroup per (key block, batch x kv head). Subgroup sg keeps the K and V fragments
+//         of the block's 16-key chunk sg % KC (KC = BLK/16) in registers and takes tile sg / KC
+//         of each round of NPH = NSG/KC tiles. A tile is TPT = 16/G tokens with all G heads of
+//         each: the 16 columns of Sᵀ. The tokens that selected the block are found by scanning
+//         the selection NT tokens at a time and compacted in token order (a prefix sum), so the
+//         sums run in the same order every time (deterministic, no atomics). Per tile:
+//         Sᵀ = K Qᵀ, Pᵀ, dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D), dV += Pᵀ dO, dK += s·dSᵀ Q
+//         (Q and dO rows staged as coop_tile's key operand). The NPH partial sums of a chunk
+//         are added through workgroup memory at the end.
+// Tile machinery: coop_tile.wgsl (dkdv runs with BK = 16: one 16-column tile per subgroup).
+// Constants: those of coop_tile.wgsl, BLK, HAS_BIAS, KC, NPH, TPT.
+//#include "attn_params.wgsl"
+//#include "coop_tile.wgsl"
+//#include "sparse_coop_list.wgsl"
+enable wgpu_cooperative_matrix;
+
+@group(0) @binding(0) var<uniform> prm: Params;
+@group(0) @binding(1) var<storage, read> q: array<ST>;
+@group(0) @binding(2) var<storage, read> k: array<ST>;
+@group(0) @binding(3) var<storage, read> v: array<ST>;
+@group(0) @binding(5) var<storage, read> d_o: array<ST>;
+@group(0) @binding(6) var<storage, read> lse: array<f32>;
+@group(0) @binding(7) var<storage, read> rowd: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dq: array<ST>;
+@group(0) @binding(9) var<storage, read_write> dk: array<ST>;
+@group(0) @binding(10) var<storage, read_write> dv: array<ST>;
+@group(0) @binding(11) var<storage, read> sel: array<u32>;
+@group(0) @binding(12) var<storage, read> bias: array<f32>;
+
+// Which gradient store_o writes: 0 = dQ, 1 = dK, 2 = dV.
+var<private> out_to: u32;
+
+fn put_out(i: u32, x: ST) {
+    switch out_to {
+        case 0u: { dq[i] = x; }
+        case 1u: { dk[i] = x; }
+        default: { dv[i] = x; }
+    }
+}
+
+// The token's 16 head rows of q (which = 0) or dO (1) through the subgroup's staging area at
+// `st` into fragments (rows past G, or of a token past the last, are zero).
+fn head_fragments(tk: ptr<function, Token>, which: u32, st: u32, lane: u32,
+                  fr: ptr<function, array<MatA, DQ>>) {
+    workgroupBarrier();
+    for (var e = lane; e < 16u * D4; e += 32u) {
+        let h = e / D4;
+        var x = ST(0.0);
+        if ((*tk).live && h < prm.group) {
+            let g = (*tk).q4 + h * (*tk).qstride + e % D4;
+            x = select(d_o[g], q[g], which == 0u);
+        }
+        put4(st + h * DP + (e % D4) * 4u, x);
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < DQ; i++) {
+        (*fr)[i] = coopLoadT<MatA>(&kv[st + i * 16u], DP);
+    }
+}
+
+@compute @workgroup_size(NT)
+fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    // Subgroups of 32 (checked on the host) hold consecutive invocations.
+    let sg = tid / 32u;
+    let lane = tid % 32u;
+    var tk = token_of(wg.x * NSG + sg, wg.y);
+    let st = sg * STAGE;
+    var qa: array<MatA, DQ>;
+    var da: array<MatA, DQ>;
+    head_fragments(&tk, 0u, st, lane, &qa);
+    head_fragments(&tk, 1u, st, lane, &da);
+
+    let r = lane / 2u;
+    let half = lane % 2u;
+    var lse2 = 0.0;
+    var rd = 0.0;
+    if (tk.live && r < prm.group) {
+        let row = prm.r_off + (tk.u * prm.group + r) * prm.seq_q + tk.t;
+        lse2 = lse[row] * LOG2E;
+        rd = rowd[row];
+    }
+    var acc: array<f32, D / 2u>;
+    let sb = sg * 16u * SP;
+    let pb = sg * 16u * PP;
+
+    let steps = (prm.nsel * BLK + BK - 1u) / BK;
+    for (var step = 0u; step < steps; step++) {
+        let i0 = step * BK;
+        stage_step(&tk, i0, st, lane);
+        scores(&qa, st, sb);
+        var p: array<f32, HB>;
+        for (var c = 0u; c < HB; c++) {
+            let col = 2u * c + half;
+            let key = list_key(&tk, i0 + col);
+            let s = fma(scr[sb + r * SP + col], prm.scale_log2, key_bias(&tk, key));
+            p[c] = select(0.0, exp2(s - lse2), key != NO_KEY);
+        }
+        // The subgroup's lanes have read S before dP overwrites it.
+        workgroupBarrier();
+        scores(&da, st + BK * DP, sb);
+        for (var c = 0u; c < HB; c++) {
+            let col = 2u * c + half;
+            pm[pb + r * PP + col] = f16(p[c] * (scr[sb + r * SP + col] - rd));
+        }
+        workgroupBarrier();
+        accumulate_pv(&acc, st, sb, pb, r, half);
+    }
+    out_to = 0u;
+    store_o(&acc, prm.scale, tk.q4, tk.qstride, select(0u, prm.group, tk.live), sb, r, half,
+        lane);
+}
+
+// dkdv: the token line (as in sparse_bwd.wgsl) and the columns of the round's tiles.
+// Every workgroup array here is a multiple of 64 bytes: with a 4-byte scalar or a 132-byte list
+// beside them, the cooperative loads from `kv` read the wrong memory on the H100 (NaNs; the
+// dense kernels, whose arrays are all multiples of 16 bytes, never showed it).
+const GT: u32 = NPH * TPT;                        // tokens per round
+var<workgroup> sh_flags: array<u32, NT>;
+var<workgroup> sh_list: array<u32, (NT + GT + 15u) / 16u * 16u>; // tokens waiting, in order
+var<workgroup> sh_pend: array<u32, 16>;           // [0]: tokens waiting
+var<workgroup> col_lse: array<f32, NPH * 16u>;    // LSE·log2(e) of each column
+var<workgroup> col_d: array<f32, NPH * 16u>;      // D of each column
+var<workgroup> col_kvl: array<u32, NPH * 16u>;    // keys its token sees (0: padding)
+
+// Stage a round: tokens sh_list[first, first + count) (count <= GT); tile ph takes tokens
+// [ph·TPT, (ph + 1)·TPT) of them, column c = token c / G, head c % G. Q rows of the tile go to
+// ph·32·DP, dO rows 16·DP after them.
+fn stage_round(u: u32, first: u32, count: u32, tid: u32) {
+    workgroupBarrier();
+    for (var e = tid; e < NPH * 16u * D4; e += NT) {
+        let ph = e / (16u * D4);
+        let c = (e / D4) % 16u;
+        let li = ph * TPT + c / prm.group;
+        var a = ST(0.0);
+        var b = ST(0.0);
+        if (c < TPT * prm.group && li < count) {
+            let t = sh_list[first + li];
+            let g = (prm.q_off + ((u * prm.group + c % prm.group) * prm.seq_q + t) * D) / 4u
+                + e % D4;
+            a = q[g];
+            b = d_o[g];
+        }
+        let s = ph * 32u * DP + c * DP + (e % D4) * 4u;
+        put4(s, a);
+        put4(s + 16u * DP, b);
+    }
+    for (var e = tid; e < NPH * 16u; e += NT) {
+        let c = e % 16u;
+        let li = (e / 16u) * TPT + c / prm.group;
+        var a = 0.0;
+        var b = 0.0;
+        var kvl = 0u;
+        if (c < TPT * prm.group && li < count) {
+            let t = sh_list[first + li];
+            let row = prm.r_off + (u * prm.group + c % prm.group) * prm.seq_q + t;
+            a = lse[row] * LOG2E;
+            b = rowd[row];
+            kvl = select(prm.seq_k, min(prm.seq_k, prm.q_pos0 + t + 1u), prm.causal != 0u);
+        }
+        col_lse[e] = a;
+        col_d[e] = b;
+        col_kvl[e] = kvl;
+    }
+    workgroupBarrier();
+}
+
+// Phase 0 of each key chunk adds the other phases' partial sums (slice by slice through the
+// scratch).
+fn add_phases(acc: ptr<function, array<f32, D / 2u>>, ph: u32, kc: u32, sb: u32, r: u32,
+              half: u32) {
+    for (var i0 = 0u; i0 < DQ; i0++) {
+        workgroupBarrier();
+        for (var c = 0u; c < 8u; c++) {
+            scr[sb + r * SP + 2u * c + half] = (*acc)[i0 * 8u + c];
+        }
+        workgroupBarrier();
+        if (ph == 0u) {
+            for (var p = 1u; p < NPH; p++) {
+                let ob = (p * KC + kc) * 16u * SP;
+                for (var c = 0u; c < 8u; c++) {
+                    (*acc)[i0 * 8u + c] += scr[ob + r * SP + 2u * c + half];
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(NT)
+fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let sg = tid / 32u;
+    let lane = tid % 32u;
+    let blk = wg.x;
+    let u = wg.y;
+    let key0 = blk * BLK;
+    let kc = sg % KC;
+    let ph = sg / KC;
+    let k4 = (prm.k_off + u * prm.seq_k * D) / 4u;
+
+    // K, then V rows of the block through the staging area into the chunk's fragments.
+    var ka: array<MatA, DQ>;
+    var va: array<MatA, DQ>;
+    for (var w = 0u; w < 2u; w++) {
+        workgroupBarrier();
+        for (var e = tid; e < BLK * D4; e += NT) {
+            let rr = e / D4;
+            var x = ST(0.0);
+            if (key0 + rr < prm.seq_k) {
+                let g = k4 + (key0 + rr) * D4 + e % D4;
+                x = select(v[g], k[g], w == 0u);
+            }
+            put4(rr * DP + (e % D4) * 4u, x);
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < DQ; i++) {
+            let f = coopLoadT<MatA>(&kv[kc * 16u * DP + i * 16u], DP);
+            if (w == 0u) {
+                ka[i] = f;
+            } else {
+                va[i] = f;
+            }
+        }
+    }
+
+    let r = lane / 2u;
+    let half = lane % 2u;
+    var acck: array<f32, D / 2u>;
+    var accv: array<f32, D / 2u>;
+    let sb = sg * 16u * SP;
+    let pb = sg * 16u * PP;
+    let key0c = key0 + kc * 16u;
+    var bk = 0.0;
+    if (HAS_BIAS != 0u && key0c + r < prm.seq_k) {
+        bk = bias[prm.b_off + u * prm.seq_k + key0c + r] * LOG2E;
+    }
+    if (tid == 0u) {
+        sh_pend[0] = 0u;
+    }
+    // The first token that can see key0 (causal): q_pos0 + t >= key0.
+    var tstart = 0u;
+    if (prm.causal != 0u && key0 > prm.q_pos0) {
+        tstart = key0 - prm.q_pos0;
+    }
+    // The last pass (t0 >= seq_q) scans nothing and flushes the line in a partial round.
+    for (var t0 = tstart; t0 < prm.seq_q + NT; t0 += NT) {
+        let flush = t0 >= prm.seq_q;
+        // Which of the next NT tokens selected this block?
+        let tt = t0 + tid;
+        var hit = 0u;
+        if (tt < prm.seq_q) {
+            let sel0 = prm.i_off + (u * prm.seq_q + tt) * prm.nsel;
+            for (var si = 0u; si < prm.nsel; si++) {
+                hit |= select(0u, 1u, sel[sel0 + si] == blk);
+            }
+        }
+        // Inclusive prefix sum of the hits (Hillis-Steele) gives each hit its place in line.
+        sh_flags[tid] = hit;
+        workgroupBarrier();
+        for (var off = 1u; off < NT; off <<= 1u) {
+            var x = sh_flags[tid];
+            if (tid >= off) {
+                x += sh_flags[tid - off];
+            }
+            workgroupBarrier();
+            sh_flags[tid] = x;
+            workgroupBarrier();
+        }
+        let pending = sh_pend[0];
+        if (hit != 0u) {
+            sh_list[pending + sh_flags[tid] - 1u] = tt;
+        }
+        // Read after a barrier, n is the same in every invocation. It bounds the loop below
+        // without workgroupUniformLoad, which zeroed cooperative products on the H100 driver;
+        // the barrier is the one workgroupUniformLoad would have given (the line is complete).
+        let n = pending + sh_flags[NT - 1u];
+        workgroupBarrier();
+        let rounds = select(n / GT, (n + GT - 1u) / GT, flush);
+        for (var j = 0u; j < rounds; j++) {
+            stage_round(u, j * GT, min(GT, n - j * GT), tid);
+            // The subgroup's tile against its 16 keys (lane row r = key key0c + r):
+            // Sᵀ = K Qᵀ, Pᵀ, dPᵀ = V dOᵀ, dSᵀ; dV += Pᵀ dO, dK += dSᵀ Q.
+            let base = ph * 32u * DP;
+            let cb = ph * 16u;
+            scores(&ka, base, sb);
+            var p: array<f32, HB>;
+            for (var c = 0u; c < HB; c++) {
+                let col = 2u * c + half;
+                let x = fma(scr[sb + r * SP + col], prm.scale_log2, bk) - col_lse[cb + col];
+                p[c] = select(0.0, exp2(x), key0c + r < col_kvl[cb + col]);
+            }
+            workgroupBarrier();
+            scores(&va, base + 16u * DP, sb);
+            var ds: array<f32, HB>;
+            for (var c = 0u; c < HB; c++) {
+                let col = 2u * c + half;
+                ds[c] = p[c] * (scr[sb + r * SP + col] - col_d[cb + col]);
+                pm[pb + r * PP + col] = f16(p[c]);
+            }
+            workgroupBarrier();
+            accumulate_pv(&accv, base + 16u * DP, sb, pb, r, half);
+            for (var c = 0u; c < HB; c++) {
+                pm[pb + r * PP + 2u * c + half] = f16(ds[c]);
+            }
+            workgroupBarrier();
+            accumulate_pv(&acck, base, sb, pb, r, half);
+        }
+        // Move the rest (fewer than a round) to the front of the line.
+        let done = min(n, rounds * GT);
+        let rem = n - done;
+        var keep = 0u;
+        if (tid < rem) {
+            keep = sh_list[done + tid];
+        }
+        workgroupBarrier();
+        if (tid < rem) {
+            sh_list[tid] = keep;
+        }
+        if (tid == 0u) {
+            sh_pend[0] = rem;
+        }
+        workgroupBarrier();
+    }
+
+    if (NPH > 1u) {
+        add_phases(&acck, ph, kc, sb, r, half);
+        add_phases(&accv, ph, kc, sb, r, half);
+    }
+    var nrows = 0u;
+    if (ph == 0u && key0c < prm.seq_k) {
+        nrows = min(16u, prm.seq_k - key0c);
+    }
+    out_to = 1u;
+    store_o(&acck, prm.scale, k4 + key0c * D4, D4, nrows, sb, r, half, lane);
+    out_to = 2u;
+    store_o(&accv, 1.0, k4 + key0c * D4, D4, nrows, sb, r, half, lane);
+}
