@@ -251,7 +251,8 @@ def main():
                 print(f"FlexAttention failed at {key}: {e!r}", file=sys.stderr)
         for peer in ("fla-nsa", "flex"):
             rows.append(dict(key=key, kind=f"sparse B{blk} k{k} G{hq // hkv}", peer=peer,
-                             impl=f"ours {r.get('dtype', 'F32').lower()} {r.get('forward', '')} sparse fwd".replace("  ", " "),
+                             impl=(f"ours {r.get('dtype', 'F32').lower()} {r.get('forward', '')} sparse fwd"
+                                   + (f" / {r['backward']} bwd" if r.get("backward") else "")).replace("  ", " "),
                              fwd_s=r["sparse_fwd_ms"] / 1e3,
                              bwd_s=(r["sparse_bwd_ms"] or 0) / 1e3 or None, flops=fl, actual=act))
             rows.append(dict(key=key, kind=f"sparse B{blk} k{k} G{hq // hkv}", peer=peer,

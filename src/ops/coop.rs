@@ -581,6 +581,48 @@ mod tests {
         );
     }
 
+    /// Cooperative loads from workgroup memory read the wrong data on the H100 (driver 580)
+    /// when a workgroup array of the kernel is not a multiple of 64 bytes
+    /// (docs/BENCHMARKS.md, "A driver pitfall"). Every coop kernel keeps to that.
+    #[test]
+    fn coop_workgroup_arrays_are_multiples_of_64_bytes() {
+        let mut keys = Vec::new();
+        for d in [16, 48, 64, 128, 256] {
+            let t = CoopTiles::default_for(d, 48 * 1024);
+            keys.push(forward_key(d, t));
+            for entry in ["dq_coop", "dkdv_coop"] {
+                keys.push(PipelineKey {
+                    file: "attention_coop_bwd.wgsl",
+                    entry,
+                    ..forward_key(d, t)
+                });
+            }
+            let st = SparseTiles::for_dim(d, 48 * 1024).unwrap();
+            keys.push(sparse_key(d, 16, true, st));
+            for g in [16, 3] {
+                let b = SparseBwdTiles::new(d, g, 16, 48 * 1024).unwrap();
+                let (dq, dkdv) = sparse_bwd_keys(d, 16, false, st, b);
+                keys.extend([dq, dkdv]);
+            }
+        }
+        for key in keys {
+            let src = crate::gpu::preprocess(&key).unwrap();
+            let module = naga::front::wgsl::parse_str(&src).unwrap();
+            for (_, var) in module.global_variables.iter() {
+                if var.space == naga::AddressSpace::WorkGroup {
+                    let size = module.types[var.ty].inner.size(module.to_ctx());
+                    assert!(
+                        size.is_multiple_of(64),
+                        "{} {}: workgroup `{}` is {size} bytes",
+                        key.file,
+                        key.entry,
+                        var.name.as_deref().unwrap_or("?")
+                    );
+                }
+            }
+        }
+    }
+
     fn spirv(src: &str, what: &str) {
         let module = naga::front::wgsl::parse_str(src)
             .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
