@@ -19,6 +19,7 @@
 // (2·BK·DP halves) or the Q tile if larger. Storage is native f16 (ST = vec4<f16>).
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
+//#include "coop_kv.wgsl"
 enable wgpu_cooperative_matrix;
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -30,28 +31,6 @@ enable wgpu_cooperative_matrix;
 
 fn put_out(i: u32, x: ST) {
     o[i] = x;
-}
-
-// vec4s of a K (and of a V) tile each thread carries from global memory to the staging area.
-const NPF: u32 = (BK * D4 + NT - 1u) / NT;
-
-// K and V rows [r0, r0 + BK) of the head at vec4 index `k4` into this thread's registers;
-// rows at or past `end` are zero.
-fn fetch(pk: ptr<function, array<ST, NPF>>, pv: ptr<function, array<ST, NPF>>, k4: u32,
-         r0: u32, end: u32, tid: u32) {
-    for (var i = 0u; i < NPF; i++) {
-        let e = tid + i * NT;
-        let r = r0 + e / D4;
-        var a = ST(0.0);
-        var b = ST(0.0);
-        if (e < BK * D4 && r < end) {
-            let g = k4 + r * D4 + e % D4;
-            a = k[g];
-            b = v[g];
-        }
-        (*pk)[i] = a;
-        (*pv)[i] = b;
-    }
 }
 
 @compute @workgroup_size(NT)
@@ -93,21 +72,12 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     // The next K/V tile travels through registers while this one is multiplied. Keys at or past
     // kend (never visible to this query tile) are zero.
     let kend = key_end(row0);
-    var pk: array<ST, NPF>;
-    var pv: array<ST, NPF>;
-    fetch(&pk, &pv, k4, 0u, kend, tid);
+    var pk: array<ST, NPW>;
+    var pv: array<ST, NPW>;
+    fetch_kv(&pk, &pv, k4, 0u, kend, tid);
     for (var key0 = 0u; key0 < kend; key0 += BK) {
-        workgroupBarrier();
-        for (var i = 0u; i < NPF; i++) {
-            let e = tid + i * NT;
-            if (e < BK * D4) {
-                let s = (e / D4) * DP + (e % D4) * 4u;
-                put4(s, pk[i]);
-                put4(s + BK * DP, pv[i]);
-            }
-        }
-        workgroupBarrier();
-        fetch(&pk, &pv, k4, key0 + BK, kend, tid);
+        put_kv(&pk, &pv, tid);
+        fetch_kv(&pk, &pv, k4, key0 + BK, kend, tid);
 
         scores(&qa, 0u, sb);
         var x: array<f32, HB>;

@@ -16,6 +16,7 @@
 // dQ = s · acc at the end. Tile machinery and constants: coop_tile.wgsl; BQ = 16·NSG, NT = 32·NSG.
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
+//#include "coop_kv.wgsl"
 enable wgpu_cooperative_matrix;
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -37,25 +38,6 @@ fn put_out(i: u32, x: ST) {
         case 0u: { dq[i] = x; }
         case 1u: { dk[i] = x; }
         default: { dv[i] = x; }
-    }
-}
-
-const NPF: u32 = (BK * D4 + NT - 1u) / NT;
-
-fn fetch(pk: ptr<function, array<ST, NPF>>, pv: ptr<function, array<ST, NPF>>, k4: u32,
-         r0: u32, end: u32, tid: u32) {
-    for (var i = 0u; i < NPF; i++) {
-        let e = tid + i * NT;
-        let r = r0 + e / D4;
-        var a = ST(0.0);
-        var b = ST(0.0);
-        if (e < BK * D4 && r < end) {
-            let g = k4 + r * D4 + e % D4;
-            a = k[g];
-            b = v[g];
-        }
-        (*pk)[i] = a;
-        (*pv)[i] = b;
     }
 }
 
@@ -111,21 +93,12 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let pb = sg * 16u * PP;
 
     let kend = key_end(row0);
-    var pk: array<ST, NPF>;
-    var pv: array<ST, NPF>;
-    fetch(&pk, &pv, k4, 0u, kend, tid);
+    var pk: array<ST, NPW>;
+    var pv: array<ST, NPW>;
+    fetch_kv(&pk, &pv, k4, 0u, kend, tid);
     for (var key0 = 0u; key0 < kend; key0 += BK) {
-        workgroupBarrier();
-        for (var i = 0u; i < NPF; i++) {
-            let e = tid + i * NT;
-            if (e < BK * D4) {
-                let s = (e / D4) * DP + (e % D4) * 4u;
-                put4(s, pk[i]);
-                put4(s + BK * DP, pv[i]);
-            }
-        }
-        workgroupBarrier();
-        fetch(&pk, &pv, k4, key0 + BK, kend, tid);
+        put_kv(&pk, &pv, tid);
+        fetch_kv(&pk, &pv, k4, key0 + BK, kend, tid);
 
         scores(&qa, 0u, sb);
         var p: array<f32, HB>;
@@ -171,27 +144,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     // K, then V, through the staging area into this subgroup's fragments.
     var ka: array<MatA, DQ>;
     var va: array<MatA, DQ>;
-    for (var t = 0u; t < 2u; t++) {
-        workgroupBarrier();
-        for (var e = tid; e < BQ * D4; e += NT) {
-            let r = e / D4;
-            var x = ST(0.0);
-            if (key0 + r < prm.seq_k) {
-                let g = k4 + (key0 + r) * D4 + e % D4;
-                x = select(v[g], k[g], t == 0u);
-            }
-            put4(r * DP + (e % D4) * 4u, x);
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < DQ; i++) {
-            let f = coopLoadT<MatA>(&kv[sg * 16u * DP + i * 16u], DP);
-            if (t == 0u) {
-                ka[i] = f;
-            } else {
-                va[i] = f;
-            }
-        }
-    }
+    kv_fragments(&ka, &va, k4, key0, BQ, sg * 16u, tid);
 
     let r = lane / 2u;
     let half = lane % 2u;

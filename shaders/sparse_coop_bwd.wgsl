@@ -20,6 +20,7 @@
 // Constants: those of coop_tile.wgsl, BLK, HAS_BIAS, KC, NPH, TPT.
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
+//#include "coop_kv.wgsl"
 //#include "sparse_coop_list.wgsl"
 enable wgpu_cooperative_matrix;
 
@@ -208,27 +209,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     // K, then V rows of the block through the staging area into the chunk's fragments.
     var ka: array<MatA, DQ>;
     var va: array<MatA, DQ>;
-    for (var w = 0u; w < 2u; w++) {
-        workgroupBarrier();
-        for (var e = tid; e < BLK * D4; e += NT) {
-            let rr = e / D4;
-            var x = ST(0.0);
-            if (key0 + rr < prm.seq_k) {
-                let g = k4 + (key0 + rr) * D4 + e % D4;
-                x = select(v[g], k[g], w == 0u);
-            }
-            put4(rr * DP + (e % D4) * 4u, x);
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < DQ; i++) {
-            let f = coopLoadT<MatA>(&kv[kc * 16u * DP + i * 16u], DP);
-            if (w == 0u) {
-                ka[i] = f;
-            } else {
-                va[i] = f;
-            }
-        }
-    }
+    kv_fragments(&ka, &va, k4, key0, BLK, kc * 16u, tid);
 
     let r = lane / 2u;
     let half = lane % 2u;

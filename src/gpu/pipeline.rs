@@ -38,6 +38,7 @@ const SOURCES: &[(&str, &str)] = &[
         "attention_coop_bwd.wgsl",
         include_str!("../../shaders/attention_coop_bwd.wgsl"),
     ),
+    ("coop_kv.wgsl", include_str!("../../shaders/coop_kv.wgsl")),
     (
         "sparse_coop_list.wgsl",
         include_str!("../../shaders/sparse_coop_list.wgsl"),
