@@ -9,6 +9,7 @@
 //            dV += Pᵀ dO, dK += s·dSᵀ Q.
 // Extra constants: BLK (block size), HAS_BIAS.
 //#include "common.wgsl"
+//#include "token_line.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
 @group(0) @binding(1) var<storage, read> q: array<ST>;
@@ -35,7 +36,6 @@ fn fetch(which: u32, g: u32) -> vec4<f32> {
 }
 
 var<workgroup> sh_u: u32;
-var<workgroup> sh_flags: array<u32, NT>;
 
 fn key_bias(u: u32, c: u32) -> f32 {
     if (HAS_BIAS != 0u) {
@@ -143,7 +143,6 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 // NT tokens at a time and compacted in token order (a prefix sum), so the sums always run in
 // the same order: deterministic, no atomics.
 var<workgroup> sh_list: array<u32, NT + BQ>;  // tokens waiting for a tile, in order
-var<workgroup> sh_pending: u32;
 var<workgroup> sh_col: array<u32, BQ>;        // q / dO vec4 base of each column, or SENTINEL
 var<workgroup> sh_kvl: array<u32, BQ>;        // keys visible to each column's token (0: padding)
 
@@ -254,62 +253,17 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         gk[i] = vec4<f32>(0.0);
         gv[i] = vec4<f32>(0.0);
     }
-    if (tid == 0u) {
-        sh_pending = 0u;
-    }
-    // The first token that can see key0 (causal): q_pos0 + t >= key0.
-    var tstart = 0u;
-    if (prm.causal != 0u && key0 > prm.q_pos0) {
-        tstart = key0 - prm.q_pos0;
-    }
+    let tstart = line_start(key0, tid);
     for (var t0 = tstart; t0 < prm.seq_q; t0 += NT) {
-        // Which of the next NT tokens selected this block?
-        let tt = t0 + tid;
-        var hit = 0u;
-        if (tt < prm.seq_q) {
-            let sel0 = prm.i_off + (u * prm.seq_q + tt) * prm.nsel;
-            for (var si = 0u; si < prm.nsel; si++) {
-                hit |= select(0u, 1u, sel[sel0 + si] == blk);
-            }
-        }
-        // Inclusive prefix sum of the hits (Hillis-Steele) gives each hit its place in line.
-        sh_flags[tid] = hit;
-        workgroupBarrier();
-        for (var off = 1u; off < NT; off <<= 1u) {
-            var x = sh_flags[tid];
-            if (tid >= off) {
-                x += sh_flags[tid - off];
-            }
-            workgroupBarrier();
-            sh_flags[tid] = x;
-            workgroupBarrier();
-        }
-        let base = sh_pending;
-        if (hit != 0u) {
-            sh_list[base + sh_flags[tid] - 1u] = tt;
-        }
-        let n = workgroupUniformLoad(&sh_pending) + workgroupUniformLoad(&sh_flags[NT - 1u]);
+        let n = line_append(t0, u, blk, tid);
         var done = 0u;
         while (n - done >= tpt) {
             dkdv_tile(&gk, &gv, u, k4, key0, done, tpt, tid, ty, tx);
             done += tpt;
         }
-        // Move the rest (fewer than a tile) to the front of the line.
-        let rem = n - done;
-        var keep = 0u;
-        if (tid < rem) {
-            keep = sh_list[done + tid];
-        }
-        workgroupBarrier();
-        if (tid < rem) {
-            sh_list[tid] = keep;
-        }
-        if (tid == 0u) {
-            sh_pending = rem;
-        }
-        workgroupBarrier();
+        line_keep(done, n, tid);
     }
-    let rem = workgroupUniformLoad(&sh_pending);
+    let rem = line_waiting();
     if (rem > 0u) {
         dkdv_tile(&gk, &gv, u, k4, key0, 0u, rem, tid, ty, tx);
     }

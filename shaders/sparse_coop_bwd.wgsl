@@ -22,6 +22,7 @@
 //#include "coop_tile.wgsl"
 //#include "coop_kv.wgsl"
 //#include "sparse_coop_list.wgsl"
+//#include "token_line.wgsl"
 enable wgpu_cooperative_matrix;
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -125,9 +126,7 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 // beside them, the cooperative loads from `kv` read the wrong memory on the H100 (NaNs; the
 // dense kernels, whose arrays are all multiples of 16 bytes, never showed it).
 const GT: u32 = NPH * TPT;                        // tokens per round
-var<workgroup> sh_flags: array<u32, NT>;
 var<workgroup> sh_list: array<u32, (NT + GT + 15u) / 16u * 16u>; // tokens waiting, in order
-var<workgroup> sh_pend: array<u32, 16>;           // [0]: tokens waiting
 var<workgroup> col_lse: array<f32, NPH * 16u>;    // LSE·log2(e) of each column
 var<workgroup> col_d: array<f32, NPH * 16u>;      // D of each column
 var<workgroup> col_kvl: array<u32, NPH * 16u>;    // keys its token sees (0: padding)
@@ -222,47 +221,11 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     if (HAS_BIAS != 0u && key0c + r < prm.seq_k) {
         bk = bias[prm.b_off + u * prm.seq_k + key0c + r] * LOG2E;
     }
-    if (tid == 0u) {
-        sh_pend[0] = 0u;
-    }
-    // The first token that can see key0 (causal): q_pos0 + t >= key0.
-    var tstart = 0u;
-    if (prm.causal != 0u && key0 > prm.q_pos0) {
-        tstart = key0 - prm.q_pos0;
-    }
+    let tstart = line_start(key0, tid);
     // The last pass (t0 >= seq_q) scans nothing and flushes the line in a partial round.
     for (var t0 = tstart; t0 < prm.seq_q + NT; t0 += NT) {
         let flush = t0 >= prm.seq_q;
-        // Which of the next NT tokens selected this block?
-        let tt = t0 + tid;
-        var hit = 0u;
-        if (tt < prm.seq_q) {
-            let sel0 = prm.i_off + (u * prm.seq_q + tt) * prm.nsel;
-            for (var si = 0u; si < prm.nsel; si++) {
-                hit |= select(0u, 1u, sel[sel0 + si] == blk);
-            }
-        }
-        // Inclusive prefix sum of the hits (Hillis-Steele) gives each hit its place in line.
-        sh_flags[tid] = hit;
-        workgroupBarrier();
-        for (var off = 1u; off < NT; off <<= 1u) {
-            var x = sh_flags[tid];
-            if (tid >= off) {
-                x += sh_flags[tid - off];
-            }
-            workgroupBarrier();
-            sh_flags[tid] = x;
-            workgroupBarrier();
-        }
-        let pending = sh_pend[0];
-        if (hit != 0u) {
-            sh_list[pending + sh_flags[tid] - 1u] = tt;
-        }
-        // Read after a barrier, n is the same in every invocation. It bounds the loop below
-        // without workgroupUniformLoad, which zeroed cooperative products on the H100 driver;
-        // the barrier is the one workgroupUniformLoad would have given (the line is complete).
-        let n = pending + sh_flags[NT - 1u];
-        workgroupBarrier();
+        let n = line_append(t0, u, blk, tid);
         let rounds = select(n / GT, (n + GT - 1u) / GT, flush);
         for (var j = 0u; j < rounds; j++) {
             stage_round(u, j * GT, min(GT, n - j * GT), tid);
@@ -293,21 +256,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             workgroupBarrier();
             accumulate_pv(&acck, base, sb, pb, r, half);
         }
-        // Move the rest (fewer than a round) to the front of the line.
-        let done = min(n, rounds * GT);
-        let rem = n - done;
-        var keep = 0u;
-        if (tid < rem) {
-            keep = sh_list[done + tid];
-        }
-        workgroupBarrier();
-        if (tid < rem) {
-            sh_list[tid] = keep;
-        }
-        if (tid == 0u) {
-            sh_pend[0] = rem;
-        }
-        workgroupBarrier();
+        line_keep(min(n, rounds * GT), n, tid);
     }
 
     if (NPH > 1u) {

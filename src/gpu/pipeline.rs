@@ -40,6 +40,10 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("coop_kv.wgsl", include_str!("../../shaders/coop_kv.wgsl")),
     (
+        "token_line.wgsl",
+        include_str!("../../shaders/token_line.wgsl"),
+    ),
+    (
         "sparse_coop_list.wgsl",
         include_str!("../../shaders/sparse_coop_list.wgsl"),
     ),
