@@ -254,26 +254,26 @@ impl SparseTiles {
 /// Query heads per kv head the sparse kernel takes: they are the 16 rows of its matrices.
 const SPARSE_MAX_GROUP: usize = 16;
 
-/// Does the device run the cooperative-matrix block-sparse forward for head dim `d`, `g` query
+/// Does the device run the cooperative-matrix block-sparse kernels for head dim `d`, `g` query
 /// heads per kv head and blocks of `blk` keys? The error says what is missing.
 pub fn sparse_supported(gpu: &Gpu, d: usize, g: usize, blk: usize) -> Result<()> {
     device_supported(gpu)?;
     head_dim_ok(d)?;
     if g > SPARSE_MAX_GROUP {
         return Err(Error::Unsupported(format!(
-            "the cooperative-matrix sparse forward takes up to {SPARSE_MAX_GROUP} query heads per \
+            "the cooperative-matrix sparse kernels take up to {SPARSE_MAX_GROUP} query heads per \
              kv head (the rows of one matrix), not {g}"
         )));
     }
     if !blk.is_multiple_of(16) {
         return Err(Error::Unsupported(format!(
-            "the cooperative-matrix sparse forward takes blocks of a multiple of 16 keys, not {blk}"
+            "the cooperative-matrix sparse kernels take blocks of a multiple of 16 keys, not {blk}"
         )));
     }
     let max_shared = gpu.limits().max_compute_workgroup_storage_size;
     if SparseTiles::for_dim(d as u32, max_shared).is_none() {
         return Err(Error::Unsupported(format!(
-            "the cooperative-matrix sparse forward at head_dim {d} needs more than the \
+            "the cooperative-matrix sparse kernels at head_dim {d} need more than the \
              {max_shared} bytes of workgroup memory this device has"
         )));
     }
