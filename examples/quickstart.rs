@@ -3,6 +3,7 @@
 //!
 //!     cargo run --release --example quickstart
 
+use sparse_attn::FullConfig;
 use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::{AttnOptions, AttnShape, FullAttention, Gpu, GpuOptions};
 
@@ -18,7 +19,7 @@ fn main() -> sparse_attn::Result<()> {
     let k = rng.normal_vec(shape.kv_len(), 1.0);
     let v = rng.normal_vec(shape.kv_len(), 1.0);
 
-    let attn = FullAttention::new(&gpu, shape, opts)?; // validates, compiles pipelines once
+    let attn = FullAttention::new(&gpu, shape, &FullConfig::new(opts))?; // validates, compiles pipelines once
     let (gq, gk, gv) = (
         gpu.upload(&shape.q_dims(), &q)?,
         gpu.upload(&shape.kv_dims(), &k)?,

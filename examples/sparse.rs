@@ -5,10 +5,10 @@
 
 use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::ops::sparse::SparseAttention;
-use sparse_attn::reference::select::SelectOptions;
-use sparse_attn::reference::sparse::SparseOptions;
+use sparse_attn::problem::SelectOptions;
 use sparse_attn::reference::{Rng, compare};
 use sparse_attn::{AttnOptions, AttnShape, FullAttention, Gpu, GpuOptions};
+use sparse_attn::{FullConfig, SelectConfig, SparseConfig};
 
 fn main() -> sparse_attn::Result<()> {
     let gpu = Gpu::new(&GpuOptions::default())?;
@@ -25,24 +25,15 @@ fn main() -> sparse_attn::Result<()> {
         k: 8,
         ..SelectOptions::ssa()
     };
-    let (selection, _scratch) = BlockSelect::new(&gpu, shape, select)?.select(&gpu, &q, &k)?;
+    let (selection, _scratch) =
+        BlockSelect::new(&gpu, shape, &SelectConfig::new(select))?.select(&gpu, &q, &k)?;
     let blocks = gpu.read_u32(&selection)?;
     println!("token 511 keeps blocks {:?}", &blocks[511 * 8..512 * 8]);
 
-    let sparse = SparseAttention::new(
-        &gpu,
-        shape,
-        SparseOptions {
-            block: select.block,
-            causal: true,
-            scale: None,
-        },
-        select.k,
-        false,
-    )?;
+    let sparse = SparseAttention::new(&gpu, shape, &SparseConfig::for_selection(&select))?;
     let out = sparse.forward(&gpu, &q, &k, &v, &selection, None)?;
-    let full =
-        FullAttention::new(&gpu, shape, AttnOptions::causal(true))?.forward(&gpu, &q, &k, &v)?;
+    let full = FullAttention::new(&gpu, shape, &FullConfig::new(AttnOptions::causal(true)))?
+        .forward(&gpu, &q, &k, &v)?;
     let diff = compare(&gpu.read(&out.o)?, &gpu.read(&full.o)?);
     println!(
         "sparse vs full output: relative L2 difference {:.3} (random inputs spread attention \

@@ -18,8 +18,14 @@ fi
 command -v node >/dev/null || { echo "node >= 20 (for playwright-core) is needed for the browser test" >&2; exit 1; }
 (cd tests/browser && npm ci --no-audit --no-fund --silent)
 bash scripts/web-build.sh web/dist
-# Only the kernels are needed (no training stack): shares the release build of .ci/run's examples.
-cargo build --locked --release --no-default-features --bin sparse-attn
+# The native side: SPARSE_ATTN_BIN when given (CI passes the CLI its test build made), else a
+# release build of the CLI (no training stack).
+bin="${SPARSE_ATTN_BIN:-}"
+if [ -z "$bin" ]; then
+    cargo build --locked --release --bin sparse-attn
+    bin=target/release/sparse-attn
+fi
+[ -x "$bin" ] || { echo "no CLI binary at $bin" >&2; exit 1; }
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 -m http.server "$port" --bind 127.0.0.1 --directory web/dist >/dev/null 2>&1 &
 server=$!
@@ -28,4 +34,4 @@ for _ in $(seq 50); do
     python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" 2>/dev/null && break
     sleep 0.2
 done
-node tests/browser/demo.test.mjs "http://127.0.0.1:$port/" target/release/sparse-attn target/browser-artifacts
+node tests/browser/demo.test.mjs "http://127.0.0.1:$port/" "$bin" target/browser-artifacts

@@ -24,4 +24,6 @@ fi
 
 # Headless machines: Mesa's window-system probing wants a runtime dir (else it prints noise).
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-exec cargo test --locked "$@"
+# The training stack (feature `train`) is off by default for a quick first build; the tests
+# cover it.
+exec cargo test --locked --features train "$@"

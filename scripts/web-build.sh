@@ -13,7 +13,8 @@ fi
 version=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
 if ! wasm-bindgen --version 2>/dev/null | grep -qx "wasm-bindgen $version"; then
     echo "installing wasm-bindgen-cli $version (matches Cargo.lock)"
-    cargo install wasm-bindgen-cli --version "$version"
+    # Not through a clippy wrapper CI may have set: it is not our code.
+    env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS cargo install wasm-bindgen-cli --version "$version"
 fi
 cargo build --locked --release --target wasm32-unknown-unknown -p sparse-attn-web
 rm -rf "$out"

@@ -1,5 +1,5 @@
-// Full attention backward (FlashAttention-2 style recomputation), portable f32. Three entries:
-//   rowdot: D_i = dO_i · O_i                       (one thread per query row)
+// Full attention backward (FlashAttention-2 style recomputation), portable f32. Two entries,
+// after D_i = dO_i · O_i (shaders/rowdot.wgsl):
 //   dkdv:   per key tile, loop over the G query heads of the group and the query tiles:
 //           Pᵀ = exp(s·K Qᵀ − LSE), dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D),
 //           dV += Pᵀ dO, dK += s·dSᵀ Q              (GQA sums happen in registers, no atomics)
@@ -12,10 +12,9 @@
 @group(0) @binding(1) var<storage, read> q: array<ST>;
 @group(0) @binding(2) var<storage, read> k: array<ST>;
 @group(0) @binding(3) var<storage, read> v: array<ST>;
-@group(0) @binding(4) var<storage, read> o: array<ST>;
 @group(0) @binding(5) var<storage, read> d_o: array<ST>;
 @group(0) @binding(6) var<storage, read> lse: array<f32>;
-@group(0) @binding(7) var<storage, read_write> rowd: array<f32>;
+@group(0) @binding(7) var<storage, read> rowd: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dq: array<ST>;
 @group(0) @binding(9) var<storage, read_write> dk: array<ST>;
 @group(0) @binding(10) var<storage, read_write> dv: array<ST>;
@@ -23,21 +22,6 @@
 // dkdv: sh0 stages K|V|Q|dO chunks [rows][DSV], then dO|Q chunks [PC][D4];
 //       sh1 = Pᵀ [BK][BQ]; sh2 = dSᵀ [BK][BQ], then LSE·log2(e) [BQ] and D [BQ].
 // dq:   sh0 stages Q|dO|K|V chunks [rows][DSV], then K chunks [PC][D4]; sh1 = dS [BQ][BK].
-
-// rowdot: NT threads per workgroup, one row each; 2-D grid flattened by grid_x.
-@compute @workgroup_size(NT)
-fn rowdot(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let row = (wg.y * prm.grid_x + wg.x) * NT + tid;
-    if (row >= prm.rows) {
-        return;
-    }
-    let base = prm.q_off / 4u + row * D4;
-    var acc = 0.0;
-    for (var c = 0u; c < D4; c++) {
-        acc += dot(unpack_st(d_o[base + c]), unpack_st(o[base + c]));
-    }
-    rowd[prm.r_off + row] = acc;
-}
 
 fn fetch(which: u32, g: u32) -> vec4<f32> {
     switch which {

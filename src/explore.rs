@@ -9,10 +9,10 @@ use crate::ops::attention::FullAttention;
 use crate::ops::metrics::AttentionMetrics;
 use crate::ops::select::BlockSelect;
 use crate::ops::sparse::SparseAttention;
+use crate::problem::{AttnOptions, AttnShape};
+use crate::problem::{Scoring, SelectOptions};
 use crate::reference::Rng;
-use crate::reference::select::{Scoring, SelectOptions};
-use crate::reference::sparse::SparseOptions;
-use crate::shape::{AttnOptions, AttnShape};
+use crate::{FullConfig, SelectConfig, SparseConfig};
 
 /// One demo problem (batch 1, causal). Parsed from JSON by [`ExploreConfig::from_json`].
 #[derive(Clone, Debug, PartialEq)]
@@ -29,7 +29,7 @@ pub struct ExploreConfig {
     pub seed: u64,
     /// Query head whose map, selection and sparsity strip are returned.
     pub head: usize,
-    /// Inputs: "structured" (local + needle keys, see `viz::structured_qk_with`) or "random".
+    /// Inputs: "structured" (local + needle keys, see `synthetic::structured_qk_with`) or "random".
     pub structured: bool,
     /// Structured inputs: keys every query is drawn to (0..=64).
     pub needles: usize,
@@ -186,7 +186,7 @@ pub struct Explore {
 pub fn inputs(cfg: &ExploreConfig) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let shape = cfg.shape();
     let (q, k) = if cfg.structured {
-        crate::viz::structured_qk_with(&shape, cfg.seed, cfg.needles, cfg.locality as f32)
+        crate::synthetic::structured_qk_with(&shape, cfg.seed, cfg.needles, cfg.locality as f32)
     } else {
         let mut rng = Rng::new(cfg.seed);
         (
@@ -222,19 +222,9 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
         gpu.upload(&shape.kv_dims(), &k)?,
         gpu.upload(&shape.kv_dims(), &v)?,
     ];
-    let full = FullAttention::new(gpu, shape, AttnOptions::causal(true))?;
-    let selector = BlockSelect::new(gpu, shape, sel_opts)?;
-    let sparse = SparseAttention::new(
-        gpu,
-        shape,
-        SparseOptions {
-            block: cfg.block,
-            causal: true,
-            scale: None,
-        },
-        cfg.topk,
-        false,
-    )?;
+    let full = FullAttention::new(gpu, shape, &FullConfig::new(AttnOptions::causal(true)))?;
+    let selector = BlockSelect::new(gpu, shape, &SelectConfig::new(sel_opts))?;
+    let sparse = SparseAttention::new(gpu, shape, &SparseConfig::for_selection(&sel_opts))?;
     let metrics =
         AttentionMetrics::new(gpu, shape, AttnOptions::causal(true), cfg.block, cfg.topk)?;
     let full_out = crate::ops::attention::AttnOutput::empty(gpu, &shape)?;

@@ -16,27 +16,30 @@
 //! # Ok(()) }
 //! ```
 
-// Benchmarks block on the GPU (pollster); the browser times work asynchronously instead.
-#[cfg(not(target_arch = "wasm32"))]
-pub mod bench;
 pub mod error;
 pub mod explore;
 pub mod gpu;
 pub mod npy;
 pub mod ops;
+pub mod problem;
 pub mod reference;
 pub mod safetensors;
 pub mod selfcheck;
-pub mod shape;
+pub mod synthetic;
 #[cfg(all(feature = "train", not(target_arch = "wasm32")))]
 pub mod train;
+/// PNG pictures (attention maps, plots): feature `png` (on with `cli` and `train`).
+#[cfg(feature = "png")]
 pub mod viz;
 
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Tensor};
 pub use ops::attention::{
-    AttnGrads, AttnOutput, FullAttention, Variant, Variants, attention_backward, attention_forward,
+    AttnGrads, AttnOutput, FullAttention, FullConfig, Variant, Variants, attention_backward,
+    attention_forward,
 };
-pub use shape::{AttnOptions, AttnShape};
+pub use ops::select::{BlockSelect, SelectConfig, TopK};
+pub use ops::sparse::{SparseAttention, SparseConfig, SparseKernel};
+pub use problem::{AttnOptions, AttnShape, Scoring, SelectOptions, SparseOptions};
 /// The wgpu this crate is built on, for callers that record into their own encoders.
 pub use wgpu;

@@ -11,10 +11,10 @@ use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention};
 use crate::ops::metrics::AttentionMetrics;
 use crate::ops::select::BlockSelect;
 use crate::ops::sparse::SparseAttention;
-use crate::reference::select::{SENTINEL, SelectOptions};
-use crate::reference::sparse::SparseOptions;
+use crate::problem::{AttnOptions, AttnShape};
+use crate::problem::{SENTINEL, SelectOptions};
 use crate::reference::{self, Rng, compare};
-use crate::shape::{AttnOptions, AttnShape};
+use crate::{FullConfig, SelectConfig, SparseConfig};
 
 /// Relative L2 error every f32 kernel must stay within against its f64 reference.
 pub const TOLERANCE: f64 = 1e-4;
@@ -89,7 +89,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let mut out = Vec::new();
 
     // Full attention.
-    let full = FullAttention::new(gpu, shape, causal)?;
+    let full = FullAttention::new(gpu, shape, &FullConfig::new(causal))?;
     let fo = AttnOutput::empty(gpu, &shape)?;
     let fg = AttnGrads::empty(gpu, &shape)?;
     let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
@@ -119,7 +119,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
         n_local: 0,
         ..SelectOptions::ssa()
     };
-    let selector = BlockSelect::new(gpu, shape, sel_opts)?;
+    let selector = BlockSelect::new(gpu, shape, &SelectConfig::new(sel_opts))?;
     let (sel, _) = {
         let scratch = selector.scratch(gpu)?;
         let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
@@ -155,13 +155,9 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     });
 
     // Block-sparse attention over the reference's selection (independent of near-ties).
-    let sp_opts = SparseOptions {
-        block: 16,
-        causal: true,
-        scale: None,
-    };
+    let sp_opts = sel_opts.sparse();
     let tsel: Tensor = gpu.upload_u32(&selector.selection_dims(), &want_sel.indices)?;
-    let sparse = SparseAttention::new(gpu, shape, sp_opts, sel_opts.k, false)?;
+    let sparse = SparseAttention::new(gpu, shape, &SparseConfig::new(sp_opts, sel_opts.k))?;
     let so = AttnOutput::empty(gpu, &shape)?;
     let sg = AttnGrads::empty(gpu, &shape)?;
     let mut enc = gpu.device().create_command_encoder(&Default::default());

@@ -2,6 +2,7 @@
 
 mod common;
 
+use sparse_attn::FullConfig;
 use sparse_attn::gpu::{Storage, round_f16};
 use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::{
@@ -53,7 +54,12 @@ fn run_case_as(
         storage.name()
     );
 
-    let att = FullAttention::with_storage(gpu, s, opts, variants, storage).expect(&ctx);
+    let att = FullAttention::new(
+        gpu,
+        s,
+        &FullConfig::new(opts).storage(storage).variants(variants),
+    )
+    .expect(&ctx);
     let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
     let (tq, tk, tv) = (
         up(&s.q_dims(), &q),

@@ -2,6 +2,7 @@
 
 mod common;
 
+use sparse_attn::FullConfig;
 use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::{
     AttnOptions, AttnOutput, AttnShape, Error, FullAttention, GpuOptions, attention_forward,
@@ -106,7 +107,7 @@ fn shape_errors_name_the_problem() {
     assert!(e.contains("holds 6 elements but 5 were given"), "{e}");
     // an output that aliases an input
     let s = AttnShape::new(1, 1, 1, 8, 32);
-    let att = FullAttention::new(&gpu, s, opts).unwrap();
+    let att = FullAttention::new(&gpu, s, &FullConfig::new(opts)).unwrap();
     let q = t(&s.q_dims());
     let out = AttnOutput {
         o: q,
@@ -173,7 +174,7 @@ fn tensors_past_the_binding_limit_are_split() {
         head_dim: 32,
     };
     let opts = AttnOptions::causal(true);
-    let att = FullAttention::new(&gpu, s, opts).unwrap();
+    let att = FullAttention::new(&gpu, s, &FullConfig::new(opts)).unwrap();
     assert!(
         att.chunks() > 1,
         "expected a split, got {} chunk(s)",
@@ -216,7 +217,7 @@ fn tensors_past_the_binding_limit_are_split() {
 
     // One (batch, kv-head) slice alone is larger than the limit: refused with a clear error.
     let big = AttnShape::new(1, 1, 1, 1000, 32); // 128 KB per head
-    match FullAttention::new(&gpu, big, opts) {
+    match FullAttention::new(&gpu, big, &FullConfig::new(opts)) {
         Err(Error::Unsupported(m)) => assert!(m.contains("more than this device can bind"), "{m}"),
         other => panic!("expected Unsupported, got {other:?}"),
     }
@@ -226,14 +227,14 @@ fn tensors_past_the_binding_limit_are_split() {
 fn pipelines_are_built_once() {
     let Some(gpu) = common::gpu() else { return };
     let s = AttnShape::new(1, 2, 1, 40, 64);
-    let _a = FullAttention::new(&gpu, s, AttnOptions::causal(true)).unwrap();
+    let _a = FullAttention::new(&gpu, s, &FullConfig::new(AttnOptions::causal(true))).unwrap();
     let n = gpu.pipelines_built();
     assert!(n >= 4);
     // Another shape with the same head dim reuses every pipeline.
     let _b = FullAttention::new(
         &gpu,
         AttnShape::new(2, 4, 2, 99, 64),
-        AttnOptions::causal(false),
+        &FullConfig::new(AttnOptions::causal(false)),
     )
     .unwrap();
     assert_eq!(gpu.pipelines_built(), n);

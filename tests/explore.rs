@@ -47,7 +47,7 @@ fn explore_matches_the_references() {
         .unwrap();
         let full =
             reference::attention::forward(&shape, &AttnOptions::causal(true), &q, &k, &v).unwrap();
-        let sparse_opts = reference::sparse::SparseOptions {
+        let sparse_opts = sparse_attn::problem::SparseOptions {
             block: cfg.block,
             causal: true,
             scale: None,

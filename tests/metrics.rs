@@ -2,10 +2,11 @@
 
 mod common;
 
+use sparse_attn::SelectConfig;
 use sparse_attn::ops::metrics::AttentionMetrics;
 use sparse_attn::ops::select::BlockSelect;
+use sparse_attn::problem::{Scoring, SelectOptions};
 use sparse_attn::reference::metrics::{kl_sparse_full, metrics};
-use sparse_attn::reference::select::{Scoring, SelectOptions};
 use sparse_attn::reference::{Rng, compare};
 use sparse_attn::{AttnOptions, AttnShape};
 
@@ -56,7 +57,7 @@ fn metrics_match_reference() {
             causal: true,
             scale: None,
         };
-        let (sel, _) = BlockSelect::new(&gpu, s, so)
+        let (sel, _) = BlockSelect::new(&gpu, s, &SelectConfig::new(so))
             .unwrap()
             .select(&gpu, &tq, &tk)
             .unwrap();

@@ -2,6 +2,7 @@
 
 mod common;
 
+use sparse_attn::FullConfig;
 use sparse_attn::GpuOptions;
 use sparse_attn::gpu::{DType, Reps, round_f16};
 
@@ -87,8 +88,12 @@ fn timer_measures_positive_times_and_rejects_zero_reps() {
 fn profile_names_every_kernel_of_a_pass() {
     let Some(gpu) = common::gpu() else { return };
     let shape = sparse_attn::AttnShape::new(1, 2, 1, 40, 16);
-    let att = sparse_attn::FullAttention::new(&gpu, shape, sparse_attn::AttnOptions::causal(true))
-        .unwrap();
+    let att = sparse_attn::FullAttention::new(
+        &gpu,
+        shape,
+        &FullConfig::new(sparse_attn::AttnOptions::causal(true)),
+    )
+    .unwrap();
     let q = gpu.random_uniform(&shape.q_dims(), 1, 1.0).unwrap();
     let k = gpu.random_uniform(&shape.kv_dims(), 2, 1.0).unwrap();
     let v = gpu.random_uniform(&shape.kv_dims(), 3, 1.0).unwrap();

@@ -2,12 +2,12 @@
 
 mod common;
 
+use sparse_attn::SelectConfig;
 use sparse_attn::gpu::DType;
 use sparse_attn::gpu::Gpu;
 use sparse_attn::ops::select::{BlockSelect, SelectScratch, TopK};
-use sparse_attn::reference::select::{
-    self as refsel, SENTINEL, Scoring, SelectOptions, current_and_end, forced,
-};
+use sparse_attn::problem::{SENTINEL, Scoring, SelectOptions};
+use sparse_attn::reference::select::{self as refsel, current_and_end, forced};
 use sparse_attn::reference::{Rng, compare};
 use sparse_attn::{AttnShape, Error};
 
@@ -117,7 +117,8 @@ fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
         &format!("reference, {ctx}"),
     );
 
-    let op = BlockSelect::with_topk(gpu, s, o, DType::F32, topk).expect(&ctx);
+    let op =
+        BlockSelect::new(gpu, s, &SelectConfig::new(o).dtype(DType::F32).topk(topk)).expect(&ctx);
     assert_eq!(op.topk_kernel(), topk);
     let np = op.pooled();
     let (tq, tk) = (
@@ -255,20 +256,29 @@ fn selection_matches_reference() {
 fn bad_selection_options_name_the_problem() {
     let Some(gpu) = common::gpu() else { return };
     let s = shape(1, 4, 2, 100, 100, 64);
-    let err = |o: SelectOptions| BlockSelect::new(&gpu, s, o).unwrap_err().to_string();
+    let err = |o: SelectOptions| {
+        BlockSelect::new(&gpu, s, &SelectConfig::new(o))
+            .unwrap_err()
+            .to_string()
+    };
     assert!(err(opts(24, 2, 0, 0, Scoring::Ssa)).contains("block size 24 is not supported"));
     assert!(err(opts(16, 0, 0, 0, Scoring::Ssa)).contains("k = 0"));
     assert!(err(opts(16, 8, 0, 0, Scoring::Ssa)).contains("larger than the 7 blocks"));
     assert!(err(opts(16, 3, 1, 2, Scoring::Ssa)).contains("exceed k = 3"));
     let bad = shape(1, 3, 2, 100, 100, 64);
     assert!(
-        BlockSelect::new(&gpu, bad, opts(16, 2, 0, 0, Scoring::Ssa))
-            .unwrap_err()
-            .to_string()
-            .contains("not a multiple")
+        BlockSelect::new(
+            &gpu,
+            bad,
+            &SelectConfig::new(opts(16, 2, 0, 0, Scoring::Ssa))
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("not a multiple")
     );
     // A selection tensor from another shape, or of the wrong dtype.
-    let op = BlockSelect::new(&gpu, s, opts(16, 2, 0, 0, Scoring::Ssa)).unwrap();
+    let op =
+        BlockSelect::new(&gpu, s, &SelectConfig::new(opts(16, 2, 0, 0, Scoring::Ssa))).unwrap();
     let q = gpu.upload(&s.q_dims(), &vec![0.0; s.q_len()]).unwrap();
     let k = gpu.upload(&s.kv_dims(), &vec![0.0; s.kv_len()]).unwrap();
     let scratch = op.scratch(&gpu).unwrap();
@@ -298,7 +308,8 @@ fn ties_go_to_the_lower_index() {
     let k: Vec<f32> = row.iter().cycle().take(s.kv_len()).copied().collect();
     let want = refsel::select(&s, &o, &q, &k).unwrap();
     for topk in [TopK::Sort, TopK::Subgroup] {
-        let op = match BlockSelect::with_topk(&gpu, s, o, DType::F32, topk) {
+        let op = match BlockSelect::new(&gpu, s, &SelectConfig::new(o).dtype(DType::F32).topk(topk))
+        {
             Ok(op) => op,
             Err(e) if topk == TopK::Subgroup => {
                 eprintln!("SKIPPED subgroup top-k: {e}");
@@ -327,7 +338,7 @@ fn automatic_topk_kernel() {
     let Some(gpu) = common::gpu() else { return };
     let s = shape(1, 4, 1, 2000, 2000, 16); // 125 blocks
     let pick = |k| {
-        BlockSelect::new(&gpu, s, opts(16, k, 0, 0, Scoring::Ssa))
+        BlockSelect::new(&gpu, s, &SelectConfig::new(opts(16, k, 0, 0, Scoring::Ssa)))
             .unwrap()
             .topk_kernel()
     };
@@ -378,6 +389,11 @@ fn selection_splits_past_the_binding_limit() {
     };
     let s = shape(2, 4, 2, 200, 200, 16); // q: 102 KB in all, 25.6 KB per (batch, kv head)
     let o = opts(16, 4, 1, 0, Scoring::Ssa);
-    assert!(BlockSelect::new(&gpu, s, o).unwrap().chunks() > 1);
+    assert!(
+        BlockSelect::new(&gpu, s, &SelectConfig::new(o))
+            .unwrap()
+            .chunks()
+            > 1
+    );
     run(&gpu, s, o, Rng::fresh_seed());
 }

@@ -6,10 +6,12 @@ mod common;
 use sparse_attn::gpu::{DType, Gpu, round_f16};
 use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::ops::sparse::{SparseAttention, SparseKernel};
-use sparse_attn::reference::select::{SENTINEL, Scoring, SelectOptions};
-use sparse_attn::reference::sparse::{self as refsp, SparseOptions};
+use sparse_attn::problem::SparseOptions;
+use sparse_attn::problem::{SENTINEL, Scoring, SelectOptions};
+use sparse_attn::reference::sparse as refsp;
 use sparse_attn::reference::{Rng, compare};
 use sparse_attn::{AttnGrads, AttnOptions, AttnOutput, AttnShape, FullAttention};
+use sparse_attn::{FullConfig, SelectConfig, SparseConfig};
 
 /// Relative L2 error allowed for f32 against the f64 reference (observed ~1e-7).
 const TOL: f64 = 2e-5;
@@ -71,7 +73,14 @@ fn check(
     (fwd, bwd): (SparseKernel, SparseKernel),
     ctx: &str,
 ) -> bool {
-    let op = match SparseAttention::with_kernels(gpu, s, o, nsel, bias.is_some(), dt, fwd, bwd) {
+    let op = match SparseAttention::new(
+        gpu,
+        s,
+        &SparseConfig::new(o, nsel)
+            .bias(bias.is_some())
+            .dtype(dt)
+            .kernels(fwd, bwd),
+    ) {
         Ok(op) => op,
         // GPU-only kernels run in scripts/gpu-check.sh on a machine that has them.
         Err(e) if fwd == SparseKernel::Coop || bwd == SparseKernel::Coop => {
@@ -265,7 +274,7 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize, kernels: (SparseKernel, SparseKe
                 causal,
                 scale: None,
             };
-            let op = BlockSelect::for_dtype(gpu, s, so, dt).unwrap();
+            let op = BlockSelect::new(gpu, s, &SelectConfig::new(so).dtype(dt)).unwrap();
             let (tsel, _) = op
                 .select(
                     gpu,
@@ -276,7 +285,7 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize, kernels: (SparseKernel, SparseKe
             let sel = gpu.read_u32(&tsel).unwrap();
             if dt != DType::F32 {
                 // Same values, same f32 arithmetic: the same blocks.
-                let op32 = BlockSelect::new(gpu, s, so).unwrap();
+                let op32 = BlockSelect::new(gpu, s, &SelectConfig::new(so)).unwrap();
                 let (t32, _) = op32
                     .select(
                         gpu,
@@ -337,10 +346,10 @@ fn sparse_with_all_blocks_equals_full_attention() {
             causal,
             scale: None,
         };
-        let sp = SparseAttention::new(&gpu, s, o, nb, false).unwrap();
+        let sp = SparseAttention::new(&gpu, s, &SparseConfig::new(o, nb)).unwrap();
         let sel = gpu.upload_u32(&sp.selection_dims(), &all).unwrap();
         let got = sp.forward(&gpu, &q, &k, &v, &sel, None).unwrap();
-        let full = FullAttention::new(&gpu, s, AttnOptions::causal(causal))
+        let full = FullAttention::new(&gpu, s, &FullConfig::new(AttnOptions::causal(causal)))
             .unwrap()
             .forward(&gpu, &q, &k, &v)
             .unwrap();
@@ -354,7 +363,7 @@ fn sparse_with_all_blocks_equals_full_attention() {
         let gs = sp
             .backward(&gpu, &q, &k, &v, &sel, None, &got, &d_o)
             .unwrap();
-        let gf = FullAttention::new(&gpu, s, AttnOptions::causal(causal))
+        let gf = FullAttention::new(&gpu, s, &FullConfig::new(AttnOptions::causal(causal)))
             .unwrap()
             .backward(&gpu, &q, &k, &v, &full, &d_o)
             .unwrap();
@@ -379,13 +388,13 @@ fn bad_sparse_input_names_the_problem() {
         scale: None,
     };
     let err = |o: SparseOptions, nsel| {
-        SparseAttention::new(&gpu, s, o, nsel, false)
+        SparseAttention::new(&gpu, s, &SparseConfig::new(o, nsel))
             .unwrap_err()
             .to_string()
     };
     assert!(err(SparseOptions { block: 48, ..o }, 2).contains("block size 48"));
     assert!(err(o, 0).contains("0 blocks"));
-    let op = SparseAttention::new(&gpu, s, o, 2, false).unwrap();
+    let op = SparseAttention::new(&gpu, s, &SparseConfig::new(o, 2)).unwrap();
     let t = |dims: &[usize]| gpu.upload(dims, &vec![0.0; dims.iter().product()]).unwrap();
     let (q, k, v) = (t(&s.q_dims()), t(&s.kv_dims()), t(&s.kv_dims()));
     let wrong_sel = gpu.upload_u32(&[1, 2, 50, 3], &vec![0; 300]).unwrap();

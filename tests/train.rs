@@ -186,7 +186,7 @@ fn evaluation_runs_end_to_end_on_a_checkpoint() {
         metric_windows: 1,
         seed: 1,
     };
-    let r = evaluate(&model, &cfg, &c, &rt.gpu, &rt.device, &ec, false).unwrap();
+    let r = evaluate(&model, &cfg, &c, &rt.device, &ec, false).unwrap();
     let ppl = r["perplexity"]["full"]["ppl"].as_f64().unwrap();
     assert!(ppl.is_finite() && ppl > 1.0);
     let s = r["layers"]["sparse"]["sparsity"].as_array().unwrap();

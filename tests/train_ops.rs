@@ -5,10 +5,10 @@
 mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use sparse_attn::problem::SparseOptions;
+use sparse_attn::problem::{Scoring, SelectOptions};
 use sparse_attn::reference::Rng;
 use sparse_attn::reference::compare;
-use sparse_attn::reference::select::{Scoring, SelectOptions};
-use sparse_attn::reference::sparse::SparseOptions;
 use sparse_attn::reference::{
     align, attention as ref_attn, select as ref_select, sparse as ref_sparse,
 };

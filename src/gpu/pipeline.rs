@@ -22,6 +22,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_bwd.wgsl"),
     ),
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("rowdot.wgsl", include_str!("../../shaders/rowdot.wgsl")),
     (
         "attn_params.wgsl",
         include_str!("../../shaders/attn_params.wgsl"),

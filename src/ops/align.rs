@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::error::{Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
-use crate::ops::launch::{self, expect_tensor, no_alias, window};
+use crate::ops::launch::{self, check_args, input, output, window};
 
 const NT: u32 = 256;
 /// Elements per workgroup (each thread sums PER / NT of them before the tree).
@@ -116,23 +116,14 @@ impl AlignLoss {
         scale: f32,
         out: &AlignOut,
     ) -> Result<()> {
-        for (name, t) in [
-            ("h_full", h_full),
-            ("h_sparse", h_sparse),
-            ("g_full", &out.g_full),
-            ("g_sparse", &out.g_sparse),
-        ] {
-            expect_tensor(name, t, &self.dims, DType::F32)?;
-        }
-        expect_tensor("loss", &out.loss, &[1], DType::F32)?;
-        no_alias(
-            &[
-                ("loss", &out.loss),
-                ("g_full", &out.g_full),
-                ("g_sparse", &out.g_sparse),
-            ],
-            &[("h_full", h_full), ("h_sparse", h_sparse)],
-        )?;
+        let d = &self.dims;
+        check_args(&[
+            input("h_full", h_full, d, DType::F32),
+            input("h_sparse", h_sparse, d, DType::F32),
+            output("loss", &out.loss, &[1], DType::F32),
+            output("g_full", &out.g_full, d, DType::F32),
+            output("g_sparse", &out.g_sparse, d, DType::F32),
+        ])?;
         if !scale.is_finite() {
             invalid!("the gradient scale must be finite, got {scale}");
         }

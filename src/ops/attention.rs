@@ -9,9 +9,11 @@ use std::sync::Arc;
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
 use crate::ops::launch::{
-    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window_sized,
+    self, Chunk, Params, Window, check_args, input, output, plan_units, window_sized,
 };
-use crate::shape::{AttnOptions, AttnShape};
+use crate::ops::rowdot::RowDot;
+use crate::ops::tiles::{Kind, THREAD_ROWS, Tiles};
+use crate::problem::{AttnOptions, AttnShape};
 
 /// Kernel variants of the portable f32 family. Every variant computes the same thing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,202 +54,6 @@ impl Variant {
     }
 }
 
-/// Head dimensions the kernels take: multiples of 16 from 16 to 256.
-pub fn head_dim_supported(d: usize) -> bool {
-    (16..=256).contains(&d) && d.is_multiple_of(16)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
-    Fwd,
-    Dq,
-    Dkdv,
-}
-
-/// Tile of one kernel. `tr` thread rows of TM rows each (`rows` = tr·TM logit rows per
-/// workgroup; the dense kernels use 16), TC threads per row (see `tc`), `cols` logit
-/// columns, DC head dims staged per step, PC inner rows staged per step of the second product.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Tiles {
-    pub tm: u32,
-    pub tr: u32,
-    /// Threads per row; 0 = `Tiles::tc(d)`.
-    pub tc: u32,
-    pub cols: u32,
-    pub dc: u32,
-    pub pc: u32,
-}
-
-const THREAD_ROWS: u32 = 16;
-
-/// Developer knob for tuning the xl variant on a new device, e.g.
-/// `SPARSE_ATTN_TILES=fwd:4,64,16,16;dq:4,64,8,16;dkdv:4,32,8,8` (tm,cols,dc,pc per kernel);
-/// `score:8,64,16,4` sets the block-score tile of `ops::select` the same way.
-pub const TILES_ENV: &str = "SPARSE_ATTN_TILES";
-
-/// `name:tm,cols,dc,pc` from `SPARSE_ATTN_TILES` (16 thread rows), checked only for the
-/// ranges every kernel takes; callers check what their kernel needs on top.
-pub(crate) fn tiles_override(name: &str) -> Option<Tiles> {
-    let spec = std::env::var(TILES_ENV).ok()?;
-    let part = spec
-        .split(';')
-        .find_map(|p| p.trim().strip_prefix(&format!("{name}:")))?;
-    let n: Vec<u32> = part
-        .split(',')
-        .filter_map(|x| x.trim().parse().ok())
-        .collect();
-    let t = Tiles {
-        tr: THREAD_ROWS,
-        tc: 0,
-        tm: *n.first()?,
-        cols: *n.get(1)?,
-        dc: *n.get(2)?,
-        pc: *n.get(3)?,
-    };
-    let ok = [1, 2, 4, 8].contains(&t.tm)
-        && [16, 32, 64, 128].contains(&t.cols)
-        && [8, 16, 32].contains(&t.dc)
-        && [4, 8, 16, 32].contains(&t.pc)
-        && t.pc <= t.cols;
-    if !ok {
-        log::warn!("ignoring {TILES_ENV} entry `{name}:{part}` (out of the tested ranges)");
-        return None;
-    }
-    Some(t)
-}
-
-impl Tiles {
-    fn of(kind: Kind, variant: Variant) -> Tiles {
-        let t = |tm, cols, dc, pc| Tiles {
-            tm,
-            tr: THREAD_ROWS,
-            tc: 0,
-            cols,
-            dc,
-            pc,
-        };
-        match (kind, variant) {
-            // Measured on an H100 (docs/BENCHMARKS.md): taller tiles (TM = 8) pay off most.
-            (Kind::Fwd, Variant::Portable) => t(4, 32, 16, 8),
-            (Kind::Dq, Variant::Portable) => t(2, 32, 8, 8),
-            (Kind::Dkdv, Variant::Portable) => t(2, 32, 8, 8),
-            (Kind::Fwd, Variant::Large) => t(4, 64, 16, 16),
-            (Kind::Dq, Variant::Large) => t(4, 64, 8, 16),
-            (Kind::Dkdv, Variant::Large) => t(4, 32, 8, 8),
-            // The cooperative-matrix kernels have tiles of their own (ops::coop); callers check
-            // for Coop before asking.
-            (_, Variant::Xl | Variant::Coop) => tiles_override(match kind {
-                Kind::Fwd => "fwd",
-                Kind::Dq => "dq",
-                Kind::Dkdv => "dkdv",
-            })
-            .unwrap_or(match kind {
-                Kind::Fwd => t(8, 64, 16, 16),
-                Kind::Dq => t(4, 64, 16, 16),
-                Kind::Dkdv => t(8, 32, 8, 8),
-            }),
-        }
-    }
-
-    pub(crate) fn rows(&self) -> u32 {
-        self.tr * self.tm
-    }
-
-    /// Threads per row: the largest power of two up to 16 that divides d/4, so every thread owns
-    /// whole vec4 output columns and the column tiles (multiples of 16) split evenly.
-    pub(crate) fn tc(d: u32) -> u32 {
-        1 << (d / 4).trailing_zeros().min(4)
-    }
-
-    /// Threads per row of this tile (the default for `d`, or the tile's own).
-    pub(crate) fn tcols(&self, d: u32) -> u32 {
-        if self.tc > 0 { self.tc } else { Self::tc(d) }
-    }
-
-    pub(crate) fn threads(&self, d: u32) -> u32 {
-        self.tr * self.tcols(d)
-    }
-
-    /// Workgroup arrays (in vec4) as the shaders declare them.
-    fn shared(&self, kind: Kind, d: u32) -> [(&'static str, u32); 3] {
-        let dsv = self.dc / 4 + 1;
-        let (r, c, d4) = (self.rows(), self.cols, d / 4);
-        match kind {
-            Kind::Fwd => [
-                (
-                    "SH0",
-                    ((r + c) * dsv)
-                        .max((r * self.tcols(d)).div_ceil(4))
-                        .max(self.pc * d4),
-                ),
-                ("SH1", r * c / 4),
-                ("SH2", 1),
-            ],
-            Kind::Dq => [
-                ("SH0", (2 * (r + c) * dsv).max(self.pc * d4)),
-                ("SH1", r * c / 4),
-                ("SH2", 1),
-            ],
-            Kind::Dkdv => [
-                ("SH0", (2 * (r + c) * dsv).max(2 * self.pc * d4)),
-                ("SH1", r * c / 4),
-                ("SH2", (r * c + 2 * c) / 4),
-            ],
-        }
-    }
-
-    pub(crate) fn shared_bytes(&self, kind: Kind, d: u32) -> u32 {
-        16 * self.shared(kind, d).iter().map(|(_, n)| n).sum::<u32>()
-    }
-
-    /// The tiles for head dim `d` if they fit `max_shared`. The portable variant must run
-    /// everywhere, so it shrinks for large head dims: first the product chunk (down to 4), then
-    /// the column tile (down to 16). The larger variants fit as they are or not at all.
-    fn fitted(kind: Kind, variant: Variant, d: u32, max_shared: u32) -> Option<Tiles> {
-        let mut t = Tiles::of(kind, variant);
-        // The head-dim chunk must divide d (a tuning override could ask otherwise).
-        if !d.is_multiple_of(t.dc) {
-            return None;
-        }
-        while t.shared_bytes(kind, d) > max_shared {
-            if variant != Variant::Portable {
-                return None;
-            } else if t.pc > 4 {
-                t.pc /= 2;
-            } else if t.cols > 16 && t.cols / 2 >= Self::tc(d) {
-                t.cols /= 2;
-                t.pc = t.pc.min(t.cols);
-            } else {
-                return None;
-            }
-        }
-        Some(t)
-    }
-
-    pub(crate) fn constants(&self, kind: Kind, d: u32) -> Vec<(&'static str, u32)> {
-        let tc = self.tcols(d);
-        let (bq, bk) = match kind {
-            Kind::Fwd | Kind::Dq => (self.rows(), self.cols),
-            Kind::Dkdv => (self.cols, self.rows()),
-        };
-        let mut c = vec![
-            ("D", d),
-            ("BQ", bq),
-            ("BK", bk),
-            ("TM", self.tm),
-            ("TC", tc),
-            ("TN", self.cols / tc),
-            ("TD4", d / 4 / tc),
-            ("NT", self.threads(d)),
-            ("DCV", self.dc / 4),
-            ("DSV", self.dc / 4 + 1),
-            ("PC", self.pc),
-        ];
-        c.extend(self.shared(kind, d));
-        c
-    }
-}
-
 /// The variant of each pass: forward and backward may differ (what is fastest differs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Variants {
@@ -273,11 +79,7 @@ impl Variants {
 }
 
 fn check_fits(gpu: &Gpu, variant: Variant, d: usize, kinds: &[Kind]) -> Result<()> {
-    if !head_dim_supported(d) {
-        invalid!(
-            "head_dim = {d} is not supported: the kernels take multiples of 16 from 16 to 256"
-        );
-    }
+    crate::problem::check_head_dim(d)?;
     if variant == Variant::Coop {
         // As a backward variant: dQ and dK/dV on tensor cores (attention_coop_bwd.wgsl).
         return crate::ops::coop::supported(gpu, d);
@@ -440,61 +242,83 @@ pub struct FullAttention {
     dkdv: Arc<Pipeline>,
     /// Keys per dK/dV workgroup.
     dkdv_rows: u32,
-    rowdot: Arc<Pipeline>,
-    /// Tiles of dQ and dK/dV.
-    tiles: [Tiles; 2],
+    rowdot: RowDot,
     storage: Storage,
 }
 
-impl FullAttention {
-    /// Validate the problem and pick the fastest variants the device runs.
-    pub fn new(gpu: &Gpu, shape: AttnShape, opts: AttnOptions) -> Result<Self> {
-        shape.validate(&opts)?;
-        let variants = auto_variants(gpu, shape.head_dim)?;
-        Self::with_variants(gpu, shape, opts, variants)
+/// What a [`FullAttention`] is built for besides the shape: one plain struct instead of a
+/// ladder of constructors. `FullConfig::new(opts)` takes f32 tensors and the fastest variants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FullConfig {
+    pub options: AttnOptions,
+    /// Element type of q, k, v, o and the gradients (F32 or F16; LSE is f32, arithmetic f32).
+    pub dtype: DType,
+    /// How f16 is kept; `None`: native where the device has SHADER_F16, packed in u32 elsewhere.
+    pub storage: Option<Storage>,
+    /// Kernel variant of each pass; `None`: the fastest this device runs for the dtype and
+    /// head_dim (with f16, both passes on tensor cores where the device has them).
+    pub variants: Option<Variants>,
+}
+
+impl FullConfig {
+    pub fn new(options: AttnOptions) -> Self {
+        Self {
+            options,
+            dtype: DType::F32,
+            storage: None,
+            variants: None,
+        }
+    }
+
+    pub fn dtype(self, dtype: DType) -> Self {
+        Self { dtype, ..self }
+    }
+
+    /// A storage fixes the dtype too.
+    pub fn storage(self, storage: Storage) -> Self {
+        Self {
+            dtype: storage.dtype(),
+            storage: Some(storage),
+            ..self
+        }
+    }
+
+    pub fn variants(self, variants: Variants) -> Self {
+        Self {
+            variants: Some(variants),
+            ..self
+        }
     }
 
     /// One variant for both passes.
-    pub fn with_variant(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: AttnOptions,
-        variant: Variant,
-    ) -> Result<Self> {
-        Self::with_variants(gpu, shape, opts, Variants::uniform(variant))
+    pub fn variant(self, variant: Variant) -> Self {
+        self.variants(Variants::uniform(variant))
     }
+}
 
-    pub fn with_variants(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: AttnOptions,
-        variants: Variants,
-    ) -> Result<Self> {
-        Self::with_storage(gpu, shape, opts, variants, Storage::F32)
-    }
-
-    /// The fastest variants for tensors of `dtype` (F32 or F16; f16 is stored natively where
-    /// the device has SHADER_F16, packed in u32 words elsewhere; arithmetic is f32 either way).
-    /// With f16 both passes run on tensor cores (`Variant::Coop`) where the device has them.
-    pub fn for_dtype(gpu: &Gpu, shape: AttnShape, opts: AttnOptions, dtype: DType) -> Result<Self> {
+impl FullAttention {
+    /// Validate the problem, resolve the storage and variants, fetch the pipelines.
+    pub fn new(gpu: &Gpu, shape: AttnShape, config: &FullConfig) -> Result<Self> {
+        let opts = config.options;
         shape.validate(&opts)?;
-        let mut variants = auto_variants(gpu, shape.head_dim)?;
-        let storage = Storage::for_dtype(gpu, dtype)?;
-        if storage == Storage::F16 && crate::ops::coop::supported(gpu, shape.head_dim).is_ok() {
-            variants = Variants::uniform(Variant::Coop);
-        }
-        Self::with_storage(gpu, shape, opts, variants, storage)
-    }
-
-    /// Everything chosen by the caller.
-    pub fn with_storage(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: AttnOptions,
-        variants: Variants,
-        storage: Storage,
-    ) -> Result<Self> {
-        shape.validate(&opts)?;
+        let storage = match config.storage {
+            Some(s) if s.dtype() != config.dtype => invalid!(
+                "storage {} does not hold {:?} tensors",
+                s.name(),
+                config.dtype
+            ),
+            Some(s) => s,
+            None => Storage::for_dtype(gpu, config.dtype)?,
+        };
+        let variants = match config.variants {
+            Some(v) => v,
+            None if storage == Storage::F16
+                && crate::ops::coop::supported(gpu, shape.head_dim).is_ok() =>
+            {
+                Variants::uniform(Variant::Coop)
+            }
+            None => auto_variants(gpu, shape.head_dim)?,
+        };
         storage.check(gpu)?;
         check_fits(gpu, variants.forward, shape.head_dim, &[Kind::Fwd])?;
         check_fits(gpu, variants.backward, shape.head_dim, &BACKWARD)?;
@@ -502,13 +326,6 @@ impl FullAttention {
         let d = shape.head_dim as u32;
         let max_shared = gpu.limits().max_compute_workgroup_storage_size;
         let fit = |kind, v| Tiles::fitted(kind, v, d, max_shared).expect("checked above");
-        // A Coop backward runs dQ and dK/dV on tensor cores; rowdot keeps the f32 tile.
-        let f32_bwd = if variants.backward == Variant::Coop {
-            auto_variants(gpu, shape.head_dim)?.backward
-        } else {
-            variants.backward
-        };
-        let tiles = [fit(Kind::Dq, f32_bwd), fit(Kind::Dkdv, f32_bwd)];
         let key = |file, entry, consts| PipelineKey {
             file,
             entry,
@@ -544,30 +361,27 @@ impl FullAttention {
             let (p, t) = crate::ops::coop::dq_pipeline(gpu, d)?;
             (p, t.rows())
         } else {
+            let t = fit(Kind::Dq, variants.backward);
             let p = gpu.pipeline(&key(
                 "attention_bwd.wgsl",
                 "dq_main",
-                tiles[0].constants(Kind::Dq, d),
+                t.constants(Kind::Dq, d),
             ))?;
-            (p, tiles[0].rows())
+            (p, t.rows())
         };
         let (dkdv, dkdv_rows) = if variants.backward == Variant::Coop {
             let (p, t) = crate::ops::coop::dkdv_pipeline(gpu, d)?;
             (p, t.rows())
         } else {
+            let t = fit(Kind::Dkdv, variants.backward);
             let p = gpu.pipeline(&key(
                 "attention_bwd.wgsl",
                 "dkdv",
-                tiles[1].constants(Kind::Dkdv, d),
+                t.constants(Kind::Dkdv, d),
             ))?;
-            (p, tiles[1].rows())
+            (p, t.rows())
         };
-        // rowdot reads only D and NT; the other constants just have to declare the arrays.
-        let mut rowdot_consts = tiles[0].constants(Kind::Dq, d);
-        for c in rowdot_consts.iter_mut().filter(|c| c.0.starts_with("SH")) {
-            c.1 = 1;
-        }
-        let rowdot = gpu.pipeline(&key("attention_bwd.wgsl", "rowdot", rowdot_consts))?;
+        let rowdot = RowDot::new(gpu, storage, shape.head_dim)?;
         Ok(Self {
             shape,
             opts,
@@ -580,7 +394,6 @@ impl FullAttention {
             dkdv,
             dkdv_rows,
             rowdot,
-            tiles,
             storage,
         })
     }
@@ -672,12 +485,14 @@ impl FullAttention {
     ) -> Result<()> {
         let s = self.shape;
         let dt = self.storage.dtype();
-        expect_tensor("q", q, &s.q_dims(), dt)?;
-        expect_tensor("k", k, &s.kv_dims(), dt)?;
-        expect_tensor("v", v, &s.kv_dims(), dt)?;
-        expect_tensor("o", o, &s.q_dims(), dt)?;
-        expect_tensor("lse", lse, &s.lse_dims(), DType::F32)?;
-        no_alias(&[("o", o), ("lse", lse)], &[("q", q), ("k", k), ("v", v)])?;
+        let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
+        check_args(&[
+            input("q", q, &qd, dt),
+            input("k", k, &kd, dt),
+            input("v", v, &kd, dt),
+            output("o", o, &qd, dt),
+            output("lse", lse, &ld, DType::F32),
+        ])?;
         for &c in &self.chunks {
             let p = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
@@ -717,37 +532,19 @@ impl FullAttention {
     ) -> Result<()> {
         let s = self.shape;
         let dt = self.storage.dtype();
-        for (n, t, dims, dtype) in [
-            ("q", q, &s.q_dims()[..], dt),
-            ("k", k, &s.kv_dims(), dt),
-            ("v", v, &s.kv_dims(), dt),
-            ("o", o, &s.q_dims(), dt),
-            ("lse", lse, &s.lse_dims(), DType::F32),
-            ("dO", d_o, &s.q_dims(), dt),
-            ("rowd", rowd, &s.lse_dims(), DType::F32),
-            ("dq", &grads.dq, &s.q_dims(), dt),
-            ("dk", &grads.dk, &s.kv_dims(), dt),
-            ("dv", &grads.dv, &s.kv_dims(), dt),
-        ] {
-            expect_tensor(n, t, dims, dtype)?;
-        }
-        no_alias(
-            &[
-                ("rowd", rowd),
-                ("dq", &grads.dq),
-                ("dk", &grads.dk),
-                ("dv", &grads.dv),
-            ],
-            &[
-                ("q", q),
-                ("k", k),
-                ("v", v),
-                ("o", o),
-                ("lse", lse),
-                ("dO", d_o),
-            ],
-        )?;
-        let max_x = gpu.limits().max_compute_workgroups_per_dimension;
+        let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
+        check_args(&[
+            input("q", q, &qd, dt),
+            input("k", k, &kd, dt),
+            input("v", v, &kd, dt),
+            input("o", o, &qd, dt),
+            input("lse", lse, &ld, DType::F32),
+            input("dO", d_o, &qd, dt),
+            output("rowd", rowd, &ld, DType::F32),
+            output("dq", &grads.dq, &qd, dt),
+            output("dk", &grads.dk, &kd, dt),
+            output("dv", &grads.dv, &kd, dt),
+        ])?;
         // What dkdv and dq both read.
         let inputs = [
             (1, Class::Q, q),
@@ -765,22 +562,13 @@ impl FullAttention {
         for &c in &self.chunks {
             let base = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
-            let rows = heads * s.seq_q as u32;
-            let blocks = rows.div_ceil(self.tiles[0].threads(s.head_dim as u32));
-            let gx = blocks.min(max_x);
-            let p = Params {
-                grid_x: gx,
-                rows,
-                ..base
-            };
-            self.dispatch(
+            let w = |class| self.window_of(gpu, class, c);
+            self.rowdot.encode(
                 gpu,
                 enc,
-                &self.rowdot,
-                &p,
-                c,
-                &[(4, Class::Q, o), (5, Class::Q, d_o), (7, Class::Row, rowd)],
-                (gx, blocks.div_ceil(gx)),
+                &base,
+                heads * s.seq_q as u32,
+                [(o, w(Class::Q)), (d_o, w(Class::Q)), (rowd, w(Class::Row))],
             );
             // The tensor-core kernels share one module whose store reaches all three gradients,
             // so both entries bind all three.
@@ -905,7 +693,12 @@ pub fn attention_forward(
     v: &Tensor,
     opts: &AttnOptions,
 ) -> Result<AttnOutput> {
-    FullAttention::for_dtype(gpu, shape_of(q, k)?, *opts, q.dtype())?.forward(gpu, q, k, v)
+    FullAttention::new(
+        gpu,
+        shape_of(q, k)?,
+        &FullConfig::new(*opts).dtype(q.dtype()),
+    )?
+    .forward(gpu, q, k, v)
 }
 
 /// One-shot backward of [`attention_forward`].
@@ -918,8 +711,12 @@ pub fn attention_backward(
     d_o: &Tensor,
     opts: &AttnOptions,
 ) -> Result<AttnGrads> {
-    FullAttention::for_dtype(gpu, shape_of(q, k)?, *opts, q.dtype())?
-        .backward(gpu, q, k, v, out, d_o)
+    FullAttention::new(
+        gpu,
+        shape_of(q, k)?,
+        &FullConfig::new(*opts).dtype(q.dtype()),
+    )?
+    .backward(gpu, q, k, v, out, d_o)
 }
 
 #[cfg(test)]

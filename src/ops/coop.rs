@@ -32,19 +32,15 @@ impl CoopTiles {
             .map(|(nsg, bk)| CoopTiles { nsg, bk })
             .find(|t| t.shared_bytes(d) <= max_shared)
             .unwrap_or(CoopTiles { nsg: 1, bk: 16 });
-        let Some(spec) = std::env::var(COOP_ENV).ok() else {
+        let Some(n) = crate::ops::tiles::tuning(COOP_ENV, None) else {
             return preferred;
         };
-        let n: Vec<u32> = spec
-            .split(',')
-            .filter_map(|x| x.trim().parse().ok())
-            .collect();
         match n[..] {
             [nsg, bk] if [1, 2, 4].contains(&nsg) && [16, 32, 64, 128].contains(&bk) => {
                 CoopTiles { nsg, bk }
             }
             _ => {
-                log::warn!("ignoring {COOP_ENV}={spec} (want nsg in 1,2,4 and bk in 16..128)");
+                log::warn!("ignoring {COOP_ENV}={n:?} (want nsg in 1,2,4 and bk in 16..128)");
                 preferred
             }
         }
@@ -312,9 +308,8 @@ impl SparseBwdTiles {
     fn new(d: u32, g: u32, blk: u32, max_shared: u32) -> Option<SparseBwdTiles> {
         let kc = blk / 16;
         // Developer knob: subgroups per key chunk (1, 2 or 4).
-        let knob: Option<u32> = std::env::var("SPARSE_ATTN_COOP_SPARSE_NPH")
-            .ok()
-            .and_then(|x| x.parse().ok());
+        let knob: Option<u32> = crate::ops::tiles::tuning("SPARSE_ATTN_COOP_SPARSE_NPH", None)
+            .and_then(|n| n.first().copied());
         [4, 2, 1]
             .into_iter()
             .filter(|nph| knob.is_none_or(|k| k == *nph))

@@ -102,25 +102,68 @@ pub(crate) fn plan_units(
         .collect())
 }
 
-/// `t` must have exactly `dims` and `dtype`; the error names the tensor.
-pub(crate) fn expect_tensor(name: &str, t: &Tensor, dims: &[usize], dtype: DType) -> Result<()> {
-    if t.shape() != dims || t.dtype() != dtype {
-        invalid!(
-            "{name} has shape {:?} and dtype {:?}; expected shape {dims:?} and dtype {dtype:?}",
-            t.shape(),
-            t.dtype()
-        );
-    }
-    Ok(())
+/// One tensor of a launch as its kernel sees it: the shape and dtype it must have, and whether
+/// the kernel writes it. Ops list their tensors once and [`check_args`] does the rest.
+#[derive(Clone)]
+pub(crate) struct Arg<'a> {
+    name: &'a str,
+    t: &'a Tensor,
+    dims: &'a [usize],
+    dtype: DType,
+    out: bool,
 }
 
-/// No output may share a buffer with an input or with another output.
-pub(crate) fn no_alias(outputs: &[(&str, &Tensor)], inputs: &[(&str, &Tensor)]) -> Result<()> {
-    for (i, (n, t)) in outputs.iter().enumerate() {
-        for (m, x) in inputs.iter().chain(&outputs[i + 1..]) {
-            let (a, b) = (t.byte_range(), x.byte_range());
-            if t.buffer() == x.buffer() && a.start < b.end && b.start < a.end {
-                invalid!("output {n} overlaps {m} in memory; give each output its own");
+/// A tensor the kernel reads.
+pub(crate) fn input<'a>(name: &'a str, t: &'a Tensor, dims: &'a [usize], dtype: DType) -> Arg<'a> {
+    Arg {
+        name,
+        t,
+        dims,
+        dtype,
+        out: false,
+    }
+}
+
+/// A tensor the kernel writes.
+pub(crate) fn output<'a>(name: &'a str, t: &'a Tensor, dims: &'a [usize], dtype: DType) -> Arg<'a> {
+    Arg {
+        out: true,
+        ..input(name, t, dims, dtype)
+    }
+}
+
+/// Every tensor has exactly its shape and dtype, and no output shares memory with any other
+/// tensor of the launch; the error names the tensor. The kernels run without bounds checks, so
+/// this is what keeps their indices inside the buffers.
+pub(crate) fn check_args(args: &[Arg]) -> Result<()> {
+    for a in args {
+        if a.t.shape() != a.dims || a.t.dtype() != a.dtype {
+            invalid!(
+                "{} has shape {:?} and dtype {:?}; expected shape {:?} and dtype {:?}",
+                a.name,
+                a.t.shape(),
+                a.t.dtype(),
+                a.dims,
+                a.dtype
+            );
+        }
+    }
+    for (i, a) in args.iter().enumerate().filter(|(_, a)| a.out) {
+        for (j, b) in args.iter().enumerate() {
+            let (x, y) = (a.t.byte_range(), b.t.byte_range());
+            // Each pair of outputs is reported once.
+            let pair_seen = b.out && j < i;
+            if i != j
+                && !pair_seen
+                && a.t.buffer() == b.t.buffer()
+                && x.start < y.end
+                && y.start < x.end
+            {
+                invalid!(
+                    "output {} overlaps {} in memory; give each output its own",
+                    a.name,
+                    b.name
+                );
             }
         }
     }

@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
-use crate::ops::attention::head_dim_supported;
-use crate::ops::launch::{self, Chunk, Window, expect_tensor, plan_units, window};
-use crate::reference::select::BLOCK_SIZES;
-use crate::shape::{AttnOptions, AttnShape};
+use crate::ops::launch::{self, Chunk, Window, check_args, input, output, plan_units, window};
+use crate::problem::BLOCK_SIZES;
+use crate::problem::{AttnOptions, AttnShape};
 
 const THREADS: u32 = 64;
 
@@ -73,12 +72,6 @@ impl AttentionMetrics {
         nsel: usize,
     ) -> Result<Self> {
         shape.validate(&opts)?;
-        if !head_dim_supported(shape.head_dim) {
-            invalid!(
-                "head_dim = {} is not supported: the kernels take multiples of 16 from 16 to 256",
-                shape.head_dim
-            );
-        }
         if !BLOCK_SIZES.contains(&block) {
             invalid!("block size {block} is not supported (supported: {BLOCK_SIZES:?})");
         }
@@ -149,27 +142,48 @@ impl AttentionMetrics {
     }
 
     /// Metrics of full attention on q, k against the selection `sel` (`[b, hkv, seq_q, nsel]`).
-    pub fn compute(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, sel: &Tensor) -> Result<MetricsOut> {
+    /// New output tensors for this shape (the kernel overwrites every element).
+    pub fn empty_out(&self, gpu: &Gpu) -> Result<MetricsOut> {
         let s = self.shape;
-        for (name, t, dims, dtype) in [
-            ("q", q, &s.q_dims()[..], DType::F32),
-            ("k", k, &s.kv_dims()[..], DType::F32),
-            (
-                "selection",
-                sel,
-                &[s.batch, s.heads_kv, s.seq_q, self.nsel][..],
-                DType::U32,
-            ),
-        ] {
-            expect_tensor(name, t, dims, dtype)?;
-        }
-        let out = MetricsOut {
+        Ok(MetricsOut {
             block_mass: gpu.empty(&[s.batch, s.heads_q, s.seq_q, self.nb], DType::F32)?,
             sparsity: gpu.empty(&s.lse_dims(), DType::F32)?,
             entropy: gpu.empty(&s.lse_dims(), DType::F32)?,
-        };
-        let scale = self.opts.scale_for(s.head_dim);
+        })
+    }
+
+    /// Compute the metrics of q, k and a selection into new tensors.
+    pub fn compute(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, sel: &Tensor) -> Result<MetricsOut> {
+        let out = self.empty_out(gpu)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode(gpu, &mut enc, q, k, sel, &out)?;
+        gpu.scoped("attention metrics", || gpu.queue.submit([enc.finish()]))?;
+        Ok(out)
+    }
+
+    /// Record the metrics into `out` (see [`Self::empty_out`] for its shapes).
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        k: &Tensor,
+        sel: &Tensor,
+        out: &MetricsOut,
+    ) -> Result<()> {
+        let s = self.shape;
+        let (qd, kd, rd) = (s.q_dims(), s.kv_dims(), s.lse_dims());
+        let sd = [s.batch, s.heads_kv, s.seq_q, self.nsel];
+        let md = [s.batch, s.heads_q, s.seq_q, self.nb];
+        check_args(&[
+            input("q", q, &qd, DType::F32),
+            input("k", k, &kd, DType::F32),
+            input("selection", sel, &sd, DType::U32),
+            output("block_mass", &out.block_mass, &md, DType::F32),
+            output("sparsity", &out.sparsity, &rd, DType::F32),
+            output("entropy", &out.entropy, &rd, DType::F32),
+        ])?;
+        let scale = self.opts.scale_for(s.head_dim);
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
             let p = Params {
@@ -190,7 +204,7 @@ impl AttentionMetrics {
             };
             launch::dispatch(
                 gpu,
-                &mut enc,
+                enc,
                 &self.pipe,
                 bytemuck::bytes_of(&p),
                 &[
@@ -207,8 +221,7 @@ impl AttentionMetrics {
                 ),
             );
         }
-        gpu.scoped("attention metrics", || gpu.queue.submit([enc.finish()]))?;
-        Ok(out)
+        Ok(())
     }
 
     /// Key blocks of the map.

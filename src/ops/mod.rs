@@ -6,5 +6,7 @@ pub mod attention;
 pub mod coop;
 pub(crate) mod launch;
 pub mod metrics;
+pub(crate) mod rowdot;
 pub mod select;
 pub mod sparse;
+pub(crate) mod tiles;

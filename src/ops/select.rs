@@ -8,40 +8,12 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
-use crate::ops::attention::{Kind, Tiles, head_dim_supported, tiles_override};
-use crate::ops::launch::{self, Chunk, Window, expect_tensor, plan_units, window_sized};
-use crate::reference::select::{Scoring, SelectOptions, pooled_len, pooling};
-use crate::shape::AttnShape;
-
-/// Tiles of the block-score kernel, largest first; the first that fits the device and has rows
-/// for the whole group wins. Rows are (token, head) pairs, columns pooled keys.
-fn score_tiles(g: u32, d: u32, max_shared: u32) -> Option<Tiles> {
-    let t = |tm, cols, dc| Tiles {
-        tm,
-        tr: 16,
-        tc: 0,
-        cols,
-        dc,
-        pc: 4,
-    };
-    let mut cands = vec![
-        t(8, 64, 16),
-        t(4, 64, 16),
-        t(4, 32, 16),
-        t(2, 32, 16),
-        t(2, 32, 8),
-        t(1, 16, 8),
-    ];
-    if let Some(o) = tiles_override("score") {
-        cands.insert(0, o);
-    }
-    cands.into_iter().find(|c| {
-        c.rows() >= g
-            && d.is_multiple_of(c.dc)
-            && c.cols >= Tiles::tc(d)
-            && c.shared_bytes(Kind::Fwd, d) <= max_shared
-    })
-}
+use crate::ops::launch::{
+    self, Chunk, Window, check_args, input, output, plan_units, window_sized,
+};
+use crate::ops::tiles::{Kind, score_tiles};
+use crate::problem::AttnShape;
+use crate::problem::{Scoring, SelectOptions, pooled_len, pooling};
 
 /// Uniform block shared with `shaders/block_select.wgsl` (`SelParams`).
 #[repr(C)]
@@ -177,38 +149,43 @@ pub struct BlockSelect {
     storage: Storage,
 }
 
+/// What a [`BlockSelect`] is built for besides the shape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SelectConfig {
+    pub options: SelectOptions,
+    /// q and k (F32 or F16; scores are computed in f32 either way).
+    pub dtype: DType,
+    /// The top-k kernel (an error where the device cannot run the one asked for).
+    pub topk: TopK,
+}
+
+impl SelectConfig {
+    pub fn new(options: SelectOptions) -> Self {
+        Self {
+            options,
+            dtype: DType::F32,
+            topk: TopK::Auto,
+        }
+    }
+
+    pub fn dtype(self, dtype: DType) -> Self {
+        Self { dtype, ..self }
+    }
+
+    pub fn topk(self, topk: TopK) -> Self {
+        Self { topk, ..self }
+    }
+}
+
 impl BlockSelect {
-    pub fn new(gpu: &Gpu, shape: AttnShape, opts: SelectOptions) -> Result<Self> {
-        Self::for_dtype(gpu, shape, opts, DType::F32)
-    }
-
-    /// Selection over q and k of `dtype` (F32 or F16; scores are computed in f32 either way).
-    pub fn for_dtype(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: SelectOptions,
-        dtype: DType,
-    ) -> Result<Self> {
-        Self::with_topk(gpu, shape, opts, dtype, TopK::Auto)
-    }
-
-    /// As [`Self::for_dtype`], with the top-k kernel chosen by the caller (an error where the
-    /// device cannot run it).
-    pub fn with_topk(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: SelectOptions,
-        dtype: DType,
-        topk: TopK,
-    ) -> Result<Self> {
+    pub fn new(gpu: &Gpu, shape: AttnShape, config: &SelectConfig) -> Result<Self> {
+        let SelectConfig {
+            options: opts,
+            dtype,
+            topk,
+        } = *config;
         let storage = Storage::for_dtype(gpu, dtype)?;
         opts.validate(&shape)?;
-        if !head_dim_supported(shape.head_dim) {
-            invalid!(
-                "head_dim = {} is not supported: the kernels take multiples of 16 from 16 to 256",
-                shape.head_dim
-            );
-        }
         let nb = opts.blocks(shape.seq_k);
         let topk_kernel = topk.resolve(gpu, opts.k, nb)?;
         let np = pooled_len(&opts, shape.seq_k);
@@ -357,21 +334,17 @@ impl BlockSelect {
         out: &Tensor,
     ) -> Result<()> {
         let s = self.shape;
-        expect_tensor("q", q, &s.q_dims(), self.storage.dtype())?;
-        expect_tensor("k", k, &s.kv_dims(), self.storage.dtype())?;
-        expect_tensor(
-            "block_keys",
-            &scratch.block_keys,
-            &[s.batch, s.heads_kv, self.np, s.head_dim],
-            DType::F32,
-        )?;
-        expect_tensor(
-            "scores",
-            &scratch.scores,
-            &[s.batch, s.heads_kv, s.seq_q, self.np],
-            DType::F32,
-        )?;
-        expect_tensor("selection", out, &self.selection_dims(), DType::U32)?;
+        let dt = self.storage.dtype();
+        let (qd, kd, sd) = (s.q_dims(), s.kv_dims(), self.selection_dims());
+        let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
+        let scd = [s.batch, s.heads_kv, s.seq_q, self.np];
+        check_args(&[
+            input("q", q, &qd, dt),
+            input("k", k, &kd, dt),
+            output("block_keys", &scratch.block_keys, &kbd, DType::F32),
+            output("scores", &scratch.scores, &scd, DType::F32),
+            output("selection", out, &sd, DType::U32),
+        ])?;
         let max_x = gpu.limits().max_compute_workgroups_per_dimension;
         let grid2 = |n: u64| {
             let blocks = n.div_ceil(self.nt as u64);

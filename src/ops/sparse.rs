@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
-use crate::ops::attention::{AttnGrads, AttnOutput, Kind, Tiles, head_dim_supported};
+use crate::ops::attention::{AttnGrads, AttnOutput};
 use crate::ops::launch::{
-    self, Chunk, Params, Window, expect_tensor, no_alias, plan_units, window, window_sized,
+    self, Arg, Chunk, Params, Window, check_args, input, output, plan_units, window, window_sized,
 };
-use crate::reference::sparse::SparseOptions;
-use crate::shape::AttnShape;
+use crate::ops::rowdot::RowDot;
+use crate::ops::tiles::{Kind, Tiles, fit_sparse, sparse_tiles};
+use crate::problem::AttnShape;
+use crate::problem::{SelectOptions, SparseOptions};
 
 #[derive(Clone, Copy, Debug)]
 enum Class {
@@ -66,181 +68,77 @@ pub struct SparseAttention {
     dq_tokens: u32,
     dq: Arc<Pipeline>,
     dkdv: Arc<Pipeline>,
-    rowdot: Arc<Pipeline>,
+    rowdot: RowDot,
     /// Bound in place of the bias when there is none (the kernels never read it); made once.
     no_bias: Tensor,
-    /// Threads of the rowdot workgroup (it must match its NT constant).
-    nt_rowdot: u32,
     storage: Storage,
 }
 
-/// Developer knob for tuning the sparse kernels on a new device, e.g.
-/// `SPARSE_ATTN_SPARSE_TILES=fwd:4,4,64,16,16;dq:4,4,64,8,16;dkdv:4,16,16,8,16`
-/// (tm, thread rows, cols, dc, pc[, threads per row] per kernel; fwd/dq rows must cover the group's heads, dK/dV
-/// rows must equal the block size).
-pub const SPARSE_TILES_ENV: &str = "SPARSE_ATTN_SPARSE_TILES";
-
-/// Tiles of the forward, dQ and dK/dV kernels for `g` query heads per kv head, blocks of `blk`.
-fn default_tiles(g: u32, blk: u32, d: u32) -> [Tiles; 3] {
-    // Forward and dQ: rows are the group's heads (padded to a power of two): up to 4 per thread
-    // (more only past 16 thread rows). Key tiles: up to 64 keys.
-    let rows = g.next_power_of_two();
-    let tm = rows.clamp(1, 4).max(rows / 16);
-    let cols = blk.min(64);
-    // Measured on the H100 at seq 16384, G 16, d 128 (docs/BENCHMARKS.md): 4 rows x 4 thread
-    // rows beat 2 x 8 by 2% and 1 x 16 by 1.6x; 32-dim staging steps help the forward, 16 the dQ.
-    let fwd = Tiles {
-        tm,
-        tr: rows / tm,
-        tc: 0,
-        cols,
-        dc: if d.is_multiple_of(32) { 32 } else { 16 },
-        pc: cols.min(16),
-    };
-    let dq = Tiles { dc: 16, ..fwd };
-    // dK/dV: rows are the block's keys, columns (token, head) pairs of the tokens that selected
-    // the block: up to 64, at least one token's heads (and TC columns).
-    let cols = rows.max(Tiles::tc(d)).max(64);
-    let dkdv = Tiles {
-        tm: blk / 16,
-        tr: 16,
-        tc: 0,
-        cols,
-        dc: 8,
-        pc: 8,
-    };
-    let mut out = [fwd, dq, dkdv];
-    if let Ok(spec) = std::env::var(SPARSE_TILES_ENV) {
-        for (i, name) in ["fwd", "dq", "dkdv"].iter().enumerate() {
-            let Some(part) = spec
-                .split(';')
-                .find_map(|p| p.trim().strip_prefix(&format!("{name}:")))
-            else {
-                continue;
-            };
-            let n: Vec<u32> = part
-                .split(',')
-                .filter_map(|x| x.trim().parse().ok())
-                .collect();
-            // Optional sixth number: threads per row (default: from head_dim).
-            let tc = n.get(5).copied().unwrap_or(Tiles::tc(d));
-            let ok = (n.len() == 5 || n.len() == 6)
-                && n.iter().all(|x| x.is_power_of_two())
-                && tc <= Tiles::tc(d)
-                && tc >= 4
-                && tc <= n[2]
-                && n[0] <= 8
-                && n[1] <= 32
-                && (16..=128).contains(&n[2])
-                && [8, 16, 32].contains(&n[3])
-                && d.is_multiple_of(n[3])
-                && (4..=n[2]).contains(&n[4])
-                && if i < 2 {
-                    n[0] * n[1] >= g && n[2] <= blk
-                } else {
-                    n[0] * n[1] == blk && n[2] >= g && n[2] >= Tiles::tc(d)
-                };
-            if ok {
-                out[i] = Tiles {
-                    tm: n[0],
-                    tr: n[1],
-                    tc,
-                    cols: n[2],
-                    dc: n[3],
-                    pc: n[4],
-                };
-            } else {
-                log::warn!("ignoring {SPARSE_TILES_ENV} entry `{name}:{part}`");
-            }
-        }
-    }
-    out
+/// What a [`SparseAttention`] is built for besides the shape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseConfig {
+    pub options: SparseOptions,
+    /// Blocks per (token, kv head) in the selection tensor.
+    pub nsel: usize,
+    /// A per-key bias `[b, hkv, seq_k]` is given (NOSA).
+    pub bias: bool,
+    /// q, k, v, o and gradients (F32 or F16; LSE, bias and the accumulation stay f32).
+    pub dtype: DType,
+    /// The forward and backward kernels; `Coop` where the device or shape cannot run it is an
+    /// error that says why.
+    pub forward: SparseKernel,
+    pub backward: SparseKernel,
 }
 
-/// Shrink a tile's product chunk, then its head-dim chunk, until it fits `max_shared` (with
-/// `extra` bytes of other workgroup variables).
-fn fit(mut t: Tiles, kind: Kind, d: u32, max_shared: u32, extra: u32) -> Option<Tiles> {
-    while t.shared_bytes(kind, d) + extra > max_shared {
-        if t.pc > 4 {
-            t.pc /= 2;
-        } else if t.dc > 8 {
-            t.dc /= 2;
-        } else {
-            return None;
+impl SparseConfig {
+    pub fn new(options: SparseOptions, nsel: usize) -> Self {
+        Self {
+            options,
+            nsel,
+            bias: false,
+            dtype: DType::F32,
+            forward: SparseKernel::Auto,
+            backward: SparseKernel::Auto,
         }
     }
-    Some(t)
+
+    /// Attention over the blocks a selection with `select` picks: its block size, mask, scale
+    /// and k.
+    pub fn for_selection(select: &SelectOptions) -> Self {
+        Self::new(select.sparse(), select.k)
+    }
+
+    pub fn bias(self, bias: bool) -> Self {
+        Self { bias, ..self }
+    }
+
+    pub fn dtype(self, dtype: DType) -> Self {
+        Self { dtype, ..self }
+    }
+
+    pub fn kernels(self, forward: SparseKernel, backward: SparseKernel) -> Self {
+        Self {
+            forward,
+            backward,
+            ..self
+        }
+    }
 }
 
 impl SparseAttention {
-    /// `nsel` blocks per (token, kv head); `has_bias`: a per-key bias `[b, hkv, seq_k]` is given.
-    pub fn new(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: SparseOptions,
-        nsel: usize,
-        has_bias: bool,
-    ) -> Result<Self> {
-        Self::for_dtype(gpu, shape, opts, nsel, has_bias, DType::F32)
-    }
-
-    /// The same for q, k, v, o and gradients of `dtype` (F32 or F16; LSE, bias and the
-    /// accumulation stay f32).
-    pub fn for_dtype(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: SparseOptions,
-        nsel: usize,
-        has_bias: bool,
-        dtype: DType,
-    ) -> Result<Self> {
-        Self::with_forward(gpu, shape, opts, nsel, has_bias, dtype, SparseKernel::Auto)
-    }
-
-    /// The same with the forward kernel chosen; `Coop` where the device or shape cannot run it
-    /// is an error that says why.
-    pub fn with_forward(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: SparseOptions,
-        nsel: usize,
-        has_bias: bool,
-        dtype: DType,
-        forward: SparseKernel,
-    ) -> Result<Self> {
-        Self::with_kernels(
-            gpu,
-            shape,
-            opts,
+    pub fn new(gpu: &Gpu, shape: AttnShape, config: &SparseConfig) -> Result<Self> {
+        let SparseConfig {
+            options: opts,
             nsel,
-            has_bias,
+            bias: has_bias,
             dtype,
             forward,
-            SparseKernel::Auto,
-        )
-    }
-
-    /// The same with the forward and the backward kernels chosen.
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_kernels(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: SparseOptions,
-        nsel: usize,
-        has_bias: bool,
-        dtype: DType,
-        forward: SparseKernel,
-        backward: SparseKernel,
-    ) -> Result<Self> {
+            backward,
+        } = *config;
         let storage = Storage::for_dtype(gpu, dtype)?;
         let e = dtype.size() as u64;
         opts.validate(&shape, nsel)?;
         let d = shape.head_dim;
-        if !head_dim_supported(d) {
-            invalid!(
-                "head_dim = {d} is not supported: the kernels take multiples of 16 from 16 to 256"
-            );
-        }
         let g = shape.group();
         if g > 128 {
             return Err(Error::Unsupported(format!(
@@ -256,15 +154,15 @@ impl SparseAttention {
                 opts.block
             ))
         };
-        let [fwd_t, dq_t, dkdv_t] = default_tiles(g as u32, opts.block as u32, d as u32);
-        let tiles =
-            fit(fwd_t, Kind::Fwd, d as u32, max_shared, 16).ok_or_else(|| too_big("forward"))?;
+        let [fwd_t, dq_t, dkdv_t] = sparse_tiles(g as u32, opts.block as u32, d as u32);
+        let tiles = fit_sparse(fwd_t, Kind::Fwd, d as u32, max_shared, 16)
+            .ok_or_else(|| too_big("forward"))?;
 
         // dK/dV's token line: scan flags (NT), waiting tokens (NT + cols), per-column data.
         let line = |t: Tiles| 4 * (2 * t.threads(d as u32) + 3 * t.cols) + 16;
         let min_cols = (g as u32).next_power_of_two().max(Tiles::tc(d as u32));
         let dq_tiles =
-            fit(dq_t, Kind::Dq, d as u32, max_shared, 16).ok_or_else(|| too_big("dQ"))?;
+            fit_sparse(dq_t, Kind::Dq, d as u32, max_shared, 16).ok_or_else(|| too_big("dQ"))?;
         // Fewer columns (tokens per tile) before smaller staging steps.
         let mut dkdv_t = dkdv_t;
         while dkdv_t.shared_bytes(Kind::Dkdv, d as u32) + line(dkdv_t) > max_shared
@@ -273,7 +171,7 @@ impl SparseAttention {
             dkdv_t.cols /= 2;
             dkdv_t.pc = dkdv_t.pc.min(dkdv_t.cols);
         }
-        let dkdv_tiles = fit(dkdv_t, Kind::Dkdv, d as u32, max_shared, line(dkdv_t))
+        let dkdv_tiles = fit_sparse(dkdv_t, Kind::Dkdv, d as u32, max_shared, line(dkdv_t))
             .ok_or_else(|| too_big("dK/dV"))?;
         if dkdv_tiles.cols > dkdv_tiles.threads(d as u32) {
             return Err(Error::Unsupported(format!(
@@ -384,18 +282,7 @@ impl SparseAttention {
                 gpu.pipeline(&key("sparse_bwd.wgsl", "dkdv", dkdv_tiles, Kind::Dkdv))?,
             )
         };
-        // D = rowsum(dO ∘ O): the dense backward's `rowdot` entry (reads D and NT only).
-        let mut rowdot_consts = dq_tiles.constants(Kind::Dq, d as u32);
-        for c in rowdot_consts.iter_mut().filter(|c| c.0.starts_with("SH")) {
-            c.1 = 1;
-        }
-        let rowdot = gpu.pipeline(&PipelineKey {
-            file: "attention_bwd.wgsl",
-            entry: "rowdot",
-            constants: rowdot_consts,
-            checked: false,
-            storage,
-        })?;
+        let rowdot = RowDot::new(gpu, storage, d)?;
         Ok(Self {
             shape,
             opts,
@@ -411,7 +298,6 @@ impl SparseAttention {
             dkdv,
             rowdot,
             no_bias: gpu.empty(&[1], DType::F32)?,
-            nt_rowdot: dq_tiles.threads(d as u32),
             storage,
         })
     }
@@ -463,7 +349,8 @@ impl SparseAttention {
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
 
-    /// Shapes of q, k, v, selection and bias; the bias matches how this op was built.
+    /// q, k, v, selection and bias (which must match how this op was built) plus the launch's
+    /// other tensors, checked together.
     fn check_inputs(
         &self,
         q: &Tensor,
@@ -471,19 +358,32 @@ impl SparseAttention {
         v: &Tensor,
         sel: &Tensor,
         bias: Option<&Tensor>,
+        rest: &[Arg],
     ) -> Result<()> {
         let s = self.shape;
         let dt = self.storage.dtype();
-        expect_tensor("q", q, &s.q_dims(), dt)?;
-        expect_tensor("k", k, &s.kv_dims(), dt)?;
-        expect_tensor("v", v, &s.kv_dims(), dt)?;
-        expect_tensor("selection", sel, &self.selection_dims(), DType::U32)?;
+        let (qd, kd, sd, bd) = (
+            s.q_dims(),
+            s.kv_dims(),
+            self.selection_dims(),
+            self.bias_dims(),
+        );
+        let mut args = vec![
+            input("q", q, &qd, dt),
+            input("k", k, &kd, dt),
+            input("v", v, &kd, dt),
+            input("selection", sel, &sd, DType::U32),
+        ];
         match (bias, self.has_bias) {
-            (Some(b), true) => expect_tensor("bias", b, &self.bias_dims(), DType::F32),
-            (None, false) => Ok(()),
+            (Some(b), true) => args.push(input("bias", b, &bd, DType::F32)),
+            (None, false) => {}
             (Some(_), false) => invalid!("a bias was given to a sparse attention built without"),
             (None, true) => invalid!("this sparse attention was built with a bias; give one"),
         }
+        for a in rest {
+            args.push(a.clone());
+        }
+        check_args(&args)
     }
 
     fn params(&self, gpu: &Gpu, c: Chunk) -> Params {
@@ -541,12 +441,17 @@ impl SparseAttention {
         out: &AttnOutput,
     ) -> Result<()> {
         let s = self.shape;
-        self.check_inputs(q, k, v, sel, bias)?;
-        expect_tensor("o", &out.o, &s.q_dims(), self.storage.dtype())?;
-        expect_tensor("lse", &out.lse, &s.lse_dims(), DType::F32)?;
-        no_alias(
-            &[("o", &out.o), ("lse", &out.lse)],
-            &[("q", q), ("k", k), ("v", v), ("selection", sel)],
+        let (qd, ld) = (s.q_dims(), s.lse_dims());
+        self.check_inputs(
+            q,
+            k,
+            v,
+            sel,
+            bias,
+            &[
+                output("o", &out.o, &qd, self.storage.dtype()),
+                output("lse", &out.lse, &ld, DType::F32),
+            ],
         )?;
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
@@ -591,56 +496,39 @@ impl SparseAttention {
         grads: &AttnGrads,
     ) -> Result<()> {
         let s = self.shape;
-        self.check_inputs(q, k, v, sel, bias)?;
-        expect_tensor("o", &out.o, &s.q_dims(), self.storage.dtype())?;
-        expect_tensor("lse", &out.lse, &s.lse_dims(), DType::F32)?;
-        expect_tensor("dO", d_o, &s.q_dims(), self.storage.dtype())?;
-        expect_tensor("rowd", rowd, &s.lse_dims(), DType::F32)?;
-        expect_tensor("dq", &grads.dq, &s.q_dims(), self.storage.dtype())?;
-        expect_tensor("dk", &grads.dk, &s.kv_dims(), self.storage.dtype())?;
-        expect_tensor("dv", &grads.dv, &s.kv_dims(), self.storage.dtype())?;
-        no_alias(
+        let dt = self.storage.dtype();
+        let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
+        self.check_inputs(
+            q,
+            k,
+            v,
+            sel,
+            bias,
             &[
-                ("rowd", rowd),
-                ("dq", &grads.dq),
-                ("dk", &grads.dk),
-                ("dv", &grads.dv),
-            ],
-            &[
-                ("q", q),
-                ("k", k),
-                ("v", v),
-                ("selection", sel),
-                ("o", &out.o),
-                ("lse", &out.lse),
-                ("dO", d_o),
+                input("o", &out.o, &qd, dt),
+                input("lse", &out.lse, &ld, DType::F32),
+                input("dO", d_o, &qd, dt),
+                output("rowd", rowd, &ld, DType::F32),
+                output("dq", &grads.dq, &qd, dt),
+                output("dk", &grads.dk, &kd, dt),
+                output("dv", &grads.dv, &kd, dt),
             ],
         )?;
-        let max_x = gpu.limits().max_compute_workgroups_per_dimension;
         let nb = s.seq_k.div_ceil(self.opts.block) as u32;
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
             let base = self.params(gpu, c);
             let units = (c.u1 - c.u0) as u32;
-            let rows = units * s.group() as u32 * s.seq_q as u32;
-            let blocks = rows.div_ceil(self.nt_rowdot);
-            let gx = blocks.min(max_x);
-            let p = Params {
-                grid_x: gx,
-                rows,
-                ..base
-            };
-            launch::dispatch(
+            self.rowdot.encode(
                 gpu,
                 enc,
-                &self.rowdot,
-                bytemuck::bytes_of(&p),
-                &[
-                    (4, &out.o, w(Class::Q)),
-                    (5, d_o, w(Class::Q)),
-                    (7, rowd, w(Class::Row)),
+                &base,
+                units * s.group() as u32 * s.seq_q as u32,
+                [
+                    (&out.o, w(Class::Q)),
+                    (d_o, w(Class::Q)),
+                    (rowd, w(Class::Row)),
                 ],
-                (gx, blocks.div_ceil(gx)),
             );
             let inputs = [
                 (1, q, w(Class::Q)),

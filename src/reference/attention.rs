@@ -6,7 +6,7 @@
 //! dQ_i = s Σ_j dS_ij k_j, dK_j = s Σ_i dS_ij q_i (summed over the query heads of a group).
 
 use crate::error::{Result, invalid};
-use crate::shape::{AttnOptions, AttnShape};
+use crate::problem::{AttnOptions, AttnShape};
 
 /// Forward results: O `[b, hq, sq, d]` and LSE `[b, hq, sq]` (natural log).
 #[derive(Clone, Debug)]

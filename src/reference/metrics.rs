@@ -11,8 +11,8 @@
 //! on the kept keys, so KL(sparse ‖ full) = −ln S(t). [`kl_sparse_full`] gives it.
 
 use crate::error::{Result, invalid};
-use crate::reference::select::SENTINEL;
-use crate::shape::{AttnOptions, AttnShape};
+use crate::problem::SENTINEL;
+use crate::problem::{AttnOptions, AttnShape};
 
 /// Per-(batch, query head, token) metrics; `block_mass` is `[b, hq, seq_q, nb]`.
 #[derive(Clone, Debug)]

@@ -7,42 +7,9 @@
 //! A row whose selection holds no visible key gets O = 0 and LSE = −∞.
 
 use crate::error::{Result, invalid};
+use crate::problem::AttnShape;
+use crate::problem::{SENTINEL, SparseOptions};
 use crate::reference::attention::Forward;
-use crate::reference::select::{BLOCK_SIZES, SENTINEL};
-use crate::shape::{AttnOptions, AttnShape};
-
-/// What the sparse stream needs besides the shape: the block size the selection refers to.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SparseOptions {
-    pub block: usize,
-    pub causal: bool,
-    /// Logit scale; `None` means 1/sqrt(head_dim).
-    pub scale: Option<f32>,
-}
-
-impl SparseOptions {
-    pub fn attn(&self) -> AttnOptions {
-        AttnOptions {
-            causal: self.causal,
-            scale: self.scale,
-        }
-    }
-
-    pub fn validate(&self, shape: &AttnShape, nsel: usize) -> Result<()> {
-        shape.validate(&self.attn())?;
-        if !BLOCK_SIZES.contains(&self.block) {
-            invalid!(
-                "block size {} is not supported (supported: {:?})",
-                self.block,
-                BLOCK_SIZES
-            );
-        }
-        if nsel == 0 {
-            invalid!("a selection of 0 blocks per token attends to nothing");
-        }
-        Ok(())
-    }
-}
 
 /// The keys token `t` attends to, in ascending order.
 pub fn visible_keys(

@@ -15,8 +15,96 @@ use cubecl::wgpu::WgpuServer;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, GpuOptions, Tensor};
+use crate::ops::align::AlignLoss;
+use crate::ops::metrics::AttentionMetrics;
+use crate::problem::{AttnOptions, AttnShape};
+use crate::{BlockSelect, FullAttention, FullConfig, SelectConfig, SparseAttention, SparseConfig};
 
-type Registry = Mutex<HashMap<WgpuDevice, Arc<Gpu>>>;
+/// A device shared with Burn: our runtime and the op objects built on it.
+pub(crate) struct Shared {
+    pub gpu: Arc<Gpu>,
+    ops: Mutex<OpCache>,
+}
+
+/// Op objects per (shape, config), built once: a training step validates its tensors and
+/// records dispatches, but builds no op and compiles nothing. Few distinct shapes occur in one
+/// run (one per layer kind and sequence length), so a list searched in order is enough; it is
+/// capped so that a caller sweeping shapes cannot grow it without bound.
+#[derive(Default)]
+struct OpCache {
+    full: Cache<(AttnShape, FullConfig), FullAttention>,
+    select: Cache<(AttnShape, SelectConfig), BlockSelect>,
+    sparse: Cache<(AttnShape, SparseConfig), SparseAttention>,
+    /// Keyed by the tensor dims and beta's bits.
+    align: Cache<(Vec<usize>, u32), AlignLoss>,
+    /// Keyed by shape, block size and selection width.
+    metrics: Cache<(AttnShape, usize, usize), AttentionMetrics>,
+}
+
+type Cache<K, T> = Vec<(K, Arc<T>)>;
+
+const OPS_PER_KIND: usize = 64;
+
+fn cached<K: PartialEq, T>(
+    list: &mut Vec<(K, Arc<T>)>,
+    key: K,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<Arc<T>> {
+    if let Some((_, op)) = list.iter().find(|(k, _)| *k == key) {
+        return Ok(op.clone());
+    }
+    let op = Arc::new(make()?);
+    if list.len() >= OPS_PER_KIND {
+        list.remove(0);
+    }
+    list.push((key, op.clone()));
+    Ok(op)
+}
+
+impl Shared {
+    fn ops(&self) -> std::sync::MutexGuard<'_, OpCache> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn full(&self, s: AttnShape, c: FullConfig) -> Result<Arc<FullAttention>> {
+        cached(&mut self.ops().full, (s, c), || {
+            FullAttention::new(&self.gpu, s, &c)
+        })
+    }
+
+    pub(crate) fn select(&self, s: AttnShape, c: SelectConfig) -> Result<Arc<BlockSelect>> {
+        cached(&mut self.ops().select, (s, c), || {
+            BlockSelect::new(&self.gpu, s, &c)
+        })
+    }
+
+    pub(crate) fn sparse(&self, s: AttnShape, c: SparseConfig) -> Result<Arc<SparseAttention>> {
+        cached(&mut self.ops().sparse, (s, c), || {
+            SparseAttention::new(&self.gpu, s, &c)
+        })
+    }
+
+    pub(crate) fn align(&self, dims: &[usize], beta: f32) -> Result<Arc<AlignLoss>> {
+        cached(
+            &mut self.ops().align,
+            (dims.to_vec(), beta.to_bits()),
+            || AlignLoss::new(&self.gpu, dims, beta),
+        )
+    }
+
+    pub(crate) fn metrics(
+        &self,
+        s: AttnShape,
+        block: usize,
+        nsel: usize,
+    ) -> Result<Arc<AttentionMetrics>> {
+        cached(&mut self.ops().metrics, (s, block, nsel), || {
+            AttentionMetrics::new(&self.gpu, s, AttnOptions::causal(true), block, nsel)
+        })
+    }
+}
+
+type Registry = Mutex<HashMap<WgpuDevice, Arc<Shared>>>;
 
 fn registry() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
@@ -75,10 +163,13 @@ impl Runtime {
         let wgpu_device = wgpu_device_of(&device).ok_or_else(|| {
             Error::Gpu("Burn returned a device that is not a wgpu device".to_string())
         })?;
-        registry()
-            .lock()
-            .expect("registry")
-            .insert(wgpu_device, gpu.clone());
+        registry().lock().expect("registry").insert(
+            wgpu_device,
+            Arc::new(Shared {
+                gpu: gpu.clone(),
+                ops: Mutex::default(),
+            }),
+        );
         Ok(Self { gpu, device })
     }
 }
@@ -93,6 +184,11 @@ fn wgpu_device_of(device: &Device) -> Option<WgpuDevice> {
 
 /// The `Gpu` registered for a Burn device (with or without autodiff).
 pub fn gpu_for(device: &Device) -> Result<Arc<Gpu>> {
+    Ok(shared_for(device)?.gpu.clone())
+}
+
+/// The shared device (runtime and op cache) registered for a Burn device.
+pub(crate) fn shared_for(device: &Device) -> Result<Arc<Shared>> {
     let w = wgpu_device_of(device).ok_or_else(|| {
         Error::Unsupported(format!(
             "sparse-attn's Burn ops run on the wgpu device made by train::Runtime, not on {device:?}"
@@ -112,8 +208,8 @@ pub fn gpu_for(device: &Device) -> Result<Arc<Gpu>> {
         })
 }
 
-/// The `Gpu` of a tensor inside an op. The public wrappers have checked it already.
-pub(crate) fn gpu_of(t: &CubeTensor) -> Arc<Gpu> {
+/// The shared device of a tensor inside an op. The public wrappers have checked it already.
+pub(crate) fn shared_of(t: &CubeTensor) -> Arc<Shared> {
     let cubecl::Device::Wgpu(w) = &t.device else {
         panic!("sparse-attn ops run on wgpu devices only");
     };

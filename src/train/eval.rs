@@ -8,14 +8,10 @@ use std::path::Path;
 use burn::tensor::{Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::ops::attention::shape_of;
-use crate::ops::metrics::AttentionMetrics;
-use crate::ops::select::BlockSelect;
 use crate::reference::Rng;
-use crate::shape::AttnOptions;
 use crate::train::data::{Batch, Corpus, passkey, sequential_batches};
 use crate::train::model::{Lm, LmConfig, Mode, Run, cross_entropy};
+use crate::train::ops::{attention_metrics, select_blocks};
 use crate::train::trainer::{TrainConfig, batch_tensors};
 
 /// What to measure.
@@ -151,7 +147,6 @@ fn layer_metrics(
     cfg: &LmConfig,
     inf: Inference,
     batches: &[Batch],
-    gpu: &Gpu,
     dev: &Device,
 ) -> Result<Vec<(f64, f64)>> {
     let (c, mode) = inf.apply(cfg);
@@ -167,7 +162,7 @@ fn layer_metrics(
             },
         )?;
         for (l, (q, k)) in f.qk.into_iter().enumerate() {
-            let (s, e) = metrics_of(gpu, cfg, q, k)?;
+            let (s, e) = metrics_of(cfg, q, k)?;
             acc[l].0 += s;
             acc[l].1 += e;
             acc[l].2 += 1;
@@ -179,19 +174,16 @@ fn layer_metrics(
         .collect())
 }
 
-/// Mean sparsity and entropy of full attention over q, k given the trained-budget selection.
-fn metrics_of(gpu: &Gpu, cfg: &LmConfig, q: Tensor<4>, k: Tensor<4>) -> Result<(f64, f64)> {
-    let (qd, kd) = (q.dims(), k.dims());
-    let host = |t: Tensor<4>| host_vec::<f32>(t.into_data().convert::<f32>());
-    let qg = gpu.upload(&qd, &host(q)?)?;
-    let kg = gpu.upload(&kd, &host(k)?)?;
-    let shape = shape_of(&qg, &kg)?;
-    let sel_opts = cfg.select_options_for(shape.seq_k);
-    let (sel, _) = BlockSelect::new(gpu, shape, sel_opts)?.select(gpu, &qg, &kg)?;
-    let m = AttentionMetrics::new(gpu, shape, AttnOptions::causal(true), cfg.block, sel_opts.k)?
-        .compute(gpu, &qg, &kg, &sel)?;
-    let mean = |v: Vec<f32>| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
-    Ok((mean(gpu.read(&m.sparsity)?), mean(gpu.read(&m.entropy)?)))
+/// Mean sparsity and entropy of full attention over q, k given the trained-budget selection:
+/// selection and metrics run on Burn's own buffers; only the two means come back.
+fn metrics_of(cfg: &LmConfig, q: Tensor<4>, k: Tensor<4>) -> Result<(f64, f64)> {
+    let sel_opts = cfg.select_options_for(k.dims()[2]);
+    let sel = select_blocks(q.clone(), k.clone(), &sel_opts)?;
+    let (sp, en) = attention_metrics(q, k, sel, &sel_opts)?;
+    let mean = |t: Tensor<3>| -> Result<f64> {
+        Ok(host_vec::<f32>(t.mean().into_data().convert::<f32>())?[0] as f64)
+    };
+    Ok((mean(sp)?, mean(en)?))
 }
 
 /// Run every measurement; returns the JSON report.
@@ -199,7 +191,6 @@ pub fn evaluate(
     model: &Lm,
     train: &TrainConfig,
     corpus: &Corpus,
-    gpu: &Gpu,
     dev: &Device,
     ec: &EvalConfig,
     progress: bool,
@@ -227,7 +218,7 @@ pub fn evaluate(
     let mbatches = sequential_batches(&corpus.valid, ec.batch, seq, ec.metric_windows);
     let mut layers = serde_json::Map::new();
     for (name, inf) in [("full", Inference::Full), ("sparse", sparse)] {
-        let m = layer_metrics(model, cfg, inf, &mbatches, gpu, dev)?;
+        let m = layer_metrics(model, cfg, inf, &mbatches, dev)?;
         for (l, (s, e)) in m.iter().enumerate() {
             say(&format!(
                 "{name:>12} inference, layer {l}: sparsity {s:.4} entropy {e:.4}"

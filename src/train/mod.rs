@@ -11,5 +11,7 @@ pub mod trainer;
 
 pub use bridge::{Runtime, gpu_for};
 pub use model::{Lm, LmConfig, Mode};
-pub use ops::{AttnBackend, align_loss, attention, select_blocks, sparse_attention};
+pub use ops::{
+    AttnBackend, align_loss, attention, attention_metrics, select_blocks, sparse_attention,
+};
 pub use trainer::{TrainConfig, train};

@@ -19,8 +19,8 @@ use burn::tensor::activation::{log_softmax, sigmoid, silu};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::{Result, invalid};
-use crate::reference::select::{Scoring, SelectOptions};
-use crate::shape::AttnOptions;
+use crate::problem::AttnOptions;
+use crate::problem::{Scoring, SelectOptions};
 use crate::train::ops::{align_loss, attention, select_blocks, sparse_attention};
 
 /// How attention runs in training or inference.
@@ -100,7 +100,7 @@ impl LmConfig {
                 self.heads_kv
             );
         }
-        if !crate::ops::attention::head_dim_supported(self.head_dim()) {
+        if !crate::problem::head_dim_supported(self.head_dim()) {
             invalid!(
                 "head_dim {} (d_model / heads_q) is not supported: use a multiple of 16 from 16 \
                  to 256",

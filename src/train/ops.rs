@@ -25,14 +25,13 @@ use burn::backend::{AutodiffBackend, Backend, Dispatch, backend_extension};
 use burn::tensor::{DType as BurnDType, Int, Shape, Tensor as BTensor};
 
 use crate::error::{Result, invalid};
-use crate::ops::align::{AlignLoss, AlignOut};
-use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention};
-use crate::ops::select::{BlockSelect, SelectScratch};
-use crate::ops::sparse::SparseAttention;
-use crate::reference::select::SelectOptions;
-use crate::reference::sparse::SparseOptions;
-use crate::shape::{AttnOptions, AttnShape};
-use crate::train::bridge::{Bound, alloc, bind, flush, gpu_for, gpu_of};
+use crate::ops::align::AlignOut;
+use crate::ops::attention::{AttnGrads, AttnOutput};
+use crate::ops::metrics::MetricsOut;
+use crate::ops::select::SelectScratch;
+use crate::problem::{AttnOptions, AttnShape, SelectOptions};
+use crate::train::bridge::{Bound, alloc, bind, flush, shared_for, shared_of};
+use crate::{FullConfig, SelectConfig, SparseConfig};
 
 /// Options of full attention, as the backend ops carry them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,13 +42,25 @@ pub struct FullCfg(pub AttnOptions);
 pub struct SparseCfg(pub SelectOptions);
 
 impl SparseCfg {
-    fn sparse(&self) -> SparseOptions {
-        SparseOptions {
-            block: self.0.block,
-            causal: self.0.causal,
-            scale: self.0.scale,
-        }
+    fn sparse(&self) -> SparseConfig {
+        SparseConfig::for_selection(&self.0)
     }
+}
+
+/// Options of the attention metrics (evaluation only): block size and selection width.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MetricsCfg {
+    pub block: usize,
+    pub nsel: usize,
+}
+
+fn metrics_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _s: &TensorSpec,
+    _c: &MetricsCfg,
+) -> (TensorSpec, TensorSpec) {
+    (lse_spec(q), lse_spec(q))
 }
 
 fn lse_spec(q: &TensorSpec) -> TensorSpec {
@@ -175,6 +186,16 @@ pub trait AttnBackend: Backend {
         cfg: SparseCfg,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// Attention metrics of full causal attention against a selection: (kept share of the
+    /// attention mass, entropy), both `[b, hq, seq_q]`. Not differentiable.
+    #[fusion(meta = metrics_meta)]
+    fn sa_metrics(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        cfg: MetricsCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
     /// SSA alignment: (loss `[1]`, dL/dh_full, dL/dh_sparse).
     #[fusion(meta = align_meta)]
     fn sa_align(
@@ -212,9 +233,12 @@ impl AttnBackend for CubeBackend {
         v: CubeTensor,
         cfg: FullCfg,
     ) -> (CubeTensor, CubeTensor) {
-        let gpu = gpu_of(&q);
+        let sh = shared_of(&q);
+        let gpu = sh.gpu.clone();
         let s = shape4(&dims(&q), &dims(&k));
-        let op = FullAttention::new(&gpu, s, cfg.0).unwrap_or_else(|e| panic!("{e}"));
+        let op = sh
+            .full(s, FullConfig::new(cfg.0))
+            .unwrap_or_else(|e| panic!("{e}"));
         let (bq, q) = bind(&gpu, q);
         let (bk, _k) = bind(&gpu, k);
         let (bv, _v) = bind(&gpu, v);
@@ -238,9 +262,12 @@ impl AttnBackend for CubeBackend {
         d_o: CubeTensor,
         cfg: FullCfg,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let gpu = gpu_of(&q);
+        let sh = shared_of(&q);
+        let gpu = sh.gpu.clone();
         let s = shape4(&dims(&q), &dims(&k));
-        let op = FullAttention::new(&gpu, s, cfg.0).unwrap_or_else(|e| panic!("{e}"));
+        let op = sh
+            .full(s, FullConfig::new(cfg.0))
+            .unwrap_or_else(|e| panic!("{e}"));
         let (bq, q) = bind(&gpu, q);
         let b: Vec<Bound> = [k, v, o, lse, d_o]
             .into_iter()
@@ -274,9 +301,12 @@ impl AttnBackend for CubeBackend {
     }
 
     fn sa_select(q: CubeTensor, k: CubeTensor, cfg: SparseCfg) -> CubeTensor {
-        let gpu = gpu_of(&q);
+        let sh = shared_of(&q);
+        let gpu = sh.gpu.clone();
         let s = shape4(&dims(&q), &dims(&k));
-        let op = BlockSelect::new(&gpu, s, cfg.0).unwrap_or_else(|e| panic!("{e}"));
+        let op = sh
+            .select(s, SelectConfig::new(cfg.0))
+            .unwrap_or_else(|e| panic!("{e}"));
         let (bq, q) = bind(&gpu, q);
         let (bk, _k) = bind(&gpu, k);
         let np = op.pooled();
@@ -317,10 +347,10 @@ impl AttnBackend for CubeBackend {
         sel: CubeTensor,
         cfg: SparseCfg,
     ) -> (CubeTensor, CubeTensor) {
-        let gpu = gpu_of(&q);
+        let sh = shared_of(&q);
+        let gpu = sh.gpu.clone();
         let s = shape4(&dims(&q), &dims(&k));
-        let op = SparseAttention::new(&gpu, s, cfg.sparse(), cfg.0.k, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let op = sh.sparse(s, cfg.sparse()).unwrap_or_else(|e| panic!("{e}"));
         let (bq, q) = bind(&gpu, q);
         let (bk, _k) = bind(&gpu, k);
         let (bv, _v) = bind(&gpu, v);
@@ -350,10 +380,10 @@ impl AttnBackend for CubeBackend {
         d_o: CubeTensor,
         cfg: SparseCfg,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let gpu = gpu_of(&q);
+        let sh = shared_of(&q);
+        let gpu = sh.gpu.clone();
         let s = shape4(&dims(&q), &dims(&k));
-        let op = SparseAttention::new(&gpu, s, cfg.sparse(), cfg.0.k, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let op = sh.sparse(s, cfg.sparse()).unwrap_or_else(|e| panic!("{e}"));
         let (bq, q) = bind(&gpu, q);
         let b: Vec<Bound> = [k, v, sel, o, lse, d_o]
             .into_iter()
@@ -391,14 +421,46 @@ impl AttnBackend for CubeBackend {
         (dq, dk, dv)
     }
 
+    fn sa_metrics(
+        q: CubeTensor,
+        k: CubeTensor,
+        sel: CubeTensor,
+        cfg: MetricsCfg,
+    ) -> (CubeTensor, CubeTensor) {
+        let sh = shared_of(&q);
+        let gpu = sh.gpu.clone();
+        let s = shape4(&dims(&q), &dims(&k));
+        let op = sh
+            .metrics(s, cfg.block, cfg.nsel)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (bq, q) = bind(&gpu, q);
+        let (bk, _k) = bind(&gpu, k);
+        let (bs, _s) = bind(&gpu, sel);
+        let mass = [s.batch, s.heads_q, s.seq_q, op.blocks()];
+        let (bm, _m) = bind(&gpu, alloc(&gpu, &q, &mass, BurnDType::F32));
+        let (bsp, sparsity) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+        let (ben, entropy) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+        let out = MetricsOut {
+            block_mass: bm.tensor.clone(),
+            sparsity: bsp.tensor.clone(),
+            entropy: ben.tensor.clone(),
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        op.encode(&gpu, &mut enc, &bq.tensor, &bk.tensor, &bs.tensor, &out)
+            .unwrap_or_else(|e| panic!("{e}"));
+        submit(&gpu, &q, "attention metrics", enc);
+        (sparsity, entropy)
+    }
+
     fn sa_align(
         h_full: CubeTensor,
         h_sparse: CubeTensor,
         beta: f32,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let gpu = gpu_of(&h_full);
+        let sh = shared_of(&h_full);
+        let gpu = sh.gpu.clone();
         let d = dims(&h_full);
-        let op = AlignLoss::new(&gpu, &d, beta).unwrap_or_else(|e| panic!("{e}"));
+        let op = sh.align(&d, beta).unwrap_or_else(|e| panic!("{e}"));
         let (bf, hf) = bind(&gpu, h_full);
         let (bs, _hs) = bind(&gpu, h_sparse);
         let (bl, loss) = bind(&gpu, alloc(&gpu, &hf, &[1], BurnDType::F32));
@@ -606,6 +668,16 @@ impl<B: AttnBackend, C: CheckpointStrategy> AttnBackend for Autodiff<B, C> {
         )
     }
 
+    fn sa_metrics(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        cfg: MetricsCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (sp, en) = B::sa_metrics(q.into_primitive(), k.into_primitive(), sel, cfg);
+        (Self::from_inner(sp), Self::from_inner(en))
+    }
+
     fn sa_align(
         h_full: FloatTensor<Self>,
         h_sparse: FloatTensor<Self>,
@@ -661,7 +733,7 @@ pub fn attention(
     opts: AttnOptions,
 ) -> Result<(BTensor<4>, BTensor<3>)> {
     let s = attn_shape(&q, &k, &v)?;
-    FullAttention::new(&*gpu_for(&q.device())?, s, opts)?;
+    shared_for(&q.device())?.full(s, FullConfig::new(opts))?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_full_fwd(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -679,7 +751,7 @@ pub fn select_blocks(
     opts: &SelectOptions,
 ) -> Result<BTensor<4, Int>> {
     let s = attn_shape(&q, &k, &k)?;
-    BlockSelect::new(&*gpu_for(&q.device())?, s, *opts)?;
+    shared_for(&q.device())?.select(s, SelectConfig::new(*opts))?;
     let sel = <Dispatch as AttnBackend>::sa_select(
         q.detach().into_dispatch(),
         k.detach().into_dispatch(),
@@ -698,9 +770,8 @@ pub fn sparse_attention(
     opts: &SelectOptions,
 ) -> Result<(BTensor<4>, BTensor<3>)> {
     let s = attn_shape(&q, &k, &v)?;
-    let gpu = gpu_for(&q.device())?;
     let cfg = SparseCfg(*opts);
-    let op = SparseAttention::new(&gpu, s, cfg.sparse(), opts.k, false)?;
+    let op = shared_for(&q.device())?.sparse(s, cfg.sparse())?;
     if sel.dims() != op.selection_dims() {
         invalid!(
             "the selection has shape {:?}; these inputs and options need {:?}",
@@ -724,6 +795,37 @@ pub fn sparse_attention(
     Ok((BTensor::from_dispatch(o), BTensor::from_dispatch(lse)))
 }
 
+/// Per-row attention metrics of full causal attention over q, k against a selection made with
+/// `opts` ([`select_blocks`]): the share of the attention mass inside the selected blocks and
+/// the entropy (nats), both `[batch, heads_q, seq_q]`. Computed on Burn's buffers in place.
+pub fn attention_metrics(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    sel: BTensor<4, Int>,
+    opts: &SelectOptions,
+) -> Result<(BTensor<3>, BTensor<3>)> {
+    let s = attn_shape(&q, &k, &k)?;
+    let op = shared_for(&q.device())?.metrics(s, opts.block, opts.k)?;
+    let want = [s.batch, s.heads_kv, s.seq_q, opts.k];
+    if sel.dims() != want {
+        invalid!(
+            "the selection has shape {:?}; these inputs and options need {want:?}",
+            sel.dims()
+        );
+    }
+    debug_assert_eq!(op.block(), opts.block);
+    let (sp, en) = <Dispatch as AttnBackend>::sa_metrics(
+        q.detach().into_dispatch(),
+        k.detach().into_dispatch(),
+        sel.into_dispatch(),
+        MetricsCfg {
+            block: opts.block,
+            nsel: opts.k,
+        },
+    );
+    Ok((BTensor::from_dispatch(sp), BTensor::from_dispatch(en)))
+}
+
 /// SSA's alignment loss `SmoothL1(h_full, sg(h_sparse)) + SmoothL1(h_sparse, sg(h_full))`
 /// (means over elements, threshold `beta`), a one-element tensor differentiable in both inputs.
 pub fn align_loss<const D: usize>(
@@ -740,7 +842,7 @@ pub fn align_loss<const D: usize>(
             h_sparse.dims()
         );
     }
-    AlignLoss::new(&*gpu_for(&h_full.device())?, &h_full.dims(), beta)?;
+    shared_for(&h_full.device())?.align(&h_full.dims(), beta)?;
     let (loss, _, _) =
         <Dispatch as AttnBackend>::sa_align(h_full.into_dispatch(), h_sparse.into_dispatch(), beta);
     Ok(BTensor::from_dispatch(loss))

@@ -1,13 +1,13 @@
 //! Benchmark drivers shared by the CLI: time kernels on real shapes and report throughput.
 
-use crate::error::Result;
-use crate::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
-use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
-use crate::ops::select::{BlockSelect, TopK};
-use crate::ops::sparse::{SparseAttention, SparseKernel};
-use crate::reference::select::SelectOptions;
-use crate::reference::sparse::SparseOptions;
-use crate::shape::{AttnOptions, AttnShape};
+use sparse_attn::error::Result;
+use sparse_attn::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
+use sparse_attn::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
+use sparse_attn::ops::select::{BlockSelect, TopK};
+use sparse_attn::ops::sparse::{SparseAttention, SparseKernel};
+use sparse_attn::problem::SelectOptions;
+use sparse_attn::problem::{AttnOptions, AttnShape};
+use sparse_attn::{FullConfig, SelectConfig, SparseConfig};
 
 /// One measured configuration.
 #[derive(Clone, Debug)]
@@ -48,7 +48,11 @@ pub fn bench_full(
     backward: bool,
     target_s: f64,
 ) -> Result<FullBench> {
-    let att = FullAttention::with_storage(gpu, shape, opts, variants, storage)?;
+    let att = FullAttention::new(
+        gpu,
+        shape,
+        &FullConfig::new(opts).storage(storage).variants(variants),
+    )?;
     let dt = storage.dtype();
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dt)?;
     let out = AttnOutput::empty_as(gpu, &shape, dt)?;
@@ -168,32 +172,32 @@ pub fn bench_sparse(
     topk: TopK,
 ) -> Result<SparseBench> {
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dtype)?;
-    let selector = BlockSelect::with_topk(gpu, shape, select, dtype, topk)?;
+    let selector = BlockSelect::new(
+        gpu,
+        shape,
+        &SelectConfig::new(select).dtype(dtype).topk(topk),
+    )?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let t_sel = gpu.time(reps, |enc| {
         selector.encode(gpu, enc, &q, &k, &scratch, &sel)
     })?;
-    let sparse_opts = SparseOptions {
-        block: select.block,
-        causal: select.causal,
-        scale: select.scale,
-    };
-    let sparse = SparseAttention::with_kernels(
+    let sparse = SparseAttention::new(
         gpu,
         shape,
-        sparse_opts,
-        select.k,
-        false,
-        dtype,
-        forward,
-        backward_kernel,
+        &SparseConfig::for_selection(&select)
+            .dtype(dtype)
+            .kernels(forward, backward_kernel),
     )?;
     let out = AttnOutput::empty_as(gpu, &shape, dtype)?;
     let t_sp = gpu.time(reps, |enc| {
         sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
     })?;
-    let dense = FullAttention::for_dtype(gpu, shape, AttnOptions::causal(select.causal), dtype)?;
+    let dense = FullAttention::new(
+        gpu,
+        shape,
+        &FullConfig::new(AttnOptions::causal(select.causal)).dtype(dtype),
+    )?;
     let t_dense = gpu.time(reps, |enc| {
         dense.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse)
     })?;

@@ -1,0 +1,146 @@
+//! `demo`: the first thing a new user runs. Every kernel family against the f64 references on
+//! this device (the `selfcheck`), then the speed of full and block-sparse attention at the
+//! shape asked for (the benchmarks' drivers). Without a GPU it says how to get one and runs the
+//! CPU reference instead.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use sparse_attn::gpu::{DType, Reps};
+use sparse_attn::ops::select::TopK;
+use sparse_attn::ops::sparse::SparseKernel;
+use sparse_attn::reference::{self, Rng};
+use sparse_attn::{
+    AttnOptions, AttnShape, Error, FullAttention, FullConfig, Gpu, GpuOptions, SelectOptions,
+};
+
+use crate::bench::{bench_full, bench_sparse};
+use crate::selfcheck::{print_checks, run_checks};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+pub fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
+    let shape = AttnShape::new(1, a.heads, a.kv_heads, a.seq, a.head_dim);
+    let att_opts = AttnOptions::causal(true);
+    shape.validate(&att_opts)?;
+    let gpu = match Gpu::new(opts) {
+        Ok(g) => g,
+        Err(e @ Error::NoAdapter { .. }) => {
+            println!("{e}");
+            return demo_cpu_only(a.seed);
+        }
+        Err(e) => return Err(e),
+    };
+    println!("device: {}", gpu.adapter());
+    println!(
+        "correctness: every kernel family against the f64 CPU reference on random inputs (seed \
+         {}), relative L2 error (tolerance {:.0e}):",
+        a.seed,
+        sparse_attn::selfcheck::TOLERANCE
+    );
+    let checks = run_checks(&gpu, a.seed)?;
+    print_checks(&checks);
+    let ok = checks.iter().all(|c| c.ok);
+
+    println!(
+        "speed: causal attention, batch 1, {} query heads / {} kv heads, seq {}, head_dim {}",
+        a.heads, a.kv_heads, a.seq, a.head_dim
+    );
+    let att = FullAttention::new(&gpu, shape, &FullConfig::new(att_opts))?;
+    println!("  kernel variants: {}", att.variants().name());
+    let r = bench_full(
+        &gpu,
+        shape,
+        att_opts,
+        att.variants(),
+        att.storage(),
+        true,
+        0.2,
+    )?;
+    println!(
+        "  full: forward {:.3} ms ({:.3} TFLOP/s), backward {:.3} ms ({:.3} TFLOP/s) [{:?}]",
+        r.fwd_s * 1e3,
+        r.fwd_tflops,
+        r.bwd_s.unwrap_or(0.0) * 1e3,
+        r.bwd_tflops.unwrap_or(0.0),
+        r.timer
+    );
+    // The same shape through SSA's sparse stream: keep a quarter of the blocks.
+    let block = 16;
+    let nb = a.seq.div_ceil(block);
+    let select = SelectOptions {
+        block,
+        k: (nb / 4).max(1),
+        ..SelectOptions::ssa()
+    };
+    // One repetition: the demo must stay quick on software adapters too.
+    let s = bench_sparse(
+        &gpu,
+        shape,
+        select,
+        true,
+        Reps::Fixed(1),
+        false,
+        DType::F32,
+        SparseKernel::Auto,
+        SparseKernel::Auto,
+        TopK::Auto,
+    )?;
+    println!(
+        "  block-sparse (SSA selection, blocks of {block}, keep {} of {nb}): selection {:.3} ms + \
+         sparse forward {:.3} ms vs dense forward {:.3} ms ({:.2}x); sparse backward {:.3} ms vs \
+         dense {:.3} ms",
+        select.k,
+        s.select_s * 1e3,
+        s.sparse_fwd_s * 1e3,
+        s.dense_fwd_s * 1e3,
+        s.speedup(),
+        s.sparse_bwd_s.unwrap_or(0.0) * 1e3,
+        s.dense_bwd_s.unwrap_or(0.0) * 1e3,
+    );
+    if ok {
+        println!("demo: PASS");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("demo: FAIL (a GPU result differs from the reference)");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// No GPU: still show the computation, on the CPU reference at a small size.
+fn demo_cpu_only(seed: u64) -> Result<ExitCode, Error> {
+    let shape = AttnShape::new(1, 2, 1, 128, 64);
+    let opts = AttnOptions::causal(true);
+    println!(
+        "running the CPU reference instead: causal attention, 2 query heads / 1 kv head, seq 128, \
+         head_dim 64 (seed {seed})"
+    );
+    let mut rng = Rng::new(seed);
+    let q = rng.normal_vec(shape.q_len(), 1.0);
+    let k = rng.normal_vec(shape.kv_len(), 1.0);
+    let v = rng.normal_vec(shape.kv_len(), 1.0);
+    let t0 = Instant::now();
+    let f = reference::attention::forward(&shape, &opts, &q, &k, &v)?;
+    let dt = t0.elapsed().as_secs_f64();
+    let mean_lse = f.lse.iter().map(|&x| x as f64).sum::<f64>() / f.lse.len() as f64;
+    println!(
+        "CPU reference forward: {:.1} ms, mean LSE {mean_lse:.4}, O[0][0..4] = {:?}",
+        dt * 1e3,
+        &f.o[..4]
+    );
+    println!("demo: CPU-only (no GPU adapter); install a Vulkan driver to run the GPU kernels");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,330 @@
+//! The problem description every layer shares: attention shapes and options, the selection
+//! contract (block sizes, sentinel, scoring and pooling) and the sparse options, with ALL their
+//! validation. The GPU ops, the f64 references, the Burn ops and the CLI describe a problem with
+//! these types and check it here, once.
+
+use crate::error::{Result, invalid};
+
+/// Head dimensions the kernels take: multiples of 16 from 16 to 256 (part of
+/// [`AttnShape::validate`]).
+pub fn head_dim_supported(d: usize) -> bool {
+    (16..=256).contains(&d) && d.is_multiple_of(16)
+}
+
+/// [`head_dim_supported`] as an error that says the rule: the one place it is worded.
+pub fn check_head_dim(d: usize) -> Result<()> {
+    if !head_dim_supported(d) {
+        invalid!(
+            "head_dim = {d} is not supported: the kernels take multiples of 16 from 16 to 256"
+        );
+    }
+    Ok(())
+}
+
+/// Shape of one attention problem. Tensors are `[batch, heads, seq, head_dim]`, row-major.
+/// Query head `h` reads key/value head `h / (heads_q / heads_kv)` (grouped-query attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    pub head_dim: usize,
+}
+
+/// Options shared by every attention op.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnOptions {
+    /// Mask by absolute position: query `i` sits at position `seq_k - seq_q + i` and sees keys
+    /// `0..=` that position (so decoding with a short query block works).
+    pub causal: bool,
+    /// Logit scale; `None` means `1/sqrt(head_dim)`.
+    pub scale: Option<f32>,
+}
+
+impl Default for AttnOptions {
+    fn default() -> Self {
+        Self {
+            causal: true,
+            scale: None,
+        }
+    }
+}
+
+impl AttnOptions {
+    pub fn causal(causal: bool) -> Self {
+        Self {
+            causal,
+            scale: None,
+        }
+    }
+    pub fn scale_for(&self, head_dim: usize) -> f32 {
+        self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt())
+    }
+}
+
+impl AttnShape {
+    /// Self-attention shape (seq_q == seq_k).
+    pub fn new(batch: usize, heads_q: usize, heads_kv: usize, seq: usize, head_dim: usize) -> Self {
+        Self {
+            batch,
+            heads_q,
+            heads_kv,
+            seq_q: seq,
+            seq_k: seq,
+            head_dim,
+        }
+    }
+
+    pub fn group(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+    pub fn q_dims(&self) -> [usize; 4] {
+        [self.batch, self.heads_q, self.seq_q, self.head_dim]
+    }
+    pub fn kv_dims(&self) -> [usize; 4] {
+        [self.batch, self.heads_kv, self.seq_k, self.head_dim]
+    }
+    pub fn lse_dims(&self) -> [usize; 3] {
+        [self.batch, self.heads_q, self.seq_q]
+    }
+    pub fn q_len(&self) -> usize {
+        self.q_dims().iter().product()
+    }
+    pub fn kv_len(&self) -> usize {
+        self.kv_dims().iter().product()
+    }
+    pub fn lse_len(&self) -> usize {
+        self.lse_dims().iter().product()
+    }
+
+    /// First position (in key coordinates) of query 0.
+    pub fn q_offset(&self) -> usize {
+        self.seq_k.saturating_sub(self.seq_q)
+    }
+
+    /// Checks every backend needs: non-empty, GQA divisibility, causal geometry.
+    pub fn validate(&self, opts: &AttnOptions) -> Result<()> {
+        let s = self;
+        for (name, v) in [
+            ("batch", s.batch),
+            ("heads_q", s.heads_q),
+            ("heads_kv", s.heads_kv),
+            ("seq_q", s.seq_q),
+            ("seq_k", s.seq_k),
+            ("head_dim", s.head_dim),
+        ] {
+            if v == 0 {
+                invalid!("{name} is 0: every dimension of an attention problem must be at least 1");
+            }
+        }
+        check_head_dim(s.head_dim)?;
+        if !s.heads_q.is_multiple_of(s.heads_kv) {
+            invalid!(
+                "heads_q = {} is not a multiple of heads_kv = {} (grouped-query attention needs \
+                 each key/value head to serve a whole number of query heads)",
+                s.heads_q,
+                s.heads_kv
+            );
+        }
+        if opts.causal && s.seq_q > s.seq_k {
+            invalid!(
+                "causal attention with seq_q = {} > seq_k = {}: queries sit at the end of the key \
+                 range, so the first {} queries would see no key",
+                s.seq_q,
+                s.seq_k,
+                s.seq_q - s.seq_k
+            );
+        }
+        if let Some(scale) = opts.scale
+            && !(scale.is_finite() && scale > 0.0)
+        {
+            invalid!("scale must be a finite positive number, got {scale}");
+        }
+        Ok(())
+    }
+
+    /// Number of (query, key) pairs that take part, summed over batch and query heads.
+    pub fn visible_pairs(&self, causal: bool) -> u64 {
+        let per_head: u64 = if causal {
+            let off = self.q_offset();
+            (0..self.seq_q)
+                .map(|i| (off + i + 1).min(self.seq_k) as u64)
+                .sum()
+        } else {
+            (self.seq_q * self.seq_k) as u64
+        };
+        per_head * (self.batch * self.heads_q) as u64
+    }
+
+    /// Forward FLOPs: two matrix products of 2·d FLOPs per visible pair (QKᵀ and PV).
+    pub fn forward_flops(&self, causal: bool) -> f64 {
+        4.0 * self.head_dim as f64 * self.visible_pairs(causal) as f64
+    }
+
+    /// Backward FLOPs by the FlashAttention convention: 2.5x forward (five matrix products:
+    /// QKᵀ recomputed, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K).
+    pub fn backward_flops(&self, causal: bool) -> f64 {
+        2.5 * self.forward_flops(causal)
+    }
+}
+
+// ---- Block selection: the contract between the selector and the sparse kernels ----
+
+/// Marks an unused slot of a selection (fewer than k candidate blocks).
+pub const SENTINEL: u32 = u32::MAX;
+
+/// Block sizes the kernels take.
+pub const BLOCK_SIZES: [usize; 4] = [16, 32, 64, 128];
+
+/// How blocks are scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scoring {
+    /// Sum over the group's query heads of the softmax over candidate blocks (SSA, NSA).
+    Ssa,
+    /// Sum over the group's query heads of the scaled dot product (MoBA-style).
+    Moba,
+    /// InfLLM-V2: SSA scores of 32-token pooled keys at stride 16, max over a block's kernels.
+    InfLlmV2,
+}
+
+/// Key pooling of a scoring mode: (window, stride) in tokens.
+pub fn pooling(opts: &SelectOptions) -> (usize, usize) {
+    match opts.scoring {
+        Scoring::InfLlmV2 => (32, 16),
+        Scoring::Ssa | Scoring::Moba => (opts.block, opts.block),
+    }
+}
+
+/// Number of pooled keys over `seq_k` tokens.
+pub fn pooled_len(opts: &SelectOptions, seq_k: usize) -> usize {
+    seq_k.div_ceil(pooling(opts).1)
+}
+
+/// Pooled keys a block overlaps: `lo..=hi` (clamped to the `np` pooled keys).
+pub fn block_kernels(opts: &SelectOptions, np: usize, j: usize) -> (usize, usize) {
+    let (w, st) = pooling(opts);
+    let start = j * opts.block;
+    let lo = if start >= w { (start - w) / st + 1 } else { 0 };
+    let hi = ((j + 1) * opts.block).div_ceil(st).min(np) - 1;
+    (lo, hi)
+}
+
+/// What to select.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SelectOptions {
+    pub block: usize,
+    /// Blocks kept per (token, kv head), forced ones included.
+    pub k: usize,
+    /// Forced initial ("sink") blocks.
+    pub n_init: usize,
+    /// Forced local blocks right before the current one.
+    pub n_local: usize,
+    pub scoring: Scoring,
+    pub causal: bool,
+    /// Logit scale; `None` means 1/sqrt(head_dim).
+    pub scale: Option<f32>,
+}
+
+impl SelectOptions {
+    /// SSA's defaults: B = 16, k = 16, no forced blocks besides the current one.
+    pub fn ssa() -> Self {
+        Self {
+            block: 16,
+            k: 16,
+            n_init: 0,
+            n_local: 0,
+            scoring: Scoring::Ssa,
+            causal: true,
+            scale: None,
+        }
+    }
+
+    /// The attention options of the selection (mask and scale).
+    pub fn attn(&self) -> AttnOptions {
+        AttnOptions {
+            causal: self.causal,
+            scale: self.scale,
+        }
+    }
+
+    /// What the sparse attention over this selection needs: the one conversion.
+    pub fn sparse(&self) -> SparseOptions {
+        SparseOptions {
+            block: self.block,
+            causal: self.causal,
+            scale: self.scale,
+        }
+    }
+
+    pub fn blocks(&self, seq_k: usize) -> usize {
+        seq_k.div_ceil(self.block)
+    }
+
+    /// Checks shared by the reference and the GPU launcher.
+    pub fn validate(&self, shape: &AttnShape) -> Result<()> {
+        shape.validate(&self.attn())?;
+        if !BLOCK_SIZES.contains(&self.block) {
+            invalid!(
+                "block size {} is not supported (supported: {:?})",
+                self.block,
+                BLOCK_SIZES
+            );
+        }
+        let nb = self.blocks(shape.seq_k);
+        if self.k == 0 {
+            invalid!("k = 0: the selection must keep at least one block");
+        }
+        if self.k > nb {
+            invalid!(
+                "k = {} is larger than the {nb} blocks of {} keys at block size {}",
+                self.k,
+                shape.seq_k,
+                self.block
+            );
+        }
+        if self.n_init + self.n_local + 1 > self.k {
+            invalid!(
+                "n_init ({}) + n_local ({}) + the current block exceed k = {}",
+                self.n_init,
+                self.n_local,
+                self.k
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What the sparse stream needs besides the shape: the block size the selection refers to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseOptions {
+    pub block: usize,
+    pub causal: bool,
+    /// Logit scale; `None` means 1/sqrt(head_dim).
+    pub scale: Option<f32>,
+}
+
+impl SparseOptions {
+    pub fn attn(&self) -> AttnOptions {
+        AttnOptions {
+            causal: self.causal,
+            scale: self.scale,
+        }
+    }
+
+    pub fn validate(&self, shape: &AttnShape, nsel: usize) -> Result<()> {
+        shape.validate(&self.attn())?;
+        if !BLOCK_SIZES.contains(&self.block) {
+            invalid!(
+                "block size {} is not supported (supported: {:?})",
+                self.block,
+                BLOCK_SIZES
+            );
+        }
+        if nsel == 0 {
+            invalid!("a selection of 0 blocks per token attends to nothing");
+        }
+        Ok(())
+    }
+}
