@@ -3,6 +3,7 @@
 //!
 //!     cargo run --release --example sparse
 
+use sparse_attn::SparseInputs;
 use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::ops::sparse::SparseAttention;
 use sparse_attn::problem::SelectOptions;
@@ -31,7 +32,7 @@ fn main() -> sparse_attn::Result<()> {
     println!("token 511 keeps blocks {:?}", &blocks[511 * 8..512 * 8]);
 
     let sparse = SparseAttention::new(&gpu, shape, &SparseConfig::for_selection(&select))?;
-    let out = sparse.forward(&gpu, &q, &k, &v, &selection, None)?;
+    let out = sparse.forward(&gpu, &SparseInputs::new(&q, &k, &v, &selection))?;
     let full = FullAttention::new(&gpu, shape, &FullConfig::new(AttnOptions::causal(true)))?
         .forward(&gpu, &q, &k, &v)?;
     let diff = compare(&gpu.read(&out.o)?, &gpu.read(&full.o)?);
@@ -42,7 +43,7 @@ fn main() -> sparse_attn::Result<()> {
     );
 
     let d_o = gpu.upload(&shape.q_dims(), &rng.normal_vec(shape.q_len(), 1.0))?;
-    let grads = sparse.backward(&gpu, &q, &k, &v, &selection, None, &out, &d_o)?;
+    let grads = sparse.backward(&gpu, &SparseInputs::new(&q, &k, &v, &selection), &out, &d_o)?;
     println!("dK[0..4] = {:?}", &gpu.read(&grads.dk)?[..4]);
     Ok(())
 }

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 have_vulkan_icd() {
-    ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json \
-       /usr/local/share/vulkan/icd.d/*.json 2>/dev/null | grep -q . \
+    # (ls fails when one of the globs matches nothing: only its output counts.)
+    { ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json \
+        /usr/local/share/vulkan/icd.d/*.json 2>/dev/null || true; } | grep -q . \
         || [ -n "${VK_DRIVER_FILES:-}${VK_ICD_FILENAMES:-}" ]
 }
 

@@ -19,6 +19,10 @@ pub enum Error {
     #[error("unsupported on this device: {0}")]
     Unsupported(String),
 
+    /// A part of the project this build was compiled without (a cargo feature).
+    #[error("not in this build: {0}")]
+    NotBuilt(String),
+
     /// An error raised by the GPU while running work (validation, out of memory, lost device).
     #[error("GPU error: {0}")]
     Gpu(String),

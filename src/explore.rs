@@ -13,6 +13,7 @@ use crate::problem::{AttnOptions, AttnShape};
 use crate::problem::{Scoring, SelectOptions};
 use crate::reference::Rng;
 use crate::{FullConfig, SelectConfig, SparseConfig};
+use crate::{Qkv, SparseInputs};
 
 /// One demo problem (batch 1, causal). Parsed from JSON by [`ExploreConfig::from_json`].
 #[derive(Clone, Debug, PartialEq)]
@@ -225,16 +226,20 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
     let full = FullAttention::new(gpu, shape, &FullConfig::new(AttnOptions::causal(true)))?;
     let selector = BlockSelect::new(gpu, shape, &SelectConfig::new(sel_opts))?;
     let sparse = SparseAttention::new(gpu, shape, &SparseConfig::for_selection(&sel_opts))?;
-    let metrics =
-        AttentionMetrics::new(gpu, shape, AttnOptions::causal(true), cfg.block, cfg.topk)?;
+    let metrics = AttentionMetrics::new(gpu, shape, sel_opts.sparse(), sel_opts.k)?;
     let full_out = crate::ops::attention::AttnOutput::empty(gpu, &shape)?;
     let sparse_out = crate::ops::attention::AttnOutput::empty(gpu, &shape)?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let mut enc = gpu.device().create_command_encoder(&Default::default());
-    full.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &full_out.o, &full_out.lse)?;
+    full.encode_forward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &full_out)?;
     selector.encode(gpu, &mut enc, &tq, &tk, &scratch, &sel)?;
-    sparse.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &sel, None, &sparse_out)?;
+    sparse.encode_forward(
+        gpu,
+        &mut enc,
+        &SparseInputs::new(&tq, &tk, &tv, &sel),
+        &sparse_out,
+    )?;
     gpu.queue().submit([enc.finish()]);
     let m = metrics.compute(gpu, &tq, &tk, &sel)?;
 
@@ -261,7 +266,7 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
         let reps = 5;
         full_ms = gpu
             .time_async(reps, |enc| {
-                full.encode_forward(gpu, enc, &tq, &tk, &tv, &full_out.o, &full_out.lse)
+                full.encode_forward(gpu, enc, Qkv::new(&tq, &tk, &tv), &full_out)
             })
             .await?
             .map(|s| s * 1e3);
@@ -273,7 +278,12 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
             .map(|s| s * 1e3);
         sparse_ms = gpu
             .time_async(reps, |enc| {
-                sparse.encode_forward(gpu, enc, &tq, &tk, &tv, &sel, None, &sparse_out)
+                sparse.encode_forward(
+                    gpu,
+                    enc,
+                    &SparseInputs::new(&tq, &tk, &tv, &sel),
+                    &sparse_out,
+                )
             })
             .await?
             .map(|s| s * 1e3);

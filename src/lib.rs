@@ -35,11 +35,11 @@ pub mod viz;
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Tensor};
 pub use ops::attention::{
-    AttnGrads, AttnOutput, FullAttention, FullConfig, Variant, Variants, attention_backward,
+    AttnGrads, AttnOutput, FullAttention, FullConfig, Qkv, Variant, Variants, attention_backward,
     attention_forward,
 };
 pub use ops::select::{BlockSelect, SelectConfig, TopK};
-pub use ops::sparse::{SparseAttention, SparseConfig, SparseKernel};
+pub use ops::sparse::{SparseAttention, SparseConfig, SparseInputs, SparseKernel};
 pub use problem::{AttnOptions, AttnShape, Scoring, SelectOptions, SparseOptions};
 /// The wgpu this crate is built on, for callers that record into their own encoders.
 pub use wgpu;

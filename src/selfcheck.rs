@@ -15,6 +15,7 @@ use crate::problem::{AttnOptions, AttnShape};
 use crate::problem::{SENTINEL, SelectOptions};
 use crate::reference::{self, Rng, compare};
 use crate::{FullConfig, SelectConfig, SparseConfig};
+use crate::{Qkv, SparseInputs};
 
 /// Relative L2 error every f32 kernel must stay within against its f64 reference.
 pub const TOLERANCE: f64 = 1e-4;
@@ -92,12 +93,9 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let full = FullAttention::new(gpu, shape, &FullConfig::new(causal))?;
     let fo = AttnOutput::empty(gpu, &shape)?;
     let fg = AttnGrads::empty(gpu, &shape)?;
-    let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
     let mut enc = gpu.device().create_command_encoder(&Default::default());
-    full.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &fo.o, &fo.lse)?;
-    full.encode_backward(
-        gpu, &mut enc, &tq, &tk, &tv, &fo.o, &fo.lse, &tdo, &rowd, &fg,
-    )?;
+    full.encode_forward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &fo)?;
+    full.encode_backward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &fo, &tdo, &fg)?;
     gpu.queue().submit([enc.finish()]);
     let want = reference::attention::forward(&shape, &causal, &q, &k, &v)?;
     let want_g = reference::attention::backward(&shape, &causal, &q, &k, &v, &d_o)?;
@@ -161,9 +159,14 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let so = AttnOutput::empty(gpu, &shape)?;
     let sg = AttnGrads::empty(gpu, &shape)?;
     let mut enc = gpu.device().create_command_encoder(&Default::default());
-    sparse.encode_forward(gpu, &mut enc, &tq, &tk, &tv, &tsel, None, &so)?;
+    sparse.encode_forward(gpu, &mut enc, &SparseInputs::new(&tq, &tk, &tv, &tsel), &so)?;
     sparse.encode_backward(
-        gpu, &mut enc, &tq, &tk, &tv, &tsel, None, &so, &tdo, &rowd, &sg,
+        gpu,
+        &mut enc,
+        &SparseInputs::new(&tq, &tk, &tv, &tsel),
+        &so,
+        &tdo,
+        &sg,
     )?;
     gpu.queue().submit([enc.finish()]);
     let (idx, kk) = (&want_sel.indices, sel_opts.k);
@@ -179,9 +182,9 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let h_sparse = push_attention(gpu, &mut out, names, &so, &sg, &want, &want_g).await?;
 
     // Metrics of the reference's selection.
-    let metrics = AttentionMetrics::new(gpu, shape, causal, 16, kk)?;
+    let metrics = AttentionMetrics::new(gpu, shape, sp_opts, kk)?;
     let m = metrics.compute(gpu, &tq, &tk, &tsel)?;
-    let want = reference::metrics::metrics(&shape, &causal, 16, &q, &k, idx, kk)?;
+    let want = reference::metrics::metrics(&shape, &sp_opts, &q, &k, idx, kk)?;
     for (name, t, w) in [
         ("metrics block mass", &m.block_mass, &want.block_mass),
         ("metrics sparsity", &m.sparsity, &want.sparsity),

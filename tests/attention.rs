@@ -3,6 +3,7 @@
 mod common;
 
 use sparse_attn::FullConfig;
+use sparse_attn::Qkv;
 use sparse_attn::gpu::{Storage, round_f16};
 use sparse_attn::reference::{self, Rng, compare};
 use sparse_attn::{
@@ -101,7 +102,7 @@ fn run_case_as(
         dk: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
         dv: up(&s.kv_dims(), &vec![f32::NAN; s.kv_len()]),
     };
-    att.backward_into(gpu, &tq, &tk, &tv, &out, &tdo, &grads)
+    att.backward_into(gpu, Qkv::new(&tq, &tk, &tv), &out, &tdo, &grads)
         .expect(&ctx);
     let want = reference::attention::backward(&s, &opts, &q, &k, &v, &d_o).unwrap();
     for (name, t, w) in [
@@ -218,7 +219,7 @@ fn coop_forward_matches_reference() {
     for (i, case) in cases().iter().enumerate() {
         let d = case.shape.head_dim;
         if let Err(e) = sparse_attn::ops::coop::supported(&gpu, d) {
-            eprintln!("SKIPPED coop d={d} on {}: {e}", gpu.adapter().name);
+            common::skip_coop(&gpu, &format!("coop d={d}"), false, &e);
             continue;
         }
         let variants = Variants {
@@ -244,7 +245,7 @@ fn coop_backward_matches_reference() {
     for (i, case) in cases().iter().enumerate() {
         let d = case.shape.head_dim;
         if let Err(e) = sparse_attn::ops::coop::supported(&gpu, d) {
-            eprintln!("SKIPPED coop backward d={d} on {}: {e}", gpu.adapter().name);
+            common::skip_coop(&gpu, &format!("coop backward d={d}"), false, &e);
             continue;
         }
         let variants = Variants {

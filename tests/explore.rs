@@ -37,8 +37,7 @@ fn explore_matches_the_references() {
         let sel = reference::select::select(&shape, &cfg.select_options(), &q, &k).unwrap();
         let m = reference::metrics::metrics(
             &shape,
-            &AttnOptions::causal(true),
-            cfg.block,
+            &cfg.select_options().sparse(),
             &q,
             &k,
             &sel.indices,

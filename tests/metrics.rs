@@ -2,13 +2,13 @@
 
 mod common;
 
+use sparse_attn::AttnShape;
 use sparse_attn::SelectConfig;
 use sparse_attn::ops::metrics::AttentionMetrics;
 use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::problem::{Scoring, SelectOptions};
 use sparse_attn::reference::metrics::{kl_sparse_full, metrics};
 use sparse_attn::reference::{Rng, compare};
-use sparse_attn::{AttnOptions, AttnShape};
 
 const TOL: f64 = 2e-5;
 
@@ -62,10 +62,10 @@ fn metrics_match_reference() {
             .select(&gpu, &tq, &tk)
             .unwrap();
         let sel_host = gpu.read_u32(&sel).unwrap();
-        let opts = AttnOptions::causal(true);
-        let m = AttentionMetrics::new(&gpu, s, opts, block, k).unwrap();
+        let opts = so.sparse();
+        let m = AttentionMetrics::new(&gpu, s, opts, k).unwrap();
         let got = m.compute(&gpu, &tq, &tk, &sel).unwrap();
-        let want = metrics(&s, &opts, block, &q, &kk, &sel_host, k).unwrap();
+        let want = metrics(&s, &opts, &q, &kk, &sel_host, k).unwrap();
         for (name, t, w) in [
             ("block mass", &got.block_mass, &want.block_mass),
             ("sparsity", &got.sparsity, &want.sparsity),
@@ -102,7 +102,7 @@ fn full_budget_keeps_all_mass() {
         .unwrap();
     let all: Vec<u32> = (0..s.seq_q).flat_map(|_| 0..6u32).collect();
     let sel = gpu.upload_u32(&[1, 1, s.seq_q, 6], &all).unwrap();
-    let m = AttentionMetrics::new(&gpu, s, AttnOptions::causal(true), 16, 6).unwrap();
+    let m = AttentionMetrics::new(&gpu, s, SelectOptions::ssa().sparse(), 6).unwrap();
     let sp = gpu
         .read(&m.compute(&gpu, &q, &k, &sel).unwrap().sparsity)
         .unwrap();

@@ -4,6 +4,7 @@ mod common;
 
 use sparse_attn::FullConfig;
 use sparse_attn::GpuOptions;
+use sparse_attn::Qkv;
 use sparse_attn::gpu::{DType, Reps, round_f16};
 
 #[test]
@@ -100,11 +101,8 @@ fn profile_names_every_kernel_of_a_pass() {
     let d_o = gpu.random_uniform(&shape.q_dims(), 4, 1.0).unwrap();
     let out = att.forward(&gpu, &q, &k, &v).unwrap();
     let grads = sparse_attn::ops::attention::AttnGrads::empty(&gpu, &shape).unwrap();
-    let rowd = gpu
-        .empty(&shape.lse_dims(), sparse_attn::DType::F32)
-        .unwrap();
     let bwd = |enc: &mut wgpu::CommandEncoder| {
-        att.encode_backward(&gpu, enc, &q, &k, &v, &out.o, &out.lse, &d_o, &rowd, &grads)
+        att.encode_backward(&gpu, enc, Qkv::new(&q, &k, &v), &out, &d_o, &grads)
     };
     if !gpu.has_timestamps() {
         let e = gpu.profile(2, bwd).unwrap_err();
@@ -116,7 +114,7 @@ fn profile_names_every_kernel_of_a_pass() {
     assert_eq!(
         names,
         [
-            "attention_bwd.wgsl:rowdot",
+            "rowdot.wgsl:main",
             "attention_bwd.wgsl:dkdv",
             "attention_bwd.wgsl:dq_main"
         ],

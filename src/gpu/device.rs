@@ -93,7 +93,14 @@ pub struct Gpu {
     pooled: std::sync::atomic::AtomicBool,
     /// Set while `Gpu::profile` records: every dispatch then writes its own timestamps.
     pub(crate) profiler: Mutex<Option<crate::gpu::timer::Profiler>>,
+    /// Uniform buffers by content: a launch's parameters depend only on the op's shape and
+    /// chunk, so repeated calls (a training step, a benchmark) bind buffers made once.
+    uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
 }
+
+/// Distinct parameter blocks kept; past it the cache starts over (a sweep over many shapes
+/// must not grow it without bound).
+const UNIFORMS_KEPT: usize = 4096;
 
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -318,7 +325,30 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             pooled: std::sync::atomic::AtomicBool::new(false),
             profiler: Mutex::new(None),
+            uniforms: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A uniform buffer holding `bytes`, made once per distinct content. Uniform buffers are
+    /// never written after creation, so sharing one between dispatches is safe.
+    pub(crate) fn uniform(&self, bytes: &[u8]) -> wgpu::Buffer {
+        let mut map = self.uniforms.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(bytes) {
+            return b.clone();
+        }
+        if map.len() >= UNIFORMS_KEPT {
+            map.clear();
+        }
+        let b = wgpu::util::DeviceExt::create_buffer_init(
+            &self.device,
+            &wgpu::util::BufferInitDescriptor {
+                label: Some("params"),
+                contents: bytes,
+                usage: wgpu::BufferUsages::UNIFORM,
+            },
+        );
+        map.insert(bytes.to_vec(), b.clone());
+        b
     }
 
     pub fn adapter(&self) -> &AdapterSummary {

@@ -1,9 +1,10 @@
 //! The thin runtime: device, tensors, pipelines, timing.
 
 mod device;
-mod pipeline;
-mod tensor;
+pub(crate) mod pipeline;
+pub(crate) mod tensor;
 mod timer;
+pub(crate) mod uniform;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use device::list_adapters;

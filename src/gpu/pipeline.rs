@@ -81,7 +81,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("metrics.wgsl", include_str!("../../shaders/metrics.wgsl")),
 ];
 
-fn source(name: &str) -> Result<&'static str> {
+pub(crate) fn source(name: &str) -> Result<&'static str> {
     SOURCES
         .iter()
         .find(|(n, _)| *n == name)

@@ -377,17 +377,19 @@ impl Gpu {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct FillParams {
-    count: u32,
-    first: u32,
-    seed: u32,
-    grid_x: u32,
-    skip: u32,
-    scale: f32,
-    _pad: [u32; 2],
-}
+crate::gpu::uniform::uniform!(
+    "fill.wgsl",
+    FillParams,
+    pub(crate) struct FillParams {
+        pub count: u32,
+        pub first: u32,
+        pub seed: u32,
+        pub grid_x: u32,
+        pub skip: u32,
+        pub scale: f32,
+        pub _pad: [u32; 2],
+    }
+);
 
 impl Gpu {
     /// A new tensor of uniform values in [-scale, scale), generated on the GPU from `seed`

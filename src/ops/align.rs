@@ -12,20 +12,22 @@ const NT: u32 = 256;
 /// Elements per workgroup (each thread sums PER / NT of them before the tree).
 const PER: u64 = 4096;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    count: u32,
-    grid_x: u32,
-    skip: u32,
-    part0: u32,
-    parts: u32,
-    beta: f32,
-    inv_beta: f32,
-    scale_n: f32,
-    loss_n: f32,
-    _pad: [u32; 3],
-}
+crate::gpu::uniform::uniform!(
+    "align.wgsl",
+    AlignParams,
+    pub(crate) struct Params {
+        pub count: u32,
+        pub grid_x: u32,
+        pub skip: u32,
+        pub part0: u32,
+        pub parts: u32,
+        pub beta: f32,
+        pub inv_beta: f32,
+        pub scale_n: f32,
+        pub loss_n: f32,
+        pub _pad: [u32; 3],
+    }
+);
 
 /// The loss (a one-element tensor) and the gradients, shaped like the inputs.
 #[derive(Debug)]

@@ -187,6 +187,20 @@ pub struct AttnOutput {
     pub lse: Tensor,
 }
 
+/// The q, k and v of one attention call: `[b, hq, sq, d]`, then `[b, hkv, sk, d]` twice.
+#[derive(Clone, Copy, Debug)]
+pub struct Qkv<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+}
+
+impl<'a> Qkv<'a> {
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        Self { q, k, v }
+    }
+}
+
 /// Gradients with the shapes of q, k and v.
 #[derive(Debug)]
 pub struct AttnGrads {
@@ -243,6 +257,8 @@ pub struct FullAttention {
     /// Keys per dK/dV workgroup.
     dkdv_rows: u32,
     rowdot: RowDot,
+    /// Scratch for D = rowsum(dO ∘ O) `[b, hq, sq]`, made once with the op.
+    rowd: Tensor,
     storage: Storage,
 }
 
@@ -394,6 +410,7 @@ impl FullAttention {
             dkdv,
             dkdv_rows,
             rowdot,
+            rowd: gpu.empty(&shape.lse_dims(), DType::F32)?,
             storage,
         })
     }
@@ -453,36 +470,34 @@ impl FullAttention {
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One launch of `pipe` over `chunk` with the chunk's parameters and windows.
     fn dispatch(
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
         pipe: &Pipeline,
-        params: &Params,
         chunk: Chunk,
         bindings: &[(u32, Class, &Tensor)],
         grid: (u32, u32),
     ) {
+        let params = self.params(gpu, chunk);
         let views: Vec<(u32, &Tensor, Window)> = bindings
             .iter()
             .map(|&(b, class, t)| (b, t, self.window_of(gpu, class, chunk)))
             .collect();
-        launch::dispatch(gpu, enc, pipe, bytemuck::bytes_of(params), &views, grid);
+        launch::dispatch(gpu, enc, pipe, bytemuck::bytes_of(&params), &views, grid);
     }
 
     /// Record the forward pass into `enc`: O and LSE are overwritten.
-    #[allow(clippy::too_many_arguments)]
     pub fn encode_forward(
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        lse: &Tensor,
+        x: Qkv,
+        out: &AttnOutput,
     ) -> Result<()> {
+        let Qkv { q, k, v } = x;
+        let (o, lse) = (&out.o, &out.lse);
         let s = self.shape;
         let dt = self.storage.dtype();
         let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
@@ -494,13 +509,11 @@ impl FullAttention {
             output("lse", lse, &ld, DType::F32),
         ])?;
         for &c in &self.chunks {
-            let p = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
             self.dispatch(
                 gpu,
                 enc,
                 &self.fwd,
-                &p,
                 c,
                 &[
                     (1, Class::Q, q),
@@ -515,21 +528,20 @@ impl FullAttention {
         Ok(())
     }
 
-    /// Record the backward pass. `rowd` (shape of LSE) is scratch for D = rowsum(dO ∘ O).
-    #[allow(clippy::too_many_arguments)]
+    /// Record the backward pass of the forward that gave `out`; the gradients are overwritten.
+    /// D = rowsum(dO ∘ O) goes through the op's own scratch (calls recorded one after another
+    /// may share it: each call's kernels run in order).
     pub fn encode_backward(
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        lse: &Tensor,
+        x: Qkv,
+        out: &AttnOutput,
         d_o: &Tensor,
-        rowd: &Tensor,
         grads: &AttnGrads,
     ) -> Result<()> {
+        let Qkv { q, k, v } = x;
+        let (o, lse, rowd) = (&out.o, &out.lse, &self.rowd);
         let s = self.shape;
         let dt = self.storage.dtype();
         let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
@@ -540,7 +552,6 @@ impl FullAttention {
             input("o", o, &qd, dt),
             input("lse", lse, &ld, DType::F32),
             input("dO", d_o, &qd, dt),
-            output("rowd", rowd, &ld, DType::F32),
             output("dq", &grads.dq, &qd, dt),
             output("dk", &grads.dk, &kd, dt),
             output("dv", &grads.dv, &kd, dt),
@@ -581,7 +592,6 @@ impl FullAttention {
                 gpu,
                 enc,
                 &self.dkdv,
-                &base,
                 c,
                 &[&inputs[..], dkdv_out].concat(),
                 (
@@ -593,7 +603,6 @@ impl FullAttention {
                 gpu,
                 enc,
                 &self.dq,
-                &base,
                 c,
                 &[&inputs[..], dq_out].concat(),
                 ((s.seq_q as u32).div_ceil(self.dq_rows), heads),
@@ -620,13 +629,12 @@ impl FullAttention {
         out: &AttnOutput,
     ) -> Result<()> {
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        self.encode_forward(gpu, &mut enc, q, k, v, &out.o, &out.lse)?;
+        self.encode_forward(gpu, &mut enc, Qkv::new(q, k, v), out)?;
         gpu.scoped("attention forward", || gpu.queue.submit([enc.finish()]))?;
         Ok(())
     }
 
     /// Run the backward pass and return new gradient tensors.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         gpu: &Gpu,
@@ -638,25 +646,21 @@ impl FullAttention {
     ) -> Result<AttnGrads> {
         let s = self.shape;
         let grads = AttnGrads::empty_as(gpu, &s, self.storage.dtype())?;
-        self.backward_into(gpu, q, k, v, out, d_o, &grads)?;
+        self.backward_into(gpu, Qkv::new(q, k, v), out, d_o, &grads)?;
         Ok(grads)
     }
 
     /// Run the backward pass into existing gradient tensors.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward_into(
         &self,
         gpu: &Gpu,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        x: Qkv,
         out: &AttnOutput,
         d_o: &Tensor,
         grads: &AttnGrads,
     ) -> Result<()> {
-        let rowd = gpu.empty(&self.shape.lse_dims(), DType::F32)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        self.encode_backward(gpu, &mut enc, q, k, v, &out.o, &out.lse, d_o, &rowd, grads)?;
+        self.encode_backward(gpu, &mut enc, x, out, d_o, grads)?;
         gpu.scoped("attention backward", || gpu.queue.submit([enc.finish()]))?;
         Ok(())
     }

@@ -3,8 +3,6 @@
 
 use std::num::NonZeroU64;
 
-use wgpu::util::DeviceExt;
-
 use crate::error::invalid;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Pipeline, Tensor};
@@ -44,27 +42,29 @@ pub(crate) struct Chunk {
     pub u1: u64,
 }
 
-/// Uniform block shared with `shaders/common.wgsl` (`Params`).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct Params {
-    pub seq_q: u32,
-    pub seq_k: u32,
-    pub q_pos0: u32,
-    pub causal: u32,
-    pub group: u32,
-    pub q_off: u32,
-    pub k_off: u32,
-    pub r_off: u32,
-    pub scale_log2: f32,
-    pub scale: f32,
-    pub grid_x: u32,
-    pub rows: u32,
-    pub nsel: u32,
-    pub i_off: u32,
-    pub b_off: u32,
-    pub _pad: u32,
-}
+crate::gpu::uniform::uniform!(
+    "attn_params.wgsl",
+    Params,
+    /// Uniform block shared with `shaders/common.wgsl` (`Params`).
+    pub(crate) struct Params {
+        pub seq_q: u32,
+        pub seq_k: u32,
+        pub q_pos0: u32,
+        pub causal: u32,
+        pub group: u32,
+        pub q_off: u32,
+        pub k_off: u32,
+        pub r_off: u32,
+        pub scale_log2: f32,
+        pub scale: f32,
+        pub grid_x: u32,
+        pub rows: u32,
+        pub nsel: u32,
+        pub i_off: u32,
+        pub b_off: u32,
+        pub _pad: u32,
+    }
+);
 
 /// Split `units` work units (e.g. (batch, kv-head) groups) into chunks such that each tensor
 /// class, taking `per_unit` bytes per unit, fits one storage binding, and a chunk holds at most
@@ -179,13 +179,7 @@ pub(crate) fn dispatch(
     views: &[(u32, &Tensor, Window)],
     grid: (u32, u32),
 ) {
-    let ubuf = gpu
-        .device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: params,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+    let ubuf = gpu.uniform(params);
     let mut entries = vec![wgpu::BindGroupEntry {
         binding: 0,
         resource: ubuf.as_entire_binding(),

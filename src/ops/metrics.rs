@@ -4,32 +4,33 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result, invalid};
+use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Tensor};
 use crate::ops::launch::{self, Chunk, Window, check_args, input, output, plan_units, window};
-use crate::problem::BLOCK_SIZES;
-use crate::problem::{AttnOptions, AttnShape};
+use crate::problem::{AttnOptions, AttnShape, SparseOptions};
 
 const THREADS: u32 = 64;
 
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    seq_q: u32,
-    seq_k: u32,
-    q_pos0: u32,
-    causal: u32,
-    group: u32,
-    nb: u32,
-    nsel: u32,
-    scale_log2: f32,
-    q_off: u32,
-    k_off: u32,
-    i_off: u32,
-    m_off: u32,
-    r_off: u32,
-    _pad: [u32; 3],
-}
+crate::gpu::uniform::uniform!(
+    "metrics.wgsl",
+    MetParams,
+    pub(crate) struct Params {
+        pub seq_q: u32,
+        pub seq_k: u32,
+        pub q_pos0: u32,
+        pub causal: u32,
+        pub group: u32,
+        pub nb: u32,
+        pub nsel: u32,
+        pub scale_log2: f32,
+        pub q_off: u32,
+        pub k_off: u32,
+        pub i_off: u32,
+        pub m_off: u32,
+        pub r_off: u32,
+        pub _pad: [u32; 3],
+    }
+);
 
 #[derive(Clone, Copy, Debug)]
 enum Class {
@@ -64,20 +65,11 @@ pub struct AttentionMetrics {
 }
 
 impl AttentionMetrics {
-    pub fn new(
-        gpu: &Gpu,
-        shape: AttnShape,
-        opts: AttnOptions,
-        block: usize,
-        nsel: usize,
-    ) -> Result<Self> {
-        shape.validate(&opts)?;
-        if !BLOCK_SIZES.contains(&block) {
-            invalid!("block size {block} is not supported (supported: {BLOCK_SIZES:?})");
-        }
-        if nsel == 0 {
-            invalid!("a selection of 0 blocks per token");
-        }
+    /// Metrics of full attention (mask and scale from `sparse`) against selections of `nsel`
+    /// blocks of `sparse.block` keys per (token, kv head).
+    pub fn new(gpu: &Gpu, shape: AttnShape, sparse: SparseOptions, nsel: usize) -> Result<Self> {
+        sparse.validate(&shape, nsel)?;
+        let (opts, block) = (sparse.attn(), sparse.block);
         let l = gpu.limits();
         if shape.seq_q.div_ceil(THREADS as usize) > l.max_compute_workgroups_per_dimension as usize
         {

@@ -15,33 +15,35 @@ use crate::ops::tiles::{Kind, score_tiles};
 use crate::problem::AttnShape;
 use crate::problem::{Scoring, SelectOptions, pooled_len, pooling};
 
-/// Uniform block shared with `shaders/block_select.wgsl` (`SelParams`).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Params {
-    seq_q: u32,
-    seq_k: u32,
-    q_pos0: u32,
-    causal: u32,
-    group: u32,
-    nb: u32,
-    k: u32,
-    n_init: u32,
-    n_local: u32,
-    mode: u32,
-    scale: f32,
-    grid_x: u32,
-    q_off: u32,
-    k_off: u32,
-    kb_off: u32,
-    s_off: u32,
-    i_off: u32,
-    units: u32,
-    np: u32,
-    pool_w: u32,
-    pool_s: u32,
-    _pad: [u32; 3],
-}
+crate::gpu::uniform::uniform!(
+    "select_common.wgsl",
+    SelParams,
+    /// Uniform block shared with `shaders/block_select.wgsl` (`SelParams`).
+    pub(crate) struct Params {
+        pub seq_q: u32,
+        pub seq_k: u32,
+        pub q_pos0: u32,
+        pub causal: u32,
+        pub group: u32,
+        pub nb: u32,
+        pub k: u32,
+        pub n_init: u32,
+        pub n_local: u32,
+        pub mode: u32,
+        pub scale: f32,
+        pub grid_x: u32,
+        pub q_off: u32,
+        pub k_off: u32,
+        pub kb_off: u32,
+        pub s_off: u32,
+        pub i_off: u32,
+        pub units: u32,
+        pub np: u32,
+        pub pool_w: u32,
+        pub pool_s: u32,
+        pub _pad: [u32; 3],
+    }
+);
 
 /// Tensor classes of one launch, each split by (batch, kv-head) unit.
 #[derive(Clone, Copy, Debug)]

@@ -71,7 +71,38 @@ pub struct SparseAttention {
     rowdot: RowDot,
     /// Bound in place of the bias when there is none (the kernels never read it); made once.
     no_bias: Tensor,
+    /// Scratch for D = rowsum(dO ∘ O) `[b, hq, sq]`, made once with the op.
+    rowd: Tensor,
     storage: Storage,
+}
+
+/// The tensors of one sparse attention call: q, k, v (as for full attention), the selection
+/// `[b, hkv, sq, nsel]` (u32 block indices, see `ops::select`) and the optional per-key bias
+/// `[b, hkv, sk]` (f32; given exactly when the op was built with `bias`).
+#[derive(Clone, Copy, Debug)]
+pub struct SparseInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub sel: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+}
+
+impl<'a> SparseInputs<'a> {
+    /// Without a bias.
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor, sel: &'a Tensor) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            sel,
+            bias: None,
+        }
+    }
+
+    pub fn bias(self, bias: Option<&'a Tensor>) -> Self {
+        Self { bias, ..self }
+    }
 }
 
 /// What a [`SparseAttention`] is built for besides the shape.
@@ -298,6 +329,7 @@ impl SparseAttention {
             dkdv,
             rowdot,
             no_bias: gpu.empty(&[1], DType::F32)?,
+            rowd: gpu.empty(&shape.lse_dims(), DType::F32)?,
             storage,
         })
     }
@@ -428,18 +460,14 @@ impl SparseAttention {
     }
 
     /// Record the forward pass: O and LSE are overwritten.
-    #[allow(clippy::too_many_arguments)]
     pub fn encode_forward(
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        sel: &Tensor,
-        bias: Option<&Tensor>,
+        x: &SparseInputs,
         out: &AttnOutput,
     ) -> Result<()> {
+        let SparseInputs { q, k, v, sel, bias } = *x;
         let s = self.shape;
         let (qd, ld) = (s.q_dims(), s.lse_dims());
         self.check_inputs(
@@ -479,22 +507,19 @@ impl SparseAttention {
         Ok(())
     }
 
-    /// Record the backward pass. `rowd` (shape of LSE) is scratch for D = rowsum(dO ∘ O).
-    #[allow(clippy::too_many_arguments)]
+    /// Record the backward pass of the forward that gave `out`; the gradients are overwritten.
+    /// D = rowsum(dO ∘ O) goes through the op's own scratch (as in `FullAttention`).
     pub fn encode_backward(
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        sel: &Tensor,
-        bias: Option<&Tensor>,
+        x: &SparseInputs,
         out: &AttnOutput,
         d_o: &Tensor,
-        rowd: &Tensor,
         grads: &AttnGrads,
     ) -> Result<()> {
+        let SparseInputs { q, k, v, sel, bias } = *x;
+        let rowd = &self.rowd;
         let s = self.shape;
         let dt = self.storage.dtype();
         let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
@@ -508,7 +533,6 @@ impl SparseAttention {
                 input("o", &out.o, &qd, dt),
                 input("lse", &out.lse, &ld, DType::F32),
                 input("dO", d_o, &qd, dt),
-                output("rowd", rowd, &ld, DType::F32),
                 output("dq", &grads.dq, &qd, dt),
                 output("dk", &grads.dk, &kd, dt),
                 output("dv", &grads.dv, &kd, dt),
@@ -571,45 +595,29 @@ impl SparseAttention {
     }
 
     /// Run the forward pass and return new O and LSE tensors.
-    pub fn forward(
-        &self,
-        gpu: &Gpu,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        sel: &Tensor,
-        bias: Option<&Tensor>,
-    ) -> Result<AttnOutput> {
+    pub fn forward(&self, gpu: &Gpu, x: &SparseInputs) -> Result<AttnOutput> {
         let s = self.shape;
         let out = AttnOutput::empty_as(gpu, &s, self.storage.dtype())?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        self.encode_forward(gpu, &mut enc, q, k, v, sel, bias, &out)?;
+        self.encode_forward(gpu, &mut enc, x, &out)?;
         gpu.scoped("sparse attention forward", || {
             gpu.queue.submit([enc.finish()])
         })?;
         Ok(out)
     }
-}
 
-impl SparseAttention {
     /// Run the backward pass and return new gradient tensors.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         gpu: &Gpu,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        sel: &Tensor,
-        bias: Option<&Tensor>,
+        x: &SparseInputs,
         out: &AttnOutput,
         d_o: &Tensor,
     ) -> Result<AttnGrads> {
         let s = self.shape;
         let grads = AttnGrads::empty_as(gpu, &s, self.storage.dtype())?;
-        let rowd = gpu.empty(&s.lse_dims(), DType::F32)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        self.encode_backward(gpu, &mut enc, q, k, v, sel, bias, out, d_o, &rowd, &grads)?;
+        self.encode_backward(gpu, &mut enc, x, out, d_o, &grads)?;
         gpu.scoped("sparse attention backward", || {
             gpu.queue.submit([enc.finish()])
         })?;

@@ -11,8 +11,7 @@
 //! on the kept keys, so KL(sparse ‖ full) = −ln S(t). [`kl_sparse_full`] gives it.
 
 use crate::error::{Result, invalid};
-use crate::problem::SENTINEL;
-use crate::problem::{AttnOptions, AttnShape};
+use crate::problem::{AttnShape, SENTINEL, SparseOptions};
 
 /// Per-(batch, query head, token) metrics; `block_mass` is `[b, hq, seq_q, nb]`.
 #[derive(Clone, Debug)]
@@ -27,17 +26,18 @@ pub fn kl_sparse_full(sparsity: &[f64]) -> Vec<f64> {
     sparsity.iter().map(|&s| -s.ln()).collect()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Metrics of full attention over q, k (mask and scale from `opts`) against a selection of
+/// `nsel` blocks of `opts.block` keys per (token, kv head).
 pub fn metrics(
     shape: &AttnShape,
-    opts: &AttnOptions,
-    block: usize,
+    opts: &SparseOptions,
     q: &[f32],
     k: &[f32],
     sel: &[u32],
     nsel: usize,
 ) -> Result<Metrics> {
-    shape.validate(opts)?;
+    opts.validate(shape, nsel)?;
+    let block = opts.block;
     if q.len() != shape.q_len()
         || k.len() != shape.kv_len()
         || sel.len() != shape.batch * shape.heads_kv * shape.seq_q * nsel
@@ -46,7 +46,7 @@ pub fn metrics(
     }
     let (d, sq, sk, g) = (shape.head_dim, shape.seq_q, shape.seq_k, shape.group());
     let nb = sk.div_ceil(block);
-    let scale = opts.scale_for(d) as f64;
+    let scale = opts.attn().scale_for(d) as f64;
     let rows = shape.batch * shape.heads_q * sq;
     let mut out = Metrics {
         block_mass: vec![0.0; rows * nb],

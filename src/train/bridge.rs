@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, GpuOptions, Tensor};
 use crate::ops::align::AlignLoss;
 use crate::ops::metrics::AttentionMetrics;
-use crate::problem::{AttnOptions, AttnShape};
+use crate::problem::{AttnShape, SparseOptions};
 use crate::{BlockSelect, FullAttention, FullConfig, SelectConfig, SparseAttention, SparseConfig};
 
 /// A device shared with Burn: our runtime and the op objects built on it.
@@ -37,8 +37,8 @@ struct OpCache {
     sparse: Cache<(AttnShape, SparseConfig), SparseAttention>,
     /// Keyed by the tensor dims and beta's bits.
     align: Cache<(Vec<usize>, u32), AlignLoss>,
-    /// Keyed by shape, block size and selection width.
-    metrics: Cache<(AttnShape, usize, usize), AttentionMetrics>,
+    /// Keyed by shape, options and selection width.
+    metrics: Cache<(AttnShape, SparseOptions, usize), AttentionMetrics>,
 }
 
 type Cache<K, T> = Vec<(K, Arc<T>)>;
@@ -95,11 +95,11 @@ impl Shared {
     pub(crate) fn metrics(
         &self,
         s: AttnShape,
-        block: usize,
+        o: SparseOptions,
         nsel: usize,
     ) -> Result<Arc<AttentionMetrics>> {
-        cached(&mut self.ops().metrics, (s, block, nsel), || {
-            AttentionMetrics::new(&self.gpu, s, AttnOptions::causal(true), block, nsel)
+        cached(&mut self.ops().metrics, (s, o, nsel), || {
+            AttentionMetrics::new(&self.gpu, s, o, nsel)
         })
     }
 }

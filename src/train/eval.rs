@@ -427,14 +427,24 @@ pub fn plot_reports(reports: &[serde_json::Value], dir: &Path) -> Result<Vec<std
     Ok(files)
 }
 
-/// A Markdown table comparing reports (one row per model).
-pub fn table(reports: &[serde_json::Value]) -> String {
+/// Columns of [`table_rows`].
+pub const TABLE_HEAD: [&str; 10] = [
+    "mode",
+    "ppl full",
+    "ppl sparse",
+    "sparsity full inf.",
+    "sparsity sparse inf.",
+    "entropy",
+    "ppl sparse x2 / x4 / x8 budget",
+    "ppl full / sparse at 2x len",
+    "at 4x len",
+    "pass-key full / sparse 1x, 2x, 4x",
+];
+
+/// One row per report, the cells of [`TABLE_HEAD`] (the CLI prints them as a table).
+pub fn table_rows(reports: &[serde_json::Value]) -> Vec<Vec<String>> {
     let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
-    let mut s = String::from(
-        "| mode | ppl full | ppl sparse | sparsity full inf. | sparsity sparse inf. | entropy \
-         | ppl sparse x2 / x4 / x8 budget | ppl full / sparse at 2x len | at 4x len \
-         | pass-key full / sparse 1x, 2x, 4x |\n|---|---|---|---|---|---|---|---|---|---|\n",
-    );
+    let mut rows = Vec::new();
     for r in reports {
         let k = r["model"]["topk"].as_u64().unwrap_or(0);
         let sk = format!("sparse-k{k}");
@@ -461,22 +471,18 @@ pub fn table(reports: &[serde_json::Value]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} / {} |\n",
-            r["mode"].as_str().unwrap_or("?"),
+        rows.push(vec![
+            r["mode"].as_str().unwrap_or("?").to_string(),
             f(&r["perplexity"]["full"]["ppl"]),
             f(&r["perplexity"][&sk]["ppl"]),
             f(&r["layers"]["full"]["mean_sparsity"]),
             f(&r["layers"]["sparse"]["mean_sparsity"]),
             f(&r["layers"]["full"]["mean_entropy"]),
-            budget(2),
-            budget(4),
-            budget(8),
+            format!("{} / {} / {}", budget(2), budget(4), budget(8)),
             lp(2),
             lp(4),
-            pk("full"),
-            pk(&sk),
-        );
+            format!("{} / {}", pk("full"), pk(&sk)),
+        ]);
     }
-    s
+    rows
 }

@@ -2,6 +2,7 @@
 //! Burn's wgpu backend (`bridge`, `ops`), a small Llama-style LM (`model`), byte-level data with
 //! a pass-key task (`data`), and the training loop with checkpoints (`trainer`).
 
+mod autodiff;
 pub mod bridge;
 pub mod data;
 pub mod eval;

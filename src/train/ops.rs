@@ -2,7 +2,8 @@
 //!
 //! `AttnBackend` is a Burn backend extension: its `CubeBackend` implementation runs our WGSL
 //! kernels on the buffers of Burn's own tensors (see `bridge`), `Fusion` defers them like any
-//! other op, and the `Autodiff` implementation registers our backward kernels as the gradients.
+//! other op, and the `Autodiff` implementation (`train::autodiff`) registers our backward kernels
+//! as the gradients. Op objects come from the bridge's cache, one per (shape, config).
 //! The public functions below validate everything first and return `Result`; inside the
 //! backend methods a failure is a bug and panics with its message.
 //!
@@ -13,15 +14,10 @@
 //! - the SSA alignment loss: its kernel writes the loss and both stop-gradient gradients in one
 //!   pass; backward scales them by the upstream gradient.
 
-use burn::backend::autodiff::Autodiff;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
-use burn::backend::{AutodiffBackend, Backend, Dispatch, backend_extension};
+use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{DType as BurnDType, Int, Shape, Tensor as BTensor};
 
 use crate::error::{Result, invalid};
@@ -29,9 +25,9 @@ use crate::ops::align::AlignOut;
 use crate::ops::attention::{AttnGrads, AttnOutput};
 use crate::ops::metrics::MetricsOut;
 use crate::ops::select::SelectScratch;
-use crate::problem::{AttnOptions, AttnShape, SelectOptions};
+use crate::problem::{AttnOptions, AttnShape, SelectOptions, SparseOptions};
 use crate::train::bridge::{Bound, alloc, bind, flush, shared_for, shared_of};
-use crate::{FullConfig, SelectConfig, SparseConfig};
+use crate::{FullConfig, Qkv, SelectConfig, SparseConfig, SparseInputs};
 
 /// Options of full attention, as the backend ops carry them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,10 +43,10 @@ impl SparseCfg {
     }
 }
 
-/// Options of the attention metrics (evaluation only): block size and selection width.
+/// Options of the attention metrics (evaluation only): mask, scale, block size, selection width.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MetricsCfg {
-    pub block: usize,
+    pub options: SparseOptions,
     pub nsel: usize,
 }
 
@@ -246,7 +242,13 @@ impl AttnBackend for CubeBackend {
         let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
         let mut enc = gpu.device().create_command_encoder(&Default::default());
         op.encode_forward(
-            &gpu, &mut enc, &bq.tensor, &bk.tensor, &bv.tensor, &bo.tensor, &bl.tensor,
+            &gpu,
+            &mut enc,
+            Qkv::new(&bq.tensor, &bk.tensor, &bv.tensor),
+            &AttnOutput {
+                o: bo.tensor.clone(),
+                lse: bl.tensor.clone(),
+            },
         )
         .unwrap_or_else(|e| panic!("{e}"));
         submit(&gpu, &q, "attention forward", enc);
@@ -273,7 +275,6 @@ impl AttnBackend for CubeBackend {
             .into_iter()
             .map(|t| bind(&gpu, t).0)
             .collect();
-        let (rowd, _r) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
         let (bdq, dq) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
         let (bdk, dk) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
         let (bdv, dv) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
@@ -286,13 +287,12 @@ impl AttnBackend for CubeBackend {
         op.encode_backward(
             &gpu,
             &mut enc,
-            &bq.tensor,
-            &b[0].tensor,
-            &b[1].tensor,
-            &b[2].tensor,
-            &b[3].tensor,
+            Qkv::new(&bq.tensor, &b[0].tensor, &b[1].tensor),
+            &AttnOutput {
+                o: b[2].tensor.clone(),
+                lse: b[3].tensor.clone(),
+            },
             &b[4].tensor,
-            &rowd.tensor,
             &grads,
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -363,7 +363,10 @@ impl AttnBackend for CubeBackend {
         };
         let mut enc = gpu.device().create_command_encoder(&Default::default());
         op.encode_forward(
-            &gpu, &mut enc, &bq.tensor, &bk.tensor, &bv.tensor, &bs.tensor, None, &out,
+            &gpu,
+            &mut enc,
+            &SparseInputs::new(&bq.tensor, &bk.tensor, &bv.tensor, &bs.tensor),
+            &out,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         submit(&gpu, &q, "sparse attention forward", enc);
@@ -389,7 +392,6 @@ impl AttnBackend for CubeBackend {
             .into_iter()
             .map(|t| bind(&gpu, t).0)
             .collect();
-        let (rowd, _r) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
         let (bdq, dq) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
         let (bdk, dk) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
         let (bdv, dv) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
@@ -406,14 +408,9 @@ impl AttnBackend for CubeBackend {
         op.encode_backward(
             &gpu,
             &mut enc,
-            &bq.tensor,
-            &b[0].tensor,
-            &b[1].tensor,
-            &b[2].tensor,
-            None,
+            &SparseInputs::new(&bq.tensor, &b[0].tensor, &b[1].tensor, &b[2].tensor),
             &out,
             &b[5].tensor,
-            &rowd.tensor,
             &grads,
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -431,7 +428,7 @@ impl AttnBackend for CubeBackend {
         let gpu = sh.gpu.clone();
         let s = shape4(&dims(&q), &dims(&k));
         let op = sh
-            .metrics(s, cfg.block, cfg.nsel)
+            .metrics(s, cfg.options, cfg.nsel)
             .unwrap_or_else(|e| panic!("{e}"));
         let (bq, q) = bind(&gpu, q);
         let (bk, _k) = bind(&gpu, k);
@@ -476,225 +473,6 @@ impl AttnBackend for CubeBackend {
             .unwrap_or_else(|e| panic!("{e}"));
         submit(&gpu, &hf, "alignment loss", enc);
         (loss, gf, gs)
-    }
-}
-
-/// Register the gradients of q, k, v for the parents that need them.
-macro_rules! register3 {
-    ($b:ty, $parents:expr, $grads:expr, $g:expr) => {{
-        let [nq, nk, nv] = $parents;
-        let (dq, dk, dv) = $g;
-        for (node, g) in [(nq, dq), (nk, dk), (nv, dv)] {
-            if let Some(n) = node {
-                $grads.register::<$b>(n.id, g);
-            }
-        }
-    }};
-}
-
-#[derive(Debug)]
-struct FullBackward;
-
-impl<B: AttnBackend> Backward<B, 3> for FullBackward {
-    /// q, k, v, o, lse, options.
-    type State = (
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FullCfg,
-    );
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d_o = grads.consume::<B>(&ops.node);
-        let (q, k, v, o, lse, cfg) = ops.state;
-        register3!(
-            B,
-            ops.parents,
-            grads,
-            B::sa_full_bwd(q, k, v, o, lse, d_o, cfg)
-        );
-    }
-}
-
-#[derive(Debug)]
-struct SparseBackward;
-
-impl<B: AttnBackend> Backward<B, 3> for SparseBackward {
-    /// q, k, v, selection, o, lse, options.
-    type State = (
-        FloatTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        IntTensor<B>,
-        FloatTensor<B>,
-        FloatTensor<B>,
-        SparseCfg,
-    );
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let d_o = grads.consume::<B>(&ops.node);
-        let (q, k, v, sel, o, lse, cfg) = ops.state;
-        register3!(
-            B,
-            ops.parents,
-            grads,
-            B::sa_sparse_bwd(q, k, v, sel, o, lse, d_o, cfg)
-        );
-    }
-}
-
-#[derive(Debug)]
-struct AlignBackward;
-
-impl<B: AttnBackend> Backward<B, 2> for AlignBackward {
-    /// dL/dh_full, dL/dh_sparse (for an upstream gradient of 1).
-    type State = (FloatTensor<B>, FloatTensor<B>);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let g = grads.consume::<B>(&ops.node);
-        let (gf, gs) = ops.state;
-        let rank = burn::backend::TensorMetadata::shape(&gf).num_dims();
-        // The upstream gradient of a one-element loss, broadcast over the inputs.
-        let g = B::float_reshape(g, Shape::from(vec![1; rank]));
-        let [nf, ns] = ops.parents;
-        if let Some(n) = nf {
-            grads.register::<B>(n.id, B::float_mul(gf, g.clone()));
-        }
-        if let Some(n) = ns {
-            grads.register::<B>(n.id, B::float_mul(gs, g));
-        }
-    }
-}
-
-impl<B: AttnBackend, C: CheckpointStrategy> AttnBackend for Autodiff<B, C> {
-    fn sa_full_fwd(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        cfg: FullCfg,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (q, nq) = q.into_parts();
-        let (k, nk) = k.into_parts();
-        let (v, nv) = v.into_parts();
-        let prep = FullBackward
-            .prepare::<C>([nq, nk, nv])
-            .compute_bound()
-            .stateful();
-        let (o, lse) = B::sa_full_fwd(q.clone(), k.clone(), v.clone(), cfg);
-        let o = match prep {
-            OpsKind::Tracked(p) => p.finish((q, k, v, o.clone(), lse.clone(), cfg), o),
-            OpsKind::UnTracked(p) => p.finish(o),
-        };
-        (o, Self::from_inner(lse))
-    }
-
-    fn sa_full_bwd(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        o: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        d_o: FloatTensor<Self>,
-        cfg: FullCfg,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dq, dk, dv) = B::sa_full_bwd(
-            q.into_primitive(),
-            k.into_primitive(),
-            v.into_primitive(),
-            o.into_primitive(),
-            lse.into_primitive(),
-            d_o.into_primitive(),
-            cfg,
-        );
-        (
-            Self::from_inner(dq),
-            Self::from_inner(dk),
-            Self::from_inner(dv),
-        )
-    }
-
-    fn sa_select(q: FloatTensor<Self>, k: FloatTensor<Self>, cfg: SparseCfg) -> IntTensor<Self> {
-        B::sa_select(q.into_primitive(), k.into_primitive(), cfg)
-    }
-
-    fn sa_sparse_fwd(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        sel: IntTensor<Self>,
-        cfg: SparseCfg,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (q, nq) = q.into_parts();
-        let (k, nk) = k.into_parts();
-        let (v, nv) = v.into_parts();
-        let prep = SparseBackward
-            .prepare::<C>([nq, nk, nv])
-            .compute_bound()
-            .stateful();
-        let (o, lse) = B::sa_sparse_fwd(q.clone(), k.clone(), v.clone(), sel.clone(), cfg);
-        let o = match prep {
-            OpsKind::Tracked(p) => p.finish((q, k, v, sel, o.clone(), lse.clone(), cfg), o),
-            OpsKind::UnTracked(p) => p.finish(o),
-        };
-        (o, Self::from_inner(lse))
-    }
-
-    fn sa_sparse_bwd(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        sel: IntTensor<Self>,
-        o: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        d_o: FloatTensor<Self>,
-        cfg: SparseCfg,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dq, dk, dv) = B::sa_sparse_bwd(
-            q.into_primitive(),
-            k.into_primitive(),
-            v.into_primitive(),
-            sel,
-            o.into_primitive(),
-            lse.into_primitive(),
-            d_o.into_primitive(),
-            cfg,
-        );
-        (
-            Self::from_inner(dq),
-            Self::from_inner(dk),
-            Self::from_inner(dv),
-        )
-    }
-
-    fn sa_metrics(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        sel: IntTensor<Self>,
-        cfg: MetricsCfg,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (sp, en) = B::sa_metrics(q.into_primitive(), k.into_primitive(), sel, cfg);
-        (Self::from_inner(sp), Self::from_inner(en))
-    }
-
-    fn sa_align(
-        h_full: FloatTensor<Self>,
-        h_sparse: FloatTensor<Self>,
-        beta: f32,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (hf, nf) = h_full.into_parts();
-        let (hs, ns) = h_sparse.into_parts();
-        let prep = AlignBackward
-            .prepare::<C>([nf, ns])
-            .compute_bound()
-            .stateful();
-        let (loss, gf, gs) = B::sa_align(hf, hs, beta);
-        let loss = match prep {
-            OpsKind::Tracked(p) => p.finish((gf.clone(), gs.clone()), loss),
-            OpsKind::UnTracked(p) => p.finish(loss),
-        };
-        (loss, Self::from_inner(gf), Self::from_inner(gs))
     }
 }
 
@@ -805,7 +583,7 @@ pub fn attention_metrics(
     opts: &SelectOptions,
 ) -> Result<(BTensor<3>, BTensor<3>)> {
     let s = attn_shape(&q, &k, &k)?;
-    let op = shared_for(&q.device())?.metrics(s, opts.block, opts.k)?;
+    shared_for(&q.device())?.metrics(s, opts.sparse(), opts.k)?;
     let want = [s.batch, s.heads_kv, s.seq_q, opts.k];
     if sel.dims() != want {
         invalid!(
@@ -813,13 +591,12 @@ pub fn attention_metrics(
             sel.dims()
         );
     }
-    debug_assert_eq!(op.block(), opts.block);
     let (sp, en) = <Dispatch as AttnBackend>::sa_metrics(
         q.detach().into_dispatch(),
         k.detach().into_dispatch(),
         sel.into_dispatch(),
         MetricsCfg {
-            block: opts.block,
+            options: opts.sparse(),
             nsel: opts.k,
         },
     );

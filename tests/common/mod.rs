@@ -35,3 +35,21 @@ pub fn burn_runtime() -> Option<sparse_attn::train::Runtime> {
     })
     .clone()
 }
+
+/// A tensor-core (cooperative-matrix) case the device or shape cannot run: skipped with its
+/// reason. Under scripts/gpu-check.sh (SPARSE_ATTN_GPU_CHECK=1) on a device that has
+/// cooperative matrices a skip fails the test instead, unless `by_shape` (the case asks for
+/// what the kernel declines on every device, e.g. more than 16 query heads per kv head): a
+/// broken support check must not let the tensor-core path pass untested.
+pub fn skip_coop(gpu: &Gpu, what: &str, by_shape: bool, reason: &dyn std::fmt::Display) {
+    let has = gpu
+        .features()
+        .contains(sparse_attn::wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    if has && !by_shape && std::env::var("SPARSE_ATTN_GPU_CHECK").as_deref() == Ok("1") {
+        panic!(
+            "{what} was skipped on {}, which has cooperative matrices: {reason}",
+            gpu.adapter().name
+        );
+    }
+    eprintln!("SKIPPED {what} on {}: {reason}", gpu.adapter().name);
+}

@@ -3,11 +3,12 @@
 use sparse_attn::error::Result;
 use sparse_attn::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
 use sparse_attn::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
-use sparse_attn::ops::select::{BlockSelect, TopK};
+use sparse_attn::ops::select::BlockSelect;
 use sparse_attn::ops::sparse::{SparseAttention, SparseKernel};
 use sparse_attn::problem::SelectOptions;
 use sparse_attn::problem::{AttnOptions, AttnShape};
 use sparse_attn::{FullConfig, SelectConfig, SparseConfig};
+use sparse_attn::{Qkv, SparseInputs};
 
 /// One measured configuration.
 #[derive(Clone, Debug)]
@@ -57,7 +58,7 @@ pub fn bench_full(
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dt)?;
     let out = AttnOutput::empty_as(gpu, &shape, dt)?;
     let fwd =
-        |enc: &mut wgpu::CommandEncoder| att.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse);
+        |enc: &mut wgpu::CommandEncoder| att.encode_forward(gpu, enc, Qkv::new(&q, &k, &v), &out);
     let t = gpu.time(Reps::Target(target_s), fwd)?;
     let flops = shape.forward_flops(opts.causal);
     let e = dt.size() as f64;
@@ -76,11 +77,10 @@ pub fn bench_full(
         timer: t.source,
     };
     if backward {
-        let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
         let grads = AttnGrads::empty_as(gpu, &shape, dt)?;
         att.forward_into(gpu, &q, &k, &v, &out)?;
         let bwd = |enc: &mut wgpu::CommandEncoder| {
-            att.encode_backward(gpu, enc, &q, &k, &v, &out.o, &out.lse, &d_o, &rowd, &grads)
+            att.encode_backward(gpu, enc, Qkv::new(&q, &k, &v), &out, &d_o, &grads)
         };
         let t = gpu.time(Reps::Target(target_s), bwd)?;
         r.bwd_s = Some(t.seconds);
@@ -157,20 +157,49 @@ pub fn sparse_pairs(shape: &AttnShape, block: usize, k: usize) -> u64 {
     per_head * (shape.batch * shape.heads_q) as u64
 }
 
+/// What `bench_sparse` times: the selection (options, dtype, top-k kernel), the sparse kernels,
+/// and how.
+#[derive(Clone, Copy, Debug)]
+pub struct SparseRun {
+    pub select: SelectConfig,
+    pub forward: SparseKernel,
+    pub backward: SparseKernel,
+    /// Also time the backward passes.
+    pub with_backward: bool,
+    pub reps: Reps,
+    /// Also time every kernel on its own (`Gpu::profile`).
+    pub stages: bool,
+}
+
+impl SparseRun {
+    /// f32, the library's kernels, forward and backward, one repetition.
+    pub fn new(select: SelectOptions) -> Self {
+        Self {
+            select: SelectConfig::new(select),
+            forward: SparseKernel::Auto,
+            backward: SparseKernel::Auto,
+            with_backward: true,
+            reps: Reps::Fixed(1),
+            stages: false,
+        }
+    }
+}
+
 /// Time block selection, the sparse forward over its selection, and the dense causal forward.
-#[allow(clippy::too_many_arguments)]
-pub fn bench_sparse(
-    gpu: &Gpu,
-    shape: AttnShape,
-    select: SelectOptions,
-    backward: bool,
-    reps: Reps,
-    stages: bool,
-    dtype: DType,
-    forward: SparseKernel,
-    backward_kernel: SparseKernel,
-    topk: TopK,
-) -> Result<SparseBench> {
+pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<SparseBench> {
+    let SparseRun {
+        select:
+            SelectConfig {
+                options: select,
+                dtype,
+                topk,
+            },
+        forward,
+        backward: backward_kernel,
+        with_backward: backward,
+        reps,
+        stages,
+    } = *run;
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dtype)?;
     let selector = BlockSelect::new(
         gpu,
@@ -191,7 +220,7 @@ pub fn bench_sparse(
     )?;
     let out = AttnOutput::empty_as(gpu, &shape, dtype)?;
     let t_sp = gpu.time(reps, |enc| {
-        sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
+        sparse.encode_forward(gpu, enc, &SparseInputs::new(&q, &k, &v, &sel), &out)
     })?;
     let dense = FullAttention::new(
         gpu,
@@ -199,23 +228,27 @@ pub fn bench_sparse(
         &FullConfig::new(AttnOptions::causal(select.causal)).dtype(dtype),
     )?;
     let t_dense = gpu.time(reps, |enc| {
-        dense.encode_forward(gpu, enc, &q, &k, &v, &out.o, &out.lse)
+        dense.encode_forward(gpu, enc, Qkv::new(&q, &k, &v), &out)
     })?;
     let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
     let mut profile = Vec::new();
     if stages {
         profile.extend(gpu.profile(3, |enc| selector.encode(gpu, enc, &q, &k, &scratch, &sel))?);
         profile.extend(gpu.profile(3, |enc| {
-            sparse.encode_forward(gpu, enc, &q, &k, &v, &sel, None, &out)
+            sparse.encode_forward(gpu, enc, &SparseInputs::new(&q, &k, &v, &sel), &out)
         })?);
     }
     if backward {
-        let rowd = gpu.empty(&shape.lse_dims(), DType::F32)?;
         let grads = AttnGrads::empty_as(gpu, &shape, dtype)?;
-        let sp_out = sparse.forward(gpu, &q, &k, &v, &sel, None)?;
+        let sp_out = sparse.forward(gpu, &SparseInputs::new(&q, &k, &v, &sel))?;
         let bwd = |enc: &mut wgpu::CommandEncoder| {
             sparse.encode_backward(
-                gpu, enc, &q, &k, &v, &sel, None, &sp_out, &d_o, &rowd, &grads,
+                gpu,
+                enc,
+                &SparseInputs::new(&q, &k, &v, &sel),
+                &sp_out,
+                &d_o,
+                &grads,
             )
         };
         let t = gpu.time(reps, bwd)?;
@@ -225,18 +258,7 @@ pub fn bench_sparse(
         sparse_bwd_s = Some(t.seconds);
         let dense_out = dense.forward(gpu, &q, &k, &v)?;
         let t = gpu.time(reps, |enc| {
-            dense.encode_backward(
-                gpu,
-                enc,
-                &q,
-                &k,
-                &v,
-                &dense_out.o,
-                &dense_out.lse,
-                &d_o,
-                &rowd,
-                &grads,
-            )
+            dense.encode_backward(gpu, enc, Qkv::new(&q, &k, &v), &dense_out, &d_o, &grads)
         })?;
         dense_bwd_s = Some(t.seconds);
     }

@@ -8,10 +8,10 @@ use sparse_attn::gpu::{DType, Gpu, GpuOptions, Reps, Storage};
 use sparse_attn::ops::attention::{Variant, Variants, auto_variants, variant_supported};
 use sparse_attn::ops::select::TopK;
 use sparse_attn::problem::check_head_dim;
-use sparse_attn::{AttnOptions, Error, FullAttention, FullConfig};
+use sparse_attn::{AttnOptions, Error, FullAttention, FullConfig, SelectConfig};
 
 use crate::args::{Mask, SelectArgs, ShapeArgs, parse_dtype, parse_kernel};
-use crate::bench::{FullBench, bench_full, bench_sparse};
+use crate::bench::{FullBench, SparseRun, bench_full, bench_sparse};
 use crate::report::{Output, Table, emit_record, ms};
 
 #[derive(Args)]
@@ -211,18 +211,17 @@ pub fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, E
         for &seq in &a.shape.seq {
             let shape = a.shape.shape(seq, d);
             let sel = a.select.options();
-            let r = bench_sparse(
-                &gpu,
-                shape,
-                sel,
-                !a.no_backward,
-                Reps::Target(a.target_seconds),
-                a.stages,
-                parse_dtype(&a.dtype)?,
-                parse_kernel(&a.forward)?,
-                parse_kernel(&a.backward)?,
-                TopK::parse(&a.topk_kernel)?,
-            )?;
+            let run = SparseRun {
+                select: SelectConfig::new(sel)
+                    .dtype(parse_dtype(&a.dtype)?)
+                    .topk(TopK::parse(&a.topk_kernel)?),
+                forward: parse_kernel(&a.forward)?,
+                backward: parse_kernel(&a.backward)?,
+                with_backward: !a.no_backward,
+                reps: Reps::Target(a.target_seconds),
+                stages: a.stages,
+            };
+            let r = bench_sparse(&gpu, shape, &run)?;
             let s = &r.shape;
             table.row(vec![
                 s.batch.to_string(),

@@ -7,15 +7,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use sparse_attn::gpu::{DType, Reps};
-use sparse_attn::ops::select::TopK;
-use sparse_attn::ops::sparse::SparseKernel;
 use sparse_attn::reference::{self, Rng};
 use sparse_attn::{
     AttnOptions, AttnShape, Error, FullAttention, FullConfig, Gpu, GpuOptions, SelectOptions,
 };
 
-use crate::bench::{bench_full, bench_sparse};
+use crate::bench::{SparseRun, bench_full, bench_sparse};
 use crate::selfcheck::{print_checks, run_checks};
 
 #[derive(Args)]
@@ -87,18 +84,7 @@ pub fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
         ..SelectOptions::ssa()
     };
     // One repetition: the demo must stay quick on software adapters too.
-    let s = bench_sparse(
-        &gpu,
-        shape,
-        select,
-        true,
-        Reps::Fixed(1),
-        false,
-        DType::F32,
-        SparseKernel::Auto,
-        SparseKernel::Auto,
-        TopK::Auto,
-    )?;
+    let s = bench_sparse(&gpu, shape, &SparseRun::new(select))?;
     println!(
         "  block-sparse (SSA selection, blocks of {block}, keep {} of {nb}): selection {:.3} ms + \
          sparse forward {:.3} ms vs dense forward {:.3} ms ({:.2}x); sparse backward {:.3} ms vs \

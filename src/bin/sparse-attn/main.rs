@@ -50,8 +50,8 @@ enum Cmd {
         #[command(subcommand)]
         which: BenchCmd,
     },
-    /// Run attention on a sample input on the best device, check it against the f64 reference
-    /// and print the error and the speed.
+    /// Check every kernel family against the f64 reference on the best device (the selfcheck),
+    /// then time full and block-sparse attention at the shape given.
     Demo(DemoArgs),
     /// Draw where full attention goes, which blocks the selector keeps, and each token's kept
     /// share of the attention mass, as a PNG.
@@ -80,7 +80,8 @@ enum Cmd {
         json: bool,
     },
     /// Train a small Llama-style LM with full, sparse (MoBA-style) or SSA attention on our
-    /// kernels (Burn on the wgpu backend); checkpoints to --out, --resume continues one.
+    /// kernels (Burn on the wgpu backend); checkpoints to --out, --resume continues one. Needs a
+    /// build with `--features train`.
     Train(TrainArgs),
     /// Evaluate trained checkpoints, full and sparse inference: perplexity, per-layer attention
     /// sparsity and entropy, a budget sweep, length extrapolation with pass-key retrieval. Prints

@@ -110,7 +110,7 @@ pub fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
     );
     let (sel, _) =
         BlockSelect::new(&gpu, shape, &SelectConfig::new(select))?.select(&gpu, &tq, &tk)?;
-    let metrics = AttentionMetrics::new(&gpu, shape, att_opts, select.block, select.k)?
+    let metrics = AttentionMetrics::new(&gpu, shape, select.sparse(), select.k)?
         .compute(&gpu, &tq, &tk, &sel)?;
     let (sq, nb) = (shape.seq_q, shape.seq_k.div_ceil(select.block));
     let bh = a.batch_index * shape.heads_q + a.head;

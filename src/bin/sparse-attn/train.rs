@@ -21,9 +21,10 @@ mod missing {
     }
 
     pub fn unavailable(cmd: &str) -> Result<ExitCode, Error> {
-        Err(Error::Unsupported(format!(
-            "`{cmd}` needs the training stack (Burn), which this build leaves out to build in \
-             minutes; rebuild with it: `cargo run --release --features train -- {cmd} ...`"
+        Err(Error::NotBuilt(format!(
+            "`{cmd}` needs the training stack (Burn), which the default build leaves out to \
+             build in minutes; rebuild with it: `cargo run --release --features train -- {cmd} \
+             ...`"
         )))
     }
 }
@@ -268,7 +269,7 @@ pub fn train_cmd(opts: &GpuOptions, a: &TrainArgs) -> Result<ExitCode, Error> {
 
 #[cfg(feature = "train")]
 pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
-    use sparse_attn::train::eval::{EvalConfig, evaluate, plot_reports, table};
+    use sparse_attn::train::eval::{EvalConfig, evaluate, plot_reports};
     use sparse_attn::train::{Runtime, data::Corpus, trainer::load};
     if !a.reports.is_empty() {
         let mut reports = Vec::new();
@@ -288,7 +289,7 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
         std::fs::write(&a.out, serde_json::to_string_pretty(&all).unwrap())
             .map_err(|e| Error::InvalidInput(format!("writing {}: {e}", a.out.display())))?;
         let files = plot_reports(&reports, &a.plots)?;
-        println!("{}", table(&reports));
+        println!("{}", eval_table(&reports));
         for f in files {
             eprintln!("plot: {}", f.display());
         }
@@ -325,7 +326,7 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
     std::fs::write(&a.out, serde_json::to_string_pretty(&all).unwrap())
         .map_err(|e| Error::InvalidInput(format!("writing {}: {e}", a.out.display())))?;
     let files = plot_reports(&reports, &a.plots)?;
-    println!("{}", table(&reports));
+    println!("{}", eval_table(&reports));
     eprintln!("report: {}", a.out.display());
     for f in files {
         eprintln!("plot: {}", f.display());
@@ -419,4 +420,15 @@ pub fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The comparison of eval reports, one row per model, as Markdown (pasted into docs/RESULTS.md).
+#[cfg(feature = "train")]
+fn eval_table(reports: &[serde_json::Value]) -> String {
+    use sparse_attn::train::eval::{TABLE_HEAD, table_rows};
+    let mut t = Table::new(&TABLE_HEAD);
+    for row in table_rows(reports) {
+        t.row(row);
+    }
+    t.markdown()
 }
