@@ -46,11 +46,7 @@ fn explore_matches_the_references() {
         .unwrap();
         let full =
             reference::attention::forward(&shape, &AttnOptions::causal(true), &q, &k, &v).unwrap();
-        let sparse_opts = sparse_attn::problem::SparseOptions {
-            block: cfg.block,
-            causal: true,
-            scale: None,
-        };
+        let sparse_opts = cfg.select_options().sparse();
         let sp = reference::sparse::forward(
             &shape,
             &sparse_opts,

@@ -5,7 +5,6 @@
 mod common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use sparse_attn::problem::SparseOptions;
 use sparse_attn::problem::{Scoring, SelectOptions};
 use sparse_attn::reference::Rng;
 use sparse_attn::reference::compare;
@@ -155,11 +154,7 @@ fn selection_and_sparse_attention_match_the_reference() {
         let (o, _) = sparse_attention(q.clone(), k.clone(), v.clone(), sel, &opts).unwrap();
         let loss = (o.clone() * w).sum();
         let grads = loss.backward();
-        let so = SparseOptions {
-            block: 16,
-            causal: true,
-            scale: None,
-        };
+        let so = opts.sparse();
         let want =
             ref_sparse::forward(&s, &so, &x.q, &x.k, &x.v, &want_sel.indices, 3, None).unwrap();
         check("sparse O", &values(o), &want.o, TOL);

@@ -6,7 +6,7 @@ use sparse_attn::Error;
 use sparse_attn::gpu::{self, DType, Gpu, GpuOptions, Storage};
 use sparse_attn::ops::attention::{Variant, variant_supported};
 
-use crate::report::print_json;
+use crate::report::{Table, print_json};
 
 const SHOWN_FEATURES: [(wgpu::Features, &str); 5] = [
     (wgpu::Features::SHADER_F16, "shader-f16"),
@@ -90,19 +90,21 @@ pub fn info(opts: &GpuOptions, json: bool) -> Result<ExitCode, Error> {
     for a in &adapters {
         println!("  - {a}");
     }
-    println!("features:");
+    let mut t = Table::new(&["feature", "|", "present"]);
     for (n, on) in &feats {
-        println!("  {:<36} {}", n, if *on { "yes" } else { "no" });
+        t.row(vec![n.to_string(), if *on { "yes" } else { "no" }.into()]);
     }
-    println!("limits:");
+    t.print();
+    let mut t = Table::new(&["limit", "|", "value"]);
     for (n, v) in &limits {
-        println!("  {n:<40} {v}");
+        t.row(vec![n.to_string(), v.to_string()]);
     }
+    t.print();
     println!("kernel variants:");
     for (n, r) in &variants {
         match r {
-            Ok(()) => println!("  {n:<32} enabled"),
-            Err(e) => println!("  {n:<32} off: {e}"),
+            Ok(()) => println!("  {n}: enabled"),
+            Err(e) => println!("  {n}: off: {e}"),
         }
     }
     match Storage::for_dtype(&gpu, DType::F16) {
