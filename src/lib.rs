@@ -18,6 +18,7 @@
 
 pub mod error;
 pub mod explore;
+pub mod files;
 pub mod gpu;
 pub mod npy;
 pub mod ops;

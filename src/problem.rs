@@ -120,6 +120,19 @@ impl AttnShape {
             }
         }
         check_head_dim(s.head_dim)?;
+        for (name, dims) in [("q", s.q_dims()), ("k and v", s.kv_dims())] {
+            // Bytes of an f32 tensor must be addressable (a product that wraps would describe
+            // a small tensor under a large shape).
+            if dims
+                .iter()
+                .try_fold(4usize, |a, &d| a.checked_mul(d))
+                .is_none()
+            {
+                invalid!(
+                    "{name} of shape {dims:?} would hold more bytes than this machine can address"
+                );
+            }
+        }
         if !s.heads_q.is_multiple_of(s.heads_kv) {
             invalid!(
                 "heads_q = {} is not a multiple of heads_kv = {} (grouped-query attention needs \

@@ -185,8 +185,15 @@ pub fn to_bytes(tensors: &[(&str, &NpyArray)]) -> Vec<u8> {
 
 /// A q/k source on the command line: `x.npy`, or `x.safetensors[:NAME]`.
 pub fn load_spec(spec: &str) -> Result<NpyArray> {
-    if let Some(at) = spec.find(".safetensors") {
-        let (path, rest) = spec.split_at(at + ".safetensors".len());
+    // The file name ends in ".safetensors", followed by nothing or ":NAME"; an earlier
+    // ".safetensors" may belong to a folder name.
+    const EXT: &str = ".safetensors";
+    let split = spec
+        .match_indices(EXT)
+        .map(|(at, _)| spec.split_at(at + EXT.len()))
+        .filter(|(_, rest)| rest.is_empty() || (rest.starts_with(':') && !rest.contains('/')))
+        .last();
+    if let Some((path, rest)) = split {
         let name = rest.strip_prefix(':').filter(|n| !n.is_empty());
         if !rest.is_empty() && name.is_none() {
             invalid!("`{spec}`: write FILE.safetensors or FILE.safetensors:NAME");
@@ -199,6 +206,26 @@ pub fn load_spec(spec: &str) -> Result<NpyArray> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_named_like_a_file_is_not_the_file() {
+        let dir = std::env::temp_dir().join(format!("acts.safetensors.d-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let q = NpyArray {
+            shape: vec![2],
+            data: vec![1.0, 2.0],
+        };
+        let file = dir.join("acts.safetensors");
+        std::fs::write(&file, to_bytes(&[("q", &q)])).unwrap();
+        let spec = format!("{}:q", file.display());
+        assert_eq!(load_spec(&spec).unwrap(), q);
+        assert_eq!(load_spec(&file.display().to_string()).unwrap(), q);
+        let e = load_spec(&format!("{}:", file.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("FILE.safetensors:NAME"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn round_trip_and_errors() {

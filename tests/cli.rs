@@ -63,15 +63,106 @@ fn demo_checks_against_the_reference_and_passes() {
     }
 }
 
+fn run_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sparse-attn"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run sparse-attn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn demo_without_a_gpu_explains_and_runs_the_cpu_reference() {
-    // An adapter filter that matches nothing is what a machine without any GPU driver sees.
-    let (ok, out, err) = run(&["--adapter", "no-such-adapter-xyz", "demo"]);
+    // No adapter at all (wgpu asked for a backend this machine lacks): the CPU reference runs,
+    // at the shape asked for.
+    let (ok, out, err) = run_env(
+        &["demo", "--seq", "96", "--heads", "4", "--kv-heads", "2"],
+        &[("WGPU_BACKEND", "metal")],
+    );
     assert!(ok, "demo must not fail without a GPU:\n{out}\n{err}");
     assert!(out.contains("no GPU adapter found"), "{out}");
     assert!(out.contains("mesa-vulkan-drivers"), "{out}");
     assert!(out.contains("CPU reference forward"), "{out}");
+    assert!(out.contains("4 query heads / 2 kv heads, seq 96"), "{out}");
     assert!(!err.contains("panicked"), "{err}");
+    // A filter that matches none of the adapters there are is an error, not a CPU demo.
+    if !no_gpu_ok() {
+        let (ok, out, err) = run(&["--adapter", "no-such-adapter-xyz", "demo"]);
+        assert!(!ok, "{out}");
+        assert!(err.contains("matching `no-such-adapter-xyz`"), "{err}");
+    }
+}
+
+/// Bad numbers and output paths are refused before any work, and leave no file behind.
+#[test]
+fn bad_numbers_and_paths_fail_before_the_work() {
+    let dir = temp_dir("hostile");
+    // map: only PNG, checked first; no empty file left.
+    let jpg = dir.join("x.jpg");
+    let (ok, _, err) = run(&["map", "--seq", "64", "--out", jpg.to_str().unwrap()]);
+    assert!(!ok && err.contains(".png") && !jpg.exists(), "{err}");
+    let deep = dir.join("no/such/x.png");
+    let (ok, _, err) = run(&["map", "--seq", "64", "--out", deep.to_str().unwrap()]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    // map: non-finite activations are named, not drawn.
+    let mut q = sparse_attn::npy::NpyArray {
+        shape: vec![40, 32],
+        data: vec![0.5; 40 * 32],
+    };
+    q.data[77] = f32::NAN;
+    q.data[78] = f32::INFINITY;
+    let k = sparse_attn::npy::NpyArray {
+        shape: vec![40, 32],
+        data: vec![0.5; 40 * 32],
+    };
+    let (qp, kp) = (dir.join("q.npy"), dir.join("k.npy"));
+    std::fs::write(&qp, sparse_attn::npy::to_bytes(&q)).unwrap();
+    std::fs::write(&kp, sparse_attn::npy::to_bytes(&k)).unwrap();
+    let png = dir.join("m.png");
+    let (ok, _, err) = run(&[
+        "map",
+        "--q",
+        qp.to_str().unwrap(),
+        "--k",
+        kp.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("2 values that are NaN or infinite"),
+        "{err}"
+    );
+    assert!(!png.exists());
+    // bench: non-finite or zero times, and an output folder that cannot exist.
+    for t in ["nan", "inf", "0", "-1"] {
+        let flag = format!("--target-seconds={t}");
+        let (ok, _, err) = run(&["bench", "full", &flag]);
+        assert!(!ok && err.contains("finite number > 0"), "{t}: {err}");
+    }
+    let jsonl = dir.join("no/such/r.jsonl");
+    let (ok, _, err) = run(&["bench", "sparse", "--json-out", jsonl.to_str().unwrap()]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    // Shapes whose sizes overflow are refused before anything is allocated.
+    let (ok, _, err) = run(&[
+        "demo",
+        "--seq",
+        "18446744073709551615",
+        "--heads",
+        "65536",
+        "--kv-heads",
+        "1",
+    ]);
+    assert!(
+        !ok && err.contains("more bytes than this machine can address"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -378,6 +469,82 @@ fn train_and_eval_explain_bad_input_and_combine_reports() {
     assert!(err.contains("exceeds the context"), "{err}");
     let (ok, _, err) = run(&["train", "--mode", "dense", "--out", out_s]);
     assert!(!ok && err.contains("unknown mode"), "{err}");
+    // Non-finite or meaningless numbers, before any corpus or GPU work.
+    for (flag, v, says) in [
+        ("--clip", "nan", "clip"),
+        ("--clip", "0", "clip must be > 0"),
+        ("--lr", "inf", "finite lr"),
+        ("--alpha=-1", "", "alpha"),
+        ("--weight-decay", "NaN", "weight_decay"),
+        ("--eval-windows", "0", "eval_windows"),
+    ] {
+        let mut args = vec!["train", "--mode", "ssa", "--out", out_s, flag];
+        if !v.is_empty() {
+            args.push(v);
+        }
+        let (ok, _, err) = run(&args);
+        assert!(!ok && err.contains(says), "{flag} {v}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // --resume needs a checkpoint; a corpus entry that is not a plain file is refused (a FIFO
+    // would block the read forever).
+    let corpus = dir.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    std::fs::write(corpus.join("a.txt"), "some text ".repeat(500)).unwrap();
+    let fifo = corpus.join("b.txt");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|s| s.success()) {
+        let (ok, _, err) = run(&[
+            "train",
+            "--mode",
+            "full",
+            "--out",
+            out_s,
+            "--data",
+            corpus.to_str().unwrap(),
+        ]);
+        assert!(!ok && err.contains("not a plain file"), "{err}");
+        std::fs::remove_file(&fifo).unwrap();
+    }
+    std::fs::write(corpus.join("b.txt"), "other text ".repeat(500)).unwrap();
+    let fresh = dir.join("fresh");
+    let (ok, _, err) = run(&[
+        "train",
+        "--mode",
+        "full",
+        "--out",
+        fresh.to_str().unwrap(),
+        "--resume",
+        "--data",
+        corpus.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("holds no checkpoint"), "{err}");
+    assert!(
+        !fresh.exists(),
+        "a refused --resume must not create the folder"
+    );
+    // eval: zero counts, an overflowing length, an output that cannot be written.
+    for (flag, v) in [
+        ("--lengths", "0"),
+        ("--batch", "0"),
+        ("--metric-windows", "0"),
+        ("--windows", "0"),
+        ("--budgets", "1,0"),
+    ] {
+        let (ok, _, err) = run(&[
+            "eval",
+            "--ckpt",
+            out_s,
+            "--out",
+            dir.join("e.json").to_str().unwrap(),
+            flag,
+            v,
+        ]);
+        assert!(!ok && err.contains("at least 1"), "{flag} {v}: {err}");
+    }
+    let bad_out = dir.join("no/such/e.json");
+    let (ok, _, err) = run(&["eval", "--ckpt", out_s, "--out", bad_out.to_str().unwrap()]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
     // Combining reports needs no GPU: the committed first results give the table and plots.
     let root = env!("CARGO_MANIFEST_DIR");
     let reports: Vec<String> = ["full", "sparse", "ssa"]

@@ -58,6 +58,13 @@ impl Corpus {
         };
         let mut seen = std::collections::HashSet::new();
         for (i, p) in files.iter().enumerate() {
+            // A FIFO or device named *.txt would block or never end: plain files only.
+            if !std::fs::metadata(p).is_ok_and(|m| m.is_file()) {
+                invalid!(
+                    "{} is not a plain file; the corpus folder must hold plain .txt files",
+                    p.display()
+                );
+            }
             let text = std::fs::read(p)
                 .map_err(|e| Error::InvalidInput(format!("reading {}: {e}", p.display())))?;
             // Identical files in both splits would leak validation text into training.

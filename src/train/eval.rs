@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, invalid};
 use crate::reference::Rng;
 use crate::train::data::{Batch, Corpus, passkey, sequential_batches};
 use crate::train::model::{Lm, LmConfig, Mode, Run, cross_entropy};
@@ -29,6 +29,39 @@ pub struct EvalConfig {
     /// Windows used for the attention metrics (they read q, k back to the host).
     pub metric_windows: usize,
     pub seed: u64,
+}
+
+impl EvalConfig {
+    /// Counts at least 1, and every length multiple representable for a model trained on
+    /// `seq` tokens (a product that overflows would wrap to a short length under its label).
+    pub fn validate(&self, seq: usize) -> Result<()> {
+        for (name, v) in [
+            ("windows", self.windows),
+            ("batch", self.batch),
+            ("passkeys", self.passkeys),
+            ("metric_windows", self.metric_windows),
+        ] {
+            if v == 0 {
+                invalid!("{name} must be at least 1");
+            }
+        }
+        if self.budgets.is_empty() || self.budgets.contains(&0) {
+            invalid!(
+                "budgets must be multiples of at least 1, got {:?}",
+                self.budgets
+            );
+        }
+        if self.lengths.is_empty() || self.lengths.contains(&0) {
+            invalid!(
+                "lengths must be multiples of at least 1, got {:?}",
+                self.lengths
+            );
+        }
+        if let Some(m) = self.lengths.iter().find(|m| seq.checked_mul(**m).is_none()) {
+            invalid!("length multiple {m} x {seq} tokens does not fit in a machine word");
+        }
+        Ok(())
+    }
 }
 
 impl Default for EvalConfig {
@@ -197,6 +230,7 @@ pub fn evaluate(
 ) -> Result<serde_json::Value> {
     let cfg = &train.model;
     let seq = train.seq;
+    ec.validate(seq)?;
     let say = |s: &str| {
         if progress {
             eprintln!("{s}");
@@ -237,8 +271,9 @@ pub fn evaluate(
 
     let mut budgets = Vec::new();
     for &mult in &ec.budgets {
-        let topk = cfg.topk * mult;
-        if topk * cfg.block > seq {
+        // Saturating: a budget past the context is skipped, however large its multiple.
+        let topk = cfg.topk.saturating_mul(mult);
+        if topk.saturating_mul(cfg.block) > seq {
             say(&format!(
                 "budget x{mult} ({topk} blocks) covers the whole context: skipped"
             ));
@@ -252,7 +287,7 @@ pub fn evaluate(
 
     let mut lengths = Vec::new();
     for &mult in &ec.lengths {
-        let len = seq * mult;
+        let len = seq * mult; // representable: checked by EvalConfig::validate
         if len > cfg.max_seq {
             say(&format!(
                 "length x{mult} ({len}) exceeds max_seq {}: skipped",
@@ -485,4 +520,37 @@ pub fn table_rows(reports: &[serde_json::Value]) -> Vec<Vec<String>> {
         ]);
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_config_refuses_zero_counts_and_overflowing_lengths() {
+        assert!(EvalConfig::default().validate(1024).is_ok());
+        let e = EvalConfig {
+            lengths: vec![1, usize::MAX / 2],
+            ..EvalConfig::default()
+        };
+        let msg = e.validate(1024).unwrap_err().to_string();
+        assert!(msg.contains("does not fit"), "{msg}");
+        assert!(e.validate(1).is_ok());
+        for bad in [
+            EvalConfig {
+                windows: 0,
+                ..EvalConfig::default()
+            },
+            EvalConfig {
+                lengths: vec![],
+                ..EvalConfig::default()
+            },
+            EvalConfig {
+                budgets: vec![2, 0],
+                ..EvalConfig::default()
+            },
+        ] {
+            assert!(bad.validate(64).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -65,11 +65,34 @@ impl TrainConfig {
                 self.seq
             );
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
-            invalid!("need 0 <= min_lr <= lr and lr > 0");
+        // NaN fails every comparison: each check is written so that NaN fails it.
+        let lr_ok = self.lr > 0.0 && self.lr.is_finite();
+        if !(lr_ok && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            invalid!(
+                "need 0 <= min_lr <= lr and a finite lr > 0 (got lr {}, min_lr {})",
+                self.lr,
+                self.min_lr
+            );
+        }
+        for (name, v) in [
+            ("weight_decay", self.weight_decay),
+            ("clip", self.clip),
+            ("alpha", self.alpha),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                invalid!("{name} must be a finite number >= 0, got {v}");
+            }
+        }
+        if self.clip == 0.0 {
+            invalid!("clip must be > 0 (gradient-norm clipping to 0 would stop training)");
         }
         if !(0.0..=1.0).contains(&self.passkey_rate) {
-            invalid!("passkey_rate must be in [0, 1]");
+            invalid!("passkey_rate must be in [0, 1], got {}", self.passkey_rate);
+        }
+        // eval_every and ckpt_every 0 mean "never" and "only at the end"; validation itself
+        // needs windows.
+        if self.eval_every > 0 && self.eval_windows == 0 {
+            invalid!("eval_windows must be at least 1 when eval_every is set");
         }
         Ok(())
     }
@@ -208,9 +231,15 @@ pub fn train(
     let (resume, quiet) = (inv.resume, inv.quiet);
     cfg.validate()?;
     corpus.check_len(cfg.seq)?;
+    let paths = ckpt_paths(out);
+    if resume && !paths.state.exists() {
+        invalid!(
+            "--resume: {} holds no checkpoint (state.json); drop --resume to start a new run",
+            out.display()
+        );
+    }
     std::fs::create_dir_all(out)
         .map_err(|e| Error::InvalidInput(format!("creating {}: {e}", out.display())))?;
-    let paths = ckpt_paths(out);
     let device = device.clone().autodiff();
     let mut optim: ModuleOptimizer = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
@@ -219,7 +248,7 @@ pub fn train(
     let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
     let mut step = 0usize;
     let mut rng = Rng::new(cfg.seed);
-    if resume && paths.state.exists() {
+    if resume {
         let state: serde_json::Value = read_json(&paths.state)?;
         let saved = TrainConfig::from_json(&state["config"])?;
         if saved.model != cfg.model || saved.mode != cfg.mode || saved.seed != cfg.seed {

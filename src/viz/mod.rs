@@ -240,6 +240,19 @@ pub fn render_map(d: &MapData) -> Result<RgbImage> {
     Ok(img)
 }
 
+/// `img` as PNG bytes.
+pub fn png_bytes(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png)
+        .map_err(|e| crate::Error::Gpu(format!("encoding a PNG: {e}")))?;
+    Ok(buf.into_inner())
+}
+
+/// Write `img` to `path` as a PNG, all or nothing (`files::write_atomic`).
+pub fn save_png(img: &RgbImage, path: &std::path::Path) -> Result<()> {
+    crate::files::write_atomic(path, &png_bytes(img)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 use image::{Rgb, RgbImage};
 
 use super::{draw_text, fill};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// One line: a name for the legend and (x, y) points.
 #[derive(Clone, Debug)]
@@ -145,6 +145,5 @@ pub fn line_plot(
     }
     draw_text(&mut img, l as i64 + 120, h as i64 - 18, x_label, black);
     draw_text(&mut img, 4, 26, y_label, black);
-    img.save(path)
-        .map_err(|e| Error::InvalidInput(format!("writing {}: {e}", path.display())))
+    super::save_png(&img, path)
 }

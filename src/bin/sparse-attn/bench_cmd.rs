@@ -12,7 +12,7 @@ use sparse_attn::{AttnOptions, Error, FullAttention, FullConfig, SelectConfig};
 
 use crate::args::{Mask, SelectArgs, ShapeArgs, parse_dtype, parse_kernel};
 use crate::bench::{FullBench, SparseRun, bench_full, bench_sparse};
-use crate::report::{Output, Table, emit_record, ms};
+use crate::report::{Output, Table, emit_record, ms, positive_f64};
 
 #[derive(Args)]
 pub struct FullArgs {
@@ -30,7 +30,7 @@ pub struct FullArgs {
     #[arg(long)]
     pub no_backward: bool,
     /// Target seconds per timed submission (repetitions are chosen to fill it).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = positive_f64)]
     pub target_seconds: f64,
     #[command(flatten)]
     pub out: Output,
@@ -50,7 +50,7 @@ pub struct SparseArgs {
     #[arg(long)]
     pub stages: bool,
     /// Target seconds per timed submission.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = positive_f64)]
     pub target_seconds: f64,
     /// Storage of q, k, v, O and gradients: f32 or f16 (f32 accumulation either way).
     #[arg(long, default_value = "f32")]
@@ -72,6 +72,7 @@ pub struct SparseArgs {
 }
 
 pub fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error> {
+    a.out.prepare()?;
     let gpu = Gpu::new(opts)?;
     let masks: &[bool] = match a.mask {
         Mask::Causal => &[true],
@@ -181,6 +182,7 @@ pub fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error
 }
 
 pub fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, Error> {
+    a.out.prepare()?;
     let gpu = Gpu::new(opts)?;
     let mut table = Table::new(&[
         "batch",

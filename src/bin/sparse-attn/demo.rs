@@ -35,9 +35,14 @@ pub fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
     shape.validate(&att_opts)?;
     let gpu = match Gpu::new(opts) {
         Ok(g) => g,
+        // A filter that matches none of the adapters there are is a mistake to report; only
+        // a machine without any adapter falls back to the CPU reference.
+        Err(e @ Error::NoAdapter { .. }) if !sparse_attn::gpu::list_adapters().is_empty() => {
+            return Err(e);
+        }
         Err(e @ Error::NoAdapter { .. }) => {
             println!("{e}");
-            return demo_cpu_only(a.seed);
+            return demo_cpu_only(shape, a.seed);
         }
         Err(e) => return Err(e),
     };
@@ -106,13 +111,30 @@ pub fn demo(opts: &GpuOptions, a: &DemoArgs) -> Result<ExitCode, Error> {
     }
 }
 
-/// No GPU: still show the computation, on the CPU reference at a small size.
-fn demo_cpu_only(seed: u64) -> Result<ExitCode, Error> {
-    let shape = AttnShape::new(1, 2, 1, 128, 64);
+/// Multiply-adds of the CPU demo's forward, at most (about a second of f64 work).
+const CPU_DEMO_WORK: usize = 1 << 28;
+
+/// No GPU: still show the computation, on the CPU reference: the shape asked for, or a smaller
+/// one where that would take long (said so).
+fn demo_cpu_only(asked: AttnShape, seed: u64) -> Result<ExitCode, Error> {
+    let work = asked.q_len().saturating_mul(asked.seq_k);
+    let shape = if work <= CPU_DEMO_WORK {
+        asked
+    } else {
+        println!(
+            "(the shape asked for needs {work} multiply-adds, too many for the CPU reference; \
+             it runs 128 tokens instead)"
+        );
+        // At most 8 query heads where the group allows, keeping the GQA ratio.
+        let g = asked.group();
+        let kv = (8 / g).clamp(1, asked.heads_kv);
+        AttnShape::new(1, kv * g, kv, 128, asked.head_dim)
+    };
     let opts = AttnOptions::causal(true);
     println!(
-        "running the CPU reference instead: causal attention, 2 query heads / 1 kv head, seq 128, \
-         head_dim 64 (seed {seed})"
+        "running the CPU reference instead: causal attention, {} query heads / {} kv heads, seq \
+         {}, head_dim {} (seed {seed})",
+        shape.heads_q, shape.heads_kv, shape.seq_q, shape.head_dim
     );
     let mut rng = Rng::new(seed);
     let q = rng.normal_vec(shape.q_len(), 1.0);

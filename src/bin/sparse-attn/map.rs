@@ -64,10 +64,30 @@ fn as_4d(a: sparse_attn::npy::NpyArray, what: &str) -> Result<(Vec<usize>, Vec<f
             )));
         }
     };
+    if let Some(i) = a.data.iter().position(|x| !x.is_finite()) {
+        let n = a.data.iter().filter(|x| !x.is_finite()).count();
+        return Err(Error::InvalidInput(format!(
+            "{what} holds {n} values that are NaN or infinite (the first at flat index {i}, {}); \
+             attention over them has no meaning",
+            a.data[i]
+        )));
+    }
     Ok((dims, a.data))
 }
 
 pub fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
+    // The output first: a bad path must not cost the work, nor leave an empty file.
+    let png = a
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !png {
+        return Err(Error::InvalidInput(format!(
+            "--out {}: the map is written as PNG; give a path ending in .png",
+            a.out.display()
+        )));
+    }
+    sparse_attn::files::prepare_file(&a.out)?;
     let (shape, q, k) = match (&a.q, &a.k) {
         (Some(qp), Some(kp)) => {
             let (qd, q) = as_4d(sparse_attn::safetensors::load_spec(qp)?, "q")?;
@@ -122,6 +142,15 @@ pub fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
         .then(|| reference::attention::probabilities(&shape, &att_opts, &q, &k, bh))
         .transpose()?;
     let mean = sparsity.iter().map(|&x| x as f64).sum::<f64>() / sq as f64;
+    if !mean.is_finite() || mass.iter().any(|x| !x.is_finite()) {
+        // Finite inputs can still overflow f32 logits (values near 1e30).
+        return Err(Error::InvalidInput(format!(
+            "the attention of these inputs is not finite (q·k overflows f32: largest |q| {:.3e}, \
+             largest |k| {:.3e}); scale the activations down",
+            q.iter().fold(0f32, |m, x| m.max(x.abs())),
+            k.iter().fold(0f32, |m, x| m.max(x.abs()))
+        )));
+    }
     let source = match &a.q {
         Some(p) => p.clone(),
         None => format!("structured random inputs (seed {})", a.seed),
@@ -149,8 +178,7 @@ pub fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
         sparsity: &sparsity,
     };
     let img = sparse_attn::viz::render_map(&data)?;
-    img.save(&a.out)
-        .map_err(|e| Error::InvalidInput(format!("cannot write {}: {e}", a.out.display())))?;
+    sparse_attn::viz::save_png(&img, &a.out)?;
     println!(
         "wrote {} ({}x{} px, {} map) on {}; mean kept attention mass {mean:.3}",
         a.out.display(),

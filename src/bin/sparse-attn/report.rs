@@ -105,6 +105,28 @@ pub struct Output {
     pub json_out: Option<std::path::PathBuf>,
 }
 
+impl Output {
+    /// Check `--json-out` before the work (its folder exists or can be made, it can be written).
+    pub fn prepare(&self) -> Result<(), Error> {
+        match &self.json_out {
+            Some(p) => sparse_attn::files::prepare_file(p),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A clap parser for a finite number > 0 (NaN, infinities, zero and negatives are refused).
+pub fn positive_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("`{s}`: need a finite number > 0"))
+    }
+}
+
 /// Complete a benchmark record (device, date, command) and print and/or append it.
 pub fn emit_record(gpu: &Gpu, mut record: serde_json::Value, out: &Output) -> Result<(), Error> {
     record["device"] = gpu.adapter().to_string().into();

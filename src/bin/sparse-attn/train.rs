@@ -269,8 +269,18 @@ pub fn train_cmd(opts: &GpuOptions, a: &TrainArgs) -> Result<ExitCode, Error> {
 
 #[cfg(feature = "train")]
 pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
+    use sparse_attn::files::{prepare_dir, prepare_file, write_atomic};
     use sparse_attn::train::eval::{EvalConfig, evaluate, plot_reports};
     use sparse_attn::train::{Runtime, data::Corpus, trainer::load};
+    // Outputs and counts are checked before any work.
+    prepare_file(&a.out)?;
+    prepare_dir(&a.plots)?;
+    let write_report = |all: &serde_json::Value| {
+        write_atomic(
+            &a.out,
+            serde_json::to_string_pretty(all).unwrap().as_bytes(),
+        )
+    };
     if !a.reports.is_empty() {
         let mut reports = Vec::new();
         let mut devices = Vec::new();
@@ -285,9 +295,7 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
             reports.extend(list.iter().cloned());
             devices.push(v["device"].clone());
         }
-        let all = serde_json::json!({"devices": devices, "reports": reports});
-        std::fs::write(&a.out, serde_json::to_string_pretty(&all).unwrap())
-            .map_err(|e| Error::InvalidInput(format!("writing {}: {e}", a.out.display())))?;
+        write_report(&serde_json::json!({"devices": devices, "reports": reports}))?;
         let files = plot_reports(&reports, &a.plots)?;
         println!("{}", eval_table(&reports));
         for f in files {
@@ -295,8 +303,6 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let corpus = Corpus::load(&a.data, a.valid_every)?;
-    let rt = Runtime::new(opts)?;
     let ec = EvalConfig {
         windows: a.windows,
         batch: a.batch,
@@ -306,6 +312,10 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
         metric_windows: a.metric_windows,
         ..EvalConfig::default()
     };
+    // Counts here; the lengths again against each checkpoint's training length.
+    ec.validate(1)?;
+    let corpus = Corpus::load(&a.data, a.valid_every)?;
+    let rt = Runtime::new(opts)?;
     let mut reports = Vec::new();
     for dir in &a.ckpt {
         let (model, cfg) = load(dir, &rt.device)?;
@@ -322,9 +332,7 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
         }
         reports.push(r);
     }
-    let all = serde_json::json!({"device": rt.gpu.adapter().to_string(), "reports": reports});
-    std::fs::write(&a.out, serde_json::to_string_pretty(&all).unwrap())
-        .map_err(|e| Error::InvalidInput(format!("writing {}: {e}", a.out.display())))?;
+    write_report(&serde_json::json!({"device": rt.gpu.adapter().to_string(), "reports": reports}))?;
     let files = plot_reports(&reports, &a.plots)?;
     println!("{}", eval_table(&reports));
     eprintln!("report: {}", a.out.display());
