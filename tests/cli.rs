@@ -572,3 +572,140 @@ fn train_and_eval_explain_bad_input_and_combine_reports() {
     assert!(plots.join("extrapolation.png").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Kill a training run at random points (SIGKILL, as a crash or an OOM killer would): the
+/// folder always holds one complete, verified checkpoint whose step never goes back, and a
+/// later --resume continues from it. SIGTERM stops at a step boundary with a checkpoint.
+#[cfg(feature = "train")]
+#[test]
+fn training_survives_kills_and_stops_cleanly_on_sigterm() {
+    use sparse_attn::train::checkpoint;
+    if no_gpu_ok() {
+        return;
+    }
+    let dir = temp_dir("kill");
+    let corpus = dir.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for (i, f) in ["a.txt", "b.txt", "c.txt"].iter().enumerate() {
+        let text: String = (0..3000)
+            .map(|j| format!("{} ", (i * 7 + j) % 97))
+            .collect();
+        std::fs::write(corpus.join(f), text).unwrap();
+    }
+    let out = dir.join("run");
+    let args = |resume: bool| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--mode",
+            "full",
+            "--out",
+            out.to_str().unwrap(),
+            "--data",
+            corpus.to_str().unwrap(),
+            "--valid-every",
+            "3",
+            "--steps",
+            "100000",
+            "--seq",
+            "64",
+            "--batch",
+            "2",
+            "--d-model",
+            "32",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--kv-heads",
+            "1",
+            "--block",
+            "16",
+            "--topk",
+            "2",
+            "--ckpt-every",
+            "1",
+            "--eval-every",
+            "0",
+            "--warmup",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let spawn = |resume: bool| {
+        Command::new(env!("CARGO_BIN_EXE_sparse-attn"))
+            .args(args(resume))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start training")
+    };
+    let seed = sparse_attn::reference::Rng::fresh_seed();
+    eprintln!("kill timings seed {seed}");
+    let mut rng = sparse_attn::reference::Rng::new(seed);
+    let step_now = || {
+        checkpoint::find(&out)
+            .unwrap()
+            .map(|(_, s)| s["step"].as_u64().unwrap())
+    };
+    // Until a run has committed a checkpoint past `after` (bounded: a minute).
+    let wait_past = |after: Option<u64>| {
+        let t0 = std::time::Instant::now();
+        while step_now() <= after {
+            assert!(t0.elapsed().as_secs() < 60, "no checkpoint after a minute");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let mut last = None;
+    for round in 0..6 {
+        let mut child = spawn(last.is_some());
+        // Kill while it trains and saves (a save every step): some kills land inside a save.
+        wait_past(last);
+        let extra_ms = (rng.uniform() * 800.0) as u64;
+        std::thread::sleep(std::time::Duration::from_millis(extra_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let step = match checkpoint::find(&out) {
+            Ok(Some((_, state))) => state["step"].as_u64().unwrap(),
+            Ok(None) => panic!("round {round}: the checkpoint vanished"),
+            Err(e) => panic!("round {round} (killed {extra_ms} ms after a save): {e}"),
+        };
+        assert!(
+            Some(step) >= last,
+            "round {round}: step went back {last:?} -> {step}"
+        );
+        eprintln!("round {round}: killed {extra_ms} ms after a save; checkpoint at step {step}");
+        last = Some(step);
+    }
+    // SIGTERM: a checkpoint at the next step boundary, exit 0.
+    let child = spawn(true);
+    wait_past(last);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        done.status.success(),
+        "SIGTERM must end the run cleanly: {err}"
+    );
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(step_now() > last);
+    // No stray sets or temporary files are left beside the committed one.
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["ckpt"], "{names:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

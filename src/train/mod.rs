@@ -4,6 +4,7 @@
 
 mod autodiff;
 pub mod bridge;
+pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod model;

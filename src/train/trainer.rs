@@ -4,7 +4,7 @@
 //! and ETA.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -14,6 +14,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result, invalid};
 use crate::reference::Rng;
+use crate::train::checkpoint;
 use crate::train::data::{Batch, Corpus, random_batch, sequential_batches};
 use crate::train::model::{Lm, LmConfig, Mode, Run, cross_entropy};
 
@@ -161,21 +162,6 @@ pub struct LogEntry {
     pub tokens_per_s: f64,
 }
 
-/// Files of a checkpoint folder.
-pub struct CkptPaths {
-    pub model: PathBuf,
-    pub optim: PathBuf,
-    pub state: PathBuf,
-}
-
-pub fn ckpt_paths(dir: &Path) -> CkptPaths {
-    CkptPaths {
-        model: dir.join("model.bpk"),
-        optim: dir.join("optim.bpk"),
-        state: dir.join("state.json"),
-    }
-}
-
 /// Burn tensors of a batch.
 pub fn batch_tensors(b: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let t = |v: &[i32]| {
@@ -218,6 +204,8 @@ pub struct Invocation {
     pub stop_after: Option<usize>,
     /// Stop at the first step boundary after this many seconds.
     pub time_limit_s: Option<f64>,
+    /// Stop at the next step boundary once this is set (the CLI sets it on SIGINT/SIGTERM).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Train (or resume) into `out`. Returns the log of this invocation.
@@ -231,10 +219,16 @@ pub fn train(
     let (resume, quiet) = (inv.resume, inv.quiet);
     cfg.validate()?;
     corpus.check_len(cfg.seq)?;
-    let paths = ckpt_paths(out);
-    if resume && !paths.state.exists() {
+    let found = checkpoint::find(out)?;
+    if resume && found.is_none() {
         invalid!(
-            "--resume: {} holds no checkpoint (state.json); drop --resume to start a new run",
+            "--resume: {} holds no checkpoint; drop --resume to start a new run",
+            out.display()
+        );
+    }
+    if found.is_some() && !resume {
+        invalid!(
+            "{} already holds a checkpoint; pass --resume to continue it or choose another --out",
             out.display()
         );
     }
@@ -248,8 +242,9 @@ pub fn train(
     let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
     let mut step = 0usize;
     let mut rng = Rng::new(cfg.seed);
-    if resume {
-        let state: serde_json::Value = read_json(&paths.state)?;
+    // The log of earlier invocations, continued by this one.
+    let mut earlier_log = Vec::new();
+    if let Some((set, state)) = found {
         let saved = TrainConfig::from_json(&state["config"])?;
         if saved.model != cfg.model || saved.mode != cfg.mode || saved.seed != cfg.seed {
             invalid!(
@@ -264,35 +259,55 @@ pub fn train(
                 .as_u64()
                 .ok_or_else(|| Error::InvalidInput("checkpoint lacks rng".into()))?,
         );
+        earlier_log = state["log"].as_array().cloned().unwrap_or_default();
         model = model
-            .try_load_file(&paths.model)
-            .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", paths.model.display())))?;
+            .try_load_file(&set.model)
+            .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", set.model.display())))?;
         optim = optim
-            .load(&paths.optim)
-            .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", paths.optim.display())))?;
+            .load(&set.optim)
+            .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", set.optim.display())))?;
         if !quiet {
             eprintln!("resuming at step {step} from {}", out.display());
         }
-    } else if paths.state.exists() && !resume {
-        invalid!(
-            "{} already holds a checkpoint; pass --resume to continue it or choose another --out",
-            out.display()
-        );
     }
     let mut log = Vec::new();
     let start = Instant::now();
     let first = step;
     let tokens_per_step = (cfg.batch * cfg.seq) as f64;
+    // The losses of the last step whose loss was not read yet: read before any save, so that a
+    // diverged model is never saved over a good checkpoint.
+    let mut pending = None;
+    let check =
+        |ce: Tensor<1>, align: Option<Tensor<1>>, step: usize| -> Result<(f64, Option<f64>, f64)> {
+            let ce_v = ce.into_scalar::<f32>() as f64;
+            let al = align.map(|a| a.into_scalar::<f32>() as f64);
+            let loss_v = ce_v + al.unwrap_or(0.0) * cfg.alpha as f64;
+            if !loss_v.is_finite() {
+                return Err(Error::Gpu(format!(
+                    "the loss is {loss_v} at step {step}; stopping without saving over the last \
+                 checkpoint (lower the learning rate?)"
+                )));
+            }
+            Ok((ce_v, al, loss_v))
+        };
     while step < cfg.steps {
-        if inv.stop_after.is_some_and(|n| step - first >= n)
+        let interrupted = inv
+            .stop
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
+        if interrupted
+            || inv.stop_after.is_some_and(|n| step - first >= n)
             || inv
                 .time_limit_s
                 .is_some_and(|t| start.elapsed().as_secs_f64() >= t)
         {
             if !quiet {
-                eprintln!(
-                    "\nstopping at step {step} (limit of this invocation); --resume continues"
-                );
+                let why = if interrupted {
+                    "interrupted"
+                } else {
+                    "limit of this invocation"
+                };
+                eprintln!("\nstopping at step {step} ({why}); --resume continues");
             }
             break;
         }
@@ -312,15 +327,12 @@ pub fn train(
         let every = (cfg.steps / 100).clamp(1, 10);
         let report = step == cfg.steps || step.is_multiple_of(every) || step == first + 1;
         let do_eval = cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every);
-        if report || do_eval {
-            let ce_v = ce.into_scalar::<f32>() as f64;
-            let al = align.map(|a| a.into_scalar::<f32>() as f64);
-            let loss_v = ce_v + al.unwrap_or(0.0) * cfg.alpha as f64;
-            if !loss_v.is_finite() {
-                return Err(Error::Gpu(format!(
-                    "the loss is {loss_v} at step {step}; stopping (lower the learning rate?)"
-                )));
-            }
+        let saving = cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every) && step < cfg.steps;
+        if !(report || do_eval) {
+            pending = Some((ce, align, step));
+        } else {
+            pending = None;
+            let (ce_v, al, loss_v) = check(ce, align, step)?;
             let valid = if do_eval {
                 let m = model.valid();
                 Some(valid_ce(
@@ -357,11 +369,17 @@ pub fn train(
             }
             log.push(e);
         }
-        if cfg.ckpt_every > 0 && step.is_multiple_of(cfg.ckpt_every) && step < cfg.steps {
-            save(&model, &optim, cfg, step, &rng, &log, &paths)?;
+        if saving {
+            if let Some((ce, al, at)) = pending.take() {
+                check(ce, al, at)?;
+            }
+            save(&model, &optim, cfg, step, &rng, &earlier_log, &log, out)?;
         }
     }
-    save(&model, &optim, cfg, step, &rng, &log, &paths)?;
+    if let Some((ce, al, at)) = pending.take() {
+        check(ce, al, at)?;
+    }
+    save(&model, &optim, cfg, step, &rng, &earlier_log, &log, out)?;
     if !quiet {
         eprintln!();
     }
@@ -521,39 +539,20 @@ fn fmt_secs(s: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-fn read_json(p: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(p)
-        .map_err(|e| Error::InvalidInput(format!("reading {}: {e}", p.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::InvalidInput(format!("{} is not valid JSON: {e}", p.display())))
-}
-
+#[allow(clippy::too_many_arguments)]
 fn save(
     model: &Lm,
     optim: &ModuleOptimizer,
     cfg: &TrainConfig,
     step: usize,
     rng: &Rng,
+    earlier_log: &[serde_json::Value],
     log: &[LogEntry],
-    paths: &CkptPaths,
+    out: &Path,
 ) -> Result<()> {
     let io = |p: &Path, e: String| Error::InvalidInput(format!("writing {}: {e}", p.display()));
-    model
-        .clone()
-        .save_file(&paths.model)
-        .map_err(|e| io(&paths.model, e.to_string()))?;
-    optim
-        .save(&paths.optim)
-        .map_err(|e| io(&paths.optim, e.to_string()))?;
-    // Append this invocation's log to what earlier ones wrote.
-    let mut entries: Vec<serde_json::Value> = if paths.state.exists() {
-        read_json(&paths.state)?["log"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    // This invocation's log continues what earlier ones wrote.
+    let mut entries = earlier_log.to_vec();
     let last = entries.last().and_then(|e| e["step"].as_u64()).unwrap_or(0) as usize;
     entries.extend(log.iter().filter(|e| e.step > last).map(|e| {
         serde_json::json!({
@@ -567,19 +566,37 @@ fn save(
         "rng": rng.state(),
         "log": entries,
     });
-    std::fs::write(&paths.state, serde_json::to_string_pretty(&state).unwrap())
-        .map_err(|e| io(&paths.state, e.to_string()))
+    checkpoint::commit(
+        out,
+        |set| {
+            model
+                .clone()
+                .save_file(&set.model)
+                .map_err(|e| io(&set.model, e.to_string()))?;
+            optim
+                .save(&set.optim)
+                .map_err(|e| io(&set.optim, e.to_string()))
+        },
+        state,
+    )
 }
 
 /// Load a trained model and its configuration from a checkpoint folder.
 pub fn load(dir: &Path, device: &Device) -> Result<(Lm, TrainConfig)> {
-    let paths = ckpt_paths(dir);
-    let state = read_json(&paths.state)?;
+    let (set, state) = checkpoint::find(dir)?
+        .ok_or_else(|| Error::InvalidInput(format!("{} holds no checkpoint", dir.display())))?;
     let cfg = TrainConfig::from_json(&state["config"])?;
     let model = cfg
         .model
         .init(device)?
-        .try_load_file(&paths.model)
-        .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", paths.model.display())))?;
+        .try_load_file(&set.model)
+        .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", set.model.display())))?;
     Ok((model, cfg))
+}
+
+/// The state (configuration, step, log) of the checkpoint in a run folder, verified.
+pub fn load_state(dir: &Path) -> Result<serde_json::Value> {
+    checkpoint::find(dir)?
+        .map(|(_, state)| state)
+        .ok_or_else(|| Error::InvalidInput(format!("{} holds no checkpoint", dir.display())))
 }

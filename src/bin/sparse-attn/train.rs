@@ -249,11 +249,23 @@ pub fn train_cmd(opts: &GpuOptions, a: &TrainArgs) -> Result<ExitCode, Error> {
         corpus.train_files.len(),
         corpus.valid_files.len()
     );
+    // Ctrl-C or a kill (SIGTERM) stops at the next step boundary with a checkpoint; a second
+    // one ends the process at once (the last committed checkpoint stays intact).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping at the next step boundary with a checkpoint (again to abort)");
+    })
+    .map_err(|e| Error::Unsupported(format!("cannot handle SIGINT/SIGTERM here: {e}")))?;
     let inv = sparse_attn::train::trainer::Invocation {
         resume: a.resume,
         quiet: false,
         stop_after: a.stop_after,
         time_limit_s: a.time_limit,
+        stop: Some(stop),
     };
     let log = train(&cfg, &corpus, &rt.device, &a.out, &inv)?;
     if let Some(last) = log.last() {
@@ -323,10 +335,7 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
         let mut r = evaluate(&model, &cfg, &corpus, &rt.device, &ec, true)?;
         r["checkpoint"] = serde_json::json!(dir.display().to_string());
         // The training log (loss, validation loss, tokens/s by step) travels with the report.
-        let state = std::fs::read_to_string(dir.join("state.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        if let Some(st) = state {
+        if let Ok(st) = sparse_attn::train::trainer::load_state(dir) {
             r["train_log"] = st["log"].clone();
             r["train_config"] = st["config"].clone();
         }
