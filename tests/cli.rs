@@ -507,6 +507,25 @@ fn train_and_eval_explain_bad_input_and_combine_reports() {
         std::fs::remove_file(&fifo).unwrap();
     }
     std::fs::write(corpus.join("b.txt"), "other text ".repeat(500)).unwrap();
+    // Tensors past the device's binding limit: refused before the model is built, naming the flag.
+    for (flag, v) in [("--d-ff", "4000000000"), ("--max-seq", "4000000000")] {
+        let (ok, _, err) = run(&[
+            "train",
+            "--mode",
+            "full",
+            "--out",
+            out_s,
+            "--data",
+            corpus.to_str().unwrap(),
+            flag,
+            v,
+        ]);
+        assert!(
+            !ok && err.contains(&format!("lower {flag}")),
+            "{flag}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
     let fresh = dir.join("fresh");
     let (ok, _, err) = run(&[
         "train",

@@ -190,6 +190,58 @@ impl LmConfig {
     }
 
     /// Parameters, embeddings counted once (tied).
+    /// Every tensor a training step of `batch` x `seq` tokens makes (weights, RoPE tables,
+    /// activations, logits) must fit one storage binding of the device, `max_binding` bytes:
+    /// Burn's kernels and ours bind whole tensors. Checked before the model is built, so that
+    /// an oversized `--d-ff` or `--max-seq` is an error that names the flag instead of a panic
+    /// inside an allocation (or a run that creeps on).
+    pub fn check_fits(&self, max_binding: u64, batch: usize, seq: usize) -> Result<()> {
+        let (d, dh, ff) = (
+            self.d_model as u128,
+            self.head_dim() as u128,
+            self.d_ff as u128,
+        );
+        let (b, s) = (batch as u128, seq as u128);
+        let tensors = [
+            (
+                "the embedding (vocab x d_model)",
+                self.vocab as u128 * d,
+                "--d-model",
+            ),
+            ("an MLP weight (d_model x d_ff)", d * ff, "--d-ff"),
+            (
+                "the RoPE tables (max_seq x head_dim x 2)",
+                self.max_seq as u128 * dh * 2,
+                "--max-seq",
+            ),
+            (
+                "an MLP activation (batch x seq x d_ff)",
+                b * s * ff,
+                "--batch, --seq or --d-ff",
+            ),
+            (
+                "the logits (batch x seq x vocab)",
+                b * s * self.vocab as u128,
+                "--batch or --seq",
+            ),
+            (
+                "an attention input (batch x seq x d_model)",
+                b * s * d,
+                "--batch or --seq",
+            ),
+        ];
+        for (what, elems, flag) in tensors {
+            let bytes = elems.saturating_mul(4);
+            if bytes > max_binding as u128 {
+                return Err(crate::Error::Unsupported(format!(
+                    "{what} would take {bytes} bytes; this device binds at most {max_binding} \
+                     bytes per tensor (lower {flag})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub fn params(&self) -> usize {
         let d = self.d_model;
         let kv = self.heads_kv * self.head_dim();

@@ -219,6 +219,8 @@ pub fn train(
     let (resume, quiet) = (inv.resume, inv.quiet);
     cfg.validate()?;
     corpus.check_len(cfg.seq)?;
+    let max_binding = crate::train::bridge::gpu_for(device)?.max_binding();
+    cfg.model.check_fits(max_binding, cfg.batch, cfg.seq)?;
     let found = checkpoint::find(out)?;
     if resume && found.is_none() {
         invalid!(
@@ -458,6 +460,8 @@ pub fn measure_steps(
 ) -> Result<StepTiming> {
     cfg.validate()?;
     corpus.check_len(cfg.seq)?;
+    cfg.model
+        .check_fits(gpu.max_binding(), cfg.batch, cfg.seq)?;
     let device = device.clone().autodiff();
     let mut optim: ModuleOptimizer = AdamWConfig::new()
         .with_weight_decay(cfg.weight_decay)
