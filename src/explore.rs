@@ -144,6 +144,10 @@ impl ExploreConfig {
                 self.locality
             );
         }
+        if !(1..=64).contains(&self.heads) {
+            // The inputs are made on the host (and in the browser's memory): keep them small.
+            invalid!("heads = {} is outside the demo's range 1..=64", self.heads);
+        }
         if self.head >= self.heads {
             invalid!(
                 "head {} is out of range (heads = {})",

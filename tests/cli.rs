@@ -138,6 +138,24 @@ fn bad_numbers_and_paths_fail_before_the_work() {
         "{err}"
     );
     assert!(!png.exists());
+    // Random inputs too large to make on the host: refused before any allocation.
+    let (ok, _, err) = run(&[
+        "map",
+        "--seq",
+        "1000000",
+        "--heads",
+        "4096",
+        "--kv-heads",
+        "1",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("too large to make on the host"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["explore", "--config", r#"{"heads": 100000, "kv_heads": 1}"#]);
+    assert!(!ok && err.contains("outside the demo's range"), "{err}");
     // bench: non-finite or zero times, and an output folder that cannot exist.
     for t in ["nan", "inf", "0", "-1"] {
         let flag = format!("--target-seconds={t}");

@@ -75,6 +75,9 @@ fn as_4d(a: sparse_attn::npy::NpyArray, what: &str) -> Result<(Vec<usize>, Vec<f
     Ok((dims, a.data))
 }
 
+/// Values the random inputs may hold (q and k together: 1 GiB of f32).
+const MAX_HOST_ELEMS: usize = 1 << 28;
+
 pub fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
     // The output first: a bad path must not cost the work, nor leave an empty file.
     let png = a
@@ -110,6 +113,15 @@ pub fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
         _ => {
             let shape = AttnShape::new(1, a.heads, a.kv_heads, a.seq, a.head_dim);
             shape.validate(&AttnOptions::causal(true))?;
+            // The inputs are made on the host: refuse what would not fit before making them.
+            if shape.q_len() + shape.kv_len() > MAX_HOST_ELEMS {
+                return Err(Error::InvalidInput(format!(
+                    "random inputs of {} heads x {} tokens x {} dims are too large to make on the \
+                     host (at most {MAX_HOST_ELEMS} values); use fewer heads or tokens, or give \
+                     --q/--k files",
+                    shape.heads_q, shape.seq_q, shape.head_dim
+                )));
+            }
             let (q, k) = sparse_attn::synthetic::structured_qk(&shape, a.seed);
             (shape, q, k)
         }
