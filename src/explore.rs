@@ -113,6 +113,8 @@ impl ExploreConfig {
                 other => invalid!("explore config: unknown field `{other}`"),
             }
         }
+        // A parsed config is a valid one (found by the property tests: `{"seq": 4097}`).
+        c.validate()?;
         Ok(c)
     }
 
