@@ -138,6 +138,28 @@ fn bad_numbers_and_paths_fail_before_the_work() {
         "{err}"
     );
     assert!(!png.exists());
+    // Finite activations whose attention overflows f32 (|q·k| near 1e30 and beyond).
+    let huge = sparse_attn::npy::NpyArray {
+        shape: vec![40, 32],
+        data: vec![1e30; 40 * 32],
+    };
+    std::fs::write(&qp, sparse_attn::npy::to_bytes(&huge)).unwrap();
+    std::fs::write(&kp, sparse_attn::npy::to_bytes(&huge)).unwrap();
+    let (ok, _, err) = run(&[
+        "map",
+        "--q",
+        qp.to_str().unwrap(),
+        "--k",
+        kp.to_str().unwrap(),
+        "--topk",
+        "2",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    if !no_gpu_ok() {
+        assert!(!ok && err.contains("overflows f32"), "{err}");
+        assert!(!png.exists());
+    }
     // Random inputs too large to make on the host: refused before any allocation.
     let (ok, _, err) = run(&[
         "map",
@@ -180,6 +202,19 @@ fn bad_numbers_and_paths_fail_before_the_work() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    // Large but representable: a clear error from the device's limits, no abort.
+    if !no_gpu_ok() {
+        let (ok, _, err) = run(&[
+            "demo",
+            "--seq",
+            "10000000",
+            "--heads",
+            "64",
+            "--kv-heads",
+            "1",
+        ]);
+        assert!(!ok && err.starts_with("error: "), "{err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -232,3 +232,40 @@ fn bad_configurations_are_clear_errors() {
     assert!(e.to_string().contains("fetch-corpus"), "{e}");
     assert!(Mode::parse("dense").is_err());
 }
+
+/// A run that diverges (an absurd learning rate after a resume) stops with an error and
+/// leaves the last good checkpoint as it was: NaN weights are never saved over it.
+#[test]
+fn a_diverged_run_never_saves_over_a_good_checkpoint() {
+    let _serial = serial();
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
+    let c = corpus();
+    let out = tmp("diverged");
+    train(&tiny(Mode::Full, 2), &c, &rt.device, &out, &quiet()).unwrap();
+    let before = sparse_attn::train::checkpoint::find(&out)
+        .unwrap()
+        .unwrap()
+        .1;
+    let wild = TrainConfig {
+        lr: 1e30,
+        min_lr: 0.0,
+        ..tiny(Mode::Full, 12)
+    };
+    let resume = Invocation {
+        resume: true,
+        ..quiet()
+    };
+    let e = train(&wild, &c, &rt.device, &out, &resume)
+        .expect_err("a loss of NaN or infinity must stop the run")
+        .to_string();
+    assert!(e.contains("stopping without saving"), "{e}");
+    let after = sparse_attn::train::checkpoint::find(&out)
+        .unwrap()
+        .unwrap()
+        .1;
+    assert_eq!(after["step"], before["step"]);
+    assert_eq!(after["files"], before["files"]);
+    std::fs::remove_dir_all(&out).unwrap();
+}
