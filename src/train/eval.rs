@@ -31,6 +31,9 @@ pub struct EvalConfig {
     pub seed: u64,
 }
 
+/// Pass-key samples per length, at most.
+pub const MAX_PASSKEYS: usize = 10_000;
+
 impl EvalConfig {
     /// Counts at least 1, and every length multiple representable for a model trained on
     /// `seq` tokens (a product that overflows would wrap to a short length under its label).
@@ -44,6 +47,13 @@ impl EvalConfig {
             if v == 0 {
                 invalid!("{name} must be at least 1");
             }
+        }
+        if self.passkeys > MAX_PASSKEYS {
+            invalid!(
+                "passkeys = {} is more than {MAX_PASSKEYS} samples per length (they are made and \
+                 scored one batch at a time: that many would run for days)",
+                self.passkeys
+            );
         }
         if self.budgets.is_empty() || self.budgets.contains(&0) {
             invalid!(
@@ -231,6 +241,8 @@ pub fn evaluate(
     let cfg = &train.model;
     let seq = train.seq;
     ec.validate(seq)?;
+    // Batches of the training length must fit the device like the training steps did.
+    cfg.check_fits(crate::train::gpu_for(dev)?.max_binding(), ec.batch, seq)?;
     let say = |s: &str| {
         if progress {
             eprintln!("{s}");
@@ -539,6 +551,10 @@ mod tests {
         for bad in [
             EvalConfig {
                 windows: 0,
+                ..EvalConfig::default()
+            },
+            EvalConfig {
+                passkeys: MAX_PASSKEYS + 1,
                 ..EvalConfig::default()
             },
             EvalConfig {
