@@ -248,6 +248,38 @@ fn bench_full_prints_json_and_rejects_bad_flags() {
     for r in rows {
         assert!(r["fwd_tflops"].as_f64().unwrap() > 0.0 && r["bwd_ms"].as_f64().unwrap() > 0.0);
     }
+    // --json-out appends one record per run (the table still on stdout).
+    let dir = temp_dir("json-out");
+    let records = dir.join("sub/records.jsonl");
+    for _ in 0..2 {
+        let (ok, out, err) = run(&[
+            "bench",
+            "full",
+            "--seq",
+            "32",
+            "--batch",
+            "1",
+            "--heads",
+            "1",
+            "--head-dim",
+            "16",
+            "--variant",
+            "portable",
+            "--no-backward",
+            "--target-seconds",
+            "0.01",
+            "--json-out",
+            records.to_str().unwrap(),
+        ]);
+        assert!(ok && out.contains("fwd ms"), "{err}");
+    }
+    let text = std::fs::read_to_string(&records).unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    for l in text.lines() {
+        let j: serde_json::Value = serde_json::from_str(l).expect("one JSON record per line");
+        assert!(j["results"].is_array());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     let (ok, _, err) = run(&["bench", "full", "--head-dim", "24"]);
     assert!(
         !ok && err.contains("head_dim = 24 is not supported"),

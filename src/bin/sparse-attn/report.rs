@@ -134,16 +134,24 @@ pub fn emit_record(gpu: &Gpu, mut record: serde_json::Value, out: &Output) -> Re
     record["command"] = std::env::args().collect::<Vec<_>>().join(" ").into();
     let line = serde_json::to_string(&record).expect("json");
     if let Some(path) = &out.json_out {
-        use std::io::Write;
-        let fail = |e: std::io::Error| {
-            Error::InvalidInput(format!("cannot write {}: {e}", path.display()))
+        // Appended by rewriting the whole file atomically: a full disk leaves the old records,
+        // never a torn line.
+        let mut text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(Error::InvalidInput(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
         };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(fail)?;
-        writeln!(f, "{line}").map_err(fail)?;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&line);
+        text.push('\n');
+        sparse_attn::files::write_atomic(path, text.as_bytes())?;
     }
     if out.json {
         println!("{line}");
