@@ -239,6 +239,9 @@ pub fn train_cmd(opts: &GpuOptions, a: &TrainArgs) -> Result<ExitCode, Error> {
     let cfg = a.run.config(&a.mode)?;
     let corpus = Corpus::load(&a.data, a.valid_every)?;
     let rt = Runtime::new(opts)?;
+    // Before the summary line: an oversized model is refused, not described.
+    cfg.model
+        .check_fits(rt.gpu.max_binding(), cfg.batch, cfg.seq)?;
     eprintln!(
         "{} on {}: {:.1}M parameters, {} train / {} valid bytes ({} / {} files)",
         cfg.mode.name(),
