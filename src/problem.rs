@@ -185,6 +185,14 @@ impl AttnShape {
 
 // ---- Block selection: the contract between the selector and the sparse kernels ----
 
+/// [`BLOCK_SIZES`] as an error that names them: the one place the rule is worded.
+pub fn check_block_size(block: usize) -> Result<()> {
+    if !BLOCK_SIZES.contains(&block) {
+        invalid!("block size {block} is not supported (supported: {BLOCK_SIZES:?})");
+    }
+    Ok(())
+}
+
 /// Marks an unused slot of a selection (fewer than k candidate blocks).
 pub const SENTINEL: u32 = u32::MAX;
 
@@ -278,13 +286,7 @@ impl SelectOptions {
     /// Checks shared by the reference and the GPU launcher.
     pub fn validate(&self, shape: &AttnShape) -> Result<()> {
         shape.validate(&self.attn())?;
-        if !BLOCK_SIZES.contains(&self.block) {
-            invalid!(
-                "block size {} is not supported (supported: {:?})",
-                self.block,
-                BLOCK_SIZES
-            );
-        }
+        check_block_size(self.block)?;
         let nb = self.blocks(shape.seq_k);
         if self.k == 0 {
             invalid!("k = 0: the selection must keep at least one block");
@@ -328,13 +330,7 @@ impl SparseOptions {
 
     pub fn validate(&self, shape: &AttnShape, nsel: usize) -> Result<()> {
         shape.validate(&self.attn())?;
-        if !BLOCK_SIZES.contains(&self.block) {
-            invalid!(
-                "block size {} is not supported (supported: {:?})",
-                self.block,
-                BLOCK_SIZES
-            );
-        }
+        check_block_size(self.block)?;
         if nsel == 0 {
             invalid!("a selection of 0 blocks per token attends to nothing");
         }

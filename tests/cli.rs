@@ -124,15 +124,16 @@ fn bad_numbers_and_paths_fail_before_the_work() {
     std::fs::write(&qp, sparse_attn::npy::to_bytes(&q)).unwrap();
     std::fs::write(&kp, sparse_attn::npy::to_bytes(&k)).unwrap();
     let png = dir.join("m.png");
-    let (ok, _, err) = run(&[
-        "map",
-        "--q",
-        qp.to_str().unwrap(),
-        "--k",
-        kp.to_str().unwrap(),
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    // map over the q.npy and k.npy written just before.
+    let map_files = || {
+        let (q, k, out) = (
+            qp.to_str().unwrap(),
+            kp.to_str().unwrap(),
+            png.to_str().unwrap(),
+        );
+        run(&["map", "--q", q, "--k", k, "--topk", "2", "--out", out])
+    };
+    let (ok, _, err) = map_files();
     assert!(
         !ok && err.contains("2 values that are NaN or infinite"),
         "{err}"
@@ -145,17 +146,7 @@ fn bad_numbers_and_paths_fail_before_the_work() {
     };
     std::fs::write(&qp, sparse_attn::npy::to_bytes(&huge)).unwrap();
     std::fs::write(&kp, sparse_attn::npy::to_bytes(&huge)).unwrap();
-    let (ok, _, err) = run(&[
-        "map",
-        "--q",
-        qp.to_str().unwrap(),
-        "--k",
-        kp.to_str().unwrap(),
-        "--topk",
-        "2",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = map_files();
     if !no_gpu_ok() {
         assert!(!ok && err.contains("overflows f32"), "{err}");
         assert!(!png.exists());
