@@ -2,7 +2,8 @@
 //   block_keys:   k̄_p = mean of the keys of pooling window p: the blocks (SSA, MoBA) or
 //                 InfLLM-V2's 32-token kernels at stride 16             (thread per vec4 element)
 //   block_scores: score_p = Σ_{h in group} softmax_p(s·q_h·k̄_p) (SSA, InfLLM-V2) or
-//                 Σ_h s·q_h·k̄_p (MoBA) over the candidate windows; others get NEG
+//                 Σ_h s·q_h·k̄_p (MoBA) over the windows the token scores (causal: the complete
+//                 ones, no key after the token); others get NEG
 //                                      (workgroup per tile of tokens x all heads of the group)
 //   block_topk:   block scores (InfLLM-V2: max over the candidate kernels overlapping the block),
 //                 forced blocks, then the best scores (ties to the lower index), k in all,

@@ -52,9 +52,17 @@ fn is_forced(cur: u32, j: u32) -> bool {
     return j == cur || j < prm.n_init || (j < cur && cur - j <= prm.n_local);
 }
 
-// Candidate pooled keys of token t: those starting at or before it (causal).
+// Pooled keys token t scores: causal, only the complete windows (every key at or before the
+// token: no future key steers the choice, and prefill selects as decoding will); else all.
 fn pooled_end(t: u32) -> u32 {
-    return select(prm.np, min(prm.np, (prm.q_pos0 + t) / prm.pool_s + 1u), prm.causal != 0u);
+    let pos1 = prm.q_pos0 + t + 1u;
+    if (prm.causal == 0u) {
+        return prm.np;
+    }
+    if (pos1 < prm.pool_w) {
+        return 0u;
+    }
+    return min(prm.np, (pos1 - prm.pool_w) / prm.pool_s + 1u);
 }
 
 // Score of block j: its pooled score, or (InfLLM-V2) the max over the candidate kernels that

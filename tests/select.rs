@@ -397,3 +397,60 @@ fn selection_splits_past_the_binding_limit() {
     );
     run(&gpu, s, o, Rng::fresh_seed());
 }
+
+/// Causal selection sees no key after the token (NOSA.md §2): replacing every key after token
+/// t by fresh random values leaves token t's selection unchanged, in the reference and on the
+/// GPU (bit for bit: the masked windows never enter the sums), for every scoring.
+#[test]
+fn causal_selection_ignores_future_keys() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let cases = [
+        (shape(1, 4, 2, 150, 150, 32), opts(16, 4, 1, 1, Scoring::Ssa)),
+        (shape(1, 4, 1, 150, 150, 32), opts(16, 3, 0, 0, Scoring::Moba)),
+        (shape(1, 8, 2, 333, 333, 32), opts(64, 3, 1, 0, Scoring::InfLlmV2)),
+        (shape(1, 4, 1, 150, 150, 16), opts(16, 4, 0, 1, Scoring::InfLlmV2)),
+        // decoding-like: 20 queries at the end of 300 keys
+        (shape(1, 4, 1, 20, 300, 32), opts(32, 4, 1, 1, Scoring::InfLlmV2)),
+    ];
+    for (i, (s, o)) in cases.into_iter().enumerate() {
+        let mut rng = Rng::new(seed.wrapping_add(i as u64));
+        let q = rng.normal_vec(s.q_len(), 1.0);
+        let k = rng.normal_vec(s.kv_len(), 1.0);
+        let op = BlockSelect::new(&gpu, s, &SelectConfig::new(o)).unwrap();
+        let gpu_sel = |k: &[f32]| {
+            let (sel, _) = op
+                .select(
+                    &gpu,
+                    &gpu.upload(&s.q_dims(), &q).unwrap(),
+                    &gpu.upload(&s.kv_dims(), k).unwrap(),
+                )
+                .unwrap();
+            gpu.read_u32(&sel).unwrap()
+        };
+        let (want, got) = (refsel::select(&s, &o, &q, &k).unwrap().indices, gpu_sel(&k));
+        for t in [0, 1, 15, 16, 17, 31, 32, 47, 63, 64, 100, s.seq_q - 1] {
+            if t >= s.seq_q {
+                continue;
+            }
+            let pos = s.q_offset() + t;
+            let mut k2 = k.clone();
+            for u in 0..s.batch * s.heads_kv {
+                for key in pos + 1..s.seq_k {
+                    for c in 0..s.head_dim {
+                        k2[(u * s.seq_k + key) * s.head_dim + c] = rng.normal() as f32 * 3.0;
+                    }
+                }
+            }
+            let want2 = refsel::select(&s, &o, &q, &k2).unwrap().indices;
+            let got2 = gpu_sel(&k2);
+            for u in 0..s.batch * s.heads_kv {
+                let r = (u * s.seq_q + t) * o.k..(u * s.seq_q + t + 1) * o.k;
+                let ctx = format!("token {t}, unit {u}, case {i}, seed {seed}, {o:?}");
+                assert_eq!(want[r.clone()], want2[r.clone()], "reference, {ctx}");
+                assert_eq!(got[r.clone()], got2[r.clone()], "GPU, {ctx}");
+            }
+        }
+    }
+}

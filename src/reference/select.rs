@@ -3,11 +3,14 @@
 //! For query token t at absolute position p = seq_k − seq_q + t and kv head g (PAPERS.md §1):
 //! - block keys k̄_j = mean of the keys of block j (blocks of B tokens; the last may be partial);
 //! - candidates: blocks that start at or before p (causal), or every block;
-//! - score_j = Σ_{h in group g} softmax_j(s·q_{t,h}·k̄_j) over the candidates (SSA/NSA), or
+//! - causal scoring sees no key after p (NOSA.md §2): only *complete* pooling windows (every
+//!   key at or before p) are scored; the partly filled current block is forced, never scored,
+//!   so prefill and decoding select alike;
+//! - score_j = Σ_{h in group g} softmax_j(s·q_{t,h}·k̄_j) over the scored windows (SSA/NSA), or
 //!   Σ_{h in group g} s·q_{t,h}·k̄_j (MoBA's plain dot product, summed over the group), or
 //!   InfLLM-V2's overlapping kernels: keys mean-pooled over 32 tokens at stride 16, the SSA score
-//!   over the candidate kernels (those starting at or before p), and a block scores the max over
-//!   the candidate kernels that overlap it;
+//!   over the complete kernels, and a block scores the max over the complete kernels that
+//!   overlap it; a candidate with no scored window scores −∞ (taken only to fill k);
 //! - forced: the block holding p, the first `n_init` blocks, and the `n_local` blocks right
 //!   before the current one; then the best-scoring candidates up to k blocks in all, ties to the
 //!   lower index; output sorted ascending and padded with [`SENTINEL`].
@@ -21,6 +24,20 @@ use crate::problem::{
 pub fn current_and_end(opts: &SelectOptions, nb: usize, pos: usize) -> (usize, usize) {
     let cur = (pos / opts.block).min(nb - 1);
     (cur, if opts.causal { cur + 1 } else { nb })
+}
+
+/// Pooled windows token position `pos` may score: causal, those complete at `pos` (all their
+/// keys at or before it); else all `np`.
+pub fn scored_end(opts: &SelectOptions, np: usize, pos: usize) -> usize {
+    if !opts.causal {
+        return np;
+    }
+    let (w, st) = pooling(opts);
+    if pos + 1 < w {
+        0
+    } else {
+        ((pos + 1 - w) / st + 1).min(np)
+    }
 }
 
 /// Is block `j` forced for a token whose current block is `cur`?
@@ -51,9 +68,10 @@ pub fn block_keys(shape: &AttnShape, opts: &SelectOptions, k: &[f32]) -> Vec<f32
 pub struct Selection {
     /// `[b, hkv, seq_q, k]`, ascending, padded with SENTINEL.
     pub indices: Vec<u32>,
-    /// `[b, hkv, seq_q, nb]`: score of every block (NaN for blocks that are not candidates).
+    /// `[b, hkv, seq_q, nb]`: score of every block (NaN for blocks that are not candidates,
+    /// −∞ for candidates without a scored window).
     pub scores: Vec<f64>,
-    /// `[b, hkv, seq_q, np]`: score of every pooled key (NaN for non-candidates); the same as
+    /// `[b, hkv, seq_q, np]`: score of every pooled key (NaN for those not scored); the same as
     /// `scores` except for InfLLM-V2.
     pub pooled: Vec<f64>,
 }
@@ -72,7 +90,6 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
     let (d, sq, g) = (shape.head_dim, shape.seq_q, shape.group());
     let nb = opts.blocks(shape.seq_k);
     let np = pooled_len(opts, shape.seq_k);
-    let stride = pooling(opts).1;
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
     let kbar = block_keys(shape, opts, k);
     let rows = shape.batch * shape.heads_kv * sq;
@@ -84,12 +101,7 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
             let row = bkv * sq + t;
             let pos = shape.q_offset() + t;
             let (cur, end) = current_and_end(opts, nb, pos);
-            // Candidate pooled keys: those starting at or before the token (causal).
-            let pend = if opts.causal {
-                (pos / stride + 1).min(np)
-            } else {
-                np
-            };
+            let pend = scored_end(opts, np, pos);
             let ps = &mut pooled[row * np..row * np + pend];
             ps.fill(0.0);
             for h in 0..g {
@@ -121,11 +133,12 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
                 *sc = match opts.scoring {
                     Scoring::InfLlmV2 => {
                         let (lo, hi) = block_kernels(opts, np, j);
-                        (lo..=hi.min(pend - 1))
+                        (lo..(hi + 1).min(pend))
                             .map(|m| ps[m])
                             .fold(f64::NEG_INFINITY, f64::max)
                     }
-                    _ => ps[j],
+                    _ if j < pend => ps[j],
+                    _ => f64::NEG_INFINITY,
                 };
             }
             // Forced blocks first (by index), then by score (ties to the lower index).
