@@ -5,8 +5,11 @@
 //           dV += Pᵀ dO, dK += s·dSᵀ Q              (GQA sums happen in registers, no atomics)
 //   dq_main: per query tile, loop over key tiles: P, dP = dO Vᵀ, dS, dQ += s·dS K
 // Thread (ty, tx) owns rows ty*TM.. of the tile's first operand, logit columns tx + TC*j and
-// gradient vec4 columns tx + TC*j. Constants: see common.wgsl.
+// gradient vec4 columns tx + TC*j. Constants: see common.wgsl, and HAS_BIAS: an additive
+// per-key bias [b, hkv, seq_k] on the logits, whose gradient d bias_j = Σ dS_ij over the
+// group's heads and queries dkdv sums in registers (its workgroup owns the key: no atomics).
 //#include "common.wgsl"
+//#include "key_bias.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
 @group(0) @binding(1) var<storage, read> q: array<ST>;
@@ -18,6 +21,10 @@
 @group(0) @binding(8) var<storage, read_write> dq: array<ST>;
 @group(0) @binding(9) var<storage, read_write> dk: array<ST>;
 @group(0) @binding(10) var<storage, read_write> dv: array<ST>;
+//#if HAS_BIAS
+@group(0) @binding(11) var<storage, read> bias: array<f32>;
+@group(0) @binding(12) var<storage, read_write> dbias: array<f32>;
+//#endif
 
 // dkdv: sh0 stages K|V|Q|dO chunks [rows][DSV], then dO|Q chunks [PC][D4];
 //       sh1 = Pᵀ [BK][BQ]; sh2 = dSᵀ [BK][BQ], then LSE·log2(e) [BQ] and D [BQ].
@@ -75,6 +82,12 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         gk[i] = vec4<f32>(0.0);
         gv[i] = vec4<f32>(0.0);
     }
+    var kb: Rows;
+    var db: Rows;
+    for (var i = 0u; i < TM; i++) {
+        kb[i] = key_bias(kvh, key0 + ty * TM + i);
+        db[i] = 0.0;
+    }
     // The first query row that sees key0 (causal): q_pos0 + r >= key0.
     var qstart = 0u;
     if (prm.causal != 0u && key0 > prm.q_pos0) {
@@ -104,10 +117,12 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                 for (var j = 0u; j < TN; j++) {
                     let r = tx + TC * j;
                     let p = select(0.0,
-                        exp2(s[i * TN + j] * prm.scale_log2 - sh2_get(BK * BQ + r)),
+                        exp2(fma(s[i * TN + j], prm.scale_log2, kb[i]) - sh2_get(BK * BQ + r)),
                         visible(row0 + r, key0 + c));
+                    let ds = p * (dp[i * TN + j] - sh2_get(BK * BQ + BQ + r));
                     sh1_set(c * BQ + r, p);
-                    sh2_set(c * BQ + r, p * (dp[i * TN + j] - sh2_get(BK * BQ + BQ + r)));
+                    sh2_set(c * BQ + r, ds);
+                    db[i] += ds;
                 }
             }
             workgroupBarrier();
@@ -132,6 +147,26 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             }
         }
     }
+//#if HAS_BIAS
+    {
+        // d bias: the TC partials of each key row, summed in a fixed order through sh1.
+        workgroupBarrier();
+        for (var i = 0u; i < TM; i++) {
+            sh1_set((ty * TM + i) * TC + tx, db[i]);
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < TM; i++) {
+            let c = key0 + ty * TM + i;
+            if (tx == 0u && c < prm.seq_k) {
+                var sum = 0.0;
+                for (var x = 0u; x < TC; x++) {
+                    sum += sh1_get((ty * TM + i) * TC + x);
+                }
+                dbias[prm.b_off + kvh * prm.seq_k + c] = sum;
+            }
+        }
+    }
+//#endif
 }
 
 // dq_main: rows are queries (BQ = TR*TM), columns are keys (BK = TC*TN).
@@ -166,11 +201,12 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         var s: Logits;
         var dp: Logits;
         logits_and_dprobs(&s, &dp, false, q4, row0, k4, key0, tid, ty, tx);
-        for (var i = 0u; i < TM; i++) {
-            let r = ty * TM + i;
-            for (var j = 0u; j < TN; j++) {
-                let c = tx + TC * j;
-                let p = select(0.0, exp2(s[i * TN + j] * prm.scale_log2 - lse2[i]),
+        for (var j = 0u; j < TN; j++) {
+            let c = tx + TC * j;
+            let b = key_bias(kvh, key0 + c);
+            for (var i = 0u; i < TM; i++) {
+                let r = ty * TM + i;
+                let p = select(0.0, exp2(fma(s[i * TN + j], prm.scale_log2, b) - lse2[i]),
                     visible(row0 + r, key0 + c));
                 sh1_set(r * BK + c, p * (dp[i * TN + j] - rd[i]));
             }

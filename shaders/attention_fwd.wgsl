@@ -3,7 +3,9 @@
 // ty*TM.. of the tile, logit columns tx + TC*j and output vec4 columns tx + TC*j.
 // Per key tile: S = Q Kᵀ over chunks of DC dims staged in sh0, then `online_tile` (common.wgsl):
 // online softmax, P to sh1, O = alpha*O + P V over chunks of PC keys.
+// With HAS_BIAS, an additive per-key bias [b, hkv, seq_k] (f32) joins the scaled logits.
 //#include "common.wgsl"
+//#include "key_bias.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
 @group(0) @binding(1) var<storage, read> q: array<ST>;
@@ -11,6 +13,9 @@
 @group(0) @binding(3) var<storage, read> v: array<ST>;
 @group(0) @binding(4) var<storage, read_write> o: array<ST>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+//#if HAS_BIAS
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
+//#endif
 
 fn fetch(which: u32, g: u32) -> vec4<f32> {
     switch which {
@@ -53,10 +58,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             workgroupBarrier();
         }
 
-        for (var i = 0u; i < TM; i++) {
-            for (var j = 0u; j < TN; j++) {
-                s[i * TN + j] = select(NEG, s[i * TN + j] * prm.scale_log2,
-                    visible(row0 + ty * TM + i, key0 + tx + TC * j));
+        for (var j = 0u; j < TN; j++) {
+            let c = key0 + tx + TC * j;
+            let b = key_bias(kvh, c);
+            for (var i = 0u; i < TM; i++) {
+                s[i * TN + j] = select(NEG, fma(s[i * TN + j], prm.scale_log2, b),
+                    visible(row0 + ty * TM + i, c));
             }
         }
         online_tile(&m, &l, &acc, &s, 2u, k4, key0, prm.seq_k, tid, ty, tx);

@@ -6,7 +6,8 @@
 //   dkdv:    per (key block, batch x kv head): rows = the block's keys, columns = the G heads
 //            of BQ / G tokens that selected the block (found by scanning the selection and
 //            compacted in token order: deterministic, no atomics): Pᵀ, dPᵀ, dSᵀ,
-//            dV += Pᵀ dO, dK += s·dSᵀ Q.
+//            dV += Pᵀ dO, dK += s·dSᵀ Q, and with a bias d bias_j = Σ dSᵀ_j· (registers,
+//            then a fixed-order sum over the row's threads: the workgroup owns its keys).
 // Extra constants: BLK (block size), HAS_BIAS.
 //#include "common.wgsl"
 //#include "token_line.wgsl"
@@ -22,7 +23,10 @@
 @group(0) @binding(9) var<storage, read_write> dk: array<ST>;
 @group(0) @binding(10) var<storage, read_write> dv: array<ST>;
 @group(0) @binding(11) var<storage, read> sel: array<u32>;
+//#if HAS_BIAS
 @group(0) @binding(12) var<storage, read> bias: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dbias: array<f32>;
+//#endif
 
 const SENTINEL: u32 = 0xffffffffu;
 
@@ -37,11 +41,13 @@ fn fetch(which: u32, g: u32) -> vec4<f32> {
 
 var<workgroup> sh_u: u32;
 
+// Callers keep c < seq_k.
 fn key_bias(u: u32, c: u32) -> f32 {
-    if (HAS_BIAS != 0u) {
-        return bias[prm.b_off + u * prm.seq_k + c] * LOG2E;
-    }
+//#if HAS_BIAS
+    return bias[prm.b_off + u * prm.seq_k + c] * LOG2E;
+//#else
     return 0.0;
+//#endif
 }
 
 fn kv_len_of(t: u32) -> u32 {
@@ -172,8 +178,8 @@ fn stage_col_rows(which: u32, at: u32, r0: u32, tid: u32) {
 }
 
 // One tile: the tokens sh_list[first .. first + count) (count <= BQ / G) against the block.
-fn dkdv_tile(gk: ptr<function, Acc>, gv: ptr<function, Acc>, u: u32, k4: u32, key0: u32,
-             first: u32, count: u32, tid: u32, ty: u32, tx: u32) {
+fn dkdv_tile(gk: ptr<function, Acc>, gv: ptr<function, Acc>, db: ptr<function, Rows>, u: u32,
+             k4: u32, key0: u32, first: u32, count: u32, tid: u32, ty: u32, tx: u32) {
     for (var c = tid; c < BQ; c += NT) {
         let li = c / prm.group;
         var base = SENTINEL;
@@ -222,8 +228,10 @@ fn dkdv_tile(gk: ptr<function, Acc>, gv: ptr<function, Acc>, u: u32, k4: u32, ke
             let p = select(0.0,
                 exp2(fma(s[i * TN + j], prm.scale_log2, b) - sh2_get(BK * BQ + col)),
                 c < sh_kvl[col]);
+            let ds = p * (dp[i * TN + j] - sh2_get(BK * BQ + BQ + col));
             sh1_set((ty * TM + i) * BQ + col, p);
-            sh2_set((ty * TM + i) * BQ + col, p * (dp[i * TN + j] - sh2_get(BK * BQ + BQ + col)));
+            sh2_set((ty * TM + i) * BQ + col, ds);
+            (*db)[i] += ds;
         }
     }
     workgroupBarrier();
@@ -249,23 +257,27 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
 
     var gk: Acc;
     var gv: Acc;
+    var db: Rows;
     for (var i = 0u; i < TM * TD4; i++) {
         gk[i] = vec4<f32>(0.0);
         gv[i] = vec4<f32>(0.0);
+    }
+    for (var i = 0u; i < TM; i++) {
+        db[i] = 0.0;
     }
     let tstart = line_start(key0, tid);
     for (var t0 = tstart; t0 < prm.seq_q; t0 += NT) {
         let n = line_append(t0, u, blk, tid);
         var done = 0u;
         while (n - done >= tpt) {
-            dkdv_tile(&gk, &gv, u, k4, key0, done, tpt, tid, ty, tx);
+            dkdv_tile(&gk, &gv, &db, u, k4, key0, done, tpt, tid, ty, tx);
             done += tpt;
         }
         line_keep(done, n, tid);
     }
     let rem = line_waiting();
     if (rem > 0u) {
-        dkdv_tile(&gk, &gv, u, k4, key0, 0u, rem, tid, ty, tx);
+        dkdv_tile(&gk, &gv, &db, u, k4, key0, 0u, rem, tid, ty, tx);
     }
     for (var i = 0u; i < TM; i++) {
         let c = key0 + ty * TM + i;
@@ -277,4 +289,24 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             }
         }
     }
+//#if HAS_BIAS
+    {
+        // The TC partials of each key row, summed in a fixed order through sh1.
+        workgroupBarrier();
+        for (var i = 0u; i < TM; i++) {
+            sh1_set((ty * TM + i) * TC + tx, db[i]);
+        }
+        workgroupBarrier();
+        for (var i = 0u; i < TM; i++) {
+            let c = key0 + ty * TM + i;
+            if (tx == 0u && c < prm.seq_k) {
+                var sum = 0.0;
+                for (var x = 0u; x < TC; x++) {
+                    sum += sh1_get((ty * TM + i) * TC + x);
+                }
+                dbias[prm.b_off + u * prm.seq_k + c] = sum;
+            }
+        }
+    }
+//#endif
 }

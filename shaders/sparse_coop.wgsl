@@ -32,7 +32,9 @@ fn put_out(i: u32, x: ST) {
     o[i] = x;
 }
 @group(0) @binding(6) var<storage, read> sel: array<u32>;
+//#if HAS_BIAS
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
+//#endif
 
 // -inf for the LSE of a head that sees no key, built at run time (a constant -inf is a
 // shader-creation error in WGSL; see sparse_fwd.wgsl).

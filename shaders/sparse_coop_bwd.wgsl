@@ -36,7 +36,10 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(9) var<storage, read_write> dk: array<ST>;
 @group(0) @binding(10) var<storage, read_write> dv: array<ST>;
 @group(0) @binding(11) var<storage, read> sel: array<u32>;
+//#if HAS_BIAS
 @group(0) @binding(12) var<storage, read> bias: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dbias: array<f32>;
+//#endif
 
 // Which gradient store_o writes: 0 = dQ, 1 = dK, 2 = dV.
 var<private> out_to: u32;
@@ -218,9 +221,13 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let pb = sg * 16u * PP;
     let key0c = key0 + kc * 16u;
     var bk = 0.0;
-    if (HAS_BIAS != 0u && key0c + r < prm.seq_k) {
+    // This lane's share of d bias for key key0c + r: Σ dSᵀ over its columns.
+    var dbk = 0.0;
+//#if HAS_BIAS
+    if (key0c + r < prm.seq_k) {
         bk = bias[prm.b_off + u * prm.seq_k + key0c + r] * LOG2E;
     }
+//#endif
     let tstart = line_start(key0, tid);
     // The last pass (t0 >= seq_q) scans nothing and flushes the line in a partial round.
     for (var t0 = tstart; t0 < prm.seq_q + NT; t0 += NT) {
@@ -246,6 +253,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             for (var c = 0u; c < HB; c++) {
                 let col = 2u * c + half;
                 ds[c] = p[c] * (scr[sb + r * SP + col] - col_d[cb + col]);
+                dbk += ds[c];
                 pm[pb + r * PP + col] = f16(p[c]);
             }
             workgroupBarrier();
@@ -259,6 +267,23 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         line_keep(min(n, rounds * GT), n, tid);
     }
 
+//#if HAS_BIAS
+    {
+        // d bias: each key's two lanes in every phase, summed in a fixed order via the scratch.
+        workgroupBarrier();
+        scr[sb + lane] = dbk;
+        workgroupBarrier();
+        if (ph == 0u && half == 0u && key0c + r < prm.seq_k) {
+            var sum = 0.0;
+            for (var p = 0u; p < NPH; p++) {
+                let ob = (p * KC + kc) * 16u * SP;
+                sum += scr[ob + 2u * r] + scr[ob + 2u * r + 1u];
+            }
+            dbias[prm.b_off + u * prm.seq_k + key0c + r] = sum;
+        }
+        workgroupBarrier();
+    }
+//#endif
     if (NPH > 1u) {
         add_phases(&acck, ph, kc, sb, r, half);
         add_phases(&accv, ph, kc, sb, r, half);

@@ -56,9 +56,11 @@ fn list_key(tk: ptr<function, Token>, i: u32) -> u32 {
 
 // The per-key bias in log2 units (0 without one or without a key).
 fn key_bias(tk: ptr<function, Token>, key: u32) -> f32 {
-    if (HAS_BIAS != 0u && key != NO_KEY) {
+//#if HAS_BIAS
+    if (key != NO_KEY) {
         return bias[(*tk).bias0 + key] * LOG2E;
     }
+//#endif
     return 0.0;
 }
 

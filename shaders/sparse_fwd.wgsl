@@ -12,7 +12,9 @@
 @group(0) @binding(4) var<storage, read_write> o: array<ST>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(6) var<storage, read> sel: array<u32>;
+//#if HAS_BIAS
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
+//#endif
 
 const SENTINEL: u32 = 0xffffffffu;
 
@@ -86,9 +88,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             for (var j = 0u; j < TN; j++) {
                 let c = key0 + tx + TC * j;
                 var b = 0.0;
-                if (HAS_BIAS != 0u && c < kv_len) {
+//#if HAS_BIAS
+                if (c < kv_len) {
                     b = bias[bias0 + c] * LOG2E;
                 }
+//#endif
                 for (var i = 0u; i < TM; i++) {
                     s[i * TN + j] = select(NEG, fma(s[i * TN + j], prm.scale_log2, b), c < kv_len);
                 }

@@ -407,12 +407,27 @@ fn causal_selection_ignores_future_keys() {
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
     let cases = [
-        (shape(1, 4, 2, 150, 150, 32), opts(16, 4, 1, 1, Scoring::Ssa)),
-        (shape(1, 4, 1, 150, 150, 32), opts(16, 3, 0, 0, Scoring::Moba)),
-        (shape(1, 8, 2, 333, 333, 32), opts(64, 3, 1, 0, Scoring::InfLlmV2)),
-        (shape(1, 4, 1, 150, 150, 16), opts(16, 4, 0, 1, Scoring::InfLlmV2)),
+        (
+            shape(1, 4, 2, 150, 150, 32),
+            opts(16, 4, 1, 1, Scoring::Ssa),
+        ),
+        (
+            shape(1, 4, 1, 150, 150, 32),
+            opts(16, 3, 0, 0, Scoring::Moba),
+        ),
+        (
+            shape(1, 8, 2, 333, 333, 32),
+            opts(64, 3, 1, 0, Scoring::InfLlmV2),
+        ),
+        (
+            shape(1, 4, 1, 150, 150, 16),
+            opts(16, 4, 0, 1, Scoring::InfLlmV2),
+        ),
         // decoding-like: 20 queries at the end of 300 keys
-        (shape(1, 4, 1, 20, 300, 32), opts(32, 4, 1, 1, Scoring::InfLlmV2)),
+        (
+            shape(1, 4, 1, 20, 300, 32),
+            opts(32, 4, 1, 1, Scoring::InfLlmV2),
+        ),
     ];
     for (i, (s, o)) in cases.into_iter().enumerate() {
         let mut rng = Rng::new(seed.wrapping_add(i as u64));

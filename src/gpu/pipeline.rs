@@ -22,6 +22,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_bwd.wgsl"),
     ),
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("key_bias.wgsl", include_str!("../../shaders/key_bias.wgsl")),
     ("rowdot.wgsl", include_str!("../../shaders/rowdot.wgsl")),
     (
         "attn_params.wgsl",
@@ -192,7 +193,10 @@ pub struct Pipeline {
     pub label: String,
 }
 
-/// Expand `//#include "x.wgsl"` lines and prepend the constants.
+/// Expand `//#include "x.wgsl"` lines and prepend the constants. `//#if NAME` .. `//#else` ..
+/// `//#endif` keep the lines of the branch that holds (NAME a constant of the key, true when
+/// nonzero): how a kernel declares an optional binding only where it is used, so that a launch
+/// binds no stand-ins and stays within WebGPU's 8 storage buffers per stage where it can.
 pub fn preprocess(key: &PipelineKey) -> Result<String> {
     let mut out = String::new();
     // `enable` directives must come before any declaration.
@@ -209,26 +213,66 @@ pub fn preprocess(key: &PipelineKey) -> Result<String> {
     for (name, value) in &key.constants {
         out.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
-    expand(key.file, &mut out, 0)?;
+    expand(key, key.file, &mut out, 0)?;
     Ok(out)
 }
 
-/// Append `file` with its includes expanded (recursively; `enable` lines were hoisted).
-fn expand(file: &str, out: &mut String, depth: usize) -> Result<()> {
+/// Append `file` with its includes expanded (recursively; `enable` lines were hoisted) and its
+/// conditional blocks resolved.
+fn expand(key: &PipelineKey, file: &str, out: &mut String, depth: usize) -> Result<()> {
     if depth > 4 {
         return Err(Error::Gpu(format!("includes nested too deeply at {file}")));
     }
-    for line in source(file)?.lines() {
+    // One entry per open `//#if`: (this branch is kept, the enclosing ones are kept).
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |stack: &[(bool, bool)]| stack.last().is_none_or(|&(b, outer)| b && outer);
+    for (n, line) in source(file)?.lines().enumerate() {
         if line.starts_with("enable ") {
             continue;
         }
-        match line.trim().strip_prefix("//#include ") {
-            Some(inc) => expand(inc.trim().trim_matches('"'), out, depth + 1)?,
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("//#if ") {
+            let name = name.trim();
+            let on = match key.constants.iter().find(|(c, _)| *c == name) {
+                Some(&(_, v)) => v != 0,
+                None => {
+                    return Err(Error::Gpu(format!(
+                        "{file}:{}: `//#if {name}` names no constant of this pipeline",
+                        n + 1
+                    )));
+                }
+            };
+            let outer = active(&stack);
+            stack.push((on, outer));
+            continue;
+        }
+        if t == "//#else" || t == "//#endif" {
+            let Some(top) = stack.last_mut() else {
+                return Err(Error::Gpu(format!(
+                    "{file}:{}: `{t}` without `//#if`",
+                    n + 1
+                )));
+            };
+            if t == "//#else" {
+                top.0 = !top.0;
+            } else {
+                stack.pop();
+            }
+            continue;
+        }
+        if !active(&stack) {
+            continue;
+        }
+        match t.strip_prefix("//#include ") {
+            Some(inc) => expand(key, inc.trim().trim_matches('"'), out, depth + 1)?,
             None => {
                 out.push_str(line);
                 out.push('\n');
             }
         }
+    }
+    if !stack.is_empty() {
+        return Err(Error::Gpu(format!("{file}: `//#if` without `//#endif`")));
     }
     Ok(())
 }

@@ -150,6 +150,7 @@ fn plan_chunks(shape: &AttnShape, gpu: &Gpu, elem: u64) -> Result<Vec<Chunk>> {
             (shape.seq_k * shape.head_dim) as u64 * elem,
         ),
         ("per-row tensor (LSE)", g * shape.seq_q as u64 * 4),
+        ("per-key bias", shape.seq_k as u64 * 4),
     ];
     let tiles = (shape.seq_q.max(shape.seq_k) as u64).div_ceil(32);
     if tiles > l.max_compute_workgroups_per_dimension as u64 {
@@ -176,6 +177,8 @@ enum Class {
     Q,
     Kv,
     Row,
+    /// Per-key tensors: the bias and its gradient.
+    Key,
 }
 
 /// Outputs of the forward pass.
@@ -187,26 +190,40 @@ pub struct AttnOutput {
     pub lse: Tensor,
 }
 
-/// The q, k and v of one attention call: `[b, hq, sq, d]`, then `[b, hkv, sk, d]` twice.
+/// The q, k and v of one attention call: `[b, hq, sq, d]`, then `[b, hkv, sk, d]` twice, and
+/// the optional additive per-key bias `[b, hkv, sk]` (f32; given exactly when the op was built
+/// with one): logit = scale·q·k + bias.
 #[derive(Clone, Copy, Debug)]
 pub struct Qkv<'a> {
     pub q: &'a Tensor,
     pub k: &'a Tensor,
     pub v: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
 }
 
 impl<'a> Qkv<'a> {
     pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
-        Self { q, k, v }
+        Self {
+            q,
+            k,
+            v,
+            bias: None,
+        }
+    }
+
+    pub fn bias(self, bias: Option<&'a Tensor>) -> Self {
+        Self { bias, ..self }
     }
 }
 
-/// Gradients with the shapes of q, k and v.
+/// Gradients with the shapes of q, k and v, and of the bias when the op has one.
 #[derive(Debug)]
 pub struct AttnGrads {
     pub dq: Tensor,
     pub dk: Tensor,
     pub dv: Tensor,
+    /// `[b, hkv, sk]` f32: present exactly when the op was built with a bias.
+    pub dbias: Option<Tensor>,
 }
 
 impl AttnOutput {
@@ -236,8 +253,40 @@ impl AttnGrads {
             dq: gpu.empty(&shape.q_dims(), dtype)?,
             dk: gpu.empty(&shape.kv_dims(), dtype)?,
             dv: gpu.empty(&shape.kv_dims(), dtype)?,
+            dbias: None,
         })
     }
+
+    /// The same with a d bias `[b, hkv, sk]` (f32) when `bias`.
+    pub fn empty_with(gpu: &Gpu, shape: &AttnShape, dtype: DType, bias: bool) -> Result<Self> {
+        Ok(Self {
+            dbias: match bias {
+                true => Some(gpu.empty(&bias_dims(shape), DType::F32)?),
+                false => None,
+            },
+            ..Self::empty_as(gpu, shape, dtype)?
+        })
+    }
+}
+
+/// Shape of a per-key bias and of its gradient: `[b, hkv, sk]`.
+pub fn bias_dims(shape: &AttnShape) -> [usize; 3] {
+    [shape.batch, shape.heads_kv, shape.seq_k]
+}
+
+/// Storage buffers one kernel with a per-key bias binds at most (the dK/dV kernels: q, k, v,
+/// dO, LSE, D, dK, dV, bias, d bias; the sparse one the selection too), against the device's
+/// per-stage limit (8 under WebGPU's defaults): an error that says so instead of a pipeline
+/// failure. Without a bias the kernels declare no bias bindings.
+pub(crate) fn check_bias_bindings(gpu: &Gpu, op: &str, needed: u32) -> Result<()> {
+    let have = gpu.limits().max_storage_buffers_per_shader_stage;
+    if needed > have {
+        return Err(Error::Unsupported(format!(
+            "{op} with a per-key bias binds {needed} storage buffers in one kernel; this device \
+             allows {have} per shader stage"
+        )));
+    }
+    Ok(())
 }
 
 /// Full attention for one problem shape: validated once, pipelines fetched once.
@@ -260,6 +309,7 @@ pub struct FullAttention {
     /// Scratch for D = rowsum(dO ∘ O) `[b, hq, sq]`, made once with the op.
     rowd: Tensor,
     storage: Storage,
+    has_bias: bool,
 }
 
 /// What a [`FullAttention`] is built for besides the shape: one plain struct instead of a
@@ -272,8 +322,11 @@ pub struct FullConfig {
     /// How f16 is kept; `None`: native where the device has SHADER_F16, packed in u32 elsewhere.
     pub storage: Option<Storage>,
     /// Kernel variant of each pass; `None`: the fastest this device runs for the dtype and
-    /// head_dim (with f16, both passes on tensor cores where the device has them).
+    /// head_dim (with f16, both passes on tensor cores where the device has them, unless a bias
+    /// is given: the tensor-core kernels take none yet).
     pub variants: Option<Variants>,
+    /// An additive per-key bias `[b, hkv, sk]` is given (NOSA), with its gradient.
+    pub bias: bool,
 }
 
 impl FullConfig {
@@ -283,7 +336,12 @@ impl FullConfig {
             dtype: DType::F32,
             storage: None,
             variants: None,
+            bias: false,
         }
+    }
+
+    pub fn bias(self, bias: bool) -> Self {
+        Self { bias, ..self }
     }
 
     pub fn dtype(self, dtype: DType) -> Self {
@@ -329,12 +387,24 @@ impl FullAttention {
         let variants = match config.variants {
             Some(v) => v,
             None if storage == Storage::F16
+                && !config.bias
                 && crate::ops::coop::supported(gpu, shape.head_dim).is_ok() =>
             {
                 Variants::uniform(Variant::Coop)
             }
             None => auto_variants(gpu, shape.head_dim)?,
         };
+        if config.bias && (variants.forward == Variant::Coop || variants.backward == Variant::Coop)
+        {
+            return Err(Error::Unsupported(
+                "the cooperative-matrix attention kernels take no per-key bias yet; use a \
+                 portable variant (portable, large, xl) with a bias"
+                    .into(),
+            ));
+        }
+        if config.bias {
+            check_bias_bindings(gpu, "full attention", 10)?;
+        }
         storage.check(gpu)?;
         check_fits(gpu, variants.forward, shape.head_dim, &[Kind::Fwd])?;
         check_fits(gpu, variants.backward, shape.head_dim, &BACKWARD)?;
@@ -342,12 +412,15 @@ impl FullAttention {
         let d = shape.head_dim as u32;
         let max_shared = gpu.limits().max_compute_workgroup_storage_size;
         let fit = |kind, v| Tiles::fitted(kind, v, d, max_shared).expect("checked above");
-        let key = |file, entry, consts| PipelineKey {
-            file,
-            entry,
-            constants: consts,
-            checked: false,
-            storage,
+        let key = |file, entry, mut consts: Vec<(&'static str, u32)>| {
+            consts.push(("HAS_BIAS", config.bias as u32));
+            PipelineKey {
+                file,
+                entry,
+                constants: consts,
+                checked: false,
+                storage,
+            }
         };
         let (fwd, fwd_rows) = if variants.forward == Variant::Coop {
             if storage != Storage::F16 {
@@ -412,6 +485,7 @@ impl FullAttention {
             rowdot,
             rowd: gpu.empty(&shape.lse_dims(), DType::F32)?,
             storage,
+            has_bias: config.bias,
         })
     }
 
@@ -425,6 +499,10 @@ impl FullAttention {
     }
     pub fn variants(&self) -> Variants {
         self.variants
+    }
+    /// Built for a per-key bias (and its gradient).
+    pub fn has_bias(&self) -> bool {
+        self.has_bias
     }
     /// Number of launches per kernel (more than one when tensors exceed the binding limit).
     pub fn chunks(&self) -> usize {
@@ -452,7 +530,7 @@ impl FullAttention {
             rows: 0,
             nsel: 0,
             i_off: 0,
-            b_off: 0,
+            b_off: window_sized(c.u0 * s.seq_k as u64, 0, align, 4).skip,
             _pad: 0,
         }
     }
@@ -466,6 +544,7 @@ impl FullAttention {
             Class::Q => (g * s.seq_q as u64 * d, e),
             Class::Kv => (s.seq_k as u64 * d, e),
             Class::Row => (g * s.seq_q as u64, 4),
+            Class::Key => (s.seq_k as u64, 4),
         };
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
@@ -488,6 +567,22 @@ impl FullAttention {
         launch::dispatch(gpu, enc, pipe, bytemuck::bytes_of(&params), &views, grid);
     }
 
+    /// The bias argument, checked against how the op was built.
+    fn bias_arg<'a>(
+        &self,
+        bias: Option<&'a Tensor>,
+        dims: &'a [usize],
+    ) -> Result<Option<launch::Arg<'a>>> {
+        match (bias, self.has_bias) {
+            (Some(b), true) => Ok(Some(input("bias", b, dims, DType::F32))),
+            (None, false) => Ok(None),
+            (Some(_), false) => invalid!(
+                "a bias was given to a full attention built without one (FullConfig::bias)"
+            ),
+            (None, true) => invalid!("this full attention was built with a bias; none was given"),
+        }
+    }
+
     /// Record the forward pass into `enc`: O and LSE are overwritten.
     pub fn encode_forward(
         &self,
@@ -496,18 +591,28 @@ impl FullAttention {
         x: Qkv,
         out: &AttnOutput,
     ) -> Result<()> {
-        let Qkv { q, k, v } = x;
+        let Qkv { q, k, v, bias } = x;
         let (o, lse) = (&out.o, &out.lse);
         let s = self.shape;
         let dt = self.storage.dtype();
-        let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
-        check_args(&[
+        let (qd, kd, ld, bd) = (s.q_dims(), s.kv_dims(), s.lse_dims(), bias_dims(&s));
+        let mut args = vec![
             input("q", q, &qd, dt),
             input("k", k, &kd, dt),
             input("v", v, &kd, dt),
             output("o", o, &qd, dt),
             output("lse", lse, &ld, DType::F32),
-        ])?;
+        ];
+        args.extend(self.bias_arg(bias, &bd)?);
+        check_args(&args)?;
+        let mut views = vec![
+            (1, Class::Q, q),
+            (2, Class::Kv, k),
+            (3, Class::Kv, v),
+            (4, Class::Q, o),
+            (5, Class::Row, lse),
+        ];
+        views.extend(bias.map(|b| (6, Class::Key, b)));
         for &c in &self.chunks {
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
             self.dispatch(
@@ -515,13 +620,7 @@ impl FullAttention {
                 enc,
                 &self.fwd,
                 c,
-                &[
-                    (1, Class::Q, q),
-                    (2, Class::Kv, k),
-                    (3, Class::Kv, v),
-                    (4, Class::Q, o),
-                    (5, Class::Row, lse),
-                ],
+                &views,
                 ((s.seq_q as u32).div_ceil(self.fwd_rows), heads),
             );
         }
@@ -540,12 +639,12 @@ impl FullAttention {
         d_o: &Tensor,
         grads: &AttnGrads,
     ) -> Result<()> {
-        let Qkv { q, k, v } = x;
+        let Qkv { q, k, v, bias } = x;
         let (o, lse, rowd) = (&out.o, &out.lse, &self.rowd);
         let s = self.shape;
         let dt = self.storage.dtype();
-        let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
-        check_args(&[
+        let (qd, kd, ld, bd) = (s.q_dims(), s.kv_dims(), s.lse_dims(), bias_dims(&s));
+        let mut args = vec![
             input("q", q, &qd, dt),
             input("k", k, &kd, dt),
             input("v", v, &kd, dt),
@@ -555,7 +654,17 @@ impl FullAttention {
             output("dq", &grads.dq, &qd, dt),
             output("dk", &grads.dk, &kd, dt),
             output("dv", &grads.dv, &kd, dt),
-        ])?;
+        ];
+        args.extend(self.bias_arg(bias, &bd)?);
+        match (&grads.dbias, self.has_bias) {
+            (Some(db), true) => args.push(output("dbias", db, &bd, DType::F32)),
+            (None, false) => {}
+            (Some(_), false) => invalid!("a d bias was given to a full attention without a bias"),
+            (None, true) => invalid!(
+                "this full attention has a bias: its gradients need dbias (AttnGrads::empty_with)"
+            ),
+        }
+        check_args(&args)?;
         // What dkdv and dq both read.
         let inputs = [
             (1, Class::Q, q),
@@ -570,6 +679,14 @@ impl FullAttention {
             (9, Class::Kv, &grads.dk),
             (10, Class::Kv, &grads.dv),
         ];
+        // Both entries read the bias; dkdv writes its gradient (checked present together).
+        let bias_in: Vec<_> = bias.map(|b| (11, Class::Key, b)).into_iter().collect();
+        let bias_out: Vec<_> = grads
+            .dbias
+            .as_ref()
+            .map(|b| (12, Class::Key, b))
+            .into_iter()
+            .collect();
         for &c in &self.chunks {
             let base = self.params(gpu, c);
             let heads = ((c.u1 - c.u0) * s.group() as u64) as u32;
@@ -593,7 +710,7 @@ impl FullAttention {
                 enc,
                 &self.dkdv,
                 c,
-                &[&inputs[..], dkdv_out].concat(),
+                &[&inputs[..], dkdv_out, &bias_in, &bias_out].concat(),
                 (
                     (s.seq_k as u32).div_ceil(self.dkdv_rows),
                     (c.u1 - c.u0) as u32,
@@ -604,7 +721,7 @@ impl FullAttention {
                 enc,
                 &self.dq,
                 c,
-                &[&inputs[..], dq_out].concat(),
+                &[&inputs[..], dq_out, &bias_in].concat(),
                 ((s.seq_q as u32).div_ceil(self.dq_rows), heads),
             );
         }
@@ -645,7 +762,7 @@ impl FullAttention {
         d_o: &Tensor,
     ) -> Result<AttnGrads> {
         let s = self.shape;
-        let grads = AttnGrads::empty_as(gpu, &s, self.storage.dtype())?;
+        let grads = AttnGrads::empty_with(gpu, &s, self.storage.dtype(), self.has_bias)?;
         self.backward_into(gpu, Qkv::new(q, k, v), out, d_o, &grads)?;
         Ok(grads)
     }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
-use crate::ops::attention::{AttnGrads, AttnOutput};
+use crate::ops::attention::{AttnGrads, AttnOutput, check_bias_bindings};
 use crate::ops::launch::{
-    self, Arg, Chunk, Params, Window, check_args, input, output, plan_units, window, window_sized,
+    self, Arg, Chunk, Params, Window, check_args, input, output, plan_units, window_sized,
 };
 use crate::ops::rowdot::RowDot;
 use crate::ops::tiles::{Kind, Tiles, fit_sparse, sparse_tiles};
@@ -69,8 +69,6 @@ pub struct SparseAttention {
     dq: Arc<Pipeline>,
     dkdv: Arc<Pipeline>,
     rowdot: RowDot,
-    /// Bound in place of the bias when there is none (the kernels never read it); made once.
-    no_bias: Tensor,
     /// Scratch for D = rowsum(dO ∘ O) `[b, hq, sq]`, made once with the op.
     rowd: Tensor,
     storage: Storage,
@@ -266,6 +264,9 @@ impl SparseAttention {
             f16_only("forward")?;
             crate::ops::coop::sparse_supported(gpu, d, g, opts.block)
         };
+        if has_bias {
+            check_bias_bindings(gpu, "sparse attention", 11)?;
+        }
         let forward = match forward {
             SparseKernel::Auto => SparseKernel::Portable,
             k => k,
@@ -328,7 +329,6 @@ impl SparseAttention {
             dq,
             dkdv,
             rowdot,
-            no_bias: gpu.empty(&[1], DType::F32)?,
             rowd: gpu.empty(&shape.lse_dims(), DType::F32)?,
             storage,
         })
@@ -446,17 +446,15 @@ impl SparseAttention {
         }
     }
 
-    /// The bias binding: the given tensor, or a one-element stand-in the kernel never reads.
-    fn bias_view<'a>(
-        &'a self,
+    /// A per-key tensor's binding at `slot` (the kernels declare none without a bias).
+    fn key_view<'a>(
+        &self,
         gpu: &Gpu,
         c: Chunk,
-        bias: Option<&'a Tensor>,
-    ) -> (u32, &'a Tensor, Window) {
-        match bias {
-            Some(b) => (12, b, self.window_of(gpu, Class::Bias, c)),
-            None => (12, &self.no_bias, window(0, 1, 256)),
-        }
+        slot: u32,
+        t: Option<&'a Tensor>,
+    ) -> Option<(u32, &'a Tensor, Window)> {
+        t.map(|t| (slot, t, self.window_of(gpu, Class::Bias, c)))
     }
 
     /// Record the forward pass: O and LSE are overwritten.
@@ -483,21 +481,21 @@ impl SparseAttention {
         )?;
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
-            let (_, bt, bw) = self.bias_view(gpu, c, bias);
+            let mut views = vec![
+                (1, q, w(Class::Q)),
+                (2, k, w(Class::Kv)),
+                (3, v, w(Class::Kv)),
+                (4, &out.o, w(Class::Q)),
+                (5, &out.lse, w(Class::Row)),
+                (6, sel, w(Class::Sel)),
+            ];
+            views.extend(self.key_view(gpu, c, 7, bias));
             launch::dispatch(
                 gpu,
                 enc,
                 &self.fwd,
                 bytemuck::bytes_of(&self.params(gpu, c)),
-                &[
-                    (1, q, w(Class::Q)),
-                    (2, k, w(Class::Kv)),
-                    (3, v, w(Class::Kv)),
-                    (4, &out.o, w(Class::Q)),
-                    (5, &out.lse, w(Class::Row)),
-                    (6, sel, w(Class::Sel)),
-                    (7, bt, bw),
-                ],
+                &views,
                 (
                     (s.seq_q as u32).div_ceil(self.fwd_tokens),
                     (c.u1 - c.u0) as u32,
@@ -522,22 +520,24 @@ impl SparseAttention {
         let rowd = &self.rowd;
         let s = self.shape;
         let dt = self.storage.dtype();
-        let (qd, kd, ld) = (s.q_dims(), s.kv_dims(), s.lse_dims());
-        self.check_inputs(
-            q,
-            k,
-            v,
-            sel,
-            bias,
-            &[
-                input("o", &out.o, &qd, dt),
-                input("lse", &out.lse, &ld, DType::F32),
-                input("dO", d_o, &qd, dt),
-                output("dq", &grads.dq, &qd, dt),
-                output("dk", &grads.dk, &kd, dt),
-                output("dv", &grads.dv, &kd, dt),
-            ],
-        )?;
+        let (qd, kd, ld, bd) = (s.q_dims(), s.kv_dims(), s.lse_dims(), self.bias_dims());
+        let mut rest = vec![
+            input("o", &out.o, &qd, dt),
+            input("lse", &out.lse, &ld, DType::F32),
+            input("dO", d_o, &qd, dt),
+            output("dq", &grads.dq, &qd, dt),
+            output("dk", &grads.dk, &kd, dt),
+            output("dv", &grads.dv, &kd, dt),
+        ];
+        match (&grads.dbias, self.has_bias) {
+            (Some(db), true) => rest.push(output("dbias", db, &bd, DType::F32)),
+            (None, false) => {}
+            (Some(_), false) => invalid!("a d bias was given to a sparse attention without a bias"),
+            (None, true) => invalid!(
+                "this sparse attention has a bias: its gradients need dbias (AttnGrads::empty_with)"
+            ),
+        }
+        self.check_inputs(q, k, v, sel, bias, &rest)?;
         let nb = s.seq_k.div_ceil(self.opts.block) as u32;
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
@@ -554,7 +554,7 @@ impl SparseAttention {
                     (rowd, w(Class::Row)),
                 ],
             );
-            let inputs = [
+            let mut inputs = vec![
                 (1, q, w(Class::Q)),
                 (2, k, w(Class::Kv)),
                 (3, v, w(Class::Kv)),
@@ -562,8 +562,12 @@ impl SparseAttention {
                 (6, &out.lse, w(Class::Row)),
                 (7, rowd, w(Class::Row)),
                 (11, sel, w(Class::Sel)),
-                self.bias_view(gpu, c, bias),
             ];
+            inputs.extend(self.key_view(gpu, c, 12, bias));
+            let dbias: Vec<_> = self
+                .key_view(gpu, c, 13, grads.dbias.as_ref())
+                .into_iter()
+                .collect();
             let outs = [
                 (8, &grads.dq, w(Class::Q)),
                 (9, &grads.dk, w(Class::Kv)),
@@ -587,7 +591,7 @@ impl SparseAttention {
                 enc,
                 &self.dkdv,
                 bytemuck::bytes_of(&base),
-                &[&inputs[..], dkdv_out].concat(),
+                &[&inputs[..], dkdv_out, &dbias].concat(),
                 (nb, units),
             );
         }
@@ -615,7 +619,7 @@ impl SparseAttention {
         d_o: &Tensor,
     ) -> Result<AttnGrads> {
         let s = self.shape;
-        let grads = AttnGrads::empty_as(gpu, &s, self.storage.dtype())?;
+        let grads = AttnGrads::empty_with(gpu, &s, self.storage.dtype(), self.has_bias)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
         self.encode_backward(gpu, &mut enc, x, out, d_o, &grads)?;
         gpu.scoped("sparse attention backward", || {

@@ -81,11 +81,7 @@ pub fn forward(
         ("k", k.len(), shape.kv_len()),
         ("v", v.len(), shape.kv_len()),
         ("selection", sel.len(), rows_kv * nsel),
-        (
-            "bias",
-            bias.map_or(0, |b| b.len()),
-            bias.map_or(0, |_| shape.batch * shape.heads_kv * shape.seq_k),
-        ),
+        crate::reference::attention::bias_len(shape, bias),
     ] {
         if got != want {
             invalid!("{name} has {got} elements, the shape {shape:?} needs {want}");
@@ -119,7 +115,9 @@ pub fn forward(
     Ok(Forward { o, lse })
 }
 
-/// Gradients of `Σ O·dO` with respect to q, k, v for [`forward`] (recomputed in f64).
+/// Gradients of `Σ O·dO` with respect to q, k, v (and the bias, when given: d b_j = Σ dS_ij
+/// over the group's query heads and the tokens that see key j) for [`forward`] (recomputed in
+/// f64).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     shape: &AttnShape,
@@ -146,6 +144,7 @@ pub fn backward(
     let mut dq = vec![0f64; shape.q_len()];
     let mut dk = vec![0f64; shape.kv_len()];
     let mut dv = vec![0f64; shape.kv_len()];
+    let mut db = vec![0f64; bias.map_or(0, |b| b.len())];
     for bh in 0..shape.batch * shape.heads_q {
         let kv = bh / g;
         for t in 0..sq {
@@ -166,6 +165,9 @@ pub fn backward(
             let di: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
             for (n, &j) in keys.iter().enumerate() {
                 let ds = p[n] * (dp[n] - di);
+                if bias.is_some() {
+                    db[kv * sk + j] += ds;
+                }
                 for c in 0..d {
                     dv[kr(j) + c] += p[n] * doi[c] as f64;
                     dq[row * d + c] += scale * ds * k[kr(j) + c] as f64;
@@ -179,5 +181,6 @@ pub fn backward(
         dq: f(dq),
         dk: f(dk),
         dv: f(dv),
+        dbias: bias.map(|_| f(db)),
     })
 }

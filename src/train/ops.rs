@@ -282,6 +282,7 @@ impl AttnBackend for CubeBackend {
             dq: bdq.tensor.clone(),
             dk: bdk.tensor.clone(),
             dv: bdv.tensor.clone(),
+            dbias: None,
         };
         let mut enc = gpu.device().create_command_encoder(&Default::default());
         op.encode_backward(
@@ -399,6 +400,7 @@ impl AttnBackend for CubeBackend {
             dq: bdq.tensor.clone(),
             dk: bdk.tensor.clone(),
             dv: bdv.tensor.clone(),
+            dbias: None,
         };
         let out = AttnOutput {
             o: b[3].tensor.clone(),
