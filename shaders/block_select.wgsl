@@ -204,6 +204,33 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
 }
 
+// Bitonic sort of sh_key / sh_idx[0 .. p2) by `precedes` (best first).
+fn bitonic(p2: u32, tid: u32) {
+    for (var size = 2u; size <= p2; size <<= 1u) {
+        for (var stride = size / 2u; stride > 0u; stride >>= 1u) {
+            for (var i = tid; i < p2 / 2u; i += NT) {
+                let lo = 2u * stride * (i / stride) + i % stride;
+                let hi = lo + stride;
+                let ka = sh_key[lo];
+                let ia = sh_idx[lo];
+                let kb = sh_key[hi];
+                let ib = sh_idx[hi];
+                let first = (lo & size) == 0u;
+                if (first == precedes(kb, ib, ka, ia)) {
+                    sh_key[lo] = kb;
+                    sh_idx[lo] = ib;
+                    sh_key[hi] = ka;
+                    sh_idx[hi] = ia;
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+}
+
+// Blocks per thread when a thread rebuilds the keys of blocks tid + n·NT.
+const EPT: u32 = (NBP + NT - 1u) / NT;
+
 @compute @workgroup_size(NT)
 fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let row = wg.y * prm.grid_x + wg.x;
@@ -225,27 +252,53 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         sh_idx[j] = j;
     }
     workgroupBarrier();
-    // Bitonic sort of (key, index) by `precedes`.
-    for (var size = 2u; size <= p2; size <<= 1u) {
-        for (var stride = size / 2u; stride > 0u; stride >>= 1u) {
-            for (var i = tid; i < p2 / 2u; i += NT) {
-                let lo = 2u * stride * (i / stride) + i % stride;
-                let hi = lo + stride;
-                let ka = sh_key[lo];
-                let ia = sh_idx[lo];
-                let kb = sh_key[hi];
-                let ib = sh_idx[hi];
-                let first = (lo & size) == 0u;
-                if (first == precedes(kb, ib, ka, ia)) {
-                    sh_key[lo] = kb;
-                    sh_idx[lo] = ib;
-                    sh_key[hi] = ka;
-                    sh_idx[hi] = ia;
-                }
-            }
-            workgroupBarrier();
+    bitonic(p2, tid);
+//#if NOSA
+    // The query-aware blocks (the first k - evict) stay first (FORCED); the other candidates
+    // are ranked again by the eviction score and fill the selection to k.
+    let nq = min(prm.k - prm.evict, end);
+    let u = row / prm.seq_q;
+    var keys: array<f32, EPT>;
+    for (var n = 0u; n < EPT; n++) {
+        let j = tid + n * NT;
+        var x = PAD;
+        if (j < end) {
+            x = select(evict_score(u, j, pend), FORCED, chosen_first(j, nq));
+        }
+        keys[n] = x;
+    }
+    workgroupBarrier();
+    for (var n = 0u; n < EPT; n++) {
+        let j = tid + n * NT;
+        if (j < p2) {
+            sh_key[j] = keys[n];
+            sh_idx[j] = j;
         }
     }
+    workgroupBarrier();
+    bitonic(p2, tid);
+//#endif
     // The first min(k, candidates) entries are the selection.
     write_ascending(min(prm.k, end), row, tid);
+}
+
+// NOSA: the per-token eviction score mean-pooled over each window, like the keys (thread per
+// (unit, window)).
+@compute @workgroup_size(NT)
+fn evict_pool(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+//#if NOSA
+    let e = (wg.y * prm.grid_x + wg.x) * NT + tid;
+    if (e >= prm.units * prm.np) {
+        return;
+    }
+    let u = e / prm.np;
+    let p = e % prm.np;
+    let t0 = p * prm.pool_s;
+    let t1 = min(t0 + prm.pool_w, prm.seq_k);
+    var acc = 0.0;
+    for (var t = t0; t < t1; t++) {
+        acc += evict[prm.e_off + u * prm.seq_k + t];
+    }
+    epool[prm.ep_off + e] = acc / f32(t1 - t0);
+//#endif
 }

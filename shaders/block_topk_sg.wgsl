@@ -14,6 +14,7 @@
 const TAKEN: f32 = -3.4028235e38;
 // Candidates per thread: thread tid holds blocks tid + n·NT.
 const EPT: u32 = (NBP + NT - 1u) / NT;
+// With NOSA the rounds run in two stages: query-aware, then by the eviction score.
 
 // Each subgroup's winner of a round, in two halves used alternately.
 var<workgroup> win_key: array<f32, 2u * NT>;
@@ -58,7 +59,24 @@ fn block_topk_sg(@builtin(workgroup_id) wg: vec3<u32>,
     }
     var b = local_best(&keys, tid);
     let n_out = min(prm.k, end);
+    var n_stage = n_out;
+//#if NOSA
+    n_stage = min(prm.k - prm.evict, end);
+//#endif
     for (var s = 0u; s < n_out; s++) {
+//#if NOSA
+        if (s == n_stage) {
+            // The query-aware blocks are taken; the rest rank by the eviction score.
+            let u = row / prm.seq_q;
+            for (var n = 0u; n < EPT; n++) {
+                let j = tid + n * NT;
+                if (keys[n] != TAKEN) {
+                    keys[n] = select(evict_score(u, j, pend), PAD, j >= end);
+                }
+            }
+            b = local_best(&keys, tid);
+        }
+//#endif
         let m = subgroupMax(b.key);
         let i = subgroupMin(select(SENTINEL, b.idx, b.key == m));
         let h = (s & 1u) * NT;

@@ -1,5 +1,7 @@
 // What the selection kernels share (block_select.wgsl, block_topk_sg.wgsl): launch parameters,
-// bindings, the candidate rules and the order of the top-k. Needs NEG (attn_params.wgsl).
+// bindings, the candidate rules and the order of the top-k. Needs NEG (attn_params.wgsl) and
+// the constant NOSA (1: the last `evict` blocks of each row are chosen by a pooled,
+// query-agnostic eviction score after the query-aware ones; NOSA.md §2).
 
 // NEG (from common.wgsl) marks a pooled key that is not a candidate.
 const PAD: f32 = -3.4e38;      // past the last block (sorts after NEG)
@@ -28,9 +30,9 @@ struct SelParams {
     np: u32,      // pooled keys (= nb except for InfLLM-V2)
     pool_w: u32,  // pooling window and stride in tokens
     pool_s: u32,
-    _p0: u32,
-    _p1: u32,
-    _p2: u32,
+    evict: u32,   // NOSA: blocks chosen by the eviction score
+    e_off: u32,   // NOSA: offsets of the per-token eviction score and of its pooled windows
+    ep_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> prm: SelParams;
@@ -39,6 +41,10 @@ struct SelParams {
 @group(0) @binding(3) var<storage, read_write> kbar: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> scores: array<f32>;
 @group(0) @binding(5) var<storage, read_write> sel: array<u32>;
+//#if NOSA
+@group(0) @binding(6) var<storage, read> evict: array<f32>;
+@group(0) @binding(7) var<storage, read_write> epool: array<f32>;
+//#endif
 
 fn current_block(t: u32) -> u32 {
     return min((prm.q_pos0 + t) / BLK, prm.nb - 1u);
@@ -71,18 +77,54 @@ fn block_score(srow: u32, j: u32, pend: u32) -> f32 {
     if (prm.mode != 2u) {
         return scores[srow + j];
     }
+    let w = block_windows(j, pend);
+    var best = NEG;
+    for (var m = w.x; m < w.y; m++) {
+        best = max(best, scores[srow + m]);
+    }
+    return best;
+}
+
+// Pooled windows lo..hi (exclusive) that score block j for InfLLM-V2: the scored windows
+// (below pend) that overlap it.
+fn block_windows(j: u32, pend: u32) -> vec2<u32> {
     let start = j * BLK;
     var lo = 0u;
     if (start >= prm.pool_w) {
         lo = (start - prm.pool_w) / prm.pool_s + 1u;
     }
-    let hi = min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, prm.np), pend);
-    var best = NEG;
-    for (var m = lo; m < hi; m++) {
-        best = max(best, scores[srow + m]);
-    }
-    return best;
+    return vec2<u32>(lo, min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, prm.np), pend));
 }
+
+//#if NOSA
+// NOSA's eviction score of block j in unit u (pooled like the keys: the block's window, or the
+// max over the scored windows overlapping it); NEG where no window is scored, and for NaN.
+fn evict_score(u: u32, j: u32, pend: u32) -> f32 {
+    let base = prm.ep_off + u * prm.np;
+    var best = NEG;
+    if (prm.mode != 2u) {
+        if (j < pend) {
+            best = epool[base + j];
+        }
+    } else {
+        let w = block_windows(j, pend);
+        for (var m = w.x; m < w.y; m++) {
+            best = max(best, epool[base + m]);
+        }
+    }
+    return select(best, NEG, best != best);
+}
+
+// Was block j among the first n entries of sh_idx (the query-aware choice)?
+fn chosen_first(j: u32, n: u32) -> bool {
+    for (var s = 0u; s < n; s++) {
+        if (sh_idx[s] == j) {
+            return true;
+        }
+    }
+    return false;
+}
+//#endif
 
 // Does (ka, ia) come before (kb, ib)? Higher key first, then the lower index.
 fn precedes(ka: f32, ia: u32, kb: f32, ib: u32) -> bool {

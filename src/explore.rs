@@ -7,7 +7,7 @@ use crate::error::{Result, invalid};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::attention::FullAttention;
 use crate::ops::metrics::AttentionMetrics;
-use crate::ops::select::BlockSelect;
+use crate::ops::select::{BlockSelect, SelectInputs};
 use crate::ops::sparse::SparseAttention;
 use crate::problem::{AttnOptions, AttnShape};
 use crate::problem::{Scoring, SelectOptions};
@@ -131,6 +131,7 @@ impl ExploreConfig {
             scoring: self.scoring,
             causal: true,
             scale: None,
+            evict: 0,
         }
     }
 
@@ -239,7 +240,7 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     full.encode_forward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &full_out)?;
-    selector.encode(gpu, &mut enc, &tq, &tk, &scratch, &sel)?;
+    selector.encode(gpu, &mut enc, &SelectInputs::new(&tq, &tk), &scratch, &sel)?;
     sparse.encode_forward(
         gpu,
         &mut enc,
@@ -278,7 +279,7 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
             .map(|s| s * 1e3);
         select_ms = gpu
             .time_async(reps, |enc| {
-                selector.encode(gpu, enc, &tq, &tk, &scratch, &sel)
+                selector.encode(gpu, enc, &SelectInputs::new(&tq, &tk), &scratch, &sel)
             })
             .await?
             .map(|s| s * 1e3);

@@ -39,7 +39,7 @@ pub use ops::attention::{
     AttnGrads, AttnOutput, FullAttention, FullConfig, Qkv, Variant, Variants, attention_backward,
     attention_forward,
 };
-pub use ops::select::{BlockSelect, SelectConfig, TopK};
+pub use ops::select::{BlockSelect, SelectConfig, SelectInputs, TopK};
 pub use ops::sparse::{SparseAttention, SparseConfig, SparseInputs, SparseKernel};
 pub use problem::{AttnOptions, AttnShape, Scoring, SelectOptions, SparseOptions};
 /// The wgpu this crate is built on, for callers that record into their own encoders.

@@ -246,6 +246,10 @@ pub struct SelectOptions {
     pub causal: bool,
     /// Logit scale; `None` means 1/sqrt(head_dim).
     pub scale: Option<f32>,
+    /// NOSA (NOSA.md §2): of the k blocks, this many are chosen by a query-agnostic eviction
+    /// score (pooled like the keys) after the query-aware top-(k − evict) with the forced
+    /// blocks; 0: every block by the query.
+    pub evict: usize,
 }
 
 impl SelectOptions {
@@ -259,7 +263,52 @@ impl SelectOptions {
             scoring: Scoring::Ssa,
             causal: true,
             scale: None,
+            evict: 0,
         }
+    }
+
+    /// NOSA's official budget (NOSA.md §2): blocks of 64, k = 64 = 1 init + 16 local (15 before
+    /// the current block, and the current one) + 16 by the query + 31 by the eviction score,
+    /// InfLLM-V2 scoring.
+    pub fn nosa() -> Self {
+        Self::nosa_budget(64, 64, 1, 15, 16).expect("the official budget fits")
+    }
+
+    /// A NOSA budget: `k` blocks of `block` tokens = `n_init` initial + `n_local` local + the
+    /// current block + `k_query` chosen by the query + the rest by the eviction score.
+    /// An error names the numbers when they do not fit (the rest, k against the blocks and the
+    /// block size, `validate` checks against a shape).
+    pub fn nosa_budget(
+        block: usize,
+        k: usize,
+        n_init: usize,
+        n_local: usize,
+        k_query: usize,
+    ) -> Result<Self> {
+        let forced = n_init + n_local + 1;
+        if forced + k_query > k {
+            invalid!(
+                "k_query ({k_query}) + the forced blocks ({n_init} initial + {n_local} local + \
+                 the current one = {forced}) = {} exceed k = {k}",
+                forced + k_query
+            );
+        }
+        check_block_size(block)?;
+        Ok(Self {
+            block,
+            k,
+            n_init,
+            n_local,
+            scoring: Scoring::InfLlmV2,
+            causal: true,
+            scale: None,
+            evict: k - forced - k_query,
+        })
+    }
+
+    /// Blocks the query-aware stage keeps (forced ones included).
+    pub fn query_k(&self) -> usize {
+        self.k - self.evict.min(self.k)
     }
 
     /// The attention options of the selection (mask and scale).
@@ -304,6 +353,17 @@ impl SelectOptions {
                 "n_init ({}) + n_local ({}) + the current block exceed k = {}",
                 self.n_init,
                 self.n_local,
+                self.k
+            );
+        }
+        if self.evict > 0 && self.n_init + self.n_local + 1 + self.evict > self.k {
+            invalid!(
+                "n_init ({}) + n_local ({}) + the current block + evict ({}) = {} exceed k = {}: \
+                 the blocks chosen by the eviction score come on top of the forced ones",
+                self.n_init,
+                self.n_local,
+                self.evict,
+                self.n_init + self.n_local + 1 + self.evict,
                 self.k
             );
         }

@@ -9,7 +9,7 @@ use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::align::{AlignLoss, AlignOut};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention};
 use crate::ops::metrics::AttentionMetrics;
-use crate::ops::select::BlockSelect;
+use crate::ops::select::{BlockSelect, SelectInputs};
 use crate::ops::sparse::SparseAttention;
 use crate::problem::{AttnOptions, AttnShape};
 use crate::problem::{SENTINEL, SelectOptions};
@@ -122,7 +122,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
         let scratch = selector.scratch(gpu)?;
         let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
         let mut enc = gpu.device().create_command_encoder(&Default::default());
-        selector.encode(gpu, &mut enc, &tq, &tk, &scratch, &sel)?;
+        selector.encode(gpu, &mut enc, &SelectInputs::new(&tq, &tk), &scratch, &sel)?;
         gpu.queue().submit([enc.finish()]);
         (sel, scratch)
     };

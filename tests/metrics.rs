@@ -56,6 +56,7 @@ fn metrics_match_reference() {
             scoring: Scoring::Ssa,
             causal: true,
             scale: None,
+            evict: 0,
         };
         let (sel, _) = BlockSelect::new(&gpu, s, &SelectConfig::new(so))
             .unwrap()

@@ -5,7 +5,7 @@ mod common;
 use sparse_attn::SelectConfig;
 use sparse_attn::gpu::DType;
 use sparse_attn::gpu::Gpu;
-use sparse_attn::ops::select::{BlockSelect, SelectScratch, TopK};
+use sparse_attn::ops::select::{BlockSelect, SelectInputs, SelectScratch, TopK};
 use sparse_attn::problem::{SENTINEL, Scoring, SelectOptions};
 use sparse_attn::reference::select::{self as refsel, current_and_end, forced};
 use sparse_attn::reference::{Rng, compare};
@@ -36,6 +36,7 @@ fn opts(block: usize, k: usize, n_init: usize, n_local: usize, scoring: Scoring)
         scoring,
         causal: true,
         scale: None,
+        evict: 0,
     }
 }
 
@@ -138,13 +139,14 @@ fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
                 &vec![f32::NAN; s.batch * s.heads_kv * s.seq_q * np],
             )
             .unwrap(),
+        evict_pooled: None,
     };
     let n_sel = op.selection_dims().iter().product();
     let out = gpu
         .upload_u32(&op.selection_dims(), &vec![POISON; n_sel])
         .unwrap();
     let mut enc = gpu.device().create_command_encoder(&Default::default());
-    op.encode(gpu, &mut enc, &tq, &tk, &scratch, &out)
+    op.encode(gpu, &mut enc, &SelectInputs::new(&tq, &tk), &scratch, &out)
         .expect(&ctx);
     gpu.queue().submit([enc.finish()]);
 
@@ -285,12 +287,18 @@ fn bad_selection_options_name_the_problem() {
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     let wrong = gpu.upload_u32(&[1, 2, 100, 3], &vec![0; 600]).unwrap();
     let e = op
-        .encode(&gpu, &mut enc, &q, &k, &scratch, &wrong)
+        .encode(&gpu, &mut enc, &SelectInputs::new(&q, &k), &scratch, &wrong)
         .unwrap_err();
     assert!(matches!(e, Error::InvalidInput(_)) && e.to_string().contains("selection"));
     let as_f32 = gpu.upload(&[1, 2, 100, 2], &vec![0.0; 400]).unwrap();
     let e = op
-        .encode(&gpu, &mut enc, &q, &k, &scratch, &as_f32)
+        .encode(
+            &gpu,
+            &mut enc,
+            &SelectInputs::new(&q, &k),
+            &scratch,
+            &as_f32,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("U32"), "{e}");
 }
@@ -466,6 +474,225 @@ fn causal_selection_ignores_future_keys() {
                 assert_eq!(want[r.clone()], want2[r.clone()], "reference, {ctx}");
                 assert_eq!(got[r.clone()], got2[r.clone()], "GPU, {ctx}");
             }
+        }
+    }
+}
+
+/// NOSA's selection (NOSA.md §2) on the GPU against the reference, both top-k kernels: every
+/// row holds the query-aware top-(k − evict) (forced blocks first; the same as a plain selection
+/// of k − evict blocks) and fills the rest with the best eviction scores among the other
+/// candidates; the pooled eviction scores match the reference's.
+fn run_nosa(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
+    let ctx = format!("NOSA, seed {seed}, {s:?}, {o:?}, top-k {}", topk.name());
+    let mut rng = Rng::new(seed);
+    let q = rng.normal_vec(s.q_len(), 1.0);
+    let k = rng.normal_vec(s.kv_len(), 1.0);
+    let e = rng.normal_vec(s.batch * s.heads_kv * s.seq_k, 1.0);
+    let want = refsel::select_nosa(&s, &o, &q, &k, Some(&e)).expect(&ctx);
+    let plain = SelectOptions {
+        k: o.query_k(),
+        evict: 0,
+        ..o
+    };
+    let want_q = refsel::select(&s, &plain, &q, &k).expect(&ctx).indices;
+    let (tq, tk) = (
+        gpu.upload(&s.q_dims(), &q).unwrap(),
+        gpu.upload(&s.kv_dims(), &k).unwrap(),
+    );
+    let te = gpu.upload(&[s.batch, s.heads_kv, s.seq_k], &e).unwrap();
+    let cfg = |o| SelectConfig::new(o).topk(topk);
+    let op = BlockSelect::new(gpu, s, &cfg(o)).expect(&ctx);
+    let x = SelectInputs::new(&tq, &tk).evict(Some(&te));
+    let (sel, scratch) = op.select_inputs(gpu, &x).expect(&ctx);
+    let got = gpu.read_u32(&sel).unwrap();
+    let (sel_q, _) = BlockSelect::new(gpu, s, &cfg(plain))
+        .unwrap()
+        .select(gpu, &tq, &tk)
+        .unwrap();
+    let got_q = gpu.read_u32(&sel_q).unwrap();
+    let pooled = compare(
+        &gpu.read(scratch.evict_pooled.as_ref().unwrap()).unwrap(),
+        &refsel::pooled_scores(&s, &o, &e),
+    );
+    assert!(
+        pooled.within(TOL),
+        "pooled eviction scores {pooled:?} ({ctx})"
+    );
+    let nb = o.blocks(s.seq_k);
+    for (name, sel, sel_q) in [("reference", &want.indices, &want_q), ("GPU", &got, &got_q)] {
+        for row in 0..s.batch * s.heads_kv * s.seq_q {
+            let t = row % s.seq_q;
+            let (_, end) = current_and_end(&o, nb, s.q_offset() + t);
+            let r = &sel[row * o.k..(row + 1) * o.k];
+            let rq = &sel_q[row * plain.k..(row + 1) * plain.k];
+            let w = format!("{name} row {row}: {r:?}, query-aware {rq:?} ({ctx})");
+            let n = o.k.min(end);
+            assert!(r[..n].windows(2).all(|p| p[0] < p[1]), "not ascending: {w}");
+            assert!(r[n..].iter().all(|&j| j == SENTINEL), "bad padding: {w}");
+            let q_part: Vec<u32> = rq.iter().copied().filter(|&j| j != SENTINEL).collect();
+            assert!(
+                q_part.iter().all(|j| r.contains(j)),
+                "query-aware block missing: {w}"
+            );
+            let es = &want.evict_scores[row * nb..row * nb + end];
+            let spread = es
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(1e-30f64, |a, b| a.max(b.abs()));
+            let min_sel = r[..n]
+                .iter()
+                .filter(|j| !q_part.contains(j))
+                .map(|&j| es[j as usize])
+                .fold(f64::INFINITY, f64::min);
+            let max_unsel = (0..end)
+                .filter(|&j| !r.contains(&(j as u32)))
+                .map(|j| es[j])
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert!(
+                min_sel >= max_unsel - TOL * spread,
+                "eviction-stage block {min_sel} below an unselected {max_unsel}: {w}"
+            );
+        }
+    }
+    eprintln!("{ctx}: identical to the reference: {}", got == want.indices);
+}
+
+#[test]
+fn nosa_selection_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let nosa = |block, k, n_init, n_local, k_query, scoring| SelectOptions {
+        scoring,
+        ..SelectOptions::nosa_budget(block, k, n_init, n_local, k_query).unwrap()
+    };
+    let cases = [
+        // The official shape of the budget, scaled down: blocks of 64, InfLLM-V2 kernels.
+        (
+            shape(1, 8, 2, 1000, 1000, 32),
+            nosa(64, 12, 1, 3, 3, Scoring::InfLlmV2),
+        ),
+        // Blocks of 16, GQA 4:1, odd length, 2 batches
+        (
+            shape(2, 8, 2, 333, 333, 32),
+            nosa(16, 9, 1, 2, 2, Scoring::InfLlmV2),
+        ),
+        // SSA scoring with eviction, no forced blocks besides the current one
+        (
+            shape(1, 4, 1, 300, 300, 64),
+            nosa(16, 6, 0, 0, 2, Scoring::Ssa),
+        ),
+        // decoding-like: queries at the end of a long key range
+        (
+            shape(1, 4, 1, 9, 900, 32),
+            nosa(32, 10, 1, 2, 3, Scoring::InfLlmV2),
+        ),
+        // more candidates than threads of the top-k kernels
+        (
+            shape(1, 2, 1, 3000, 3000, 16),
+            nosa(16, 20, 1, 2, 5, Scoring::InfLlmV2),
+        ),
+    ];
+    for (i, (s, o)) in cases.into_iter().enumerate() {
+        for topk in [TopK::Sort, TopK::Subgroup] {
+            match TopK::subgroup_supported(&gpu) {
+                Err(e) if topk == TopK::Subgroup => eprintln!("SKIPPED subgroup top-k: {e}"),
+                _ => run_nosa(&gpu, s, o, seed.wrapping_add(i as u64), topk),
+            }
+        }
+    }
+}
+
+/// Budgets that do not fit say which number is wrong; a NOSA selection without its eviction
+/// score (or a plain one with one) is refused.
+#[test]
+fn bad_nosa_budgets_name_the_number() {
+    let e = SelectOptions::nosa_budget(64, 20, 1, 15, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("k_query (16)") && e.contains("exceed k = 20"),
+        "{e}"
+    );
+    let e = SelectOptions::nosa_budget(48, 64, 1, 15, 16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("block size 48"), "{e}");
+    let s = shape(1, 4, 1, 500, 500, 32);
+    let o = SelectOptions::nosa_budget(64, 9, 1, 2, 3).unwrap();
+    let e = o.validate(&s).unwrap_err().to_string();
+    assert!(e.contains("larger than the 8 blocks"), "{e}");
+    let Some(gpu) = common::gpu() else { return };
+    let o = SelectOptions::nosa_budget(16, 9, 1, 2, 3).unwrap();
+    let op = BlockSelect::new(&gpu, s, &SelectConfig::new(o)).unwrap();
+    let q = gpu.upload(&s.q_dims(), &vec![0.0; s.q_len()]).unwrap();
+    let k = gpu.upload(&s.kv_dims(), &vec![0.0; s.kv_len()]).unwrap();
+    let e = op.select(&gpu, &q, &k).unwrap_err().to_string();
+    assert!(e.contains("eviction score; none was given"), "{e}");
+    let plain =
+        BlockSelect::new(&gpu, s, &SelectConfig::new(SelectOptions { evict: 0, ..o })).unwrap();
+    let ev = gpu.upload(&[1, 1, 500], &vec![0.0; 500]).unwrap();
+    let e = plain
+        .select_inputs(&gpu, &SelectInputs::new(&q, &k).evict(Some(&ev)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("evict = 0"), "{e}");
+}
+
+/// NOSA's selection is causal too: keys and eviction scores after token t do not change token
+/// t's selection (reference and GPU).
+#[test]
+fn nosa_selection_ignores_the_future() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    let s = shape(1, 4, 2, 400, 400, 32);
+    let o = SelectOptions::nosa_budget(16, 8, 1, 1, 2).unwrap();
+    let mut rng = Rng::new(seed);
+    let q = rng.normal_vec(s.q_len(), 1.0);
+    let (k, e) = (
+        rng.normal_vec(s.kv_len(), 1.0),
+        rng.normal_vec(2 * 400, 1.0),
+    );
+    let op = BlockSelect::new(&gpu, s, &SelectConfig::new(o)).unwrap();
+    let run = |k: &[f32], e: &[f32]| {
+        let (tq, tk) = (
+            gpu.upload(&s.q_dims(), &q).unwrap(),
+            gpu.upload(&s.kv_dims(), k).unwrap(),
+        );
+        let te = gpu.upload(&[1, 2, 400], e).unwrap();
+        let x = SelectInputs::new(&tq, &tk).evict(Some(&te));
+        let got = gpu
+            .read_u32(&op.select_inputs(&gpu, &x).unwrap().0)
+            .unwrap();
+        (
+            refsel::select_nosa(&s, &o, &q, k, Some(e)).unwrap().indices,
+            got,
+        )
+    };
+    let base = run(&k, &e);
+    for t in [0, 15, 16, 40, 47, 48, 200, 399] {
+        let (mut k2, mut e2) = (k.clone(), e.clone());
+        for u in 0..2 {
+            for key in t + 1..400 {
+                e2[u * 400 + key] = rng.normal() as f32 * 5.0;
+                for c in 0..32 {
+                    k2[(u * 400 + key) * 32 + c] = rng.normal() as f32 * 3.0;
+                }
+            }
+        }
+        let other = run(&k2, &e2);
+        for u in 0..2 {
+            let r = (u * 400 + t) * o.k..(u * 400 + t + 1) * o.k;
+            assert_eq!(
+                base.0[r.clone()],
+                other.0[r.clone()],
+                "reference, token {t}, seed {seed}"
+            );
+            assert_eq!(
+                base.1[r.clone()],
+                other.1[r.clone()],
+                "GPU, token {t}, seed {seed}"
+            );
         }
     }
 }

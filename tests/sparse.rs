@@ -288,6 +288,7 @@ fn suite(gpu: &Gpu, dt: DType, max_work: usize, kernels: (SparseKernel, SparseKe
                 scoring: Scoring::Ssa,
                 causal,
                 scale: None,
+                evict: 0,
             };
             let op = BlockSelect::new(gpu, s, &SelectConfig::new(so).dtype(dt)).unwrap();
             let (tsel, _) = op

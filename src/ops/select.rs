@@ -3,6 +3,9 @@
 //! with forced blocks. The reference is `reference::select`; the definitions are there.
 //! The top-k has two kernels ([`TopK`]): a bitonic sort that runs anywhere and, where the device
 //! has subgroup operations, k rounds of a subgroup arg-max (`shaders/block_topk_sg.wgsl`).
+//! NOSA's selection (`SelectOptions::evict` > 0) adds a per-token eviction score, pooled like the
+//! keys (`evict_pool`), that ranks the last `evict` blocks of each row in a second stage of the
+//! same top-k kernels.
 
 use std::sync::Arc;
 
@@ -41,7 +44,9 @@ crate::gpu::uniform::uniform!(
         pub np: u32,
         pub pool_w: u32,
         pub pool_s: u32,
-        pub _pad: [u32; 3],
+        pub evict: u32,
+        pub e_off: u32,
+        pub ep_off: u32,
     }
 );
 
@@ -53,6 +58,28 @@ enum Class {
     KBar,
     Scores,
     Sel,
+    /// NOSA: the per-token eviction score and its pooled windows.
+    Evict,
+    EPool,
+}
+
+/// The tensors a selection reads: q `[b, hq, sq, d]`, k `[b, hkv, sk, d]` and, for NOSA, the
+/// per-token eviction score `[b, hkv, sk]` (f32; given exactly when `SelectOptions::evict` > 0).
+#[derive(Clone, Copy, Debug)]
+pub struct SelectInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub evict: Option<&'a Tensor>,
+}
+
+impl<'a> SelectInputs<'a> {
+    pub fn new(q: &'a Tensor, k: &'a Tensor) -> Self {
+        Self { q, k, evict: None }
+    }
+
+    pub fn evict(self, evict: Option<&'a Tensor>) -> Self {
+        Self { evict, ..self }
+    }
 }
 
 /// Which kernel picks the top k blocks of each row. Both give the same selection (same order,
@@ -129,6 +156,8 @@ pub struct SelectScratch {
     pub block_keys: Tensor,
     /// `[b, hkv, seq_q, np]`: pooled-key scores of the candidates (-3e38 for the others).
     pub scores: Tensor,
+    /// NOSA: the eviction score mean-pooled over each window `[b, hkv, np]`.
+    pub evict_pooled: Option<Tensor>,
 }
 
 /// Block selection for one problem shape: validated once, pipelines fetched once.
@@ -146,6 +175,8 @@ pub struct BlockSelect {
     keys: Arc<Pipeline>,
     scores: Arc<Pipeline>,
     topk: Arc<Pipeline>,
+    /// NOSA: pools the eviction score.
+    evict_pool: Option<Arc<Pipeline>>,
     /// The top-k kernel running (Sort or Subgroup).
     topk_kernel: TopK,
     storage: Storage,
@@ -236,6 +267,7 @@ impl BlockSelect {
             ("pooled-key scratch", np as u64 * d * 4),
             ("pooled-score scratch", sq * np as u64 * 4),
             ("selection", sq * opts.k as u64 * 4),
+            ("eviction score", sk * 4),
         ];
         let chunks = plan_units(
             gpu,
@@ -250,10 +282,14 @@ impl BlockSelect {
                 "block_select.wgsl"
             },
             entry,
-            constants: [("BLK", opts.block as u32), ("NBP", nbp)]
-                .into_iter()
-                .chain(tiles.constants(Kind::Fwd, d32))
-                .collect(),
+            constants: [
+                ("BLK", opts.block as u32),
+                ("NBP", nbp),
+                ("NOSA", (opts.evict > 0) as u32),
+            ]
+            .into_iter()
+            .chain(tiles.constants(Kind::Fwd, d32))
+            .collect(),
             checked: false,
             storage,
         };
@@ -271,6 +307,10 @@ impl BlockSelect {
                 TopK::Subgroup => "block_topk_sg",
                 _ => "block_topk",
             }))?,
+            evict_pool: match opts.evict > 0 {
+                true => Some(gpu.pipeline(&key("evict_pool"))?),
+                false => None,
+            },
             topk_kernel,
             storage,
         })
@@ -307,6 +347,10 @@ impl BlockSelect {
         Ok(SelectScratch {
             block_keys: gpu.empty(&[s.batch, s.heads_kv, self.np, s.head_dim], DType::F32)?,
             scores: gpu.empty(&[s.batch, s.heads_kv, s.seq_q, self.np], DType::F32)?,
+            evict_pooled: match self.opts.evict > 0 {
+                true => Some(gpu.empty(&[s.batch, s.heads_kv, self.np], DType::F32)?),
+                false => None,
+            },
         })
     }
 
@@ -320,6 +364,8 @@ impl BlockSelect {
             Class::KBar => (np * d, 4),
             Class::Scores => (sq * np, 4),
             Class::Sel => (sq * self.opts.k as u64, 4),
+            Class::Evict => (s.seq_k as u64, 4),
+            Class::EPool => (np, 4),
         };
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
@@ -330,23 +376,46 @@ impl BlockSelect {
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        k: &Tensor,
+        x: &SelectInputs,
         scratch: &SelectScratch,
         out: &Tensor,
     ) -> Result<()> {
+        let SelectInputs { q, k, evict } = *x;
         let s = self.shape;
         let dt = self.storage.dtype();
         let (qd, kd, sd) = (s.q_dims(), s.kv_dims(), self.selection_dims());
         let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
         let scd = [s.batch, s.heads_kv, s.seq_q, self.np];
-        check_args(&[
+        let (ed, epd) = (
+            [s.batch, s.heads_kv, s.seq_k],
+            [s.batch, s.heads_kv, self.np],
+        );
+        let mut args = vec![
             input("q", q, &qd, dt),
             input("k", k, &kd, dt),
             output("block_keys", &scratch.block_keys, &kbd, DType::F32),
             output("scores", &scratch.scores, &scd, DType::F32),
             output("selection", out, &sd, DType::U32),
-        ])?;
+        ];
+        let nosa = self.opts.evict > 0;
+        match (evict, &scratch.evict_pooled, nosa) {
+            (Some(e), Some(ep), true) => {
+                args.push(input("eviction score", e, &ed, DType::F32));
+                args.push(output("pooled eviction score", ep, &epd, DType::F32));
+            }
+            (None, _, false) => {}
+            (None, _, true) => invalid!(
+                "this selection keeps {} blocks by an eviction score; none was given",
+                self.opts.evict
+            ),
+            (Some(_), _, false) => {
+                invalid!("an eviction score was given to a selection with evict = 0")
+            }
+            (_, None, true) => invalid!(
+                "the scratch has no pooled eviction score (make it with BlockSelect::scratch)"
+            ),
+        }
+        check_args(&args)?;
         let max_x = gpu.limits().max_compute_workgroups_per_dimension;
         let grid2 = |n: u64| {
             let blocks = n.div_ceil(self.nt as u64);
@@ -382,7 +451,9 @@ impl BlockSelect {
                 np: self.np as u32,
                 pool_w: pooling(&self.opts).0 as u32,
                 pool_s: pooling(&self.opts).1 as u32,
-                _pad: [0; 3],
+                evict: self.opts.evict as u32,
+                e_off: if nosa { w(Class::Evict).skip } else { 0 },
+                ep_off: if nosa { w(Class::EPool).skip } else { 0 },
             };
             let kbar = (3, &scratch.block_keys, w(Class::KBar));
             let scores = (4, &scratch.scores, w(Class::Scores));
@@ -407,6 +478,25 @@ impl BlockSelect {
                 &[(1, q, w(Class::Q)), kbar, scores],
                 ((s.seq_q as u32).div_ceil(self.tokens_per_wg), units),
             );
+            let mut epool = vec![];
+            if let (Some(pipe), Some(e), Some(ep)) =
+                (&self.evict_pool, evict, &scratch.evict_pooled)
+            {
+                let g = grid2(units as u64 * self.np as u64);
+                let p = Params {
+                    grid_x: g.0,
+                    ..base
+                };
+                epool.push((7, ep, w(Class::EPool)));
+                launch::dispatch(
+                    gpu,
+                    enc,
+                    pipe,
+                    bytemuck::bytes_of(&p),
+                    &[(6, e, w(Class::Evict)), epool[0]],
+                    g,
+                );
+            }
             // One workgroup per row: the 2-D grid counts workgroups, not threads.
             let rows = units as u64 * s.seq_q as u64;
             let gx = rows.min(max_x as u64);
@@ -419,7 +509,7 @@ impl BlockSelect {
                 enc,
                 &self.topk,
                 bytemuck::bytes_of(&p),
-                &[scores, (5, out, w(Class::Sel))],
+                &[&[scores, (5, out, w(Class::Sel))][..], &epool].concat(),
                 (gx as u32, rows.div_ceil(gx) as u32),
             );
         }
@@ -428,10 +518,15 @@ impl BlockSelect {
 
     /// Select blocks for q, k; returns the selection and the scratch (block keys, scores).
     pub fn select(&self, gpu: &Gpu, q: &Tensor, k: &Tensor) -> Result<(Tensor, SelectScratch)> {
+        self.select_inputs(gpu, &SelectInputs::new(q, k))
+    }
+
+    /// [`Self::select`] with every input (NOSA's eviction score).
+    pub fn select_inputs(&self, gpu: &Gpu, x: &SelectInputs) -> Result<(Tensor, SelectScratch)> {
         let scratch = self.scratch(gpu)?;
         let out = gpu.empty(&self.selection_dims(), DType::U32)?;
         let mut enc = gpu.device.create_command_encoder(&Default::default());
-        self.encode(gpu, &mut enc, q, k, &scratch, &out)?;
+        self.encode(gpu, &mut enc, x, &scratch, &out)?;
         gpu.scoped("block selection", || gpu.queue.submit([enc.finish()]))?;
         Ok((out, scratch))
     }

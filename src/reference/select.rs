@@ -14,6 +14,12 @@
 //! - forced: the block holding p, the first `n_init` blocks, and the `n_local` blocks right
 //!   before the current one; then the best-scoring candidates up to k blocks in all, ties to the
 //!   lower index; output sorted ascending and padded with [`SENTINEL`].
+//! - NOSA (`opts.evict` > 0, NOSA.md §2): the above keeps k − evict blocks; then a per-token
+//!   eviction score e `[b, hkv, seq_k]` is pooled like the keys (mean over each window) and
+//!   scored per block like them (the window's mean; InfLLM-V2: max over the complete windows
+//!   overlapping the block), and the best-scoring remaining candidates fill the selection to k
+//!   (ties to the lower index; −∞ for a candidate without a complete window).
+//!   The query-aware blocks are kept whatever their eviction score (NOSA's +∞).
 
 use crate::error::{Result, invalid};
 use crate::problem::{
@@ -63,6 +69,46 @@ pub fn block_keys(shape: &AttnShape, opts: &SelectOptions, k: &[f32]) -> Vec<f32
     out
 }
 
+/// Mean-pooled per-token scores `[b, hkv, np]` (NOSA's eviction score, pooled like the keys).
+pub fn pooled_scores(shape: &AttnShape, opts: &SelectOptions, e: &[f32]) -> Vec<f32> {
+    let sk = shape.seq_k;
+    let (w, st) = pooling(opts);
+    let np = pooled_len(opts, sk);
+    let mut out = vec![0f32; shape.batch * shape.heads_kv * np];
+    for bh in 0..shape.batch * shape.heads_kv {
+        for p in 0..np {
+            let (t0, t1) = (p * st, (p * st + w).min(sk));
+            let s: f64 = (t0..t1).map(|t| e[bh * sk + t] as f64).sum();
+            out[bh * np + p] = (s / (t1 - t0) as f64) as f32;
+        }
+    }
+    out
+}
+
+/// Block scores `0..end` from pooled scores `ps` of which the first `pend` are scored: the
+/// block's window, or (InfLLM-V2) the max over the scored windows that overlap it; −∞ where
+/// none is scored.
+fn block_scores_from(
+    opts: &SelectOptions,
+    ps: &[f64],
+    np: usize,
+    pend: usize,
+    end: usize,
+) -> Vec<f64> {
+    (0..end)
+        .map(|j| match opts.scoring {
+            Scoring::InfLlmV2 => {
+                let (lo, hi) = block_kernels(opts, np, j);
+                (lo..(hi + 1).min(pend))
+                    .map(|m| ps[m])
+                    .fold(f64::NEG_INFINITY, f64::max)
+            }
+            _ if j < pend => ps[j],
+            _ => f64::NEG_INFINITY,
+        })
+        .collect()
+}
+
 /// Selection with its scores.
 #[derive(Clone, Debug)]
 pub struct Selection {
@@ -74,10 +120,37 @@ pub struct Selection {
     /// `[b, hkv, seq_q, np]`: score of every pooled key (NaN for those not scored); the same as
     /// `scores` except for InfLLM-V2.
     pub pooled: Vec<f64>,
+    /// NOSA: `[b, hkv, seq_q, nb]` eviction score of every block (NaN for non-candidates, −∞
+    /// for candidates without a complete window); empty without eviction.
+    pub evict_scores: Vec<f64>,
 }
 
 pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> Result<Selection> {
+    select_nosa(shape, opts, q, k, None)
+}
+
+/// [`select`] with NOSA's eviction score `[b, hkv, seq_k]`, needed exactly when `opts.evict` > 0.
+pub fn select_nosa(
+    shape: &AttnShape,
+    opts: &SelectOptions,
+    q: &[f32],
+    k: &[f32],
+    evict: Option<&[f32]>,
+) -> Result<Selection> {
     opts.validate(shape)?;
+    let n_e = shape.batch * shape.heads_kv * shape.seq_k;
+    match (opts.evict > 0, evict) {
+        (true, None) => invalid!(
+            "the selection keeps {} blocks by an eviction score; none was given",
+            opts.evict
+        ),
+        (false, Some(_)) => invalid!("an eviction score was given to a selection with evict = 0"),
+        (true, Some(e)) if e.len() != n_e => invalid!(
+            "the eviction score has {} elements; the shape {shape:?} needs {n_e}",
+            e.len()
+        ),
+        _ => {}
+    }
     if q.len() != shape.q_len() || k.len() != shape.kv_len() {
         invalid!(
             "q has {} and k {} elements; the shape {shape:?} needs {} and {}",
@@ -92,7 +165,9 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
     let np = pooled_len(opts, shape.seq_k);
     let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
     let kbar = block_keys(shape, opts, k);
+    let ebar = evict.map(|e| pooled_scores(shape, opts, e));
     let rows = shape.batch * shape.heads_kv * sq;
+    let mut evict_scores = vec![f64::NAN; if evict.is_some() { rows * nb } else { 0 }];
     let mut indices = vec![SENTINEL; rows * opts.k];
     let mut scores = vec![f64::NAN; rows * nb];
     let mut pooled = vec![f64::NAN; rows * np];
@@ -149,7 +224,25 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
                     .then(score[b].total_cmp(&score[a]))
                     .then(a.cmp(&b))
             });
-            let mut chosen: Vec<u32> = order.iter().take(opts.k).map(|&j| j as u32).collect();
+            let mut chosen: Vec<u32> = order
+                .iter()
+                .take(opts.query_k())
+                .map(|&j| j as u32)
+                .collect();
+            if let Some(ebar) = &ebar {
+                // NOSA: the rest of the budget by the pooled eviction score (query-agnostic).
+                let pe: Vec<f64> = ebar[bkv * np..(bkv + 1) * np]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                let es = block_scores_from(opts, &pe, np, pend, end);
+                evict_scores[row * nb..row * nb + end].copy_from_slice(&es);
+                let mut rest: Vec<usize> = (0..end)
+                    .filter(|j| !chosen.contains(&(*j as u32)))
+                    .collect();
+                rest.sort_by(|&a, &b| es[b].total_cmp(&es[a]).then(a.cmp(&b)));
+                chosen.extend(rest.iter().take(opts.k - chosen.len()).map(|&j| j as u32));
+            }
             chosen.sort_unstable();
             indices[row * opts.k..row * opts.k + chosen.len()].copy_from_slice(&chosen);
         }
@@ -158,5 +251,6 @@ pub fn select(shape: &AttnShape, opts: &SelectOptions, q: &[f32], k: &[f32]) -> 
         indices,
         scores,
         pooled,
+        evict_scores,
     })
 }

@@ -143,6 +143,7 @@ impl LmConfig {
             scoring: Scoring::Ssa,
             causal: true,
             scale: None,
+            evict: 0,
         }
     }
 

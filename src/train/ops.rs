@@ -24,7 +24,7 @@ use crate::error::{Result, invalid};
 use crate::ops::align::AlignOut;
 use crate::ops::attention::{AttnGrads, AttnOutput};
 use crate::ops::metrics::MetricsOut;
-use crate::ops::select::SelectScratch;
+use crate::ops::select::{SelectInputs, SelectScratch};
 use crate::problem::{AttnOptions, AttnShape, SelectOptions, SparseOptions};
 use crate::train::bridge::{Bound, alloc, bind, flush, shared_for, shared_of};
 use crate::{FullConfig, Qkv, SelectConfig, SparseConfig, SparseInputs};
@@ -333,10 +333,17 @@ impl AttnBackend for CubeBackend {
         let scratch = SelectScratch {
             block_keys: kb.tensor.clone(),
             scores: sc.tensor.clone(),
+            evict_pooled: None,
         };
         let mut enc = gpu.device().create_command_encoder(&Default::default());
-        op.encode(&gpu, &mut enc, &bq.tensor, &bk.tensor, &scratch, &bs.tensor)
-            .unwrap_or_else(|e| panic!("{e}"));
+        op.encode(
+            &gpu,
+            &mut enc,
+            &SelectInputs::new(&bq.tensor, &bk.tensor),
+            &scratch,
+            &bs.tensor,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         submit(&gpu, &q, "block selection", enc);
         sel
     }

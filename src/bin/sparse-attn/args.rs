@@ -84,6 +84,7 @@ impl SelectArgs {
             },
             causal: true,
             scale: None,
+            evict: 0,
         }
     }
 }

@@ -3,7 +3,7 @@
 use sparse_attn::error::Result;
 use sparse_attn::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
 use sparse_attn::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
-use sparse_attn::ops::select::BlockSelect;
+use sparse_attn::ops::select::{BlockSelect, SelectInputs};
 use sparse_attn::ops::sparse::{SparseAttention, SparseKernel};
 use sparse_attn::problem::SelectOptions;
 use sparse_attn::problem::{AttnOptions, AttnShape};
@@ -209,7 +209,7 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let t_sel = gpu.time(reps, |enc| {
-        selector.encode(gpu, enc, &q, &k, &scratch, &sel)
+        selector.encode(gpu, enc, &SelectInputs::new(&q, &k), &scratch, &sel)
     })?;
     let sparse = SparseAttention::new(
         gpu,
@@ -233,7 +233,9 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
     let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
     let mut profile = Vec::new();
     if stages {
-        profile.extend(gpu.profile(3, |enc| selector.encode(gpu, enc, &q, &k, &scratch, &sel))?);
+        profile.extend(gpu.profile(3, |enc| {
+            selector.encode(gpu, enc, &SelectInputs::new(&q, &k), &scratch, &sel)
+        })?);
         profile.extend(gpu.profile(3, |enc| {
             sparse.encode_forward(gpu, enc, &SparseInputs::new(&q, &k, &v, &sel), &out)
         })?);
