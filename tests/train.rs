@@ -49,7 +49,16 @@ fn tiny(mode: Mode, steps: usize) -> TrainConfig {
             max_seq: 256,
             rope_theta: 10000.0,
             block: 16,
-            topk: 2,
+            // NOSA: 1 initial + the current block + 1 by the query + 1 by the eviction head.
+            topk: if mode.nosa() { 4 } else { 2 },
+            scoring: if mode.nosa() {
+                sparse_attn::Scoring::InfLlmV2
+            } else {
+                sparse_attn::Scoring::Ssa
+            },
+            n_init: mode.nosa() as usize,
+            n_local: 0,
+            k_query: mode.nosa().then_some(1),
         },
         mode,
         steps,
@@ -89,7 +98,14 @@ fn every_mode_trains_and_its_loss_falls() {
         return;
     };
     let c = corpus();
-    for mode in [Mode::Full, Mode::Sparse, Mode::Ssa] {
+    let mut outs = Vec::new();
+    for mode in [
+        Mode::Full,
+        Mode::Sparse,
+        Mode::Ssa,
+        Mode::Nosa,
+        Mode::NosaSsa,
+    ] {
         let out = tmp(mode.name());
         let log = train(&tiny(mode, 16), &c, &rt.device, &out, &quiet()).unwrap();
         let first = log.first().unwrap();
@@ -102,10 +118,23 @@ fn every_mode_trains_and_its_loss_falls() {
             first.ce,
             last.ce
         );
-        assert_eq!(first.align.is_some(), mode == Mode::Ssa);
+        assert_eq!(first.align.is_some(), mode.two_streams());
         if let Some(a) = last.align {
             assert!(a.is_finite() && a >= 0.0);
         }
+        // NOSA: the eviction head's A starts at 0 and learns through our kernels' d bias.
+        let (model, cfg) = load(&out, &rt.device).unwrap();
+        let scales = model.evict_scales().unwrap();
+        assert_eq!(scales.len(), if mode.nosa() { cfg.model.layers } else { 0 });
+        if mode.nosa() {
+            let moved = scales.iter().flatten().filter(|a| a.abs() > 1e-4).count();
+            assert!(moved > 0, "{mode:?}: A never moved from 0: {scales:?}");
+            assert!(scales.iter().flatten().all(|a| a.is_finite()));
+        }
+        outs.push(out);
+    }
+    // Removed only now: a loaded model may read its checkpoint's files lazily.
+    for out in outs {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
@@ -195,6 +224,13 @@ fn evaluation_runs_end_to_end_on_a_checkpoint() {
         let x = x.as_f64().unwrap();
         assert!((0.0..=1.0 + 1e-6).contains(&x), "{x}");
     }
+    // Decoding locality: a share per layer, in [0, 1].
+    let h = r["layers"]["sparse"]["hit_rate"].as_array().unwrap();
+    assert_eq!(h.len(), 2);
+    assert!(
+        h.iter().all(|x| (0.0..=1.0).contains(&x.as_f64().unwrap())),
+        "{h:?}"
+    );
     assert_eq!(r["budgets"].as_array().unwrap().len(), 2);
     assert_eq!(r["lengths"].as_array().unwrap().len(), 2);
     let rows = table_rows(std::slice::from_ref(&r));
@@ -231,6 +267,41 @@ fn bad_configurations_are_clear_errors() {
     let e = Corpus::load(std::path::Path::new("/nonexistent/corpus"), 10).unwrap_err();
     assert!(e.to_string().contains("fetch-corpus"), "{e}");
     assert!(Mode::parse("dense").is_err());
+    // NOSA budgets: too many query blocks, a NOSA mode without its budget, a budget without
+    // a NOSA mode.
+    let mut c = tiny(Mode::Nosa, 4);
+    c.model.k_query = Some(3);
+    let e = c.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("k_query (3)") && e.contains("exceed k = 4"),
+        "{e}"
+    );
+    let mut c = tiny(Mode::Nosa, 4);
+    c.model.k_query = None;
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("needs NOSA's budget")
+    );
+    let mut c = tiny(Mode::Sparse, 4);
+    c.model.k_query = Some(1);
+    c.model.n_init = 1;
+    c.model.topk = 4;
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .to_string()
+            .contains("does not train it")
+    );
+    // A model config written before NOSA (no scoring, forced blocks or k_query) still loads,
+    // as what it was: SSA scoring, no eviction head.
+    let mut old = tiny(Mode::Ssa, 4).model.to_json();
+    for key in ["scoring", "n_init", "n_local", "k_query"] {
+        old.as_object_mut().unwrap().remove(key);
+    }
+    let m = LmConfig::from_json(&old).unwrap();
+    assert_eq!(m, tiny(Mode::Ssa, 4).model);
 }
 
 /// A run that diverges (an absurd learning rate after a resume) stops with an error and

@@ -11,6 +11,9 @@ use sparse_attn::reference::compare;
 use sparse_attn::reference::{
     align, attention as ref_attn, select as ref_select, sparse as ref_sparse,
 };
+use sparse_attn::train::ops::{
+    attention_with_bias, select_blocks_nosa, sparse_attention_with_bias,
+};
 use sparse_attn::train::{align_loss, attention, select_blocks, sparse_attention};
 use sparse_attn::{AttnOptions, AttnShape};
 
@@ -257,4 +260,92 @@ fn bad_inputs_are_errors() {
     let e = align_loss(z([1, 2, 8, 16]), z([1, 2, 8, 8]), 1.0).unwrap_err();
     assert!(e.to_string().contains("same shape"), "{e}");
     assert!(align_loss(z([1, 2, 8, 16]), z([1, 2, 8, 16]), 0.0).is_err());
+}
+
+/// NOSA inside Burn: full and sparse attention with a per-key bias (given as a transposed view,
+/// as the model makes it), NOSA's selection from an eviction score, and the gradients of q, k,
+/// v and the bias against the references.
+#[test]
+fn biased_attention_and_nosa_selection_match_the_reference() {
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
+    let dev = rt.device.clone().autodiff();
+    let s = AttnShape::new(1, 4, 2, 150, 32);
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let x = inputs(&s, seed);
+    let mut r = Rng::new(seed ^ 0xb1a5);
+    let bias: Vec<f32> = r.normal_vec(2 * 150, 1.5);
+    // [b, seq, hkv] in memory, swapped to [b, hkv, seq].
+    let mut bias_bsh = vec![0f32; bias.len()];
+    for h in 0..2 {
+        for t in 0..150 {
+            bias_bsh[t * 2 + h] = bias[h * 150 + t];
+        }
+    }
+    let tb = || {
+        Tensor::<3>::from_data(TensorData::new(bias_bsh.clone(), [1, 150, 2]), &dev).swap_dims(1, 2)
+    };
+    let opts = AttnOptions::causal(true);
+    let (q, k, v) = (
+        tensor(&dev, &x.q, s.q_dims()).require_grad(),
+        tensor(&dev, &x.k, s.kv_dims()).require_grad(),
+        tensor(&dev, &x.v, s.kv_dims()).require_grad(),
+    );
+    let w = tensor(&dev, &x.w, s.q_dims());
+    // Full attention with the bias.
+    let b = tb().require_grad();
+    let (o, _) =
+        attention_with_bias(q.clone(), k.clone(), v.clone(), Some(b.clone()), opts).unwrap();
+    let grads = (o.clone() * w.clone()).sum().backward();
+    let want = ref_attn::forward_biased(&s, &opts, &x.q, &x.k, &x.v, Some(&bias)).unwrap();
+    check("biased O", &values(o), &want.o, TOL);
+    let g = ref_attn::backward_biased(&s, &opts, &x.q, &x.k, &x.v, Some(&bias), &x.w).unwrap();
+    check("biased dQ", &values(q.grad(&grads).unwrap()), &g.dq, TOL);
+    check("biased dK", &values(k.grad(&grads).unwrap()), &g.dk, TOL);
+    check("biased dV", &values(v.grad(&grads).unwrap()), &g.dv, TOL);
+    check(
+        "d bias",
+        &values(b.grad(&grads).unwrap()),
+        &g.dbias.unwrap(),
+        TOL,
+    );
+    // NOSA: the selection by the eviction score (here the bias itself), then sparse attention
+    // with the bias.
+    let so = SelectOptions::nosa_budget(16, 5, 1, 1, 1).unwrap();
+    let sel = select_blocks_nosa(q.clone(), k.clone(), tb(), &so).unwrap();
+    let sel_v: Vec<u32> = sel
+        .clone()
+        .into_data()
+        .convert::<u32>()
+        .try_to_vec::<u32>()
+        .unwrap();
+    let want_sel = ref_select::select_nosa(&s, &so, &x.q, &x.k, Some(&bias)).unwrap();
+    assert_eq!(sel_v, want_sel.indices, "NOSA selection (seed {seed})");
+    let b = tb().require_grad();
+    let (o, _) =
+        sparse_attention_with_bias(q.clone(), k.clone(), v.clone(), sel, Some(b.clone()), &so)
+            .unwrap();
+    let grads = (o.clone() * w).sum().backward();
+    let sp = so.sparse();
+    let want = ref_sparse::forward(&s, &sp, &x.q, &x.k, &x.v, &sel_v, so.k, Some(&bias)).unwrap();
+    check("sparse biased O", &values(o), &want.o, TOL);
+    let g =
+        ref_sparse::backward(&s, &sp, &x.q, &x.k, &x.v, &sel_v, so.k, Some(&bias), &x.w).unwrap();
+    check("sparse dQ", &values(q.grad(&grads).unwrap()), &g.dq, TOL);
+    check("sparse dK", &values(k.grad(&grads).unwrap()), &g.dk, TOL);
+    check("sparse dV", &values(v.grad(&grads).unwrap()), &g.dv, TOL);
+    check(
+        "sparse d bias",
+        &values(b.grad(&grads).unwrap()),
+        &g.dbias.unwrap(),
+        TOL,
+    );
+    // A bias of the wrong shape is an error that names it.
+    let bad = Tensor::<3>::zeros([1, 2, 149], &dev);
+    let e = attention_with_bias(q, k, v, Some(bad), opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bias") && e.contains("[1, 2, 150]"), "{e}");
 }

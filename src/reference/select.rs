@@ -254,3 +254,42 @@ pub fn select_nosa(
         evict_scores,
     })
 }
+
+/// Decoding locality of a selection `[units, seq, k]` (SENTINEL-padded): the share of the blocks
+/// selected for token t that were selected for token t − 1 too, over t ≥ 1 of every unit
+/// (sequence × kv head), counted per block (NOSA.md §5: the cache hit rate of an offloaded KV
+/// cache that keeps the previous step's blocks). `None` when no token past the first selects
+/// anything.
+pub fn hit_rate(sel: &[u32], seq: usize, k: usize) -> Option<f64> {
+    let (mut hits, mut total) = (0u64, 0u64);
+    let rows = sel.len() / k.max(1);
+    for r in 0..rows {
+        if r % seq == 0 {
+            continue;
+        }
+        let (prev, cur) = (&sel[(r - 1) * k..r * k], &sel[r * k..(r + 1) * k]);
+        for &j in cur.iter().filter(|&&j| j != SENTINEL) {
+            total += 1;
+            // Rows are ascending: a binary search finds the block.
+            hits += prev.binary_search(&j).is_ok() as u64;
+        }
+    }
+    (total > 0).then(|| hits as f64 / total as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_rate_counts_blocks_kept_from_the_previous_token() {
+        let s = SENTINEL;
+        // One unit of 3 tokens, k = 3: token 1 keeps 2 of its 3 blocks, token 2 keeps 1 of 2.
+        let sel = [0, 1, s, 0, 1, 2, 2, 5, s];
+        assert_eq!(hit_rate(&sel, 3, 3), Some(3.0 / 5.0));
+        // Two units: the first token of the second unit is not compared with the first unit.
+        let two = [0, s, 0, s, 7, s, 7, s];
+        assert_eq!(hit_rate(&two, 2, 2), Some(1.0));
+        assert_eq!(hit_rate(&[s, s], 1, 2), None);
+    }
+}

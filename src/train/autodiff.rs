@@ -79,6 +79,74 @@ impl<B: AttnBackend> Backward<B, 3> for SparseBackward {
     }
 }
 
+/// Register the gradients of q, k, v and the bias for the parents that need them.
+macro_rules! register4 {
+    ($b:ty, $parents:expr, $grads:expr, $g:expr) => {{
+        let [nq, nk, nv, nb] = $parents;
+        let (dq, dk, dv, db) = $g;
+        for (node, g) in [(nq, dq), (nk, dk), (nv, dv), (nb, db)] {
+            if let Some(n) = node {
+                $grads.register::<$b>(n.id, g);
+            }
+        }
+    }};
+}
+
+#[derive(Debug)]
+struct FullBiasBackward;
+
+impl<B: AttnBackend> Backward<B, 4> for FullBiasBackward {
+    /// q, k, v, bias, o, lse, options.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FullCfg,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_o = grads.consume::<B>(&ops.node);
+        let (q, k, v, bias, o, lse, cfg) = ops.state;
+        register4!(
+            B,
+            ops.parents,
+            grads,
+            B::sa_full_bwd_bias(q, k, v, bias, o, lse, d_o, cfg)
+        );
+    }
+}
+
+#[derive(Debug)]
+struct SparseBiasBackward;
+
+impl<B: AttnBackend> Backward<B, 4> for SparseBiasBackward {
+    /// q, k, v, selection, bias, o, lse, options.
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        IntTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        SparseCfg,
+    );
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let d_o = grads.consume::<B>(&ops.node);
+        let (q, k, v, sel, bias, o, lse, cfg) = ops.state;
+        register4!(
+            B,
+            ops.parents,
+            grads,
+            B::sa_sparse_bwd_bias(q, k, v, sel, bias, o, lse, d_o, cfg)
+        );
+    }
+}
+
 #[derive(Debug)]
 struct AlignBackward;
 
@@ -151,6 +219,142 @@ impl<B: AttnBackend, C: CheckpointStrategy> AttnBackend for Autodiff<B, C> {
 
     fn sa_select(q: FloatTensor<Self>, k: FloatTensor<Self>, cfg: SparseCfg) -> IntTensor<Self> {
         B::sa_select(q.into_primitive(), k.into_primitive(), cfg)
+    }
+
+    fn sa_select_nosa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        evict: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> IntTensor<Self> {
+        B::sa_select_nosa(
+            q.into_primitive(),
+            k.into_primitive(),
+            evict.into_primitive(),
+            cfg,
+        )
+    }
+
+    fn sa_full_fwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, nq) = q.into_parts();
+        let (k, nk) = k.into_parts();
+        let (v, nv) = v.into_parts();
+        let (bias, nb) = bias.into_parts();
+        let prep = FullBiasBackward
+            .prepare::<C>([nq, nk, nv, nb])
+            .compute_bound()
+            .stateful();
+        let (o, lse) = B::sa_full_fwd_bias(q.clone(), k.clone(), v.clone(), bias.clone(), cfg);
+        let o = match prep {
+            OpsKind::Tracked(p) => p.finish((q, k, v, bias, o.clone(), lse.clone(), cfg), o),
+            OpsKind::UnTracked(p) => p.finish(o),
+        };
+        (o, Self::from_inner(lse))
+    }
+
+    fn sa_full_bwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (dq, dk, dv, db) = B::sa_full_bwd_bias(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            bias.into_primitive(),
+            o.into_primitive(),
+            lse.into_primitive(),
+            d_o.into_primitive(),
+            cfg,
+        );
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+            Self::from_inner(db),
+        )
+    }
+
+    fn sa_sparse_fwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        bias: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (q, nq) = q.into_parts();
+        let (k, nk) = k.into_parts();
+        let (v, nv) = v.into_parts();
+        let (bias, nb) = bias.into_parts();
+        let prep = SparseBiasBackward
+            .prepare::<C>([nq, nk, nv, nb])
+            .compute_bound()
+            .stateful();
+        let (o, lse) = B::sa_sparse_fwd_bias(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            sel.clone(),
+            bias.clone(),
+            cfg,
+        );
+        let o = match prep {
+            OpsKind::Tracked(p) => p.finish((q, k, v, sel, bias, o.clone(), lse.clone(), cfg), o),
+            OpsKind::UnTracked(p) => p.finish(o),
+        };
+        (o, Self::from_inner(lse))
+    }
+
+    fn sa_sparse_bwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        bias: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (dq, dk, dv, db) = B::sa_sparse_bwd_bias(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            sel,
+            bias.into_primitive(),
+            o.into_primitive(),
+            lse.into_primitive(),
+            d_o.into_primitive(),
+            cfg,
+        );
+        (
+            Self::from_inner(dq),
+            Self::from_inner(dk),
+            Self::from_inner(dv),
+            Self::from_inner(db),
+        )
     }
 
     fn sa_sparse_fwd(

@@ -10,8 +10,8 @@ use burn::tensor::{Device, Tensor};
 use crate::error::{Error, Result, invalid};
 use crate::reference::Rng;
 use crate::train::data::{Batch, Corpus, passkey, sequential_batches};
-use crate::train::model::{Lm, LmConfig, Mode, Run, cross_entropy};
-use crate::train::ops::{attention_metrics, select_blocks};
+use crate::train::model::{Captured, Lm, LmConfig, Mode, Run, cross_entropy};
+use crate::train::ops::{attention_metrics, select_blocks, select_blocks_nosa};
 use crate::train::trainer::{TrainConfig, batch_tensors};
 
 /// What to measure.
@@ -184,16 +184,23 @@ fn host_vec<E: burn::tensor::Element>(d: burn::tensor::TensorData) -> Result<Vec
         .map_err(|e| Error::Gpu(format!("reading a Burn tensor back: {e:?}")))
 }
 
-/// Mean attention sparsity and entropy per layer under `inf`, at the trained budget.
+/// Per layer under `inf`, at the trained budget: mean attention sparsity, entropy and decoding
+/// hit rate (share of a token's selected blocks that the previous token selected too).
+struct LayerMetrics {
+    sparsity: f64,
+    entropy: f64,
+    hit_rate: f64,
+}
+
 fn layer_metrics(
     model: &Lm,
     cfg: &LmConfig,
     inf: Inference,
     batches: &[Batch],
     dev: &Device,
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<Vec<LayerMetrics>> {
     let (c, mode) = inf.apply(cfg);
-    let mut acc = vec![(0.0, 0.0, 0usize); cfg.layers];
+    let mut acc = vec![(0.0, 0.0, 0.0, 0usize); cfg.layers];
     for b in batches {
         let (x, _) = batch_tensors(b, dev);
         let f = model.forward(
@@ -204,29 +211,46 @@ fn layer_metrics(
                 ..Run::new(mode)
             },
         )?;
-        for (l, (q, k)) in f.qk.into_iter().enumerate() {
-            let (s, e) = metrics_of(cfg, q, k)?;
+        for (l, cap) in f.qk.into_iter().enumerate() {
+            let (s, e, h) = metrics_of(cfg, cap)?;
             acc[l].0 += s;
             acc[l].1 += e;
-            acc[l].2 += 1;
+            acc[l].2 += h;
+            acc[l].3 += 1;
         }
     }
     Ok(acc
         .into_iter()
-        .map(|(s, e, n)| (s / n.max(1) as f64, e / n.max(1) as f64))
+        .map(|(s, e, h, n)| {
+            let n = n.max(1) as f64;
+            LayerMetrics {
+                sparsity: s / n,
+                entropy: e / n,
+                hit_rate: h / n,
+            }
+        })
         .collect())
 }
 
-/// Mean sparsity and entropy of full attention over q, k given the trained-budget selection:
-/// selection and metrics run on Burn's own buffers; only the two means come back.
-fn metrics_of(cfg: &LmConfig, q: Tensor<4>, k: Tensor<4>) -> Result<(f64, f64)> {
-    let sel_opts = cfg.select_options_for(k.dims()[2]);
-    let sel = select_blocks(q.clone(), k.clone(), &sel_opts)?;
+/// Mean sparsity and entropy of full attention over q, k given the trained-budget selection
+/// (NOSA's where the model has an eviction head), and the selection's decoding hit rate:
+/// selection and metrics run on Burn's own buffers; the two means and the selection (for the
+/// hit rate) come back.
+fn metrics_of(cfg: &LmConfig, cap: Captured) -> Result<(f64, f64, f64)> {
+    let Captured { q, k, bias } = cap;
+    let seq = k.dims()[2];
+    let sel_opts = cfg.select_options_for(seq);
+    let sel = match bias {
+        Some(b) if sel_opts.evict > 0 => select_blocks_nosa(q.clone(), k.clone(), b, &sel_opts)?,
+        _ => select_blocks(q.clone(), k.clone(), &sel_opts)?,
+    };
+    let picked = host_vec::<u32>(sel.clone().into_data().convert::<u32>())?;
+    let hit = crate::reference::select::hit_rate(&picked, seq, sel_opts.k).unwrap_or(1.0);
     let (sp, en) = attention_metrics(q, k, sel, &sel_opts)?;
     let mean = |t: Tensor<3>| -> Result<f64> {
         Ok(host_vec::<f32>(t.mean().into_data().convert::<f32>())?[0] as f64)
     };
-    Ok((mean(sp)?, mean(en)?))
+    Ok((mean(sp)?, mean(en)?, hit))
 }
 
 /// Run every measurement; returns the JSON report.
@@ -265,18 +289,23 @@ pub fn evaluate(
     let mut layers = serde_json::Map::new();
     for (name, inf) in [("full", Inference::Full), ("sparse", sparse)] {
         let m = layer_metrics(model, cfg, inf, &mbatches, dev)?;
-        for (l, (s, e)) in m.iter().enumerate() {
+        for (l, x) in m.iter().enumerate() {
             say(&format!(
-                "{name:>12} inference, layer {l}: sparsity {s:.4} entropy {e:.4}"
+                "{name:>12} inference, layer {l}: sparsity {:.4} entropy {:.4} hit rate {:.4}",
+                x.sparsity, x.entropy, x.hit_rate
             ));
         }
+        let col = |f: fn(&LayerMetrics) -> f64| m.iter().map(f).collect::<Vec<_>>();
+        let mean = |f: fn(&LayerMetrics) -> f64| m.iter().map(f).sum::<f64>() / m.len() as f64;
         layers.insert(
             name.into(),
             serde_json::json!({
-                "sparsity": m.iter().map(|x| x.0).collect::<Vec<_>>(),
-                "entropy": m.iter().map(|x| x.1).collect::<Vec<_>>(),
-                "mean_sparsity": m.iter().map(|x| x.0).sum::<f64>() / m.len() as f64,
-                "mean_entropy": m.iter().map(|x| x.1).sum::<f64>() / m.len() as f64,
+                "sparsity": col(|x| x.sparsity),
+                "entropy": col(|x| x.entropy),
+                "hit_rate": col(|x| x.hit_rate),
+                "mean_sparsity": mean(|x| x.sparsity),
+                "mean_entropy": mean(|x| x.entropy),
+                "mean_hit_rate": mean(|x| x.hit_rate),
             }),
         );
     }
@@ -475,12 +504,13 @@ pub fn plot_reports(reports: &[serde_json::Value], dir: &Path) -> Result<Vec<std
 }
 
 /// Columns of [`table_rows`].
-pub const TABLE_HEAD: [&str; 10] = [
+pub const TABLE_HEAD: [&str; 11] = [
     "mode",
     "ppl full",
     "ppl sparse",
     "sparsity full inf.",
     "sparsity sparse inf.",
+    "hit rate sparse inf.",
     "entropy",
     "ppl sparse x2 / x4 / x8 budget",
     "ppl full / sparse at 2x len",
@@ -524,6 +554,7 @@ pub fn table_rows(reports: &[serde_json::Value]) -> Vec<Vec<String>> {
             f(&r["perplexity"][&sk]["ppl"]),
             f(&r["layers"]["full"]["mean_sparsity"]),
             f(&r["layers"]["sparse"]["mean_sparsity"]),
+            f(&r["layers"]["sparse"]["mean_hit_rate"]),
             f(&r["layers"]["full"]["mean_entropy"]),
             format!("{} / {} / {}", budget(2), budget(4), budget(8)),
             lp(2),

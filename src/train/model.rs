@@ -9,19 +9,31 @@
 //!   (Bernoulli(0.5), shared by all layers) continues, and the layer's alignment loss
 //!   SmoothL1(h_full, sg(h_sparse)) + SmoothL1(h_sparse, sg(h_full)) is returned
 //!   (PAPERS.md section 2). The gate g = sigmoid(W_g x) is elementwise per head.
+//! - `Nosa`: NOSA (NOSA.md): an eviction head per layer, b_t = A ⊙ softplus(δ(v_t)) per kv head
+//!   (A initialised to 0, δ a linear map from all kv heads' values of token t), is an additive
+//!   per-key bias of the attention logits and, pooled, the query-agnostic score that picks the
+//!   last `evict` blocks of the selection; h = g ⊙ SparseAttn(q, k, v; bias b). The bias gets
+//!   its gradient through our kernels' d bias; the selection is not differentiable.
+//! - `NosaSsa` (ours, unpublished): SSA's two streams and alignment with NOSA's selection and
+//!   bias in the sparse stream and the same bias in the full stream.
+//!
+//! A model built with an eviction head (`LmConfig::k_query`) runs it in every mode, full and
+//! sparse inference alike.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
     RotaryEncoding, RotaryEncodingConfig,
 };
-use burn::tensor::activation::{log_softmax, sigmoid, silu};
+use burn::tensor::activation::{log_softmax, sigmoid, silu, softplus};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::error::{Result, invalid};
 use crate::problem::AttnOptions;
 use crate::problem::{Scoring, SelectOptions};
-use crate::train::ops::{align_loss, attention, select_blocks, sparse_attention};
+use crate::train::ops::{
+    align_loss, attention_with_bias, select_blocks, select_blocks_nosa, sparse_attention_with_bias,
+};
 
 /// How attention runs in training or inference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +41,8 @@ pub enum Mode {
     Full,
     Sparse,
     Ssa,
+    Nosa,
+    NosaSsa,
 }
 
 impl Mode {
@@ -37,7 +51,9 @@ impl Mode {
             "full" => Ok(Mode::Full),
             "sparse" | "moba" => Ok(Mode::Sparse),
             "ssa" => Ok(Mode::Ssa),
-            _ => invalid!("unknown mode `{s}` (expected full, sparse or ssa)"),
+            "nosa" => Ok(Mode::Nosa),
+            "nosa-ssa" => Ok(Mode::NosaSsa),
+            _ => invalid!("unknown mode `{s}` (expected full, sparse, ssa, nosa or nosa-ssa)"),
         }
     }
     pub fn name(self) -> &'static str {
@@ -45,7 +61,39 @@ impl Mode {
             Mode::Full => "full",
             Mode::Sparse => "sparse",
             Mode::Ssa => "ssa",
+            Mode::Nosa => "nosa",
+            Mode::NosaSsa => "nosa-ssa",
         }
+    }
+    /// Only the sparse stream runs (sparse, nosa).
+    pub fn sparse_only(self) -> bool {
+        matches!(self, Mode::Sparse | Mode::Nosa)
+    }
+    /// Both streams with the alignment loss (ssa, nosa-ssa).
+    pub fn two_streams(self) -> bool {
+        matches!(self, Mode::Ssa | Mode::NosaSsa)
+    }
+    /// Needs a model with NOSA's eviction head.
+    pub fn nosa(self) -> bool {
+        matches!(self, Mode::Nosa | Mode::NosaSsa)
+    }
+}
+
+/// `ssa`, `moba`, `infllm-v2`.
+pub fn scoring_name(s: Scoring) -> &'static str {
+    match s {
+        Scoring::Ssa => "ssa",
+        Scoring::Moba => "moba",
+        Scoring::InfLlmV2 => "infllm-v2",
+    }
+}
+
+pub fn parse_scoring(s: &str) -> Result<Scoring> {
+    match s {
+        "ssa" => Ok(Scoring::Ssa),
+        "moba" => Ok(Scoring::Moba),
+        "infllm-v2" => Ok(Scoring::InfLlmV2),
+        _ => invalid!("unknown scoring `{s}` (expected ssa, moba or infllm-v2)"),
     }
 }
 
@@ -64,6 +112,13 @@ pub struct LmConfig {
     /// Block size and blocks kept per token (receptive field = block · topk).
     pub block: usize,
     pub topk: usize,
+    /// How the selector scores blocks, and its forced initial and local blocks.
+    pub scoring: Scoring,
+    pub n_init: usize,
+    pub n_local: usize,
+    /// NOSA: blocks chosen by the query besides the forced ones; the rest of `topk` by the
+    /// eviction head, which the model then has (one per layer). `None`: no eviction head.
+    pub k_query: Option<usize>,
 }
 
 impl LmConfig {
@@ -110,6 +165,10 @@ impl LmConfig {
         if !self.head_dim().is_multiple_of(2) {
             invalid!("RoPE needs an even head_dim");
         }
+        if let Some(kq) = self.k_query {
+            // Names the numbers when k_query and the forced blocks overrun topk.
+            SelectOptions::nosa_budget(self.block, self.topk, self.n_init, self.n_local, kq)?;
+        }
         self.select_options().validate(&crate::AttnShape::new(
             1,
             self.heads_q,
@@ -127,24 +186,41 @@ impl LmConfig {
 
     /// Selection settings for sequences of `seq` tokens: the budget is capped at the blocks
     /// there are (a sequence shorter than the receptive field is attended in full).
+    /// With fewer blocks than the budget every candidate is kept, whatever the split, so the
+    /// selection is the plain one (no eviction stage, no forced blocks beyond the current one).
     pub fn select_options_for(&self, seq: usize) -> SelectOptions {
-        SelectOptions {
-            k: self.topk.min(seq.div_ceil(self.block)),
-            ..self.select_options()
+        let nb = seq.div_ceil(self.block);
+        if nb <= self.topk {
+            return SelectOptions {
+                k: nb,
+                n_init: 0,
+                n_local: 0,
+                evict: 0,
+                ..self.select_options()
+            };
         }
+        self.select_options()
     }
 
     pub fn select_options(&self) -> SelectOptions {
+        let forced = self.n_init + self.n_local + 1;
         SelectOptions {
             block: self.block,
             k: self.topk,
-            n_init: 0,
-            n_local: 0,
-            scoring: Scoring::Ssa,
+            n_init: self.n_init,
+            n_local: self.n_local,
+            scoring: self.scoring,
             causal: true,
             scale: None,
-            evict: 0,
+            evict: self
+                .k_query
+                .map_or(0, |kq| self.topk.saturating_sub(forced + kq)),
         }
+    }
+
+    /// The model has NOSA's eviction head.
+    pub fn has_evict_head(&self) -> bool {
+        self.k_query.is_some()
     }
 
     /// The same model with another sparse budget (inference-time budget sweeps).
@@ -161,6 +237,8 @@ impl LmConfig {
             "heads_q": self.heads_q, "heads_kv": self.heads_kv, "d_ff": self.d_ff,
             "max_seq": self.max_seq, "rope_theta": self.rope_theta,
             "block": self.block, "topk": self.topk,
+            "scoring": scoring_name(self.scoring), "n_init": self.n_init,
+            "n_local": self.n_local, "k_query": self.k_query,
         })
     }
 
@@ -185,6 +263,22 @@ impl LmConfig {
                 .unwrap_or(10000.0) as f32,
             block: u("block")?,
             topk: u("topk")?,
+            // Absent in checkpoints made before NOSA: SSA scoring, no forced blocks, no
+            // eviction head (what those models were trained with).
+            scoring: match v.get("scoring").and_then(|x| x.as_str()) {
+                Some(s) => parse_scoring(s)?,
+                None => Scoring::Ssa,
+            },
+            n_init: v.get("n_init").and_then(|x| x.as_u64()).unwrap_or(0) as usize,
+            n_local: v.get("n_local").and_then(|x| x.as_u64()).unwrap_or(0) as usize,
+            k_query: match v.get("k_query") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(x) => Some(x.as_u64().ok_or_else(|| {
+                    crate::Error::InvalidInput(format!(
+                        "model config: k_query = {x} is not a count"
+                    ))
+                })? as usize),
+            },
         };
         c.validate()?;
         Ok(c)
@@ -248,7 +342,14 @@ impl LmConfig {
         let kv = self.heads_kv * self.head_dim();
         let attn = d * d * 3 + 2 * d * kv; // q, gate, o + k, v
         let mlp = 3 * d * self.d_ff;
-        self.vocab * d + self.layers * (attn + mlp + 2 * d) + d
+        // NOSA's eviction head: A (one per kv head) and δ (all kv heads' values -> one score
+        // per kv head, with a bias).
+        let evict = if self.has_evict_head() {
+            self.heads_kv + (kv + 1) * self.heads_kv
+        } else {
+            0
+        };
+        self.vocab * d + self.layers * (attn + mlp + 2 * d + evict) + d
     }
 
     pub fn init(&self, device: &Device) -> Result<Lm> {
@@ -285,6 +386,17 @@ impl LmConfig {
                 w1: lin(self.d_model, self.d_ff),
                 w3: lin(self.d_model, self.d_ff),
                 w2: out(self.d_ff, self.d_model),
+                evict: self.has_evict_head().then(|| EvictHead {
+                    // A = 0: training starts from plain InfLLM-V2 (no bias, no eviction signal).
+                    a: Param::from_tensor(Tensor::zeros([self.heads_kv], device)),
+                    delta: LinearConfig::new(self.heads_kv * dh, self.heads_kv)
+                        .with_bias(true)
+                        .with_initializer(Initializer::Normal {
+                            mean: 0.0,
+                            std: 0.02,
+                        })
+                        .init(device),
+                }),
             })
             .collect();
         Ok(Lm {
@@ -315,6 +427,25 @@ pub struct Layer {
     w1: Linear,
     w3: Linear,
     w2: Linear,
+    /// NOSA's eviction head (models built with `k_query`).
+    evict: Option<EvictHead>,
+}
+
+/// NOSA's eviction head of one layer (NOSA.md §1): b_t = A ⊙ softplus(δ(v_t)), one value per kv
+/// head and token, v_t all kv heads' values of token t.
+#[derive(Module, Debug)]
+pub struct EvictHead {
+    a: Param<Tensor<1>>,
+    delta: Linear,
+}
+
+impl EvictHead {
+    /// `v` `[b, s, hkv·dh]` -> the bias `[b, hkv, s]`.
+    fn forward(&self, v: Tensor<3>) -> Tensor<3> {
+        let z = softplus(self.delta.forward(v), 1.0);
+        let a = self.a.val().unsqueeze::<3>();
+        (z * a).swap_dims(1, 2)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -331,8 +462,17 @@ pub struct Forward {
     pub logits: Tensor<3>,
     /// Mean over layers of the alignment loss (SSA mode only).
     pub align: Option<Tensor<1>>,
-    /// Each layer's (q, k) after RoPE, detached, when `Run::capture` is set (metrics).
-    pub qk: Vec<(Tensor<4>, Tensor<4>)>,
+    /// Each layer's q and k after RoPE and its NOSA bias (models with an eviction head),
+    /// detached, when `Run::capture` is set (metrics).
+    pub qk: Vec<Captured>,
+}
+
+/// One layer's attention inputs as evaluation reads them.
+pub struct Captured {
+    pub q: Tensor<4>,
+    pub k: Tensor<4>,
+    /// `[b, hkv, seq]`: NOSA's per-key bias and eviction score.
+    pub bias: Option<Tensor<3>>,
 }
 
 /// How the attention of one forward pass runs.
@@ -349,13 +489,29 @@ impl Run {
     pub fn new(mode: Mode) -> Self {
         Self {
             mode,
-            sparse_main: mode == Mode::Sparse,
+            sparse_main: mode.sparse_only(),
             capture: false,
         }
     }
 }
 
 impl Lm {
+    /// NOSA's A of every layer (one per kv head; empty without an eviction head): how strongly
+    /// the learned bias acts (0 at initialisation).
+    pub fn evict_scales(&self) -> Result<Vec<Vec<f32>>> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.evict.as_ref())
+            .map(|e| {
+                e.a.val()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .map_err(|e| crate::Error::Gpu(format!("reading A back: {e:?}")))
+            })
+            .collect()
+    }
+
     /// Logits for `tokens` `[batch, seq]` (and the SSA alignment loss).
     pub fn forward(&self, cfg: &LmConfig, tokens: Tensor<2, Int>, run: Run) -> Result<Forward> {
         let [b, s] = tokens.dims();
@@ -393,31 +549,43 @@ impl Layer {
         b: usize,
         s: usize,
         run: Run,
-        qk: &mut Vec<(Tensor<4>, Tensor<4>)>,
+        qk: &mut Vec<Captured>,
     ) -> Result<(Tensor<3>, Option<Tensor<1>>)> {
         let (hq, hkv, dh) = (cfg.heads_q, cfg.heads_kv, cfg.head_dim());
         let h = self.norm1.forward(x.clone());
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, dh]).swap_dims(1, 2);
         let q = rope.forward(heads(self.wq.forward(h.clone()), hq));
         let k = rope.forward(heads(self.wk.forward(h.clone()), hkv));
-        let v = heads(self.wv.forward(h.clone()), hkv);
+        let vflat = self.wv.forward(h.clone());
+        let v = heads(vflat.clone(), hkv);
         let gate = sigmoid(heads(self.wg.forward(h), hq));
+        // NOSA's per-key bias (and eviction score), where the model has the head.
+        let bias = self.evict.as_ref().map(|e| e.forward(vflat));
         if run.capture {
-            qk.push((q.clone().detach(), k.clone().detach()));
+            qk.push(Captured {
+                q: q.clone().detach(),
+                k: k.clone().detach(),
+                bias: bias.clone().map(|b| b.detach()),
+            });
         }
         let opts = AttnOptions::causal(true);
         let sel_opts = cfg.select_options_for(s);
         let full = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
-            Ok(attention(q, k, v, opts)?.0)
+            Ok(attention_with_bias(q, k, v, bias.clone(), opts)?.0)
         };
         let sparse = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
-            let sel = select_blocks(q.clone(), k.clone(), &sel_opts)?;
-            Ok(sparse_attention(q, k, v, sel, &sel_opts)?.0)
+            let sel = match &bias {
+                Some(b) if sel_opts.evict > 0 => {
+                    select_blocks_nosa(q.clone(), k.clone(), b.clone(), &sel_opts)?
+                }
+                _ => select_blocks(q.clone(), k.clone(), &sel_opts)?,
+            };
+            Ok(sparse_attention_with_bias(q, k, v, sel, bias.clone(), &sel_opts)?.0)
         };
         let (att, align) = match run.mode {
             Mode::Full => (gate * full(q, k, v)?, None),
-            Mode::Sparse => (gate * sparse(q, k, v)?, None),
-            Mode::Ssa => {
+            Mode::Sparse | Mode::Nosa => (gate * sparse(q, k, v)?, None),
+            Mode::Ssa | Mode::NosaSsa => {
                 let hf = gate.clone() * full(q.clone(), k.clone(), v.clone())?;
                 let hs = gate * sparse(q, k, v)?;
                 let a = align_loss(hf.clone(), hs.clone(), 1.0)?;

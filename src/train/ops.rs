@@ -116,6 +116,60 @@ fn sparse_bwd_meta(
     (q.clone(), k.clone(), v.clone())
 }
 
+fn full_fwd_bias_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _b: &TensorSpec,
+    _c: &FullCfg,
+) -> (TensorSpec, TensorSpec) {
+    (q.clone(), lse_spec(q))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn full_bwd_bias_meta(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    b: &TensorSpec,
+    _o: &TensorSpec,
+    _l: &TensorSpec,
+    _d: &TensorSpec,
+    _c: &FullCfg,
+) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone(), b.clone())
+}
+
+fn select_nosa_meta(q: &TensorSpec, k: &TensorSpec, _e: &TensorSpec, c: &SparseCfg) -> TensorSpec {
+    select_meta(q, k, c)
+}
+
+fn sparse_fwd_bias_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _s: &TensorSpec,
+    _b: &TensorSpec,
+    _c: &SparseCfg,
+) -> (TensorSpec, TensorSpec) {
+    (q.clone(), lse_spec(q))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sparse_bwd_bias_meta(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    _s: &TensorSpec,
+    b: &TensorSpec,
+    _o: &TensorSpec,
+    _l: &TensorSpec,
+    _d: &TensorSpec,
+    _c: &SparseCfg,
+) -> (TensorSpec, TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone(), b.clone())
+}
+
 fn align_meta(
     h: &TensorSpec,
     _s: &TensorSpec,
@@ -154,9 +208,78 @@ pub trait AttnBackend: Backend {
         cfg: FullCfg,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
+    /// Full attention with an additive per-key bias `[b, hkv, seq_k]`: (O, LSE).
+    #[fusion(meta = full_fwd_bias_meta)]
+    fn sa_full_fwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Its gradients: (dQ, dK, dV, d bias).
+    #[fusion(meta = full_bwd_bias_meta)]
+    #[allow(clippy::too_many_arguments)]
+    fn sa_full_bwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: FullCfg,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+
     /// Block selection: u32 `[b, hkv, seq_q, k]`.
     #[fusion(meta = select_meta)]
     fn sa_select(q: FloatTensor<Self>, k: FloatTensor<Self>, cfg: SparseCfg) -> IntTensor<Self>;
+
+    /// NOSA's selection with the per-token eviction score `[b, hkv, seq_k]`.
+    #[fusion(meta = select_nosa_meta)]
+    fn sa_select_nosa(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        evict: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> IntTensor<Self>;
+
+    /// Block-sparse attention with an additive per-key bias: (O, LSE).
+    #[fusion(meta = sparse_fwd_bias_meta)]
+    fn sa_sparse_fwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        bias: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Its gradients: (dQ, dK, dV, d bias).
+    #[fusion(meta = sparse_bwd_bias_meta)]
+    #[allow(clippy::too_many_arguments)]
+    fn sa_sparse_bwd_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        sel: IntTensor<Self>,
+        bias: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        cfg: SparseCfg,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
 
     /// Block-sparse attention over a selection: (O, LSE).
     #[fusion(meta = sparse_fwd_meta)]
@@ -222,6 +345,250 @@ fn submit(gpu: &crate::Gpu, like: &CubeTensor, what: &str, enc: wgpu::CommandEnc
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Full attention forward on Burn's buffers, with the per-key bias when given.
+fn full_fwd(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    bias: Option<CubeTensor>,
+    cfg: FullCfg,
+) -> (CubeTensor, CubeTensor) {
+    let sh = shared_of(&q);
+    let gpu = sh.gpu.clone();
+    let s = shape4(&dims(&q), &dims(&k));
+    let op = sh
+        .full(s, FullConfig::new(cfg.0).bias(bias.is_some()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (bq, q) = bind(&gpu, q);
+    let (bk, _k) = bind(&gpu, k);
+    let (bv, _v) = bind(&gpu, v);
+    let bb = bias.map(|b| bind(&gpu, b).0);
+    let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+    let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode_forward(
+        &gpu,
+        &mut enc,
+        Qkv::new(&bq.tensor, &bk.tensor, &bv.tensor).bias(bb.as_ref().map(|b| &b.tensor)),
+        &AttnOutput {
+            o: bo.tensor.clone(),
+            lse: bl.tensor.clone(),
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    submit(&gpu, &q, "attention forward", enc);
+    (o, lse)
+}
+
+/// The gradients' buffers of an attention backward: dQ, dK, dV and d bias when there is a bias.
+fn alloc_grads(
+    gpu: &crate::Gpu,
+    like: &CubeTensor,
+    s: &AttnShape,
+    bias: bool,
+) -> (AttnGrads, Vec<CubeTensor>) {
+    let mut dims = vec![
+        s.q_dims().to_vec(),
+        s.kv_dims().to_vec(),
+        s.kv_dims().to_vec(),
+    ];
+    if bias {
+        dims.push(crate::ops::attention::bias_dims(s).to_vec());
+    }
+    let (bound, tensors): (Vec<Bound>, Vec<CubeTensor>) = dims
+        .iter()
+        .map(|d| bind(gpu, alloc(gpu, like, d, BurnDType::F32)))
+        .unzip();
+    let grads = AttnGrads {
+        dq: bound[0].tensor.clone(),
+        dk: bound[1].tensor.clone(),
+        dv: bound[2].tensor.clone(),
+        dbias: bound.get(3).map(|b| b.tensor.clone()),
+    };
+    (grads, tensors)
+}
+
+/// Full attention backward: dQ, dK, dV (and d bias).
+#[allow(clippy::too_many_arguments)]
+fn full_bwd(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    bias: Option<CubeTensor>,
+    o: CubeTensor,
+    lse: CubeTensor,
+    d_o: CubeTensor,
+    cfg: FullCfg,
+) -> Vec<CubeTensor> {
+    let sh = shared_of(&q);
+    let gpu = sh.gpu.clone();
+    let s = shape4(&dims(&q), &dims(&k));
+    let op = sh
+        .full(s, FullConfig::new(cfg.0).bias(bias.is_some()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (bq, q) = bind(&gpu, q);
+    let b: Vec<Bound> = [k, v, o, lse, d_o]
+        .into_iter()
+        .map(|t| bind(&gpu, t).0)
+        .collect();
+    let bb = bias.map(|b| bind(&gpu, b).0);
+    let (grads, out) = alloc_grads(&gpu, &q, &s, bb.is_some());
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode_backward(
+        &gpu,
+        &mut enc,
+        Qkv::new(&bq.tensor, &b[0].tensor, &b[1].tensor).bias(bb.as_ref().map(|b| &b.tensor)),
+        &AttnOutput {
+            o: b[2].tensor.clone(),
+            lse: b[3].tensor.clone(),
+        },
+        &b[4].tensor,
+        &grads,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    submit(&gpu, &q, "attention backward", enc);
+    out
+}
+
+/// Block selection (NOSA's when an eviction score is given).
+fn select(q: CubeTensor, k: CubeTensor, evict: Option<CubeTensor>, cfg: SparseCfg) -> CubeTensor {
+    let sh = shared_of(&q);
+    let gpu = sh.gpu.clone();
+    let s = shape4(&dims(&q), &dims(&k));
+    let op = sh
+        .select(s, SelectConfig::new(cfg.0))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (bq, q) = bind(&gpu, q);
+    let (bk, _k) = bind(&gpu, k);
+    let be = evict.map(|e| bind(&gpu, e).0);
+    let np = op.pooled();
+    let mut scratch_dims = vec![
+        vec![s.batch, s.heads_kv, np, s.head_dim],
+        vec![s.batch, s.heads_kv, s.seq_q, np],
+    ];
+    if be.is_some() {
+        scratch_dims.push(vec![s.batch, s.heads_kv, np]);
+    }
+    // Kept bound until the submission (the buffers return to Burn's pool when dropped).
+    let scratch: Vec<(Bound, CubeTensor)> = scratch_dims
+        .iter()
+        .map(|d| bind(&gpu, alloc(&gpu, &q, d, BurnDType::F32)))
+        .collect();
+    let (bs, sel) = bind(&gpu, alloc(&gpu, &q, &op.selection_dims(), BurnDType::U32));
+    let sc = SelectScratch {
+        block_keys: scratch[0].0.tensor.clone(),
+        scores: scratch[1].0.tensor.clone(),
+        evict_pooled: scratch.get(2).map(|x| x.0.tensor.clone()),
+    };
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode(
+        &gpu,
+        &mut enc,
+        &SelectInputs::new(&bq.tensor, &bk.tensor).evict(be.as_ref().map(|e| &e.tensor)),
+        &sc,
+        &bs.tensor,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    submit(&gpu, &q, "block selection", enc);
+    sel
+}
+
+/// Block-sparse attention forward (with the per-key bias when given).
+fn sparse_fwd(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    sel: CubeTensor,
+    bias: Option<CubeTensor>,
+    cfg: SparseCfg,
+) -> (CubeTensor, CubeTensor) {
+    let sh = shared_of(&q);
+    let gpu = sh.gpu.clone();
+    let s = shape4(&dims(&q), &dims(&k));
+    let op = sh
+        .sparse(s, cfg.sparse().bias(bias.is_some()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (bq, q) = bind(&gpu, q);
+    let (bk, _k) = bind(&gpu, k);
+    let (bv, _v) = bind(&gpu, v);
+    let (bs, _s) = bind(&gpu, sel);
+    let bb = bias.map(|b| bind(&gpu, b).0);
+    let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+    let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
+    let out = AttnOutput {
+        o: bo.tensor.clone(),
+        lse: bl.tensor.clone(),
+    };
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode_forward(
+        &gpu,
+        &mut enc,
+        &SparseInputs::new(&bq.tensor, &bk.tensor, &bv.tensor, &bs.tensor)
+            .bias(bb.as_ref().map(|b| &b.tensor)),
+        &out,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    submit(&gpu, &q, "sparse attention forward", enc);
+    (o, lse)
+}
+
+/// Block-sparse attention backward: dQ, dK, dV (and d bias).
+#[allow(clippy::too_many_arguments)]
+fn sparse_bwd(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    sel: CubeTensor,
+    bias: Option<CubeTensor>,
+    o: CubeTensor,
+    lse: CubeTensor,
+    d_o: CubeTensor,
+    cfg: SparseCfg,
+) -> Vec<CubeTensor> {
+    let sh = shared_of(&q);
+    let gpu = sh.gpu.clone();
+    let s = shape4(&dims(&q), &dims(&k));
+    let op = sh
+        .sparse(s, cfg.sparse().bias(bias.is_some()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (bq, q) = bind(&gpu, q);
+    let b: Vec<Bound> = [k, v, sel, o, lse, d_o]
+        .into_iter()
+        .map(|t| bind(&gpu, t).0)
+        .collect();
+    let bb = bias.map(|b| bind(&gpu, b).0);
+    let (grads, out) = alloc_grads(&gpu, &q, &s, bb.is_some());
+    let attn_out = AttnOutput {
+        o: b[3].tensor.clone(),
+        lse: b[4].tensor.clone(),
+    };
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    op.encode_backward(
+        &gpu,
+        &mut enc,
+        &SparseInputs::new(&bq.tensor, &b[0].tensor, &b[1].tensor, &b[2].tensor)
+            .bias(bb.as_ref().map(|b| &b.tensor)),
+        &attn_out,
+        &b[5].tensor,
+        &grads,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    submit(&gpu, &q, "sparse attention backward", enc);
+    out
+}
+
+fn three(mut g: Vec<CubeTensor>) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let dv = g.pop().expect("dv");
+    let dk = g.pop().expect("dk");
+    (g.pop().expect("dq"), dk, dv)
+}
+
+fn four(mut g: Vec<CubeTensor>) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+    let db = g.pop().expect("d bias");
+    let (dq, dk, dv) = three(g);
+    (dq, dk, dv, db)
+}
+
 impl AttnBackend for CubeBackend {
     fn sa_full_fwd(
         q: CubeTensor,
@@ -229,30 +596,17 @@ impl AttnBackend for CubeBackend {
         v: CubeTensor,
         cfg: FullCfg,
     ) -> (CubeTensor, CubeTensor) {
-        let sh = shared_of(&q);
-        let gpu = sh.gpu.clone();
-        let s = shape4(&dims(&q), &dims(&k));
-        let op = sh
-            .full(s, FullConfig::new(cfg.0))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (bq, q) = bind(&gpu, q);
-        let (bk, _k) = bind(&gpu, k);
-        let (bv, _v) = bind(&gpu, v);
-        let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
-        let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
-        op.encode_forward(
-            &gpu,
-            &mut enc,
-            Qkv::new(&bq.tensor, &bk.tensor, &bv.tensor),
-            &AttnOutput {
-                o: bo.tensor.clone(),
-                lse: bl.tensor.clone(),
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        submit(&gpu, &q, "attention forward", enc);
-        (o, lse)
+        full_fwd(q, k, v, None, cfg)
+    }
+
+    fn sa_full_fwd_bias(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        bias: CubeTensor,
+        cfg: FullCfg,
+    ) -> (CubeTensor, CubeTensor) {
+        full_fwd(q, k, v, Some(bias), cfg)
     }
 
     fn sa_full_bwd(
@@ -264,88 +618,33 @@ impl AttnBackend for CubeBackend {
         d_o: CubeTensor,
         cfg: FullCfg,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let sh = shared_of(&q);
-        let gpu = sh.gpu.clone();
-        let s = shape4(&dims(&q), &dims(&k));
-        let op = sh
-            .full(s, FullConfig::new(cfg.0))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (bq, q) = bind(&gpu, q);
-        let b: Vec<Bound> = [k, v, o, lse, d_o]
-            .into_iter()
-            .map(|t| bind(&gpu, t).0)
-            .collect();
-        let (bdq, dq) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
-        let (bdk, dk) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
-        let (bdv, dv) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
-        let grads = AttnGrads {
-            dq: bdq.tensor.clone(),
-            dk: bdk.tensor.clone(),
-            dv: bdv.tensor.clone(),
-            dbias: None,
-        };
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
-        op.encode_backward(
-            &gpu,
-            &mut enc,
-            Qkv::new(&bq.tensor, &b[0].tensor, &b[1].tensor),
-            &AttnOutput {
-                o: b[2].tensor.clone(),
-                lse: b[3].tensor.clone(),
-            },
-            &b[4].tensor,
-            &grads,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        submit(&gpu, &q, "attention backward", enc);
-        (dq, dk, dv)
+        three(full_bwd(q, k, v, None, o, lse, d_o, cfg))
+    }
+
+    fn sa_full_bwd_bias(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        bias: CubeTensor,
+        o: CubeTensor,
+        lse: CubeTensor,
+        d_o: CubeTensor,
+        cfg: FullCfg,
+    ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+        four(full_bwd(q, k, v, Some(bias), o, lse, d_o, cfg))
     }
 
     fn sa_select(q: CubeTensor, k: CubeTensor, cfg: SparseCfg) -> CubeTensor {
-        let sh = shared_of(&q);
-        let gpu = sh.gpu.clone();
-        let s = shape4(&dims(&q), &dims(&k));
-        let op = sh
-            .select(s, SelectConfig::new(cfg.0))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let (bq, q) = bind(&gpu, q);
-        let (bk, _k) = bind(&gpu, k);
-        let np = op.pooled();
-        let (kb, _kb) = bind(
-            &gpu,
-            alloc(
-                &gpu,
-                &q,
-                &[s.batch, s.heads_kv, np, s.head_dim],
-                BurnDType::F32,
-            ),
-        );
-        let (sc, _sc) = bind(
-            &gpu,
-            alloc(
-                &gpu,
-                &q,
-                &[s.batch, s.heads_kv, s.seq_q, np],
-                BurnDType::F32,
-            ),
-        );
-        let (bs, sel) = bind(&gpu, alloc(&gpu, &q, &op.selection_dims(), BurnDType::U32));
-        let scratch = SelectScratch {
-            block_keys: kb.tensor.clone(),
-            scores: sc.tensor.clone(),
-            evict_pooled: None,
-        };
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
-        op.encode(
-            &gpu,
-            &mut enc,
-            &SelectInputs::new(&bq.tensor, &bk.tensor),
-            &scratch,
-            &bs.tensor,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        submit(&gpu, &q, "block selection", enc);
-        sel
+        select(q, k, None, cfg)
+    }
+
+    fn sa_select_nosa(
+        q: CubeTensor,
+        k: CubeTensor,
+        evict: CubeTensor,
+        cfg: SparseCfg,
+    ) -> CubeTensor {
+        select(q, k, Some(evict), cfg)
     }
 
     fn sa_sparse_fwd(
@@ -355,30 +654,18 @@ impl AttnBackend for CubeBackend {
         sel: CubeTensor,
         cfg: SparseCfg,
     ) -> (CubeTensor, CubeTensor) {
-        let sh = shared_of(&q);
-        let gpu = sh.gpu.clone();
-        let s = shape4(&dims(&q), &dims(&k));
-        let op = sh.sparse(s, cfg.sparse()).unwrap_or_else(|e| panic!("{e}"));
-        let (bq, q) = bind(&gpu, q);
-        let (bk, _k) = bind(&gpu, k);
-        let (bv, _v) = bind(&gpu, v);
-        let (bs, _s) = bind(&gpu, sel);
-        let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
-        let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
-        let out = AttnOutput {
-            o: bo.tensor.clone(),
-            lse: bl.tensor.clone(),
-        };
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
-        op.encode_forward(
-            &gpu,
-            &mut enc,
-            &SparseInputs::new(&bq.tensor, &bk.tensor, &bv.tensor, &bs.tensor),
-            &out,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        submit(&gpu, &q, "sparse attention forward", enc);
-        (o, lse)
+        sparse_fwd(q, k, v, sel, None, cfg)
+    }
+
+    fn sa_sparse_fwd_bias(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        sel: CubeTensor,
+        bias: CubeTensor,
+        cfg: SparseCfg,
+    ) -> (CubeTensor, CubeTensor) {
+        sparse_fwd(q, k, v, sel, Some(bias), cfg)
     }
 
     fn sa_sparse_bwd(
@@ -391,40 +678,21 @@ impl AttnBackend for CubeBackend {
         d_o: CubeTensor,
         cfg: SparseCfg,
     ) -> (CubeTensor, CubeTensor, CubeTensor) {
-        let sh = shared_of(&q);
-        let gpu = sh.gpu.clone();
-        let s = shape4(&dims(&q), &dims(&k));
-        let op = sh.sparse(s, cfg.sparse()).unwrap_or_else(|e| panic!("{e}"));
-        let (bq, q) = bind(&gpu, q);
-        let b: Vec<Bound> = [k, v, sel, o, lse, d_o]
-            .into_iter()
-            .map(|t| bind(&gpu, t).0)
-            .collect();
-        let (bdq, dq) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
-        let (bdk, dk) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
-        let (bdv, dv) = bind(&gpu, alloc(&gpu, &q, &s.kv_dims(), BurnDType::F32));
-        let grads = AttnGrads {
-            dq: bdq.tensor.clone(),
-            dk: bdk.tensor.clone(),
-            dv: bdv.tensor.clone(),
-            dbias: None,
-        };
-        let out = AttnOutput {
-            o: b[3].tensor.clone(),
-            lse: b[4].tensor.clone(),
-        };
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
-        op.encode_backward(
-            &gpu,
-            &mut enc,
-            &SparseInputs::new(&bq.tensor, &b[0].tensor, &b[1].tensor, &b[2].tensor),
-            &out,
-            &b[5].tensor,
-            &grads,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        submit(&gpu, &q, "sparse attention backward", enc);
-        (dq, dk, dv)
+        three(sparse_bwd(q, k, v, sel, None, o, lse, d_o, cfg))
+    }
+
+    fn sa_sparse_bwd_bias(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        sel: CubeTensor,
+        bias: CubeTensor,
+        o: CubeTensor,
+        lse: CubeTensor,
+        d_o: CubeTensor,
+        cfg: SparseCfg,
+    ) -> (CubeTensor, CubeTensor, CubeTensor, CubeTensor) {
+        four(sparse_bwd(q, k, v, sel, Some(bias), o, lse, d_o, cfg))
     }
 
     fn sa_metrics(
@@ -530,6 +798,70 @@ pub fn attention(
     Ok((BTensor::from_dispatch(o), BTensor::from_dispatch(lse)))
 }
 
+/// The bias `[batch, kv_heads, seq_k]` of an attention over q, k of shape `s`, checked.
+fn check_bias(name: &str, s: &AttnShape, bias: &BTensor<3>, like: &BTensor<4>) -> Result<()> {
+    let want = crate::ops::attention::bias_dims(s);
+    if bias.dims() != want {
+        invalid!(
+            "the {name} has shape {:?}; q and k need [batch, kv_heads, seq_k] = {want:?}",
+            bias.dims()
+        );
+    }
+    check_f32(name, bias)?;
+    if bias.device() != like.device() {
+        invalid!("the {name} must live on the device of q, k and v");
+    }
+    Ok(())
+}
+
+/// [`attention`] with an optional additive per-key bias `[batch, kv_heads, seq_k]` on the
+/// logits (NOSA's eviction head: logit = scale·q·k + bias), differentiable in the bias too.
+pub fn attention_with_bias(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    v: BTensor<4>,
+    bias: Option<BTensor<3>>,
+    opts: AttnOptions,
+) -> Result<(BTensor<4>, BTensor<3>)> {
+    let Some(bias) = bias else {
+        return attention(q, k, v, opts);
+    };
+    let s = attn_shape(&q, &k, &v)?;
+    check_bias("bias", &s, &bias, &q)?;
+    shared_for(&q.device())?.full(s, FullConfig::new(opts).bias(true))?;
+    let (o, lse) = <Dispatch as AttnBackend>::sa_full_fwd_bias(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias.into_dispatch(),
+        FullCfg(opts),
+    );
+    Ok((BTensor::from_dispatch(o), BTensor::from_dispatch(lse)))
+}
+
+/// NOSA's selection (`opts.evict` > 0): the query-aware blocks, then the rest by the per-token
+/// eviction score `[batch, kv_heads, seq_k]` pooled like the keys. Not differentiable.
+pub fn select_blocks_nosa(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    evict: BTensor<3>,
+    opts: &SelectOptions,
+) -> Result<BTensor<4, Int>> {
+    let s = attn_shape(&q, &k, &k)?;
+    check_bias("eviction score", &s, &evict, &q)?;
+    shared_for(&q.device())?.select(s, SelectConfig::new(*opts))?;
+    if opts.evict == 0 {
+        invalid!("select_blocks_nosa needs options with evict > 0 (NOSA's budget)");
+    }
+    let sel = <Dispatch as AttnBackend>::sa_select_nosa(
+        q.detach().into_dispatch(),
+        k.detach().into_dispatch(),
+        evict.detach().into_dispatch(),
+        SparseCfg(*opts),
+    );
+    Ok(BTensor::from_dispatch(sel))
+}
+
 /// Blocks each (token, kv head) attends: u32 `[batch, heads_kv, seq_q, opts.k]`, ascending,
 /// padded with `u32::MAX` (see `reference::select`). Not differentiable.
 pub fn select_blocks(
@@ -577,6 +909,41 @@ pub fn sparse_attention(
         k.into_dispatch(),
         v.into_dispatch(),
         sel.into_dispatch(),
+        cfg,
+    );
+    Ok((BTensor::from_dispatch(o), BTensor::from_dispatch(lse)))
+}
+
+/// [`sparse_attention`] with an optional additive per-key bias `[batch, kv_heads, seq_k]`,
+/// differentiable in the bias too (NOSA).
+pub fn sparse_attention_with_bias(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    v: BTensor<4>,
+    sel: BTensor<4, Int>,
+    bias: Option<BTensor<3>>,
+    opts: &SelectOptions,
+) -> Result<(BTensor<4>, BTensor<3>)> {
+    let Some(bias) = bias else {
+        return sparse_attention(q, k, v, sel, opts);
+    };
+    let s = attn_shape(&q, &k, &v)?;
+    check_bias("bias", &s, &bias, &q)?;
+    let cfg = SparseCfg(*opts);
+    let op = shared_for(&q.device())?.sparse(s, cfg.sparse().bias(true))?;
+    if sel.dims() != op.selection_dims() {
+        invalid!(
+            "the selection has shape {:?}; these inputs and options need {:?}",
+            sel.dims(),
+            op.selection_dims()
+        );
+    }
+    let (o, lse) = <Dispatch as AttnBackend>::sa_sparse_fwd_bias(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        sel.into_dispatch(),
+        bias.into_dispatch(),
         cfg,
     );
     Ok((BTensor::from_dispatch(o), BTensor::from_dispatch(lse)))

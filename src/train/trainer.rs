@@ -66,6 +66,19 @@ impl TrainConfig {
                 self.seq
             );
         }
+        match (self.mode.nosa(), self.model.has_evict_head()) {
+            (true, false) => invalid!(
+                "mode {} needs NOSA's budget: give k_query (blocks chosen by the query besides \
+                 the forced ones; the rest of topk goes to the eviction head)",
+                self.mode.name()
+            ),
+            (false, true) => invalid!(
+                "k_query (NOSA's eviction head) is set but mode {} does not train it: use nosa \
+                 or nosa-ssa",
+                self.mode.name()
+            ),
+            _ => {}
+        }
         // NaN fails every comparison: each check is written so that NaN fails it.
         let lr_ok = self.lr > 0.0 && self.lr.is_finite();
         if !(lr_ok && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
@@ -345,7 +358,7 @@ pub fn train(
                     cfg.seq,
                     cfg.batch,
                     cfg.eval_windows,
-                    if cfg.mode == Mode::Sparse {
+                    if cfg.mode.sparse_only() {
                         Mode::Sparse
                     } else {
                         Mode::Full

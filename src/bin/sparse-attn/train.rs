@@ -92,7 +92,8 @@ pub struct EvalArgs {
 #[cfg(feature = "train")]
 #[derive(Args)]
 pub struct TrainArgs {
-    /// full, sparse (MoBA-style sparse-only) or ssa.
+    /// full, sparse (sparse-only), ssa (both streams, aligned), nosa (sparse-only with NOSA's
+    /// eviction head and selection) or nosa-ssa (SSA's streams with NOSA's sparse stream).
     #[arg(long)]
     pub mode: String,
     /// Folder of .txt files (scripts/fetch-corpus.sh makes data/shakespeare).
@@ -147,6 +148,21 @@ pub struct RunArgs {
     pub block: usize,
     #[arg(long, default_value_t = 16)]
     pub topk: usize,
+    /// Block scoring of the selector: ssa, moba or infllm-v2 (default: infllm-v2 for the
+    /// NOSA modes, ssa otherwise).
+    #[arg(long)]
+    pub scoring: Option<String>,
+    /// Forced initial blocks (default: 1 for the NOSA modes, else 0).
+    #[arg(long)]
+    pub n_init: Option<usize>,
+    /// Forced local blocks before the current one (default: topk / 8 for the NOSA modes,
+    /// else 0).
+    #[arg(long)]
+    pub n_local: Option<usize>,
+    /// NOSA modes: blocks chosen by the query besides the forced ones; the rest of topk is
+    /// chosen by the eviction head (default: topk / 4, the official 16 of 64).
+    #[arg(long)]
+    pub k_query: Option<usize>,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     #[arg(long, default_value_t = 1e-4)]
@@ -177,8 +193,12 @@ pub struct RunArgs {
 #[cfg(feature = "train")]
 impl RunArgs {
     pub fn config(&self, mode: &str) -> Result<sparse_attn::train::TrainConfig, Error> {
+        use sparse_attn::Scoring;
+        use sparse_attn::train::model::parse_scoring;
         use sparse_attn::train::{LmConfig, Mode, TrainConfig};
         let a = self;
+        let mode = Mode::parse(mode)?;
+        let nosa = mode.nosa();
         let cfg = TrainConfig {
             model: LmConfig {
                 vocab: sparse_attn::train::data::VOCAB,
@@ -191,8 +211,24 @@ impl RunArgs {
                 rope_theta: 10000.0,
                 block: a.block,
                 topk: a.topk,
+                scoring: match &a.scoring {
+                    Some(s) => parse_scoring(s)?,
+                    None if nosa => Scoring::InfLlmV2,
+                    None => Scoring::Ssa,
+                },
+                n_init: a.n_init.unwrap_or(nosa as usize),
+                n_local: a.n_local.unwrap_or(if nosa { a.topk / 8 } else { 0 }),
+                k_query: match (nosa, a.k_query) {
+                    (true, k) => Some(k.unwrap_or(a.topk / 4)),
+                    (false, None) => None,
+                    (false, Some(_)) => {
+                        return Err(Error::InvalidInput(
+                            "--k-query is NOSA's budget: it needs --mode nosa or nosa-ssa".into(),
+                        ));
+                    }
+                },
             },
-            mode: Mode::parse(mode)?,
+            mode,
             steps: a.steps,
             batch: a.batch,
             seq: a.seq,
