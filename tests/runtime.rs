@@ -127,3 +127,29 @@ fn profile_names_every_kernel_of_a_pass() {
     // The profiler is off again: plain timing still works and sees no profile slots.
     assert!(gpu.time(Reps::Fixed(2), bwd).unwrap().seconds > 0.0);
 }
+
+/// `#N` in an adapter filter takes the N-th adapter the other terms match (one of several
+/// identical GPUs); an index past them, or one that is not a number, is an error.
+#[test]
+fn adapter_index_picks_among_matching_adapters() {
+    if common::gpu().is_none() {
+        return;
+    }
+    let open = |f: &str| {
+        sparse_attn::Gpu::new(&sparse_attn::GpuOptions {
+            adapter: Some(f.into()),
+            ..Default::default()
+        })
+    };
+    let first = open("#0").unwrap();
+    let n = sparse_attn::gpu::list_adapters().len();
+    assert_eq!(
+        first.adapter().name,
+        open("").unwrap().adapter().name,
+        "#0 is the default choice"
+    );
+    let e = open(&format!("#{n}")).unwrap_err().to_string();
+    assert!(e.contains("no GPU adapter"), "{e}");
+    let e = open("#one").unwrap_err().to_string();
+    assert!(e.contains("not an index"), "{e}");
+}

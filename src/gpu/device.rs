@@ -232,9 +232,29 @@ impl Gpu {
             .collect();
         all.sort_by_key(|(s, _)| (type_rank(s.device_type), backend_rank(s.backend)));
         let seen: Vec<String> = all.iter().map(|(s, _)| s.to_string()).collect();
+        // `#N` picks the N-th (from 0) of the adapters the other terms match: how one of
+        // several identical GPUs is chosen.
+        let nth = filter
+            .into_iter()
+            .flat_map(|f| f.split(','))
+            .find_map(|t| t.trim().strip_prefix('#'))
+            .map(|n| {
+                n.parse::<usize>().map_err(|_| {
+                    Error::InvalidInput(format!("adapter term `#{n}` is not an index"))
+                })
+            })
+            .transpose()?
+            .unwrap_or(0);
+        let rest: Option<String> = filter.map(|f| {
+            f.split(',')
+                .filter(|t| !t.trim().starts_with('#'))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
         let chosen = all
             .into_iter()
-            .find(|(s, _)| filter.is_none_or(|f| adapter_matches(s, f)));
+            .filter(|(s, _)| rest.as_deref().is_none_or(|f| adapter_matches(s, f)))
+            .nth(nth);
         match chosen {
             Some((_, a)) => Ok((instance, a)),
             None => Err(Error::NoAdapter {

@@ -68,11 +68,15 @@ pub struct SelectArgs {
     pub n_local: usize,
     #[arg(long, value_enum, default_value_t = ScoringArg::Ssa)]
     pub scoring: ScoringArg,
+    /// NOSA's selection: blocks chosen by the query besides the forced ones; the rest of
+    /// --topk is chosen by a query-agnostic eviction score (NOSA.md §2).
+    #[arg(long)]
+    pub k_query: Option<usize>,
 }
 
 impl SelectArgs {
-    pub fn options(&self) -> SelectOptions {
-        SelectOptions {
+    pub fn options(&self) -> Result<SelectOptions, Error> {
+        let plain = SelectOptions {
             block: self.block,
             k: self.topk,
             n_init: self.n_init,
@@ -85,7 +89,14 @@ impl SelectArgs {
             causal: true,
             scale: None,
             evict: 0,
-        }
+        };
+        Ok(match self.k_query {
+            None => plain,
+            Some(kq) => SelectOptions {
+                scoring: plain.scoring,
+                ..SelectOptions::nosa_budget(self.block, self.topk, self.n_init, self.n_local, kq)?
+            },
+        })
     }
 }
 

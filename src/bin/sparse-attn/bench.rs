@@ -138,6 +138,8 @@ pub struct SparseBench {
     pub backward: &'static str,
     /// The selection's top-k kernel that ran (`sort` or `subgroup`).
     pub topk: &'static str,
+    /// The sparse attention had a per-key bias (NOSA).
+    pub bias: bool,
 }
 
 /// (query, key) pairs a causal sparse forward attends to when every token keeps `k` blocks of
@@ -169,6 +171,8 @@ pub struct SparseRun {
     pub reps: Reps,
     /// Also time every kernel on its own (`Gpu::profile`).
     pub stages: bool,
+    /// Sparse attention with a random per-key bias (NOSA), forward and backward.
+    pub bias: bool,
 }
 
 impl SparseRun {
@@ -181,6 +185,7 @@ impl SparseRun {
             with_backward: true,
             reps: Reps::Fixed(1),
             stages: false,
+            bias: false,
         }
     }
 }
@@ -199,8 +204,23 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
         with_backward: backward,
         reps,
         stages,
+        bias,
     } = *run;
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dtype)?;
+    // NOSA: a random eviction score for the selection, and the same values as the bias.
+    let key_scores = if select.evict > 0 || bias {
+        let n = shape.batch * shape.heads_kv * shape.seq_k;
+        let mut rng = sparse_attn::reference::Rng::new(17);
+        Some(gpu.upload(
+            &[shape.batch, shape.heads_kv, shape.seq_k],
+            &rng.normal_vec(n, 1.0),
+        )?)
+    } else {
+        None
+    };
+    let evict = key_scores.as_ref().filter(|_| select.evict > 0);
+    let bias_t = key_scores.as_ref().filter(|_| bias);
+    let sel_in = SelectInputs::new(&q, &k).evict(evict);
     let selector = BlockSelect::new(
         gpu,
         shape,
@@ -209,19 +229,19 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let t_sel = gpu.time(reps, |enc| {
-        selector.encode(gpu, enc, &SelectInputs::new(&q, &k), &scratch, &sel)
+        selector.encode(gpu, enc, &sel_in, &scratch, &sel)
     })?;
     let sparse = SparseAttention::new(
         gpu,
         shape,
         &SparseConfig::for_selection(&select)
             .dtype(dtype)
+            .bias(bias)
             .kernels(forward, backward_kernel),
     )?;
+    let sp_in = SparseInputs::new(&q, &k, &v, &sel).bias(bias_t);
     let out = AttnOutput::empty_as(gpu, &shape, dtype)?;
-    let t_sp = gpu.time(reps, |enc| {
-        sparse.encode_forward(gpu, enc, &SparseInputs::new(&q, &k, &v, &sel), &out)
-    })?;
+    let t_sp = gpu.time(reps, |enc| sparse.encode_forward(gpu, enc, &sp_in, &out))?;
     let dense = FullAttention::new(
         gpu,
         shape,
@@ -233,26 +253,16 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
     let (mut sparse_bwd_s, mut dense_bwd_s) = (None, None);
     let mut profile = Vec::new();
     if stages {
-        profile.extend(gpu.profile(3, |enc| {
-            selector.encode(gpu, enc, &SelectInputs::new(&q, &k), &scratch, &sel)
-        })?);
-        profile.extend(gpu.profile(3, |enc| {
-            sparse.encode_forward(gpu, enc, &SparseInputs::new(&q, &k, &v, &sel), &out)
-        })?);
+        profile.extend(gpu.profile(3, |enc| selector.encode(gpu, enc, &sel_in, &scratch, &sel))?);
+        profile.extend(gpu.profile(3, |enc| sparse.encode_forward(gpu, enc, &sp_in, &out))?);
     }
     if backward {
-        let grads = AttnGrads::empty_as(gpu, &shape, dtype)?;
-        let sp_out = sparse.forward(gpu, &SparseInputs::new(&q, &k, &v, &sel))?;
+        let sp_grads = AttnGrads::empty_with(gpu, &shape, dtype, bias)?;
+        let sp_out = sparse.forward(gpu, &sp_in)?;
         let bwd = |enc: &mut wgpu::CommandEncoder| {
-            sparse.encode_backward(
-                gpu,
-                enc,
-                &SparseInputs::new(&q, &k, &v, &sel),
-                &sp_out,
-                &d_o,
-                &grads,
-            )
+            sparse.encode_backward(gpu, enc, &sp_in, &sp_out, &d_o, &sp_grads)
         };
+        let grads = AttnGrads::empty_as(gpu, &shape, dtype)?;
         let t = gpu.time(reps, bwd)?;
         if stages {
             profile.extend(gpu.profile(3, bwd)?);
@@ -282,6 +292,7 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
         forward: sparse.forward_kernel().name(),
         backward: sparse.backward_kernel().name(),
         topk: selector.topk_kernel().name(),
+        bias,
     })
 }
 
@@ -304,6 +315,7 @@ impl SparseBench {
             "causal": self.select.causal,
             "block": self.select.block, "k": self.select.k,
             "n_init": self.select.n_init, "n_local": self.select.n_local,
+            "evict": self.select.evict, "bias": self.bias,
             "scoring": format!("{:?}", self.select.scoring),
             "select_ms": self.select_s * 1e3,
             "sparse_fwd_ms": self.sparse_fwd_s * 1e3,

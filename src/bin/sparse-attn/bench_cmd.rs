@@ -67,6 +67,9 @@ pub struct SparseArgs {
     /// subgroup (subgroup arg-max rounds; needs subgroup operations).
     #[arg(long, default_value = "auto")]
     pub topk_kernel: String,
+    /// Sparse attention with a random per-key bias (NOSA), forward and backward (d bias).
+    #[arg(long)]
+    pub bias: bool,
     #[command(flatten)]
     pub out: Output,
 }
@@ -212,7 +215,7 @@ pub fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, E
     for &d in &a.shape.head_dim {
         for &seq in &a.shape.seq {
             let shape = a.shape.shape(seq, d);
-            let sel = a.select.options();
+            let sel = a.select.options()?;
             let run = SparseRun {
                 select: SelectConfig::new(sel)
                     .dtype(parse_dtype(&a.dtype)?)
@@ -222,6 +225,7 @@ pub fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, E
                 with_backward: !a.no_backward,
                 reps: Reps::Target(a.target_seconds),
                 stages: a.stages,
+                bias: a.bias,
             };
             let r = bench_sparse(&gpu, shape, &run)?;
             let s = &r.shape;

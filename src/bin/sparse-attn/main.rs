@@ -30,7 +30,8 @@ use crate::train::{BenchTrainArgs, EvalArgs, TrainArgs};
 )]
 struct Cli {
     /// Adapter to use: a backend (vulkan, metal, dx12, gl), a device type (discrete, integrated,
-    /// cpu) or part of its name; several terms joined by commas. Default: SPARSE_ATTN_ADAPTER,
+    /// cpu) or part of its name; several terms joined by commas; `#N` takes the N-th (from 0)
+    /// of those matching (e.g. `vulkan,#1`: the second GPU). Default: SPARSE_ATTN_ADAPTER,
     /// else the best adapter (discrete > integrated > CPU, native APIs before GL).
     #[arg(long, global = true)]
     adapter: Option<String>,

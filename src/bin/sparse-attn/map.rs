@@ -134,7 +134,14 @@ pub fn map(opts: &GpuOptions, a: &MapArgs) -> Result<ExitCode, Error> {
             a.head, a.batch_index
         )));
     }
-    let select = a.select.options();
+    let select = a.select.options()?;
+    if select.evict > 0 {
+        return Err(Error::InvalidInput(
+            "--k-query asks for NOSA's selection, which needs an eviction score; map reads only \
+             q and k"
+                .into(),
+        ));
+    }
     let gpu = Gpu::new(opts)?;
     let (tq, tk) = (
         gpu.upload(&shape.q_dims(), &q)?,
