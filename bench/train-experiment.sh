@@ -8,7 +8,8 @@
 #   sparse-attn eval --reports OUTDIR/eval-{full,sparse,ssa}.json --out docs/results/eval.json \
 #       --plots docs/results
 #
-# BIN (default target/release/sparse-attn) and DATA (default data/shakespeare) can be set.
+# BIN (default target/release/sparse-attn) and DATA (default data/shakespeare) can be set; NAME
+# (default MODE) names the run's folder and files when one mode runs with several settings.
 set -euo pipefail
 mode=$1
 steps=$2
@@ -21,9 +22,10 @@ data=${DATA:-data/shakespeare}
 model=(--d-model 384 --layers 6 --heads 8 --kv-heads 2 --d-ff 1024 --seq 2048 --batch 4
        --block 16 --topk 16 --lr 1e-3 --min-lr 1e-4 --warmup 200 --seed 1
        --eval-every 250 --eval-windows 32 --ckpt-every 0)
+name=${NAME:-$mode}
 mkdir -p "$out"
-"$bin" train --mode "$mode" --steps "$steps" --data "$data" --out "$out/$mode" "${model[@]}" "$@" \
+"$bin" train --mode "$mode" --steps "$steps" --data "$data" --out "$out/$name" "${model[@]}" "$@" \
     2> >(tr '\r' '\n' | grep -v XDG_RUNTIME_DIR | grep -E 'valid|stopping|resum|error|on ' >&2) \
-    | tee "$out/train-$mode.json"
-"$bin" eval --ckpt "$out/$mode" --data "$data" --out "$out/eval-$mode.json" \
-    --plots "$out/plots-$mode" --windows 32 --passkeys 32 --batch 4 2>&1 | grep -v XDG_RUNTIME_DIR
+    | tee "$out/train-$name.json"
+"$bin" eval --ckpt "$out/$name" --data "$data" --out "$out/eval-$name.json" \
+    --plots "$out/plots-$name" --windows 32 --passkeys 32 --batch 4 2>&1 | grep -v XDG_RUNTIME_DIR

@@ -1,5 +1,6 @@
 //! Does this GPU compute our kernels correctly? Every kernel family (full attention forward and
-//! backward, block selection, block-sparse forward and backward, metrics, the alignment loss)
+//! backward, block selection, NOSA's selection and biased sparse attention, block-sparse
+//! forward and backward, metrics, the alignment loss)
 //! on small random inputs against the f64 references. Async, so it runs the same in the browser
 //! (the demo page exposes it, and the browser test runs it: WGSL that one compiler accepts and
 //! another rejects shows up here) and natively (`sparse-attn selfcheck`).
@@ -195,6 +196,70 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
             name,
             &gpu.read_async(t).await?,
             &f32s(w),
+            TOLERANCE,
+        );
+    }
+
+    // NOSA: the selection with an eviction score (rows identical to the reference's, up to
+    // near-ties), then sparse attention with the score as its per-key bias, forward and
+    // backward with d bias, where the device binds the 11 storage buffers that takes.
+    let nosa = SelectOptions {
+        scoring: crate::problem::Scoring::InfLlmV2,
+        ..SelectOptions::nosa_budget(16, 4, 1, 0, 1)?
+    };
+    let evict = rng.normal_vec(shape.batch * shape.heads_kv * shape.seq_k, 1.0);
+    let te = gpu.upload(&crate::ops::attention::bias_dims(&shape), &evict)?;
+    let nosa_sel = BlockSelect::new(gpu, shape, &SelectConfig::new(nosa))?;
+    let tnsel = gpu.empty(&nosa_sel.selection_dims(), DType::U32)?;
+    let scratch = nosa_sel.scratch(gpu)?;
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let x = SelectInputs::new(&tq, &tk).evict(Some(&te));
+    nosa_sel.encode(gpu, &mut enc, &x, &scratch, &tnsel)?;
+    gpu.queue().submit([enc.finish()]);
+    let want_n = reference::select::select_nosa(&shape, &nosa, &q, &k, Some(&evict))?;
+    let got_n = gpu.read_u32_async(&tnsel).await?;
+    let rows = got_n.len() / nosa.k;
+    let differ = got_n
+        .chunks(nosa.k)
+        .zip(want_n.indices.chunks(nosa.k))
+        .filter(|(a, b)| a != b)
+        .count();
+    let share = differ as f64 / rows.max(1) as f64;
+    out.push(Check {
+        name: "NOSA selection (rows unlike the reference)",
+        error: share,
+        ok: share <= 0.02 && got_n.len() == want_n.indices.len(),
+    });
+    if gpu.limits().max_storage_buffers_per_shader_stage >= 11 {
+        let idx = &want_n.indices;
+        let tsel = gpu.upload_u32(&nosa_sel.selection_dims(), idx)?;
+        let cfg = SparseConfig::for_selection(&nosa).bias(true);
+        let biased = SparseAttention::new(gpu, shape, &cfg)?;
+        let bo = AttnOutput::empty(gpu, &shape)?;
+        let bg = AttnGrads::empty_with(gpu, &shape, DType::F32, true)?;
+        let x = SparseInputs::new(&tq, &tk, &tv, &tsel).bias(Some(&te));
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        biased.encode_forward(gpu, &mut enc, &x, &bo)?;
+        biased.encode_backward(gpu, &mut enc, &x, &bo, &tdo, &bg)?;
+        gpu.queue().submit([enc.finish()]);
+        let sp = nosa.sparse();
+        let b = Some(evict.as_slice());
+        let want = reference::sparse::forward(&shape, &sp, &q, &k, &v, idx, nosa.k, b)?;
+        let want_g = reference::sparse::backward(&shape, &sp, &q, &k, &v, idx, nosa.k, b, &d_o)?;
+        let names = [
+            "biased sparse forward O",
+            "biased sparse forward LSE",
+            "biased sparse backward dQ",
+            "biased sparse backward dK",
+            "biased sparse backward dV",
+        ];
+        push_attention(gpu, &mut out, names, &bo, &bg, &want, &want_g).await?;
+        let db = bg.dbias.as_ref().expect("made with a bias");
+        push(
+            &mut out,
+            "biased sparse backward d bias",
+            &gpu.read_async(db).await?,
+            want_g.dbias.as_deref().unwrap_or_default(),
             TOLERANCE,
         );
     }

@@ -548,8 +548,14 @@ pub fn table_rows(reports: &[serde_json::Value]) -> Vec<Vec<String>> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        // The mode, and the block scoring where it is not the SSA default.
+        let mode = r["mode"].as_str().unwrap_or("?");
+        let label = match r["model"]["scoring"].as_str() {
+            Some(sc) if sc != "ssa" => format!("{mode} ({sc})"),
+            _ => mode.to_string(),
+        };
         rows.push(vec![
-            r["mode"].as_str().unwrap_or("?").to_string(),
+            label,
             f(&r["perplexity"]["full"]["ppl"]),
             f(&r["perplexity"][&sk]["ppl"]),
             f(&r["layers"]["full"]["mean_sparsity"]),
