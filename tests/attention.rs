@@ -460,7 +460,10 @@ fn biased_forward_and_backward_match_reference() {
     }
 }
 
-/// A bias of zeros changes nothing, bit for bit (fma(s, scale, 0) is the product itself).
+/// A bias of zeros changes nothing beyond rounding: fma(s, scale, 0) is the product itself, but
+/// a compiler may fuse the unbiased kernel's product into the next subtraction (NVIDIA's does:
+/// dQ differed in the last bits on the H200), so the bound is 1e-6 relative, not bit equality;
+/// a misplaced bias, or d bias leaking into another gradient, is far above it.
 #[test]
 fn zero_bias_equals_no_bias() {
     let Some(gpu) = common::gpu() else { return };
@@ -497,10 +500,8 @@ fn zero_bias_equals_no_bias() {
     };
     let (a, b) = (run(None), run(Some(&zeros)));
     for (n, (x, y)) in ["O", "LSE", "dQ", "dK", "dV"].iter().zip(a.iter().zip(&b)) {
-        assert!(
-            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
-            "{n} differs with a zero bias"
-        );
+        let e = compare(x, y);
+        assert!(e.within(1e-6), "{n} differs with a zero bias: {e:?}");
     }
 }
 
