@@ -213,13 +213,19 @@ pub fn preprocess(key: &PipelineKey) -> Result<String> {
     for (name, value) in &key.constants {
         out.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
-    expand(key, key.file, &mut out, 0)?;
+    expand(&key.constants, key.file, &mut out, 0, &source)?;
     Ok(out)
 }
 
 /// Append `file` with its includes expanded (recursively; `enable` lines were hoisted) and its
 /// conditional blocks resolved.
-fn expand(key: &PipelineKey, file: &str, out: &mut String, depth: usize) -> Result<()> {
+fn expand(
+    constants: &[(&'static str, u32)],
+    file: &str,
+    out: &mut String,
+    depth: usize,
+    source: &dyn Fn(&str) -> Result<&'static str>,
+) -> Result<()> {
     if depth > 4 {
         return Err(Error::Gpu(format!("includes nested too deeply at {file}")));
     }
@@ -233,7 +239,7 @@ fn expand(key: &PipelineKey, file: &str, out: &mut String, depth: usize) -> Resu
         let t = line.trim();
         if let Some(name) = t.strip_prefix("//#if ") {
             let name = name.trim();
-            let on = match key.constants.iter().find(|(c, _)| *c == name) {
+            let on = match constants.iter().find(|(c, _)| *c == name) {
                 Some(&(_, v)) => v != 0,
                 None => {
                     return Err(Error::Gpu(format!(
@@ -264,7 +270,13 @@ fn expand(key: &PipelineKey, file: &str, out: &mut String, depth: usize) -> Resu
             continue;
         }
         match t.strip_prefix("//#include ") {
-            Some(inc) => expand(key, inc.trim().trim_matches('"'), out, depth + 1)?,
+            Some(inc) => expand(
+                constants,
+                inc.trim().trim_matches('"'),
+                out,
+                depth + 1,
+                source,
+            )?,
             None => {
                 out.push_str(line);
                 out.push('\n');
@@ -347,5 +359,52 @@ impl Gpu {
     /// Number of distinct pipelines compiled so far (tests check the cache with it).
     pub fn pipelines_built(&self) -> usize {
         self.pipelines.lock().expect("pipeline cache").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `//#if` keeps the branch that holds, nests, reaches into includes, and refuses unknown
+    /// constants and unbalanced directives with the file and line.
+    #[test]
+    fn conditional_blocks_and_their_errors() {
+        let files: &[(&str, &'static str)] = &[
+            (
+                "main.wgsl",
+                "a\n//#if A\nb\n//#if B\nc\n//#else\nd\n//#endif\n//#else\ne\n//#endif\n//#include \"inc.wgsl\"\n",
+            ),
+            ("inc.wgsl", "//#if B\nf\n//#endif\ng\n"),
+            ("unknown.wgsl", "//#if C\nx\n//#endif\n"),
+            ("open.wgsl", "//#if A\nx\n"),
+            ("stray.wgsl", "x\n//#endif\n"),
+        ];
+        let src = |f: &str| -> Result<&'static str> {
+            files
+                .iter()
+                .find(|(n, _)| *n == f)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| Error::Gpu(format!("no shader named {f}")))
+        };
+        let run = |file: &str, a: u32, b: u32| {
+            let mut out = String::new();
+            expand(&[("A", a), ("B", b)], file, &mut out, 0, &src).map(|_| out)
+        };
+        assert_eq!(run("main.wgsl", 1, 1).unwrap(), "a\nb\nc\nf\ng\n");
+        assert_eq!(run("main.wgsl", 1, 0).unwrap(), "a\nb\nd\ng\n");
+        assert_eq!(run("main.wgsl", 0, 1).unwrap(), "a\ne\nf\ng\n");
+        let e = run("unknown.wgsl", 1, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown.wgsl:1") && e.contains("names no constant"),
+            "{e}"
+        );
+        let e = run("open.wgsl", 1, 1).unwrap_err().to_string();
+        assert!(e.contains("without `//#endif`"), "{e}");
+        let e = run("stray.wgsl", 1, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("stray.wgsl:2") && e.contains("without `//#if`"),
+            "{e}"
+        );
     }
 }
