@@ -224,6 +224,8 @@ fn evaluation_runs_end_to_end_on_a_checkpoint() {
         let x = x.as_f64().unwrap();
         assert!((0.0..=1.0 + 1e-6).contains(&x), "{x}");
     }
+    // No eviction head in an SSA model.
+    assert_eq!(r["evict_scales"].as_array().unwrap().len(), 0);
     // Decoding locality: a share per layer, in [0, 1].
     let h = r["layers"]["sparse"]["hit_rate"].as_array().unwrap();
     assert_eq!(h.len(), 2);

@@ -368,6 +368,8 @@ pub fn evaluate(
                  "metric_windows": ec.metric_windows, "seed": ec.seed},
         "perplexity": ppl,
         "layers": layers,
+        // NOSA: the eviction head's learned scale A per layer and kv head (0 at the start).
+        "evict_scales": model.evict_scales()?,
         "budgets": budgets,
         "lengths": lengths,
     }))
