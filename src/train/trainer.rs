@@ -275,9 +275,7 @@ pub fn train(
                 .ok_or_else(|| Error::InvalidInput("checkpoint lacks rng".into()))?,
         );
         earlier_log = state["log"].as_array().cloned().unwrap_or_default();
-        model = model
-            .try_load_file(&set.model)
-            .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", set.model.display())))?;
+        model = load_weights(model, &set.model)?;
         optim = optim
             .load(&set.optim)
             .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", set.optim.display())))?;
@@ -603,12 +601,22 @@ pub fn load(dir: &Path, device: &Device) -> Result<(Lm, TrainConfig)> {
     let (set, state) = checkpoint::find(dir)?
         .ok_or_else(|| Error::InvalidInput(format!("{} holds no checkpoint", dir.display())))?;
     let cfg = TrainConfig::from_json(&state["config"])?;
-    let model = cfg
-        .model
-        .init(device)?
-        .try_load_file(&set.model)
-        .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", set.model.display())))?;
+    let model = load_weights(cfg.model.init(device)?, &set.model)?;
     Ok((model, cfg))
+}
+
+/// The weights of a checkpoint file into `model`, read into memory first: Burn's file loader
+/// reads tensors lazily, so a model loaded from a folder that was replaced or deleted later
+/// (the next checkpoint, a cleaned-up run) failed when a tensor was first used.
+fn load_weights(model: Lm, path: &Path) -> Result<Lm> {
+    use burn::module::Module;
+    let err = |e: String| Error::InvalidInput(format!("loading {}: {e}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let record = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+        .map_err(|e| err(e.to_string()))?;
+    model
+        .try_load_record(record)
+        .map_err(|e| err(e.to_string()))
 }
 
 /// The state (configuration, step, log) of the checkpoint in a run folder, verified.
