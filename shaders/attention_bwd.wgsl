@@ -148,22 +148,12 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         }
     }
 //#if HAS_BIAS
-    {
-        // d bias: the TC partials of each key row, summed in a fixed order through sh1.
-        workgroupBarrier();
-        for (var i = 0u; i < TM; i++) {
-            sh1_set((ty * TM + i) * TC + tx, db[i]);
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < TM; i++) {
-            let c = key0 + ty * TM + i;
-            if (tx == 0u && c < prm.seq_k) {
-                var sum = 0.0;
-                for (var x = 0u; x < TC; x++) {
-                    sum += sh1_get((ty * TM + i) * TC + x);
-                }
-                dbias[prm.b_off + kvh * prm.seq_k + c] = sum;
-            }
+    // d bias: the row totals of the per-thread partials (common.wgsl, fixed order).
+    let db_total = row_totals(&db, ty, tx);
+    for (var i = 0u; i < TM; i++) {
+        let c = key0 + ty * TM + i;
+        if (tx == 0u && c < prm.seq_k) {
+            dbias[prm.b_off + kvh * prm.seq_k + c] = db_total[i];
         }
     }
 //#endif

@@ -158,6 +158,29 @@ fn rows_acc(acc: ptr<function, Acc>, which: u32, w_stride: u32, w0: u32, b_at: u
 
 alias Rows = array<f32, TM>;
 
+// The totals over each tile row's TC threads of one partial per thread row (`part[i]` for row
+// ty*TM + i), summed in a fixed order through sh1 (no atomics: deterministic). Valid in the
+// threads with tx == 0. Holds workgroup barriers: call from uniform control flow, after the
+// last use of sh1, in kernels whose sh1 holds at least rows x TC scalars (the dK/dV kernels:
+// rows x cols with cols >= TC).
+fn row_totals(part: ptr<function, Rows>, ty: u32, tx: u32) -> Rows {
+    workgroupBarrier();
+    for (var i = 0u; i < TM; i++) {
+        sh1_set((ty * TM + i) * TC + tx, (*part)[i]);
+    }
+    workgroupBarrier();
+    var t: Rows;
+    for (var i = 0u; i < TM; i++) {
+        t[i] = 0.0;
+        if (tx == 0u) {
+            for (var x = 0u; x < TC; x++) {
+                t[i] += sh1_get((ty * TM + i) * TC + x);
+            }
+        }
+    }
+    return t;
+}
+
 // Running softmax state of a thread's TM rows: max m (log2 domain), its own columns' share l of
 // the denominator, and the unnormalised output acc.
 fn online_init(m: ptr<function, Rows>, l: ptr<function, Rows>, acc: ptr<function, Acc>) {

@@ -10,6 +10,7 @@
 //            then a fixed-order sum over the row's threads: the workgroup owns its keys).
 // Extra constants: BLK (block size), HAS_BIAS.
 //#include "common.wgsl"
+//#include "key_bias.wgsl"
 //#include "token_line.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
@@ -40,15 +41,6 @@ fn fetch(which: u32, g: u32) -> vec4<f32> {
 }
 
 var<workgroup> sh_u: u32;
-
-// Callers keep c < seq_k.
-fn key_bias(u: u32, c: u32) -> f32 {
-//#if HAS_BIAS
-    return bias[prm.b_off + u * prm.seq_k + c] * LOG2E;
-//#else
-    return 0.0;
-//#endif
-}
 
 fn kv_len_of(t: u32) -> u32 {
     return select(prm.seq_k, min(prm.seq_k, prm.q_pos0 + t + 1u), prm.causal != 0u);
@@ -121,7 +113,7 @@ fn dq_main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             }
             for (var j = 0u; j < TN; j++) {
                 let c = key0 + tx + TC * j;
-                let b = select(0.0, key_bias(u, c), c < kv_len);
+                let b = key_bias(u, c);
                 for (var i = 0u; i < TM; i++) {
                     let h = ty * TM + i;
                     let p = select(0.0, exp2(fma(s[i * TN + j], prm.scale_log2, b) - lse2[i]),
@@ -219,10 +211,7 @@ fn dkdv_tile(gk: ptr<function, Acc>, gv: ptr<function, Acc>, db: ptr<function, R
     }
     for (var i = 0u; i < TM; i++) {
         let c = key0 + ty * TM + i;
-        var b = 0.0;
-        if (c < prm.seq_k) {
-            b = key_bias(u, c);
-        }
+        let b = key_bias(u, c);
         for (var j = 0u; j < TN; j++) {
             let col = tx + TC * j;
             let p = select(0.0,
@@ -290,22 +279,12 @@ fn dkdv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         }
     }
 //#if HAS_BIAS
-    {
-        // The TC partials of each key row, summed in a fixed order through sh1.
-        workgroupBarrier();
-        for (var i = 0u; i < TM; i++) {
-            sh1_set((ty * TM + i) * TC + tx, db[i]);
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < TM; i++) {
-            let c = key0 + ty * TM + i;
-            if (tx == 0u && c < prm.seq_k) {
-                var sum = 0.0;
-                for (var x = 0u; x < TC; x++) {
-                    sum += sh1_get((ty * TM + i) * TC + x);
-                }
-                dbias[prm.b_off + u * prm.seq_k + c] = sum;
-            }
+    // d bias: the row totals of the per-thread partials (common.wgsl, fixed order).
+    let db_total = row_totals(&db, ty, tx);
+    for (var i = 0u; i < TM; i++) {
+        let c = key0 + ty * TM + i;
+        if (tx == 0u && c < prm.seq_k) {
+            dbias[prm.b_off + u * prm.seq_k + c] = db_total[i];
         }
     }
 //#endif

@@ -4,6 +4,7 @@
 // the key tiles are the selected blocks, BK keys at a time. Causal inside the current block;
 // optional additive per-key bias (NOSA). Extra constants: BLK (block size), HAS_BIAS.
 //#include "common.wgsl"
+//#include "key_bias.wgsl"
 
 @group(0) @binding(0) var<uniform> prm: Params;
 @group(0) @binding(1) var<storage, read> q: array<ST>;
@@ -49,7 +50,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let qstride = prm.seq_q * D4;
     let k4 = (prm.k_off + u * prm.seq_k * D) / 4u;
     let sel0 = prm.i_off + (u * prm.seq_q + t) * prm.nsel;
-    let bias0 = prm.b_off + u * prm.seq_k;
 
     var m: Rows;
     var l: Rows;
@@ -87,12 +87,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             }
             for (var j = 0u; j < TN; j++) {
                 let c = key0 + tx + TC * j;
-                var b = 0.0;
-//#if HAS_BIAS
-                if (c < kv_len) {
-                    b = bias[bias0 + c] * LOG2E;
-                }
-//#endif
+                // Masked below where c >= kv_len.
+                let b = key_bias(u, c);
                 for (var i = 0u; i < TM; i++) {
                     s[i * TN + j] = select(NEG, fma(s[i * TN + j], prm.scale_log2, b), c < kv_len);
                 }

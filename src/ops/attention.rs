@@ -274,6 +274,39 @@ pub fn bias_dims(shape: &AttnShape) -> [usize; 3] {
     [shape.batch, shape.heads_kv, shape.seq_k]
 }
 
+/// The bias argument of a launch (`[b, hkv, sk]` f32), checked against whether the op `op` was
+/// built with one: both ops word the mismatch the same way.
+pub(crate) fn bias_input<'a>(
+    op: &str,
+    built_with: bool,
+    bias: Option<&'a Tensor>,
+    dims: &'a [usize],
+) -> Result<Option<launch::Arg<'a>>> {
+    match (bias, built_with) {
+        (Some(b), true) => Ok(Some(input("bias", b, dims, DType::F32))),
+        (None, false) => Ok(None),
+        (Some(_), false) => invalid!("a bias was given to a {op} built without one (config: bias)"),
+        (None, true) => invalid!("this {op} was built with a bias; none was given"),
+    }
+}
+
+/// The d bias output of a backward, checked the same way.
+pub(crate) fn dbias_output<'a>(
+    op: &str,
+    built_with: bool,
+    dbias: Option<&'a Tensor>,
+    dims: &'a [usize],
+) -> Result<Option<launch::Arg<'a>>> {
+    match (dbias, built_with) {
+        (Some(d), true) => Ok(Some(output("dbias", d, dims, DType::F32))),
+        (None, false) => Ok(None),
+        (Some(_), false) => invalid!("a d bias was given to a {op} without a bias"),
+        (None, true) => {
+            invalid!("this {op} has a bias: its gradients need dbias (AttnGrads::empty_with)")
+        }
+    }
+}
+
 /// Storage buffers one kernel with a per-key bias binds at most (the dK/dV kernels: q, k, v,
 /// dO, LSE, D, dK, dV, bias, d bias; the sparse one the selection too), against the device's
 /// per-stage limit (8 under WebGPU's defaults): an error that says so instead of a pipeline
@@ -568,21 +601,6 @@ impl FullAttention {
     }
 
     /// The bias argument, checked against how the op was built.
-    fn bias_arg<'a>(
-        &self,
-        bias: Option<&'a Tensor>,
-        dims: &'a [usize],
-    ) -> Result<Option<launch::Arg<'a>>> {
-        match (bias, self.has_bias) {
-            (Some(b), true) => Ok(Some(input("bias", b, dims, DType::F32))),
-            (None, false) => Ok(None),
-            (Some(_), false) => invalid!(
-                "a bias was given to a full attention built without one (FullConfig::bias)"
-            ),
-            (None, true) => invalid!("this full attention was built with a bias; none was given"),
-        }
-    }
-
     /// Record the forward pass into `enc`: O and LSE are overwritten.
     pub fn encode_forward(
         &self,
@@ -603,7 +621,7 @@ impl FullAttention {
             output("o", o, &qd, dt),
             output("lse", lse, &ld, DType::F32),
         ];
-        args.extend(self.bias_arg(bias, &bd)?);
+        args.extend(bias_input("full attention", self.has_bias, bias, &bd)?);
         check_args(&args)?;
         let mut views = vec![
             (1, Class::Q, q),
@@ -655,15 +673,13 @@ impl FullAttention {
             output("dk", &grads.dk, &kd, dt),
             output("dv", &grads.dv, &kd, dt),
         ];
-        args.extend(self.bias_arg(bias, &bd)?);
-        match (&grads.dbias, self.has_bias) {
-            (Some(db), true) => args.push(output("dbias", db, &bd, DType::F32)),
-            (None, false) => {}
-            (Some(_), false) => invalid!("a d bias was given to a full attention without a bias"),
-            (None, true) => invalid!(
-                "this full attention has a bias: its gradients need dbias (AttnGrads::empty_with)"
-            ),
-        }
+        args.extend(bias_input("full attention", self.has_bias, bias, &bd)?);
+        args.extend(dbias_output(
+            "full attention",
+            self.has_bias,
+            grads.dbias.as_ref(),
+            &bd,
+        )?);
         check_args(&args)?;
         // What dkdv and dq both read.
         let inputs = [

@@ -6,9 +6,9 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result, invalid};
+use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
-use crate::ops::attention::{AttnGrads, AttnOutput, check_bias_bindings};
+use crate::ops::attention::{AttnGrads, AttnOutput, bias_input, check_bias_bindings, dbias_output};
 use crate::ops::launch::{
     self, Arg, Chunk, Params, Window, check_args, input, output, plan_units, window_sized,
 };
@@ -352,8 +352,7 @@ impl SparseAttention {
 
     /// `[b, hkv, seq_k]`
     pub fn bias_dims(&self) -> [usize; 3] {
-        let s = &self.shape;
-        [s.batch, s.heads_kv, s.seq_k]
+        crate::ops::attention::bias_dims(&self.shape)
     }
 
     /// Launches per forward (more than one when tensors exceed the binding limit).
@@ -406,12 +405,7 @@ impl SparseAttention {
             input("v", v, &kd, dt),
             input("selection", sel, &sd, DType::U32),
         ];
-        match (bias, self.has_bias) {
-            (Some(b), true) => args.push(input("bias", b, &bd, DType::F32)),
-            (None, false) => {}
-            (Some(_), false) => invalid!("a bias was given to a sparse attention built without"),
-            (None, true) => invalid!("this sparse attention was built with a bias; give one"),
-        }
+        args.extend(bias_input("sparse attention", self.has_bias, bias, &bd)?);
         for a in rest {
             args.push(a.clone());
         }
@@ -529,14 +523,12 @@ impl SparseAttention {
             output("dk", &grads.dk, &kd, dt),
             output("dv", &grads.dv, &kd, dt),
         ];
-        match (&grads.dbias, self.has_bias) {
-            (Some(db), true) => rest.push(output("dbias", db, &bd, DType::F32)),
-            (None, false) => {}
-            (Some(_), false) => invalid!("a d bias was given to a sparse attention without a bias"),
-            (None, true) => invalid!(
-                "this sparse attention has a bias: its gradients need dbias (AttnGrads::empty_with)"
-            ),
-        }
+        rest.extend(dbias_output(
+            "sparse attention",
+            self.has_bias,
+            grads.dbias.as_ref(),
+            &bd,
+        )?);
         self.check_inputs(q, k, v, sel, bias, &rest)?;
         let nb = s.seq_k.div_ceil(self.opts.block) as u32;
         for &c in &self.chunks {

@@ -87,7 +87,7 @@ pub fn pooled_scores(shape: &AttnShape, opts: &SelectOptions, e: &[f32]) -> Vec<
 
 /// Block scores `0..end` from pooled scores `ps` of which the first `pend` are scored: the
 /// block's window, or (InfLLM-V2) the max over the scored windows that overlap it; −∞ where
-/// none is scored.
+/// none is scored. Used for the query-aware scores and NOSA's eviction scores alike.
 fn block_scores_from(
     opts: &SelectOptions,
     ps: &[f64],
@@ -204,18 +204,7 @@ pub fn select_nosa(
                 }
             }
             let score = &mut scores[row * nb..row * nb + end];
-            for (j, sc) in score.iter_mut().enumerate() {
-                *sc = match opts.scoring {
-                    Scoring::InfLlmV2 => {
-                        let (lo, hi) = block_kernels(opts, np, j);
-                        (lo..(hi + 1).min(pend))
-                            .map(|m| ps[m])
-                            .fold(f64::NEG_INFINITY, f64::max)
-                    }
-                    _ if j < pend => ps[j],
-                    _ => f64::NEG_INFINITY,
-                };
-            }
+            score.copy_from_slice(&block_scores_from(opts, ps, np, pend, end));
             // Forced blocks first (by index), then by score (ties to the lower index).
             let mut order: Vec<usize> = (0..end).collect();
             order.sort_by(|&a, &b| {

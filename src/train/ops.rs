@@ -879,6 +879,23 @@ pub fn select_blocks(
     Ok(BTensor::from_dispatch(sel))
 }
 
+/// A selection tensor of the shape `want` with 32-bit indices.
+fn check_selection(sel: &BTensor<4, Int>, want: &[usize; 4]) -> Result<()> {
+    if sel.dims() != *want {
+        invalid!(
+            "the selection has shape {:?}; these inputs and options need {want:?}",
+            sel.dims()
+        );
+    }
+    if !matches!(sel.dtype(), BurnDType::U32 | BurnDType::I32) {
+        invalid!(
+            "the selection must hold 32-bit indices, got {:?}",
+            sel.dtype()
+        );
+    }
+    Ok(())
+}
+
 /// Block-sparse attention over a selection from [`select_blocks`] made with the same `opts`;
 /// differentiable in q, k and v. Returns O and the row LSE.
 pub fn sparse_attention(
@@ -891,19 +908,7 @@ pub fn sparse_attention(
     let s = attn_shape(&q, &k, &v)?;
     let cfg = SparseCfg(*opts);
     let op = shared_for(&q.device())?.sparse(s, cfg.sparse())?;
-    if sel.dims() != op.selection_dims() {
-        invalid!(
-            "the selection has shape {:?}; these inputs and options need {:?}",
-            sel.dims(),
-            op.selection_dims()
-        );
-    }
-    if !matches!(sel.dtype(), BurnDType::U32 | BurnDType::I32) {
-        invalid!(
-            "the selection must hold 32-bit indices, got {:?}",
-            sel.dtype()
-        );
-    }
+    check_selection(&sel, &op.selection_dims())?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_sparse_fwd(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -931,13 +936,7 @@ pub fn sparse_attention_with_bias(
     check_bias("bias", &s, &bias, &q)?;
     let cfg = SparseCfg(*opts);
     let op = shared_for(&q.device())?.sparse(s, cfg.sparse().bias(true))?;
-    if sel.dims() != op.selection_dims() {
-        invalid!(
-            "the selection has shape {:?}; these inputs and options need {:?}",
-            sel.dims(),
-            op.selection_dims()
-        );
-    }
+    check_selection(&sel, &op.selection_dims())?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_sparse_fwd_bias(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -960,13 +959,7 @@ pub fn attention_metrics(
 ) -> Result<(BTensor<3>, BTensor<3>)> {
     let s = attn_shape(&q, &k, &k)?;
     shared_for(&q.device())?.metrics(s, opts.sparse(), opts.k)?;
-    let want = [s.batch, s.heads_kv, s.seq_q, opts.k];
-    if sel.dims() != want {
-        invalid!(
-            "the selection has shape {:?}; these inputs and options need {want:?}",
-            sel.dims()
-        );
-    }
+    check_selection(&sel, &[s.batch, s.heads_kv, s.seq_q, opts.k])?;
     let (sp, en) = <Dispatch as AttnBackend>::sa_metrics(
         q.detach().into_dispatch(),
         k.detach().into_dispatch(),
