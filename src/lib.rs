@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod decode;
 pub mod error;
 pub mod explore;
 pub mod files;
@@ -33,6 +34,7 @@ pub mod train;
 #[cfg(feature = "png")]
 pub mod viz;
 
+pub use decode::{DecodeAttention, DecodeConfig, DecodeInputs};
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Tensor};
 pub use ops::attention::{
@@ -41,6 +43,8 @@ pub use ops::attention::{
 };
 pub use ops::select::{BlockSelect, SelectConfig, SelectInputs, TopK};
 pub use ops::sparse::{SparseAttention, SparseConfig, SparseInputs, SparseKernel};
-pub use problem::{AttnOptions, AttnShape, Scoring, SelectOptions, SparseOptions};
+pub use problem::{
+    AttnOptions, AttnShape, DecodeKeys, DecodeShape, Scoring, SelectOptions, SparseOptions,
+};
 /// The wgpu this crate is built on, for callers that record into their own encoders.
 pub use wgpu;

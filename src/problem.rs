@@ -397,3 +397,128 @@ impl SparseOptions {
         Ok(())
     }
 }
+
+// ---- Decoding: a few new query tokens against a KV cache ----
+
+/// Shape of one decoding step over a batch of KV caches. The caches are
+/// `[batch, heads_kv, capacity, head_dim]`; sequence `b` holds `len[b]` tokens (its first
+/// `len[b]` rows), the last `n_q` of which are the new tokens whose queries
+/// (`[batch, heads_q, n_q, head_dim]`) attend: query `i` sits at position `len[b] − n_q + i`
+/// and sees the keys at or before it (causal by absolute position, as prefill).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecodeShape {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    /// New tokens per sequence in this step (1 for plain decoding).
+    pub n_q: usize,
+    /// Token rows of each (sequence, kv head) cache.
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+/// Which keys a decoding step attends to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecodeKeys {
+    /// Every cached key up to the query's position.
+    Full,
+    /// The keys of the blocks a selection `[batch, heads_kv, n_q, nsel]` names (the selection
+    /// contract of [`SelectOptions`]: block indices of `block` tokens, SENTINEL = none).
+    Sparse { block: usize, nsel: usize },
+}
+
+impl DecodeShape {
+    pub fn group(&self) -> usize {
+        self.heads_q / self.heads_kv
+    }
+    pub fn q_dims(&self) -> [usize; 4] {
+        [self.batch, self.heads_q, self.n_q, self.head_dim]
+    }
+    pub fn cache_dims(&self) -> [usize; 4] {
+        [self.batch, self.heads_kv, self.capacity, self.head_dim]
+    }
+    pub fn lse_dims(&self) -> [usize; 3] {
+        [self.batch, self.heads_q, self.n_q]
+    }
+    pub fn bias_dims(&self) -> [usize; 3] {
+        [self.batch, self.heads_kv, self.capacity]
+    }
+    pub fn sel_dims(&self, nsel: usize) -> [usize; 4] {
+        [self.batch, self.heads_kv, self.n_q, nsel]
+    }
+
+    /// The prefill problem whose last `n_q` query rows this step computes, for a sequence of
+    /// `len` tokens (one sequence).
+    pub fn prefill(&self, len: usize) -> AttnShape {
+        AttnShape {
+            batch: 1,
+            heads_q: self.heads_q,
+            heads_kv: self.heads_kv,
+            seq_q: self.n_q,
+            seq_k: len,
+            head_dim: self.head_dim,
+        }
+    }
+
+    pub fn validate(&self, keys: &DecodeKeys, scale: Option<f32>) -> Result<()> {
+        let s = self;
+        for (name, v) in [
+            ("batch", s.batch),
+            ("heads_q", s.heads_q),
+            ("heads_kv", s.heads_kv),
+            ("n_q", s.n_q),
+            ("capacity", s.capacity),
+            ("head_dim", s.head_dim),
+        ] {
+            if v == 0 {
+                invalid!("{name} is 0: every dimension of a decoding step must be at least 1");
+            }
+        }
+        if s.n_q > s.capacity {
+            invalid!(
+                "n_q = {} new tokens do not fit a cache of capacity {}",
+                s.n_q,
+                s.capacity
+            );
+        }
+        // Everything else is the prefill problem's rule (GQA, head_dim, sizes, scale).
+        let mut whole = s.prefill(s.capacity);
+        whole.batch = s.batch;
+        whole.validate(&AttnOptions {
+            causal: true,
+            scale,
+        })?;
+        if let DecodeKeys::Sparse { block, nsel } = *keys {
+            check_block_size(block)?;
+            if nsel == 0 {
+                invalid!("a selection of 0 blocks per token attends to nothing");
+            }
+        }
+        Ok(())
+    }
+
+    /// Sequence lengths as the host knows them: one per sequence, each at least `n_q` (the new
+    /// tokens are in the cache) and at most the capacity.
+    pub fn check_lens(&self, lens: &[u32]) -> Result<()> {
+        if lens.len() != self.batch {
+            invalid!(
+                "{} sequence lengths given for a batch of {}",
+                lens.len(),
+                self.batch
+            );
+        }
+        for (b, &l) in lens.iter().enumerate() {
+            if (l as usize) < self.n_q || l as usize > self.capacity {
+                invalid!(
+                    "sequence {b} has length {l}; a step of {} new tokens over caches of capacity \
+                     {} needs lengths from {} to {}",
+                    self.n_q,
+                    self.capacity,
+                    self.n_q,
+                    self.capacity
+                );
+            }
+        }
+        Ok(())
+    }
+}

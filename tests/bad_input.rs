@@ -239,3 +239,98 @@ fn pipelines_are_built_once() {
     .unwrap();
     assert_eq!(gpu.pipelines_built(), n);
 }
+
+/// Decoding: shapes, lengths, split sizes and inputs that do not match the op are errors that
+/// say which, from the op and the reference alike.
+#[test]
+fn decoding_errors_name_the_problem() {
+    use sparse_attn::reference::decode::{self as refdec, DecodeData};
+    use sparse_attn::{DecodeAttention, DecodeConfig, DecodeInputs, DecodeKeys, DecodeShape};
+    let Some(gpu) = common::gpu() else { return };
+    let s = DecodeShape {
+        batch: 2,
+        heads_q: 4,
+        heads_kv: 2,
+        n_q: 1,
+        capacity: 64,
+        head_dim: 32,
+    };
+    let full = DecodeConfig::new(DecodeKeys::Full);
+    let sp = DecodeConfig::new(DecodeKeys::Sparse { block: 16, nsel: 2 });
+    for (shape, want) in [
+        (
+            DecodeShape { n_q: 65, ..s },
+            "do not fit a cache of capacity 64",
+        ),
+        (DecodeShape { batch: 0, ..s }, "batch is 0"),
+        (
+            DecodeShape { heads_q: 3, ..s },
+            "not a multiple of heads_kv",
+        ),
+        (DecodeShape { head_dim: 40, ..s }, "head_dim = 40"),
+    ] {
+        let e = msg(DecodeAttention::new(&gpu, shape, &full));
+        assert!(e.contains(want), "{e}");
+    }
+    let e = msg(DecodeAttention::new(&gpu, s, &full.split_keys(Some(100))));
+    assert!(e.contains("multiple of 64"), "{e}");
+    let bad_block = DecodeConfig::new(DecodeKeys::Sparse { block: 48, nsel: 2 });
+    let e = msg(DecodeAttention::new(&gpu, s, &bad_block));
+    assert!(e.contains("block size 48"), "{e}");
+    let e = msg(DecodeAttention::new(
+        &gpu,
+        DecodeShape {
+            heads_q: 66,
+            heads_kv: 1,
+            ..s
+        },
+        &full,
+    ));
+    assert!(e.contains("up to 32"), "{e}");
+
+    let t = |dims: &[usize]| gpu.upload(dims, &vec![0.5; dims.iter().product()]).unwrap();
+    let (q, kv) = (t(&s.q_dims()), t(&s.cache_dims()));
+    let lens = gpu.upload_u32(&[2], &[10, 64]).unwrap();
+    let sel = gpu.upload_u32(&s.sel_dims(2), &[0; 8]).unwrap();
+    let bias = t(&s.bias_dims());
+    let op = DecodeAttention::new(&gpu, s, &full).unwrap();
+    let ops = DecodeAttention::new(&gpu, s, &sp).unwrap();
+    let x = DecodeInputs::new(&q, &kv, &kv, &lens);
+    let e = msg(op.forward(&gpu, &x.sel(Some(&sel))));
+    assert!(e.contains("selection was given to full"), "{e}");
+    let e = msg(ops.forward(&gpu, &x));
+    assert!(e.contains("over a selection; none was given"), "{e}");
+    let e = msg(op.forward(&gpu, &x.bias(Some(&bias))));
+    assert!(e.contains("built without one"), "{e}");
+    let short = t(&[2, 2, 63, 32]);
+    let e = msg(op.forward(&gpu, &DecodeInputs::new(&q, &short, &kv, &lens)));
+    assert!(e.contains("k has shape [2, 2, 63, 32]"), "{e}");
+    let flens = t(&[2]);
+    let e = msg(op.forward(&gpu, &DecodeInputs::new(&q, &kv, &kv, &flens)));
+    assert!(e.contains("lens has shape [2] and dtype F32"), "{e}");
+
+    // The reference checks the host-side lengths.
+    let (hq, hk) = (vec![0.5; 2 * 4 * 32], vec![0.5; 2 * 2 * 64 * 32]);
+    let data = |lens: &'static [u32]| DecodeData {
+        q: &hq,
+        k: &hk,
+        v: &hk,
+        lens,
+        sel: None,
+        bias: None,
+    };
+    let e = msg(refdec::forward(&s, &DecodeKeys::Full, None, &data(&[0, 3])));
+    assert!(e.contains("sequence 0 has length 0"), "{e}");
+    let e = msg(refdec::forward(
+        &s,
+        &DecodeKeys::Full,
+        None,
+        &data(&[3, 65]),
+    ));
+    assert!(e.contains("sequence 1 has length 65"), "{e}");
+    let e = msg(refdec::forward(&s, &DecodeKeys::Full, None, &data(&[3])));
+    assert!(
+        e.contains("1 sequence lengths given for a batch of 2"),
+        "{e}"
+    );
+}

@@ -78,6 +78,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/block_topk_sg.wgsl"),
     ),
     ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
+    ("decode.wgsl", include_str!("../../shaders/decode.wgsl")),
     ("align.wgsl", include_str!("../../shaders/align.wgsl")),
     ("metrics.wgsl", include_str!("../../shaders/metrics.wgsl")),
 ];

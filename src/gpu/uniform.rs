@@ -97,6 +97,7 @@ mod tests {
         check::<crate::ops::metrics::Params>();
         check::<crate::ops::align::Params>();
         check::<crate::gpu::tensor::FillParams>();
+        check::<crate::decode::attention::DecodeParams>();
     }
 
     /// The check itself fails on a mismatch: a struct whose fields are out of order.

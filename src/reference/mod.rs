@@ -2,6 +2,7 @@
 
 pub mod align;
 pub mod attention;
+pub mod decode;
 pub mod metrics;
 mod rng;
 pub mod select;

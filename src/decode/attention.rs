@@ -1,0 +1,465 @@
+//! Decoding attention on the GPU (`shaders/decode.wgsl`): the new tokens' queries against each
+//! sequence's cache, the keys split into ranges (one workgroup each: a single sequence still
+//! fills the GPU) whose partial results `combine` merges by their LSE. Reference:
+//! `reference::decode` (the last rows of prefill attention).
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result, invalid};
+use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
+use crate::ops::attention::{AttnOutput, check_bias_bindings};
+use crate::ops::launch::{self, Chunk, check_args, input, output, plan_units, window_sized};
+use crate::problem::{DecodeKeys, DecodeShape};
+
+/// Keys per tile = threads per workgroup.
+const NT: usize = 64;
+/// Workgroups a step should launch at least (by splitting the keys) to fill a large GPU.
+const TARGET_WORKGROUPS: usize = 1024;
+
+crate::gpu::uniform::uniform!(
+    "decode.wgsl",
+    DecodeParams,
+    /// Uniform block of `shaders/decode.wgsl`.
+    pub(crate) struct DecodeParams {
+        pub n_q: u32,
+        pub cap: u32,
+        pub heads_kv: u32,
+        pub u0: u32,
+        pub units: u32,
+        pub nsel: u32,
+        pub n_split: u32,
+        pub split_keys: u32,
+        pub scale_log2: f32,
+        pub grid_x: u32,
+        pub q_off: u32,
+        pub k_off: u32,
+        pub i_off: u32,
+        pub b_off: u32,
+        pub p_off: u32,
+        pub l_off: u32,
+        pub r_off: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+        pub _pad2: u32,
+    }
+);
+
+/// What a [`DecodeAttention`] is built for besides the shape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeConfig {
+    pub keys: DecodeKeys,
+    /// Logit scale; `None` means 1/sqrt(head_dim).
+    pub scale: Option<f32>,
+    /// A per-key bias `[b, hkv, capacity]` (f32) is given (NOSA).
+    pub bias: bool,
+    /// q, the caches and o (F32 or F16; LSE, bias and the accumulation stay f32).
+    pub dtype: DType,
+    /// Keys per split range (a multiple of 64 and of the block); `None`: chosen so that a step
+    /// launches about a thousand workgroups.
+    pub split_keys: Option<usize>,
+}
+
+impl DecodeConfig {
+    pub fn new(keys: DecodeKeys) -> Self {
+        Self {
+            keys,
+            scale: None,
+            bias: false,
+            dtype: DType::F32,
+            split_keys: None,
+        }
+    }
+    pub fn bias(self, bias: bool) -> Self {
+        Self { bias, ..self }
+    }
+    pub fn dtype(self, dtype: DType) -> Self {
+        Self { dtype, ..self }
+    }
+    pub fn scale(self, scale: Option<f32>) -> Self {
+        Self { scale, ..self }
+    }
+    pub fn split_keys(self, split_keys: Option<usize>) -> Self {
+        Self { split_keys, ..self }
+    }
+}
+
+/// The tensors of one step: q `[b, hq, n_q, d]`, the caches `[b, hkv, capacity, d]`, the
+/// sequence lengths `[b]` (u32, on the GPU: the kernel clamps them to the capacity, and a
+/// length below n_q leaves the first queries without keys), the selection
+/// `[b, hkv, n_q, nsel]` (u32; [`DecodeKeys::Sparse`]) and the bias `[b, hkv, capacity]`.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub lens: &'a Tensor,
+    pub sel: Option<&'a Tensor>,
+    pub bias: Option<&'a Tensor>,
+}
+
+impl<'a> DecodeInputs<'a> {
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor, lens: &'a Tensor) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            lens,
+            sel: None,
+            bias: None,
+        }
+    }
+    pub fn sel(self, sel: Option<&'a Tensor>) -> Self {
+        Self { sel, ..self }
+    }
+    pub fn bias(self, bias: Option<&'a Tensor>) -> Self {
+        Self { bias, ..self }
+    }
+}
+
+/// Decoding attention for one shape: validated once, pipelines fetched once, the partial
+/// results' scratch made once.
+#[derive(Debug)]
+pub struct DecodeAttention {
+    shape: DecodeShape,
+    config: DecodeConfig,
+    storage: Storage,
+    nsel: usize,
+    n_split: usize,
+    split_keys: usize,
+    chunks: Vec<Chunk>,
+    partial: Arc<Pipeline>,
+    combine: Option<Arc<Pipeline>>,
+    /// Partial O `[b, hq, n_q, n_split, d]` and LSE `[b, hq, n_q, n_split]` (f32).
+    opart: Tensor,
+    lpart: Tensor,
+}
+
+#[derive(Clone, Copy)]
+enum Class {
+    Q,
+    Kv,
+    Lse,
+    Sel,
+    Bias,
+    OPart,
+    LPart,
+}
+
+impl DecodeAttention {
+    pub fn new(gpu: &Gpu, shape: DecodeShape, config: &DecodeConfig) -> Result<Self> {
+        let DecodeConfig {
+            keys,
+            scale,
+            bias,
+            dtype,
+            split_keys,
+        } = *config;
+        shape.validate(&keys, scale)?;
+        let storage = Storage::for_dtype(gpu, dtype)?;
+        let (d, g) = (shape.head_dim, shape.group());
+        let (nsel, block) = match keys {
+            DecodeKeys::Full => (0, 1),
+            DecodeKeys::Sparse { block, nsel } => (nsel, block),
+        };
+        if g > 32 {
+            return Err(Error::Unsupported(format!(
+                "{g} query heads per kv head; the decoding kernel takes up to 32"
+            )));
+        }
+        if bias {
+            // q, k, v, lens, partial O and LSE, the selection and the bias.
+            check_bias_bindings(gpu, "decoding attention", 6 + (nsel > 0) as u32 + 2)?;
+        }
+        // Virtual keys of one (unit, query): the cache, or the selected blocks.
+        let total = match keys {
+            DecodeKeys::Full => shape.capacity,
+            DecodeKeys::Sparse { block, nsel } => nsel * block,
+        };
+        let unit = NT.max(block);
+        let split_keys = match split_keys {
+            Some(s) => {
+                if s == 0 || !s.is_multiple_of(unit) {
+                    invalid!(
+                        "split_keys = {s}: a split range must be a positive multiple of {unit} \
+                         keys (64 per tile{})",
+                        if block > 1 { " and the block size" } else { "" }
+                    );
+                }
+                s
+            }
+            None => {
+                let rows = shape.batch * shape.heads_kv * shape.n_q;
+                let ranges = TARGET_WORKGROUPS.div_ceil(rows).max(1);
+                total.div_ceil(ranges).next_multiple_of(unit)
+            }
+        };
+        let n_split = total.div_ceil(split_keys).max(1);
+
+        let l = gpu.limits();
+        let d4 = d / 4;
+        let shared = |dcv: usize| (g * d4 + NT * (dcv + 1)) * 16 + (g * NT + NT + 3 * g) * 4;
+        let max_shared = l.max_compute_workgroup_storage_size as usize;
+        let dcv = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&c| d4.is_multiple_of(c) && shared(c) <= max_shared)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "the decoding kernel for {g} query heads per kv head and head_dim {d} needs \
+                     {} bytes of workgroup memory; this device has {max_shared}",
+                    shared(1)
+                ))
+            })?;
+        if (l.max_compute_invocations_per_workgroup as usize) < NT {
+            return Err(Error::Unsupported(format!(
+                "the decoding kernel uses {NT} invocations per workgroup; this device allows {}",
+                l.max_compute_invocations_per_workgroup
+            )));
+        }
+        let e = dtype.size() as u64;
+        let (nq, cap, dd, gg, ns) = (
+            shape.n_q as u64,
+            shape.capacity as u64,
+            d as u64,
+            g as u64,
+            n_split as u64,
+        );
+        let mut per_unit = vec![
+            ("query-shaped tensor (q, o)", gg * nq * dd * e),
+            ("cache (k, v)", cap * dd * e),
+            ("partial O", gg * nq * ns * dd * 4),
+        ];
+        if nsel > 0 {
+            per_unit.push(("selection", nq * nsel as u64 * 4));
+        }
+        if bias {
+            per_unit.push(("bias", cap * 4));
+        }
+        let max_dim = l.max_compute_workgroups_per_dimension as u64;
+        let chunks = plan_units(
+            gpu,
+            (shape.batch * shape.heads_kv) as u64,
+            &per_unit,
+            (max_dim * max_dim) / (nq * ns * gg),
+        )?;
+        let direct = n_split == 1;
+        let key = |entry| PipelineKey {
+            file: "decode.wgsl",
+            entry,
+            constants: vec![
+                ("D", d as u32),
+                ("G", g as u32),
+                ("NT", NT as u32),
+                ("DCV", dcv as u32),
+                ("DSV", dcv as u32 + 1),
+                ("ACCN", (g * d4).div_ceil(NT) as u32),
+                ("SPARSE", (nsel > 0) as u32),
+                ("BLK", block as u32),
+                ("HAS_BIAS", bias as u32),
+                ("DIRECT", direct as u32),
+            ],
+            checked: false,
+            storage,
+        };
+        let partial = gpu.pipeline(&key("partial"))?;
+        let combine = match direct {
+            true => None,
+            false => Some(gpu.pipeline(&key("combine"))?),
+        };
+        let rows = shape.batch * shape.heads_q * shape.n_q;
+        Ok(Self {
+            shape,
+            config: *config,
+            storage,
+            nsel,
+            n_split,
+            split_keys,
+            chunks,
+            partial,
+            combine,
+            opart: gpu.empty(&[rows * n_split.max(1) * d], DType::F32)?,
+            lpart: gpu.empty(&[rows * n_split.max(1)], DType::F32)?,
+        })
+    }
+
+    pub fn shape(&self) -> &DecodeShape {
+        &self.shape
+    }
+
+    /// Key ranges per (sequence, kv head, query), and the keys of each.
+    pub fn split(&self) -> (usize, usize) {
+        (self.n_split, self.split_keys)
+    }
+
+    fn window(&self, gpu: &Gpu, class: Class, c: Chunk) -> launch::Window {
+        let s = &self.shape;
+        let (g, nq, d, cap) = (
+            s.group() as u64,
+            s.n_q as u64,
+            s.head_dim as u64,
+            s.capacity as u64,
+        );
+        let ns = self.n_split as u64;
+        let e = self.storage.dtype().size() as u64;
+        let (per_unit, elem) = match class {
+            Class::Q => (g * nq * d, e),
+            Class::Kv => (cap * d, e),
+            Class::Lse => (g * nq, 4),
+            Class::Sel => (nq * self.nsel as u64, 4),
+            Class::Bias => (cap, 4),
+            Class::OPart => (g * nq * ns * d, 4),
+            Class::LPart => (g * nq * ns, 4),
+        };
+        let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
+        window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
+    }
+
+    /// Record one step into `enc`: `out.o` `[b, hq, n_q, d]` and `out.lse` `[b, hq, n_q]`.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        x: &DecodeInputs,
+        out: &AttnOutput,
+    ) -> Result<()> {
+        let s = self.shape;
+        let dt = self.storage.dtype();
+        let (qd, cd, ld) = (s.q_dims(), s.cache_dims(), s.lse_dims());
+        let (sd, bd) = (s.sel_dims(self.nsel), s.bias_dims());
+        let lens_d = [s.batch];
+        let mut args = vec![
+            input("q", x.q, &qd, dt),
+            input("k", x.k, &cd, dt),
+            input("v", x.v, &cd, dt),
+            input("lens", x.lens, &lens_d, DType::U32),
+            output("o", &out.o, &qd, dt),
+            output("lse", &out.lse, &ld, DType::F32),
+        ];
+        match (x.sel, self.nsel > 0) {
+            (Some(t), true) => args.push(input("selection", t, &sd, DType::U32)),
+            (None, false) => {}
+            (None, true) => {
+                invalid!("this decoding attention runs over a selection; none was given")
+            }
+            (Some(_), false) => invalid!(
+                "a selection was given to full decoding attention (build it with DecodeKeys::Sparse)"
+            ),
+        }
+        match (x.bias, self.config.bias) {
+            (Some(t), true) => args.push(input("bias", t, &bd, DType::F32)),
+            (None, false) => {}
+            (None, true) => {
+                invalid!("this decoding attention was built with a bias; none was given")
+            }
+            (Some(_), false) => invalid!(
+                "a bias was given to decoding attention built without one (DecodeConfig::bias)"
+            ),
+        }
+        check_args(&args)?;
+        let scale = self
+            .config
+            .scale
+            .unwrap_or(1.0 / (s.head_dim as f32).sqrt());
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
+        let grid = |n: u64| {
+            let gx = n.clamp(1, max_x);
+            (gx as u32, n.div_ceil(gx) as u32)
+        };
+        let lens_w = window_sized(0, s.batch as u64, 256, 4);
+        for &c in &self.chunks {
+            let units = c.u1 - c.u0;
+            let w = |class| self.window(gpu, class, c);
+            let (gx, gy) = grid(units * s.n_q as u64 * self.n_split as u64);
+            let p = DecodeParams {
+                n_q: s.n_q as u32,
+                cap: s.capacity as u32,
+                heads_kv: s.heads_kv as u32,
+                u0: c.u0 as u32,
+                units: units as u32,
+                nsel: self.nsel as u32,
+                n_split: self.n_split as u32,
+                split_keys: self.split_keys as u32,
+                scale_log2: scale * std::f32::consts::LOG2_E,
+                grid_x: gx,
+                q_off: w(Class::Q).skip,
+                k_off: w(Class::Kv).skip,
+                i_off: if self.nsel > 0 { w(Class::Sel).skip } else { 0 },
+                b_off: if self.config.bias {
+                    w(Class::Bias).skip
+                } else {
+                    0
+                },
+                p_off: w(Class::OPart).skip,
+                l_off: w(Class::LPart).skip,
+                r_off: w(Class::Lse).skip,
+                _pad0: 0,
+                _pad1: 0,
+                _pad2: 0,
+            };
+            let mut views = vec![
+                (1, x.q, w(Class::Q)),
+                (2, x.k, w(Class::Kv)),
+                (3, x.v, w(Class::Kv)),
+                (4, x.lens, lens_w),
+            ];
+            if let Some(t) = x.sel {
+                views.push((7, t, w(Class::Sel)));
+            }
+            if let Some(t) = x.bias {
+                views.push((8, t, w(Class::Bias)));
+            }
+            let parts = [
+                (9, &self.opart, w(Class::OPart)),
+                (10, &self.lpart, w(Class::LPart)),
+            ];
+            let finals = [(5, &out.o, w(Class::Q)), (6, &out.lse, w(Class::Lse))];
+            match &self.combine {
+                None => {
+                    views.extend(finals);
+                    launch::dispatch(
+                        gpu,
+                        enc,
+                        &self.partial,
+                        bytemuck::bytes_of(&p),
+                        &views,
+                        (gx, gy),
+                    );
+                }
+                Some(combine) => {
+                    views.extend(parts);
+                    launch::dispatch(
+                        gpu,
+                        enc,
+                        &self.partial,
+                        bytemuck::bytes_of(&p),
+                        &views,
+                        (gx, gy),
+                    );
+                    let (cx, cy) = grid(units * s.group() as u64 * s.n_q as u64);
+                    let pc = DecodeParams { grid_x: cx, ..p };
+                    launch::dispatch(
+                        gpu,
+                        enc,
+                        combine,
+                        bytemuck::bytes_of(&pc),
+                        &[&parts[..], &finals[..]].concat(),
+                        (cx, cy),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Run one step and return new O and LSE tensors.
+    pub fn forward(&self, gpu: &Gpu, x: &DecodeInputs) -> Result<AttnOutput> {
+        let s = self.shape;
+        let out = AttnOutput {
+            o: gpu.empty(&s.q_dims(), self.storage.dtype())?,
+            lse: gpu.empty(&s.lse_dims(), DType::F32)?,
+        };
+        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        self.encode(gpu, &mut enc, x, &out)?;
+        gpu.scoped("decoding attention", || gpu.queue.submit([enc.finish()]))?;
+        Ok(out)
+    }
+}

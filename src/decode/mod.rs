@@ -1,0 +1,7 @@
+//! Decoding: attention of a few new query tokens against a KV cache (`attention`, flash-decoding
+//! split over the keys, full or over a block selection, with NOSA's per-key bias).
+//! Problem types: `problem::DecodeShape`, `problem::DecodeKeys`; reference: `reference::decode`.
+
+pub mod attention;
+
+pub use attention::{DecodeAttention, DecodeConfig, DecodeInputs};

@@ -1,0 +1,476 @@
+//! Decoding attention on the GPU against the f64 reference (the last rows of prefill attention
+//! over each sequence's cached keys) and against the GPU's own prefill kernels, row for row.
+//! Cache rows past each sequence's length hold NaN: a kernel that reads them fails.
+
+mod common;
+
+use sparse_attn::gpu::{DType, Gpu, round_f16};
+use sparse_attn::problem::{SENTINEL, SelectOptions};
+use sparse_attn::reference::decode::{self as refdec, DecodeData};
+use sparse_attn::reference::{Rng, compare};
+use sparse_attn::{
+    AttnOptions, AttnOutput, AttnShape, BlockSelect, DecodeAttention, DecodeConfig, DecodeInputs,
+    DecodeKeys, DecodeShape, FullAttention, FullConfig, Qkv, SelectConfig, SelectInputs,
+    SparseAttention, SparseConfig, SparseInputs,
+};
+
+/// Relative L2 error allowed in f32 (observed ~1e-7) and with f16 storage (inputs rounded
+/// before the reference sees them, outputs rounded: ~3e-4).
+const TOL: f64 = 2e-5;
+const TOL_F16: f64 = 2e-3;
+
+struct Case {
+    shape: DecodeShape,
+    lens: Vec<u32>,
+    keys: DecodeKeys,
+    bias: bool,
+    split: Option<usize>,
+}
+
+fn dshape(b: usize, hq: usize, hkv: usize, nq: usize, cap: usize, d: usize) -> DecodeShape {
+    DecodeShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        n_q: nq,
+        capacity: cap,
+        head_dim: d,
+    }
+}
+
+/// N(0, 1) rows for the first `lens[b]` tokens of each cache, NaN after them.
+fn cache(rng: &mut Rng, s: &DecodeShape, lens: &[u32], width: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(s.batch * s.heads_kv * s.capacity * width);
+    for &len in lens {
+        for _ in 0..s.heads_kv {
+            for t in 0..s.capacity {
+                for x in rng.normal_vec(width, std) {
+                    out.push(if t < len as usize { x } else { f32::NAN });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Random selections over each sequence's blocks: ascending, SENTINEL-padded, always holding
+/// the query's own block (as real selections do), sometimes blocks past the length.
+fn selection(rng: &mut Rng, s: &DecodeShape, lens: &[u32], block: usize, nsel: usize) -> Vec<u32> {
+    let mut out = vec![];
+    for &len in lens {
+        let nb = (len as usize).div_ceil(block);
+        for _ in 0..s.heads_kv {
+            for i in 0..s.n_q {
+                let own = ((len as usize - s.n_q + i) / block) as u32;
+                let mut row: Vec<u32> = vec![own];
+                for _ in 1..nsel {
+                    let b = (rng.next_u64() % (nb as u64 + 2)) as u32;
+                    row.push(if b as usize > nb { SENTINEL } else { b });
+                }
+                row.sort_unstable();
+                row.dedup();
+                row.resize(nsel, SENTINEL);
+                out.extend(row);
+            }
+        }
+    }
+    out
+}
+
+fn poisoned(gpu: &Gpu, s: &DecodeShape, dt: DType) -> AttnOutput {
+    let n = s.q_dims().iter().product::<usize>();
+    AttnOutput {
+        o: gpu.upload_as(&s.q_dims(), &vec![f32::NAN; n], dt).unwrap(),
+        lse: gpu
+            .upload(&s.lse_dims(), &vec![f32::NAN; s.batch * s.heads_q * s.n_q])
+            .unwrap(),
+    }
+}
+
+fn run_case(gpu: &Gpu, rng: &mut Rng, c: &Case, dt: DType) {
+    let s = c.shape;
+    let ctx = format!(
+        "{s:?} lens {:?} {:?} bias {} split {:?} {dt:?}",
+        c.lens, c.keys, c.bias, c.split
+    );
+    let round = |x: Vec<f32>| if dt == DType::F16 { round_f16(&x) } else { x };
+    let q = round(rng.normal_vec(s.q_dims().iter().product(), 1.0));
+    let k = round(cache(rng, &s, &c.lens, s.head_dim, 1.0));
+    let v = round(cache(rng, &s, &c.lens, s.head_dim, 1.0));
+    let bias = c.bias.then(|| cache(rng, &s, &c.lens, 1, 2.0));
+    let sel = match c.keys {
+        DecodeKeys::Sparse { block, nsel } => Some(selection(rng, &s, &c.lens, block, nsel)),
+        DecodeKeys::Full => None,
+    };
+    let op = DecodeAttention::new(
+        gpu,
+        s,
+        &DecodeConfig::new(c.keys)
+            .bias(c.bias)
+            .dtype(dt)
+            .split_keys(c.split),
+    )
+    .expect(&ctx);
+    let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
+    let (tq, tk, tv) = (
+        up(&s.q_dims(), &q),
+        up(&s.cache_dims(), &k),
+        up(&s.cache_dims(), &v),
+    );
+    let tl = gpu.upload_u32(&[s.batch], &c.lens).unwrap();
+    let ts = match (&sel, c.keys) {
+        (Some(x), DecodeKeys::Sparse { nsel, .. }) => {
+            Some(gpu.upload_u32(&s.sel_dims(nsel), x).unwrap())
+        }
+        _ => None,
+    };
+    let tb = bias
+        .as_ref()
+        .map(|b| gpu.upload(&s.bias_dims(), b).unwrap());
+    let out = poisoned(gpu, &s, dt);
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let x = DecodeInputs::new(&tq, &tk, &tv, &tl)
+        .sel(ts.as_ref())
+        .bias(tb.as_ref());
+    op.encode(gpu, &mut enc, &x, &out).expect(&ctx);
+    gpu.queue().submit([enc.finish()]);
+    let want = refdec::forward(
+        &s,
+        &c.keys,
+        None,
+        &DecodeData {
+            q: &q,
+            k: &k,
+            v: &v,
+            lens: &c.lens,
+            sel: sel.as_deref(),
+            bias: bias.as_deref(),
+        },
+    )
+    .expect(&ctx);
+    let tol = if dt == DType::F16 { TOL_F16 } else { TOL };
+    let got_lse = gpu.read(&out.lse).unwrap();
+    let e = compare(&got_lse, &want.lse);
+    assert!(e.within(tol), "LSE {e:?} ({ctx})");
+    let e = compare(&gpu.read(&out.o).unwrap(), &want.o);
+    assert!(e.within(tol), "O {e:?} ({ctx})");
+}
+
+fn cases() -> Vec<Case> {
+    let full = DecodeKeys::Full;
+    let sp = |block, nsel| DecodeKeys::Sparse { block, nsel };
+    let c = |shape, lens: &[u32], keys, bias, split| Case {
+        shape,
+        lens: lens.to_vec(),
+        keys,
+        bias,
+        split,
+    };
+    vec![
+        // One token, one key.
+        c(dshape(1, 1, 1, 1, 1, 16), &[1], full, false, None),
+        // Sequences of different lengths, GQA 4, lengths not multiples of the tile.
+        c(
+            dshape(3, 8, 2, 1, 300, 64),
+            &[300, 1, 129],
+            full,
+            false,
+            None,
+        ),
+        // Several new tokens, split into many ranges (64 keys each) and into one.
+        c(
+            dshape(2, 4, 4, 3, 200, 32),
+            &[200, 70],
+            full,
+            true,
+            Some(64),
+        ),
+        c(
+            dshape(2, 4, 4, 3, 200, 32),
+            &[200, 70],
+            full,
+            false,
+            Some(256),
+        ),
+        // Head dims 128 and 256, GQA 8.
+        c(dshape(1, 8, 1, 1, 520, 128), &[517], full, true, None),
+        c(
+            dshape(2, 2, 1, 2, 90, 256),
+            &[90, 33],
+            full,
+            false,
+            Some(64),
+        ),
+        // Selections: blocks 16 to 128, partly filled current blocks, SENTINEL padding.
+        c(
+            dshape(2, 6, 2, 1, 400, 64),
+            &[400, 77],
+            sp(16, 6),
+            false,
+            None,
+        ),
+        c(
+            dshape(2, 6, 3, 2, 300, 32),
+            &[299, 130],
+            sp(32, 4),
+            true,
+            Some(64),
+        ),
+        c(
+            dshape(1, 4, 1, 1, 1000, 128),
+            &[1000],
+            sp(64, 8),
+            true,
+            None,
+        ),
+        c(
+            dshape(2, 2, 2, 4, 700, 64),
+            &[700, 260],
+            sp(128, 3),
+            false,
+            Some(128),
+        ),
+    ]
+}
+
+#[test]
+fn decoding_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    for c in cases() {
+        run_case(&gpu, &mut rng, &c, DType::F32);
+    }
+}
+
+/// f16 storage (native where the device has SHADER_F16, packed in u32 words elsewhere).
+#[test]
+fn decoding_f16_matches_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    for c in cases() {
+        run_case(&gpu, &mut rng, &c, DType::F16);
+    }
+}
+
+/// Decoding token t is row t of prefill attention, on the GPU both: full attention, and sparse
+/// attention over the prefill's own selection (SSA's blocks and NOSA's with an eviction score
+/// and the bias), f32 and f16. The cache is the prefill's k and v; the decoder sees only the
+/// first t + 1 of them (its length), the rest being NaN.
+#[test]
+fn decoding_token_t_is_row_t_of_prefill() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    let (hq, hkv, d, seq) = (4, 2, 64, 333);
+    let shape = AttnShape::new(1, hq, hkv, seq, d);
+    let nosa = SelectOptions::nosa_budget(16, 8, 1, 2, 2).unwrap();
+    let ssa = SelectOptions {
+        k: 6,
+        ..SelectOptions::ssa()
+    };
+    for dt in [DType::F32, DType::F16] {
+        let round = |x: Vec<f32>| if dt == DType::F16 { round_f16(&x) } else { x };
+        let q = round(rng.normal_vec(shape.q_len(), 1.0));
+        let k = round(rng.normal_vec(shape.kv_len(), 1.0));
+        let v = round(rng.normal_vec(shape.kv_len(), 1.0));
+        let bias = rng.normal_vec(hkv * seq, 1.0);
+        let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
+        let (tq, tk, tv) = (
+            up(&shape.q_dims(), &q),
+            up(&shape.kv_dims(), &k),
+            up(&shape.kv_dims(), &v),
+        );
+        let tb = gpu.upload(&[1, hkv, seq], &bias).unwrap();
+        // Prefill: full (biased) and the two selections with their sparse attention.
+        let fa = FullAttention::new(
+            &gpu,
+            shape,
+            &FullConfig::new(AttnOptions::causal(true))
+                .bias(true)
+                .dtype(dt),
+        )
+        .unwrap();
+        let full = AttnOutput::empty_as(&gpu, &shape, dt).unwrap();
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        fa.encode_forward(
+            &gpu,
+            &mut enc,
+            Qkv::new(&tq, &tk, &tv).bias(Some(&tb)),
+            &full,
+        )
+        .unwrap();
+        gpu.queue().submit([enc.finish()]);
+        let mut runs = vec![(DecodeKeys::Full, None, full, true)];
+        for (opts, evict) in [(ssa, false), (nosa, true)] {
+            let sel_op = BlockSelect::new(&gpu, shape, &SelectConfig::new(opts).dtype(dt)).unwrap();
+            let ev = gpu.upload(&[1, hkv, seq], &bias).unwrap();
+            let (sel, _) = sel_op
+                .select_inputs(
+                    &gpu,
+                    &SelectInputs::new(&tq, &tk).evict(evict.then_some(&ev)),
+                )
+                .unwrap();
+            let sp = SparseAttention::new(
+                &gpu,
+                shape,
+                &SparseConfig::for_selection(&opts).bias(evict).dtype(dt),
+            )
+            .unwrap();
+            let out = sp
+                .forward(
+                    &gpu,
+                    &SparseInputs::new(&tq, &tk, &tv, &sel).bias(evict.then_some(&tb)),
+                )
+                .unwrap();
+            let keys = DecodeKeys::Sparse {
+                block: opts.block,
+                nsel: opts.k,
+            };
+            runs.push((keys, Some(gpu.read_u32(&sel).unwrap()), out, evict));
+        }
+        for (keys, sel, prefill, biased) in runs {
+            let (po, pl) = (
+                gpu.read(&prefill.o).unwrap(),
+                gpu.read(&prefill.lse).unwrap(),
+            );
+            let s = DecodeShape {
+                batch: 1,
+                heads_q: hq,
+                heads_kv: hkv,
+                n_q: 1,
+                capacity: seq,
+                head_dim: d,
+            };
+            let op = DecodeAttention::new(&gpu, s, &DecodeConfig::new(keys).bias(biased).dtype(dt))
+                .unwrap();
+            for t in [0, 15, 16, 100, 200, seq - 1] {
+                let ctx = format!("{keys:?} {dt:?} token {t}");
+                let len = t + 1;
+                let masked = |x: &[f32], w: usize| -> Vec<f32> {
+                    (0..hkv)
+                        .flat_map(|h| {
+                            (0..seq * w).map(move |j| (h, j)).map(|(h, j)| {
+                                if j / w < len {
+                                    x[h * seq * w + j]
+                                } else {
+                                    f32::NAN
+                                }
+                            })
+                        })
+                        .collect()
+                };
+                let row = |x: &[f32], w: usize| -> Vec<f32> {
+                    (0..hq)
+                        .flat_map(|h| x[(h * seq + t) * w..(h * seq + t + 1) * w].to_vec())
+                        .collect()
+                };
+                let tq1 = up(&s.q_dims(), &row(&q, d));
+                let (tk1, tv1) = (
+                    up(&s.cache_dims(), &masked(&k, d)),
+                    up(&s.cache_dims(), &masked(&v, d)),
+                );
+                let tb1 = gpu.upload(&s.bias_dims(), &masked(&bias, 1)).unwrap();
+                let tl = gpu.upload_u32(&[1], &[len as u32]).unwrap();
+                let ts = sel.as_ref().map(|x| {
+                    let nsel = x.len() / (hkv * seq);
+                    let r: Vec<u32> = (0..hkv)
+                        .flat_map(|h| x[(h * seq + t) * nsel..(h * seq + t + 1) * nsel].to_vec())
+                        .collect();
+                    gpu.upload_u32(&s.sel_dims(nsel), &r).unwrap()
+                });
+                let out = poisoned(&gpu, &s, dt);
+                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                let x = DecodeInputs::new(&tq1, &tk1, &tv1, &tl)
+                    .sel(ts.as_ref())
+                    .bias(biased.then_some(&tb1));
+                op.encode(&gpu, &mut enc, &x, &out).expect(&ctx);
+                gpu.queue().submit([enc.finish()]);
+                let tol = if dt == DType::F16 { TOL_F16 } else { TOL };
+                let e = compare(&gpu.read(&out.o).unwrap(), &row(&po, d));
+                assert!(e.within(tol), "O {e:?} ({ctx})");
+                let e = compare(&gpu.read(&out.lse).unwrap(), &row(&pl, 1));
+                assert!(e.within(tol), "LSE {e:?} ({ctx})");
+            }
+        }
+    }
+}
+
+/// Lengths and selections live on the GPU, where the host cannot check them: a length past the
+/// capacity reads as the capacity, one below n_q leaves the first queries without keys
+/// (O = 0, LSE = -inf), and block indices past the length select nothing. No NaN, no fault.
+#[test]
+fn out_of_range_lengths_and_blocks_are_clamped() {
+    let Some(gpu) = common::gpu() else { return };
+    let mut rng = Rng::new(7);
+    let s = dshape(2, 2, 1, 3, 100, 32);
+    let n = s.q_dims().iter().product();
+    let q = rng.normal_vec(n, 1.0);
+    let kv = rng.normal_vec(2 * 100 * 32, 1.0);
+    let (tq, tk) = (
+        gpu.upload(&s.q_dims(), &q).unwrap(),
+        gpu.upload(&s.cache_dims(), &kv).unwrap(),
+    );
+    let op = DecodeAttention::new(&gpu, s, &DecodeConfig::new(DecodeKeys::Full)).unwrap();
+    let run = |lens: &[u32]| {
+        let tl = gpu.upload_u32(&[2], lens).unwrap();
+        let out = op
+            .forward(&gpu, &DecodeInputs::new(&tq, &tk, &tk, &tl))
+            .unwrap();
+        (gpu.read(&out.o).unwrap(), gpu.read(&out.lse).unwrap())
+    };
+    let (o_big, l_big) = run(&[u32::MAX, 1]);
+    let (o_cap, l_cap) = run(&[100, 1]);
+    assert_eq!(o_big, o_cap);
+    assert_eq!(l_big, l_cap);
+    // Sequence 1 has 1 token for 3 queries: queries 0 and 1 see nothing, query 2 sees key 0.
+    for h in 0..2 {
+        let r = (2 + h) * 3;
+        assert_eq!(l_cap[r], f32::NEG_INFINITY);
+        assert_eq!(l_cap[r + 1], f32::NEG_INFINITY);
+        assert!(l_cap[r + 2].is_finite());
+        assert!(o_cap[r * 32..(r + 2) * 32].iter().all(|&x| x == 0.0));
+    }
+    // Block indices past the length (and huge ones whose start would wrap) select nothing.
+    let sp = DecodeKeys::Sparse { block: 16, nsel: 3 };
+    let op = DecodeAttention::new(&gpu, s, &DecodeConfig::new(sp)).unwrap();
+    let tl = gpu.upload_u32(&[2], &[100, 50]).unwrap();
+    let mut sel = vec![];
+    for b in 0..2 {
+        for _ in 0..3 {
+            let own = if b == 0 { 6 } else { 3 };
+            sel.extend([own, 7, 0x1000_0001]);
+        }
+    }
+    let ts = gpu.upload_u32(&s.sel_dims(3), &sel).unwrap();
+    let out = op
+        .forward(&gpu, &DecodeInputs::new(&tq, &tk, &tk, &tl).sel(Some(&ts)))
+        .unwrap();
+    let got = gpu.read(&out.o).unwrap();
+    assert!(got.iter().all(|x| x.is_finite()));
+    let only_own: Vec<u32> = sel
+        .iter()
+        .map(|&b| if b >= 7 { SENTINEL } else { b })
+        .collect();
+    let want = refdec::forward(
+        &s,
+        &sp,
+        None,
+        &DecodeData {
+            q: &q,
+            k: &kv,
+            v: &kv,
+            lens: &[100, 50],
+            sel: Some(&only_own),
+            bias: None,
+        },
+    )
+    .unwrap();
+    // Sequence 0 (100 tokens) has 7 blocks: block 7 is past it too.
+    let e = compare(&got, &want.o);
+    assert!(e.within(TOL), "{e:?}");
+}
