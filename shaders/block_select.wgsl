@@ -19,11 +19,12 @@ var<workgroup> sh_key: array<f32, NBP>;
 @compute @workgroup_size(NT)
 fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let e = (wg.y * prm.grid_x + wg.x) * NT + tid;
-    if (e >= prm.units * prm.np * D4) {
+    let w = pool_window(e / D4);
+    if (w.x == SENTINEL) {
         return;
     }
-    let u = e / (prm.np * D4);
-    let p = (e / D4) % prm.np;
+    let u = w.x;
+    let p = w.y;
     let c = e % D4;
     let t0 = p * prm.pool_s;
     let t1 = min(t0 + prm.pool_w, prm.seq_k);
@@ -32,6 +33,29 @@ fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         acc += unpack_st(k[prm.k_off / 4u + (u * prm.seq_k + t) * D4 + c]);
     }
     kbar[prm.kb_off / 4u + (u * prm.np + p) * D4 + c] = acc / f32(t1 - t0);
+}
+
+// (unit, window) that pooling slot n computes, or SENTINEL: every window of every unit, or
+// (VARLEN) the pool_new slots of each unit after the windows complete before the newest n_new
+// tokens, up to those complete now.
+fn pool_window(n: u32) -> vec2<u32> {
+//#if VARLEN
+    if (n >= prm.units * prm.pool_new) {
+        return vec2<u32>(SENTINEL, 0u);
+    }
+    let u = n / prm.pool_new;
+    unit_setup(u);
+    let p = complete_windows(u_len - min(prm.n_new, u_len)) + n % prm.pool_new;
+    if (p >= complete_windows(u_len)) {
+        return vec2<u32>(SENTINEL, 0u);
+    }
+    return vec2<u32>(u, p);
+//#else
+    if (n >= prm.units * prm.np) {
+        return vec2<u32>(SENTINEL, 0u);
+    }
+    return vec2<u32>(n / prm.np, n % prm.np);
+//#endif
 }
 
 // Tensor `which` of the staging helpers in common.wgsl: 0 = q, 1 = pooled keys.
@@ -88,14 +112,14 @@ fn score_logits(u: u32, t0: u32, p0: u32, scale: f32, tid: u32, ty: u32, tx: u32
     }
     let kb4 = prm.kb_off / 4u + u * prm.np * D4;
     var qr = q_load(u, t0, 0u, tid);
-    var kr = chunk_load(1u, kb4, p0, prm.np, 0u, tid);
+    var kr = chunk_load(1u, kb4, p0, u_np, 0u, tid);
     for (var d0 = 0u; d0 < D4; d0 += DCV) {
         q_store(&qr, tid);
         chunk_store(BQ, &kr, tid);
         workgroupBarrier();
         if (d0 + DCV < D4) {
             qr = q_load(u, t0, d0 + DCV, tid);
-            kr = chunk_load(1u, kb4, p0, prm.np, d0 + DCV, tid);
+            kr = chunk_load(1u, kb4, p0, u_np, d0 + DCV, tid);
         }
         logits_acc(&s, 0u, BQ, ty, tx);
         workgroupBarrier();
@@ -121,6 +145,7 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let ty = tid / TC;
     let tx = tid % TC;
     let moba = prm.mode == 1u;
+    unit_setup(u);
     // Candidates of the tile's last token bound every row's.
     let p_end = pooled_end(min(t0 + tpw, prm.seq_q) - 1u);
     var lse2: array<f32, TM>;
@@ -238,6 +263,7 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         return;
     }
     let t = row % prm.seq_q;
+    unit_setup(row / prm.seq_q);
     let cur = current_block(t);
     let end = candidate_end(cur);
     // Sort only the smallest power of two that holds the candidates.
@@ -287,18 +313,18 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
 @compute @workgroup_size(NT)
 fn evict_pool(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
 //#if NOSA
-    let e = (wg.y * prm.grid_x + wg.x) * NT + tid;
-    if (e >= prm.units * prm.np) {
+    let w = pool_window((wg.y * prm.grid_x + wg.x) * NT + tid);
+    if (w.x == SENTINEL) {
         return;
     }
-    let u = e / prm.np;
-    let p = e % prm.np;
+    let u = w.x;
+    let p = w.y;
     let t0 = p * prm.pool_s;
     let t1 = min(t0 + prm.pool_w, prm.seq_k);
     var acc = 0.0;
     for (var t = t0; t < t1; t++) {
         acc += evict[prm.e_off + u * prm.seq_k + t];
     }
-    epool[prm.ep_off + e] = acc / f32(t1 - t0);
+    epool[prm.ep_off + u * prm.np + p] = acc / f32(t1 - t0);
 //#endif
 }

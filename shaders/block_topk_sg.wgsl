@@ -47,6 +47,7 @@ fn block_topk_sg(@builtin(workgroup_id) wg: vec3<u32>,
         return;
     }
     let t = row % prm.seq_q;
+    unit_setup(row / prm.seq_q);
     let cur = current_block(t);
     let end = candidate_end(cur);
     let srow = prm.s_off + row * prm.np;

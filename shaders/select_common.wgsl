@@ -1,7 +1,10 @@
 // What the selection kernels share (block_select.wgsl, block_topk_sg.wgsl): launch parameters,
 // bindings, the candidate rules and the order of the top-k. Needs NEG (attn_params.wgsl) and
 // the constant NOSA (1: the last `evict` blocks of each row are chosen by a pooled,
-// query-agnostic eviction score after the query-aware ones; NOSA.md §2).
+// query-agnostic eviction score after the query-aware ones; NOSA.md §2) and the constant
+// VARLEN (1: decoding over caches of `seq_k` rows, each sequence holding lens[b] tokens; the
+// seq_q queries are its last tokens; pooled keys and eviction scores are kept across steps and
+// only the windows the newest n_new tokens complete are pooled).
 
 // NEG (from common.wgsl) marks a pooled key that is not a candidate.
 const PAD: f32 = -3.4e38;      // past the last block (sorts after NEG)
@@ -33,6 +36,10 @@ struct SelParams {
     evict: u32,   // NOSA: blocks chosen by the eviction score
     e_off: u32,   // NOSA: offsets of the per-token eviction score and of its pooled windows
     ep_off: u32,
+    u0: u32,      // VARLEN: first unit of the launch, kv heads per sequence (lens index),
+    heads_kv: u32,
+    n_new: u32,   //   tokens appended since the last pooling, and windows they may complete
+    pool_new: u32,
 }
 
 @group(0) @binding(0) var<uniform> prm: SelParams;
@@ -45,13 +52,45 @@ struct SelParams {
 @group(0) @binding(6) var<storage, read> evict: array<f32>;
 @group(0) @binding(7) var<storage, read_write> epool: array<f32>;
 //#endif
+//#if VARLEN
+@group(0) @binding(8) var<storage, read> lens: array<u32>;
+//#endif
+
+// The geometry of the workgroup's unit: the launch's, or (VARLEN) its sequence's length,
+// clamped to [seq_q, seq_k] so that no index leaves the buffers whatever lens holds.
+var<private> u_len: u32;
+var<private> u_q_pos0: u32;
+var<private> u_nb: u32;
+var<private> u_np: u32;
+
+fn unit_setup(u: u32) {
+//#if VARLEN
+    u_len = clamp(lens[(prm.u0 + u) / prm.heads_kv], prm.seq_q, prm.seq_k);
+    u_q_pos0 = u_len - prm.seq_q;
+    u_nb = (u_len + BLK - 1u) / BLK;
+    u_np = (u_len + prm.pool_s - 1u) / prm.pool_s;
+//#else
+    u_len = prm.seq_k;
+    u_q_pos0 = prm.q_pos0;
+    u_nb = prm.nb;
+    u_np = prm.np;
+//#endif
+}
+
+// Windows whose every key lies in the first `len` tokens.
+fn complete_windows(len: u32) -> u32 {
+    if (len < prm.pool_w) {
+        return 0u;
+    }
+    return (len - prm.pool_w) / prm.pool_s + 1u;
+}
 
 fn current_block(t: u32) -> u32 {
-    return min((prm.q_pos0 + t) / BLK, prm.nb - 1u);
+    return min((u_q_pos0 + t) / BLK, u_nb - 1u);
 }
 
 fn candidate_end(cur: u32) -> u32 {
-    return select(prm.nb, cur + 1u, prm.causal != 0u);
+    return select(u_nb, cur + 1u, prm.causal != 0u);
 }
 
 fn is_forced(cur: u32, j: u32) -> bool {
@@ -61,14 +100,10 @@ fn is_forced(cur: u32, j: u32) -> bool {
 // Pooled keys token t scores: causal, only the complete windows (every key at or before the
 // token: no future key steers the choice, and prefill selects as decoding will); else all.
 fn pooled_end(t: u32) -> u32 {
-    let pos1 = prm.q_pos0 + t + 1u;
     if (prm.causal == 0u) {
-        return prm.np;
+        return u_np;
     }
-    if (pos1 < prm.pool_w) {
-        return 0u;
-    }
-    return min(prm.np, (pos1 - prm.pool_w) / prm.pool_s + 1u);
+    return min(u_np, complete_windows(u_q_pos0 + t + 1u));
 }
 
 // Score of block j: its pooled score, or (InfLLM-V2) the max over the candidate kernels that
@@ -93,7 +128,7 @@ fn block_windows(j: u32, pend: u32) -> vec2<u32> {
     if (start >= prm.pool_w) {
         lo = (start - prm.pool_w) / prm.pool_s + 1u;
     }
-    return vec2<u32>(lo, min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, prm.np), pend));
+    return vec2<u32>(lo, min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, u_np), pend));
 }
 
 //#if NOSA

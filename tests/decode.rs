@@ -474,3 +474,137 @@ fn out_of_range_lengths_and_blocks_are_clamped() {
     let e = compare(&got, &want.o);
     assert!(e.within(TOL), "{e:?}");
 }
+
+/// The first `len` rows of each kv head of sequence `b` of a `[batch, heads, cap, width]` tensor.
+fn prefix(x: &[f32], b: usize, heads: usize, cap: usize, width: usize, len: usize) -> Vec<f32> {
+    (0..heads)
+        .flat_map(|h| {
+            let at = (b * heads + h) * cap * width;
+            x[at..at + len * width].to_vec()
+        })
+        .collect()
+}
+
+/// Selection while decoding, from pooled keys (and NOSA's pooled eviction scores) kept across
+/// steps and pooled only as windows complete, equals the prefill selection of the same tokens,
+/// bit for bit: sequences of different lengths, prompts then steps of 1 and 3 tokens, every
+/// scoring, NOSA's two stages.
+#[test]
+fn decoding_selection_from_pooled_state_equals_prefill() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    let (hq, hkv, d, cap) = (4, 2, 32, 260);
+    let ssa = SelectOptions {
+        k: 6,
+        ..SelectOptions::ssa()
+    };
+    let options = [
+        ssa,
+        SelectOptions {
+            scoring: sparse_attn::Scoring::Moba,
+            ..ssa
+        },
+        SelectOptions {
+            scoring: sparse_attn::Scoring::InfLlmV2,
+            n_init: 1,
+            n_local: 1,
+            ..ssa
+        },
+        SelectOptions::nosa_budget(16, 8, 1, 2, 2).unwrap(),
+    ];
+    for opts in options {
+        let nosa = opts.evict > 0;
+        let prompts = [130u32, 177];
+        let b = prompts.len();
+        // Every token's q, k and eviction score, drawn up front (decoding reveals them in turn).
+        let q_all = rng.normal_vec(b * hq * cap * d, 1.0);
+        let k_all = rng.normal_vec(b * hkv * cap * d, 1.0);
+        let e_all = rng.normal_vec(b * hkv * cap, 1.0);
+        let tk = gpu.upload(&[b, hkv, cap, d], &k_all).unwrap();
+        let te = gpu.upload(&[b, hkv, cap], &e_all).unwrap();
+        let mut lens = prompts.to_vec();
+        for n_q in [1usize, 3] {
+            let shape = AttnShape {
+                batch: b,
+                heads_q: hq,
+                heads_kv: hkv,
+                seq_q: n_q,
+                seq_k: cap,
+                head_dim: d,
+            };
+            let op = BlockSelect::new(&gpu, shape, &SelectConfig::new(opts).decoding(true)).unwrap();
+            // The pooled state carries over between ops of the same cache (same capacity).
+            let state = op.scratch(&gpu).unwrap();
+            // Prompt: pool everything so far (n_new = the longest prompt: each sequence pools
+            // from its start); then every step pools the windows its n_q new tokens complete.
+            let mut first = true;
+            for _step in 0..24 {
+                let n_new = if first { *lens.iter().max().unwrap() as usize } else { n_q };
+                if !first {
+                    for l in lens.iter_mut() {
+                        *l += n_q as u32;
+                    }
+                }
+                first = false;
+                let tl = gpu.upload_u32(&[b], &lens).unwrap();
+                // q of the newest n_q tokens of each sequence.
+                let q: Vec<f32> = (0..b)
+                    .flat_map(|s| {
+                        let len = lens[s] as usize;
+                        let q_all = &q_all;
+                        (0..hq).flat_map(move |h| {
+                            let at = ((s * hq + h) * cap + len - n_q) * d;
+                            q_all[at..at + n_q * d].to_vec()
+                        })
+                    })
+                    .collect();
+                let tq = gpu.upload(&shape.q_dims(), &q).unwrap();
+                let out = gpu
+                    .upload_u32(&[b, hkv, n_q, opts.k], &vec![12345; b * hkv * n_q * opts.k])
+                    .unwrap();
+                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                op.encode_pool(&gpu, &mut enc, &tk, nosa.then_some(&te), &tl, n_new, &state)
+                    .unwrap();
+                op.encode_pooled(&gpu, &mut enc, &tq, &tl, &state, &out).unwrap();
+                gpu.queue().submit([enc.finish()]);
+                let got = gpu.read_u32(&out).unwrap();
+                for s in 0..b {
+                    let len = lens[s] as usize;
+                    let pre = AttnShape::new(1, hq, hkv, len, d);
+                    let pq = gpu
+                        .upload(&pre.q_dims(), &prefix(&q_all, s, hq, cap, d, len))
+                        .unwrap();
+                    let pk = gpu
+                        .upload(&pre.kv_dims(), &prefix(&k_all, s, hkv, cap, d, len))
+                        .unwrap();
+                    let pe = gpu
+                        .upload(&[1, hkv, len], &prefix(&e_all, s, hkv, cap, 1, len))
+                        .unwrap();
+                    let (want, _) = BlockSelect::new(&gpu, pre, &SelectConfig::new(opts))
+                        .unwrap()
+                        .select_inputs(&gpu, &SelectInputs::new(&pq, &pk).evict(nosa.then_some(&pe)))
+                        .unwrap();
+                    let want = gpu.read_u32(&want).unwrap();
+                    for h in 0..hkv {
+                        for i in 0..n_q {
+                            let t = len - n_q + i;
+                            let w = &want[(h * len + t) * opts.k..(h * len + t + 1) * opts.k];
+                            let r = ((s * hkv + h) * n_q + i) * opts.k;
+                            assert_eq!(
+                                &got[r..r + opts.k],
+                                w,
+                                "{:?} evict {} sequence {s} (length {len}) kv head {h} token {t}",
+                                opts.scoring,
+                                opts.evict
+                            );
+                        }
+                    }
+                }
+            }
+            // The next op (n_q = 3) starts its own state: pool from the start again.
+            lens = prompts.to_vec();
+        }
+    }
+}

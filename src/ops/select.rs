@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
 use crate::ops::launch::{
-    self, Chunk, Window, check_args, input, output, plan_units, window_sized,
+    self, Arg, Chunk, Window, check_args, input, output, plan_units, window_sized,
 };
 use crate::ops::tiles::{Kind, score_tiles};
 use crate::problem::AttnShape;
@@ -47,6 +47,10 @@ crate::gpu::uniform::uniform!(
         pub evict: u32,
         pub e_off: u32,
         pub ep_off: u32,
+        pub u0: u32,
+        pub heads_kv: u32,
+        pub n_new: u32,
+        pub pool_new: u32,
     }
 );
 
@@ -180,6 +184,7 @@ pub struct BlockSelect {
     /// The top-k kernel running (Sort or Subgroup).
     topk_kernel: TopK,
     storage: Storage,
+    decoding: bool,
 }
 
 /// What a [`BlockSelect`] is built for besides the shape.
@@ -190,6 +195,11 @@ pub struct SelectConfig {
     pub dtype: DType,
     /// The top-k kernel (an error where the device cannot run the one asked for).
     pub topk: TopK,
+    /// Decoding over KV caches (the shape's seq_k is their capacity, seq_q the new tokens):
+    /// each sequence has its own length (a u32 tensor `[batch]`), and the pooled keys and
+    /// eviction scores persist in the [`SelectScratch`] across steps, pooled as windows
+    /// complete ([`BlockSelect::encode_pool`]) and selected from ([`BlockSelect::encode_pooled`]).
+    pub decoding: bool,
 }
 
 impl SelectConfig {
@@ -198,7 +208,12 @@ impl SelectConfig {
             options,
             dtype: DType::F32,
             topk: TopK::Auto,
+            decoding: false,
         }
+    }
+
+    pub fn decoding(self, decoding: bool) -> Self {
+        Self { decoding, ..self }
     }
 
     pub fn dtype(self, dtype: DType) -> Self {
@@ -216,7 +231,11 @@ impl BlockSelect {
             options: opts,
             dtype,
             topk,
+            decoding,
         } = *config;
+        if decoding && !opts.causal {
+            invalid!("selection while decoding is causal; these options are not");
+        }
         let storage = Storage::for_dtype(gpu, dtype)?;
         opts.validate(&shape)?;
         let nb = opts.blocks(shape.seq_k);
@@ -286,6 +305,7 @@ impl BlockSelect {
                 ("BLK", opts.block as u32),
                 ("NBP", nbp),
                 ("NOSA", (opts.evict > 0) as u32),
+                ("VARLEN", decoding as u32),
             ]
             .into_iter()
             .chain(tiles.constants(Kind::Fwd, d32))
@@ -313,6 +333,7 @@ impl BlockSelect {
             },
             topk_kernel,
             storage,
+            decoding,
         })
     }
 
@@ -371,39 +392,69 @@ impl BlockSelect {
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
 
-    /// Record the selection: `out` (u32, [`Self::selection_dims`]) receives the block indices.
-    pub fn encode(
-        &self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        x: &SelectInputs,
-        scratch: &SelectScratch,
-        out: &Tensor,
-    ) -> Result<()> {
-        let SelectInputs { q, k, evict } = *x;
+    /// The launch parameters of chunk `c` (`grid_x` set per dispatch).
+    fn params(&self, gpu: &Gpu, c: Chunk) -> Params {
         let s = self.shape;
-        let dt = self.storage.dtype();
-        let (qd, kd, sd) = (s.q_dims(), s.kv_dims(), self.selection_dims());
-        let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
-        let scd = [s.batch, s.heads_kv, s.seq_q, self.np];
-        let (ed, epd) = (
-            [s.batch, s.heads_kv, s.seq_k],
-            [s.batch, s.heads_kv, self.np],
-        );
-        let mut args = vec![
-            input("q", q, &qd, dt),
-            input("k", k, &kd, dt),
-            output("block_keys", &scratch.block_keys, &kbd, DType::F32),
-            output("scores", &scratch.scores, &scd, DType::F32),
-            output("selection", out, &sd, DType::U32),
-        ];
+        let w = |class| self.window_of(gpu, class, c);
+        let nosa = self.opts.evict > 0;
+        Params {
+            seq_q: s.seq_q as u32,
+            seq_k: s.seq_k as u32,
+            q_pos0: s.q_offset() as u32,
+            causal: self.opts.causal as u32,
+            group: s.group() as u32,
+            nb: self.nb as u32,
+            k: self.opts.k as u32,
+            n_init: self.opts.n_init as u32,
+            n_local: self.opts.n_local as u32,
+            mode: match self.opts.scoring {
+                Scoring::Ssa => 0,
+                Scoring::Moba => 1,
+                Scoring::InfLlmV2 => 2,
+            },
+            scale: self.opts.scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
+            grid_x: 0,
+            q_off: w(Class::Q).skip,
+            k_off: w(Class::K).skip,
+            kb_off: w(Class::KBar).skip,
+            s_off: w(Class::Scores).skip,
+            i_off: w(Class::Sel).skip,
+            units: (c.u1 - c.u0) as u32,
+            np: self.np as u32,
+            pool_w: pooling(&self.opts).0 as u32,
+            pool_s: pooling(&self.opts).1 as u32,
+            evict: self.opts.evict as u32,
+            e_off: if nosa { w(Class::Evict).skip } else { 0 },
+            ep_off: if nosa { w(Class::EPool).skip } else { 0 },
+            u0: c.u0 as u32,
+            heads_kv: s.heads_kv as u32,
+            n_new: 0,
+            pool_new: 0,
+        }
+    }
+
+    /// A 2-D grid of workgroups for `n` threads of `self.nt`.
+    fn grid(&self, gpu: &Gpu, n: u64) -> (u32, u32) {
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
+        let blocks = n.div_ceil(self.nt as u64).max(1);
+        let gx = blocks.min(max_x);
+        (gx as u32, blocks.div_ceil(gx) as u32)
+    }
+
+    /// Checks the eviction score and its pooled scratch against the options; their arguments.
+    fn evict_args<'a>(
+        &self,
+        evict: Option<&'a Tensor>,
+        scratch: &'a SelectScratch,
+        dims: &'a [[usize; 3]; 2],
+    ) -> Result<Vec<Arg<'a>>> {
         let nosa = self.opts.evict > 0;
         match (evict, &scratch.evict_pooled, nosa) {
-            (Some(e), Some(ep), true) => {
-                args.push(input("eviction score", e, &ed, DType::F32));
-                args.push(output("pooled eviction score", ep, &epd, DType::F32));
-            }
-            (None, _, false) => {}
+            (Some(e), Some(ep), true) => Ok(vec![
+                input("eviction score", e, &dims[0], DType::F32),
+                output("pooled eviction score", ep, &dims[1], DType::F32),
+            ]),
+            (None, _, false) => Ok(vec![]),
             (None, _, true) => invalid!(
                 "this selection keeps {} blocks by an eviction score; none was given",
                 self.opts.evict
@@ -415,49 +466,61 @@ impl BlockSelect {
                 "the scratch has no pooled eviction score (make it with BlockSelect::scratch)"
             ),
         }
-        check_args(&args)?;
-        let max_x = gpu.limits().max_compute_workgroups_per_dimension;
-        let grid2 = |n: u64| {
-            let blocks = n.div_ceil(self.nt as u64);
-            let gx = blocks.min(max_x as u64);
-            (gx as u32, blocks.div_ceil(gx) as u32)
+    }
+
+    fn check_mode(&self, decoding: bool) -> Result<()> {
+        match (self.decoding, decoding) {
+            (true, false) => invalid!(
+                "this selection was built for decoding (SelectConfig::decoding): use \
+                 encode_pool and encode_pooled"
+            ),
+            (false, true) => invalid!(
+                "this selection was built for prefill: build it with SelectConfig::decoding to \
+                 select from pooled caches"
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pooling: the keys' windows (and NOSA's eviction score pooled alike) into the scratch.
+    fn dispatch_pool(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        k: &Tensor,
+        evict: Option<&Tensor>,
+        lens: Option<&Tensor>,
+        scratch: &SelectScratch,
+        c: Chunk,
+        base: Params,
+    ) {
+        let w = |class| self.window_of(gpu, class, c);
+        let windows = match self.decoding {
+            true => base.pool_new as u64,
+            false => self.np as u64,
         };
-        for &c in &self.chunks {
-            let units = (c.u1 - c.u0) as u32;
-            let w = |class| self.window_of(gpu, class, c);
-            let base = Params {
-                seq_q: s.seq_q as u32,
-                seq_k: s.seq_k as u32,
-                q_pos0: s.q_offset() as u32,
-                causal: self.opts.causal as u32,
-                group: s.group() as u32,
-                nb: self.nb as u32,
-                k: self.opts.k as u32,
-                n_init: self.opts.n_init as u32,
-                n_local: self.opts.n_local as u32,
-                mode: match self.opts.scoring {
-                    Scoring::Ssa => 0,
-                    Scoring::Moba => 1,
-                    Scoring::InfLlmV2 => 2,
-                },
-                scale: self.opts.scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
-                grid_x: 0,
-                q_off: w(Class::Q).skip,
-                k_off: w(Class::K).skip,
-                kb_off: w(Class::KBar).skip,
-                s_off: w(Class::Scores).skip,
-                i_off: w(Class::Sel).skip,
-                units,
-                np: self.np as u32,
-                pool_w: pooling(&self.opts).0 as u32,
-                pool_s: pooling(&self.opts).1 as u32,
-                evict: self.opts.evict as u32,
-                e_off: if nosa { w(Class::Evict).skip } else { 0 },
-                ep_off: if nosa { w(Class::EPool).skip } else { 0 },
-            };
-            let kbar = (3, &scratch.block_keys, w(Class::KBar));
-            let scores = (4, &scratch.scores, w(Class::Scores));
-            let g = grid2(units as u64 * self.np as u64 * s.head_dim as u64 / 4);
+        let lens_view: Vec<(u32, &Tensor, Window)> = lens
+            .map(|t| (8, t, window_sized(0, self.shape.batch as u64, 256, 4)))
+            .into_iter()
+            .collect();
+        let units = base.units as u64;
+        let g = self.grid(gpu, units * windows * self.shape.head_dim as u64 / 4);
+        let p = Params {
+            grid_x: g.0,
+            ..base
+        };
+        let kbar = (3, &scratch.block_keys, w(Class::KBar));
+        launch::dispatch(
+            gpu,
+            enc,
+            &self.keys,
+            bytemuck::bytes_of(&p),
+            &[&[(2, k, w(Class::K)), kbar][..], &lens_view].concat(),
+            g,
+        );
+        if let (Some(pipe), Some(e), Some(ep)) = (&self.evict_pool, evict, &scratch.evict_pooled)
+        {
+            let g = self.grid(gpu, units * windows);
             let p = Params {
                 grid_x: g.0,
                 ..base
@@ -465,53 +528,186 @@ impl BlockSelect {
             launch::dispatch(
                 gpu,
                 enc,
-                &self.keys,
+                pipe,
                 bytemuck::bytes_of(&p),
-                &[(2, k, w(Class::K)), kbar],
+                &[
+                    &[(6, e, w(Class::Evict)), (7, ep, w(Class::EPool))][..],
+                    &lens_view,
+                ]
+                .concat(),
                 g,
             );
-            launch::dispatch(
-                gpu,
-                enc,
-                &self.scores,
-                bytemuck::bytes_of(&base),
-                &[(1, q, w(Class::Q)), kbar, scores],
-                ((s.seq_q as u32).div_ceil(self.tokens_per_wg), units),
+        }
+    }
+
+    /// Scoring and top-k from the pooled keys (and eviction scores) in the scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_select(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        lens: Option<&Tensor>,
+        scratch: &SelectScratch,
+        out: &Tensor,
+        c: Chunk,
+        base: Params,
+    ) {
+        let s = self.shape;
+        let w = |class| self.window_of(gpu, class, c);
+        let lens_view: Vec<(u32, &Tensor, Window)> = lens
+            .map(|t| (8, t, window_sized(0, s.batch as u64, 256, 4)))
+            .into_iter()
+            .collect();
+        let kbar = (3, &scratch.block_keys, w(Class::KBar));
+        let scores = (4, &scratch.scores, w(Class::Scores));
+        let units = base.units;
+        launch::dispatch(
+            gpu,
+            enc,
+            &self.scores,
+            bytemuck::bytes_of(&base),
+            &[&[(1, q, w(Class::Q)), kbar, scores][..], &lens_view].concat(),
+            ((s.seq_q as u32).div_ceil(self.tokens_per_wg), units),
+        );
+        let epool: Vec<(u32, &Tensor, Window)> = match (&self.evict_pool, &scratch.evict_pooled) {
+            (Some(_), Some(ep)) => vec![(7, ep, w(Class::EPool))],
+            _ => vec![],
+        };
+        // One workgroup per row: the 2-D grid counts workgroups, not threads.
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
+        let rows = units as u64 * s.seq_q as u64;
+        let gx = rows.min(max_x);
+        let p = Params {
+            grid_x: gx as u32,
+            ..base
+        };
+        launch::dispatch(
+            gpu,
+            enc,
+            &self.topk,
+            bytemuck::bytes_of(&p),
+            &[&[scores, (5, out, w(Class::Sel))][..], &epool, &lens_view].concat(),
+            (gx as u32, rows.div_ceil(gx) as u32),
+        );
+    }
+
+    /// Record the selection: `out` (u32, [`Self::selection_dims`]) receives the block indices.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        x: &SelectInputs,
+        scratch: &SelectScratch,
+        out: &Tensor,
+    ) -> Result<()> {
+        self.check_mode(false)?;
+        let SelectInputs { q, k, evict } = *x;
+        let s = self.shape;
+        let dt = self.storage.dtype();
+        let (qd, kd, sd) = (s.q_dims(), s.kv_dims(), self.selection_dims());
+        let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
+        let scd = [s.batch, s.heads_kv, s.seq_q, self.np];
+        let ed = [[s.batch, s.heads_kv, s.seq_k], [s.batch, s.heads_kv, self.np]];
+        let mut args = vec![
+            input("q", q, &qd, dt),
+            input("k", k, &kd, dt),
+            output("block_keys", &scratch.block_keys, &kbd, DType::F32),
+            output("scores", &scratch.scores, &scd, DType::F32),
+            output("selection", out, &sd, DType::U32),
+        ];
+        args.extend(self.evict_args(evict, scratch, &ed)?);
+        check_args(&args)?;
+        for &c in &self.chunks {
+            let base = self.params(gpu, c);
+            self.dispatch_pool(gpu, enc, k, evict, None, scratch, c, base);
+            self.dispatch_select(gpu, enc, q, None, scratch, out, c, base);
+        }
+        Ok(())
+    }
+
+    /// Decoding: pool the windows that the newest `n_new` tokens of each cache completed (the
+    /// caches `k` `[b, hkv, capacity, d]` and, for NOSA, the eviction score `[b, hkv,
+    /// capacity]`, each sequence holding `lens[b]` tokens, those tokens included) into the
+    /// scratch, which keeps every window pooled so far. Run once per appended chunk of tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_pool(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        k: &Tensor,
+        evict: Option<&Tensor>,
+        lens: &Tensor,
+        n_new: usize,
+        scratch: &SelectScratch,
+    ) -> Result<()> {
+        self.check_mode(true)?;
+        let s = self.shape;
+        let kd = s.kv_dims();
+        let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
+        let ed = [[s.batch, s.heads_kv, s.seq_k], [s.batch, s.heads_kv, self.np]];
+        let ld = [s.batch];
+        let mut args = vec![
+            input("k", k, &kd, self.storage.dtype()),
+            input("lens", lens, &ld, DType::U32),
+            output("block_keys", &scratch.block_keys, &kbd, DType::F32),
+        ];
+        args.extend(self.evict_args(evict, scratch, &ed)?);
+        check_args(&args)?;
+        if n_new == 0 || n_new > s.seq_k {
+            invalid!(
+                "{n_new} new tokens to pool in caches of {} tokens",
+                s.seq_k
             );
-            let mut epool = vec![];
-            if let (Some(pipe), Some(e), Some(ep)) =
-                (&self.evict_pool, evict, &scratch.evict_pooled)
-            {
-                let g = grid2(units as u64 * self.np as u64);
-                let p = Params {
-                    grid_x: g.0,
-                    ..base
-                };
-                epool.push((7, ep, w(Class::EPool)));
-                launch::dispatch(
-                    gpu,
-                    enc,
-                    pipe,
-                    bytemuck::bytes_of(&p),
-                    &[(6, e, w(Class::Evict)), epool[0]],
-                    g,
-                );
-            }
-            // One workgroup per row: the 2-D grid counts workgroups, not threads.
-            let rows = units as u64 * s.seq_q as u64;
-            let gx = rows.min(max_x as u64);
-            let p = Params {
-                grid_x: gx as u32,
-                ..base
+        }
+        let stride = pooling(&self.opts).1;
+        for &c in &self.chunks {
+            let base = Params {
+                n_new: n_new as u32,
+                pool_new: n_new.div_ceil(stride) as u32 + 1,
+                ..self.params(gpu, c)
             };
-            launch::dispatch(
-                gpu,
-                enc,
-                &self.topk,
-                bytemuck::bytes_of(&p),
-                &[&[scores, (5, out, w(Class::Sel))][..], &epool].concat(),
-                (gx as u32, rows.div_ceil(gx) as u32),
-            );
+            self.dispatch_pool(gpu, enc, k, evict, Some(lens), scratch, c, base);
+        }
+        Ok(())
+    }
+
+    /// Decoding: select blocks for the newest seq_q tokens of each sequence (q `[b, hq, seq_q,
+    /// d]`, lengths `lens` `[b]` u32) from the windows [`Self::encode_pool`] pooled.
+    pub fn encode_pooled(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        lens: &Tensor,
+        scratch: &SelectScratch,
+        out: &Tensor,
+    ) -> Result<()> {
+        self.check_mode(true)?;
+        let s = self.shape;
+        let (qd, sd) = (s.q_dims(), self.selection_dims());
+        let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
+        let scd = [s.batch, s.heads_kv, s.seq_q, self.np];
+        let epd = [s.batch, s.heads_kv, self.np];
+        let ld = [s.batch];
+        let mut args = vec![
+            input("q", q, &qd, self.storage.dtype()),
+            input("lens", lens, &ld, DType::U32),
+            input("block_keys", &scratch.block_keys, &kbd, DType::F32),
+            output("scores", &scratch.scores, &scd, DType::F32),
+            output("selection", out, &sd, DType::U32),
+        ];
+        match (&scratch.evict_pooled, self.opts.evict > 0) {
+            (Some(ep), true) => args.push(input("pooled eviction score", ep, &epd, DType::F32)),
+            (None, true) => invalid!(
+                "the scratch has no pooled eviction score (make it with BlockSelect::scratch)"
+            ),
+            _ => {}
+        }
+        check_args(&args)?;
+        for &c in &self.chunks {
+            let base = self.params(gpu, c);
+            self.dispatch_select(gpu, enc, q, Some(lens), scratch, out, c, base);
         }
         Ok(())
     }

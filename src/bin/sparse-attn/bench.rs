@@ -198,6 +198,7 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
                 options: select,
                 dtype,
                 topk,
+                ..
             },
         forward,
         backward: backward_kernel,
