@@ -34,7 +34,7 @@ pub mod train;
 #[cfg(feature = "png")]
 pub mod viz;
 
-pub use decode::{DecodeAttention, DecodeConfig, DecodeInputs};
+pub use decode::{CacheConfig, DecodeAttention, DecodeConfig, DecodeInputs, KvCache};
 pub use error::{Error, Result};
 pub use gpu::{DType, Gpu, GpuOptions, Tensor};
 pub use ops::attention::{
@@ -44,7 +44,8 @@ pub use ops::attention::{
 pub use ops::select::{BlockSelect, SelectConfig, SelectInputs, TopK};
 pub use ops::sparse::{SparseAttention, SparseConfig, SparseInputs, SparseKernel};
 pub use problem::{
-    AttnOptions, AttnShape, DecodeKeys, DecodeShape, Scoring, SelectOptions, SparseOptions,
+    AttnOptions, AttnShape, CacheShape, DecodeKeys, DecodeShape, Scoring, SelectOptions,
+    SparseOptions,
 };
 /// The wgpu this crate is built on, for callers that record into their own encoders.
 pub use wgpu;

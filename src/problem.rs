@@ -522,3 +522,38 @@ impl DecodeShape {
         Ok(())
     }
 }
+
+/// The KV caches of a batch of sequences: k and v `[batch, heads_kv, capacity, head_dim]`
+/// each (and NOSA's per-key bias `[batch, heads_kv, capacity]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CacheShape {
+    pub batch: usize,
+    pub heads_kv: usize,
+    pub capacity: usize,
+    pub head_dim: usize,
+}
+
+impl CacheShape {
+    pub fn dims(&self) -> [usize; 4] {
+        [self.batch, self.heads_kv, self.capacity, self.head_dim]
+    }
+    pub fn bias_dims(&self) -> [usize; 3] {
+        [self.batch, self.heads_kv, self.capacity]
+    }
+    /// The decoding step of `n_q` new tokens with `heads_q` query heads over these caches.
+    pub fn step(&self, heads_q: usize, n_q: usize) -> DecodeShape {
+        DecodeShape {
+            batch: self.batch,
+            heads_q,
+            heads_kv: self.heads_kv,
+            n_q,
+            capacity: self.capacity,
+            head_dim: self.head_dim,
+        }
+    }
+    pub fn validate(&self) -> Result<()> {
+        // Its rules are those of a one-token step with one query head per kv head.
+        self.step(self.heads_kv, 1)
+            .validate(&DecodeKeys::Full, None)
+    }
+}

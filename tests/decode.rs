@@ -534,14 +534,19 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                 seq_k: cap,
                 head_dim: d,
             };
-            let op = BlockSelect::new(&gpu, shape, &SelectConfig::new(opts).decoding(true)).unwrap();
+            let op =
+                BlockSelect::new(&gpu, shape, &SelectConfig::new(opts).decoding(true)).unwrap();
             // The pooled state carries over between ops of the same cache (same capacity).
             let state = op.scratch(&gpu).unwrap();
             // Prompt: pool everything so far (n_new = the longest prompt: each sequence pools
             // from its start); then every step pools the windows its n_q new tokens complete.
             let mut first = true;
             for _step in 0..24 {
-                let n_new = if first { *lens.iter().max().unwrap() as usize } else { n_q };
+                let n_new = if first {
+                    *lens.iter().max().unwrap() as usize
+                } else {
+                    n_q
+                };
                 if !first {
                     for l in lens.iter_mut() {
                         *l += n_q as u32;
@@ -567,11 +572,12 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                 let mut enc = gpu.device().create_command_encoder(&Default::default());
                 op.encode_pool(&gpu, &mut enc, &tk, nosa.then_some(&te), &tl, n_new, &state)
                     .unwrap();
-                op.encode_pooled(&gpu, &mut enc, &tq, &tl, &state, &out).unwrap();
+                op.encode_pooled(&gpu, &mut enc, &tq, &tl, &state, &out)
+                    .unwrap();
                 gpu.queue().submit([enc.finish()]);
                 let got = gpu.read_u32(&out).unwrap();
-                for s in 0..b {
-                    let len = lens[s] as usize;
+                for (s, &len) in lens.iter().enumerate() {
+                    let len = len as usize;
                     let pre = AttnShape::new(1, hq, hkv, len, d);
                     let pq = gpu
                         .upload(&pre.q_dims(), &prefix(&q_all, s, hq, cap, d, len))
@@ -584,7 +590,10 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                         .unwrap();
                     let (want, _) = BlockSelect::new(&gpu, pre, &SelectConfig::new(opts))
                         .unwrap()
-                        .select_inputs(&gpu, &SelectInputs::new(&pq, &pk).evict(nosa.then_some(&pe)))
+                        .select_inputs(
+                            &gpu,
+                            &SelectInputs::new(&pq, &pk).evict(nosa.then_some(&pe)),
+                        )
                         .unwrap();
                     let want = gpu.read_u32(&want).unwrap();
                     for h in 0..hkv {
@@ -607,4 +616,242 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
             lens = prompts.to_vec();
         }
     }
+}
+
+/// Rows `t0..t1` of each kv head of sequence `b` of a `[batch, heads, cap, width]` tensor, as
+/// `[1, heads, t1 - t0, width]`.
+fn rows_of(
+    x: &[f32],
+    b: usize,
+    heads: usize,
+    cap: usize,
+    width: usize,
+    t0: usize,
+    t1: usize,
+) -> Vec<f32> {
+    (0..heads)
+        .flat_map(|h| {
+            let at = (b * heads + h) * cap * width;
+            x[at + t0 * width..at + t1 * width].to_vec()
+        })
+        .collect()
+}
+
+/// The whole decoding path over a `KvCache`: prompts of different lengths appended at once
+/// (ragged), then one token per step; each step selects from the cache's pooled state (NOSA:
+/// eviction score = the cached bias) and attends over the selection with the bias. Every step
+/// equals prefill over the same tokens: the cache rows bit for bit, the selection bit for bit,
+/// O and LSE to float tolerance (full decoding too).
+#[test]
+fn kv_cache_steps_equal_prefill() {
+    use sparse_attn::{CacheConfig, CacheShape, KvCache};
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    let (b, hq, hkv, d, cap) = (2, 4, 2, 32, 200);
+    let opts = SelectOptions::nosa_budget(16, 6, 1, 1, 2).unwrap();
+    let cs = CacheShape {
+        batch: b,
+        heads_kv: hkv,
+        capacity: cap,
+        head_dim: d,
+    };
+    let q_all = rng.normal_vec(b * hq * cap * d, 1.0);
+    let k_all = rng.normal_vec(b * hkv * cap * d, 1.0);
+    let v_all = rng.normal_vec(b * hkv * cap * d, 1.0);
+    let e_all = rng.normal_vec(b * hkv * cap, 1.0);
+    let mut cache = KvCache::new(
+        &gpu,
+        cs,
+        &CacheConfig::new(DType::F32).bias(true).select(Some(opts)),
+    )
+    .unwrap();
+    // Prompts of 100 and 130 tokens in one append of 130 rows (sequence 0's last 30 are NaN
+    // and not counted).
+    let prompts = [100u32, 130];
+    let nan_tail = |x: Vec<f32>, width: usize| -> Vec<f32> {
+        let per_head = 130 * width;
+        x.into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let (s, t) = (i / (hkv * per_head), (i % per_head) / width);
+                if t >= prompts[s] as usize {
+                    f32::NAN
+                } else {
+                    v
+                }
+            })
+            .collect()
+    };
+    let all_rows = |x: &[f32], width: usize, t0: usize, t1: usize| -> Vec<f32> {
+        (0..b)
+            .flat_map(|s| rows_of(x, s, hkv, cap, width, t0, t1))
+            .collect()
+    };
+    let kn = gpu
+        .upload(&[b, hkv, 130, d], &nan_tail(all_rows(&k_all, d, 0, 130), d))
+        .unwrap();
+    let vn = gpu
+        .upload(&[b, hkv, 130, d], &nan_tail(all_rows(&v_all, d, 0, 130), d))
+        .unwrap();
+    let en = gpu
+        .upload(&[b, hkv, 130], &nan_tail(all_rows(&e_all, 1, 0, 130), 1))
+        .unwrap();
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    cache
+        .append(&gpu, &mut enc, &kn, &vn, Some(&en), Some(&prompts))
+        .unwrap();
+    gpu.queue().submit([enc.finish()]);
+    assert_eq!(cache.lens(), &prompts);
+
+    let step = cs.step(hq, 1);
+    let keys = DecodeKeys::Sparse {
+        block: opts.block,
+        nsel: opts.k,
+    };
+    let sparse = DecodeAttention::new(&gpu, step, &DecodeConfig::new(keys).bias(true)).unwrap();
+    let full =
+        DecodeAttention::new(&gpu, step, &DecodeConfig::new(DecodeKeys::Full).bias(true)).unwrap();
+    for n in 0..40 {
+        // Each sequence's next token: rows at its current length (prompt tokens are prefill's;
+        // the next token's k, v, bias come from the same pool of random rows).
+        let lens: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        let pick = |x: &[f32], width: usize, heads: usize| -> Vec<f32> {
+            (0..b)
+                .flat_map(|s| rows_of(x, s, heads, cap, width, lens[s], lens[s] + 1))
+                .collect()
+        };
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let k1 = gpu.upload(&[b, hkv, 1, d], &pick(&k_all, d, hkv)).unwrap();
+        let v1 = gpu.upload(&[b, hkv, 1, d], &pick(&v_all, d, hkv)).unwrap();
+        let e1 = gpu.upload(&[b, hkv, 1], &pick(&e_all, 1, hkv)).unwrap();
+        let q1 = gpu.upload(&step.q_dims(), &pick(&q_all, d, hq)).unwrap();
+        cache
+            .append(&gpu, &mut enc, &k1, &v1, Some(&e1), None)
+            .unwrap();
+        let sel = gpu
+            .upload_u32(&step.sel_dims(opts.k), &vec![7; b * hkv * opts.k])
+            .unwrap();
+        cache.select(&gpu, &mut enc, &q1, &sel).unwrap();
+        let (os, of) = (
+            poisoned(&gpu, &step, DType::F32),
+            poisoned(&gpu, &step, DType::F32),
+        );
+        let x =
+            DecodeInputs::new(&q1, cache.k(), cache.v(), cache.lens_tensor()).bias(cache.bias());
+        sparse
+            .encode(&gpu, &mut enc, &x.sel(Some(&sel)), &os)
+            .unwrap();
+        full.encode(&gpu, &mut enc, &x, &of).unwrap();
+        gpu.queue().submit([enc.finish()]);
+        let got_sel = gpu.read_u32(&sel).unwrap();
+        let (gos, gls) = (gpu.read(&os.o).unwrap(), gpu.read(&os.lse).unwrap());
+        let (gof, glf) = (gpu.read(&of.o).unwrap(), gpu.read(&of.lse).unwrap());
+        let ck = gpu.read(cache.k()).unwrap();
+        for s in 0..b {
+            let len = lens[s] + 1;
+            let ctx = format!("step {n} sequence {s} length {len}");
+            assert_eq!(cache.lens()[s] as usize, len, "{ctx}");
+            let want_k = rows_of(&k_all, s, hkv, cap, d, 0, len);
+            assert_eq!(
+                rows_of(&ck, s, hkv, cap, d, 0, len),
+                want_k,
+                "cache k ({ctx})"
+            );
+            // Prefill over the sequence's len tokens: its last row is this step.
+            let pre = AttnShape::new(1, hq, hkv, len, d);
+            let pq = gpu
+                .upload(&pre.q_dims(), &rows_of(&q_all, s, hq, cap, d, 0, len))
+                .unwrap();
+            let pk = gpu.upload(&pre.kv_dims(), &want_k).unwrap();
+            let pv = gpu
+                .upload(&pre.kv_dims(), &rows_of(&v_all, s, hkv, cap, d, 0, len))
+                .unwrap();
+            let pe = gpu
+                .upload(&[1, hkv, len], &rows_of(&e_all, s, hkv, cap, 1, 0, len))
+                .unwrap();
+            let (psel, _) = BlockSelect::new(&gpu, pre, &SelectConfig::new(opts))
+                .unwrap()
+                .select_inputs(&gpu, &SelectInputs::new(&pq, &pk).evict(Some(&pe)))
+                .unwrap();
+            let ps =
+                SparseAttention::new(&gpu, pre, &SparseConfig::for_selection(&opts).bias(true))
+                    .unwrap()
+                    .forward(
+                        &gpu,
+                        &SparseInputs::new(&pq, &pk, &pv, &psel).bias(Some(&pe)),
+                    )
+                    .unwrap();
+            let fa = FullAttention::new(
+                &gpu,
+                pre,
+                &FullConfig::new(AttnOptions::causal(true)).bias(true),
+            )
+            .unwrap();
+            let pf = AttnOutput::empty_as(&gpu, &pre, DType::F32).unwrap();
+            let mut enc = gpu.device().create_command_encoder(&Default::default());
+            fa.encode_forward(&gpu, &mut enc, Qkv::new(&pq, &pk, &pv).bias(Some(&pe)), &pf)
+                .unwrap();
+            gpu.queue().submit([enc.finish()]);
+            let last = |x: &[f32], w: usize, heads: usize| -> Vec<f32> {
+                (0..heads)
+                    .flat_map(|h| x[(h * len + len - 1) * w..(h * len + len) * w].to_vec())
+                    .collect()
+            };
+            let psel = gpu.read_u32(&psel).unwrap();
+            let k = opts.k;
+            for h in 0..hkv {
+                let r = (s * hkv + h) * k;
+                assert_eq!(
+                    &got_sel[r..r + k],
+                    &psel[(h * len + len - 1) * k..(h * len + len) * k],
+                    "selection kv head {h} ({ctx})"
+                );
+            }
+            let mine = |x: &[f32], w: usize| x[s * hq * w..(s + 1) * hq * w].to_vec();
+            for (what, got, want) in [
+                (
+                    "sparse O",
+                    mine(&gos, d),
+                    last(&gpu.read(&ps.o).unwrap(), d, hq),
+                ),
+                (
+                    "sparse LSE",
+                    mine(&gls, 1),
+                    last(&gpu.read(&ps.lse).unwrap(), 1, hq),
+                ),
+                (
+                    "full O",
+                    mine(&gof, d),
+                    last(&gpu.read(&pf.o).unwrap(), d, hq),
+                ),
+                (
+                    "full LSE",
+                    mine(&glf, 1),
+                    last(&gpu.read(&pf.lse).unwrap(), 1, hq),
+                ),
+            ] {
+                let e = compare(&got, &want);
+                assert!(e.within(TOL), "{what} {e:?} ({ctx})");
+            }
+        }
+    }
+    // Full: the capacity is an error that says so, and nothing is appended.
+    let mut c2 = KvCache::new(
+        &gpu,
+        CacheShape { capacity: 2, ..cs },
+        &CacheConfig::new(DType::F32),
+    )
+    .unwrap();
+    let k3 = gpu
+        .upload(&[b, hkv, 3, d], &vec![0.0; b * hkv * 3 * d])
+        .unwrap();
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let e = c2
+        .append(&gpu, &mut enc, &k3, &k3, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exceed the cache's capacity of 2"), "{e}");
+    assert_eq!(c2.lens(), &[0, 0]);
 }

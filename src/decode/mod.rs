@@ -3,5 +3,7 @@
 //! Problem types: `problem::DecodeShape`, `problem::DecodeKeys`; reference: `reference::decode`.
 
 pub mod attention;
+pub mod cache;
 
 pub use attention::{DecodeAttention, DecodeConfig, DecodeInputs};
+pub use cache::{CacheConfig, KvCache};

@@ -98,6 +98,7 @@ mod tests {
         check::<crate::ops::align::Params>();
         check::<crate::gpu::tensor::FillParams>();
         check::<crate::decode::attention::DecodeParams>();
+        check::<crate::decode::cache::CacheParams>();
     }
 
     /// The check itself fails on a mismatch: a struct whose fields are out of order.

@@ -153,6 +153,24 @@ impl TopK {
     }
 }
 
+/// The tensors the pooling kernels read and write (`lens` while decoding).
+#[derive(Clone, Copy)]
+struct PoolIo<'a> {
+    k: &'a Tensor,
+    evict: Option<&'a Tensor>,
+    lens: Option<&'a Tensor>,
+    scratch: &'a SelectScratch,
+}
+
+/// The tensors the scoring and top-k kernels read and write (`lens` while decoding).
+#[derive(Clone, Copy)]
+struct ScoreIo<'a> {
+    q: &'a Tensor,
+    lens: Option<&'a Tensor>,
+    scratch: &'a SelectScratch,
+    out: &'a Tensor,
+}
+
 /// Intermediate tensors of a selection (kept so metrics and tests can look at the scores).
 #[derive(Debug)]
 pub struct SelectScratch {
@@ -337,6 +355,10 @@ impl BlockSelect {
         })
     }
 
+    pub fn shape(&self) -> &AttnShape {
+        &self.shape
+    }
+
     /// The top-k kernel this selection runs (Sort or Subgroup).
     pub fn topk_kernel(&self) -> TopK {
         self.topk_kernel
@@ -487,13 +509,16 @@ impl BlockSelect {
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
-        k: &Tensor,
-        evict: Option<&Tensor>,
-        lens: Option<&Tensor>,
-        scratch: &SelectScratch,
+        io: PoolIo,
         c: Chunk,
         base: Params,
     ) {
+        let PoolIo {
+            k,
+            evict,
+            lens,
+            scratch,
+        } = io;
         let w = |class| self.window_of(gpu, class, c);
         let windows = match self.decoding {
             true => base.pool_new as u64,
@@ -518,8 +543,7 @@ impl BlockSelect {
             &[&[(2, k, w(Class::K)), kbar][..], &lens_view].concat(),
             g,
         );
-        if let (Some(pipe), Some(e), Some(ep)) = (&self.evict_pool, evict, &scratch.evict_pooled)
-        {
+        if let (Some(pipe), Some(e), Some(ep)) = (&self.evict_pool, evict, &scratch.evict_pooled) {
             let g = self.grid(gpu, units * windows);
             let p = Params {
                 grid_x: g.0,
@@ -541,18 +565,20 @@ impl BlockSelect {
     }
 
     /// Scoring and top-k from the pooled keys (and eviction scores) in the scratch.
-    #[allow(clippy::too_many_arguments)]
     fn dispatch_select(
         &self,
         gpu: &Gpu,
         enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        lens: Option<&Tensor>,
-        scratch: &SelectScratch,
-        out: &Tensor,
+        io: ScoreIo,
         c: Chunk,
         base: Params,
     ) {
+        let ScoreIo {
+            q,
+            lens,
+            scratch,
+            out,
+        } = io;
         let s = self.shape;
         let w = |class| self.window_of(gpu, class, c);
         let lens_view: Vec<(u32, &Tensor, Window)> = lens
@@ -608,7 +634,10 @@ impl BlockSelect {
         let (qd, kd, sd) = (s.q_dims(), s.kv_dims(), self.selection_dims());
         let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
         let scd = [s.batch, s.heads_kv, s.seq_q, self.np];
-        let ed = [[s.batch, s.heads_kv, s.seq_k], [s.batch, s.heads_kv, self.np]];
+        let ed = [
+            [s.batch, s.heads_kv, s.seq_k],
+            [s.batch, s.heads_kv, self.np],
+        ];
         let mut args = vec![
             input("q", q, &qd, dt),
             input("k", k, &kd, dt),
@@ -620,8 +649,20 @@ impl BlockSelect {
         check_args(&args)?;
         for &c in &self.chunks {
             let base = self.params(gpu, c);
-            self.dispatch_pool(gpu, enc, k, evict, None, scratch, c, base);
-            self.dispatch_select(gpu, enc, q, None, scratch, out, c, base);
+            let pool = PoolIo {
+                k,
+                evict,
+                lens: None,
+                scratch,
+            };
+            self.dispatch_pool(gpu, enc, pool, c, base);
+            let score = ScoreIo {
+                q,
+                lens: None,
+                scratch,
+                out,
+            };
+            self.dispatch_select(gpu, enc, score, c, base);
         }
         Ok(())
     }
@@ -645,7 +686,10 @@ impl BlockSelect {
         let s = self.shape;
         let kd = s.kv_dims();
         let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
-        let ed = [[s.batch, s.heads_kv, s.seq_k], [s.batch, s.heads_kv, self.np]];
+        let ed = [
+            [s.batch, s.heads_kv, s.seq_k],
+            [s.batch, s.heads_kv, self.np],
+        ];
         let ld = [s.batch];
         let mut args = vec![
             input("k", k, &kd, self.storage.dtype()),
@@ -655,10 +699,7 @@ impl BlockSelect {
         args.extend(self.evict_args(evict, scratch, &ed)?);
         check_args(&args)?;
         if n_new == 0 || n_new > s.seq_k {
-            invalid!(
-                "{n_new} new tokens to pool in caches of {} tokens",
-                s.seq_k
-            );
+            invalid!("{n_new} new tokens to pool in caches of {} tokens", s.seq_k);
         }
         let stride = pooling(&self.opts).1;
         for &c in &self.chunks {
@@ -667,7 +708,13 @@ impl BlockSelect {
                 pool_new: n_new.div_ceil(stride) as u32 + 1,
                 ..self.params(gpu, c)
             };
-            self.dispatch_pool(gpu, enc, k, evict, Some(lens), scratch, c, base);
+            let io = PoolIo {
+                k,
+                evict,
+                lens: Some(lens),
+                scratch,
+            };
+            self.dispatch_pool(gpu, enc, io, c, base);
         }
         Ok(())
     }
@@ -707,7 +754,13 @@ impl BlockSelect {
         check_args(&args)?;
         for &c in &self.chunks {
             let base = self.params(gpu, c);
-            self.dispatch_select(gpu, enc, q, Some(lens), scratch, out, c, base);
+            let io = ScoreIo {
+                q,
+                lens: Some(lens),
+                scratch,
+                out,
+            };
+            self.dispatch_select(gpu, enc, io, c, base);
         }
         Ok(())
     }
