@@ -6,7 +6,9 @@
 // them by their LSE. With one range (DIRECT) the workgroup writes O and LSE itself. The G query
 // heads of a kv head share the workgroup (GQA: each key is read once for all of them).
 // SPARSE: the keys are those of the blocks a selection names (BLK tokens each, SENTINEL none),
-// "virtual" key v = entry v / BLK, offset v % BLK. HAS_BIAS: an additive per-key bias (NOSA).
+// "virtual" key v = entry v / BLK, offset v % BLK. SLOTS (with SPARSE; NOSA's offloaded cache):
+// k, v and the bias hold `stride` rows per unit, BLK per slot, and each selection entry is a
+// (block, slot) pair: the block masks, the slot locates. HAS_BIAS: an additive per-key bias.
 // Constants: D (head dim), G (query heads per kv head), NT (threads = keys per tile), DCV / DSV
 // (vec4 per K staging step, and its padded row stride), ACCN (output vec4 per thread),
 // SPARSE, BLK, HAS_BIAS, DIRECT. Lengths are clamped to the capacity and selections are checked
@@ -20,7 +22,7 @@ const SENTINEL: u32 = 0xffffffffu;
 
 struct DecodeParams {
     n_q: u32,
-    cap: u32,        // cache rows per (sequence, kv head)
+    cap: u32,        // capacity of each sequence (lens are clamped to it)
     heads_kv: u32,
     u0: u32,         // first (sequence, kv head) unit of this launch (lens are per sequence)
     units: u32,      // units in this launch
@@ -36,7 +38,7 @@ struct DecodeParams {
     p_off: u32,      // partial O (vec4) and partial LSE offsets
     l_off: u32,
     r_off: u32,      // LSE offset
-    _pad0: u32,
+    stride: u32,     // rows of k, v and the bias per unit (cap, or slots x BLK)
     _pad1: u32,
     _pad2: u32,
 }
@@ -48,8 +50,12 @@ struct DecodeParams {
 @group(0) @binding(4) var<storage, read> lens: array<u32>;
 @group(0) @binding(5) var<storage, read_write> o: array<ST>;
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
+//#if SLOTS
+@group(0) @binding(7) var<storage, read> sel: array<vec2<u32>>;
+//#else
 //#if SPARSE
 @group(0) @binding(7) var<storage, read> sel: array<u32>;
+//#endif
 //#endif
 //#if HAS_BIAS
 @group(0) @binding(8) var<storage, read> bias: array<f32>;
@@ -82,19 +88,30 @@ fn visible_end(len: u32, i: u32) -> u32 {
     return len + i + 1u - prm.n_q;
 }
 
-// The cache row of virtual key `vk`, or SENTINEL when it attends to nothing.
+// The row (of k, v, bias) of virtual key `vk`, or SENTINEL when it attends to nothing.
 fn key_of(vk: u32, vend: u32, vis: u32, sel0: u32) -> u32 {
     if (vk >= vend) {
         return SENTINEL;
     }
 //#if SPARSE
+//#if SLOTS
+    let pair = sel[sel0 + vk / BLK];
+    let blk = pair.x;
+    // A slot past the buffer (a corrupt pair) reads nothing.
+    let base = select(SENTINEL, pair.y * BLK, pair.y < prm.stride / BLK);
+//#else
     let blk = sel[sel0 + vk / BLK];
+//#endif
     // Blocks past the visible range (and SENTINEL) first: blk * BLK could wrap.
     if (blk >= (vis + BLK - 1u) / BLK) {
         return SENTINEL;
     }
     let key = blk * BLK + vk % BLK;
+//#if SLOTS
+    return select(SENTINEL, base + vk % BLK, key < vis && base != SENTINEL);
+//#else
     return select(SENTINEL, key, key < vis);
+//#endif
 //#else
     return vk;
 //#endif
@@ -102,7 +119,7 @@ fn key_of(vk: u32, vend: u32, vis: u32, sel0: u32) -> u32 {
 
 fn key_bias(u: u32, key: u32) -> f32 {
 //#if HAS_BIAS
-    return bias[prm.b_off + u * prm.cap + key] * LOG2E;
+    return bias[prm.b_off + u * prm.stride + key] * LOG2E;
 //#else
     return 0.0;
 //#endif
@@ -130,7 +147,7 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let v_end = min(v_begin + prm.split_keys, total);
     // Query row (u, g, i) starts at ((u * G + g) * n_q + i) * D4.
     let q4 = prm.q_off / 4u + (u * G * prm.n_q + i) * D4;
-    let k4 = prm.k_off / 4u + u * prm.cap * D4;
+    let k4 = prm.k_off / 4u + u * prm.stride * D4;
     for (var e = tid; e < G * D4; e += NT) {
         sh_q[e] = unpack_st(q[q4 + (e / D4) * prm.n_q * D4 + e % D4]);
     }

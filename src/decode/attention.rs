@@ -38,7 +38,7 @@ crate::gpu::uniform::uniform!(
         pub p_off: u32,
         pub l_off: u32,
         pub r_off: u32,
-        pub _pad0: u32,
+        pub stride: u32,
         pub _pad1: u32,
         pub _pad2: u32,
     }
@@ -57,6 +57,10 @@ pub struct DecodeConfig {
     /// Keys per split range (a multiple of 64 and of the block); `None`: chosen so that a step
     /// launches about a thousand workgroups.
     pub split_keys: Option<usize>,
+    /// NOSA's offloaded cache (with [`DecodeKeys::Sparse`]): k, v and the bias are GPU slots,
+    /// `[b, hkv, slots·block, d]`, and the selection holds (block, slot) pairs, u32
+    /// `[b, hkv, n_q, 2·nsel]` (see `decode::offload`).
+    pub slots: Option<usize>,
 }
 
 impl DecodeConfig {
@@ -67,7 +71,11 @@ impl DecodeConfig {
             bias: false,
             dtype: DType::F32,
             split_keys: None,
+            slots: None,
         }
+    }
+    pub fn slots(self, slots: Option<usize>) -> Self {
+        Self { slots, ..self }
     }
     pub fn bias(self, bias: bool) -> Self {
         Self { bias, ..self }
@@ -124,6 +132,8 @@ pub struct DecodeAttention {
     config: DecodeConfig,
     storage: Storage,
     nsel: usize,
+    /// Rows of k, v and the bias per (sequence, kv head): the capacity, or slots × block.
+    stride: usize,
     n_split: usize,
     split_keys: usize,
     chunks: Vec<Chunk>,
@@ -153,8 +163,21 @@ impl DecodeAttention {
             bias,
             dtype,
             split_keys,
+            slots,
         } = *config;
         shape.validate(&keys, scale)?;
+        let stride = match (slots, keys) {
+            (None, _) => shape.capacity,
+            (Some(n), DecodeKeys::Sparse { block, nsel }) => {
+                if n < nsel {
+                    invalid!("{n} GPU slots cannot hold a selection of {nsel} blocks");
+                }
+                n * block
+            }
+            (Some(_), DecodeKeys::Full) => {
+                invalid!("GPU slots hold selected blocks: full decoding reads the whole cache")
+            }
+        };
         let storage = Storage::for_dtype(gpu, dtype)?;
         let (d, g) = (shape.head_dim, shape.group());
         let (nsel, block) = match keys {
@@ -216,23 +239,18 @@ impl DecodeAttention {
             )));
         }
         let e = dtype.size() as u64;
-        let (nq, cap, dd, gg, ns) = (
-            shape.n_q as u64,
-            shape.capacity as u64,
-            d as u64,
-            g as u64,
-            n_split as u64,
-        );
+        let (nq, dd, gg, ns) = (shape.n_q as u64, d as u64, g as u64, n_split as u64);
         let mut per_unit = vec![
             ("query-shaped tensor (q, o)", gg * nq * dd * e),
-            ("cache (k, v)", cap * dd * e),
+            ("cache (k, v)", stride as u64 * dd * e),
             ("partial O", gg * nq * ns * dd * 4),
         ];
+        let pair = 1 + slots.is_some() as u64;
         if nsel > 0 {
-            per_unit.push(("selection", nq * nsel as u64 * 4));
+            per_unit.push(("selection", nq * nsel as u64 * 4 * pair));
         }
         if bias {
-            per_unit.push(("bias", cap * 4));
+            per_unit.push(("bias", stride as u64 * 4));
         }
         let max_dim = l.max_compute_workgroups_per_dimension as u64;
         let chunks = plan_units(
@@ -253,6 +271,7 @@ impl DecodeAttention {
                 ("DSV", dcv as u32 + 1),
                 ("ACCN", (g * d4).div_ceil(NT) as u32),
                 ("SPARSE", (nsel > 0) as u32),
+                ("SLOTS", slots.is_some() as u32),
                 ("BLK", block as u32),
                 ("HAS_BIAS", bias as u32),
                 ("DIRECT", direct as u32),
@@ -271,6 +290,7 @@ impl DecodeAttention {
             config: *config,
             storage,
             nsel,
+            stride,
             n_split,
             split_keys,
             chunks,
@@ -296,15 +316,16 @@ impl DecodeAttention {
             s.group() as u64,
             s.n_q as u64,
             s.head_dim as u64,
-            s.capacity as u64,
+            self.stride as u64,
         );
+        let pair = 1 + self.config.slots.is_some() as u64;
         let ns = self.n_split as u64;
         let e = self.storage.dtype().size() as u64;
         let (per_unit, elem) = match class {
             Class::Q => (g * nq * d, e),
             Class::Kv => (cap * d, e),
             Class::Lse => (g * nq, 4),
-            Class::Sel => (nq * self.nsel as u64, 4),
+            Class::Sel => (nq * self.nsel as u64 * pair, 4),
             Class::Bias => (cap, 4),
             Class::OPart => (g * nq * ns * d, 4),
             Class::LPart => (g * nq * ns, 4),
@@ -323,8 +344,11 @@ impl DecodeAttention {
     ) -> Result<()> {
         let s = self.shape;
         let dt = self.storage.dtype();
-        let (qd, cd, ld) = (s.q_dims(), s.cache_dims(), s.lse_dims());
-        let (sd, bd) = (s.sel_dims(self.nsel), s.bias_dims());
+        let (qd, ld) = (s.q_dims(), s.lse_dims());
+        let cd = [s.batch, s.heads_kv, self.stride, s.head_dim];
+        let bd = [s.batch, s.heads_kv, self.stride];
+        let pair = 1 + self.config.slots.is_some() as usize;
+        let sd = s.sel_dims(self.nsel * pair);
         let lens_d = [s.batch];
         let mut args = vec![
             input("q", x.q, &qd, dt),
@@ -391,7 +415,7 @@ impl DecodeAttention {
                 p_off: w(Class::OPart).skip,
                 l_off: w(Class::LPart).skip,
                 r_off: w(Class::Lse).skip,
-                _pad0: 0,
+                stride: self.stride as u32,
                 _pad1: 0,
                 _pad2: 0,
             };

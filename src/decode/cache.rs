@@ -43,6 +43,9 @@ pub struct CacheConfig {
     /// Keep the pooled state of this selection (sparse decoding); its eviction score is the
     /// bias (NOSA), so `evict > 0` needs `bias`.
     pub select: Option<SelectOptions>,
+    /// k, v and the bias in host memory ([`Gpu::empty_host`]): the host store of NOSA's
+    /// offloaded cache (`decode::offload`); the lengths and pooled state stay on the GPU.
+    pub host_memory: bool,
 }
 
 impl CacheConfig {
@@ -51,6 +54,13 @@ impl CacheConfig {
             dtype,
             bias: false,
             select: None,
+            host_memory: false,
+        }
+    }
+    pub fn host_memory(self, host_memory: bool) -> Self {
+        Self {
+            host_memory,
+            ..self
         }
     }
     pub fn bias(self, bias: bool) -> Self {
@@ -126,14 +136,18 @@ impl KvCache {
             checked: false,
             storage,
         };
+        let alloc = |dims: &[usize], dtype| match config.host_memory {
+            true => gpu.empty_host(dims, dtype),
+            false => gpu.empty(dims, dtype),
+        };
         let mut cache = Self {
             shape,
             config: *config,
             storage,
-            k: gpu.empty(&shape.dims(), config.dtype)?,
-            v: gpu.empty(&shape.dims(), config.dtype)?,
+            k: alloc(&shape.dims(), config.dtype)?,
+            v: alloc(&shape.dims(), config.dtype)?,
             bias: match config.bias {
-                true => Some(gpu.empty(&shape.bias_dims(), DType::F32)?),
+                true => Some(alloc(&shape.bias_dims(), DType::F32)?),
                 false => None,
             },
             lens: gpu.upload_u32(&[shape.batch], &vec![0; shape.batch])?,
@@ -175,10 +189,18 @@ impl KvCache {
     pub fn lens_tensor(&self) -> &Tensor {
         &self.lens
     }
-    /// Bytes of GPU memory the cache holds (k, v, bias, lengths, pooled state).
+    /// Bytes of k, v and the bias (in host memory with [`CacheConfig::host_memory`]).
+    pub fn store_bytes(&self) -> u64 {
+        self.k.size_bytes() + self.v.size_bytes() + self.bias.as_ref().map_or(0, |b| b.size_bytes())
+    }
+
+    /// Bytes of GPU memory the cache holds (k, v and the bias unless in host memory, the
+    /// lengths, the pooled state and the selection scratch).
     pub fn gpu_bytes(&self) -> u64 {
-        let mut n = self.k.size_bytes() + self.v.size_bytes() + self.lens.size_bytes();
-        n += self.bias.as_ref().map_or(0, |b| b.size_bytes());
+        let mut n = self.lens.size_bytes();
+        if !self.config.host_memory {
+            n += self.store_bytes();
+        }
         if let Some((_, st)) = &self.pool {
             n += st.block_keys.size_bytes() + st.scores.size_bytes();
             n += st.evict_pooled.as_ref().map_or(0, |t| t.size_bytes());

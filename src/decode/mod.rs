@@ -4,6 +4,8 @@
 
 pub mod attention;
 pub mod cache;
+pub mod offload;
 
 pub use attention::{DecodeAttention, DecodeConfig, DecodeInputs};
 pub use cache::{CacheConfig, KvCache};
+pub use offload::{OffloadCache, OffloadConfig, OffloadStats};

@@ -37,6 +37,11 @@ pub struct GpuOptions {
     /// asking): native runs then see exactly the browser's budget (16 KiB workgroup storage,
     /// 256 invocations, 128 MiB storage bindings).
     pub webgpu_default_limits: bool,
+    /// Request `MAPPABLE_PRIMARY_BUFFERS` where the adapter has it (native): storage buffers in
+    /// host memory that kernels read and write in place ([`Gpu::empty_host`]), NOSA's offloaded
+    /// KV cache. wgpu warns about it on discrete GPUs; only the buffers made by `empty_host`
+    /// live in host memory.
+    pub host_memory: bool,
 }
 
 /// What was found about one adapter, for `info` and for choosing.
@@ -292,13 +297,17 @@ impl Gpu {
         options: &GpuOptions,
     ) -> Result<Self> {
         let info = adapter.get_info();
+        let mappable = match options.host_memory {
+            true => adapter.features() & wgpu::Features::MAPPABLE_PRIMARY_BUFFERS,
+            false => wgpu::Features::empty(),
+        };
         let features = if options.portable_only {
             wgpu::Features::empty()
         } else if options.all_features {
             adapter.features() - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS
         } else {
             adapter.features() & OPTIONAL_FEATURES
-        };
+        } | mappable;
         let mut limits = if options.webgpu_default_limits {
             wgpu::Limits::default()
         } else {

@@ -80,6 +80,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
     ("decode.wgsl", include_str!("../../shaders/decode.wgsl")),
     ("kv_cache.wgsl", include_str!("../../shaders/kv_cache.wgsl")),
+    ("offload.wgsl", include_str!("../../shaders/offload.wgsl")),
     ("align.wgsl", include_str!("../../shaders/align.wgsl")),
     ("metrics.wgsl", include_str!("../../shaders/metrics.wgsl")),
 ];

@@ -183,6 +183,52 @@ impl Gpu {
         })
     }
 
+    /// A tensor in host memory that kernels read and write in place (over the bus on a
+    /// discrete GPU): a storage buffer with MAP_READ, which wgpu places in host-cached system
+    /// memory. Needs a device opened with [`crate::GpuOptions::host_memory`] on an adapter with
+    /// `MAPPABLE_PRIMARY_BUFFERS` (native Vulkan, Metal, DX12; not the browser).
+    pub fn empty_host(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        if !self.has_host_memory() {
+            return Err(Error::Unsupported(
+                "tensors in host memory need MAPPABLE_PRIMARY_BUFFERS: open the device with \
+                 GpuOptions::host_memory on a native adapter that has it"
+                    .into(),
+            ));
+        }
+        let (_, bytes) = checked_len(shape, dtype)?;
+        let max = self.limits().max_buffer_size;
+        if bytes > max {
+            return Err(Error::Unsupported(format!(
+                "a host tensor of shape {shape:?} needs {bytes} bytes; this device allows buffers \
+                 of at most {max} bytes"
+            )));
+        }
+        let size = bytes.max(4).next_multiple_of(4);
+        let buffer = self.scoped("allocating a tensor in host memory", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("host tensor"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::MAP_READ
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(Tensor {
+            buffer,
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// Does this device make tensors in host memory ([`Gpu::empty_host`])?
+    pub fn has_host_memory(&self) -> bool {
+        self.features()
+            .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS)
+    }
+
     /// Upload f32 data of the given shape.
     pub fn upload(&self, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         self.upload_raw(shape, DType::F32, bytemuck::cast_slice(data), data.len())
@@ -242,6 +288,19 @@ impl Gpu {
         padded.resize(words, 0);
         self.queue.write_buffer(&t.buffer, t.offset, &padded);
         Ok(())
+    }
+
+    /// Overwrite a u32 tensor's contents from the host.
+    pub fn write_u32(&self, t: &Tensor, data: &[u32]) -> Result<()> {
+        if t.dtype != DType::U32 || t.len() != data.len() {
+            invalid!(
+                "writing {} u32 values into a {:?} tensor of shape {:?}",
+                data.len(),
+                t.dtype,
+                t.shape
+            );
+        }
+        self.write_words(t, bytemuck::cast_slice(data))
     }
 
     /// Overwrite a tensor's contents from the host (f32 values; an F16 tensor gets them rounded).

@@ -99,6 +99,7 @@ mod tests {
         check::<crate::gpu::tensor::FillParams>();
         check::<crate::decode::attention::DecodeParams>();
         check::<crate::decode::cache::CacheParams>();
+        check::<crate::decode::offload::OffloadParams>();
     }
 
     /// The check itself fails on a mismatch: a struct whose fields are out of order.

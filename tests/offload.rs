@@ -1,0 +1,226 @@
+//! NOSA's offloaded KV cache: k and v in host memory, a few GPU slots per (sequence, kv head),
+//! only missing blocks copied each step. Nothing may be lost: offloaded decoding gives what
+//! on-GPU sparse decoding gives with the same selection, step for step, while blocks are
+//! evicted and loaded again thousands of times, and every slot holds exactly its block.
+
+mod common;
+
+use sparse_attn::decode::{OffloadCache, OffloadConfig};
+use sparse_attn::gpu::DType;
+use sparse_attn::problem::{SENTINEL, SelectOptions};
+use sparse_attn::reference::{Rng, compare};
+use sparse_attn::{
+    AttnOutput, CacheConfig, CacheShape, DecodeAttention, DecodeConfig, DecodeInputs, DecodeKeys,
+    Gpu, GpuOptions, KvCache,
+};
+
+fn host_gpu() -> Option<Gpu> {
+    common::gpu_with(&GpuOptions {
+        host_memory: true,
+        ..Default::default()
+    })
+}
+
+fn outputs(gpu: &Gpu, dims: &[usize], lse: &[usize]) -> AttnOutput {
+    AttnOutput {
+        o: gpu
+            .upload(dims, &vec![f32::NAN; dims.iter().product()])
+            .unwrap(),
+        lse: gpu
+            .upload(lse, &vec![f32::NAN; lse.iter().product()])
+            .unwrap(),
+    }
+}
+
+/// FNV-1a over a block's f32 words.
+fn checksum(x: &[f32]) -> u64 {
+    x.iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
+        (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// 2,100 single-token steps of two sequences (prompts of different lengths) over an offloaded
+/// cache with the fewest slots the selection allows (NOSA: blocks of 16, k = 6), against the
+/// same steps over an on-GPU cache: the selections agree bit for bit, O and LSE to float
+/// tolerance, every step. Every 100 steps, every slot's rows equal the host rows of the block
+/// the map names (checksums per block), and the counters show blocks evicted and loaded
+/// again many times.
+#[test]
+fn offloaded_decoding_loses_nothing() {
+    let Some(gpu) = host_gpu() else { return };
+    assert!(
+        gpu.has_host_memory(),
+        "this adapter has no MAPPABLE_PRIMARY_BUFFERS: the offloaded cache cannot be tested"
+    );
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    let (b, hq, hkv, d) = (2usize, 4usize, 2usize, 32usize);
+    let steps = 2100;
+    let prompts = [40u32, 97];
+    let cap = (97 + steps + 16usize).next_multiple_of(16);
+    let opts = SelectOptions::nosa_budget(16, 6, 1, 1, 2).unwrap();
+    let cs = CacheShape {
+        batch: b,
+        heads_kv: hkv,
+        capacity: cap,
+        head_dim: d,
+    };
+    let config = OffloadConfig::new(DType::F32, opts, opts.k);
+    let mut off = OffloadCache::new(&gpu, cs, &config).unwrap();
+    let mut on = KvCache::new(
+        &gpu,
+        cs,
+        &CacheConfig::new(DType::F32).bias(true).select(Some(opts)),
+    )
+    .unwrap();
+    let step = cs.step(hq, 1);
+    let keys = DecodeKeys::Sparse {
+        block: opts.block,
+        nsel: opts.k,
+    };
+    let att_off = DecodeAttention::new(&gpu, step, &off.attention_config()).unwrap();
+    let att_on = DecodeAttention::new(&gpu, step, &DecodeConfig::new(keys).bias(true)).unwrap();
+
+    // Prompts, ragged, into both.
+    let n = 97;
+    let kp = gpu
+        .upload(&[b, hkv, n, d], &rng.normal_vec(b * hkv * n * d, 1.0))
+        .unwrap();
+    let vp = gpu
+        .upload(&[b, hkv, n, d], &rng.normal_vec(b * hkv * n * d, 1.0))
+        .unwrap();
+    let ep = gpu
+        .upload(&[b, hkv, n], &rng.normal_vec(b * hkv * n, 1.0))
+        .unwrap();
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    off.append(&gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
+        .unwrap();
+    on.append(&gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
+        .unwrap();
+    gpu.queue().submit([enc.finish()]);
+
+    let sel_on = gpu.empty(&step.sel_dims(opts.k), DType::U32).unwrap();
+    for t in 0..steps {
+        // A drifting query keeps the selection moving (blocks leave and come back).
+        let k1 = gpu
+            .upload(&[b, hkv, 1, d], &rng.normal_vec(b * hkv * d, 1.0))
+            .unwrap();
+        let v1 = gpu
+            .upload(&[b, hkv, 1, d], &rng.normal_vec(b * hkv * d, 1.0))
+            .unwrap();
+        let e1 = gpu
+            .upload(&[b, hkv, 1], &rng.normal_vec(b * hkv, 1.0))
+            .unwrap();
+        let q = gpu
+            .upload(&step.q_dims(), &rng.normal_vec(b * hq * d, 2.0))
+            .unwrap();
+        let o_off = outputs(&gpu, &step.q_dims(), &step.lse_dims());
+        let o_on = outputs(&gpu, &step.q_dims(), &step.lse_dims());
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        off.append(&gpu, &mut enc, &k1, &v1, Some(&e1), None)
+            .unwrap();
+        on.append(&gpu, &mut enc, &k1, &v1, Some(&e1), None)
+            .unwrap();
+        off.prepare(&gpu, &mut enc, &q).unwrap();
+        att_off
+            .encode(&gpu, &mut enc, &off.inputs(&q), &o_off)
+            .unwrap();
+        on.select(&gpu, &mut enc, &q, &sel_on).unwrap();
+        let x = DecodeInputs::new(&q, on.k(), on.v(), on.lens_tensor())
+            .sel(Some(&sel_on))
+            .bias(on.bias());
+        att_on.encode(&gpu, &mut enc, &x, &o_on).unwrap();
+        gpu.queue().submit([enc.finish()]);
+        let ctx = format!("step {t} (lengths {:?})", off.lens());
+        assert_eq!(
+            gpu.read_u32(off.selection()).unwrap(),
+            gpu.read_u32(&sel_on).unwrap(),
+            "selection ({ctx})"
+        );
+        for (what, a, w) in [("O", &o_off.o, &o_on.o), ("LSE", &o_off.lse, &o_on.lse)] {
+            let e = compare(&gpu.read(a).unwrap(), &gpu.read(w).unwrap());
+            assert!(e.within(1e-6), "{what} {e:?} ({ctx})");
+        }
+        if t % 100 == 99 || t == steps - 1 {
+            // Every slot holds exactly the rows of the block its map entry names.
+            let map = gpu.read_u32(off.map()).unwrap();
+            let (sk, sv) = (
+                gpu.read(off.slot_k()).unwrap(),
+                gpu.read(off.slot_v()).unwrap(),
+            );
+            let (hk, hv) = (
+                gpu.read(off.host().k()).unwrap(),
+                gpu.read(off.host().v()).unwrap(),
+            );
+            let nslot = config.slots;
+            let rows = opts.block * d;
+            let mut checked = 0;
+            for u in 0..b * hkv {
+                let len = off.lens()[u / hkv] as usize;
+                for s in 0..nslot {
+                    let m = map[u * nslot + s];
+                    if m == SENTINEL || m & 0x8000_0000 != 0 {
+                        continue;
+                    }
+                    let blk = m as usize;
+                    assert!(
+                        (blk + 1) * opts.block <= len,
+                        "slot {s} of unit {u} holds block {blk} past the complete ones ({ctx})"
+                    );
+                    let slot = (u * nslot + s) * rows;
+                    let host = (u * cap + blk * opts.block) * d;
+                    for (name, sx, hx) in [("k", &sk, &hk), ("v", &sv, &hv)] {
+                        assert_eq!(
+                            checksum(&sx[slot..slot + rows]),
+                            checksum(&hx[host..host + rows]),
+                            "{name} of block {blk} in slot {s} of unit {u} is stale ({ctx})"
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+            assert!(checked > 0, "{ctx}");
+        }
+    }
+    let st = off.stats(&gpu).unwrap();
+    eprintln!("{st:?} hit rate {:.3}", st.hit_rate());
+    // Blocks came and went: far more loads than the slots could hold at once.
+    let units = (b * hkv) as u64;
+    assert!(st.loaded > 20 * units * config.slots as u64, "{st:?}");
+    assert!(st.hits > 0 && st.hits < st.selected, "{st:?}");
+}
+
+/// A GPU budget below one step's selection is an error that names the minimum; host memory
+/// missing (the browser) is an error that says what is needed.
+#[test]
+fn offload_budget_errors_name_the_minimum() {
+    let Some(gpu) = host_gpu() else { return };
+    let opts = SelectOptions::nosa_budget(16, 6, 1, 1, 2).unwrap();
+    let cs = CacheShape {
+        batch: 2,
+        heads_kv: 2,
+        capacity: 256,
+        head_dim: 32,
+    };
+    let e = OffloadCache::new(&gpu, cs, &OffloadConfig::new(DType::F32, opts, 5))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the minimum is 6 slots"), "{e}");
+    let e = OffloadCache::new(
+        &gpu,
+        CacheShape {
+            capacity: 250,
+            ..cs
+        },
+        &OffloadConfig::new(DType::F32, opts, 6),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a multiple of the block size 16"), "{e}");
+    let Some(plain) = common::gpu() else { return };
+    let e = OffloadCache::new(&plain, cs, &OffloadConfig::new(DType::F32, opts, 6))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MAPPABLE_PRIMARY_BUFFERS"), "{e}");
+}
