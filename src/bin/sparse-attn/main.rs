@@ -5,6 +5,7 @@
 mod args;
 mod bench;
 mod bench_cmd;
+mod bench_decode;
 mod demo;
 mod info;
 mod map;
@@ -99,6 +100,9 @@ enum BenchCmd {
     Full(FullArgs),
     /// Block selection + block-sparse forward and backward against the dense causal kernels.
     Sparse(SparseArgs),
+    /// Decoding throughput of a synthetic model's attention: full and InfLLM-V2 with the KV
+    /// cache on the GPU, InfLLM-V2 and NOSA with it offloaded to host memory.
+    Decode(bench_decode::DecodeArgs),
 }
 
 fn main() -> ExitCode {
@@ -119,6 +123,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: BenchCmd::Train(a),
         } => train::bench_train_cmd(&opts, &a),
+        Cmd::Bench {
+            which: BenchCmd::Decode(a),
+        } => bench_decode::bench_decode_cmd(&opts, &a),
         Cmd::Demo(a) => demo::demo(&opts, &a),
         Cmd::Map(a) => map::map(&opts, &a),
         Cmd::Explore {
