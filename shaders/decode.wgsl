@@ -10,7 +10,8 @@
 // k, v and the bias hold `stride` rows per unit, BLK per slot, and each selection entry is a
 // (block, slot) pair: the block masks, the slot locates. HAS_BIAS: an additive per-key bias.
 // Constants: D (head dim), G (query heads per kv head), NT (threads = keys per tile), DCV / DSV
-// (vec4 per K staging step, and its padded row stride), ACCN (output vec4 per thread),
+// (vec4 per K staging step, and its padded row stride), ACCN (output vec4 per thread), VU (V
+// rows loaded ahead),
 // SPARSE, BLK, HAS_BIAS, DIRECT. Lengths are clamped to the capacity and selections are checked
 // against the length here, so no index leaves the buffers whatever the GPU-side inputs hold.
 
@@ -220,17 +221,25 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             }
             l = l * sh_a[tid] + t;
         }
-        // P V: thread owns output vec4 e = tid + NT * n of the G x D4 tile (row e / D4).
+        // P V: thread owns output vec4 e = tid + NT * n of the G x D4 tile (row e / D4). V rows
+        // are read VU at a time into registers before they are used: independent loads in
+        // flight (one at a time left the loop waiting on memory). A masked key reads row 0 of
+        // its unit (always in the buffer) and contributes 0.
         for (var n = 0u; n < ACCN; n++) {
             let e = tid + NT * n;
             if (e < G * D4) {
                 let g = e / D4;
                 let c = e % D4;
                 var a = acc[n] * sh_a[g];
-                for (var j = 0u; j < NT; j++) {
-                    let kj = sh_key[j];
-                    if (kj != SENTINEL) {
-                        a = fma(vec4<f32>(sh_p[g * NT + j]), unpack_st(v[k4 + kj * D4 + c]), a);
+                for (var j0 = 0u; j0 < NT; j0 += VU) {
+                    var vv: array<vec4<f32>, VU>;
+                    for (var jj = 0u; jj < VU; jj++) {
+                        let kj = sh_key[j0 + jj];
+                        vv[jj] = unpack_st(v[k4 + select(0u, kj, kj != SENTINEL) * D4 + c]);
+                    }
+                    for (var jj = 0u; jj < VU; jj++) {
+                        let live = sh_key[j0 + jj] != SENTINEL;
+                        a = fma(vec4<f32>(sh_p[g * NT + j0 + jj]), select(vec4<f32>(0.0), vv[jj], live), a);
                     }
                 }
                 acc[n] = a;

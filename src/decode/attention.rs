@@ -270,6 +270,7 @@ impl DecodeAttention {
                 ("DCV", dcv as u32),
                 ("DSV", dcv as u32 + 1),
                 ("ACCN", (g * d4).div_ceil(NT) as u32),
+                ("VU", 8),
                 ("SPARSE", (nsel > 0) as u32),
                 ("SLOTS", slots.is_some() as u32),
                 ("BLK", block as u32),

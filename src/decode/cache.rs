@@ -98,6 +98,8 @@ pub struct KvCache {
     pool: Option<(BlockSelect, SelectScratch)>,
     /// Selection ops per (n_q, heads_q), sharing the pooled state.
     selects: Vec<StepSelect>,
+    /// `[batch]` filled with n, for appends of n tokens to every sequence.
+    uniform_counts: Vec<(usize, Tensor)>,
 }
 
 impl KvCache {
@@ -157,6 +159,7 @@ impl KvCache {
             grow: gpu.pipeline(&key("grow"))?,
             pool: None,
             selects: vec![],
+            uniform_counts: vec![],
         };
         if config.select.is_some() {
             let op = cache.select_op(gpu, 1, shape.heads_kv)?;
@@ -301,7 +304,18 @@ impl KvCache {
             }
         }
         check_args(&args)?;
-        let tcounts = gpu.upload_u32(&[s.batch], &counts)?;
+        // Every decoding step appends the same count everywhere: that tensor is made once.
+        let uniform = counts.iter().all(|&c| c as usize == n);
+        let tcounts = match self.uniform_counts.iter().find(|(m, _)| *m == n) {
+            Some((_, t)) if uniform => t.clone(),
+            _ => {
+                let t = gpu.upload_u32(&[s.batch], &counts)?;
+                if uniform && self.uniform_counts.len() < 4 {
+                    self.uniform_counts.push((n, t.clone()));
+                }
+                t
+            }
+        };
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         let e = dt.size() as u64;
         let (cap, d) = (s.capacity as u64, s.head_dim as u64);

@@ -410,6 +410,16 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
             for &mode in &modes {
                 match run_one(&gpu, a, mode, batch, context) {
                     Ok(r) => {
+                        eprintln!(
+                            "{} batch {} context {}: {:.1} tokens/s, GPU KV {:.1} MB, copied {:.2} MB/step, hit rate {:?}",
+                            r.mode.name(),
+                            r.batch,
+                            r.context,
+                            r.tokens_per_s,
+                            r.gpu_kv_bytes as f64 / 1e6,
+                            r.copied_per_step / 1e6,
+                            r.hit_rate
+                        );
                         // Full attention reads its whole cache: achieved GB/s, and the step's
                         // time over the time to read the cache at the copy bandwidth's read half.
                         let gbs = r.kv_read_per_step / (r.step_ms / 1e3) / 1e9;
@@ -444,6 +454,10 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                         }));
                     }
                     Err(e) => {
+                        eprintln!(
+                            "{} batch {batch} context {context}: skipped: {e}",
+                            mode.name()
+                        );
                         table.row(vec![
                             mode.name().into(),
                             batch.to_string(),
