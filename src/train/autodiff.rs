@@ -11,6 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::Shape;
 
+use crate::train::generate::DecodeCfg;
 use crate::train::ops::{AttnBackend, FullCfg, MetricsCfg, SparseCfg};
 
 /// Register the gradients of q, k, v for the parents that need them.
@@ -215,6 +216,36 @@ impl<B: AttnBackend, C: CheckpointStrategy> AttnBackend for Autodiff<B, C> {
             Self::from_inner(dk),
             Self::from_inner(dv),
         )
+    }
+
+    fn sa_decode(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        cfg: DecodeCfg,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::sa_decode(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            cfg,
+        ))
+    }
+
+    fn sa_decode_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cfg: DecodeCfg,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::sa_decode_bias(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            bias.into_primitive(),
+            cfg,
+        ))
     }
 
     fn sa_select(q: FloatTensor<Self>, k: FloatTensor<Self>, cfg: SparseCfg) -> IntTensor<Self> {

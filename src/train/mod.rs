@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod trainer;

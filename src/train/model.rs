@@ -539,7 +539,85 @@ impl Lm {
     }
 }
 
+impl Lm {
+    /// Decoding: the logits `[b, 1, vocab]` after one new token per sequence (`tokens`
+    /// `[b, 1]`) at position `pos`, each layer's attention over its cache (`layers`, see
+    /// `train::generate`), which the step extends.
+    pub(crate) fn decode_step(
+        &self,
+        cfg: &LmConfig,
+        tokens: Tensor<2, Int>,
+        pos: usize,
+        layers: &[crate::train::generate::DecodeCfg],
+    ) -> Result<Tensor<3>> {
+        if layers.len() != self.layers.len() {
+            invalid!(
+                "{} layer caches for a model of {} layers",
+                layers.len(),
+                self.layers.len()
+            );
+        }
+        if pos >= cfg.max_seq {
+            invalid!("position {pos} is past the model's max_seq {}", cfg.max_seq);
+        }
+        let mut x = self.embed.forward(tokens);
+        for (layer, state) in self.layers.iter().zip(layers) {
+            x = layer.decode(cfg, &self.rope, x, pos, state);
+        }
+        let h = self.norm.forward(x);
+        let w = self.embed.weight.val().transpose().unsqueeze::<3>();
+        Ok(h.matmul(w))
+    }
+}
+
 impl Layer {
+    /// One token per sequence at position `pos`: the layer's output, attention through the
+    /// layer's decoding state (append, select, attend).
+    fn decode(
+        &self,
+        cfg: &LmConfig,
+        rope: &RotaryEncoding,
+        x: Tensor<3>,
+        pos: usize,
+        state: &crate::train::generate::DecodeCfg,
+    ) -> Tensor<3> {
+        use crate::train::ops::AttnBackend;
+        use burn::backend::Dispatch;
+        let [b, s, _] = x.dims();
+        let (hq, hkv, dh) = (cfg.heads_q, cfg.heads_kv, cfg.head_dim());
+        let h = self.norm1.forward(x.clone());
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, dh]).swap_dims(1, 2);
+        let q = rope.apply(heads(self.wq.forward(h.clone()), hq), pos);
+        let k = rope.apply(heads(self.wk.forward(h.clone()), hkv), pos);
+        let vflat = self.wv.forward(h.clone());
+        let v = heads(vflat.clone(), hkv);
+        let gate = sigmoid(heads(self.wg.forward(h), hq));
+        let bias = self.evict.as_ref().map(|e| e.forward(vflat));
+        let o = match bias {
+            Some(bias) => <Dispatch as AttnBackend>::sa_decode_bias(
+                q.into_dispatch(),
+                k.into_dispatch(),
+                v.into_dispatch(),
+                bias.into_dispatch(),
+                state.clone(),
+            ),
+            None => <Dispatch as AttnBackend>::sa_decode(
+                q.into_dispatch(),
+                k.into_dispatch(),
+                v.into_dispatch(),
+                state.clone(),
+            ),
+        };
+        let att = gate * Tensor::<4>::from_dispatch(o);
+        let att = att.swap_dims(1, 2).reshape([b, s, hq * dh]);
+        let x = x + self.wo.forward(att);
+        let h = self.norm2.forward(x.clone());
+        let mlp = self
+            .w2
+            .forward(silu(self.w1.forward(h.clone())) * self.w3.forward(h));
+        x + mlp
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,

@@ -27,6 +27,7 @@ use crate::ops::metrics::MetricsOut;
 use crate::ops::select::{SelectInputs, SelectScratch};
 use crate::problem::{AttnOptions, AttnShape, SelectOptions, SparseOptions};
 use crate::train::bridge::{Bound, alloc, bind, flush, shared_for, shared_of};
+use crate::train::generate::DecodeCfg;
 use crate::{FullConfig, Qkv, SelectConfig, SparseConfig, SparseInputs};
 
 /// Options of full attention, as the backend ops carry them.
@@ -322,6 +323,41 @@ pub trait AttnBackend: Backend {
         h_sparse: FloatTensor<Self>,
         beta: f32,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// One decoding step of one layer (`train::generate`): the new tokens' k, v `[b, hkv, 1,
+    /// d]` go into the layer's cache, which then selects and attends for q `[b, hq, 1, d]`:
+    /// O. Stateful (the cache); not differentiable.
+    #[fusion(meta = decode_meta)]
+    fn sa_decode(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        cfg: DecodeCfg,
+    ) -> FloatTensor<Self>;
+
+    /// The same with NOSA's per-key bias of the new tokens `[b, hkv, 1]`.
+    #[fusion(meta = decode_bias_meta)]
+    fn sa_decode_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        cfg: DecodeCfg,
+    ) -> FloatTensor<Self>;
+}
+
+fn decode_meta(q: &TensorSpec, _k: &TensorSpec, _v: &TensorSpec, _c: &DecodeCfg) -> TensorSpec {
+    q.clone()
+}
+
+fn decode_bias_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _b: &TensorSpec,
+    _c: &DecodeCfg,
+) -> TensorSpec {
+    q.clone()
 }
 
 fn dims(t: &CubeTensor) -> Vec<usize> {
@@ -337,6 +373,36 @@ fn shape4(q: &[usize], k: &[usize]) -> AttnShape {
         seq_k: k[2],
         head_dim: q[3],
     }
+}
+
+/// One decoding step of one layer on Burn's buffers (see `train::generate`).
+fn decode_step(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    bias: Option<CubeTensor>,
+    cfg: DecodeCfg,
+) -> CubeTensor {
+    let gpu = shared_of(&q).gpu.clone();
+    let (bq, q) = bind(&gpu, q);
+    let (bk, _k) = bind(&gpu, k);
+    let (bv, _v) = bind(&gpu, v);
+    let bb = bias.map(|b| bind(&gpu, b).0);
+    let (bo, o) = bind(&gpu, alloc(&gpu, &q, &dims(&q), BurnDType::F32));
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    cfg.lock()
+        .encode(
+            &gpu,
+            &mut enc,
+            &bq.tensor,
+            &bk.tensor,
+            &bv.tensor,
+            bb.as_ref().map(|b| &b.tensor),
+            &bo.tensor,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    submit(&gpu, &q, "decoding step", enc);
+    o
 }
 
 fn submit(gpu: &crate::Gpu, like: &CubeTensor, what: &str, enc: wgpu::CommandEncoder) {
@@ -590,6 +656,20 @@ fn four(mut g: Vec<CubeTensor>) -> (CubeTensor, CubeTensor, CubeTensor, CubeTens
 }
 
 impl AttnBackend for CubeBackend {
+    fn sa_decode(q: CubeTensor, k: CubeTensor, v: CubeTensor, cfg: DecodeCfg) -> CubeTensor {
+        decode_step(q, k, v, None, cfg)
+    }
+
+    fn sa_decode_bias(
+        q: CubeTensor,
+        k: CubeTensor,
+        v: CubeTensor,
+        bias: CubeTensor,
+        cfg: DecodeCfg,
+    ) -> CubeTensor {
+        decode_step(q, k, v, Some(bias), cfg)
+    }
+
     fn sa_full_fwd(
         q: CubeTensor,
         k: CubeTensor,

@@ -1,0 +1,384 @@
+//! Text generation from a trained model with a KV cache (`decode`): the model's forward for
+//! one new token per sequence runs on the GPU, each layer's attention through one stateful
+//! backend op (`AttnBackend::sa_decode`) that appends the token's k, v (and NOSA's bias) to the
+//! layer's cache, selects (sparse, NOSA) and attends with the decoding kernels; the cache is on
+//! the GPU or offloaded to host memory NOSA's way. Sampling (temperature, top-p) runs on the
+//! GPU too: only the sampled tokens come back.
+//!
+//! The prompt is fed through the same step, one token at a time (prefill and decoding select
+//! identically, so this is exact; a batched prefill would be faster on long prompts).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor as BTensor, TensorData};
+
+use crate::decode::{CacheConfig, KvCache, OffloadCache, OffloadConfig, OffloadStats};
+use crate::error::{Error, Result, invalid};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::attention::AttnOutput;
+use crate::problem::{CacheShape, DecodeKeys, SelectOptions};
+use crate::reference::Rng;
+use crate::train::bridge::Runtime;
+use crate::train::model::{Lm, LmConfig};
+use crate::{DecodeAttention, DecodeConfig, DecodeInputs};
+
+/// Which keys each new token attends to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attention {
+    /// Every cached key.
+    Full,
+    /// The blocks the model's selector picks by the query (its scoring, forced blocks, budget;
+    /// no eviction stage).
+    Sparse,
+    /// NOSA's selection: the query-aware blocks, then the rest by the eviction head's score
+    /// (models trained with one).
+    Nosa,
+}
+
+impl Attention {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(Attention::Full),
+            "sparse" => Ok(Attention::Sparse),
+            "nosa" => Ok(Attention::Nosa),
+            _ => invalid!("unknown attention `{s}` (expected full, sparse or nosa)"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Attention::Full => "full",
+            Attention::Sparse => "sparse",
+            Attention::Nosa => "nosa",
+        }
+    }
+}
+
+/// How a [`Decoder`] runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerateOptions {
+    pub attention: Attention,
+    /// Blocks kept per step (the model's `topk` when `None`).
+    pub budget: Option<usize>,
+    /// Keep the caches in host memory with this many GPU slots (blocks) per (sequence, kv
+    /// head) (sparse and NOSA attention only).
+    pub offload_slots: Option<usize>,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Tokens each sequence may hold (prompt + generated).
+    pub capacity: usize,
+}
+
+impl GenerateOptions {
+    pub fn new(attention: Attention, capacity: usize) -> Self {
+        Self {
+            attention,
+            budget: None,
+            offload_slots: None,
+            batch: 1,
+            capacity,
+        }
+    }
+}
+
+enum LayerCache {
+    Gpu(Box<KvCache>),
+    Offload(Box<OffloadCache>),
+}
+
+/// One layer's decoding state: its cache, the attention over it, and scratch.
+pub(crate) struct LayerState {
+    cache: LayerCache,
+    att: DecodeAttention,
+    /// The step's selection (sparse on the GPU) and LSE.
+    sel: Option<Tensor>,
+    lse: Tensor,
+    bias: bool,
+}
+
+impl LayerState {
+    /// Record one step: append k, v (and the bias), select, attend into `o`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode(
+        &mut self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        o: &Tensor,
+    ) -> Result<()> {
+        let out = AttnOutput {
+            o: o.clone(),
+            lse: self.lse.clone(),
+        };
+        match &mut self.cache {
+            LayerCache::Gpu(c) => {
+                c.append(gpu, enc, k, v, bias, None)?;
+                if let Some(sel) = &self.sel {
+                    c.select(gpu, enc, q, sel)?;
+                }
+                let x = DecodeInputs::new(q, c.k(), c.v(), c.lens_tensor())
+                    .sel(self.sel.as_ref())
+                    .bias(if self.bias { c.bias() } else { None });
+                self.att.encode(gpu, enc, &x, &out)
+            }
+            LayerCache::Offload(c) => {
+                c.append(gpu, enc, k, v, bias, None)?;
+                c.prepare(gpu, enc, q)?;
+                self.att.encode(gpu, enc, &c.inputs(q), &out)
+            }
+        }
+    }
+}
+
+/// A layer's decoding state as the backend op carries it (shared, locked per step).
+#[derive(Clone)]
+pub struct DecodeCfg(Arc<Mutex<LayerState>>);
+
+impl std::fmt::Debug for DecodeCfg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecodeCfg({:p})", Arc::as_ptr(&self.0))
+    }
+}
+
+impl DecodeCfg {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LayerState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Generates with a trained model: feed one token per sequence, get the next token's logits.
+pub struct Decoder {
+    model: Lm,
+    cfg: LmConfig,
+    device: Device,
+    gpu: Arc<Gpu>,
+    layers: Vec<DecodeCfg>,
+    batch: usize,
+    capacity: usize,
+    pos: usize,
+}
+
+impl Decoder {
+    pub fn new(rt: &Runtime, model: Lm, cfg: &LmConfig, opts: &GenerateOptions) -> Result<Self> {
+        let gpu = rt.gpu.clone();
+        let cfg = match opts.budget {
+            Some(k) => cfg.with_topk(k),
+            None => cfg.clone(),
+        };
+        cfg.validate()?;
+        if opts.batch == 0 || opts.capacity == 0 {
+            invalid!("a decoder needs a batch and a capacity of at least 1");
+        }
+        if opts.capacity > cfg.max_seq {
+            invalid!(
+                "{} tokens per sequence exceed the model's max_seq {} (its RoPE table)",
+                opts.capacity,
+                cfg.max_seq
+            );
+        }
+        let bias = cfg.has_evict_head();
+        let select: Option<SelectOptions> = match opts.attention {
+            Attention::Full => None,
+            Attention::Sparse => Some(SelectOptions {
+                evict: 0,
+                ..cfg.select_options()
+            }),
+            Attention::Nosa => {
+                if !bias {
+                    invalid!(
+                        "NOSA attention needs a model trained with NOSA's eviction head \
+                         (train --mode nosa); use --attention sparse or full"
+                    );
+                }
+                Some(cfg.select_options())
+            }
+        };
+        if opts.offload_slots.is_some() && select.is_none() {
+            invalid!("an offloaded cache serves sparse or NOSA attention, not full attention");
+        }
+        let block = cfg.block;
+        // Room for the budget's blocks (a short sequence attends to all of its blocks).
+        let mut capacity = opts.capacity.next_multiple_of(block);
+        if let Some(s) = &select {
+            capacity = capacity.max(s.k * block);
+        }
+        let shape = CacheShape {
+            batch: opts.batch,
+            heads_kv: cfg.heads_kv,
+            capacity,
+            head_dim: cfg.head_dim(),
+        };
+        let step = shape.step(cfg.heads_q, 1);
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for _ in 0..cfg.layers {
+            let state = match (select, opts.offload_slots) {
+                (Some(sel), Some(slots)) => {
+                    let mut oc = OffloadConfig::new(DType::F32, sel, slots);
+                    oc.bias = bias;
+                    let c = OffloadCache::new(&gpu, shape, &oc)?;
+                    let att = DecodeAttention::new(&gpu, step, &c.attention_config())?;
+                    LayerState {
+                        cache: LayerCache::Offload(Box::new(c)),
+                        att,
+                        sel: None,
+                        lse: gpu.empty(&step.lse_dims(), DType::F32)?,
+                        bias,
+                    }
+                }
+                (sel, _) => {
+                    let c = KvCache::new(
+                        &gpu,
+                        shape,
+                        &CacheConfig::new(DType::F32).bias(bias).select(sel),
+                    )?;
+                    let keys = match sel {
+                        Some(s) => DecodeKeys::Sparse {
+                            block: s.block,
+                            nsel: s.k,
+                        },
+                        None => DecodeKeys::Full,
+                    };
+                    LayerState {
+                        cache: LayerCache::Gpu(Box::new(c)),
+                        att: DecodeAttention::new(&gpu, step, &DecodeConfig::new(keys).bias(bias))?,
+                        sel: match sel {
+                            Some(s) => Some(gpu.empty(&step.sel_dims(s.k), DType::U32)?),
+                            None => None,
+                        },
+                        lse: gpu.empty(&step.lse_dims(), DType::F32)?,
+                        bias,
+                    }
+                }
+            };
+            layers.push(DecodeCfg(Arc::new(Mutex::new(state))));
+        }
+        Ok(Self {
+            model,
+            cfg,
+            device: rt.device.clone(),
+            gpu,
+            layers,
+            batch: opts.batch,
+            capacity: opts.capacity,
+            pos: 0,
+        })
+    }
+
+    /// Tokens fed so far per sequence.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Feed one token per sequence; returns the logits of the next token `[batch, vocab]`
+    /// (on the GPU).
+    pub fn step(&mut self, tokens: &[u32]) -> Result<BTensor<2>> {
+        if tokens.len() != self.batch {
+            invalid!(
+                "{} tokens given for a batch of {}",
+                tokens.len(),
+                self.batch
+            );
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            invalid!("token {t} is outside the vocabulary of {}", self.cfg.vocab);
+        }
+        if self.pos >= self.capacity {
+            invalid!("the sequences are full: {} tokens", self.capacity);
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let t = BTensor::<2, Int>::from_data(TensorData::new(ids, [self.batch, 1]), &self.device);
+        let logits = self
+            .model
+            .decode_step(&self.cfg, t, self.pos, &self.layers)?;
+        self.pos += 1;
+        Ok(logits.reshape([self.batch, self.cfg.vocab]))
+    }
+
+    /// GPU and host bytes of the caches of every layer.
+    pub fn kv_bytes(&self) -> (u64, u64) {
+        let (mut g, mut h) = (0, 0);
+        for l in &self.layers {
+            match &l.lock().cache {
+                LayerCache::Gpu(c) => g += c.gpu_bytes(),
+                LayerCache::Offload(c) => {
+                    g += c.gpu_bytes();
+                    h += c.host_bytes();
+                }
+            }
+        }
+        (g, h)
+    }
+
+    /// Offloaded caches: the counters of every layer summed (a sync point); `None` otherwise.
+    pub fn offload_stats(&self) -> Result<Option<OffloadStats>> {
+        let mut total = OffloadStats::default();
+        let mut any = false;
+        for l in &self.layers {
+            if let LayerCache::Offload(c) = &l.lock().cache {
+                let s = c.stats(&self.gpu)?;
+                total.selected += s.selected;
+                total.hits += s.hits;
+                total.loaded += s.loaded;
+                any = true;
+            }
+        }
+        Ok(any.then_some(total))
+    }
+}
+
+/// Temperature and top-p (nucleus) sampling on the GPU; temperature 0 is greedy.
+pub struct Sampler {
+    pub temperature: f64,
+    pub top_p: f64,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(temperature: f64, top_p: f64, seed: u64) -> Result<Self> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            invalid!("temperature must be a finite number >= 0, got {temperature}");
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            invalid!("top-p must be in (0, 1], got {top_p}");
+        }
+        Ok(Self {
+            temperature,
+            top_p,
+            rng: Rng::new(seed),
+        })
+    }
+
+    /// One token per row of `logits` `[batch, vocab]`.
+    pub fn sample(&mut self, logits: BTensor<2>) -> Result<Vec<u32>> {
+        let [b, vocab] = logits.dims();
+        let device = logits.device();
+        let ids = if self.temperature == 0.0 {
+            logits.argmax(1)
+        } else {
+            let probs = softmax(logits / self.temperature, 1);
+            let (sorted, idx) = probs.sort_descending_with_indices(1);
+            // Keep the smallest head of the sorted distribution whose mass reaches top-p (a
+            // token stays when the mass before it is below p; the first always does).
+            let cum = sorted.clone().cumsum(1);
+            let before = cum - sorted.clone();
+            let kept = sorted * before.lower_elem(self.top_p).float();
+            let cm = kept.clone().cumsum(1);
+            let total = kept.sum_dim(1);
+            // Inverse CDF at u ~ U(0, 1) per row (drawn here: reproducible with the seed).
+            let u: Vec<f32> = (0..b).map(|_| self.rng.uniform() as f32).collect();
+            let u = BTensor::<2>::from_data(TensorData::new(u, [b, 1]), &device) * total;
+            let pos = cm.lower_equal(u.expand([b, vocab])).int().sum_dim(1);
+            let pos = pos.clamp_max(vocab as i64 - 1);
+            idx.gather(1, pos)
+        };
+        let data = ids.into_data();
+        let v: Vec<i64> = data
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| Error::Gpu(format!("reading sampled tokens back: {e:?}")))?;
+        Ok(v.into_iter().map(|x| x as u32).collect())
+    }
+}
