@@ -804,3 +804,121 @@ fn training_survives_kills_and_stops_cleanly_on_sigterm() {
     assert_eq!(names, ["ckpt"], "{names:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `generate` on a freshly trained tiny NOSA checkpoint: the prompt then the generated text on
+/// stdout, the summary (tokens/s, hit rate, KV memory) on stderr; greedy decoding gives the same
+/// text with the cache on the GPU and offloaded; bad flags are errors that name the problem.
+#[cfg(feature = "train")]
+#[test]
+fn generate_streams_text_from_a_checkpoint() {
+    let dir = temp_dir("generate-cli");
+    let corpus = dir.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    std::fs::write(corpus.join("a.txt"), "to be or not to be, ".repeat(200)).unwrap();
+    std::fs::write(corpus.join("b.txt"), "that is the question. ".repeat(200)).unwrap();
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    let (ok, _, err) = run(&[
+        "train",
+        "--mode",
+        "nosa",
+        "--out",
+        out_s,
+        "--data",
+        corpus.to_str().unwrap(),
+        "--valid-every",
+        "2",
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--seq",
+        "64",
+        "--d-model",
+        "64",
+        "--layers",
+        "1",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--block",
+        "16",
+        "--topk",
+        "4",
+        "--n-local",
+        "0",
+        "--k-query",
+        "1",
+        "--eval-every",
+        "0",
+        "--warmup",
+        "1",
+    ]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "{err}");
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--ckpt",
+            out_s,
+            "--prompt",
+            "to be",
+            "--tokens",
+            "40",
+            "--temperature",
+            "0",
+        ];
+        args.extend(extra);
+        run(&args)
+    };
+    let (ok, on_gpu, err) = generate(&["--attention", "nosa"]);
+    assert!(ok, "{err}");
+    assert!(
+        on_gpu.starts_with("to be") && on_gpu.trim_end().len() >= 45,
+        "{on_gpu:?}"
+    );
+    assert!(
+        err.contains("tokens/s") && err.contains("on the GPU"),
+        "{err}"
+    );
+    // The query-only selection of a NOSA model, with a budget larger than the sequence.
+    let (ok, _, err) = generate(&["--attention", "sparse", "--budget", "8"]);
+    assert!(ok, "{err}");
+    let (ok, offloaded, err) = generate(&["--attention", "nosa", "--offload"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        offloaded, on_gpu,
+        "offloading must not change greedy decoding"
+    );
+    assert!(
+        err.contains("hit rate 0.") && err.contains("in host memory"),
+        "{err}"
+    );
+    for (extra, says) in [
+        (&["--attention", "dense"][..], "unknown attention"),
+        (&["--top-p", "0"][..], "top-p must be in (0, 1]"),
+        (
+            &["--gpu-kv-mb", "5"][..],
+            "--gpu-kv-mb sets the GPU budget of --offload",
+        ),
+        (
+            &["--offload", "--gpu-kv-mb", "0.001"][..],
+            "one step's selection needs 4",
+        ),
+        (
+            &["--offload", "--attention", "full"][..],
+            "not full attention",
+        ),
+        (&["--budget", "0"][..], "topk"),
+    ] {
+        let (ok, _, err) = generate(extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = run(&["generate", "--ckpt", "/nonexistent", "--prompt", "x"]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

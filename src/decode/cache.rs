@@ -383,16 +383,13 @@ impl KvCache {
         }
         if let Some((op, state)) = &self.pool {
             let n_new = *counts.iter().max().expect("batch >= 1") as usize;
+            // The bias is NOSA's eviction score when the selection has an eviction stage.
+            let evict = match self.config.select.is_some_and(|s| s.evict > 0) {
+                true => self.bias.as_ref(),
+                false => None,
+            };
             if n_new > 0 {
-                op.encode_pool(
-                    gpu,
-                    enc,
-                    &self.k,
-                    self.bias.as_ref(),
-                    &self.lens,
-                    n_new,
-                    state,
-                )?;
+                op.encode_pool(gpu, enc, &self.k, evict, &self.lens, n_new, state)?;
             }
         }
         Ok(())

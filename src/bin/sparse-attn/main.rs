@@ -7,6 +7,7 @@ mod bench;
 mod bench_cmd;
 mod bench_decode;
 mod demo;
+mod generate;
 mod info;
 mod map;
 mod report;
@@ -89,6 +90,10 @@ enum Cmd {
     /// sparsity and entropy, a budget sweep, length extrapolation with pass-key retrieval. Prints
     /// a table; writes the JSON report and PNG plots.
     Eval(EvalArgs),
+    /// Generate text from a trained checkpoint with a KV cache (full, sparse or NOSA
+    /// attention; --offload keeps the cache in host memory, NOSA's way), streamed as it comes;
+    /// ends with tokens/s, hit rate and KV memory. Needs a build with `--features train`.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Subcommand)]
@@ -136,6 +141,7 @@ fn main() -> ExitCode {
         Cmd::Selfcheck { seed, json } => selfcheck::selfcheck(&opts, seed, json),
         Cmd::Train(a) => train::train_cmd(&opts, &a),
         Cmd::Eval(a) => train::eval_cmd(&opts, &a),
+        Cmd::Generate(a) => generate::generate_cmd(&opts, &a),
     };
     match result {
         Ok(code) => code,

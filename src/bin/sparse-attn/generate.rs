@@ -1,0 +1,169 @@
+//! `generate`: text from a trained checkpoint, decoded with a KV cache on the GPU or offloaded
+//! NOSA's way, streamed as it is produced; ends with tokens/s, hit rate and KV memory. Needs
+//! the training stack (`--features train`).
+
+use std::process::ExitCode;
+
+use sparse_attn::{Error, GpuOptions};
+
+#[cfg(not(feature = "train"))]
+pub use crate::train::TrainArgs as GenerateArgs;
+
+#[cfg(not(feature = "train"))]
+pub fn generate_cmd(_: &GpuOptions, _: &GenerateArgs) -> Result<ExitCode, Error> {
+    Err(Error::NotBuilt(
+        "`generate` runs trained models, which needs the training stack (Burn); rebuild with it: \
+         `cargo run --release --features train -- generate ...`"
+            .into(),
+    ))
+}
+
+#[cfg(feature = "train")]
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint folder (from `train --out`).
+    #[arg(long)]
+    pub ckpt: std::path::PathBuf,
+    /// The text to continue (bytes are the model's tokens).
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Nucleus sampling: the smallest set of tokens holding this much probability.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// full, sparse (the model's selector by the query) or nosa (with the eviction head).
+    #[arg(long, default_value = "sparse")]
+    pub attention: String,
+    /// Blocks kept per step (default: the model's budget).
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// Keep the KV cache in host memory; only the selected blocks go to the GPU.
+    #[arg(long)]
+    pub offload: bool,
+    /// With --offload: GPU memory for the KV blocks, in MB (default: the least the selection
+    /// needs, one slot per selected block).
+    #[arg(long)]
+    pub gpu_kv_mb: Option<f64>,
+}
+
+#[cfg(feature = "train")]
+pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Error> {
+    use std::io::Write;
+    use std::time::Instant;
+
+    use sparse_attn::decode::OffloadConfig;
+    use sparse_attn::gpu::DType;
+    use sparse_attn::train::Runtime;
+    use sparse_attn::train::generate::{Attention, Decoder, GenerateOptions, Sampler};
+    use sparse_attn::train::trainer::load;
+
+    let attention = Attention::parse(&a.attention)?;
+    let sampler = Sampler::new(a.temperature, a.top_p, a.seed)?;
+    if a.prompt.is_empty() {
+        return Err(Error::InvalidInput(
+            "the prompt is empty: give at least one character".into(),
+        ));
+    }
+    if a.gpu_kv_mb.is_some() && !a.offload {
+        return Err(Error::InvalidInput(
+            "--gpu-kv-mb sets the GPU budget of --offload".into(),
+        ));
+    }
+    let rt = Runtime::new(&Runtime::gpu_options(&GpuOptions {
+        host_memory: a.offload,
+        ..opts.clone()
+    }))?;
+    let (model, cfg) = load(&a.ckpt, &rt.device)?;
+    let m = match a.budget {
+        Some(k) => cfg.model.with_topk(k),
+        None => cfg.model.clone(),
+    };
+    let prompt: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
+    let capacity = prompt.len() + a.tokens;
+    let offload_slots = match (a.offload, a.gpu_kv_mb) {
+        (false, _) => None,
+        (true, None) => Some(m.topk),
+        (true, Some(mb)) => {
+            if !(mb.is_finite() && mb > 0.0) {
+                return Err(Error::InvalidInput(format!(
+                    "--gpu-kv-mb {mb}: need a positive number"
+                )));
+            }
+            // Per slot: one block of k, v (and bias) for every (layer, kv head).
+            let per =
+                OffloadConfig::slot_bytes(DType::F32, m.block, m.head_dim(), m.has_evict_head())
+                    * (m.layers * m.heads_kv) as u64;
+            let slots = (mb * 1e6 / per as f64) as usize;
+            if slots < m.topk {
+                return Err(Error::InvalidInput(format!(
+                    "--gpu-kv-mb {mb} holds {slots} blocks per kv head; one step's selection \
+                     needs {} (at least {:.3} MB)",
+                    m.topk,
+                    (m.topk as u64 * per) as f64 / 1e6
+                )));
+            }
+            Some(slots.min(capacity.next_multiple_of(m.block).max(m.topk * m.block) / m.block))
+        }
+    };
+    let gopts = GenerateOptions {
+        budget: a.budget,
+        offload_slots,
+        ..GenerateOptions::new(attention, capacity)
+    };
+    let mut dec = Decoder::new(&rt, model, &cfg.model, &gopts)?;
+    let mut sampler = sampler;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(a.prompt.as_bytes());
+    let _ = out.flush();
+    let t0 = Instant::now();
+    let mut logits = None;
+    for &t in &prompt {
+        logits = Some(dec.step(&[t])?);
+    }
+    let t1 = Instant::now();
+    let mut next = sampler.sample(logits.expect("prompt is not empty"))?[0];
+    for i in 0..a.tokens {
+        let _ = out.write_all(&[next as u8]);
+        let _ = out.flush();
+        if i + 1 == a.tokens {
+            break;
+        }
+        let l = dec.step(&[next])?;
+        next = sampler.sample(l)?[0];
+    }
+    let gen_s = t1.elapsed().as_secs_f64();
+    let _ = writeln!(out);
+    let (gpu_kv, host_kv) = dec.kv_bytes();
+    let hit = match dec.offload_stats()? {
+        Some(s) => format!(
+            "{:.3} ({} of {} selected blocks already on the GPU)",
+            s.hit_rate(),
+            s.hits,
+            s.selected
+        ),
+        None => "- (the cache is on the GPU)".into(),
+    };
+    eprintln!(
+        "{} attention, {} prompt tokens in {:.2} s, {} generated at {:.1} tokens/s; hit rate {hit}; \
+         KV cache: {:.2} MB on the GPU{}",
+        attention.name(),
+        prompt.len(),
+        (t1 - t0).as_secs_f64(),
+        a.tokens,
+        a.tokens as f64 / gen_s,
+        gpu_kv as f64 / 1e6,
+        if host_kv > 0 {
+            format!(", {:.2} MB in host memory", host_kv as f64 / 1e6)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
