@@ -1,6 +1,6 @@
 //! Does this GPU compute our kernels correctly? Every kernel family (full attention forward and
 //! backward, block selection, NOSA's selection and biased sparse attention, block-sparse
-//! forward and backward, metrics, the alignment loss)
+//! forward and backward, metrics, the alignment loss, decoding over a KV cache)
 //! on small random inputs against the f64 references. Async, so it runs the same in the browser
 //! (the demo page exposes it, and the browser test runs it: WGSL that one compiler accepts and
 //! another rejects shows up here) and natively (`sparse-attn selfcheck`).
@@ -264,6 +264,8 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
         );
     }
 
+    decoding(gpu, &mut out, &q, &k, &v).await?;
+
     // SSA's alignment loss between the two streams' outputs.
     let dims = shape.q_dims();
     let align = AlignLoss::new(gpu, &dims, 1.0)?;
@@ -298,6 +300,89 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
         TOLERANCE,
     );
     Ok(out)
+}
+
+/// Decoding: two sequences of 70 and 41 tokens appended to a KV cache at once (ragged), the
+/// newest token of each attending to its cache in full and over a selection of blocks.
+async fn decoding(gpu: &Gpu, out: &mut Vec<Check>, q: &[f32], k: &[f32], v: &[f32]) -> Result<()> {
+    use crate::decode::{CacheConfig, DecodeAttention, DecodeConfig, DecodeInputs, KvCache};
+    use crate::problem::{CacheShape, DecodeKeys};
+    let (hq, hkv, d, seq) = (4, 2, 32, 70);
+    let cs = CacheShape {
+        batch: 2,
+        heads_kv: hkv,
+        capacity: 80,
+        head_dim: d,
+    };
+    let lens = [70u32, 41];
+    let twice = |x: &[f32]| [x, x].concat();
+    let (kn, vn) = (
+        gpu.upload(&[2, hkv, seq, d], &twice(k))?,
+        gpu.upload(&[2, hkv, seq, d], &twice(v))?,
+    );
+    let mut cache = KvCache::new(gpu, cs, &CacheConfig::new(DType::F32))?;
+    let step = cs.step(hq, 1);
+    // Each sequence's newest token's queries, and the caches as the reference reads them.
+    let (mut qs, mut kc, mut vc) = (
+        vec![],
+        vec![0.0; 2 * hkv * 80 * d],
+        vec![0.0; 2 * hkv * 80 * d],
+    );
+    for (b, &len) in lens.iter().enumerate() {
+        let len = len as usize;
+        for h in 0..hq {
+            qs.extend_from_slice(&q[(h * seq + len - 1) * d..(h * seq + len) * d]);
+        }
+        for h in 0..hkv {
+            let at = (b * hkv + h) * 80 * d;
+            kc[at..at + len * d].copy_from_slice(&k[h * seq * d..(h * seq + len) * d]);
+            vc[at..at + len * d].copy_from_slice(&v[h * seq * d..(h * seq + len) * d]);
+        }
+    }
+    // Blocks of 16: the initial one, one in the middle, the current one.
+    let sel: Vec<u32> = [[0u32, 2, 4], [0, 1, 2]]
+        .iter()
+        .flat_map(|r| [*r, *r])
+        .flatten()
+        .collect();
+    let tq = gpu.upload(&step.q_dims(), &qs)?;
+    let tsel = gpu.upload_u32(&step.sel_dims(3), &sel)?;
+    let sparse = DecodeKeys::Sparse { block: 16, nsel: 3 };
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    cache.append(gpu, &mut enc, &kn, &vn, None, Some(&lens))?;
+    let mut results = vec![];
+    for (keys, name) in [
+        (DecodeKeys::Full, "decoding (full) O"),
+        (sparse, "decoding (sparse) O"),
+    ] {
+        let op = DecodeAttention::new(gpu, step, &DecodeConfig::new(keys).split_keys(Some(64)))?;
+        let o = AttnOutput {
+            o: gpu.empty(&step.q_dims(), DType::F32)?,
+            lse: gpu.empty(&step.lse_dims(), DType::F32)?,
+        };
+        let x = DecodeInputs::new(&tq, cache.k(), cache.v(), cache.lens_tensor());
+        let x = if keys == DecodeKeys::Full {
+            x
+        } else {
+            x.sel(Some(&tsel))
+        };
+        op.encode(gpu, &mut enc, &x, &o)?;
+        results.push((keys, name, o));
+    }
+    gpu.queue().submit([enc.finish()]);
+    for (keys, name, o) in results {
+        let data = reference::decode::DecodeData {
+            q: &qs,
+            k: &kc,
+            v: &vc,
+            lens: &lens,
+            sel: (keys != DecodeKeys::Full).then_some(sel.as_slice()),
+            bias: None,
+        };
+        let want = reference::decode::forward(&step, &keys, None, &data)?;
+        push(out, name, &gpu.read_async(&o.o).await?, &want.o, TOLERANCE);
+    }
+    Ok(())
 }
 
 /// The checks as JSON: `{"ok": bool, "checks": [{"name", "error", "ok"}]}`.

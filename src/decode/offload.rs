@@ -340,13 +340,22 @@ impl OffloadCache {
     }
 
     /// The counters since the cache was made or last reset (reads them back: a sync point).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn stats(&self, gpu: &Gpu) -> Result<OffloadStats> {
-        let s = gpu.read_u32(&self.stats)?;
-        Ok(OffloadStats {
+        Ok(Self::counters(&gpu.read_u32(&self.stats)?))
+    }
+
+    /// [`Self::stats`] without blocking (the browser's way).
+    pub async fn stats_async(&self, gpu: &Gpu) -> Result<OffloadStats> {
+        Ok(Self::counters(&gpu.read_u32_async(&self.stats).await?))
+    }
+
+    fn counters(s: &[u32]) -> OffloadStats {
+        OffloadStats {
             selected: s[0] as u64,
             hits: s[1] as u64,
             loaded: s[2] as u64,
-        })
+        }
     }
 
     /// Zero the counters (before the next submission).

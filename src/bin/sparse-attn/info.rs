@@ -26,10 +26,17 @@ pub fn info(opts: &GpuOptions, json: bool) -> Result<ExitCode, Error> {
     let adapters = gpu::list_adapters();
     let gpu = Gpu::new(opts)?;
     let l = gpu.limits();
-    let feats: Vec<(&str, bool)> = SHOWN_FEATURES
+    let mut feats: Vec<(&str, bool)> = SHOWN_FEATURES
         .iter()
         .map(|(f, n)| (*n, gpu.features().contains(*f)))
         .collect();
+    // Requested only by what offloads (GpuOptions::host_memory): the adapter's answer.
+    feats.push((
+        "host-memory tensors (offloaded KV cache)",
+        gpu.wgpu_adapter()
+            .features()
+            .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
+    ));
     let variants: Vec<(String, Result<(), Error>)> = Variant::ALL
         .iter()
         .chain(&[Variant::Coop])
