@@ -44,9 +44,9 @@ fn pool_window(n: u32) -> vec2<u32> {
         return vec2<u32>(SENTINEL, 0u);
     }
     let u = n / prm.pool_new;
-    unit_setup(u);
-    let p = complete_windows(u_len - min(prm.n_new, u_len)) + n % prm.pool_new;
-    if (p >= complete_windows(u_len)) {
+    let g = unit_of(u);
+    let p = complete_windows(g.len - min(prm.n_new, g.len)) + n % prm.pool_new;
+    if (p >= complete_windows(g.len)) {
         return vec2<u32>(SENTINEL, 0u);
     }
     return vec2<u32>(u, p);
@@ -105,27 +105,27 @@ fn q_store(x: ptr<function, array<vec4<f32>, QPT>>, tid: u32) {
 
 // Logits of the tile against pooled keys [p0, p0 + BK), scaled by `scale`; NEG where the key
 // is not a candidate of the row's token.
-fn score_logits(u: u32, t0: u32, p0: u32, scale: f32, tid: u32, ty: u32, tx: u32) -> Logits {
+fn score_logits(g: Unit, u: u32, t0: u32, p0: u32, scale: f32, tid: u32, ty: u32, tx: u32) -> Logits {
     var s: Logits;
     for (var i = 0u; i < TM * TN; i++) {
         s[i] = 0.0;
     }
     let kb4 = prm.kb_off / 4u + u * prm.np * D4;
     var qr = q_load(u, t0, 0u, tid);
-    var kr = chunk_load(1u, kb4, p0, u_np, 0u, tid);
+    var kr = chunk_load(1u, kb4, p0, g.np, 0u, tid);
     for (var d0 = 0u; d0 < D4; d0 += DCV) {
         q_store(&qr, tid);
         chunk_store(BQ, &kr, tid);
         workgroupBarrier();
         if (d0 + DCV < D4) {
             qr = q_load(u, t0, d0 + DCV, tid);
-            kr = chunk_load(1u, kb4, p0, u_np, d0 + DCV, tid);
+            kr = chunk_load(1u, kb4, p0, g.np, d0 + DCV, tid);
         }
         logits_acc(&s, 0u, BQ, ty, tx);
         workgroupBarrier();
     }
     for (var i = 0u; i < TM; i++) {
-        let end = pooled_end(t0 + (ty * TM + i) / prm.group);
+        let end = pooled_end(g, t0 + (ty * TM + i) / prm.group);
         for (var j = 0u; j < TN; j++) {
             s[i * TN + j] = select(NEG, s[i * TN + j] * scale, p0 + tx + TC * j < end);
         }
@@ -145,9 +145,9 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let ty = tid / TC;
     let tx = tid % TC;
     let moba = prm.mode == 1u;
-    unit_setup(u);
+    let g = unit_of(u);
     // Candidates of the tile's last token bound every row's.
-    let p_end = pooled_end(min(t0 + tpw, prm.seq_q) - 1u);
+    let p_end = pooled_end(g, min(t0 + tpw, prm.seq_q) - 1u);
     var lse2: array<f32, TM>;
     for (var i = 0u; i < TM; i++) {
         lse2[i] = 0.0;
@@ -161,7 +161,7 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             l[i] = 0.0;
         }
         for (var p0 = 0u; p0 < p_end; p0 += BK) {
-            var s = score_logits(u, t0, p0, prm.scale * LOG2E, tid, ty, tx);
+            var s = score_logits(g, u, t0, p0, prm.scale * LOG2E, tid, ty, tx);
             for (var i = 0u; i < TM; i++) {
                 var mx = m[i];
                 for (var j = 0u; j < TN; j++) {
@@ -199,7 +199,7 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let scale = select(prm.scale * LOG2E, prm.scale, moba);
     for (var p0 = 0u; p0 < prm.np; p0 += BK) {
         if (p0 < p_end) {
-            let s = score_logits(u, t0, p0, scale, tid, ty, tx);
+            let s = score_logits(g, u, t0, p0, scale, tid, ty, tx);
             for (var i = 0u; i < TM; i++) {
                 for (var j = 0u; j < TN; j++) {
                     let x = s[i * TN + j];
@@ -216,7 +216,7 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             let p = p0 + c;
             if (t < prm.seq_q && p < prm.np) {
                 var sum = NEG;
-                if (p < pooled_end(t)) {
+                if (p < pooled_end(g, t)) {
                     sum = 0.0;
                     for (var h = 0u; h < prm.group; h++) {
                         sum += sh1_get((tt * prm.group + h) * BK + c);
@@ -263,18 +263,18 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         return;
     }
     let t = row % prm.seq_q;
-    unit_setup(row / prm.seq_q);
-    let cur = current_block(t);
-    let end = candidate_end(cur);
+    let g = unit_of(row / prm.seq_q);
+    let cur = current_block(g, t);
+    let end = candidate_end(g, cur);
     // Sort only the smallest power of two that holds the candidates.
     var p2 = 2u;
     while (p2 < end) {
         p2 <<= 1u;
     }
     let srow = prm.s_off + row * prm.np;
-    let pend = pooled_end(t);
+    let pend = pooled_end(g, t);
     for (var j = tid; j < p2; j += NT) {
-        sh_key[j] = topk_key(srow, j, end, cur, pend);
+        sh_key[j] = topk_key(g, srow, j, end, cur, pend);
         sh_idx[j] = j;
     }
     workgroupBarrier();
@@ -289,7 +289,7 @@ fn block_topk(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         let j = tid + n * NT;
         var x = PAD;
         if (j < end) {
-            x = select(evict_score(u, j, pend), FORCED, chosen_first(j, nq));
+            x = select(evict_score(g, u, j, pend), FORCED, chosen_first(j, nq));
         }
         keys[n] = x;
     }

@@ -47,14 +47,14 @@ fn block_topk_sg(@builtin(workgroup_id) wg: vec3<u32>,
         return;
     }
     let t = row % prm.seq_q;
-    unit_setup(row / prm.seq_q);
-    let cur = current_block(t);
-    let end = candidate_end(cur);
+    let g = unit_of(row / prm.seq_q);
+    let cur = current_block(g, t);
+    let end = candidate_end(g, cur);
     let srow = prm.s_off + row * prm.np;
-    let pend = pooled_end(t);
+    let pend = pooled_end(g, t);
     var keys: array<f32, EPT>;
     for (var n = 0u; n < EPT; n++) {
-        let x = topk_key(srow, tid + n * NT, end, cur, pend);
+        let x = topk_key(g, srow, tid + n * NT, end, cur, pend);
         // A NaN score ranks with the non-candidates (comparisons with NaN never pick it).
         keys[n] = select(x, NEG, x != x);
     }
@@ -72,7 +72,7 @@ fn block_topk_sg(@builtin(workgroup_id) wg: vec3<u32>,
             for (var n = 0u; n < EPT; n++) {
                 let j = tid + n * NT;
                 if (keys[n] != TAKEN) {
-                    keys[n] = select(evict_score(u, j, pend), PAD, j >= end);
+                    keys[n] = select(evict_score(g, u, j, pend), PAD, j >= end);
                 }
             }
             b = local_best(&keys, tid);

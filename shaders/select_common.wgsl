@@ -56,24 +56,22 @@ struct SelParams {
 @group(0) @binding(8) var<storage, read> lens: array<u32>;
 //#endif
 
-// The geometry of the workgroup's unit: the launch's, or (VARLEN) its sequence's length,
-// clamped to [seq_q, seq_k] so that no index leaves the buffers whatever lens holds.
-var<private> u_len: u32;
-var<private> u_q_pos0: u32;
-var<private> u_nb: u32;
-var<private> u_np: u32;
+// The geometry of a unit: the launch's, or (VARLEN) its sequence's length, clamped to
+// [seq_q, seq_k] so that no index leaves the buffers whatever lens holds. Passed by value (a
+// module-scope variable would make every barrier after it non-uniform to Tint's analysis).
+struct Unit {
+    len: u32,
+    q_pos0: u32,
+    nb: u32,
+    np: u32,
+}
 
-fn unit_setup(u: u32) {
+fn unit_of(u: u32) -> Unit {
 //#if VARLEN
-    u_len = clamp(lens[(prm.u0 + u) / prm.heads_kv], prm.seq_q, prm.seq_k);
-    u_q_pos0 = u_len - prm.seq_q;
-    u_nb = (u_len + BLK - 1u) / BLK;
-    u_np = (u_len + prm.pool_s - 1u) / prm.pool_s;
+    let len = clamp(lens[(prm.u0 + u) / prm.heads_kv], prm.seq_q, prm.seq_k);
+    return Unit(len, len - prm.seq_q, (len + BLK - 1u) / BLK, (len + prm.pool_s - 1u) / prm.pool_s);
 //#else
-    u_len = prm.seq_k;
-    u_q_pos0 = prm.q_pos0;
-    u_nb = prm.nb;
-    u_np = prm.np;
+    return Unit(prm.seq_k, prm.q_pos0, prm.nb, prm.np);
 //#endif
 }
 
@@ -85,12 +83,12 @@ fn complete_windows(len: u32) -> u32 {
     return (len - prm.pool_w) / prm.pool_s + 1u;
 }
 
-fn current_block(t: u32) -> u32 {
-    return min((u_q_pos0 + t) / BLK, u_nb - 1u);
+fn current_block(g: Unit, t: u32) -> u32 {
+    return min((g.q_pos0 + t) / BLK, g.nb - 1u);
 }
 
-fn candidate_end(cur: u32) -> u32 {
-    return select(u_nb, cur + 1u, prm.causal != 0u);
+fn candidate_end(g: Unit, cur: u32) -> u32 {
+    return select(g.nb, cur + 1u, prm.causal != 0u);
 }
 
 fn is_forced(cur: u32, j: u32) -> bool {
@@ -99,20 +97,20 @@ fn is_forced(cur: u32, j: u32) -> bool {
 
 // Pooled keys token t scores: causal, only the complete windows (every key at or before the
 // token: no future key steers the choice, and prefill selects as decoding will); else all.
-fn pooled_end(t: u32) -> u32 {
+fn pooled_end(g: Unit, t: u32) -> u32 {
     if (prm.causal == 0u) {
-        return u_np;
+        return g.np;
     }
-    return min(u_np, complete_windows(u_q_pos0 + t + 1u));
+    return min(g.np, complete_windows(g.q_pos0 + t + 1u));
 }
 
 // Score of block j: its pooled score, or (InfLLM-V2) the max over the candidate kernels that
 // overlap it. `pend` = candidate pooled keys of the row.
-fn block_score(srow: u32, j: u32, pend: u32) -> f32 {
+fn block_score(g: Unit, srow: u32, j: u32, pend: u32) -> f32 {
     if (prm.mode != 2u) {
         return scores[srow + j];
     }
-    let w = block_windows(j, pend);
+    let w = block_windows(g, j, pend);
     var best = NEG;
     for (var m = w.x; m < w.y; m++) {
         best = max(best, scores[srow + m]);
@@ -122,19 +120,19 @@ fn block_score(srow: u32, j: u32, pend: u32) -> f32 {
 
 // Pooled windows lo..hi (exclusive) that score block j for InfLLM-V2: the scored windows
 // (below pend) that overlap it.
-fn block_windows(j: u32, pend: u32) -> vec2<u32> {
+fn block_windows(g: Unit, j: u32, pend: u32) -> vec2<u32> {
     let start = j * BLK;
     var lo = 0u;
     if (start >= prm.pool_w) {
         lo = (start - prm.pool_w) / prm.pool_s + 1u;
     }
-    return vec2<u32>(lo, min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, u_np), pend));
+    return vec2<u32>(lo, min(min((start + BLK + prm.pool_s - 1u) / prm.pool_s, g.np), pend));
 }
 
 //#if NOSA
 // NOSA's eviction score of block j in unit u (pooled like the keys: the block's window, or the
 // max over the scored windows overlapping it); NEG where no window is scored, and for NaN.
-fn evict_score(u: u32, j: u32, pend: u32) -> f32 {
+fn evict_score(g: Unit, u: u32, j: u32, pend: u32) -> f32 {
     let base = prm.ep_off + u * prm.np;
     var best = NEG;
     if (prm.mode != 2u) {
@@ -142,7 +140,7 @@ fn evict_score(u: u32, j: u32, pend: u32) -> f32 {
             best = epool[base + j];
         }
     } else {
-        let w = block_windows(j, pend);
+        let w = block_windows(g, j, pend);
         for (var m = w.x; m < w.y; m++) {
             best = max(best, epool[base + m]);
         }
@@ -167,11 +165,11 @@ fn precedes(ka: f32, ia: u32, kb: f32, ib: u32) -> bool {
 }
 
 // Sort key of block j for the top-k: FORCED for forced blocks, PAD past the candidates.
-fn topk_key(srow: u32, j: u32, end: u32, cur: u32, pend: u32) -> f32 {
+fn topk_key(g: Unit, srow: u32, j: u32, end: u32, cur: u32, pend: u32) -> f32 {
     if (j >= end) {
         return PAD;
     }
-    return select(block_score(srow, j, pend), FORCED, is_forced(cur, j));
+    return select(block_score(g, srow, j, pend), FORCED, is_forced(cur, j));
 }
 
 // The chosen blocks, best first (the top-k kernels fill it).

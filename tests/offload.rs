@@ -218,6 +218,17 @@ fn offload_budget_errors_name_the_minimum() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("not a multiple of the block size 16"), "{e}");
+    // A host cache past what the device can map is an error, not a crash.
+    let huge = CacheShape {
+        batch: 64,
+        heads_kv: 8,
+        capacity: 1 << 20,
+        head_dim: 128,
+    };
+    let e = OffloadCache::new(&gpu, huge, &OffloadConfig::new(DType::F32, opts, 6))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bytes"), "{e}");
     let Some(plain) = common::gpu() else { return };
     let e = OffloadCache::new(&plain, cs, &OffloadConfig::new(DType::F32, opts, 6))
         .unwrap_err()

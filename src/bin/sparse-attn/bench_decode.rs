@@ -66,6 +66,14 @@ pub struct DecodeArgs {
     /// the query-aware choice moves from step to step (synthetic: trained models set this).
     #[arg(long, default_value_t = 1.0)]
     pub query_noise: f64,
+    /// Keys per workgroup of the decoding kernel (a multiple of 64 and of the block; default:
+    /// the library's choice, about a thousand workgroups per step).
+    #[arg(long)]
+    pub split_keys: Option<usize>,
+    /// After the timed steps, time one more step kernel by kernel (GPU timestamps around each
+    /// dispatch) and print where its GPU time goes.
+    #[arg(long)]
+    pub stages: bool,
     /// Refuse a configuration whose host caches would take more than this share of the
     /// machine's available memory.
     #[arg(long, default_value_t = 0.8)]
@@ -159,6 +167,8 @@ struct Run {
     hit_rate: Option<f64>,
     /// Bytes of k and v that full attention reads per step.
     kv_read_per_step: f64,
+    /// With --stages: (kernel, GPU seconds in one step, dispatches).
+    stages: Vec<(String, f64, u32)>,
 }
 
 fn select_options(a: &DecodeArgs, nosa: bool) -> Result<SelectOptions, Error> {
@@ -233,7 +243,13 @@ fn run_one(
                 };
                 Layer::Gpu {
                     cache,
-                    att: DecodeAttention::new(gpu, step, &DecodeConfig::new(keys).dtype(dtype))?,
+                    att: DecodeAttention::new(
+                        gpu,
+                        step,
+                        &DecodeConfig::new(keys)
+                            .dtype(dtype)
+                            .split_keys(a.split_keys),
+                    )?,
                     sel: match sparse {
                         true => Some(gpu.empty(&step.sel_dims(select.k), DType::U32)?),
                         false => None,
@@ -245,7 +261,11 @@ fn run_one(
                 let mut config = OffloadConfig::new(dtype, select, slots);
                 config.bias = bias;
                 let cache = Box::new(OffloadCache::new(gpu, shape, &config)?);
-                let att = DecodeAttention::new(gpu, step, &cache.attention_config())?;
+                let att = DecodeAttention::new(
+                    gpu,
+                    step,
+                    &cache.attention_config().split_keys(a.split_keys),
+                )?;
                 Layer::Offload { cache, att }
             }
         });
@@ -297,7 +317,13 @@ fn run_one(
         lse: gpu.empty(&step.lse_dims(), DType::F32)?,
     };
     let mut t0 = Instant::now();
-    for s in 0..total {
+    let mut stages = vec![];
+    let mut secs = 0.0;
+    for s in 0..total + a.stages as usize {
+        if s == total {
+            // One more step, profiled: every dispatch between timestamps.
+            gpu.profile_begin()?;
+        }
         if s == a.warmup {
             gpu.wait()?;
             for l in &layers {
@@ -329,8 +355,13 @@ fn run_one(
         }
         gpu.queue().submit([enc.finish()]);
         gpu.wait()?;
+        if s == total - 1 {
+            secs = t0.elapsed().as_secs_f64();
+        }
+        if s == total {
+            stages = gpu.profile_end()?;
+        }
     }
-    let secs = t0.elapsed().as_secs_f64();
     let mut stats = OffloadStats::default();
     let (mut gpu_bytes, mut host) = (0u64, 0u64);
     for l in &layers {
@@ -358,6 +389,7 @@ fn run_one(
         host_kv_bytes: host,
         copied_per_step: stats.loaded as f64 * block_bytes as f64 / a.steps as f64,
         hit_rate: offloaded.then(|| stats.hit_rate()),
+        stages,
         kv_read_per_step: (a.layers
             * batch
             * hkv
@@ -420,6 +452,16 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                             r.copied_per_step / 1e6,
                             r.hit_rate
                         );
+                        if !r.stages.is_empty() {
+                            let total: f64 = r.stages.iter().map(|x| x.1).sum();
+                            eprintln!(
+                                "  GPU time of one step by kernel ({:.3} ms in all):",
+                                total * 1e3
+                            );
+                            for (k, t, n) in &r.stages {
+                                eprintln!("    {k:<30} {:>9.3} ms  {n:>5} dispatches", t * 1e3);
+                            }
+                        }
                         // Full attention reads its whole cache: achieved GB/s, and the step's
                         // time over the time to read the cache at the copy bandwidth's read half.
                         let gbs = r.kv_read_per_step / (r.step_ms / 1e3) / 1e9;
