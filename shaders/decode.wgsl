@@ -169,15 +169,18 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             s[g] = 0.0;
         }
         for (var d0 = 0u; d0 < D4; d0 += DCV) {
+            // All DCV loads first, unconditionally (a masked key reads row 0 of its unit): a
+            // load under a branch was waited for before the next one was issued.
+            var kx: array<vec4<f32>, DCV>;
             for (var n = 0u; n < DCV; n++) {
                 let e = tid + NT * n;
-                let r = e / DCV;
-                let key = sh_key[r];
-                var x = vec4<f32>(0.0);
-                if (key != SENTINEL) {
-                    x = unpack_st(k[k4 + key * D4 + d0 + e % DCV]);
-                }
-                sh_k[r * DSV + e % DCV] = x;
+                let key = sh_key[e / DCV];
+                kx[n] = unpack_st(k[k4 + select(0u, key, key != SENTINEL) * D4 + d0 + e % DCV]);
+            }
+            for (var n = 0u; n < DCV; n++) {
+                let e = tid + NT * n;
+                let live = sh_key[e / DCV] != SENTINEL;
+                sh_k[(e / DCV) * DSV + e % DCV] = select(vec4<f32>(0.0), kx[n], live);
             }
             workgroupBarrier();
             for (var c = 0u; c < DCV; c++) {

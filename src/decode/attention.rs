@@ -222,8 +222,12 @@ impl DecodeAttention {
         let d4 = d / 4;
         let shared = |dcv: usize| (g * d4 + NT * (dcv + 1)) * 16 + (g * NT + NT + 3 * g) * 4;
         let max_shared = l.max_compute_workgroup_storage_size as usize;
-        let dcv = [8, 4, 2, 1]
+        // Developer knob: SPARSE_ATTN_DECODE=vu,dcv (V rows loaded ahead, K vec4 per step).
+        let knob = crate::ops::tiles::tuning("SPARSE_ATTN_DECODE", None).unwrap_or_default();
+        let dcv_max = knob.get(1).map_or(8, |&c| c as usize);
+        let dcv = [64, 32, 16, 8, 4, 2, 1]
             .into_iter()
+            .filter(|&c| c <= dcv_max)
             .find(|&c| d4.is_multiple_of(c) && shared(c) <= max_shared)
             .ok_or_else(|| {
                 Error::Unsupported(format!(
@@ -260,6 +264,13 @@ impl DecodeAttention {
             (max_dim * max_dim) / (nq * ns * gg),
         )?;
         let direct = n_split == 1;
+        // V rows loaded ahead per thread (a power-of-two divisor of the 64-key tile; 16 was
+        // the fastest on the H200, docs/BENCHMARKS.md).
+        let vu = knob
+            .first()
+            .copied()
+            .filter(|v| [1, 2, 4, 8, 16, 32, 64].contains(v))
+            .unwrap_or(16);
         let key = |entry| PipelineKey {
             file: "decode.wgsl",
             entry,
@@ -270,7 +281,7 @@ impl DecodeAttention {
                 ("DCV", dcv as u32),
                 ("DSV", dcv as u32 + 1),
                 ("ACCN", (g * d4).div_ceil(NT) as u32),
-                ("VU", 8),
+                ("VU", vu),
                 ("SPARSE", (nsel > 0) as u32),
                 ("SLOTS", slots.is_some() as u32),
                 ("BLK", block as u32),
