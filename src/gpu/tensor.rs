@@ -155,32 +155,7 @@ fn checked_len(shape: &[usize], dtype: DType) -> Result<(usize, u64)> {
 impl Gpu {
     /// A tensor with undefined contents (kernels overwrite it).
     pub fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let (_, bytes) = checked_len(shape, dtype)?;
-        let max = self.limits().max_buffer_size;
-        if bytes > max {
-            return Err(Error::Unsupported(format!(
-                "tensor of shape {shape:?} needs {bytes} bytes; this device allows buffers of at \
-                 most {max} bytes"
-            )));
-        }
-        // Zero-sized buffers are legal in wgpu but cannot be bound: keep at least one element.
-        let size = bytes.max(4).next_multiple_of(4);
-        let buffer = self.scoped("allocating a tensor", || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("tensor"),
-                size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })?;
-        Ok(Tensor {
-            buffer,
-            offset: 0,
-            shape: shape.to_vec(),
-            dtype,
-        })
+        self.alloc(shape, dtype, wgpu::BufferUsages::empty(), "tensor")
     }
 
     /// A tensor in host memory that kernels read and write in place (over the bus on a
@@ -195,23 +170,35 @@ impl Gpu {
                     .into(),
             ));
         }
+        self.alloc(shape, dtype, wgpu::BufferUsages::MAP_READ, "host tensor")
+    }
+
+    /// A storage buffer (copyable both ways, plus `extra` usages) for a tensor of `shape`.
+    fn alloc(
+        &self,
+        shape: &[usize],
+        dtype: DType,
+        extra: wgpu::BufferUsages,
+        what: &'static str,
+    ) -> Result<Tensor> {
         let (_, bytes) = checked_len(shape, dtype)?;
         let max = self.limits().max_buffer_size;
         if bytes > max {
             return Err(Error::Unsupported(format!(
-                "a host tensor of shape {shape:?} needs {bytes} bytes; this device allows buffers \
-                 of at most {max} bytes"
+                "{what} of shape {shape:?} needs {bytes} bytes; this device allows buffers of at \
+                 most {max} bytes"
             )));
         }
+        // Zero-sized buffers are legal in wgpu but cannot be bound: keep at least one element.
         let size = bytes.max(4).next_multiple_of(4);
-        let buffer = self.scoped("allocating a tensor in host memory", || {
+        let buffer = self.scoped(&format!("allocating a {what}"), || {
             self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("host tensor"),
+                label: Some(what),
                 size,
                 usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::MAP_READ
                     | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
+                    | wgpu::BufferUsages::COPY_DST
+                    | extra,
                 mapped_at_creation: false,
             })
         })?;

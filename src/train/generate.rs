@@ -13,15 +13,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor as BTensor, TensorData};
 
-use crate::decode::{CacheConfig, KvCache, OffloadCache, OffloadConfig, OffloadStats};
+use crate::decode::{DecodeLayer, LayerConfig, OffloadStats};
 use crate::error::{Error, Result, invalid};
-use crate::gpu::{DType, Gpu, Tensor};
-use crate::ops::attention::AttnOutput;
-use crate::problem::{CacheShape, DecodeKeys, SelectOptions};
+use crate::gpu::{DType, Gpu};
+use crate::problem::{CacheShape, SelectOptions};
 use crate::reference::Rng;
 use crate::train::bridge::Runtime;
 use crate::train::model::{Lm, LmConfig};
-use crate::{DecodeAttention, DecodeConfig, DecodeInputs};
 
 /// Which keys each new token attends to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,61 +79,9 @@ impl GenerateOptions {
     }
 }
 
-enum LayerCache {
-    Gpu(Box<KvCache>),
-    Offload(Box<OffloadCache>),
-}
-
-/// One layer's decoding state: its cache, the attention over it, and scratch.
-pub(crate) struct LayerState {
-    cache: LayerCache,
-    att: DecodeAttention,
-    /// The step's selection (sparse on the GPU) and LSE.
-    sel: Option<Tensor>,
-    lse: Tensor,
-    bias: bool,
-}
-
-impl LayerState {
-    /// Record one step: append k, v (and the bias), select, attend into `o`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn encode(
-        &mut self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        bias: Option<&Tensor>,
-        o: &Tensor,
-    ) -> Result<()> {
-        let out = AttnOutput {
-            o: o.clone(),
-            lse: self.lse.clone(),
-        };
-        match &mut self.cache {
-            LayerCache::Gpu(c) => {
-                c.append(gpu, enc, k, v, bias, None)?;
-                if let Some(sel) = &self.sel {
-                    c.select(gpu, enc, q, sel)?;
-                }
-                let x = DecodeInputs::new(q, c.k(), c.v(), c.lens_tensor())
-                    .sel(self.sel.as_ref())
-                    .bias(if self.bias { c.bias() } else { None });
-                self.att.encode(gpu, enc, &x, &out)
-            }
-            LayerCache::Offload(c) => {
-                c.append(gpu, enc, k, v, bias, None)?;
-                c.prepare(gpu, enc, q)?;
-                self.att.encode(gpu, enc, &c.inputs(q), &out)
-            }
-        }
-    }
-}
-
 /// A layer's decoding state as the backend op carries it (shared, locked per step).
 #[derive(Clone)]
-pub struct DecodeCfg(Arc<Mutex<LayerState>>);
+pub struct DecodeCfg(Arc<Mutex<DecodeLayer>>);
 
 impl std::fmt::Debug for DecodeCfg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -144,7 +90,7 @@ impl std::fmt::Debug for DecodeCfg {
 }
 
 impl DecodeCfg {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, LayerState> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, DecodeLayer> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -196,9 +142,6 @@ impl Decoder {
                 Some(cfg.select_options())
             }
         };
-        if opts.offload_slots.is_some() && select.is_none() {
-            invalid!("an offloaded cache serves sparse or NOSA attention, not full attention");
-        }
         let block = cfg.block;
         // Room for the budget's blocks (a short sequence attends to all of its blocks).
         let mut capacity = opts.capacity.next_multiple_of(block);
@@ -211,50 +154,19 @@ impl Decoder {
             capacity,
             head_dim: cfg.head_dim(),
         };
-        let step = shape.step(cfg.heads_q, 1);
-        let mut layers = Vec::with_capacity(cfg.layers);
-        for _ in 0..cfg.layers {
-            let state = match (select, opts.offload_slots) {
-                (Some(sel), Some(slots)) => {
-                    let mut oc = OffloadConfig::new(DType::F32, sel, slots);
-                    oc.bias = bias;
-                    let c = OffloadCache::new(&gpu, shape, &oc)?;
-                    let att = DecodeAttention::new(&gpu, step, &c.attention_config())?;
-                    LayerState {
-                        cache: LayerCache::Offload(Box::new(c)),
-                        att,
-                        sel: None,
-                        lse: gpu.empty(&step.lse_dims(), DType::F32)?,
-                        bias,
-                    }
-                }
-                (sel, _) => {
-                    let c = KvCache::new(
-                        &gpu,
-                        shape,
-                        &CacheConfig::new(DType::F32).bias(bias).select(sel),
-                    )?;
-                    let keys = match sel {
-                        Some(s) => DecodeKeys::Sparse {
-                            block: s.block,
-                            nsel: s.k,
-                        },
-                        None => DecodeKeys::Full,
-                    };
-                    LayerState {
-                        cache: LayerCache::Gpu(Box::new(c)),
-                        att: DecodeAttention::new(&gpu, step, &DecodeConfig::new(keys).bias(bias))?,
-                        sel: match sel {
-                            Some(s) => Some(gpu.empty(&step.sel_dims(s.k), DType::U32)?),
-                            None => None,
-                        },
-                        lse: gpu.empty(&step.lse_dims(), DType::F32)?,
-                        bias,
-                    }
-                }
-            };
-            layers.push(DecodeCfg(Arc::new(Mutex::new(state))));
-        }
+        let layer = LayerConfig {
+            bias,
+            select,
+            offload_slots: opts.offload_slots,
+            ..LayerConfig::new(shape, cfg.heads_q, DType::F32)
+        };
+        let layers = (0..cfg.layers)
+            .map(|_| {
+                Ok(DecodeCfg(Arc::new(Mutex::new(DecodeLayer::new(
+                    &gpu, &layer,
+                )?))))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             model,
             cfg,
@@ -299,33 +211,24 @@ impl Decoder {
 
     /// GPU and host bytes of the caches of every layer.
     pub fn kv_bytes(&self) -> (u64, u64) {
-        let (mut g, mut h) = (0, 0);
-        for l in &self.layers {
-            match &l.lock().cache {
-                LayerCache::Gpu(c) => g += c.gpu_bytes(),
-                LayerCache::Offload(c) => {
-                    g += c.gpu_bytes();
-                    h += c.host_bytes();
-                }
-            }
-        }
-        (g, h)
+        self.layers.iter().fold((0, 0), |(g, h), l| {
+            let (a, b) = l.lock().kv_bytes();
+            (g + a, h + b)
+        })
     }
 
     /// Offloaded caches: the counters of every layer summed (a sync point); `None` otherwise.
     pub fn offload_stats(&self) -> Result<Option<OffloadStats>> {
-        let mut total = OffloadStats::default();
-        let mut any = false;
+        let mut total: Option<OffloadStats> = None;
         for l in &self.layers {
-            if let LayerCache::Offload(c) = &l.lock().cache {
-                let s = c.stats(&self.gpu)?;
-                total.selected += s.selected;
-                total.hits += s.hits;
-                total.loaded += s.loaded;
-                any = true;
+            if let Some(s) = l.lock().offload_stats(&self.gpu)? {
+                let t = total.get_or_insert_with(OffloadStats::default);
+                t.selected += s.selected;
+                t.hits += s.hits;
+                t.loaded += s.loaded;
             }
         }
-        Ok(any.then_some(total))
+        Ok(total)
     }
 }
 

@@ -391,7 +391,7 @@ fn decode_step(
     let (bo, o) = bind(&gpu, alloc(&gpu, &q, &dims(&q), BurnDType::F32));
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     cfg.lock()
-        .encode(
+        .encode_step(
             &gpu,
             &mut enc,
             &bq.tensor,

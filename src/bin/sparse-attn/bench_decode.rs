@@ -9,13 +9,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use sparse_attn::decode::{OffloadCache, OffloadConfig, OffloadStats};
+use sparse_attn::Error;
+use sparse_attn::decode::{DecodeLayer, LayerConfig, OffloadConfig, OffloadStats};
 use sparse_attn::gpu::{DType, Gpu, GpuOptions, Tensor};
-use sparse_attn::problem::{CacheShape, DecodeKeys, SelectOptions};
+use sparse_attn::problem::{CacheShape, SelectOptions};
 use sparse_attn::reference::Rng;
-use sparse_attn::{
-    AttnOutput, CacheConfig, DecodeAttention, DecodeConfig, DecodeInputs, Error, KvCache,
-};
 
 use crate::args::parse_dtype;
 use crate::report::{Output, Table, emit_record};
@@ -70,6 +68,10 @@ pub struct DecodeArgs {
     /// the library's choice, about a thousand workgroups per step).
     #[arg(long)]
     pub split_keys: Option<usize>,
+    /// The device's memory bandwidth in GB/s (e.g. 4800 for an H200): full attention's step is
+    /// then reported against the time to read its k and v at that speed.
+    #[arg(long)]
+    pub bandwidth_gbs: Option<f64>,
     /// After the timed steps, time one more step kernel by kernel (GPU timestamps around each
     /// dispatch) and print where its GPU time goes.
     #[arg(long)]
@@ -143,18 +145,6 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64, Error> {
     Ok(20.0 * 2.0 * (n * 4) as f64 / secs / 1e9)
 }
 
-enum Layer {
-    Gpu {
-        cache: Box<KvCache>,
-        att: DecodeAttention,
-        sel: Option<Tensor>,
-    },
-    Offload {
-        cache: Box<OffloadCache>,
-        att: DecodeAttention,
-    },
-}
-
 struct Run {
     mode: Mode,
     batch: usize,
@@ -224,52 +214,17 @@ fn run_one(
             a.host_share
         )));
     }
-    let mut layers = Vec::with_capacity(a.layers);
-    for _ in 0..a.layers {
-        layers.push(match mode {
-            Mode::Full | Mode::InfLlm => {
-                let sparse = mode == Mode::InfLlm;
-                let cache = Box::new(KvCache::new(
-                    gpu,
-                    shape,
-                    &CacheConfig::new(dtype).select(sparse.then_some(select)),
-                )?);
-                let keys = match sparse {
-                    true => DecodeKeys::Sparse {
-                        block: select.block,
-                        nsel: select.k,
-                    },
-                    false => DecodeKeys::Full,
-                };
-                Layer::Gpu {
-                    cache,
-                    att: DecodeAttention::new(
-                        gpu,
-                        step,
-                        &DecodeConfig::new(keys)
-                            .dtype(dtype)
-                            .split_keys(a.split_keys),
-                    )?,
-                    sel: match sparse {
-                        true => Some(gpu.empty(&step.sel_dims(select.k), DType::U32)?),
-                        false => None,
-                    },
-                }
-            }
-            Mode::OffloadInfLlm | Mode::OffloadNosa => {
-                let slots = a.slots.unwrap_or(select.k);
-                let mut config = OffloadConfig::new(dtype, select, slots);
-                config.bias = bias;
-                let cache = Box::new(OffloadCache::new(gpu, shape, &config)?);
-                let att = DecodeAttention::new(
-                    gpu,
-                    step,
-                    &cache.attention_config().split_keys(a.split_keys),
-                )?;
-                Layer::Offload { cache, att }
-            }
-        });
-    }
+    let offloaded = matches!(mode, Mode::OffloadInfLlm | Mode::OffloadNosa);
+    let layer = LayerConfig {
+        bias,
+        select: (mode != Mode::Full).then_some(select),
+        offload_slots: offloaded.then(|| a.slots.unwrap_or(select.k)),
+        split_keys: a.split_keys,
+        ..LayerConfig::new(shape, hq, dtype)
+    };
+    let mut layers = (0..a.layers)
+        .map(|_| DecodeLayer::new(gpu, &layer))
+        .collect::<Result<Vec<_>, _>>()?;
     // The prompt: the same random rows for every layer (the kernels do not care), appended in
     // chunks so that the source stays small.
     let chunk = context.min(4096);
@@ -282,14 +237,7 @@ fn run_one(
         let counts = vec![n as u32; batch];
         for l in layers.iter_mut() {
             let mut enc = gpu.device().create_command_encoder(&Default::default());
-            match l {
-                Layer::Gpu { cache, .. } => {
-                    cache.append(gpu, &mut enc, &kp, &vp, None, Some(&counts))?
-                }
-                Layer::Offload { cache, .. } => {
-                    cache.append(gpu, &mut enc, &kp, &vp, bias.then_some(&ep), Some(&counts))?
-                }
-            }
+            l.append(gpu, &mut enc, &kp, &vp, bias.then_some(&ep), Some(&counts))?;
             gpu.queue().submit([enc.finish()]);
         }
         gpu.wait()?;
@@ -312,10 +260,7 @@ fn run_one(
             gpu.upload_as(&step.q_dims(), &q, dtype)
         })
         .collect::<Result<_, _>>()?;
-    let out = AttnOutput {
-        o: gpu.empty(&step.q_dims(), dtype)?,
-        lse: gpu.empty(&step.lse_dims(), DType::F32)?,
-    };
+    let out = gpu.empty(&step.q_dims(), dtype)?;
     let mut t0 = Instant::now();
     let mut stages = vec![];
     let mut secs = 0.0;
@@ -327,31 +272,14 @@ fn run_one(
         if s == a.warmup {
             gpu.wait()?;
             for l in &layers {
-                if let Layer::Offload { cache, .. } = l {
-                    cache.reset_stats(gpu)?;
-                }
+                l.reset_stats(gpu)?;
             }
             t0 = Instant::now();
         }
         let (k1, e1, q) = (&kn[s % pool], &en[s % pool], &qs[s % pool]);
         let mut enc = gpu.device().create_command_encoder(&Default::default());
         for l in layers.iter_mut() {
-            match l {
-                Layer::Gpu { cache, att, sel } => {
-                    cache.append(gpu, &mut enc, k1, k1, None, None)?;
-                    if let Some(sel) = sel {
-                        cache.select(gpu, &mut enc, q, sel)?;
-                    }
-                    let x = DecodeInputs::new(q, cache.k(), cache.v(), cache.lens_tensor())
-                        .sel(sel.as_ref());
-                    att.encode(gpu, &mut enc, &x, &out)?;
-                }
-                Layer::Offload { cache, att } => {
-                    cache.append(gpu, &mut enc, k1, k1, bias.then_some(e1), None)?;
-                    cache.prepare(gpu, &mut enc, q)?;
-                    att.encode(gpu, &mut enc, &cache.inputs(q), &out)?;
-                }
-            }
+            l.encode_step(gpu, &mut enc, q, k1, k1, bias.then_some(e1), &out)?;
         }
         gpu.queue().submit([enc.finish()]);
         gpu.wait()?;
@@ -365,19 +293,15 @@ fn run_one(
     let mut stats = OffloadStats::default();
     let (mut gpu_bytes, mut host) = (0u64, 0u64);
     for l in &layers {
-        match l {
-            Layer::Gpu { cache, .. } => gpu_bytes += cache.gpu_bytes(),
-            Layer::Offload { cache, .. } => {
-                gpu_bytes += cache.gpu_bytes();
-                host += cache.host_bytes();
-                let st = cache.stats(gpu)?;
-                stats.selected += st.selected;
-                stats.hits += st.hits;
-                stats.loaded += st.loaded;
-            }
+        let (g, h) = l.kv_bytes();
+        gpu_bytes += g;
+        host += h;
+        if let Some(st) = l.offload_stats(gpu)? {
+            stats.selected += st.selected;
+            stats.hits += st.hits;
+            stats.loaded += st.loaded;
         }
     }
-    let offloaded = matches!(mode, Mode::OffloadInfLlm | Mode::OffloadNosa);
     let block_bytes = OffloadConfig::slot_bytes(dtype, a.block, d, bias);
     Ok(Run {
         mode,
@@ -419,7 +343,10 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
         ..opts.clone()
     })?;
     let bw = copy_bandwidth(&gpu)?;
-    println!("device-to-device copy bandwidth (read + write): {bw:.0} GB/s");
+    println!(
+        "device-to-device copy bandwidth (read + write, copy commands; below the memory's on some \
+         drivers): {bw:.0} GB/s"
+    );
     let mut table = Table::new(&[
         "mode",
         "batch",
@@ -463,9 +390,8 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                             }
                         }
                         // Full attention reads its whole cache: achieved GB/s, and the step's
-                        // time over the time to read the cache at the copy bandwidth's read half.
+                        // time over the time to read the cache at the device's bandwidth.
                         let gbs = r.kv_read_per_step / (r.step_ms / 1e3) / 1e9;
-                        let bw_time = r.kv_read_per_step / (bw / 2.0 * 1e9);
                         table.row(vec![
                             r.mode.name().into(),
                             r.batch.to_string(),
@@ -481,10 +407,12 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                             } else {
                                 "-".into()
                             },
-                            if r.mode == Mode::Full {
-                                format!("{:.2}", r.step_ms / 1e3 / bw_time)
-                            } else {
-                                "-".into()
+                            match (r.mode, a.bandwidth_gbs) {
+                                (Mode::Full, Some(b)) => format!(
+                                    "{:.2}",
+                                    r.step_ms / 1e3 / (r.kv_read_per_step / (b * 1e9))
+                                ),
+                                _ => "-".into(),
                             },
                         ]);
                         records.push(serde_json::json!({
@@ -523,7 +451,7 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
          waiting for each step; attention only (no projections or MLP). Selection: blocks of \
          {}, k = {}; queries = fixed direction + noise {} (synthetic: locality depends on \
          trained weights). 'x bw time': full attention's step over the time to read its k and \
-         v at half the copy bandwidth.",
+         v at --bandwidth-gbs.",
         a.layers, a.heads_kv, a.head_dim, a.dtype, a.block, a.k, a.query_noise
     );
     let record = serde_json::json!({

@@ -1,0 +1,185 @@
+//! One attention layer's decoding: its cache (on the GPU or offloaded), the attention that reads
+//! it, and the step that ties them (append the new tokens' k, v and bias, select, attend). The
+//! model-level decoder (`train::generate`) and `bench decode` both run layers of this.
+
+use crate::decode::attention::{DecodeAttention, DecodeConfig, DecodeInputs};
+use crate::decode::cache::{CacheConfig, KvCache};
+use crate::decode::offload::{OffloadCache, OffloadConfig, OffloadStats};
+use crate::error::{Result, invalid};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::attention::AttnOutput;
+use crate::problem::{CacheShape, DecodeKeys, SelectOptions};
+
+/// What a [`DecodeLayer`] is built for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerConfig {
+    pub cache: CacheShape,
+    pub heads_q: usize,
+    /// k, v, q and O (F32 or F16).
+    pub dtype: DType,
+    /// NOSA's per-key bias (attention bias and, with `select.evict > 0`, eviction score).
+    pub bias: bool,
+    /// Sparse decoding over this selection; `None`: full attention.
+    pub select: Option<SelectOptions>,
+    /// Offload the cache to host memory with this many GPU slots per (sequence, kv head).
+    pub offload_slots: Option<usize>,
+    /// Keys per workgroup of the attention (`None`: the library's choice).
+    pub split_keys: Option<usize>,
+}
+
+impl LayerConfig {
+    pub fn new(cache: CacheShape, heads_q: usize, dtype: DType) -> Self {
+        Self {
+            cache,
+            heads_q,
+            dtype,
+            bias: false,
+            select: None,
+            offload_slots: None,
+            split_keys: None,
+        }
+    }
+}
+
+enum Cache {
+    Gpu(Box<KvCache>),
+    Offload(Box<OffloadCache>),
+}
+
+/// One layer's decoding state.
+pub struct DecodeLayer {
+    cache: Cache,
+    att: DecodeAttention,
+    /// The step's selection (sparse with the cache on the GPU) and LSE.
+    sel: Option<Tensor>,
+    lse: Tensor,
+    bias: bool,
+}
+
+impl DecodeLayer {
+    pub fn new(gpu: &Gpu, c: &LayerConfig) -> Result<Self> {
+        let step = c.cache.step(c.heads_q, 1);
+        let lse = gpu.empty(&step.lse_dims(), DType::F32)?;
+        let (cache, att, sel) = match (c.select, c.offload_slots) {
+            (None, Some(_)) => {
+                invalid!("an offloaded cache serves sparse or NOSA attention, not full attention")
+            }
+            (Some(s), Some(slots)) => {
+                let mut oc = OffloadConfig::new(c.dtype, s, slots);
+                oc.bias = c.bias;
+                let cache = OffloadCache::new(gpu, c.cache, &oc)?;
+                let att = cache.attention_config().split_keys(c.split_keys);
+                let att = DecodeAttention::new(gpu, step, &att)?;
+                (Cache::Offload(Box::new(cache)), att, None)
+            }
+            (select, None) => {
+                let config = CacheConfig::new(c.dtype).bias(c.bias).select(select);
+                let cache = KvCache::new(gpu, c.cache, &config)?;
+                let keys = match select {
+                    Some(s) => DecodeKeys::Sparse {
+                        block: s.block,
+                        nsel: s.k,
+                    },
+                    None => DecodeKeys::Full,
+                };
+                let att = DecodeConfig::new(keys)
+                    .bias(c.bias)
+                    .dtype(c.dtype)
+                    .split_keys(c.split_keys);
+                let sel = match select {
+                    Some(s) => Some(gpu.empty(&step.sel_dims(s.k), DType::U32)?),
+                    None => None,
+                };
+                (
+                    Cache::Gpu(Box::new(cache)),
+                    DecodeAttention::new(gpu, step, &att)?,
+                    sel,
+                )
+            }
+        };
+        Ok(Self {
+            cache,
+            att,
+            sel,
+            lse,
+            bias: c.bias,
+        })
+    }
+
+    /// Append tokens without attending (a prompt): see [`KvCache::append`].
+    pub fn append(
+        &mut self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        counts: Option<&[u32]>,
+    ) -> Result<()> {
+        match &mut self.cache {
+            Cache::Gpu(c) => c.append(gpu, enc, k, v, bias, counts),
+            Cache::Offload(c) => c.append(gpu, enc, k, v, bias, counts),
+        }
+    }
+
+    /// Record one step: the new token's k, v `[b, hkv, 1, d]` (and bias `[b, hkv, 1]`) into the
+    /// cache, select (sparse), copy missing blocks (offloaded), attend for q `[b, hq, 1, d]`
+    /// into `o` (the LSE stays in the layer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_step(
+        &mut self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        o: &Tensor,
+    ) -> Result<()> {
+        let out = AttnOutput {
+            o: o.clone(),
+            lse: self.lse.clone(),
+        };
+        self.append(gpu, enc, k, v, bias, None)?;
+        match &mut self.cache {
+            Cache::Gpu(c) => {
+                if let Some(sel) = &self.sel {
+                    c.select(gpu, enc, q, sel)?;
+                }
+                let x = DecodeInputs::new(q, c.k(), c.v(), c.lens_tensor())
+                    .sel(self.sel.as_ref())
+                    .bias(if self.bias { c.bias() } else { None });
+                self.att.encode(gpu, enc, &x, &out)
+            }
+            Cache::Offload(c) => {
+                c.prepare(gpu, enc, q)?;
+                self.att.encode(gpu, enc, &c.inputs(q), &out)
+            }
+        }
+    }
+
+    /// Bytes of the cache on the GPU and in host memory.
+    pub fn kv_bytes(&self) -> (u64, u64) {
+        match &self.cache {
+            Cache::Gpu(c) => (c.gpu_bytes(), 0),
+            Cache::Offload(c) => (c.gpu_bytes(), c.host_bytes()),
+        }
+    }
+
+    /// The offloaded cache's counters (a sync point); `None` with the cache on the GPU.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn offload_stats(&self, gpu: &Gpu) -> Result<Option<OffloadStats>> {
+        match &self.cache {
+            Cache::Gpu(_) => Ok(None),
+            Cache::Offload(c) => c.stats(gpu).map(Some),
+        }
+    }
+
+    /// Zero the offloaded cache's counters (nothing on the GPU).
+    pub fn reset_stats(&self, gpu: &Gpu) -> Result<()> {
+        match &self.cache {
+            Cache::Gpu(_) => Ok(()),
+            Cache::Offload(c) => c.reset_stats(gpu),
+        }
+    }
+}
