@@ -175,6 +175,14 @@ impl DecodeLayer {
         }
     }
 
+    /// [`Self::offload_stats`] without blocking (the browser's way).
+    pub async fn offload_stats_async(&self, gpu: &Gpu) -> Result<Option<OffloadStats>> {
+        match &self.cache {
+            Cache::Gpu(_) => Ok(None),
+            Cache::Offload(c) => c.stats_async(gpu).await.map(Some),
+        }
+    }
+
     /// Zero the offloaded cache's counters (nothing on the GPU).
     pub fn reset_stats(&self, gpu: &Gpu) -> Result<()> {
         match &self.cache {
