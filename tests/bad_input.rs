@@ -334,3 +334,56 @@ fn decoding_errors_name_the_problem() {
         "{e}"
     );
 }
+
+/// Caches and layers built from options that contradict each other are errors that say which.
+#[test]
+fn decoding_caches_refuse_contradictory_options() {
+    use sparse_attn::decode::{DecodeLayer, LayerConfig};
+    use sparse_attn::gpu::DType;
+    use sparse_attn::problem::SelectOptions;
+    use sparse_attn::{CacheConfig, CacheShape, KvCache};
+    let Some(gpu) = common::gpu() else { return };
+    let cs = CacheShape {
+        batch: 1,
+        heads_kv: 2,
+        capacity: 256,
+        head_dim: 32,
+    };
+    let nosa = SelectOptions::nosa_budget(16, 6, 1, 1, 2).unwrap();
+    // NOSA ranks blocks by the eviction score, which is the cache's bias.
+    let e = msg(KvCache::new(
+        &gpu,
+        cs,
+        &CacheConfig::new(DType::F32).select(Some(nosa)),
+    ));
+    assert!(e.contains("needs the bias"), "{e}");
+    let acausal = SelectOptions {
+        causal: false,
+        ..SelectOptions::ssa()
+    };
+    let e = msg(KvCache::new(
+        &gpu,
+        cs,
+        &CacheConfig::new(DType::F32).select(Some(acausal)),
+    ));
+    assert!(e.contains("causal"), "{e}");
+    // An offloaded cache serves a selection; full attention reads the whole cache.
+    let layer = LayerConfig {
+        offload_slots: Some(8),
+        ..LayerConfig::new(cs, 4, DType::F32)
+    };
+    let e = msg(DecodeLayer::new(&gpu, &layer).map(|_| ()));
+    assert!(e.contains("not full attention"), "{e}");
+    // Appending past the capacity, or a count larger than the rows given.
+    let mut c = KvCache::new(&gpu, cs, &CacheConfig::new(DType::F32)).unwrap();
+    let k = gpu.upload(&[1, 2, 4, 32], &[0.5; 256]).unwrap();
+    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let e = msg(c.append(&gpu, &mut enc, &k, &k, None, Some(&[5])));
+    assert!(e.contains("exceeds the 4 rows given"), "{e}");
+    let e = msg(c.append(&gpu, &mut enc, &k, &k, None, Some(&[1, 1])));
+    assert!(e.contains("2 counts given for a batch of 1"), "{e}");
+    let q = gpu.upload(&[1, 4, 1, 32], &[0.5; 128]).unwrap();
+    let sel = gpu.empty(&[1, 2, 1, 6], DType::U32).unwrap();
+    let e = msg(c.select(&gpu, &mut enc, &q, &sel));
+    assert!(e.contains("keeps no selection state"), "{e}");
+}

@@ -404,6 +404,9 @@ impl KvCache {
         q: &Tensor,
         out: &Tensor,
     ) -> Result<()> {
+        if self.pool.is_none() {
+            invalid!("this cache keeps no selection state (CacheConfig::select)");
+        }
         let s = self.shape;
         let [b, hq, n_q, d] = q.shape() else {
             invalid!(
