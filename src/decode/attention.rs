@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
-use crate::ops::attention::{AttnOutput, check_bias_bindings};
+use crate::ops::attention::{AttnOutput, bias_input, check_bias_bindings};
 use crate::ops::launch::{self, Chunk, check_args, input, output, plan_units, window_sized};
 use crate::problem::{DecodeKeys, DecodeShape};
 
@@ -380,16 +380,12 @@ impl DecodeAttention {
                 "a selection was given to full decoding attention (build it with DecodeKeys::Sparse)"
             ),
         }
-        match (x.bias, self.config.bias) {
-            (Some(t), true) => args.push(input("bias", t, &bd, DType::F32)),
-            (None, false) => {}
-            (None, true) => {
-                invalid!("this decoding attention was built with a bias; none was given")
-            }
-            (Some(_), false) => invalid!(
-                "a bias was given to decoding attention built without one (DecodeConfig::bias)"
-            ),
-        }
+        args.extend(bias_input(
+            "decoding attention",
+            self.config.bias,
+            x.bias,
+            &bd,
+        )?);
         check_args(&args)?;
         let scale = self
             .config
