@@ -133,15 +133,113 @@ fn score_logits(g: Unit, u: u32, t0: u32, p0: u32, scale: f32, tid: u32, ty: u32
     return s;
 }
 
-// One workgroup per tile of BQ / G tokens (all G query heads of each) and (batch, kv head):
-// the logits are a tiled matrix product of those rows with the pooled keys. SSA and InfLLM-V2
-// take two passes (each row's log-sum-exp over its candidates, then the normalised
-// probabilities summed over the heads); MoBA sums the scaled logits in one.
+//#if SPLIT
+// Per (unit, token row, split): the row's max and sum (log2 domain) over the split's keys.
+@group(0) @binding(9) var<storage, read_write> part: array<vec2<f32>>;
+//#endif
+
+// The tile and the key range of a block-score workgroup: wg.x = tile · n_split + split; the
+// pooled keys [split · split_np, +split_np) (the whole row when n_split = 1).
+struct ScoreWg {
+    t0: u32,
+    pa: u32,
+    pb: u32,
+}
+
+fn score_wg(x: u32) -> ScoreWg {
+    let split = x % prm.n_split;
+    let pa = split * prm.split_np;
+    return ScoreWg((x / prm.n_split) * (BQ / prm.group), pa, min(pa + prm.split_np, prm.np));
+}
+
+// Pass 1 over the candidates in pooled keys [pa, pb) of the tile's rows: each row's max and
+// sum of exp2 (log2 domain), this thread's TM rows. Call in uniform control flow.
+fn row_stats(g: Unit, u: u32, t0: u32, pa: u32, pb: u32, tid: u32, ty: u32, tx: u32) -> array<vec2<f32>, TM> {
+    var m: array<f32, TM>;
+    var l: array<f32, TM>;
+    for (var i = 0u; i < TM; i++) {
+        m[i] = NEG;
+        l[i] = 0.0;
+    }
+    for (var p0 = pa; p0 < pb; p0 += BK) {
+        var s = score_logits(g, u, t0, p0, prm.scale * LOG2E, tid, ty, tx);
+        for (var i = 0u; i < TM; i++) {
+            var mx = m[i];
+            for (var j = 0u; j < TN; j++) {
+                mx = max(mx, s[i * TN + j]);
+            }
+            var sum = l[i] * exp2(m[i] - mx);
+            for (var j = 0u; j < TN; j++) {
+                let x = s[i * TN + j];
+                sum += select(0.0, exp2(x - mx), x != NEG);
+            }
+            m[i] = mx;
+            l[i] = sum;
+        }
+    }
+    for (var i = 0u; i < TM; i++) {
+        sh0_set((ty * TM + i) * TC + tx, m[i]);
+    }
+    workgroupBarrier();
+    var out: array<vec2<f32>, TM>;
+    for (var i = 0u; i < TM; i++) {
+        out[i].x = row_max(ty * TM + i, NEG);
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < TM; i++) {
+        sh0_set((ty * TM + i) * TC + tx, select(0.0, l[i] * exp2(m[i] - out[i].x), m[i] != NEG));
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < TM; i++) {
+        out[i].y = row_sum(ty * TM + i);
+    }
+    workgroupBarrier();
+    return out;
+}
+
+//#if SPLIT
+// Where row r of the tile at t0 keeps its split statistics (index of split 0), or SENTINEL
+// for a padding row.
+fn part_row(u: u32, t0: u32, r: u32) -> u32 {
+    if (r / prm.group >= BQ / prm.group || t0 + r / prm.group >= prm.seq_q) {
+        return SENTINEL;
+    }
+    return prm.pt_off / 2u + ((u * prm.seq_q + t0) * prm.group + r) * prm.n_split;
+}
+
+// Pass 1 of a split row (SSA, InfLLM-V2): the statistics of the split's keys, merged by
+// block_scores.
+@compute @workgroup_size(NT)
+fn block_lse(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let u = wg.y;
+    let w = score_wg(wg.x);
+    let ty = tid / TC;
+    let tx = tid % TC;
+    let g = unit_of(u);
+    let p_end = pooled_end(g, min(w.t0 + BQ / prm.group, prm.seq_q) - 1u);
+    let st = row_stats(g, u, w.t0, w.pa, min(w.pb, p_end), tid, ty, tx);
+    if (tx == 0u) {
+        for (var i = 0u; i < TM; i++) {
+            let at = part_row(u, w.t0, ty * TM + i);
+            if (at != SENTINEL) {
+                part[at + wg.x % prm.n_split] = st[i];
+            }
+        }
+    }
+}
+//#endif
+
+// One workgroup per tile of BQ / G tokens (all G query heads of each), (batch, kv head) and
+// split of the pooled keys: the logits are a tiled matrix product of those rows with the
+// pooled keys. SSA and InfLLM-V2 take two passes (each row's log-sum-exp over its candidates,
+// then the normalised probabilities summed over the heads); MoBA sums the scaled logits in
+// one. With SPLIT, block_lse ran pass 1 per split and this merges the splits' statistics.
 @compute @workgroup_size(NT)
 fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let u = wg.y;
     let tpw = BQ / prm.group;
-    let t0 = wg.x * tpw;
+    let w = score_wg(wg.x);
+    let t0 = w.t0;
     let ty = tid / TC;
     let tx = tid % TC;
     let moba = prm.mode == 1u;
@@ -153,51 +251,33 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         lse2[i] = 0.0;
     }
     if (!moba) {
-        // Pass 1: per-thread running max and sum over its columns, then combined per row.
-        var m: array<f32, TM>;
-        var l: array<f32, TM>;
+//#if SPLIT
         for (var i = 0u; i < TM; i++) {
-            m[i] = NEG;
-            l[i] = 0.0;
-        }
-        for (var p0 = 0u; p0 < p_end; p0 += BK) {
-            var s = score_logits(g, u, t0, p0, prm.scale * LOG2E, tid, ty, tx);
-            for (var i = 0u; i < TM; i++) {
-                var mx = m[i];
-                for (var j = 0u; j < TN; j++) {
-                    mx = max(mx, s[i * TN + j]);
+            let at = part_row(u, t0, ty * TM + i);
+            if (at != SENTINEL) {
+                var mx = NEG;
+                for (var s = 0u; s < prm.n_split; s++) {
+                    mx = max(mx, part[at + s].x);
                 }
-                var sum = l[i] * exp2(m[i] - mx);
-                for (var j = 0u; j < TN; j++) {
-                    let x = s[i * TN + j];
-                    sum += select(0.0, exp2(x - mx), x != NEG);
+                var sum = 0.0;
+                for (var s = 0u; s < prm.n_split; s++) {
+                    let st = part[at + s];
+                    sum += select(0.0, st.y * exp2(st.x - mx), st.x != NEG);
                 }
-                m[i] = mx;
-                l[i] = sum;
+                lse2[i] = mx + log2(max(sum, 1e-30));
             }
         }
+//#else
+        let st = row_stats(g, u, t0, 0u, p_end, tid, ty, tx);
         for (var i = 0u; i < TM; i++) {
-            sh0_set((ty * TM + i) * TC + tx, m[i]);
+            lse2[i] = st[i].x + log2(max(st[i].y, 1e-30));
         }
-        workgroupBarrier();
-        var mr: array<f32, TM>;
-        for (var i = 0u; i < TM; i++) {
-            mr[i] = row_max(ty * TM + i, NEG);
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < TM; i++) {
-            sh0_set((ty * TM + i) * TC + tx, select(0.0, l[i] * exp2(m[i] - mr[i]), m[i] != NEG));
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < TM; i++) {
-            lse2[i] = mr[i] + log2(max(row_sum(ty * TM + i), 1e-30));
-        }
-        workgroupBarrier();
+//#endif
     }
     // Pass 2: per-row probabilities (SSA, InfLLM-V2) or logits (MoBA) into sh1, then each
     // (token, pooled key) sums its token's G rows.
     let scale = select(prm.scale * LOG2E, prm.scale, moba);
-    for (var p0 = 0u; p0 < prm.np; p0 += BK) {
+    for (var p0 = w.pa; p0 < w.pb; p0 += BK) {
         if (p0 < p_end) {
             let s = score_logits(g, u, t0, p0, scale, tid, ty, tx);
             for (var i = 0u; i < TM; i++) {
@@ -214,7 +294,7 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             let c = e % BK;
             let t = t0 + tt;
             let p = p0 + c;
-            if (t < prm.seq_q && p < prm.np) {
+            if (t < prm.seq_q && p < w.pb) {
                 var sum = NEG;
                 if (p < pooled_end(g, t)) {
                     sum = 0.0;

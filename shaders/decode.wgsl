@@ -1,19 +1,28 @@
 // Decoding attention (flash-decoding; reference: src/reference/decode.rs): n_q new query tokens
 // per sequence against its KV cache `[batch, heads_kv, CAP, D]`, sequence b holding lens[b]
 // tokens, query i at position lens[b] - n_q + i (causal). The keys of one (sequence, kv head,
-// query) are split into n_split ranges, one workgroup each, so that one sequence still fills
-// the GPU; each writes its softmax-normalised partial O and partial LSE, and `combine` merges
-// them by their LSE. With one range (DIRECT) the workgroup writes O and LSE itself. The G query
-// heads of a kv head share the workgroup (GQA: each key is read once for all of them).
+// query) are split into n_split ranges of at most SPK keys, one workgroup each, so that one
+// sequence still fills the GPU; each writes its softmax-normalised partial O and partial LSE,
+// and `combine` merges them by their LSE. With one range (DIRECT) the workgroup writes O and
+// LSE itself. The G query heads of a kv head share the workgroup (GQA: each key is read once
+// for all of them).
+// A workgroup takes its range in two phases with a handful of barriers in all (not per tile):
+// 1. thread per key: the key's row is read straight into registers (KCV vec4 at a time, all
+//    loads issued before use) and its G logits go to workgroup memory; the rows' max and sum
+//    come from tree reductions over the threads;
+// 2. P V: thread per (output vec4 column, group of GT heads, key lane): V rows are read
+//    coalesced (a warp reads whole rows), VU rows ahead, each once for GT heads; the LANES
+//    key lanes are summed through workgroup memory at the end.
 // SPARSE: the keys are those of the blocks a selection names (BLK tokens each, SENTINEL none),
 // "virtual" key v = entry v / BLK, offset v % BLK. SLOTS (with SPARSE; NOSA's offloaded cache):
 // k, v and the bias hold `stride` rows per unit, BLK per slot, and each selection entry is a
 // (block, slot) pair: the block masks, the slot locates. HAS_BIAS: an additive per-key bias.
-// Constants: D (head dim), G (query heads per kv head), NT (threads = keys per tile), DCV / DSV
-// (vec4 per K staging step, and its padded row stride), ACCN (output vec4 per thread), VU (V
-// rows loaded ahead),
-// SPARSE, BLK, HAS_BIAS, DIRECT. Lengths are clamped to the capacity and selections are checked
-// against the length here, so no index leaves the buffers whatever the GPU-side inputs hold.
+// Constants: D (head dim), G (query heads per kv head), NT (threads, a power of two), SPK (keys
+// per range at most, >= D), KCV (vec4 of a K row per load round), GT (heads per P V thread, a
+// divisor of G), ITEMS (D / 4 * G / GT), LANES (max(NT / ITEMS, 1)), VU (V rows loaded ahead),
+// SPARSE, SLOTS, BLK, HAS_BIAS, DIRECT. Lengths are clamped to the capacity and selections are
+// checked against the length here, so no index leaves the buffers whatever the GPU-side
+// inputs hold.
 
 const NEG: f32 = -3.0e38;
 const LN2: f32 = 0.6931471805599453;
@@ -65,12 +74,38 @@ struct DecodeParams {
 @group(0) @binding(10) var<storage, read_write> lpart: array<f32>;
 
 var<workgroup> sh_q: array<vec4<f32>, G * D4>;
-var<workgroup> sh_k: array<vec4<f32>, NT * DSV>;
-var<workgroup> sh_p: array<f32, G * NT>;
-var<workgroup> sh_key: array<u32, NT>;
+// Logits, then probabilities, of the range's keys (head g at g * SPK); at the end the key
+// lanes' partial outputs (ITEMS * GT <= G * SPK / 4 vec4).
+var<workgroup> sh_s: array<vec4<f32>, G * SPK / 4u>;
+var<workgroup> sh_key: array<u32, SPK>;
+var<workgroup> sh_r: array<f32, G * NT>;
+// The rows' max and sum (read by head index: kept out of per-thread arrays, which a dynamic
+// index would put in local memory).
 var<workgroup> sh_m: array<f32, G>;
-var<workgroup> sh_a: array<f32, G>;
 var<workgroup> sh_l: array<f32, G>;
+
+fn s_get(i: u32) -> f32 {
+    return sh_s[i / 4u][i % 4u];
+}
+fn s_set(i: u32, x: f32) {
+    sh_s[i / 4u][i % 4u] = x;
+}
+
+// Tree reduction of sh_r[g * NT ..][0 .. NT) for every head g (max or sum) into sh_r[g * NT].
+// Call in uniform control flow after the threads stored their values.
+fn reduce_heads(tid: u32, is_max: bool) {
+    workgroupBarrier();
+    for (var h = NT / 2u; h > 0u; h >>= 1u) {
+        if (tid < h) {
+            for (var g = 0u; g < G; g++) {
+                let a = sh_r[g * NT + tid];
+                let b = sh_r[g * NT + tid + h];
+                sh_r[g * NT + tid] = select(a + b, max(a, b), is_max);
+            }
+        }
+        workgroupBarrier();
+    }
+}
 
 // -inf, built at run time (a constant -inf is a shader-creation error in Chrome's Tint).
 fn neg_inf() -> f32 {
@@ -146,144 +181,195 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 //#endif
     let v_begin = split * prm.split_keys;
     let v_end = min(v_begin + prm.split_keys, total);
+    // Keys of this range (none when the row sees fewer keys than the range starts at).
+    let n = min(select(0u, v_end - v_begin, v_end > v_begin), SPK);
     // Query row (u, g, i) starts at ((u * G + g) * n_q + i) * D4.
     let q4 = prm.q_off / 4u + (u * G * prm.n_q + i) * D4;
     let k4 = prm.k_off / 4u + u * prm.stride * D4;
     for (var e = tid; e < G * D4; e += NT) {
         sh_q[e] = unpack_st(q[q4 + (e / D4) * prm.n_q * D4 + e % D4]);
     }
+    workgroupBarrier();
 
-    var m = NEG;
-    var l = 0.0;
-    var acc: array<vec4<f32>, ACCN>;
-    for (var n = 0u; n < ACCN; n++) {
-        acc[n] = vec4<f32>(0.0);
+    // Phase 1: logits, thread per key. A masked key reads row 0 of its unit (always in the
+    // buffer; loads stay unconditional: a load under a branch was waited for before the next).
+    var mt: array<f32, G>;
+    for (var g = 0u; g < G; g++) {
+        mt[g] = NEG;
     }
-    for (var v0 = v_begin; v0 < v_end; v0 += NT) {
-        sh_key[tid] = key_of(v0 + tid, v_end, vis, sel0);
-        workgroupBarrier();
-        // Logits of this thread's key against the G query heads, K staged DCV vec4 at a time
-        // (coalesced rows; the padded stride keeps the row-per-thread reads conflict-free).
+    for (var j = tid; j < n; j += NT) {
+        let key = key_of(v_begin + j, v_end, vis, sel0);
+        sh_key[j] = key;
+        let r4 = k4 + select(0u, key, key != SENTINEL) * D4;
         var s: array<f32, G>;
         for (var g = 0u; g < G; g++) {
             s[g] = 0.0;
         }
-        for (var d0 = 0u; d0 < D4; d0 += DCV) {
-            // All DCV loads first, unconditionally (a masked key reads row 0 of its unit): a
-            // load under a branch was waited for before the next one was issued.
-            var kx: array<vec4<f32>, DCV>;
-            for (var n = 0u; n < DCV; n++) {
-                let e = tid + NT * n;
-                let key = sh_key[e / DCV];
-                kx[n] = unpack_st(k[k4 + select(0u, key, key != SENTINEL) * D4 + d0 + e % DCV]);
+        for (var d0 = 0u; d0 < D4; d0 += KCV) {
+            var kx: array<vec4<f32>, KCV>;
+            for (var c = 0u; c < KCV; c++) {
+                kx[c] = unpack_st(k[r4 + d0 + c]);
             }
-            for (var n = 0u; n < DCV; n++) {
-                let e = tid + NT * n;
-                let live = sh_key[e / DCV] != SENTINEL;
-                sh_k[(e / DCV) * DSV + e % DCV] = select(vec4<f32>(0.0), kx[n], live);
-            }
-            workgroupBarrier();
-            for (var c = 0u; c < DCV; c++) {
-                let kx = sh_k[tid * DSV + c];
+            for (var c = 0u; c < KCV; c++) {
                 for (var g = 0u; g < G; g++) {
-                    s[g] = dot_acc(sh_q[g * D4 + d0 + c], kx, s[g]);
+                    s[g] = dot_acc(sh_q[g * D4 + d0 + c], kx[c], s[g]);
                 }
             }
-            workgroupBarrier();
         }
-        let key = sh_key[tid];
         var b = 0.0;
         if (key != SENTINEL) {
             b = key_bias(u, key);
         }
         for (var g = 0u; g < G; g++) {
-            sh_p[g * NT + tid] = select(NEG, fma(s[g], prm.scale_log2, b), key != SENTINEL);
+            let x = select(NEG, fma(s[g], prm.scale_log2, b), key != SENTINEL);
+            s_set(g * SPK + j, x);
+            mt[g] = max(mt[g], x);
         }
-        workgroupBarrier();
-        // Online softmax per query head (log2 domain): thread g keeps row g's max and sum.
-        if (tid < G) {
-            var mt = NEG;
-            for (var j = 0u; j < NT; j++) {
-                mt = max(mt, sh_p[tid * NT + j]);
-            }
-            let mn = max(m, mt);
-            sh_a[tid] = exp2(m - mn);
-            sh_m[tid] = mn;
-            m = mn;
-        }
-        workgroupBarrier();
-        for (var g = 0u; g < G; g++) {
-            let x = sh_p[g * NT + tid];
-            sh_p[g * NT + tid] = select(0.0, exp2(x - sh_m[g]), x != NEG);
-        }
-        workgroupBarrier();
-        if (tid < G) {
-            var t = 0.0;
-            for (var j = 0u; j < NT; j++) {
-                t += sh_p[tid * NT + j];
-            }
-            l = l * sh_a[tid] + t;
-        }
-        // P V: thread owns output vec4 e = tid + NT * n of the G x D4 tile (row e / D4). V rows
-        // are read VU at a time into registers before they are used: independent loads in
-        // flight (one at a time left the loop waiting on memory). A masked key reads row 0 of
-        // its unit (always in the buffer) and contributes 0.
-        for (var n = 0u; n < ACCN; n++) {
-            let e = tid + NT * n;
-            if (e < G * D4) {
-                let g = e / D4;
-                let c = e % D4;
-                var a = acc[n] * sh_a[g];
-                for (var j0 = 0u; j0 < NT; j0 += VU) {
-                    var vv: array<vec4<f32>, VU>;
-                    for (var jj = 0u; jj < VU; jj++) {
-                        let kj = sh_key[j0 + jj];
-                        vv[jj] = unpack_st(v[k4 + select(0u, kj, kj != SENTINEL) * D4 + c]);
-                    }
-                    for (var jj = 0u; jj < VU; jj++) {
-                        let live = sh_key[j0 + jj] != SENTINEL;
-                        a = fma(vec4<f32>(sh_p[g * NT + j0 + jj]), select(vec4<f32>(0.0), vv[jj], live), a);
-                    }
-                }
-                acc[n] = a;
-            }
-        }
-        workgroupBarrier();
     }
-
+    // Softmax statistics (log2 domain): the row max, then exp2 in place and the row sum.
+    for (var g = 0u; g < G; g++) {
+        sh_r[g * NT + tid] = mt[g];
+    }
+    reduce_heads(tid, true);
+    var m: array<f32, G>;
+    for (var g = 0u; g < G; g++) {
+        m[g] = sh_r[g * NT];
+    }
     if (tid < G) {
-        sh_l[tid] = l;
-        sh_m[tid] = m;
+        sh_m[tid] = sh_r[tid * NT];
     }
     workgroupBarrier();
-    for (var n = 0u; n < ACCN; n++) {
-        let e = tid + NT * n;
-        if (e < G * D4) {
-            let g = e / D4;
-            let lt = sh_l[g];
-            let x = acc[n] * select(0.0, 1.0 / lt, lt > 0.0);
-            let r = (u * G + g) * prm.n_q + i;
-//#if DIRECT
-            o[prm.q_off / 4u + r * D4 + e % D4] = pack_st(x);
-//#else
-            opart[prm.p_off / 4u + (r * prm.n_split + split) * D4 + e % D4] = x;
-//#endif
+    var lt: array<f32, G>;
+    for (var g = 0u; g < G; g++) {
+        lt[g] = 0.0;
+    }
+    for (var j = tid; j < n; j += NT) {
+        for (var g = 0u; g < G; g++) {
+            let x = s_get(g * SPK + j);
+            let p = select(0.0, exp2(x - m[g]), x != NEG);
+            s_set(g * SPK + j, p);
+            lt[g] += p;
+        }
+    }
+    for (var g = 0u; g < G; g++) {
+        sh_r[g * NT + tid] = lt[g];
+    }
+    reduce_heads(tid, false);
+    if (tid < G) {
+        sh_l[tid] = sh_r[tid * NT];
+    }
+    workgroupBarrier();
+
+    // Phase 2: P V. Thread item it = (head group hg, vec4 column c) and key lane `lane`; with
+    // more items than threads (LANES = 1) a thread takes items tid, tid + NT, ...
+    let lane = tid / ITEMS;
+    if (LANES == 1u) {
+        for (var it = tid; it < ITEMS; it += NT) {
+            write_out(pv(it, 0u, n, k4), it, u, i, split);
+        }
+    } else {
+        let it = tid % ITEMS;
+        var acc = pv(it, lane, select(0u, n, lane < LANES), k4);
+        // Lanes 1.. add theirs to lane 0's one at a time (after the first barrier every
+        // thread is done with the probabilities in sh_s).
+        for (var r = 1u; r < LANES; r++) {
+            workgroupBarrier();
+            if (lane == r) {
+                for (var gg = 0u; gg < GT; gg++) {
+                    sh_s[it * GT + gg] = acc[gg];
+                }
+            }
+            workgroupBarrier();
+            if (lane == 0u) {
+                for (var gg = 0u; gg < GT; gg++) {
+                    acc[gg] += sh_s[it * GT + gg];
+                }
+            }
+        }
+        if (lane == 0u) {
+            write_out(acc, it, u, i, split);
         }
     }
     if (tid < G) {
         let r = (u * G + tid) * prm.n_q + i;
         // A range with no visible key: O = 0 and LSE = NEG here, -inf in the final LSE.
         let lt = sh_l[tid];
+        let mr = sh_m[tid];
 //#if DIRECT
-        lse[prm.r_off + r] = select(neg_inf(), (m + log2(lt)) * LN2, lt > 0.0);
+        lse[prm.r_off + r] = select(neg_inf(), (mr + log2(lt)) * LN2, lt > 0.0);
 //#else
-        lpart[prm.l_off + r * prm.n_split + split] = select(NEG, (m + log2(lt)) * LN2, lt > 0.0);
+        lpart[prm.l_off + r * prm.n_split + split] = select(NEG, (mr + log2(lt)) * LN2, lt > 0.0);
 //#endif
     }
 }
 
+// Σ_j p_j v_j of item it (heads hg * GT .. +GT, vec4 column c) over keys lane, lane + LANES,
+// .. < n of the range. V rows are read VU ahead; a masked or missing key reads row 0 of the
+// unit and contributes 0.
+fn pv(it: u32, lane: u32, n: u32, k4: u32) -> array<vec4<f32>, GT> {
+    let hg = it / D4;
+    let c = it % D4;
+    var acc: array<vec4<f32>, GT>;
+    for (var gg = 0u; gg < GT; gg++) {
+        acc[gg] = vec4<f32>(0.0);
+    }
+    for (var j0 = lane; j0 < n; j0 += LANES * VU) {
+        var vv: array<vec4<f32>, VU>;
+        for (var jj = 0u; jj < VU; jj++) {
+            let j = min(j0 + jj * LANES, SPK - 1u);
+            let kj = select(SENTINEL, sh_key[j], j0 + jj * LANES < n);
+            vv[jj] = unpack_st(v[k4 + select(0u, kj, kj != SENTINEL) * D4 + c]);
+            vv[jj] = select(vec4<f32>(0.0), vv[jj], kj != SENTINEL);
+        }
+        for (var jj = 0u; jj < VU; jj++) {
+            let j = min(j0 + jj * LANES, SPK - 1u);
+            let live = j0 + jj * LANES < n;
+            for (var gg = 0u; gg < GT; gg++) {
+                let p = select(0.0, s_get((hg * GT + gg) * SPK + j), live);
+                acc[gg] = fma(vec4<f32>(p), vv[jj], acc[gg]);
+            }
+        }
+    }
+    return acc;
+}
+
+// O of item it (heads hg * GT .. +GT, vec4 column c): the accumulated P V over the row sum.
+fn write_out(acc: array<vec4<f32>, GT>, it: u32, u: u32, i: u32, split: u32) {
+    let hg = it / D4;
+    let c = it % D4;
+    for (var gg = 0u; gg < GT; gg++) {
+        let g = hg * GT + gg;
+        let lg = sh_l[g];
+        let x = acc[gg] * select(0.0, 1.0 / lg, lg > 0.0);
+        let r = (u * G + g) * prm.n_q + i;
+//#if DIRECT
+        o[prm.q_off / 4u + r * D4 + c] = pack_st(x);
+//#else
+        opart[prm.p_off / 4u + (r * prm.n_split + split) * D4 + c] = x;
+//#endif
+    }
+}
+
+// Tree reduction of sh_r[0 .. NT) (max or sum) into sh_r[0]; call in uniform control flow
+// after the threads stored their values.
+fn reduce_one(tid: u32, is_max: bool) {
+    workgroupBarrier();
+    for (var h = NT / 2u; h > 0u; h >>= 1u) {
+        if (tid < h) {
+            let a = sh_r[tid];
+            let b = sh_r[tid + h];
+            sh_r[tid] = select(a + b, max(a, b), is_max);
+        }
+        workgroupBarrier();
+    }
+}
+
+// Vec4 columns of O per combine thread pass, and the split lanes that share a column.
+const CL: u32 = max(NT / D4, 1u);
+
 // One workgroup per output row (unit, query head, query): O = Σ_s w_s O_s / Σ_s w_s with
-// w_s = exp(LSE_s − max), LSE = max + ln Σ_s w_s.
+// w_s = exp(LSE_s − max), LSE = max + ln Σ_s w_s. The splits are spread over the threads (a
+// row's hundred splits walked by one thread waited on each load in turn).
 @compute @workgroup_size(NT)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let r = wg.y * prm.grid_x + wg.x;
@@ -291,24 +377,49 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         return;
     }
     let p0 = prm.l_off + r * prm.n_split;
-    var mx = NEG;
-    for (var s = 0u; s < prm.n_split; s++) {
-        mx = max(mx, lpart[p0 + s]);
+    var mt = NEG;
+    for (var s = tid; s < prm.n_split; s += NT) {
+        mt = max(mt, lpart[p0 + s]);
     }
-    var total = 0.0;
-    for (var s = 0u; s < prm.n_split; s++) {
-        total += select(0.0, exp(lpart[p0 + s] - mx), lpart[p0 + s] != NEG);
+    sh_r[tid] = mt;
+    reduce_one(tid, true);
+    let mx = sh_r[0];
+    workgroupBarrier();
+    var tt = 0.0;
+    for (var s = tid; s < prm.n_split; s += NT) {
+        let lp = lpart[p0 + s];
+        tt += select(0.0, exp(lp - mx), lp != NEG);
     }
+    sh_r[tid] = tt;
+    reduce_one(tid, false);
+    let total = sh_r[0];
     let inv = select(0.0, 1.0 / total, total > 0.0);
-    for (var c = tid; c < D4; c += NT) {
+    let lane = tid / D4;
+    let ob = prm.p_off / 4u + r * prm.n_split * D4;
+    for (var c0 = 0u; c0 < D4; c0 += NT) {
+        let c = c0 + tid % D4;
         var x = vec4<f32>(0.0);
-        for (var s = 0u; s < prm.n_split; s++) {
-            let lp = lpart[p0 + s];
-            if (lp != NEG) {
-                x = fma(vec4<f32>(exp(lp - mx)), opart[prm.p_off / 4u + (r * prm.n_split + s) * D4 + c], x);
+        if (lane < CL && c < D4) {
+            for (var s = lane; s < prm.n_split; s += CL) {
+                let lp = lpart[p0 + s];
+                let w = select(0.0, exp(lp - mx), lp != NEG);
+                x = fma(vec4<f32>(w), select(vec4<f32>(0.0), opart[ob + s * D4 + c], lp != NEG), x);
             }
         }
-        o[prm.q_off / 4u + r * D4 + c] = pack_st(x * inv);
+        // Lanes 1.. add theirs to lane 0's (sh_s holds D4 vec4: SPK >= D).
+        for (var l = 1u; l < CL; l++) {
+            workgroupBarrier();
+            if (lane == l && c < D4) {
+                sh_s[c] = x;
+            }
+            workgroupBarrier();
+            if (lane == 0u && c < D4) {
+                x += sh_s[c];
+            }
+        }
+        if (lane == 0u && c < D4) {
+            o[prm.q_off / 4u + r * D4 + c] = pack_st(x * inv);
+        }
     }
     if (tid == 0u) {
         lse[prm.r_off + r] = select(neg_inf(), mx + log(total), total > 0.0);

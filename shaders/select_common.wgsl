@@ -40,6 +40,10 @@ struct SelParams {
     heads_kv: u32,
     n_new: u32,   //   tokens appended since the last pooling, and windows they may complete
     pool_new: u32,
+    n_split: u32, // block scores: pooled-key splits per row, pooled keys per split (a multiple
+    split_np: u32, //   of BK), and the offset of the splits' statistics (block_lse)
+    pt_off: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> prm: SelParams;

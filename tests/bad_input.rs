@@ -272,8 +272,13 @@ fn decoding_errors_name_the_problem() {
         let e = msg(DecodeAttention::new(&gpu, shape, &full));
         assert!(e.contains(want), "{e}");
     }
-    let e = msg(DecodeAttention::new(&gpu, s, &full.split_keys(Some(100))));
-    assert!(e.contains("multiple of 64"), "{e}");
+    for split in [0, 1 << 20] {
+        let e = msg(DecodeAttention::new(&gpu, s, &full.split_keys(Some(split))));
+        assert!(
+            e.contains(&format!("split_keys = {split}")) && e.contains("1 to"),
+            "{e}"
+        );
+    }
     let bad_block = DecodeConfig::new(DecodeKeys::Sparse { block: 48, nsel: 2 });
     let e = msg(DecodeAttention::new(&gpu, s, &bad_block));
     assert!(e.contains("block size 48"), "{e}");

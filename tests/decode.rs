@@ -201,6 +201,9 @@ fn cases() -> Vec<Case> {
             false,
             Some(64),
         ),
+        // 11 query heads per kv head (no divisor up to 8 but 1: more P V items than threads,
+        // each thread takes several) and ranges of 50 keys (not a multiple of anything).
+        c(dshape(1, 11, 1, 2, 150, 64), &[150], full, true, Some(50)),
         // Selections: blocks 16 to 128, partly filled current blocks, SENTINEL padding.
         c(
             dshape(2, 6, 2, 1, 400, 64),

@@ -94,18 +94,36 @@ fn check_rows(s: &AttnShape, o: &SelectOptions, sel: &[u32], ref_scores: &[f64],
     }
 }
 
-/// Both top-k kernels (the subgroup one skipped with the reason where the device lacks it).
-fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) {
+/// Both top-k kernels (the subgroup one skipped with the reason where the device lacks it),
+/// each with every row's pooled keys scored by one workgroup and split as finely as the key
+/// tile allows (each split's log-sum-exp merged by the score pass).
+/// Returns the most splits a row's scores had.
+fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) -> usize {
+    let mut most = 0;
     for topk in [TopK::Sort, TopK::Subgroup] {
         match TopK::subgroup_supported(gpu) {
             Err(e) if topk == TopK::Subgroup => eprintln!("SKIPPED subgroup top-k: {e}"),
-            _ => run_with(gpu, s, o, seed, topk),
+            _ => {
+                run_with(gpu, s, o, seed, topk, Some(usize::MAX));
+                most = most.max(run_with(gpu, s, o, seed, topk, Some(1)));
+            }
         }
     }
+    most
 }
 
-fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
-    let ctx = format!("seed {seed}, {s:?}, {o:?}, top-k {}", topk.name());
+fn run_with(
+    gpu: &Gpu,
+    s: AttnShape,
+    o: SelectOptions,
+    seed: u64,
+    topk: TopK,
+    split: Option<usize>,
+) -> usize {
+    let ctx = format!(
+        "seed {seed}, {s:?}, {o:?}, top-k {}, split {split:?}",
+        topk.name()
+    );
     let mut rng = Rng::new(seed);
     let q = rng.normal_vec(s.q_len(), 1.0);
     let k = rng.normal_vec(s.kv_len(), 1.0);
@@ -118,10 +136,18 @@ fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
         &format!("reference, {ctx}"),
     );
 
-    let op =
-        BlockSelect::new(gpu, s, &SelectConfig::new(o).dtype(DType::F32).topk(topk)).expect(&ctx);
+    let cfg = SelectConfig::new(o)
+        .dtype(DType::F32)
+        .topk(topk)
+        .score_split(split);
+    let op = BlockSelect::new(gpu, s, &cfg).expect(&ctx);
     assert_eq!(op.topk_kernel(), topk);
     let np = op.pooled();
+    let (n_split, _) = op.score_split();
+    if split == Some(usize::MAX) {
+        assert_eq!(n_split, 1, "{ctx}");
+    }
+    let rows = s.batch * s.heads_kv * s.seq_q * s.group();
     let (tq, tk) = (
         gpu.upload(&s.q_dims(), &q).unwrap(),
         gpu.upload(&s.kv_dims(), &k).unwrap(),
@@ -140,6 +166,10 @@ fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
             )
             .unwrap(),
         evict_pooled: None,
+        // Every split statistic is written before it is merged: NaN would reach the scores.
+        partials: op
+            .split_dims()
+            .map(|d| gpu.upload(&d, &vec![f32::NAN; rows * n_split * 2]).unwrap()),
     };
     let n_sel = op.selection_dims().iter().product();
     let out = gpu
@@ -176,6 +206,7 @@ fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, topk: TopK) {
     check_rows(&s, &o, &sel, &want.scores, &format!("GPU, {ctx}"));
     let same = sel == want.indices;
     eprintln!("{ctx}: identical to the reference: {same}");
+    n_split
 }
 
 #[test]
@@ -243,9 +274,12 @@ fn selection_matches_reference() {
             opts(16, 4, 0, 0, Scoring::Moba),
         ),
     ];
+    let mut splits = vec![];
     for (i, (s, o)) in cases.into_iter().enumerate() {
-        run(&gpu, s, o, seed.wrapping_add(i as u64));
+        splits.push(run(&gpu, s, o, seed.wrapping_add(i as u64)));
     }
+    // The long cases (more pooled keys than a key tile) ran split, SSA, InfLLM-V2 and MoBA.
+    assert!(splits[8..12].iter().all(|&n| n > 1), "{splits:?}");
     // Non-causal: every block is a candidate.
     let mut o = opts(16, 3, 1, 0, Scoring::Ssa);
     o.causal = false;
@@ -301,6 +335,27 @@ fn bad_selection_options_name_the_problem() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("U32"), "{e}");
+    // Split block scores: a workgroup scores at least one key, and the scratch must hold the
+    // splits' statistics (one made for an unsplit selection does not).
+    let cfg = SelectConfig::new(opts(16, 2, 0, 0, Scoring::Ssa));
+    let e = BlockSelect::new(&gpu, s, &cfg.score_split(Some(0))).unwrap_err();
+    assert!(e.to_string().contains("score_split = 0"), "{e}");
+    let long = shape(1, 4, 2, 100, 2000, 64);
+    let split = BlockSelect::new(&gpu, long, &cfg.score_split(Some(1))).unwrap();
+    assert!(split.score_split().0 > 1 && split.split_dims().is_some());
+    let whole = BlockSelect::new(&gpu, long, &cfg.score_split(Some(usize::MAX))).unwrap();
+    assert_eq!(whole.score_split().0, 1);
+    let unsplit = whole.scratch(&gpu).unwrap();
+    let out = gpu
+        .upload_u32(&split.selection_dims(), &vec![0; 400])
+        .unwrap();
+    let k = gpu
+        .upload(&long.kv_dims(), &vec![0.0; long.kv_len()])
+        .unwrap();
+    let e = split
+        .encode(&gpu, &mut enc, &SelectInputs::new(&q, &k), &unsplit, &out)
+        .unwrap_err();
+    assert!(e.to_string().contains("split scores"), "{e}");
 }
 
 /// Equal scores (every block key the same) go to the lower block index, on the GPU as in the

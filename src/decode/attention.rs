@@ -11,8 +11,10 @@ use crate::ops::attention::{AttnOutput, bias_input, check_bias_bindings};
 use crate::ops::launch::{self, Chunk, check_args, input, output, plan_units, window_sized};
 use crate::problem::{DecodeKeys, DecodeShape};
 
-/// Keys per tile = threads per workgroup.
-const NT: usize = 64;
+/// Threads per workgroup (a power of two).
+const NT: usize = 128;
+/// Keys a workgroup holds at most (its logits stay in workgroup memory), when they fit.
+const SPK_MAX: usize = 512;
 /// Workgroups a step should launch at least (by splitting the keys) to fill a large GPU.
 const TARGET_WORKGROUPS: usize = 1024;
 
@@ -54,8 +56,8 @@ pub struct DecodeConfig {
     pub bias: bool,
     /// q, the caches and o (F32 or F16; LSE, bias and the accumulation stay f32).
     pub dtype: DType,
-    /// Keys per split range (a multiple of 64 and of the block); `None`: chosen so that a step
-    /// launches about a thousand workgroups.
+    /// Keys per split range (1 to the kernel's limit, 512 or what the device's workgroup
+    /// memory allows); `None`: chosen so that a step launches about a thousand workgroups.
     pub split_keys: Option<usize>,
     /// NOSA's offloaded cache (with [`DecodeKeys::Sparse`]): k, v and the bias are GPU slots,
     /// `[b, hkv, slots·block, d]`, and the selection holds (block, slot) pairs, u32
@@ -198,50 +200,70 @@ impl DecodeAttention {
             DecodeKeys::Full => shape.capacity,
             DecodeKeys::Sparse { block, nsel } => nsel * block,
         };
-        let unit = NT.max(block);
+        let l = gpu.limits();
+        let d4 = d / 4;
+        // Developer knob: SPARSE_ATTN_DECODE=vu,kcv,spk,workgroups (V rows loaded ahead, K
+        // vec4 per load round, keys per workgroup at most, workgroups a step aims for).
+        let knob = crate::ops::tiles::tuning("SPARSE_ATTN_DECODE", None).unwrap_or_default();
+        let pick = |i: usize, ok: &[usize], default: usize| {
+            knob.get(i)
+                .map(|&x| x as usize)
+                .filter(|x| ok.contains(x))
+                .unwrap_or(default)
+        };
+        // Workgroup memory: q (G rows, f32), the range's logits (G x SPK), its keys, the
+        // reduction scratch (G x NT) and the rows' max and sum.
+        let shared =
+            |spk: usize| (g * d4 * 16 + g * spk * 4 + spk * 4 + g * NT * 4 + 2 * g * 4) as u64;
+        let max_shared = l.max_compute_workgroup_storage_size as u64;
+        let spk_max = pick(2, &[128, 256, 512, 1024, 2048], SPK_MAX);
+        let spk = [2048, 1024, 512, 256, 128]
+            .into_iter()
+            .filter(|&k| k <= spk_max.max(d) && k >= d.max(NT))
+            .find(|&k| shared(k) <= max_shared)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "the decoding kernel for {g} query heads per kv head and head_dim {d} needs \
+                     {} bytes of workgroup memory; this device has {max_shared}",
+                    shared(d.max(NT).next_power_of_two())
+                ))
+            })?;
+        let target = pick(3, &[256, 512, 1024, 2048, 4096, 8192], TARGET_WORKGROUPS);
         let split_keys = match split_keys {
             Some(s) => {
-                if s == 0 || !s.is_multiple_of(unit) {
+                if s == 0 || s > spk {
                     invalid!(
-                        "split_keys = {s}: a split range must be a positive multiple of {unit} \
-                         keys (64 per tile{})",
-                        if block > 1 { " and the block size" } else { "" }
+                        "split_keys = {s}: a split range holds 1 to {spk} keys for this shape \
+                         and device"
                     );
                 }
                 s
             }
             None => {
                 let rows = shape.batch * shape.heads_kv * shape.n_q;
-                let ranges = TARGET_WORKGROUPS.div_ceil(rows).max(1);
-                total.div_ceil(ranges).next_multiple_of(unit)
+                let ranges = target.div_ceil(rows).max(1);
+                total.div_ceil(ranges).next_multiple_of(32).min(spk)
             }
         };
         let n_split = total.div_ceil(split_keys).max(1);
-
-        let l = gpu.limits();
-        let d4 = d / 4;
-        let shared = |dcv: usize| (g * d4 + NT * (dcv + 1)) * 16 + (g * NT + NT + 3 * g) * 4;
-        let max_shared = l.max_compute_workgroup_storage_size as usize;
-        // Developer knob: SPARSE_ATTN_DECODE=vu,dcv (V rows loaded ahead, K vec4 per step).
-        let knob = crate::ops::tiles::tuning("SPARSE_ATTN_DECODE", None).unwrap_or_default();
-        let dcv_max = knob.get(1).map_or(8, |&c| c as usize);
-        let dcv = [64, 32, 16, 8, 4, 2, 1]
-            .into_iter()
-            .filter(|&c| c <= dcv_max)
-            .find(|&c| d4.is_multiple_of(c) && shared(c) <= max_shared)
-            .ok_or_else(|| {
-                Error::Unsupported(format!(
-                    "the decoding kernel for {g} query heads per kv head and head_dim {d} needs \
-                     {} bytes of workgroup memory; this device has {max_shared}",
-                    shared(1)
-                ))
-            })?;
-        if (l.max_compute_invocations_per_workgroup as usize) < NT {
+        if (l.max_compute_invocations_per_workgroup as usize) < NT
+            || (l.max_compute_workgroup_size_x as usize) < NT
+        {
             return Err(Error::Unsupported(format!(
                 "the decoding kernel uses {NT} invocations per workgroup; this device allows {}",
                 l.max_compute_invocations_per_workgroup
             )));
         }
+        // P V: GT heads per thread (each V row read once for them), the largest divisor of G
+        // up to 8 (registers); ITEMS (head group, vec4 column) pairs; LANES key lanes.
+        let gt = (1..=g.min(8))
+            .rev()
+            .find(|t| g.is_multiple_of(*t))
+            .unwrap_or(1);
+        let items = d4 * g / gt;
+        let lanes = (NT / items).max(1);
+        let kcv = pick(1, &[1, 2, 4, 8, 16, 32], 8).min(d4);
+        let kcv = (1..=kcv).rev().find(|c| d4.is_multiple_of(*c)).unwrap_or(1);
         let e = dtype.size() as u64;
         let (nq, dd, gg, ns) = (shape.n_q as u64, d as u64, g as u64, n_split as u64);
         let mut per_unit = vec![
@@ -264,13 +286,9 @@ impl DecodeAttention {
             (max_dim * max_dim) / (nq * ns * gg),
         )?;
         let direct = n_split == 1;
-        // V rows loaded ahead per thread (a power-of-two divisor of the 64-key tile; 16 was
-        // the fastest on the H200, docs/BENCHMARKS.md).
-        let vu = knob
-            .first()
-            .copied()
-            .filter(|v| [1, 2, 4, 8, 16, 32, 64].contains(v))
-            .unwrap_or(16);
+        // V rows loaded ahead per thread and lane (16 was the fastest of 4-64 on the H200 for
+        // the first kernel, docs/BENCHMARKS.md).
+        let vu = pick(0, &[1, 2, 4, 8, 16, 32], 16) as u32;
         let key = |entry| PipelineKey {
             file: "decode.wgsl",
             entry,
@@ -278,9 +296,11 @@ impl DecodeAttention {
                 ("D", d as u32),
                 ("G", g as u32),
                 ("NT", NT as u32),
-                ("DCV", dcv as u32),
-                ("DSV", dcv as u32 + 1),
-                ("ACCN", (g * d4).div_ceil(NT) as u32),
+                ("SPK", spk as u32),
+                ("KCV", kcv as u32),
+                ("GT", gt as u32),
+                ("ITEMS", items as u32),
+                ("LANES", lanes as u32),
                 ("VU", vu),
                 ("SPARSE", (nsel > 0) as u32),
                 ("SLOTS", slots.is_some() as u32),

@@ -51,8 +51,17 @@ crate::gpu::uniform::uniform!(
         pub heads_kv: u32,
         pub n_new: u32,
         pub pool_new: u32,
+        pub n_split: u32,
+        pub split_np: u32,
+        pub pt_off: u32,
+        pub _pad: u32,
     }
 );
+
+/// Block-score workgroups a launch should have at least (rows split over their pooled keys
+/// otherwise): a decoding step scores one token per sequence, and one workgroup per
+/// (sequence, kv head) walking 2,000 pooled keys left the H200 idle (docs/BENCHMARKS.md).
+const SCORE_WORKGROUPS: usize = 512;
 
 /// Tensor classes of one launch, each split by (batch, kv-head) unit.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +74,8 @@ enum Class {
     /// NOSA: the per-token eviction score and its pooled windows.
     Evict,
     EPool,
+    /// Split block scores: each row's max and sum per split.
+    Part,
 }
 
 /// The tensors a selection reads: q `[b, hq, sq, d]`, k `[b, hkv, sk, d]` and, for NOSA, the
@@ -180,6 +191,9 @@ pub struct SelectScratch {
     pub scores: Tensor,
     /// NOSA: the eviction score mean-pooled over each window `[b, hkv, np]`.
     pub evict_pooled: Option<Tensor>,
+    /// Split block scores (see [`BlockSelect::score_split`]): each row's max and sum of
+    /// exp2 over each split's pooled keys, `[b, hkv, seq_q·group, n_split, 2]` (f32).
+    pub partials: Option<Tensor>,
 }
 
 /// Block selection for one problem shape: validated once, pipelines fetched once.
@@ -196,6 +210,11 @@ pub struct BlockSelect {
     tokens_per_wg: u32,
     keys: Arc<Pipeline>,
     scores: Arc<Pipeline>,
+    /// Pass 1 of split block scores (SSA, InfLLM-V2 with n_split > 1).
+    lse: Option<Arc<Pipeline>>,
+    /// Pooled-key splits per row of the block scores, and pooled keys per split.
+    n_split: usize,
+    split_np: usize,
     topk: Arc<Pipeline>,
     /// NOSA: pools the eviction score.
     evict_pool: Option<Arc<Pipeline>>,
@@ -218,6 +237,10 @@ pub struct SelectConfig {
     /// eviction scores persist in the [`SelectScratch`] across steps, pooled as windows
     /// complete ([`BlockSelect::encode_pool`]) and selected from ([`BlockSelect::encode_pooled`]).
     pub decoding: bool,
+    /// Pooled keys per block-score workgroup (rounded up to its key tile, see
+    /// [`BlockSelect::score_split`]); `None`: split a row's keys over workgroups only when
+    /// there are too few rows to fill the GPU (decoding: nearly always).
+    pub score_split: Option<usize>,
 }
 
 impl SelectConfig {
@@ -227,6 +250,14 @@ impl SelectConfig {
             dtype: DType::F32,
             topk: TopK::Auto,
             decoding: false,
+            score_split: None,
+        }
+    }
+
+    pub fn score_split(self, score_split: Option<usize>) -> Self {
+        Self {
+            score_split,
+            ..self
         }
     }
 
@@ -250,6 +281,7 @@ impl BlockSelect {
             dtype,
             topk,
             decoding,
+            score_split,
         } = *config;
         if decoding && !opts.causal {
             invalid!("selection while decoding is causal; these options are not");
@@ -271,7 +303,10 @@ impl BlockSelect {
         }
         let g = shape.group() as u32;
         let d32 = shape.head_dim as u32;
-        let tiles = score_tiles(g, d32, l.max_compute_workgroup_storage_size - 16).ok_or_else(|| {
+        // Decoding scores a few tokens: the smallest tile that holds their rows wastes least.
+        let rows = decoding.then_some(g * shape.seq_q as u32);
+        let tiles = score_tiles(g, d32, l.max_compute_workgroup_storage_size - 16, rows)
+            .ok_or_else(|| {
             Error::Unsupported(format!(
                 "block scores for {g} query heads per kv head and head_dim {d32} need more than \
                  the {} bytes of workgroup memory this device has",
@@ -292,11 +327,26 @@ impl BlockSelect {
             shape.seq_k as u64,
         );
         let g = shape.group() as u64;
-        if sq.div_ceil(tokens_per_wg as u64) > l.max_compute_workgroups_per_dimension as u64 {
+        let max_x = l.max_compute_workgroups_per_dimension as usize;
+        let tiles_x = (shape.seq_q).div_ceil(tokens_per_wg as usize);
+        if tiles_x > max_x {
             return Err(Error::Unsupported(format!(
                 "{sq} query tokens exceed this device's dispatch limit"
             )));
         }
+        // Split each row's pooled keys over workgroups when the rows alone launch too few.
+        let bk = tiles.cols as usize;
+        let split_np = match score_split {
+            Some(0) => invalid!("score_split = 0: a block-score workgroup scores at least one key"),
+            Some(n) => n.min(np).next_multiple_of(bk),
+            None => {
+                let wgs = tiles_x * shape.batch * shape.heads_kv;
+                let want = SCORE_WORKGROUPS.div_ceil(wgs).min(np.div_ceil(bk)).max(1);
+                np.div_ceil(want).next_multiple_of(bk)
+            }
+        };
+        let n_split = np.div_ceil(split_np).clamp(1, max_x / tiles_x);
+        let split_np = np.div_ceil(n_split).next_multiple_of(bk);
         let e = dtype.size() as u64;
         let per_unit = [
             ("query tensor", g * sq * d * e),
@@ -305,6 +355,7 @@ impl BlockSelect {
             ("pooled-score scratch", sq * np as u64 * 4),
             ("selection", sq * opts.k as u64 * 4),
             ("eviction score", sk * 4),
+            ("split scores", sq * g * n_split as u64 * 8),
         ];
         let chunks = plan_units(
             gpu,
@@ -324,6 +375,11 @@ impl BlockSelect {
                 ("NBP", nbp),
                 ("NOSA", (opts.evict > 0) as u32),
                 ("VARLEN", decoding as u32),
+                // Split rows whose scores need a log-sum-exp (block_lse's statistics).
+                (
+                    "SPLIT",
+                    (n_split > 1 && opts.scoring != Scoring::Moba) as u32,
+                ),
             ]
             .into_iter()
             .chain(tiles.constants(Kind::Fwd, d32))
@@ -341,6 +397,12 @@ impl BlockSelect {
             tokens_per_wg,
             keys: gpu.pipeline(&key("block_keys"))?,
             scores: gpu.pipeline(&key("block_scores"))?,
+            lse: match n_split > 1 && opts.scoring != Scoring::Moba {
+                true => Some(gpu.pipeline(&key("block_lse"))?),
+                false => None,
+            },
+            n_split,
+            split_np,
             topk: gpu.pipeline(&key(match topk_kernel {
                 TopK::Subgroup => "block_topk_sg",
                 _ => "block_topk",
@@ -374,6 +436,21 @@ impl BlockSelect {
         self.np
     }
 
+    /// Pooled-key splits per row of the block scores (1: one workgroup scores a whole row
+    /// tile), and pooled keys per split.
+    pub fn score_split(&self) -> (usize, usize) {
+        (self.n_split, self.split_np)
+    }
+
+    /// Shape of [`SelectScratch::partials`] when this selection splits rows whose scores
+    /// need a log-sum-exp (SSA, InfLLM-V2), else `None`.
+    pub fn split_dims(&self) -> Option<[usize; 5]> {
+        let s = &self.shape;
+        self.lse
+            .as_ref()
+            .map(|_| [s.batch, s.heads_kv, s.seq_q * s.group(), self.n_split, 2])
+    }
+
     /// Launches per kernel (more than one when tensors exceed the binding limit).
     pub fn chunks(&self) -> usize {
         self.chunks.len()
@@ -394,6 +471,10 @@ impl BlockSelect {
                 true => Some(gpu.empty(&[s.batch, s.heads_kv, self.np], DType::F32)?),
                 false => None,
             },
+            partials: match self.split_dims() {
+                Some(d) => Some(gpu.empty(&d, DType::F32)?),
+                None => None,
+            },
         })
     }
 
@@ -409,6 +490,7 @@ impl BlockSelect {
             Class::Sel => (sq * self.opts.k as u64, 4),
             Class::Evict => (s.seq_k as u64, 4),
             Class::EPool => (np, 4),
+            Class::Part => (sq * s.group() as u64 * self.n_split as u64 * 2, 4),
         };
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
@@ -452,6 +534,14 @@ impl BlockSelect {
             heads_kv: s.heads_kv as u32,
             n_new: 0,
             pool_new: 0,
+            n_split: self.n_split as u32,
+            split_np: self.split_np as u32,
+            pt_off: if self.lse.is_some() {
+                w(Class::Part).skip
+            } else {
+                0
+            },
+            _pad: 0,
         }
     }
 
@@ -486,6 +576,22 @@ impl BlockSelect {
             }
             (_, None, true) => invalid!(
                 "the scratch has no pooled eviction score (make it with BlockSelect::scratch)"
+            ),
+        }
+    }
+
+    /// The split statistics' scratch, checked against this selection's split.
+    fn part_arg<'a>(
+        &self,
+        scratch: &'a SelectScratch,
+        dims: &'a [usize; 5],
+    ) -> Result<Vec<Arg<'a>>> {
+        match (&self.lse, &scratch.partials) {
+            (None, _) => Ok(vec![]),
+            (Some(_), Some(t)) => Ok(vec![output("split scores", t, dims, DType::F32)]),
+            (Some(_), None) => invalid!(
+                "the scratch has no split scores (make it with this selection's \
+                 BlockSelect::scratch)"
             ),
         }
     }
@@ -588,13 +694,33 @@ impl BlockSelect {
         let kbar = (3, &scratch.block_keys, w(Class::KBar));
         let scores = (4, &scratch.scores, w(Class::Scores));
         let units = base.units;
+        let grid = (
+            (s.seq_q as u32).div_ceil(self.tokens_per_wg) * self.n_split as u32,
+            units,
+        );
+        // Split rows: pass 1 per split first (the scratch was checked against the pipeline).
+        let part: Vec<(u32, &Tensor, Window)> = match (&self.lse, &scratch.partials) {
+            (Some(lse), Some(t)) => {
+                let part = vec![(9, t, w(Class::Part))];
+                launch::dispatch(
+                    gpu,
+                    enc,
+                    lse,
+                    bytemuck::bytes_of(&base),
+                    &[&[(1, q, w(Class::Q)), kbar][..], &part, &lens_view].concat(),
+                    grid,
+                );
+                part
+            }
+            _ => vec![],
+        };
         launch::dispatch(
             gpu,
             enc,
             &self.scores,
             bytemuck::bytes_of(&base),
-            &[&[(1, q, w(Class::Q)), kbar, scores][..], &lens_view].concat(),
-            ((s.seq_q as u32).div_ceil(self.tokens_per_wg), units),
+            &[&[(1, q, w(Class::Q)), kbar, scores][..], &part, &lens_view].concat(),
+            grid,
         );
         let epool: Vec<(u32, &Tensor, Window)> = match (&self.evict_pool, &scratch.evict_pooled) {
             (Some(_), Some(ep)) => vec![(7, ep, w(Class::EPool))],
@@ -646,6 +772,8 @@ impl BlockSelect {
             output("selection", out, &sd, DType::U32),
         ];
         args.extend(self.evict_args(evict, scratch, &ed)?);
+        let pd = self.split_dims().unwrap_or_default();
+        args.extend(self.part_arg(scratch, &pd)?);
         check_args(&args)?;
         for &c in &self.chunks {
             let base = self.params(gpu, c);
@@ -751,6 +879,8 @@ impl BlockSelect {
             ),
             _ => {}
         }
+        let pd = self.split_dims().unwrap_or_default();
+        args.extend(self.part_arg(scratch, &pd)?);
         check_args(&args)?;
         for &c in &self.chunks {
             let base = self.params(gpu, c);

@@ -310,8 +310,10 @@ pub(crate) fn fit_sparse(
 // ---- Block scores of the selection ----
 
 /// Tiles of the block-score kernel, largest first; the first that fits the device and has rows
-/// for the whole group wins. Rows are (token, head) pairs, columns pooled keys.
-pub(crate) fn score_tiles(g: u32, d: u32, max_shared: u32) -> Option<Tiles> {
+/// for the whole group wins, or with `rows` (a decoding step's rows) the smallest that holds
+/// them; the `score` entry of [`TILES_ENV`] before either. Rows are (token, head) pairs,
+/// columns pooled keys.
+pub(crate) fn score_tiles(g: u32, d: u32, max_shared: u32, rows: Option<u32>) -> Option<Tiles> {
     let t = |tm, cols, dc| Tiles {
         tm,
         tr: 16,
@@ -328,13 +330,25 @@ pub(crate) fn score_tiles(g: u32, d: u32, max_shared: u32) -> Option<Tiles> {
         t(2, 32, 8),
         t(1, 16, 8),
     ];
-    if let Some(o) = tiles_override("score") {
+    let forced = tiles_override("score");
+    if let Some(o) = forced {
         cands.insert(0, o);
     }
-    cands.into_iter().find(|c| {
+    let fits = |c: &Tiles| {
         c.rows() >= g
             && d.is_multiple_of(c.dc)
             && c.cols >= Tiles::tc(d)
             && c.shared_bytes(Kind::Fwd, d) <= max_shared
-    })
+    };
+    let first = cands.iter().copied().find(fits)?;
+    // With `rows` (a decoding step's few tokens): the smallest tile that still holds them all.
+    match rows {
+        Some(r) if first.rows() > r && Some(first) != forced => cands
+            .iter()
+            .copied()
+            .filter(|c| fits(c) && c.rows() >= r)
+            .min_by_key(|c| c.rows())
+            .or(Some(first)),
+        _ => Some(first),
+    }
 }

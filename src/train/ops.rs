@@ -535,6 +535,10 @@ fn select(q: CubeTensor, k: CubeTensor, evict: Option<CubeTensor>, cfg: SparseCf
     if be.is_some() {
         scratch_dims.push(vec![s.batch, s.heads_kv, np]);
     }
+    let split = op.split_dims().map(|d| {
+        let d = d.to_vec();
+        bind(&gpu, alloc(&gpu, &q, &d, BurnDType::F32))
+    });
     // Kept bound until the submission (the buffers return to Burn's pool when dropped).
     let scratch: Vec<(Bound, CubeTensor)> = scratch_dims
         .iter()
@@ -545,6 +549,7 @@ fn select(q: CubeTensor, k: CubeTensor, evict: Option<CubeTensor>, cfg: SparseCf
         block_keys: scratch[0].0.tensor.clone(),
         scores: scratch[1].0.tensor.clone(),
         evict_pooled: scratch.get(2).map(|x| x.0.tensor.clone()),
+        partials: split.as_ref().map(|x| x.0.tensor.clone()),
     };
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     op.encode(

@@ -64,8 +64,8 @@ pub struct DecodeArgs {
     /// the query-aware choice moves from step to step (synthetic: trained models set this).
     #[arg(long, default_value_t = 1.0)]
     pub query_noise: f64,
-    /// Keys per workgroup of the decoding kernel (a multiple of 64 and of the block; default:
-    /// the library's choice, about a thousand workgroups per step).
+    /// Keys per workgroup of the decoding kernel (1 to its limit, 512 on most devices;
+    /// default: the library's choice, about a thousand workgroups per step).
     #[arg(long)]
     pub split_keys: Option<usize>,
     /// The device's memory bandwidth in GB/s (e.g. 4800 for an H200): full attention's step is
