@@ -36,12 +36,10 @@ fn main() -> sparse_attn::Result<()> {
     for temperature in [0.0, 0.8] {
         let mut dec = Decoder::new(&rt, model.clone(), &cfg.model, &opts)?;
         let mut sampler = Sampler::new(temperature, 0.95, 7)?;
-        let mut logits = None;
-        for b in prompt.bytes() {
-            logits = Some(dec.step(&[b as u32])?);
-        }
+        let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+        let logits = dec.prefill(&ids, ids.len())?;
         let mut text = prompt.as_bytes().to_vec();
-        let mut next = sampler.sample(logits.expect("a prompt"))?[0];
+        let mut next = sampler.sample(logits)?[0];
         for _ in 1..tokens {
             text.push(next as u8);
             next = sampler.sample(dec.step(&[next])?)?[0];

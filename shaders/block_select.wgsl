@@ -30,7 +30,7 @@ fn block_keys(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     let t1 = min(t0 + prm.pool_w, prm.seq_k);
     var acc = vec4<f32>(0.0);
     for (var t = t0; t < t1; t++) {
-        acc += unpack_st(k[prm.k_off / 4u + (u * prm.seq_k + t) * D4 + c]);
+        acc += unpack_st(k[prm.k_off / 4u + key_row(u, t) * D4 + c]);
     }
     kbar[prm.kb_off / 4u + (u * prm.np + p) * D4 + c] = acc / f32(t1 - t0);
 }
@@ -403,7 +403,7 @@ fn evict_pool(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     let t1 = min(t0 + prm.pool_w, prm.seq_k);
     var acc = 0.0;
     for (var t = t0; t < t1; t++) {
-        acc += evict[prm.e_off + u * prm.seq_k + t];
+        acc += evict[prm.e_off + key_row(u, t)];
     }
     epool[prm.ep_off + u * prm.np + p] = acc / f32(t1 - t0);
 //#endif

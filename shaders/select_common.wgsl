@@ -43,7 +43,8 @@ struct SelParams {
     n_split: u32, // block scores: pooled-key splits per row, pooled keys per split (a multiple
     split_np: u32, //   of BK), and the offset of the splits' statistics (block_lse)
     pt_off: u32,
-    _pad: u32,
+    ring: u32,    // VARLEN: rows of k and of the eviction score per unit when they are a ring of
+                  //   the recent tokens (token t in row t % ring), else 0 (token t in row t)
 }
 
 @group(0) @binding(0) var<uniform> prm: SelParams;
@@ -77,6 +78,14 @@ fn unit_of(u: u32) -> Unit {
 //#else
     return Unit(prm.seq_k, prm.q_pos0, prm.nb, prm.np);
 //#endif
+}
+
+// The row of token t of unit u in k and in the eviction score.
+fn key_row(u: u32, t: u32) -> u32 {
+    if (prm.ring == 0u) {
+        return u * prm.seq_k + t;
+    }
+    return u * prm.ring + t % prm.ring;
 }
 
 // Windows whose every key lies in the first `len` tokens.

@@ -265,6 +265,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     }
 
     decoding(gpu, &mut out, &q, &k, &v).await?;
+    staged_offload(gpu, &mut out, &q, &k, &v).await?;
 
     // SSA's alignment loss between the two streams' outputs.
     let dims = shape.q_dims();
@@ -300,6 +301,107 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
         TOLERANCE,
     );
     Ok(out)
+}
+
+/// NOSA's offloaded cache by the staged path (the browser's: the host reads back the new
+/// tokens and the load list, and writes the missing blocks), six GPU slots per kv head (two
+/// blocks by the eviction score) over ten blocks: a 40-token prompt, then 120 steps (token t
+/// takes row t % 70 of the inputs), each step's O against on-GPU sparse decoding with the same
+/// selection (blocks leave the slots and come back).
+async fn staged_offload(
+    gpu: &Gpu,
+    out: &mut Vec<Check>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<()> {
+    use crate::decode::{
+        CacheConfig, DecodeAttention, DecodeConfig, DecodeInputs, KvCache, OffloadCache,
+        OffloadConfig, OffloadPath,
+    };
+    use crate::problem::{CacheShape, DecodeKeys};
+    let (hq, hkv, d, seq, n0, total) = (4, 2, 32, 70, 40, 160);
+    let opts = SelectOptions::nosa_budget(16, 6, 1, 1, 1)?;
+    let cs = CacheShape {
+        batch: 1,
+        heads_kv: hkv,
+        capacity: total,
+        head_dim: d,
+    };
+    let config = OffloadConfig::new(DType::F32, opts, opts.k).path(OffloadPath::Staged);
+    let mut off = OffloadCache::new(gpu, cs, &config)?;
+    let cache = CacheConfig::new(DType::F32).bias(true).select(Some(opts));
+    let mut on = KvCache::new(gpu, cs, &cache)?;
+    let step = cs.step(hq, 1);
+    let keys = DecodeKeys::Sparse {
+        block: opts.block,
+        nsel: opts.k,
+    };
+    let att_off = DecodeAttention::new(gpu, step, &off.attention_config())?;
+    let att_on = DecodeAttention::new(gpu, step, &DecodeConfig::new(keys).bias(true))?;
+    // Rows t0 .. t0 + n of every head of x `[heads, seq, d]`; the eviction score is a
+    // function of the key.
+    let rows = |x: &[f32], heads: usize, t0: usize, n: usize| -> Vec<f32> {
+        (0..heads)
+            .flat_map(|h| {
+                (t0..t0 + n).flat_map(move |t| {
+                    let r = (h * seq + t % seq) * d;
+                    x[r..r + d].to_vec()
+                })
+            })
+            .collect()
+    };
+    let evict = |t0: usize, n: usize| -> Vec<f32> {
+        (0..hkv)
+            .flat_map(|h| (t0..t0 + n).map(move |t| k[(h * seq + t % seq) * d] * 2.0))
+            .collect()
+    };
+    let append = |off: &mut OffloadCache,
+                  on: &mut KvCache,
+                  t0: usize,
+                  n: usize|
+     -> Result<wgpu::CommandEncoder> {
+        let kn = gpu.upload(&[1, hkv, n, d], &rows(k, hkv, t0, n))?;
+        let vn = gpu.upload(&[1, hkv, n, d], &rows(v, hkv, t0, n))?;
+        let en = gpu.upload(&[1, hkv, n], &evict(t0, n))?;
+        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        off.append(gpu, &mut enc, &kn, &vn, Some(&en), None)?;
+        on.append(gpu, &mut enc, &kn, &vn, Some(&en), None)?;
+        Ok(enc)
+    };
+    let enc = append(&mut off, &mut on, 0, n0)?;
+    gpu.queue().submit([enc.finish()]);
+    let sel_on = gpu.empty(&step.sel_dims(opts.k), DType::U32)?;
+    let (mut got, mut want) = (vec![], vec![]);
+    for t in n0..total {
+        let mut enc = append(&mut off, &mut on, t, 1)?;
+        let tq = gpu.upload(&step.q_dims(), &rows(q, hq, t, 1))?;
+        let o = |gpu: &Gpu| -> Result<AttnOutput> {
+            Ok(AttnOutput {
+                o: gpu.empty(&step.q_dims(), DType::F32)?,
+                lse: gpu.empty(&step.lse_dims(), DType::F32)?,
+            })
+        };
+        let (o_off, o_on) = (o(gpu)?, o(gpu)?);
+        off.prepare_async(gpu, &mut enc, &tq).await?;
+        att_off.encode(gpu, &mut enc, &off.inputs(&tq), &o_off)?;
+        on.select(gpu, &mut enc, &tq, &sel_on)?;
+        let x = DecodeInputs::new(&tq, on.k(), on.v(), on.lens_tensor())
+            .sel(Some(&sel_on))
+            .bias(on.bias());
+        att_on.encode(gpu, &mut enc, &x, &o_on)?;
+        gpu.queue().submit([enc.finish()]);
+        got.extend(gpu.read_async(&o_off.o).await?);
+        want.extend(gpu.read_async(&o_on.o).await?);
+    }
+    push(
+        out,
+        "offloaded decoding (staged copies) O",
+        &got,
+        &want,
+        TOLERANCE,
+    );
+    Ok(())
 }
 
 /// Decoding: two sequences of 70 and 41 tokens appended to a KV cache at once (ragged), the

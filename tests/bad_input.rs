@@ -372,6 +372,25 @@ fn decoding_caches_refuse_contradictory_options() {
         &CacheConfig::new(DType::F32).select(Some(acausal)),
     ));
     assert!(e.contains("causal"), "{e}");
+    // A ring of recent keys serves the pooled state: it needs a selection, and more rows than
+    // a pooling window (InfLLM-V2's 32 tokens here).
+    let e = msg(KvCache::new(
+        &gpu,
+        cs,
+        &CacheConfig::new(DType::F32).ring(Some(64)),
+    ));
+    assert!(e.contains("needs select"), "{e}");
+    let ring = |r| {
+        CacheConfig::new(DType::F32)
+            .bias(true)
+            .select(Some(nosa))
+            .ring(Some(r))
+    };
+    for r in [32, 300] {
+        let e = msg(KvCache::new(&gpu, cs, &ring(r)));
+        assert!(e.contains(&format!("a ring of {r} rows")), "{e}");
+    }
+    assert!(KvCache::new(&gpu, cs, &ring(64)).is_ok());
     // An offloaded cache serves a selection; full attention reads the whole cache.
     let layer = LayerConfig {
         offload_slots: Some(8),

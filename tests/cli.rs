@@ -209,6 +209,82 @@ fn bad_numbers_and_paths_fail_before_the_work() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `bench decode`: the four ways of decoding on a tiny synthetic model, the offloaded ones by
+/// both host -> GPU paths (same selection, so the same hit rate and copies), one JSON object;
+/// bad flags fail before the work.
+#[test]
+fn bench_decode_runs_every_mode_and_path() {
+    let base = [
+        "bench",
+        "decode",
+        "--batch",
+        "2",
+        "--context",
+        "100",
+        "--layers",
+        "2",
+        "--heads-q",
+        "4",
+        "--heads-kv",
+        "2",
+        "--head-dim",
+        "32",
+        "--block",
+        "16",
+        "--k",
+        "4",
+        "--n-local",
+        "1",
+        "--k-query",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+    ];
+    let mut by_path = vec![];
+    for path in ["in-place", "staged"] {
+        let mut args = base.to_vec();
+        args.extend(["--steps", "6", "--offload-path", path]);
+        let (ok, out, err) = run(&args);
+        if !ok && no_gpu_ok() {
+            return;
+        }
+        assert!(ok, "bench decode failed: {err}");
+        let j: serde_json::Value =
+            serde_json::from_str(out.trim()).expect("bench decode --json is one JSON object");
+        let runs = j["runs"].as_array().unwrap().clone();
+        assert_eq!(runs.len(), 4, "{out}");
+        for r in &runs {
+            assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+            let offloaded = r["mode"].as_str().unwrap().contains("offloaded");
+            assert_eq!(r["offload_path"].as_str(), offloaded.then_some(path), "{r}");
+            assert_eq!(r["hit_rate"].is_f64(), offloaded, "{r}");
+        }
+        by_path.push(runs);
+    }
+    for (a, b) in by_path[0].iter().zip(&by_path[1]) {
+        assert_eq!(a["hit_rate"], b["hit_rate"], "{a} / {b}");
+        assert_eq!(
+            a["copied_bytes_per_step"], b["copied_bytes_per_step"],
+            "{a} / {b}"
+        );
+    }
+    for (extra, says) in [
+        (&["--modes", "sparse", "--steps", "6"][..], "unknown mode"),
+        (
+            &["--offload-path", "dma", "--steps", "6"][..],
+            "unknown offload path",
+        ),
+        (&["--steps", "0"][..], "at least 1"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        let (ok, _, err) = run(&args);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn bench_full_prints_json_and_rejects_bad_flags() {
     let (ok, out, err) = run(&[
@@ -897,6 +973,20 @@ fn generate_streams_text_from_a_checkpoint() {
         err.contains("hit rate 0.") && err.contains("in host memory"),
         "{err}"
     );
+    // The staged path (the host writes the missing blocks; no host-memory tensors).
+    let (ok, staged, err) = generate(&[
+        "--attention",
+        "nosa",
+        "--offload",
+        "--offload-path",
+        "staged",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        staged, on_gpu,
+        "staged copies must not change greedy decoding"
+    );
+    assert!(err.contains("staged copies"), "{err}");
     for (extra, says) in [
         (&["--attention", "dense"][..], "unknown attention"),
         (&["--top-p", "0"][..], "top-p must be in (0, 1]"),
@@ -913,6 +1003,14 @@ fn generate_streams_text_from_a_checkpoint() {
             "not full attention",
         ),
         (&["--budget", "0"][..], "topk"),
+        (
+            &["--offload", "--offload-path", "zero"][..],
+            "unknown offload path",
+        ),
+        (
+            &["--offload-path", "staged"][..],
+            "--offload-path chooses the path of --offload",
+        ),
     ] {
         let (ok, _, err) = generate(extra);
         assert!(!ok && err.contains(says), "{extra:?}: {err}");

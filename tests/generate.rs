@@ -141,6 +141,25 @@ fn decoding_gives_the_full_forward_logits() {
                 let st = dec.offload_stats().unwrap().unwrap();
                 assert!(st.loaded > 0 && st.hits > 0, "{st:?} ({ctx})");
             }
+            // The same tokens fed as a prompt (37, then 40 more in one call, then one at a
+            // time): several tokens per layer step where the cache is on the GPU (causal among
+            // themselves), one at a time offloaded; the same logits.
+            let mut fed = Decoder::new(&rt, model.clone(), &cfg.model, &opts).unwrap();
+            let mut got = vec![];
+            for (a, b) in [(0, 37), (37, 77)] {
+                let l = fed.feed(&text[a..b], b - a).unwrap();
+                assert_eq!(l.dims(), [1, b - a, 256]);
+                got.extend(l.into_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+            }
+            for &t in &text[77..] {
+                let l = fed.step(&[t]).unwrap();
+                got.extend(l.into_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+            }
+            let e = compare(&got, &want);
+            eprintln!("{ctx}, fed as a prompt: {e:?}");
+            assert!(e.within(2e-6), "{e:?} ({ctx}, fed as a prompt)");
+            let e = fed.feed(&[1, 2], 3).unwrap_err().to_string();
+            assert!(e.contains("2 tokens given for 1 sequences of 3"), "{e}");
             let e = dec.step(&[300]).unwrap_err().to_string();
             assert!(e.contains("outside the vocabulary of 256"), "{e}");
             let e = dec.step(&[1]).unwrap_err().to_string();

@@ -5,7 +5,7 @@
 
 mod common;
 
-use sparse_attn::decode::{OffloadCache, OffloadConfig};
+use sparse_attn::decode::{OffloadCache, OffloadConfig, OffloadPath};
 use sparse_attn::gpu::DType;
 use sparse_attn::problem::{SENTINEL, SelectOptions};
 use sparse_attn::reference::{Rng, compare};
@@ -39,19 +39,33 @@ fn checksum(x: &[f32]) -> u64 {
     })
 }
 
+/// The in-place path: kernels read the host store.
+#[test]
+fn offloaded_decoding_loses_nothing() {
+    let Some(gpu) = host_gpu() else { return };
+    assert!(
+        gpu.has_host_memory(),
+        "this adapter has no MAPPABLE_PRIMARY_BUFFERS: the in-place path cannot be tested"
+    );
+    loses_nothing(&gpu, OffloadPath::InPlace);
+}
+
+/// The staged path, on a device opened without host-memory tensors (as in the browser): the
+/// host files the new tokens and writes the missing blocks each step.
+#[test]
+fn staged_offloaded_decoding_loses_nothing() {
+    let Some(gpu) = common::gpu() else { return };
+    assert!(!gpu.has_host_memory());
+    loses_nothing(&gpu, OffloadPath::Staged);
+}
+
 /// 2,100 single-token steps of two sequences (prompts of different lengths) over an offloaded
 /// cache with the fewest slots the selection allows (NOSA: blocks of 16, k = 6), against the
 /// same steps over an on-GPU cache: the selections agree bit for bit, O and LSE to float
 /// tolerance, every step. Every 100 steps, every slot's rows equal the host rows of the block
 /// the map names (checksums per block), and the counters show blocks evicted and loaded
 /// again many times.
-#[test]
-fn offloaded_decoding_loses_nothing() {
-    let Some(gpu) = host_gpu() else { return };
-    assert!(
-        gpu.has_host_memory(),
-        "this adapter has no MAPPABLE_PRIMARY_BUFFERS: the offloaded cache cannot be tested"
-    );
+fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
     let mut rng = Rng::new(seed);
@@ -66,10 +80,11 @@ fn offloaded_decoding_loses_nothing() {
         capacity: cap,
         head_dim: d,
     };
-    let config = OffloadConfig::new(DType::F32, opts, opts.k);
-    let mut off = OffloadCache::new(&gpu, cs, &config).unwrap();
+    let config = OffloadConfig::new(DType::F32, opts, opts.k).path(path);
+    let mut off = OffloadCache::new(gpu, cs, &config).unwrap();
+    assert_eq!(off.path(), path);
     let mut on = KvCache::new(
-        &gpu,
+        gpu,
         cs,
         &CacheConfig::new(DType::F32).bias(true).select(Some(opts)),
     )
@@ -79,8 +94,8 @@ fn offloaded_decoding_loses_nothing() {
         block: opts.block,
         nsel: opts.k,
     };
-    let att_off = DecodeAttention::new(&gpu, step, &off.attention_config()).unwrap();
-    let att_on = DecodeAttention::new(&gpu, step, &DecodeConfig::new(keys).bias(true)).unwrap();
+    let att_off = DecodeAttention::new(gpu, step, &off.attention_config()).unwrap();
+    let att_on = DecodeAttention::new(gpu, step, &DecodeConfig::new(keys).bias(true)).unwrap();
 
     // Prompts, ragged, into both.
     let n = 97;
@@ -94,9 +109,9 @@ fn offloaded_decoding_loses_nothing() {
         .upload(&[b, hkv, n], &rng.normal_vec(b * hkv * n, 1.0))
         .unwrap();
     let mut enc = gpu.device().create_command_encoder(&Default::default());
-    off.append(&gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
+    off.append(gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
         .unwrap();
-    on.append(&gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
+    on.append(gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
         .unwrap();
     gpu.queue().submit([enc.finish()]);
 
@@ -115,22 +130,21 @@ fn offloaded_decoding_loses_nothing() {
         let q = gpu
             .upload(&step.q_dims(), &rng.normal_vec(b * hq * d, 2.0))
             .unwrap();
-        let o_off = outputs(&gpu, &step.q_dims(), &step.lse_dims());
-        let o_on = outputs(&gpu, &step.q_dims(), &step.lse_dims());
+        let o_off = outputs(gpu, &step.q_dims(), &step.lse_dims());
+        let o_on = outputs(gpu, &step.q_dims(), &step.lse_dims());
         let mut enc = gpu.device().create_command_encoder(&Default::default());
-        off.append(&gpu, &mut enc, &k1, &v1, Some(&e1), None)
+        off.append(gpu, &mut enc, &k1, &v1, Some(&e1), None)
             .unwrap();
-        on.append(&gpu, &mut enc, &k1, &v1, Some(&e1), None)
-            .unwrap();
-        off.prepare(&gpu, &mut enc, &q).unwrap();
+        on.append(gpu, &mut enc, &k1, &v1, Some(&e1), None).unwrap();
+        off.prepare(gpu, &mut enc, &q).unwrap();
         att_off
-            .encode(&gpu, &mut enc, &off.inputs(&q), &o_off)
+            .encode(gpu, &mut enc, &off.inputs(&q), &o_off)
             .unwrap();
-        on.select(&gpu, &mut enc, &q, &sel_on).unwrap();
+        on.select(gpu, &mut enc, &q, &sel_on).unwrap();
         let x = DecodeInputs::new(&q, on.k(), on.v(), on.lens_tensor())
             .sel(Some(&sel_on))
             .bias(on.bias());
-        att_on.encode(&gpu, &mut enc, &x, &o_on).unwrap();
+        att_on.encode(gpu, &mut enc, &x, &o_on).unwrap();
         gpu.queue().submit([enc.finish()]);
         let ctx = format!("step {t} (lengths {:?})", off.lens());
         assert_eq!(
@@ -149,10 +163,7 @@ fn offloaded_decoding_loses_nothing() {
                 gpu.read(off.slot_k()).unwrap(),
                 gpu.read(off.slot_v()).unwrap(),
             );
-            let (hk, hv) = (
-                gpu.read(off.host().k()).unwrap(),
-                gpu.read(off.host().v()).unwrap(),
-            );
+            let (hk, hv) = off.read_store(gpu).unwrap();
             let nslot = config.slots;
             let rows = opts.block * d;
             let mut checked = 0;
@@ -183,7 +194,7 @@ fn offloaded_decoding_loses_nothing() {
             assert!(checked > 0, "{ctx}");
         }
     }
-    let st = off.stats(&gpu).unwrap();
+    let st = off.stats(gpu).unwrap();
     eprintln!("{st:?} hit rate {:.3}", st.hit_rate());
     // Blocks came and went: far more loads than the slots could hold at once.
     let units = (b * hkv) as u64;
@@ -229,9 +240,19 @@ fn offload_budget_errors_name_the_minimum() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("bytes"), "{e}");
+    // Without host-memory tensors (the browser): the in-place path says what it needs, and
+    // the automatic choice stages the copies.
     let Some(plain) = common::gpu() else { return };
-    let e = OffloadCache::new(&plain, cs, &OffloadConfig::new(DType::F32, opts, 6))
+    let config = OffloadConfig::new(DType::F32, opts, 6);
+    let e = OffloadCache::new(&plain, cs, &config.path(OffloadPath::InPlace))
         .unwrap_err()
         .to_string();
     assert!(e.contains("MAPPABLE_PRIMARY_BUFFERS"), "{e}");
+    let off = OffloadCache::new(&plain, cs, &config).unwrap();
+    assert_eq!(off.path(), OffloadPath::Staged);
+    // The staged store is the host's own memory: a store past it fails cleanly too.
+    let e = OffloadCache::new(&plain, huge, &config)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bytes"), "{e}");
 }

@@ -29,7 +29,12 @@ crate::gpu::uniform::uniform!(
         pub n_off: u32,
         pub b_off: u32,
         pub nb_off: u32,
-        pub _pad: u32,
+        pub rows: u32,
+        pub j0: u32,
+        pub n_rows: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+        pub _pad2: u32,
     }
 );
 
@@ -46,6 +51,11 @@ pub struct CacheConfig {
     /// k, v and the bias in host memory ([`Gpu::empty_host`]): the host store of NOSA's
     /// offloaded cache (`decode::offload`); the lengths and pooled state stay on the GPU.
     pub host_memory: bool,
+    /// Keep only the most recent `ring` tokens' k, v and bias (token t in row t % ring), for
+    /// the pooled state alone: the staged offloaded cache's GPU side (its store is on the
+    /// host). Needs `select`; more rows than a pooling window. Appends longer than the ring
+    /// minus a window go in parts.
+    pub ring: Option<usize>,
 }
 
 impl CacheConfig {
@@ -55,7 +65,11 @@ impl CacheConfig {
             bias: false,
             select: None,
             host_memory: false,
+            ring: None,
         }
+    }
+    pub fn ring(self, ring: Option<usize>) -> Self {
+        Self { ring, ..self }
     }
     pub fn host_memory(self, host_memory: bool) -> Self {
         Self {
@@ -85,6 +99,8 @@ pub struct KvCache {
     shape: CacheShape,
     config: CacheConfig,
     storage: Storage,
+    /// Rows of k, v and the bias per (sequence, kv head): the capacity, or the ring's.
+    rows: usize,
     k: Tensor,
     v: Tensor,
     bias: Option<Tensor>,
@@ -119,7 +135,24 @@ impl KvCache {
                 invalid!("selection while decoding is causal; these options are not");
             }
         }
-        let (cap, d) = (shape.capacity as u64, shape.head_dim as u64);
+        let rows = match (config.ring, config.select) {
+            (None, _) => shape.capacity,
+            (Some(r), Some(sel)) => {
+                let w = crate::problem::pooling(&sel).0;
+                if r <= w || r > shape.capacity {
+                    invalid!(
+                        "a ring of {r} rows: it must hold more than a pooling window ({w}) and at \
+                         most the capacity ({})",
+                        shape.capacity
+                    );
+                }
+                r
+            }
+            (Some(_), None) => {
+                invalid!("a ring of recent keys serves the pooled state: the cache needs select")
+            }
+        };
+        let (cap, d) = (rows as u64, shape.head_dim as u64);
         let e = config.dtype.size() as u64;
         let chunks = plan_units(
             gpu,
@@ -142,14 +175,16 @@ impl KvCache {
             true => gpu.empty_host(dims, dtype),
             false => gpu.empty(dims, dtype),
         };
+        let dims = [shape.batch, shape.heads_kv, rows, shape.head_dim];
         let mut cache = Self {
             shape,
             config: *config,
             storage,
-            k: alloc(&shape.dims(), config.dtype)?,
-            v: alloc(&shape.dims(), config.dtype)?,
+            rows,
+            k: alloc(&dims, config.dtype)?,
+            v: alloc(&dims, config.dtype)?,
             bias: match config.bias {
-                true => Some(alloc(&shape.bias_dims(), DType::F32)?),
+                true => Some(alloc(&dims[..3], DType::F32)?),
                 false => None,
             },
             lens: gpu.upload_u32(&[shape.batch], &vec![0; shape.batch])?,
@@ -179,6 +214,8 @@ impl KvCache {
     pub fn lens(&self) -> &[u32] {
         &self.host_lens
     }
+    /// k `[batch, heads_kv, rows, head_dim]`: rows = the capacity, or the ring's
+    /// ([`CacheConfig::ring`]).
     pub fn k(&self) -> &Tensor {
         &self.k
     }
@@ -235,7 +272,8 @@ impl KvCache {
             shape,
             &SelectConfig::new(opts)
                 .dtype(self.config.dtype)
-                .decoding(true),
+                .decoding(true)
+                .ring(self.config.ring),
         )
     }
 
@@ -284,7 +322,8 @@ impl KvCache {
         let dt = self.storage.dtype();
         let nd = [s.batch, s.heads_kv, n, s.head_dim];
         let nbd = [s.batch, s.heads_kv, n];
-        let (cd, cbd, ld) = (s.dims(), s.bias_dims(), [s.batch]);
+        let cd = [s.batch, s.heads_kv, self.rows, s.head_dim];
+        let (cbd, ld) = ([s.batch, s.heads_kv, self.rows], [s.batch]);
         let mut args = vec![
             input("k_new", k_new, &nd, dt),
             input("v_new", v_new, &nd, dt),
@@ -316,9 +355,55 @@ impl KvCache {
                 t
             }
         };
+        // A ring takes the rows in parts: each part's windows (and the window before them)
+        // must still be in the ring when they are pooled.
+        let part = match (self.config.ring, self.config.select) {
+            (Some(r), Some(sel)) => r - crate::problem::pooling(&sel).0,
+            _ => n,
+        };
+        for j0 in (0..n).step_by(part) {
+            let rows = part.min(n - j0);
+            self.append_part(gpu, enc, k_new, v_new, bias_new, &tcounts, n, (j0, rows))?;
+            let got: Vec<u32> = counts
+                .iter()
+                .map(|&c| (c as usize).clamp(j0, j0 + rows) as u32 - j0 as u32)
+                .collect();
+            for (l, c) in self.host_lens.iter_mut().zip(&got) {
+                *l += c;
+            }
+            if let Some((op, state)) = &self.pool {
+                let n_new = *got.iter().max().expect("batch >= 1") as usize;
+                // The bias is NOSA's eviction score when the selection has an eviction stage.
+                let evict = match self.config.select.is_some_and(|s| s.evict > 0) {
+                    true => self.bias.as_ref(),
+                    false => None,
+                };
+                if n_new > 0 {
+                    op.encode_pool(gpu, enc, &self.k, evict, &self.lens, n_new, state)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `part.0 .. part.0 + part.1` of the `n` new rows: append, then grow the lengths.
+    #[allow(clippy::too_many_arguments)]
+    fn append_part(
+        &self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        k_new: &Tensor,
+        v_new: &Tensor,
+        bias_new: Option<&Tensor>,
+        tcounts: &Tensor,
+        n: usize,
+        part: (usize, usize),
+    ) -> Result<()> {
+        let s = self.shape;
+        let (j0, n_rows) = part;
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
-        let e = dt.size() as u64;
-        let (cap, d) = (s.capacity as u64, s.head_dim as u64);
+        let e = self.storage.dtype().size() as u64;
+        let (cap, d) = (self.rows as u64, s.head_dim as u64);
         let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
         let whole = window_sized(0, s.batch as u64, 256, 4);
         for &c in &self.chunks {
@@ -327,7 +412,7 @@ impl KvCache {
             let nw = window_sized(c.u0 * n as u64 * d, units * n as u64 * d, align, e);
             let bw = window_sized(c.u0 * cap, units * cap, align, 4);
             let nbw = window_sized(c.u0 * n as u64, units * n as u64, align, 4);
-            let wgs = (units * n as u64 * d / 4).div_ceil(NT as u64).max(1);
+            let wgs = (units * n_rows as u64 * d / 4).div_ceil(NT as u64).max(1);
             let gx = wgs.min(max_x);
             let p = CacheParams {
                 cap: s.capacity as u32,
@@ -341,7 +426,10 @@ impl KvCache {
                 n_off: nw.skip,
                 b_off: bw.skip,
                 nb_off: nbw.skip,
-                _pad: 0,
+                rows: self.rows as u32,
+                j0: j0 as u32,
+                n_rows: n_rows as u32,
+                ..bytemuck::Zeroable::zeroed()
             };
             let mut views = vec![
                 (1, &self.k, kw),
@@ -349,7 +437,7 @@ impl KvCache {
                 (3, k_new, nw),
                 (4, v_new, nw),
                 (5, &self.lens, whole),
-                (6, &tcounts, whole),
+                (6, tcounts, whole),
             ];
             if let (Some(b), Some(cb)) = (bias_new, &self.bias) {
                 views.push((7, cb, bw));
@@ -367,7 +455,8 @@ impl KvCache {
         let p = CacheParams {
             cap: s.capacity as u32,
             batch: s.batch as u32,
-            grid_x: 0,
+            j0: j0 as u32,
+            n_rows: n_rows as u32,
             ..bytemuck::Zeroable::zeroed()
         };
         launch::dispatch(
@@ -375,23 +464,9 @@ impl KvCache {
             enc,
             &self.grow,
             bytemuck::bytes_of(&p),
-            &[(5, &self.lens, whole), (6, &tcounts, whole)],
+            &[(5, &self.lens, whole), (6, tcounts, whole)],
             ((s.batch as u32).div_ceil(NT), 1),
         );
-        for (l, c) in self.host_lens.iter_mut().zip(&counts) {
-            *l += c;
-        }
-        if let Some((op, state)) = &self.pool {
-            let n_new = *counts.iter().max().expect("batch >= 1") as usize;
-            // The bias is NOSA's eviction score when the selection has an eviction stage.
-            let evict = match self.config.select.is_some_and(|s| s.evict > 0) {
-                true => self.bias.as_ref(),
-                false => None,
-            };
-            if n_new > 0 {
-                op.encode_pool(gpu, enc, &self.k, evict, &self.lens, n_new, state)?;
-            }
-        }
         Ok(())
     }
 

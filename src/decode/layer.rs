@@ -4,7 +4,7 @@
 
 use crate::decode::attention::{DecodeAttention, DecodeConfig, DecodeInputs};
 use crate::decode::cache::{CacheConfig, KvCache};
-use crate::decode::offload::{OffloadCache, OffloadConfig, OffloadStats};
+use crate::decode::offload::{OffloadCache, OffloadConfig, OffloadPath, OffloadStats};
 use crate::error::{Result, invalid};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::attention::AttnOutput;
@@ -23,6 +23,8 @@ pub struct LayerConfig {
     pub select: Option<SelectOptions>,
     /// Offload the cache to host memory with this many GPU slots per (sequence, kv head).
     pub offload_slots: Option<usize>,
+    /// How the offloaded cache's blocks reach the GPU.
+    pub offload_path: OffloadPath,
     /// Keys per workgroup of the attention (`None`: the library's choice).
     pub split_keys: Option<usize>,
 }
@@ -36,6 +38,7 @@ impl LayerConfig {
             bias: false,
             select: None,
             offload_slots: None,
+            offload_path: OffloadPath::Auto,
             split_keys: None,
         }
     }
@@ -46,14 +49,21 @@ enum Cache {
     Offload(Box<OffloadCache>),
 }
 
-/// One layer's decoding state.
-pub struct DecodeLayer {
-    cache: Cache,
+/// The attention of steps of `n_q` tokens per sequence, its selection and LSE.
+struct Step {
+    n_q: usize,
     att: DecodeAttention,
     /// The step's selection (sparse with the cache on the GPU) and LSE.
     sel: Option<Tensor>,
     lse: Tensor,
-    bias: bool,
+}
+
+/// One layer's decoding state.
+pub struct DecodeLayer {
+    config: LayerConfig,
+    cache: Cache,
+    /// Steps of one token first; steps of several (a prompt, cache on the GPU) as they come.
+    steps: Vec<Step>,
 }
 
 impl DecodeLayer {
@@ -65,7 +75,7 @@ impl DecodeLayer {
                 invalid!("an offloaded cache serves sparse or NOSA attention, not full attention")
             }
             (Some(s), Some(slots)) => {
-                let mut oc = OffloadConfig::new(c.dtype, s, slots);
+                let mut oc = OffloadConfig::new(c.dtype, s, slots).path(c.offload_path);
                 oc.bias = c.bias;
                 let cache = OffloadCache::new(gpu, c.cache, &oc)?;
                 let att = cache.attention_config().split_keys(c.split_keys);
@@ -98,12 +108,51 @@ impl DecodeLayer {
             }
         };
         Ok(Self {
+            config: *c,
             cache,
-            att,
-            sel,
-            lse,
-            bias: c.bias,
+            steps: vec![Step {
+                n_q: 1,
+                att,
+                sel,
+                lse,
+            }],
         })
+    }
+
+    /// The step for `n_q` tokens per sequence (cache on the GPU), made on first use.
+    fn step_for(&mut self, gpu: &Gpu, n_q: usize) -> Result<usize> {
+        if let Some(i) = self.steps.iter().position(|s| s.n_q == n_q) {
+            return Ok(i);
+        }
+        let c = &self.config;
+        if matches!(self.cache, Cache::Offload(_)) {
+            invalid!(
+                "the offloaded cache decodes one token per sequence per step (its GPU slots hold \
+                 one query's blocks); {n_q} were given"
+            );
+        }
+        let step = c.cache.step(c.heads_q, n_q);
+        let keys = match c.select {
+            Some(s) => DecodeKeys::Sparse {
+                block: s.block,
+                nsel: s.k,
+            },
+            None => DecodeKeys::Full,
+        };
+        let att = DecodeConfig::new(keys)
+            .bias(c.bias)
+            .dtype(c.dtype)
+            .split_keys(c.split_keys);
+        self.steps.push(Step {
+            n_q,
+            att: DecodeAttention::new(gpu, step, &att)?,
+            sel: match c.select {
+                Some(s) => Some(gpu.empty(&step.sel_dims(s.k), DType::U32)?),
+                None => None,
+            },
+            lse: gpu.empty(&step.lse_dims(), DType::F32)?,
+        });
+        Ok(self.steps.len() - 1)
     }
 
     /// Append tokens without attending (a prompt): see [`KvCache::append`].
@@ -122,9 +171,10 @@ impl DecodeLayer {
         }
     }
 
-    /// Record one step: the new token's k, v `[b, hkv, 1, d]` (and bias `[b, hkv, 1]`) into the
-    /// cache, select (sparse), copy missing blocks (offloaded), attend for q `[b, hq, 1, d]`
-    /// into `o` (the LSE stays in the layer).
+    /// Record one step: the new tokens' k, v `[b, hkv, n, d]` (and bias `[b, hkv, n]`) into
+    /// the cache, select (sparse), copy missing blocks (offloaded), attend for q `[b, hq, n, d]`
+    /// into `o` (the LSE stays in the layer). Several tokens per sequence (a prompt, causal
+    /// among themselves) only with the cache on the GPU.
     #[allow(clippy::too_many_arguments)]
     pub fn encode_step(
         &mut self,
@@ -136,26 +186,37 @@ impl DecodeLayer {
         bias: Option<&Tensor>,
         o: &Tensor,
     ) -> Result<()> {
+        let Some(&n_q) = q.shape().get(2) else {
+            invalid!("q has shape {:?}; expected [b, hq, n, d]", q.shape());
+        };
+        let i = self.step_for(gpu, n_q)?;
+        self.append(gpu, enc, k, v, bias, None)?;
+        let has_bias = self.config.bias;
+        let st = &self.steps[i];
         let out = AttnOutput {
             o: o.clone(),
-            lse: self.lse.clone(),
+            lse: st.lse.clone(),
         };
-        self.append(gpu, enc, k, v, bias, None)?;
         match &mut self.cache {
             Cache::Gpu(c) => {
-                if let Some(sel) = &self.sel {
+                if let Some(sel) = &st.sel {
                     c.select(gpu, enc, q, sel)?;
                 }
                 let x = DecodeInputs::new(q, c.k(), c.v(), c.lens_tensor())
-                    .sel(self.sel.as_ref())
-                    .bias(if self.bias { c.bias() } else { None });
-                self.att.encode(gpu, enc, &x, &out)
+                    .sel(st.sel.as_ref())
+                    .bias(if has_bias { c.bias() } else { None });
+                st.att.encode(gpu, enc, &x, &out)
             }
             Cache::Offload(c) => {
                 c.prepare(gpu, enc, q)?;
-                self.att.encode(gpu, enc, &c.inputs(q), &out)
+                st.att.encode(gpu, enc, &c.inputs(q), &out)
             }
         }
+    }
+
+    /// Does the cache take several tokens per step (on the GPU; not offloaded)?
+    pub fn takes_many(&self) -> bool {
+        matches!(self.cache, Cache::Gpu(_))
     }
 
     /// Bytes of the cache on the GPU and in host memory.
@@ -163,6 +224,14 @@ impl DecodeLayer {
         match &self.cache {
             Cache::Gpu(c) => (c.gpu_bytes(), 0),
             Cache::Offload(c) => (c.gpu_bytes(), c.host_bytes()),
+        }
+    }
+
+    /// The offloaded cache's host -> GPU path; `None` with the cache on the GPU.
+    pub fn offload_path(&self) -> Option<OffloadPath> {
+        match &self.cache {
+            Cache::Offload(c) => Some(c.path()),
+            Cache::Gpu(_) => None,
         }
     }
 

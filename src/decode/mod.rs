@@ -11,4 +11,4 @@ pub mod offload;
 pub use attention::{DecodeAttention, DecodeConfig, DecodeInputs};
 pub use cache::{CacheConfig, KvCache};
 pub use layer::{DecodeLayer, LayerConfig};
-pub use offload::{OffloadCache, OffloadConfig, OffloadStats};
+pub use offload::{OffloadCache, OffloadConfig, OffloadPath, OffloadStats};

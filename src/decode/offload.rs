@@ -6,8 +6,13 @@
 //! memory into freed slots (one gather kernel reading host memory: no host round trip), and
 //! attend over the slots with `DecodeAttention` built with [`DecodeConfig::slots`].
 //!
-//! Host -> GPU path: kernels read the host store in place (`MAPPABLE_PRIMARY_BUFFERS`, native
-//! Vulkan/Metal/DX12). Adapters without it (the browser) get an error that says so.
+//! Host -> GPU paths ([`OffloadPath`]): `InPlace` keeps the store in host memory that kernels
+//! read in place (`MAPPABLE_PRIMARY_BUFFERS`, native Vulkan/Metal/DX12; no host round trip).
+//! `Staged` runs anywhere, the browser included: the store is the host's own memory, the GPU
+//! keeps only the most recent tokens (a ring, for the pooled state) besides the slots, and each
+//! step the host reads back the new tokens and the load list the diff made, appends the tokens
+//! to the store, and writes each missing block into its slot (`queue.write_buffer`): one wait
+//! for the GPU per step.
 
 use std::sync::Arc;
 
@@ -43,6 +48,39 @@ pub struct OffloadConfig {
     pub bias: bool,
     /// GPU slots per (sequence, kv head), each one block: at least the selection's k.
     pub slots: usize,
+    /// How blocks reach the GPU.
+    pub path: OffloadPath,
+}
+
+/// How an offloaded cache moves blocks from host memory to the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OffloadPath {
+    /// `InPlace` where the device has host-memory tensors ([`Gpu::has_host_memory`]), else
+    /// `Staged`.
+    #[default]
+    Auto,
+    /// The store in host memory that a gather kernel reads in place: no host round trip.
+    InPlace,
+    /// The store in the host's own memory, missing blocks written by the host each step.
+    Staged,
+}
+
+impl OffloadPath {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "in-place" => Ok(Self::InPlace),
+            "staged" => Ok(Self::Staged),
+            _ => invalid!("unknown offload path `{s}` (auto, in-place, staged)"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::InPlace => "in-place",
+            Self::Staged => "staged",
+        }
+    }
 }
 
 impl OffloadConfig {
@@ -52,13 +90,32 @@ impl OffloadConfig {
             select,
             bias: select.evict > 0,
             slots,
+            path: OffloadPath::Auto,
         }
+    }
+
+    pub fn path(self, path: OffloadPath) -> Self {
+        Self { path, ..self }
     }
 
     /// Bytes of GPU memory one slot takes per (sequence, kv head): a block of k, v (and bias).
     pub fn slot_bytes(dtype: DType, block: usize, head_dim: usize, bias: bool) -> u64 {
         (block * (2 * head_dim * dtype.size() + 4 * bias as usize)) as u64
     }
+}
+
+/// A zeroed host buffer of `n` elements, or an error that says the allocation failed.
+fn host_vec<T: Clone + Default>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        Error::Unsupported(format!(
+            "the offloaded cache's host store of {what} needs {} bytes; the host could not \
+             allocate them",
+            n * std::mem::size_of::<T>()
+        ))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
 }
 
 /// Counters of the steps so far: selected blocks, those already on the GPU, blocks copied.
@@ -77,11 +134,47 @@ impl OffloadStats {
     }
 }
 
+/// The staged path's store: k, v (bytes, rows of head_dim elements) and the bias of every
+/// token, `[b, hkv, capacity]` rows, in the host's memory.
+struct HostStore {
+    k: Vec<u8>,
+    v: Vec<u8>,
+    bias: Vec<f32>,
+    row: usize,
+}
+
+impl std::fmt::Debug for HostStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HostStore {{ {} + {} bytes, {} biases, rows of {} bytes }}",
+            self.k.len(),
+            self.v.len(),
+            self.bias.len(),
+            self.row
+        )
+    }
+}
+
+/// New tokens on their way to the host store (copied into `buf` by the append's commands).
+#[derive(Debug)]
+struct Pending {
+    buf: wgpu::Buffer,
+    n: usize,
+    counts: Vec<u32>,
+    lens: Vec<u32>,
+}
+
 /// The offloaded cache of one attention layer for a batch of sequences.
 #[derive(Debug)]
 pub struct OffloadCache {
+    /// InPlace: the whole cache in host memory; Staged: the recent tokens (a ring) on the GPU.
     host: KvCache,
     config: OffloadConfig,
+    /// The path in use (never Auto).
+    path: OffloadPath,
+    store: Option<HostStore>,
+    pending: Vec<Pending>,
     slot_k: Tensor,
     slot_v: Tensor,
     slot_bias: Option<Tensor>,
@@ -105,6 +198,7 @@ impl OffloadCache {
             select,
             bias,
             slots,
+            path,
         } = *config;
         shape.validate()?;
         let (block, k) = (select.block, select.k);
@@ -129,32 +223,53 @@ impl OffloadCache {
                 shape.capacity / block
             );
         }
-        if !gpu.has_host_memory() {
+        let path = match path {
+            OffloadPath::Auto if gpu.has_host_memory() => OffloadPath::InPlace,
+            OffloadPath::Auto => OffloadPath::Staged,
+            p => p,
+        };
+        if path == OffloadPath::InPlace && !gpu.has_host_memory() {
             return Err(Error::Unsupported(
-                "the offloaded KV cache keeps k and v in host memory that kernels read in place; \
-                 this device cannot (open it with GpuOptions::host_memory on a native adapter \
-                 with MAPPABLE_PRIMARY_BUFFERS)"
+                "the in-place offload path keeps k and v in host memory that kernels read in \
+                 place; this device cannot (open it with GpuOptions::host_memory on a native \
+                 adapter with MAPPABLE_PRIMARY_BUFFERS, or take OffloadPath::Staged)"
                     .into(),
             ));
         }
-        let host = KvCache::new(
-            gpu,
-            shape,
-            &CacheConfig::new(dtype)
-                .bias(bias)
-                .select(Some(select))
-                .host_memory(true),
-        )?;
+        let rows = shape.batch * shape.heads_kv;
+        let cache = CacheConfig::new(dtype).bias(bias).select(Some(select));
+        let (host, store) = match path {
+            OffloadPath::Staged => {
+                // The GPU keeps the pooled state's recent keys: a window and a block or two.
+                let w = crate::problem::pooling(&select).0;
+                let ring = (w + 2 * block).next_multiple_of(block).min(shape.capacity);
+                let row = shape.head_dim * dtype.size();
+                let cells = rows * shape.capacity;
+                (
+                    KvCache::new(gpu, shape, &cache.ring(Some(ring)))?,
+                    Some(HostStore {
+                        k: host_vec(cells * row, "k")?,
+                        v: host_vec(cells * row, "v")?,
+                        bias: match bias {
+                            true => host_vec(cells, "bias")?,
+                            false => Vec::new(),
+                        },
+                        row,
+                    }),
+                )
+            }
+            _ => (KvCache::new(gpu, shape, &cache.host_memory(true))?, None),
+        };
         // One binding per tensor (the kernels do not split the batch yet).
         let max_bind = gpu.max_binding();
-        let rows = shape.batch * shape.heads_kv;
-        for (what, bytes) in [
-            ("host k (or v)", host.k().size_bytes()),
-            (
-                "GPU slots of k (or v)",
-                (rows * slots * block * shape.head_dim * dtype.size()) as u64,
-            ),
-        ] {
+        let mut bound = vec![(
+            "GPU slots of k (or v)",
+            (rows * slots * block * shape.head_dim * dtype.size()) as u64,
+        )];
+        if store.is_none() {
+            bound.push(("host k (or v)", host.k().size_bytes()));
+        }
+        for (what, bytes) in bound {
             if bytes > max_bind {
                 return Err(Error::Unsupported(format!(
                     "the {what} of this layer take {bytes} bytes, more than this device binds at \
@@ -183,7 +298,10 @@ impl OffloadCache {
             &vec![SENTINEL; rows * slots],
         )?;
         Ok(Self {
-            config: *config,
+            config: OffloadConfig { path, ..*config },
+            path,
+            store,
+            pending: Vec::new(),
             slot_k: gpu.empty(&slot_dims, dtype)?,
             slot_v: gpu.empty(&slot_dims, dtype)?,
             slot_bias: match bias {
@@ -214,6 +332,12 @@ impl OffloadCache {
         .slots(Some(self.config.slots))
     }
 
+    /// The path in use (`InPlace` or `Staged`).
+    pub fn path(&self) -> OffloadPath {
+        self.path
+    }
+    /// The GPU-side cache: the whole store in host memory (`InPlace`), or the ring of recent
+    /// tokens (`Staged`); either keeps the lengths and the pooled state.
     pub fn host(&self) -> &KvCache {
         &self.host
     }
@@ -247,10 +371,30 @@ impl OffloadCache {
     }
     /// Host memory of the cache (k, v, bias of every token).
     pub fn host_bytes(&self) -> u64 {
-        self.host.store_bytes()
+        match &self.store {
+            Some(st) => (st.k.len() + st.v.len() + 4 * st.bias.len()) as u64,
+            None => self.host.store_bytes(),
+        }
     }
 
-    /// Append tokens (see [`KvCache::append`]): written to host memory in place, pooled.
+    /// The store's k and v as f32 `[b, hkv, capacity, d]` (rows past each length undefined),
+    /// for checks: read back (`InPlace`) or converted from the host's copy (`Staged`, as of
+    /// the last [`Self::prepare`]). A sync point.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_store(&self, gpu: &Gpu) -> Result<(Vec<f32>, Vec<f32>)> {
+        let Some(st) = &self.store else {
+            return Ok((gpu.read(self.host.k())?, gpu.read(self.host.v())?));
+        };
+        let f = |b: &[u8]| match self.config.dtype {
+            DType::F16 => crate::gpu::from_f16_bits(&bytemuck::pod_collect_to_vec(b)),
+            _ => bytemuck::pod_collect_to_vec(b),
+        };
+        Ok((f(&st.k), f(&st.v)))
+    }
+
+    /// Append tokens (see [`KvCache::append`]): written to host memory in place and pooled
+    /// (`InPlace`), or pooled from the GPU's ring and copied for the host, which files them in
+    /// its store at the next [`Self::prepare`] (`Staged`).
     pub fn append(
         &mut self,
         gpu: &Gpu,
@@ -260,12 +404,107 @@ impl OffloadCache {
         bias_new: Option<&Tensor>,
         counts: Option<&[u32]>,
     ) -> Result<()> {
-        self.host.append(gpu, enc, k_new, v_new, bias_new, counts)
+        let lens = self.host.lens().to_vec();
+        self.host.append(gpu, enc, k_new, v_new, bias_new, counts)?;
+        if self.store.is_none() {
+            return Ok(());
+        }
+        // Validated by the append above: [b, hkv, n, d] (and [b, hkv, n]).
+        let n = k_new.shape()[2];
+        let parts: Vec<&Tensor> = [Some(k_new), Some(v_new), bias_new]
+            .into_iter()
+            .flatten()
+            .collect();
+        let sizes: Vec<u64> = parts
+            .iter()
+            .map(|t| t.size_bytes().next_multiple_of(4))
+            .collect();
+        for t in &parts {
+            if t.offset() % wgpu::COPY_BUFFER_ALIGNMENT != 0 {
+                invalid!(
+                    "the staged offloaded cache copies new tokens from 4-byte-aligned tensors"
+                );
+            }
+        }
+        let buf = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("offload: new tokens"),
+            size: sizes.iter().sum::<u64>().max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut at = 0;
+        for (t, &size) in parts.iter().zip(&sizes) {
+            enc.copy_buffer_to_buffer(t.buffer(), t.offset(), &buf, at, size);
+            at += size;
+        }
+        let batch = self.host.shape().batch;
+        self.pending.push(Pending {
+            buf,
+            n,
+            counts: counts.map_or(vec![n as u32; batch], <[u32]>::to_vec),
+            lens,
+        });
+        Ok(())
     }
 
     /// One step's cache work for the newest token's queries `q` `[b, hq, 1, d]`: select, diff
     /// against the slots, copy the missing blocks in. Then attend with [`Self::inputs`].
+    /// `Staged`: submits what `enc` holds, waits for it, writes the missing blocks, and leaves a
+    /// fresh encoder in `enc` (in the browser, use [`Self::prepare_async`]).
     pub fn prepare(&mut self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, q: &Tensor) -> Result<()> {
+        match self.path {
+            OffloadPath::Staged => {
+                #[cfg(not(target_arch = "wasm32"))]
+                return pollster::block_on(self.prepare_staged(gpu, enc, q));
+                #[cfg(target_arch = "wasm32")]
+                invalid!(
+                    "the staged offloaded cache waits for the GPU each step: use prepare_async"
+                )
+            }
+            _ => {
+                self.select_diff(gpu, enc, q)?;
+                self.gather(gpu, enc);
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Self::prepare`] without blocking (the browser's way, where only `Staged` exists).
+    pub async fn prepare_async(
+        &mut self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+    ) -> Result<()> {
+        match self.path {
+            OffloadPath::Staged => self.prepare_staged(gpu, enc, q).await,
+            _ => {
+                self.select_diff(gpu, enc, q)?;
+                self.gather(gpu, enc);
+                Ok(())
+            }
+        }
+    }
+
+    fn whole(t: &Tensor) -> launch::Window {
+        window_sized(0, t.len() as u64, 256, t.dtype().size() as u64)
+    }
+
+    fn params(&self, gpu: &Gpu, n: u64) -> (OffloadParams, (u32, u32)) {
+        let s = *self.host.shape();
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
+        let gx = n.clamp(1, max_x);
+        let p = OffloadParams {
+            cap: s.capacity as u32,
+            heads_kv: s.heads_kv as u32,
+            units: (s.batch * s.heads_kv) as u32,
+            grid_x: gx as u32,
+        };
+        (p, (gx as u32, n.div_ceil(gx) as u32))
+    }
+
+    /// Select from the pooled state and diff against the block map (pairs, load list).
+    fn select_diff(&mut self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, q: &Tensor) -> Result<()> {
         if q.shape().get(2) != Some(&1) {
             invalid!(
                 "q has shape {:?}: the offloaded cache decodes one token per sequence per step",
@@ -274,9 +513,6 @@ impl OffloadCache {
         }
         let sel = self.sel.clone();
         self.host.select(gpu, enc, q, &sel)?;
-        let s = *self.host.shape();
-        let units = (s.batch * s.heads_kv) as u64;
-        let k = self.config.select.k as u64;
         check_args(&[
             input("selection", &self.sel, self.sel.shape(), DType::U32),
             output("map", &self.map, self.map.shape(), DType::U32),
@@ -284,51 +520,150 @@ impl OffloadCache {
             output("loads", &self.loads, self.loads.shape(), DType::U32),
             output("counts", &self.counts, self.counts.shape(), DType::U32),
         ])?;
-        let whole = |t: &Tensor| window_sized(0, t.len() as u64, 256, t.dtype().size() as u64);
-        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
-        let grid = |n: u64| {
-            let gx = n.clamp(1, max_x);
-            (gx as u32, n.div_ceil(gx) as u32)
-        };
-        let g = grid(units);
-        let p = OffloadParams {
-            cap: s.capacity as u32,
-            heads_kv: s.heads_kv as u32,
-            units: units as u32,
-            grid_x: g.0,
-        };
+        let s = *self.host.shape();
+        let (p, g) = self.params(gpu, (s.batch * s.heads_kv) as u64);
         let lens = self.host.lens_tensor();
+        let w = Self::whole;
         launch::dispatch(
             gpu,
             enc,
             &self.diff,
             bytemuck::bytes_of(&p),
             &[
-                (1, &self.sel, whole(&self.sel)),
-                (2, lens, whole(lens)),
-                (3, &self.map, whole(&self.map)),
-                (4, &self.pairs, whole(&self.pairs)),
-                (5, &self.loads, whole(&self.loads)),
-                (6, &self.counts, whole(&self.counts)),
-                (7, &self.stats, whole(&self.stats)),
+                (1, &self.sel, w(&self.sel)),
+                (2, lens, w(lens)),
+                (3, &self.map, w(&self.map)),
+                (4, &self.pairs, w(&self.pairs)),
+                (5, &self.loads, w(&self.loads)),
+                (6, &self.counts, w(&self.counts)),
+                (7, &self.stats, w(&self.stats)),
             ],
             g,
         );
-        let g = grid(units * k);
-        let p = OffloadParams { grid_x: g.0, ..p };
+        Ok(())
+    }
+
+    /// InPlace: the gather kernel copies the load list's blocks from host memory.
+    fn gather(&self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder) {
+        let s = *self.host.shape();
+        let k = self.config.select.k as u64;
+        let (p, g) = self.params(gpu, (s.batch * s.heads_kv) as u64 * k);
+        let w = Self::whole;
         let mut views = vec![
-            (5, &self.loads, whole(&self.loads)),
-            (6, &self.counts, whole(&self.counts)),
-            (8, self.host.k(), whole(self.host.k())),
-            (9, self.host.v(), whole(self.host.v())),
-            (10, &self.slot_k, whole(&self.slot_k)),
-            (11, &self.slot_v, whole(&self.slot_v)),
+            (5, &self.loads, w(&self.loads)),
+            (6, &self.counts, w(&self.counts)),
+            (8, self.host.k(), w(self.host.k())),
+            (9, self.host.v(), w(self.host.v())),
+            (10, &self.slot_k, w(&self.slot_k)),
+            (11, &self.slot_v, w(&self.slot_v)),
         ];
         if let (Some(hb), Some(sb)) = (self.host.bias(), &self.slot_bias) {
-            views.push((12, hb, whole(hb)));
-            views.push((13, sb, whole(sb)));
+            views.push((12, hb, w(hb)));
+            views.push((13, sb, w(sb)));
         }
         launch::dispatch(gpu, enc, &self.gather, bytemuck::bytes_of(&p), &views, g);
+    }
+
+    /// Staged: select and diff, read back the new tokens and the load list (one wait), file
+    /// the tokens in the host store, write each missing block into its slot.
+    async fn prepare_staged(
+        &mut self,
+        gpu: &Gpu,
+        enc: &mut wgpu::CommandEncoder,
+        q: &Tensor,
+    ) -> Result<()> {
+        self.select_diff(gpu, enc, q)?;
+        let (lb, cb) = (self.loads.size_bytes(), self.counts.size_bytes());
+        let rb = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("offload: load list"),
+            size: lb + cb,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        enc.copy_buffer_to_buffer(self.loads.buffer(), self.loads.offset(), &rb, 0, lb);
+        enc.copy_buffer_to_buffer(self.counts.buffer(), self.counts.offset(), &rb, lb, cb);
+        let done = std::mem::replace(
+            enc,
+            gpu.device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor::default()),
+        );
+        gpu.scoped("offloaded cache step", || {
+            gpu.queue().submit([done.finish()])
+        })?;
+        let s = *self.host.shape();
+        let (cap, hkv, units) = (s.capacity, s.heads_kv, s.batch * s.heads_kv);
+        let bias = self.config.bias;
+        let Some(st) = self.store.as_mut() else {
+            invalid!("the staged path has no host store");
+        };
+        let row = st.row;
+        for p in std::mem::take(&mut self.pending) {
+            let bytes = gpu.read_mapped_async(&p.buf, "offload: new tokens").await?;
+            let kv = units * p.n * row;
+            let (kb, rest) = bytes.split_at(kv.next_multiple_of(4));
+            let (vb, bb) = rest.split_at(kv.next_multiple_of(4));
+            let bb: Vec<f32> = match bias {
+                true => bytemuck::pod_collect_to_vec(&bb[..units * p.n * 4]),
+                false => Vec::new(),
+            };
+            for u in 0..units {
+                let b = u / hkv;
+                for j in 0..p.counts[b] as usize {
+                    let pos = p.lens[b] as usize + j;
+                    if pos >= cap {
+                        break;
+                    }
+                    let (dst, src) = ((u * cap + pos) * row, (u * p.n + j) * row);
+                    st.k[dst..dst + row].copy_from_slice(&kb[src..src + row]);
+                    st.v[dst..dst + row].copy_from_slice(&vb[src..src + row]);
+                    if bias {
+                        st.bias[u * cap + pos] = bb[u * p.n + j];
+                    }
+                }
+            }
+        }
+        let bytes = gpu.read_mapped_async(&rb, "offload: load list").await?;
+        let loads: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[..lb as usize]);
+        let counts: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[lb as usize..]);
+        let (blk, k, nslot) = (
+            self.config.select.block,
+            self.config.select.k,
+            self.config.slots,
+        );
+        let q = gpu.queue();
+        for u in 0..units {
+            for i in 0..(counts[u] as usize).min(2 * k) {
+                let (b, slot) = (
+                    loads[2 * (u * k + i)] as usize,
+                    loads[2 * (u * k + i) + 1] as usize,
+                );
+                // A corrupt entry writes nothing (as the gather kernel reads nothing).
+                if b >= cap / blk || slot >= nslot {
+                    continue;
+                }
+                let (src, at) = ((u * cap + b * blk) * row, (u * nslot + slot) * blk * row);
+                let n = blk * row;
+                q.write_buffer(
+                    self.slot_k.buffer(),
+                    self.slot_k.offset() + at as u64,
+                    &st.k[src..src + n],
+                );
+                q.write_buffer(
+                    self.slot_v.buffer(),
+                    self.slot_v.offset() + at as u64,
+                    &st.v[src..src + n],
+                );
+                if let Some(sb) = &self.slot_bias {
+                    let src = u * cap + b * blk;
+                    let at = ((u * nslot + slot) * blk * 4) as u64;
+                    q.write_buffer(
+                        sb.buffer(),
+                        sb.offset() + at,
+                        bytemuck::cast_slice(&st.bias[src..src + blk]),
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

@@ -54,7 +54,7 @@ crate::gpu::uniform::uniform!(
         pub n_split: u32,
         pub split_np: u32,
         pub pt_off: u32,
-        pub _pad: u32,
+        pub ring: u32,
     }
 );
 
@@ -222,6 +222,7 @@ pub struct BlockSelect {
     topk_kernel: TopK,
     storage: Storage,
     decoding: bool,
+    ring: Option<usize>,
 }
 
 /// What a [`BlockSelect`] is built for besides the shape.
@@ -241,6 +242,10 @@ pub struct SelectConfig {
     /// [`BlockSelect::score_split`]); `None`: split a row's keys over workgroups only when
     /// there are too few rows to fill the GPU (decoding: nearly always).
     pub score_split: Option<usize>,
+    /// Decoding: k and the eviction score given to [`BlockSelect::encode_pool`] hold only the
+    /// most recent `ring` tokens of each sequence, token t in row t % ring (the staged
+    /// offloaded cache keeps them so on the GPU); `None`: every token, in row t.
+    pub ring: Option<usize>,
 }
 
 impl SelectConfig {
@@ -251,7 +256,12 @@ impl SelectConfig {
             topk: TopK::Auto,
             decoding: false,
             score_split: None,
+            ring: None,
         }
+    }
+
+    pub fn ring(self, ring: Option<usize>) -> Self {
+        Self { ring, ..self }
     }
 
     pub fn score_split(self, score_split: Option<usize>) -> Self {
@@ -282,9 +292,20 @@ impl BlockSelect {
             topk,
             decoding,
             score_split,
+            ring,
         } = *config;
         if decoding && !opts.causal {
             invalid!("selection while decoding is causal; these options are not");
+        }
+        if let Some(r) = ring {
+            let (w, _) = pooling(&opts);
+            if !decoding || r <= w || r > shape.seq_k {
+                invalid!(
+                    "a ring of {r} recent keys: rings are for decoding and hold more than a \
+                     pooling window ({w}) and at most the capacity ({})",
+                    shape.seq_k
+                );
+            }
         }
         let storage = Storage::for_dtype(gpu, dtype)?;
         opts.validate(&shape)?;
@@ -414,6 +435,7 @@ impl BlockSelect {
             topk_kernel,
             storage,
             decoding,
+            ring,
         })
     }
 
@@ -434,6 +456,11 @@ impl BlockSelect {
     /// Pooled keys the scores refer to (the blocks, or InfLLM-V2's overlapping kernels).
     pub fn pooled(&self) -> usize {
         self.np
+    }
+
+    /// Rows of k (and the eviction score) per (sequence, kv head) the pooling reads.
+    fn key_rows(&self) -> usize {
+        self.ring.unwrap_or(self.shape.seq_k)
     }
 
     /// Pooled-key splits per row of the block scores (1: one workgroup scores a whole row
@@ -484,11 +511,11 @@ impl BlockSelect {
         let e = self.storage.dtype().size() as u64;
         let (per_unit, elem) = match class {
             Class::Q => (s.group() as u64 * sq * d, e),
-            Class::K => (s.seq_k as u64 * d, e),
+            Class::K => (self.key_rows() as u64 * d, e),
             Class::KBar => (np * d, 4),
             Class::Scores => (sq * np, 4),
             Class::Sel => (sq * self.opts.k as u64, 4),
-            Class::Evict => (s.seq_k as u64, 4),
+            Class::Evict => (self.key_rows() as u64, 4),
             Class::EPool => (np, 4),
             Class::Part => (sq * s.group() as u64 * self.n_split as u64 * 2, 4),
         };
@@ -541,7 +568,7 @@ impl BlockSelect {
             } else {
                 0
             },
-            _pad: 0,
+            ring: self.ring.unwrap_or(0) as u32,
         }
     }
 
@@ -812,10 +839,10 @@ impl BlockSelect {
     ) -> Result<()> {
         self.check_mode(true)?;
         let s = self.shape;
-        let kd = s.kv_dims();
+        let kd = [s.batch, s.heads_kv, self.key_rows(), s.head_dim];
         let kbd = [s.batch, s.heads_kv, self.np, s.head_dim];
         let ed = [
-            [s.batch, s.heads_kv, s.seq_k],
+            [s.batch, s.heads_kv, self.key_rows()],
             [s.batch, s.heads_kv, self.np],
         ];
         let ld = [s.batch];
@@ -828,6 +855,17 @@ impl BlockSelect {
         check_args(&args)?;
         if n_new == 0 || n_new > s.seq_k {
             invalid!("{n_new} new tokens to pool in caches of {} tokens", s.seq_k);
+        }
+        if let Some(r) = self.ring {
+            // The windows they complete reach back a window before them: all in the ring.
+            let w = pooling(&self.opts).0;
+            if n_new + w > r {
+                invalid!(
+                    "{n_new} new tokens to pool from a ring of {r} recent keys: at most {} at a \
+                     time (the ring also holds the pooling window before them)",
+                    r - w
+                );
+            }
         }
         let stride = pooling(&self.opts).1;
         for &c in &self.chunks {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor as BTensor, TensorData};
 
-use crate::decode::{DecodeLayer, LayerConfig, OffloadStats};
+use crate::decode::{DecodeLayer, LayerConfig, OffloadPath, OffloadStats};
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu};
 use crate::problem::{CacheShape, SelectOptions};
@@ -61,6 +61,8 @@ pub struct GenerateOptions {
     /// Keep the caches in host memory with this many GPU slots (blocks) per (sequence, kv
     /// head) (sparse and NOSA attention only).
     pub offload_slots: Option<usize>,
+    /// How the offloaded caches' blocks reach the GPU.
+    pub offload_path: OffloadPath,
     /// Sequences decoded together.
     pub batch: usize,
     /// Tokens each sequence may hold (prompt + generated).
@@ -73,11 +75,15 @@ impl GenerateOptions {
             attention,
             budget: None,
             offload_slots: None,
+            offload_path: OffloadPath::Auto,
             batch: 1,
             capacity,
         }
     }
 }
+
+/// Prompt tokens per sequence that [`Decoder::feed`] takes through the layers at once.
+pub const PREFILL_CHUNK: usize = 64;
 
 /// A layer's decoding state as the backend op carries it (shared, locked per step).
 #[derive(Clone)]
@@ -158,6 +164,7 @@ impl Decoder {
             bias,
             select,
             offload_slots: opts.offload_slots,
+            offload_path: opts.offload_path,
             ..LayerConfig::new(shape, cfg.heads_q, DType::F32)
         };
         let layers = (0..cfg.layers)
@@ -182,6 +189,57 @@ impl Decoder {
     /// Tokens fed so far per sequence.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// Feed `n` tokens per sequence (`tokens` batch-major, `[batch][n]`: a prompt); returns
+    /// the logits after each of them `[batch, n, vocab]` (on the GPU). With the caches on the
+    /// GPU the tokens go through the layers PREFILL_CHUNK at a time (causal among themselves:
+    /// the same logits as one at a time); offloaded caches take them one at a time.
+    pub fn feed(&mut self, tokens: &[u32], n: usize) -> Result<BTensor<3>> {
+        if n == 0 || tokens.len() != self.batch * n {
+            invalid!(
+                "{} tokens given for {} sequences of {n}",
+                tokens.len(),
+                self.batch
+            );
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            invalid!("token {t} is outside the vocabulary of {}", self.cfg.vocab);
+        }
+        if self.pos + n > self.capacity {
+            invalid!(
+                "the sequences hold {} tokens; {n} more exceed their capacity of {}",
+                self.pos,
+                self.capacity
+            );
+        }
+        let chunk = match self.layers.iter().all(|l| l.lock().takes_many()) {
+            true => PREFILL_CHUNK,
+            false => 1,
+        };
+        let mut out = vec![];
+        for j0 in (0..n).step_by(chunk) {
+            let m = chunk.min(n - j0);
+            let ids: Vec<i64> = (0..self.batch)
+                .flat_map(|b| tokens[b * n + j0..b * n + j0 + m].iter().map(|&t| t as i64))
+                .collect();
+            let t =
+                BTensor::<2, Int>::from_data(TensorData::new(ids, [self.batch, m]), &self.device);
+            out.push(
+                self.model
+                    .decode_step(&self.cfg, t, self.pos, &self.layers)?,
+            );
+            self.pos += m;
+        }
+        Ok(BTensor::cat(out, 1))
+    }
+
+    /// [`Self::feed`] returning only the logits after the last token `[batch, vocab]`: the
+    /// next token's, after a prompt.
+    pub fn prefill(&mut self, tokens: &[u32], n: usize) -> Result<BTensor<2>> {
+        let l = self.feed(tokens, n)?;
+        let [b, _, v] = l.dims();
+        Ok(l.slice([0..b, n - 1..n, 0..v]).reshape([b, v]))
     }
 
     /// Feed one token per sequence; returns the logits of the next token `[batch, vocab]`
@@ -215,6 +273,11 @@ impl Decoder {
             let (a, b) = l.lock().kv_bytes();
             (g + a, h + b)
         })
+    }
+
+    /// Offloaded caches: how their blocks reach the GPU; `None` with the caches on the GPU.
+    pub fn offload_path(&self) -> Option<OffloadPath> {
+        self.layers.first().and_then(|l| l.lock().offload_path())
     }
 
     /// Offloaded caches: the counters of every layer summed (a sync point); `None` otherwise.

@@ -540,8 +540,8 @@ impl Lm {
 }
 
 impl Lm {
-    /// Decoding: the logits `[b, 1, vocab]` after one new token per sequence (`tokens`
-    /// `[b, 1]`) at position `pos`, each layer's attention over its cache (`layers`, see
+    /// Decoding: the logits `[b, n, vocab]` after n new tokens per sequence (`tokens`
+    /// `[b, n]`) at positions `pos ..`, each layer's attention over its cache (`layers`, see
     /// `train::generate`), which the step extends.
     pub(crate) fn decode_step(
         &self,
@@ -557,8 +557,13 @@ impl Lm {
                 self.layers.len()
             );
         }
-        if pos >= cfg.max_seq {
-            invalid!("position {pos} is past the model's max_seq {}", cfg.max_seq);
+        let [_, n] = tokens.dims();
+        if pos + n > cfg.max_seq {
+            invalid!(
+                "positions {pos}..{} are past the model's max_seq {}",
+                pos + n,
+                cfg.max_seq
+            );
         }
         let mut x = self.embed.forward(tokens);
         for (layer, state) in self.layers.iter().zip(layers) {
@@ -571,8 +576,8 @@ impl Lm {
 }
 
 impl Layer {
-    /// One token per sequence at position `pos`: the layer's output, attention through the
-    /// layer's decoding state (append, select, attend).
+    /// New tokens at positions `pos ..` (s per sequence): the layer's output, attention
+    /// through the layer's decoding state (append, select, attend).
     fn decode(
         &self,
         cfg: &LmConfig,

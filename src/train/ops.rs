@@ -389,6 +389,9 @@ fn decode_step(
     let (bv, _v) = bind(&gpu, v);
     let bb = bias.map(|b| bind(&gpu, b).0);
     let (bo, o) = bind(&gpu, alloc(&gpu, &q, &dims(&q), BurnDType::F32));
+    // Burn's queued work (this token's q, k, v) goes first: a staged offloaded cache submits
+    // part of the step before `submit` below.
+    flush(&q);
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     cfg.lock()
         .encode_step(

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use clap::Args;
 use sparse_attn::Error;
-use sparse_attn::decode::{DecodeLayer, LayerConfig, OffloadConfig, OffloadStats};
+use sparse_attn::decode::{DecodeLayer, LayerConfig, OffloadConfig, OffloadPath, OffloadStats};
 use sparse_attn::gpu::{DType, Gpu, GpuOptions, Tensor};
 use sparse_attn::problem::{CacheShape, SelectOptions};
 use sparse_attn::reference::Rng;
@@ -68,6 +68,10 @@ pub struct DecodeArgs {
     /// default: the library's choice, about a thousand workgroups per step).
     #[arg(long)]
     pub split_keys: Option<usize>,
+    /// How the offloaded caches' blocks reach the GPU: in-place (kernels read host memory),
+    /// staged (the host writes missing blocks each step, as in the browser) or auto.
+    #[arg(long, default_value = "auto")]
+    pub offload_path: String,
     /// The device's memory bandwidth in GB/s (e.g. 4800 for an H200): full attention's step is
     /// then reported against the time to read its k and v at that speed.
     #[arg(long)]
@@ -155,6 +159,8 @@ struct Run {
     host_kv_bytes: u64,
     copied_per_step: f64,
     hit_rate: Option<f64>,
+    /// The offloaded caches' host -> GPU path.
+    path: Option<OffloadPath>,
     /// Bytes of k and v that full attention reads per step.
     kv_read_per_step: f64,
     /// With --stages: (kernel, GPU seconds in one step, dispatches).
@@ -219,6 +225,7 @@ fn run_one(
         bias,
         select: (mode != Mode::Full).then_some(select),
         offload_slots: offloaded.then(|| a.slots.unwrap_or(select.k)),
+        offload_path: OffloadPath::parse(&a.offload_path)?,
         split_keys: a.split_keys,
         ..LayerConfig::new(shape, hq, dtype)
     };
@@ -313,6 +320,7 @@ fn run_one(
         host_kv_bytes: host,
         copied_per_step: stats.loaded as f64 * block_bytes as f64 / a.steps as f64,
         hit_rate: offloaded.then(|| stats.hit_rate()),
+        path: layers.first().and_then(DecodeLayer::offload_path),
         stages,
         kv_read_per_step: (a.layers
             * batch
@@ -338,12 +346,14 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
     }
     // Validate the selection before any allocation.
     select_options(a, true)?;
+    let path = OffloadPath::parse(&a.offload_path)?;
     let gpu = Gpu::new(&GpuOptions {
-        host_memory: true,
+        // Host-memory tensors for the in-place path (the staged one needs none).
+        host_memory: path != OffloadPath::Staged,
         ..opts.clone()
     })?;
     let bw = copy_bandwidth(&gpu)?;
-    println!(
+    eprintln!(
         "device-to-device copy bandwidth (read + write, copy commands; below the memory's on some \
          drivers): {bw:.0} GB/s"
     );
@@ -379,6 +389,9 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                             r.copied_per_step / 1e6,
                             r.hit_rate
                         );
+                        if let Some(p) = r.path {
+                            eprintln!("  offload path: {}", p.name());
+                        }
                         if !r.stages.is_empty() {
                             let total: f64 = r.stages.iter().map(|x| x.1).sum();
                             eprintln!(
@@ -417,6 +430,7 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                         ]);
                         records.push(serde_json::json!({
                             "mode": r.mode.name(), "batch": r.batch, "context": r.context,
+                            "offload_path": r.path.map(OffloadPath::name),
                             "tokens_per_s": r.tokens_per_s, "step_ms": r.step_ms,
                             "gpu_kv_bytes": r.gpu_kv_bytes, "host_kv_bytes": r.host_kv_bytes,
                             "copied_bytes_per_step": r.copied_per_step, "hit_rate": r.hit_rate,
@@ -445,6 +459,9 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
             }
         }
     }
+    if a.out.json {
+        return emit_json(&gpu, a, bw, records);
+    }
     table.print();
     println!(
         "{} layers x {} kv heads x head_dim {} ({}), one token per sequence per step, the host \
@@ -454,11 +471,21 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
          v at --bandwidth-gbs.",
         a.layers, a.heads_kv, a.head_dim, a.dtype, a.block, a.k, a.query_noise
     );
+    emit_json(&gpu, a, bw, records)
+}
+
+/// The runs as one JSON record: printed with --json, appended to --json-out.
+fn emit_json(
+    gpu: &Gpu,
+    a: &DecodeArgs,
+    bw: f64,
+    records: Vec<serde_json::Value>,
+) -> Result<ExitCode, Error> {
     let record = serde_json::json!({
         "bench": "decode", "layers": a.layers, "heads_q": a.heads_q, "heads_kv": a.heads_kv,
         "head_dim": a.head_dim, "dtype": a.dtype, "block": a.block, "k": a.k,
         "copy_bandwidth_gbs": bw, "runs": records,
     });
-    emit_record(&gpu, record, &a.out)?;
+    emit_record(gpu, record, &a.out)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -51,6 +51,11 @@ pub struct GenerateArgs {
     /// needs, one slot per selected block).
     #[arg(long)]
     pub gpu_kv_mb: Option<f64>,
+    /// With --offload: how blocks reach the GPU: in-place (kernels read host memory; native
+    /// adapters with MAPPABLE_PRIMARY_BUFFERS), staged (the host writes missing blocks each
+    /// step; anywhere) or auto (in-place where the adapter allows it).
+    #[arg(long, default_value = "auto")]
+    pub offload_path: String,
 }
 
 #[cfg(feature = "train")]
@@ -76,8 +81,14 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
             "--gpu-kv-mb sets the GPU budget of --offload".into(),
         ));
     }
+    let offload_path = sparse_attn::decode::OffloadPath::parse(&a.offload_path)?;
+    if offload_path != sparse_attn::decode::OffloadPath::Auto && !a.offload {
+        return Err(Error::InvalidInput(
+            "--offload-path chooses the path of --offload".into(),
+        ));
+    }
     let rt = Runtime::new(&Runtime::gpu_options(&GpuOptions {
-        host_memory: a.offload,
+        host_memory: a.offload && offload_path != sparse_attn::decode::OffloadPath::Staged,
         ..opts.clone()
     }))?;
     let (model, cfg) = load(&a.ckpt, &rt.device)?;
@@ -115,6 +126,7 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
     let gopts = GenerateOptions {
         budget: a.budget,
         offload_slots,
+        offload_path,
         ..GenerateOptions::new(attention, capacity)
     };
     let mut dec = Decoder::new(&rt, model, &cfg.model, &gopts)?;
@@ -123,12 +135,9 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
     let _ = out.write_all(a.prompt.as_bytes());
     let _ = out.flush();
     let t0 = Instant::now();
-    let mut logits = None;
-    for &t in &prompt {
-        logits = Some(dec.step(&[t])?);
-    }
+    let logits = dec.prefill(&prompt, prompt.len())?;
     let t1 = Instant::now();
-    let mut next = sampler.sample(logits.expect("prompt is not empty"))?[0];
+    let mut next = sampler.sample(logits)?[0];
     for i in 0..a.tokens {
         let _ = out.write_all(&[next as u8]);
         let _ = out.flush();
@@ -143,10 +152,11 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
     let (gpu_kv, host_kv) = dec.kv_bytes();
     let hit = match dec.offload_stats()? {
         Some(s) => format!(
-            "{:.3} ({} of {} selected blocks already on the GPU)",
+            "{:.3} ({} of {} selected blocks already on the GPU; {} copies)",
             s.hit_rate(),
             s.hits,
-            s.selected
+            s.selected,
+            dec.offload_path().map_or("-", |p| p.name())
         ),
         None => "- (the cache is on the GPU)".into(),
     };
