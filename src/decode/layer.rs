@@ -68,88 +68,62 @@ pub struct DecodeLayer {
 
 impl DecodeLayer {
     pub fn new(gpu: &Gpu, c: &LayerConfig) -> Result<Self> {
-        let step = c.cache.step(c.heads_q, 1);
-        let lse = gpu.empty(&step.lse_dims(), DType::F32)?;
-        let (cache, att, sel) = match (c.select, c.offload_slots) {
+        let cache = match (c.select, c.offload_slots) {
             (None, Some(_)) => {
                 invalid!("an offloaded cache serves sparse or NOSA attention, not full attention")
             }
             (Some(s), Some(slots)) => {
                 let mut oc = OffloadConfig::new(c.dtype, s, slots).path(c.offload_path);
                 oc.bias = c.bias;
-                let cache = OffloadCache::new(gpu, c.cache, &oc)?;
-                let att = cache.attention_config().split_keys(c.split_keys);
-                let att = DecodeAttention::new(gpu, step, &att)?;
-                (Cache::Offload(Box::new(cache)), att, None)
+                Cache::Offload(Box::new(OffloadCache::new(gpu, c.cache, &oc)?))
             }
             (select, None) => {
                 let config = CacheConfig::new(c.dtype).bias(c.bias).select(select);
-                let cache = KvCache::new(gpu, c.cache, &config)?;
-                let keys = match select {
+                Cache::Gpu(Box::new(KvCache::new(gpu, c.cache, &config)?))
+            }
+        };
+        let mut layer = Self {
+            config: *c,
+            cache,
+            steps: vec![],
+        };
+        layer.step_for(gpu, 1)?;
+        Ok(layer)
+    }
+
+    /// The step for `n_q` tokens per sequence, made on first use (several only with the cache
+    /// on the GPU).
+    fn step_for(&mut self, gpu: &Gpu, n_q: usize) -> Result<usize> {
+        if let Some(i) = self.steps.iter().position(|s| s.n_q == n_q) {
+            return Ok(i);
+        }
+        let c = &self.config;
+        let step = c.cache.step(c.heads_q, n_q);
+        let (att, sel) = match &self.cache {
+            Cache::Offload(_) if n_q > 1 => invalid!(
+                "the offloaded cache decodes one token per sequence per step (its GPU slots hold \
+                 one query's blocks); {n_q} were given"
+            ),
+            Cache::Offload(o) => (o.attention_config(), None),
+            Cache::Gpu(_) => {
+                let keys = match c.select {
                     Some(s) => DecodeKeys::Sparse {
                         block: s.block,
                         nsel: s.k,
                     },
                     None => DecodeKeys::Full,
                 };
-                let att = DecodeConfig::new(keys)
-                    .bias(c.bias)
-                    .dtype(c.dtype)
-                    .split_keys(c.split_keys);
-                let sel = match select {
+                let sel = match c.select {
                     Some(s) => Some(gpu.empty(&step.sel_dims(s.k), DType::U32)?),
                     None => None,
                 };
-                (
-                    Cache::Gpu(Box::new(cache)),
-                    DecodeAttention::new(gpu, step, &att)?,
-                    sel,
-                )
+                (DecodeConfig::new(keys).bias(c.bias).dtype(c.dtype), sel)
             }
         };
-        Ok(Self {
-            config: *c,
-            cache,
-            steps: vec![Step {
-                n_q: 1,
-                att,
-                sel,
-                lse,
-            }],
-        })
-    }
-
-    /// The step for `n_q` tokens per sequence (cache on the GPU), made on first use.
-    fn step_for(&mut self, gpu: &Gpu, n_q: usize) -> Result<usize> {
-        if let Some(i) = self.steps.iter().position(|s| s.n_q == n_q) {
-            return Ok(i);
-        }
-        let c = &self.config;
-        if matches!(self.cache, Cache::Offload(_)) {
-            invalid!(
-                "the offloaded cache decodes one token per sequence per step (its GPU slots hold \
-                 one query's blocks); {n_q} were given"
-            );
-        }
-        let step = c.cache.step(c.heads_q, n_q);
-        let keys = match c.select {
-            Some(s) => DecodeKeys::Sparse {
-                block: s.block,
-                nsel: s.k,
-            },
-            None => DecodeKeys::Full,
-        };
-        let att = DecodeConfig::new(keys)
-            .bias(c.bias)
-            .dtype(c.dtype)
-            .split_keys(c.split_keys);
         self.steps.push(Step {
             n_q,
-            att: DecodeAttention::new(gpu, step, &att)?,
-            sel: match c.select {
-                Some(s) => Some(gpu.empty(&step.sel_dims(s.k), DType::U32)?),
-                None => None,
-            },
+            att: DecodeAttention::new(gpu, step, &att.split_keys(c.split_keys))?,
+            sel,
             lse: gpu.empty(&step.lse_dims(), DType::F32)?,
         });
         Ok(self.steps.len() - 1)

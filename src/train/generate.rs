@@ -258,13 +258,7 @@ impl Decoder {
         if self.pos >= self.capacity {
             invalid!("the sequences are full: {} tokens", self.capacity);
         }
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let t = BTensor::<2, Int>::from_data(TensorData::new(ids, [self.batch, 1]), &self.device);
-        let logits = self
-            .model
-            .decode_step(&self.cfg, t, self.pos, &self.layers)?;
-        self.pos += 1;
-        Ok(logits.reshape([self.batch, self.cfg.vocab]))
+        Ok(self.feed(tokens, 1)?.reshape([self.batch, self.cfg.vocab]))
     }
 
     /// GPU and host bytes of the caches of every layer.
