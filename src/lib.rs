@@ -20,6 +20,7 @@ pub mod decode;
 pub mod error;
 pub mod explore;
 pub mod files;
+pub mod gguf;
 pub mod gpu;
 pub mod npy;
 pub mod ops;

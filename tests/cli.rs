@@ -285,6 +285,41 @@ fn bench_decode_runs_every_mode_and_path() {
     }
 }
 
+/// `gguf FILE` describes a model file (one the test writes), and names what is wrong with a
+/// file that is not one.
+#[test]
+fn gguf_describes_a_model_file() {
+    use sparse_attn::gguf::{GgmlType, Value, Writer};
+    let dir = temp_dir("gguf");
+    let file = dir.join("tiny.gguf");
+    let w = Writer::new()
+        .meta("general.architecture", Value::String("llama".into()))
+        .meta("llama.block_count", Value::U32(1))
+        .meta("llama.embedding_length", Value::U32(32))
+        .meta("llama.feed_forward_length", Value::U32(64))
+        .meta("llama.attention.head_count", Value::U32(2))
+        .meta("llama.context_length", Value::U32(128))
+        .meta("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
+        .meta("llama.vocab_size", Value::U32(8))
+        .tensor("token_embd.weight", &[32, 8], GgmlType::Q8_0, &[0.5; 256])
+        .unwrap();
+    std::fs::write(&file, w.to_bytes()).unwrap();
+    let (ok, out, err) = run(&["gguf", file.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(j["tensors"], 1);
+    assert_eq!(j["types"]["Q8_0"]["values"], 256);
+    assert_eq!(j["llama"]["heads_kv"], 2);
+    assert_eq!(j["llama"]["head_dim"], 16);
+    std::fs::write(&file, b"GGUF\x03\x00\x00\x00").unwrap();
+    let (ok, _, err) = run(&["gguf", file.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("truncated") && !err.contains("panicked"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn bench_full_prints_json_and_rejects_bad_flags() {
     let (ok, out, err) = run(&[

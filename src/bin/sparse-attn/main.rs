@@ -8,6 +8,7 @@ mod bench_cmd;
 mod bench_decode;
 mod demo;
 mod generate;
+mod gguf_cmd;
 mod info;
 mod map;
 mod report;
@@ -94,6 +95,9 @@ enum Cmd {
     /// attention; --offload keeps the cache in host memory, NOSA's way), streamed as it comes;
     /// ends with tokens/s, hit rate and KV memory. Needs a build with `--features train`.
     Generate(generate::GenerateArgs),
+    /// What a GGUF model file holds: architecture, hyperparameters, tensor types, tokenizer
+    /// (no GPU needed).
+    Gguf(gguf_cmd::GgufArgs),
 }
 
 #[derive(Subcommand)]
@@ -142,6 +146,7 @@ fn main() -> ExitCode {
         Cmd::Train(a) => train::train_cmd(&opts, &a),
         Cmd::Eval(a) => train::eval_cmd(&opts, &a),
         Cmd::Generate(a) => generate::generate_cmd(&opts, &a),
+        Cmd::Gguf(a) => gguf_cmd::gguf_cmd(&a),
     };
     match result {
         Ok(code) => code,
