@@ -15,8 +15,7 @@ out=$3
 steps=${4:-16}
 mkdir -p "$out"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-grid=(--batch 1,4,16 --context 4096,16384,32768 --layers 32 --steps "$steps"
-      --bandwidth-gbs 4800)
+grid=(--batch 1,4,16 --context 4096,16384,32768 --layers 32 --steps "$steps")
 run() {
     local name=$1
     shift
@@ -27,7 +26,8 @@ run() {
 if [ "$old" != "-" ]; then
     run grid-old "$old" bench decode "${grid[@]}"
 fi
-run grid-new "$new" bench decode "${grid[@]}"
+# Builds before session 10 have no --bandwidth-gbs.
+run grid-new "$new" bench decode "${grid[@]}" --bandwidth-gbs 4800
 run stages-new "$new" bench decode --batch 1,16 --context 32768 --layers 32 --steps 8 \
     --bandwidth-gbs 4800 --stages
 # The kernel-by-kernel times are printed on stderr.

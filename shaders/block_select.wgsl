@@ -309,6 +309,150 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
 }
 
+//#if ROWS
+// Decoding's few rows (ROWS = seq_q · group, at most 8): the tiled product above wastes most
+// of its smallest tile on them and re-reads the pooled keys in its second pass. Here a
+// workgroup takes (split of the pooled keys, unit) and a thread a pooled key at a time, its
+// row read once against all ROWS query rows (in workgroup memory). row_logits keeps the scaled
+// logits (NEG: not a candidate of the row's token) and each row's max and sum of exp2 over the
+// split; row_scores merges the splits and sums each token's group of probabilities (MoBA: of
+// logits), reading the logits, not the keys, again.
+@group(0) @binding(10) var<storage, read_write> lgt: array<f32>;
+
+var<workgroup> sh_q: array<vec4<f32>, ROWS * D4>;
+var<workgroup> sh_red: array<f32, ROWS * NT>;
+var<workgroup> sh_lse: array<f32, ROWS>;
+
+// Pooled keys [x, y) of split `split`.
+fn row_split(split: u32) -> vec2<u32> {
+    let pa = split * prm.split_np;
+    return vec2<u32>(pa, min(pa + prm.split_np, prm.np));
+}
+
+// Tree reduction of sh_red's ROWS rows of NT (a power of two) by max or sum; row r's result
+// lands in sh_red[r * NT]. Call in uniform control flow.
+fn reduce_rows(tid: u32, take_max: bool) {
+    for (var s = NT / 2u; s > 0u; s >>= 1u) {
+        if (tid < s) {
+            for (var r = 0u; r < ROWS; r++) {
+                let a = sh_red[r * NT + tid];
+                let b = sh_red[r * NT + tid + s];
+                sh_red[r * NT + tid] = select(a + b, max(a, b), take_max);
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(NT)
+fn row_logits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let u = wg.y;
+    let split = wg.x;
+    let g = unit_of(u);
+    let span = row_split(split);
+    for (var e = tid; e < ROWS * D4; e += NT) {
+        let r = e / D4;
+        let h = r % prm.group;
+        let t = r / prm.group;
+        sh_q[e] = fetch(0u, prm.q_off / 4u + ((u * prm.group + h) * prm.seq_q + t) * D4 + e % D4);
+    }
+    workgroupBarrier();
+    var m: array<f32, ROWS>;
+    var l: array<f32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        m[r] = NEG;
+        l[r] = 0.0;
+    }
+    let kb4 = prm.kb_off / 4u + u * prm.np * D4;
+    for (var p = span.x + tid; p < span.y; p += NT) {
+        var acc: array<f32, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r] = 0.0;
+        }
+        let base = kb4 + p * D4;
+        // Four loads in flight per round (D4 is a multiple of 4: head_dim of 16s).
+        for (var i = 0u; i < D4; i += 4u) {
+            let k0 = kbar[base + i];
+            let k1 = kbar[base + i + 1u];
+            let k2 = kbar[base + i + 2u];
+            let k3 = kbar[base + i + 3u];
+            for (var r = 0u; r < ROWS; r++) {
+                let qb = r * D4 + i;
+                acc[r] += dot(sh_q[qb], k0) + dot(sh_q[qb + 1u], k1) + dot(sh_q[qb + 2u], k2)
+                    + dot(sh_q[qb + 3u], k3);
+            }
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            let cand = p < pooled_end(g, r / prm.group);
+            let x = acc[r] * prm.scale;
+            lgt[prm.lg_off + (u * ROWS + r) * prm.np + p] = select(NEG, x, cand);
+            if (cand) {
+                let y = x * LOG2E;
+                let mx = max(m[r], y);
+                l[r] = l[r] * exp2(m[r] - mx) + exp2(y - mx);
+                m[r] = mx;
+            }
+        }
+    }
+    // The split's max per row, then the sums rescaled to it.
+    for (var r = 0u; r < ROWS; r++) {
+        sh_red[r * NT + tid] = m[r];
+    }
+    workgroupBarrier();
+    reduce_rows(tid, true);
+    var mx: array<f32, ROWS>;
+    for (var r = 0u; r < ROWS; r++) {
+        mx[r] = sh_red[r * NT];
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < ROWS; r++) {
+        sh_red[r * NT + tid] = select(0.0, l[r] * exp2(m[r] - mx[r]), m[r] != NEG);
+    }
+    workgroupBarrier();
+    reduce_rows(tid, false);
+    if (tid < ROWS) {
+        part[prm.pt_off / 2u + (u * ROWS + tid) * prm.n_split + split] =
+            vec2<f32>(mx[tid], sh_red[tid * NT]);
+    }
+}
+
+@compute @workgroup_size(NT)
+fn row_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let u = wg.y;
+    let g = unit_of(u);
+    let span = row_split(wg.x);
+    let moba = prm.mode == 1u;
+    if (tid < ROWS) {
+        let at = prm.pt_off / 2u + (u * ROWS + tid) * prm.n_split;
+        var mx = NEG;
+        for (var s = 0u; s < prm.n_split; s++) {
+            mx = max(mx, part[at + s].x);
+        }
+        var sum = 0.0;
+        for (var s = 0u; s < prm.n_split; s++) {
+            let st = part[at + s];
+            sum += select(0.0, st.y * exp2(st.x - mx), st.x != NEG);
+        }
+        sh_lse[tid] = mx + log2(max(sum, 1e-30));
+    }
+    workgroupBarrier();
+    for (var p = span.x + tid; p < span.y; p += NT) {
+        for (var t = 0u; t < prm.seq_q; t++) {
+            var sum = NEG;
+            if (p < pooled_end(g, t)) {
+                sum = 0.0;
+                for (var h = 0u; h < prm.group; h++) {
+                    let r = t * prm.group + h;
+                    let x = lgt[prm.lg_off + (u * ROWS + r) * prm.np + p];
+                    sum += select(exp2(x * LOG2E - sh_lse[r]), x, moba);
+                }
+            }
+            scores[prm.s_off + (u * prm.seq_q + t) * prm.np + p] = sum;
+        }
+    }
+}
+//#endif
+
 // Bitonic sort of sh_key / sh_idx[0 .. p2) by `precedes` (best first).
 fn bitonic(p2: u32, tid: u32) {
     for (var size = 2u; size <= p2; size <<= 1u) {

@@ -45,6 +45,7 @@ struct SelParams {
     pt_off: u32,
     ring: u32,    // VARLEN: rows of k and of the eviction score per unit when they are a ring of
                   //   the recent tokens (token t in row t % ring), else 0 (token t in row t)
+    lg_off: u32,  // ROWS: offset of the rows' logits (row_logits)
 }
 
 @group(0) @binding(0) var<uniform> prm: SelParams;

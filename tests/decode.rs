@@ -490,8 +490,8 @@ fn prefix(x: &[f32], b: usize, heads: usize, cap: usize, width: usize, len: usiz
 
 /// Selection while decoding, from pooled keys (and NOSA's pooled eviction scores) kept across
 /// steps and pooled only as windows complete, equals the prefill selection of the same tokens,
-/// bit for bit: sequences of different lengths, prompts then steps of 1 and 3 tokens, every
-/// scoring, NOSA's two stages.
+/// bit for bit: sequences of different lengths, prompts then steps of 1, 3 and 5 tokens (the
+/// row kernels, split and not, and the tiled product), every scoring, NOSA's two stages.
 #[test]
 fn decoding_selection_from_pooled_state_equals_prefill() {
     let Some(gpu) = common::gpu() else { return };
@@ -528,7 +528,9 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
         let tk = gpu.upload(&[b, hkv, cap, d], &k_all).unwrap();
         let te = gpu.upload(&[b, hkv, cap], &e_all).unwrap();
         let mut lens = prompts.to_vec();
-        for n_q in [1usize, 3] {
+        // 1 and 3 tokens (2 and 6 rows per kv head) run the row kernels, 3 with the pooled
+        // keys split in odd pieces; 5 tokens (10 rows) the tiled product.
+        for (n_q, split) in [(1usize, None), (3, Some(5)), (5, None)] {
             let shape = AttnShape {
                 batch: b,
                 heads_q: hq,
@@ -537,14 +539,19 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                 seq_k: cap,
                 head_dim: d,
             };
-            let op =
-                BlockSelect::new(&gpu, shape, &SelectConfig::new(opts).decoding(true)).unwrap();
+            let cfg = SelectConfig::new(opts).decoding(true).score_split(split);
+            let op = BlockSelect::new(&gpu, shape, &cfg).unwrap();
+            assert_eq!(op.logit_dims().is_some(), n_q < 5);
+            if split.is_some() {
+                assert!(op.score_split().0 > 1, "{:?}", op.score_split());
+            }
             // The pooled state carries over between ops of the same cache (same capacity).
             let state = op.scratch(&gpu).unwrap();
             // Prompt: pool everything so far (n_new = the longest prompt: each sequence pools
             // from its start); then every step pools the windows its n_q new tokens complete.
             let mut first = true;
-            for _step in 0..24 {
+            let longest = *prompts.iter().max().unwrap() as usize;
+            for _step in 0..24.min((cap - longest) / n_q) {
                 let n_new = if first {
                     *lens.iter().max().unwrap() as usize
                 } else {
@@ -615,7 +622,7 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                     }
                 }
             }
-            // The next op (n_q = 3) starts its own state: pool from the start again.
+            // The next op starts its own state: pool from the start again.
             lens = prompts.to_vec();
         }
     }

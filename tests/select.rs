@@ -170,6 +170,7 @@ fn run_with(
         partials: op
             .split_dims()
             .map(|d| gpu.upload(&d, &vec![f32::NAN; rows * n_split * 2]).unwrap()),
+        logits: None,
     };
     let n_sel = op.selection_dims().iter().product();
     let out = gpu

@@ -55,6 +55,7 @@ crate::gpu::uniform::uniform!(
         pub split_np: u32,
         pub pt_off: u32,
         pub ring: u32,
+        pub lg_off: u32,
     }
 );
 
@@ -62,6 +63,12 @@ crate::gpu::uniform::uniform!(
 /// otherwise): a decoding step scores one token per sequence, and one workgroup per
 /// (sequence, kv head) walking 2,000 pooled keys left the H200 idle (docs/BENCHMARKS.md).
 const SCORE_WORKGROUPS: usize = 512;
+
+/// Decoding rows (new tokens x query heads per kv head) up to which the block scores run
+/// row_logits / row_scores (a thread per pooled key against all rows) instead of the tiled
+/// product, whose smallest tile (16 rows) and second pass over the keys made a batch-16 step
+/// at 32k spend 21 of its 28 ms scoring on the H200 (docs/BENCHMARKS.md, 2026-12-01).
+const ROWS_MAX: usize = 8;
 
 /// Tensor classes of one launch, each split by (batch, kv-head) unit.
 #[derive(Clone, Copy, Debug)]
@@ -76,6 +83,8 @@ enum Class {
     EPool,
     /// Split block scores: each row's max and sum per split.
     Part,
+    /// Decoding rows' logits (row_logits).
+    Logit,
 }
 
 /// The tensors a selection reads: q `[b, hq, sq, d]`, k `[b, hkv, sk, d]` and, for NOSA, the
@@ -194,6 +203,9 @@ pub struct SelectScratch {
     /// Split block scores (see [`BlockSelect::score_split`]): each row's max and sum of
     /// exp2 over each split's pooled keys, `[b, hkv, seq_q·group, n_split, 2]` (f32).
     pub partials: Option<Tensor>,
+    /// Decoding's few rows (see [`BlockSelect::logit_dims`]): each row's scaled logits
+    /// `[b, hkv, seq_q·group, np]` (f32).
+    pub logits: Option<Tensor>,
 }
 
 /// Block selection for one problem shape: validated once, pipelines fetched once.
@@ -210,8 +222,11 @@ pub struct BlockSelect {
     tokens_per_wg: u32,
     keys: Arc<Pipeline>,
     scores: Arc<Pipeline>,
-    /// Pass 1 of split block scores (SSA, InfLLM-V2 with n_split > 1).
+    /// Pass 1 of split block scores (SSA, InfLLM-V2 with n_split > 1; every decoding row
+    /// selection: row_logits).
     lse: Option<Arc<Pipeline>>,
+    /// Rows per unit scored by row_logits / row_scores (decoding, at most ROWS_MAX), else 0.
+    rows: usize,
     /// Pooled-key splits per row of the block scores, and pooled keys per split.
     n_split: usize,
     split_np: usize,
@@ -341,7 +356,20 @@ impl BlockSelect {
                 l.max_compute_invocations_per_workgroup
             )));
         }
-        let tokens_per_wg = tiles.rows() / g;
+        // Decoding's few rows: a thread per pooled key (where its workgroup memory fits).
+        let rows = match decoding && shape.seq_q * shape.group() <= ROWS_MAX {
+            true => shape.seq_q * shape.group(),
+            false => 0,
+        };
+        let rows_shared = (rows * shape.head_dim * 4 + rows * nt as usize * 4 + rows * 4) as u32;
+        let rows = match rows_shared <= l.max_compute_workgroup_storage_size {
+            true => rows,
+            false => 0,
+        };
+        let tokens_per_wg = match rows {
+            0 => tiles.rows() / g,
+            _ => shape.seq_q as u32,
+        };
         let (d, sq, sk) = (
             shape.head_dim as u64,
             shape.seq_q as u64,
@@ -357,9 +385,15 @@ impl BlockSelect {
         }
         // Split each row's pooled keys over workgroups when the rows alone launch too few.
         let bk = tiles.cols as usize;
+        // (The row kernels take any split; a thread per key wants about NT keys or more.)
+        let unit = if rows > 0 { 1 } else { bk };
         let split_np = match score_split {
             Some(0) => invalid!("score_split = 0: a block-score workgroup scores at least one key"),
-            Some(n) => n.min(np).next_multiple_of(bk),
+            Some(n) => n.min(np).next_multiple_of(unit),
+            None if rows > 0 => {
+                let want = SCORE_WORKGROUPS.div_ceil(shape.batch * shape.heads_kv);
+                np.div_ceil(want).max(nt as usize)
+            }
             None => {
                 let wgs = tiles_x * shape.batch * shape.heads_kv;
                 let want = SCORE_WORKGROUPS.div_ceil(wgs).min(np.div_ceil(bk)).max(1);
@@ -367,9 +401,10 @@ impl BlockSelect {
             }
         };
         let n_split = np.div_ceil(split_np).clamp(1, max_x / tiles_x);
-        let split_np = np.div_ceil(n_split).next_multiple_of(bk);
+        let split_np = np.div_ceil(n_split).next_multiple_of(unit);
+        let two_pass = rows > 0 || (n_split > 1 && opts.scoring != Scoring::Moba);
         let e = dtype.size() as u64;
-        let per_unit = [
+        let mut per_unit = vec![
             ("query tensor", g * sq * d * e),
             ("key tensor", sk * d * e),
             ("pooled-key scratch", np as u64 * d * 4),
@@ -378,6 +413,9 @@ impl BlockSelect {
             ("eviction score", sk * 4),
             ("split scores", sq * g * n_split as u64 * 8),
         ];
+        if rows > 0 {
+            per_unit.push(("row logits", sq * g * np as u64 * 4));
+        }
         let chunks = plan_units(
             gpu,
             (shape.batch * shape.heads_kv) as u64,
@@ -396,11 +434,10 @@ impl BlockSelect {
                 ("NBP", nbp),
                 ("NOSA", (opts.evict > 0) as u32),
                 ("VARLEN", decoding as u32),
-                // Split rows whose scores need a log-sum-exp (block_lse's statistics).
-                (
-                    "SPLIT",
-                    (n_split > 1 && opts.scoring != Scoring::Moba) as u32,
-                ),
+                // Split rows whose scores need a log-sum-exp (block_lse's statistics), and
+                // decoding's row kernels (which keep statistics per split too).
+                ("SPLIT", two_pass as u32),
+                ("ROWS", rows as u32),
             ]
             .into_iter()
             .chain(tiles.constants(Kind::Fwd, d32))
@@ -417,11 +454,16 @@ impl BlockSelect {
             nt,
             tokens_per_wg,
             keys: gpu.pipeline(&key("block_keys"))?,
-            scores: gpu.pipeline(&key("block_scores"))?,
-            lse: match n_split > 1 && opts.scoring != Scoring::Moba {
-                true => Some(gpu.pipeline(&key("block_lse"))?),
-                false => None,
+            scores: gpu.pipeline(&key(match rows {
+                0 => "block_scores",
+                _ => "row_scores",
+            }))?,
+            lse: match (rows, two_pass) {
+                (0, false) => None,
+                (0, true) => Some(gpu.pipeline(&key("block_lse"))?),
+                _ => Some(gpu.pipeline(&key("row_logits"))?),
             },
+            rows,
             n_split,
             split_np,
             topk: gpu.pipeline(&key(match topk_kernel {
@@ -478,6 +520,13 @@ impl BlockSelect {
             .map(|_| [s.batch, s.heads_kv, s.seq_q * s.group(), self.n_split, 2])
     }
 
+    /// Shape of [`SelectScratch::logits`] when the block scores run decoding's row kernels,
+    /// else `None`.
+    pub fn logit_dims(&self) -> Option<[usize; 4]> {
+        let s = &self.shape;
+        (self.rows > 0).then(|| [s.batch, s.heads_kv, self.rows, self.np])
+    }
+
     /// Launches per kernel (more than one when tensors exceed the binding limit).
     pub fn chunks(&self) -> usize {
         self.chunks.len()
@@ -502,6 +551,10 @@ impl BlockSelect {
                 Some(d) => Some(gpu.empty(&d, DType::F32)?),
                 None => None,
             },
+            logits: match self.logit_dims() {
+                Some(d) => Some(gpu.empty(&d, DType::F32)?),
+                None => None,
+            },
         })
     }
 
@@ -518,6 +571,7 @@ impl BlockSelect {
             Class::Evict => (self.key_rows() as u64, 4),
             Class::EPool => (np, 4),
             Class::Part => (sq * s.group() as u64 * self.n_split as u64 * 2, 4),
+            Class::Logit => (sq * s.group() as u64 * np, 4),
         };
         let align = gpu.limits().min_storage_buffer_offset_alignment as u64;
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
@@ -569,6 +623,11 @@ impl BlockSelect {
                 0
             },
             ring: self.ring.unwrap_or(0) as u32,
+            lg_off: if self.rows > 0 {
+                w(Class::Logit).skip
+            } else {
+                0
+            },
         }
     }
 
@@ -612,15 +671,25 @@ impl BlockSelect {
         &self,
         scratch: &'a SelectScratch,
         dims: &'a [usize; 5],
+        logit_dims: &'a [usize; 4],
     ) -> Result<Vec<Arg<'a>>> {
-        match (&self.lse, &scratch.partials) {
-            (None, _) => Ok(vec![]),
-            (Some(_), Some(t)) => Ok(vec![output("split scores", t, dims, DType::F32)]),
+        let mut args = match (&self.lse, &scratch.partials) {
+            (None, _) => vec![],
+            (Some(_), Some(t)) => vec![output("split scores", t, dims, DType::F32)],
             (Some(_), None) => invalid!(
                 "the scratch has no split scores (make it with this selection's \
                  BlockSelect::scratch)"
             ),
+        };
+        match (self.rows > 0, &scratch.logits) {
+            (false, _) => {}
+            (true, Some(t)) => args.push(output("row logits", t, logit_dims, DType::F32)),
+            (true, None) => invalid!(
+                "the scratch has no row logits (make it with this selection's \
+                 BlockSelect::scratch)"
+            ),
         }
+        Ok(args)
     }
 
     fn check_mode(&self, decoding: bool) -> Result<()> {
@@ -728,7 +797,10 @@ impl BlockSelect {
         // Split rows: pass 1 per split first (the scratch was checked against the pipeline).
         let part: Vec<(u32, &Tensor, Window)> = match (&self.lse, &scratch.partials) {
             (Some(lse), Some(t)) => {
-                let part = vec![(9, t, w(Class::Part))];
+                let mut part = vec![(9, t, w(Class::Part))];
+                if let Some(lg) = scratch.logits.as_ref().filter(|_| self.rows > 0) {
+                    part.push((10, lg, w(Class::Logit)));
+                }
                 launch::dispatch(
                     gpu,
                     enc,
@@ -741,12 +813,18 @@ impl BlockSelect {
             }
             _ => vec![],
         };
+        // row_scores reads the logits row_logits kept, not q or the keys (the layout of an
+        // entry holds only the bindings it uses).
+        let inputs: &[(u32, &Tensor, Window)] = match self.rows {
+            0 => &[(1, q, w(Class::Q)), kbar, scores],
+            _ => &[scores],
+        };
         launch::dispatch(
             gpu,
             enc,
             &self.scores,
             bytemuck::bytes_of(&base),
-            &[&[(1, q, w(Class::Q)), kbar, scores][..], &part, &lens_view].concat(),
+            &[inputs, &part, &lens_view].concat(),
             grid,
         );
         let epool: Vec<(u32, &Tensor, Window)> = match (&self.evict_pool, &scratch.evict_pooled) {
@@ -800,7 +878,8 @@ impl BlockSelect {
         ];
         args.extend(self.evict_args(evict, scratch, &ed)?);
         let pd = self.split_dims().unwrap_or_default();
-        args.extend(self.part_arg(scratch, &pd)?);
+        let ld = self.logit_dims().unwrap_or_default();
+        args.extend(self.part_arg(scratch, &pd, &ld)?);
         check_args(&args)?;
         for &c in &self.chunks {
             let base = self.params(gpu, c);
@@ -918,7 +997,8 @@ impl BlockSelect {
             _ => {}
         }
         let pd = self.split_dims().unwrap_or_default();
-        args.extend(self.part_arg(scratch, &pd)?);
+        let ld = self.logit_dims().unwrap_or_default();
+        args.extend(self.part_arg(scratch, &pd, &ld)?);
         check_args(&args)?;
         for &c in &self.chunks {
             let base = self.params(gpu, c);

@@ -553,6 +553,7 @@ fn select(q: CubeTensor, k: CubeTensor, evict: Option<CubeTensor>, cfg: SparseCf
         scores: scratch[1].0.tensor.clone(),
         evict_pooled: scratch.get(2).map(|x| x.0.tensor.clone()),
         partials: split.as_ref().map(|x| x.0.tensor.clone()),
+        logits: None,
     };
     let mut enc = gpu.device().create_command_encoder(&Default::default());
     op.encode(
