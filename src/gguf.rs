@@ -674,3 +674,163 @@ impl Writer {
         o
     }
 }
+
+/// GPT-2's byte-level alphabet: the printable character that stands for each byte in a
+/// byte-level BPE vocabulary (printable Latin-1 bytes stand for themselves, the others for
+/// U+0100 upwards in byte order).
+pub fn byte_chars() -> [char; 256] {
+    let keep = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut out = ['\0'; 256];
+    let mut next = 256;
+    for b in 0..256u32 {
+        out[b as usize] = if keep(b) {
+            char::from_u32(b).unwrap_or('?')
+        } else {
+            next += 1;
+            char::from_u32(next - 1).unwrap_or('?')
+        };
+    }
+    out
+}
+
+/// A Llama model with random weights as a GGUF file, sized by `p` (`p.vocab` at least 262):
+/// SmolLM2's layout and tensor types (Q8_0 embedding, Q4_1 projections, F32 norms, tied
+/// output head), a byte-level BPE tokenizer (the ChatML control tokens, the 256 byte tokens,
+/// merges of common pairs up to the vocabulary size) and a ChatML chat template. For tests and
+/// demos that need a real file without downloading one.
+pub fn random_llama(p: &LlamaParams, seed: u64) -> Result<Vec<u8>> {
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    let bytes = byte_chars();
+    if p.vocab < specials.len() + 256 {
+        invalid!(
+            "a random Llama needs a vocabulary of at least {} tokens",
+            specials.len() + 256
+        );
+    }
+    for (n, v) in [("d_model", p.d_model), ("d_ff", p.d_ff)] {
+        if v == 0 || !v.is_multiple_of(QK) {
+            invalid!("{n} = {v}: quantised rows hold whole blocks of {QK}");
+        }
+    }
+    if p.heads_q * p.head_dim != p.d_model
+        || p.heads_kv == 0
+        || !p.heads_q.is_multiple_of(p.heads_kv)
+    {
+        invalid!(
+            "heads {} x head_dim {} must make d_model {} with heads_kv dividing heads",
+            p.heads_q,
+            p.head_dim,
+            p.d_model
+        );
+    }
+    let mut tokens: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
+    tokens.extend(bytes.iter().map(|c| c.to_string()));
+    // Merges: pairs of lowercase letters and a space with a letter, in a fixed order.
+    let mut merges = vec![];
+    let space = bytes[b' ' as usize];
+    let pairs = (b'a'..=b'z').flat_map(|a| {
+        [(space, a as char)]
+            .into_iter()
+            .chain((b'a'..=b'z').map(move |b| (a as char, b as char)))
+    });
+    for (a, b) in pairs.take(p.vocab - tokens.len()) {
+        merges.push(format!("{a} {b}"));
+        tokens.push(format!("{a}{b}"));
+    }
+    let mut types = vec![Value::I32(3); specials.len()];
+    types.resize(tokens.len(), Value::I32(1));
+    let template = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a test model.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let u = |x: usize| Value::U32(x as u32);
+    let strs = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let mut w = Writer::new()
+        .meta("general.architecture", Value::String("llama".into()))
+        .meta("general.name", Value::String("random-llama".into()))
+        .meta("llama.block_count", u(p.layers))
+        .meta("llama.context_length", u(p.context))
+        .meta("llama.embedding_length", u(p.d_model))
+        .meta("llama.feed_forward_length", u(p.d_ff))
+        .meta("llama.attention.head_count", u(p.heads_q))
+        .meta("llama.attention.head_count_kv", u(p.heads_kv))
+        .meta("llama.rope.freq_base", Value::F32(p.rope_base as f32))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(p.rms_eps as f32),
+        )
+        .meta("llama.vocab_size", u(tokens.len()))
+        .meta("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", Value::String("smollm".into()))
+        .meta("tokenizer.ggml.tokens", strs(tokens.clone()))
+        .meta("tokenizer.ggml.token_type", Value::Array(types))
+        .meta("tokenizer.ggml.merges", strs(merges))
+        .meta("tokenizer.ggml.bos_token_id", Value::U32(1))
+        .meta("tokenizer.ggml.eos_token_id", Value::U32(2))
+        .meta("tokenizer.ggml.add_bos_token", Value::Bool(false))
+        .meta("tokenizer.chat_template", Value::String(template.into()));
+    let mut rng = crate::reference::Rng::new(seed);
+    let (d, kv, ff, n) = (
+        p.d_model as u64,
+        (p.heads_kv * p.head_dim) as u64,
+        p.d_ff as u64,
+        tokens.len() as u64,
+    );
+    // Weights at the scale of a trained model's: unit-variance activations stay so.
+    let sd = |fan_in: u64| 1.0 / (fan_in as f64).sqrt();
+    w = w.tensor(
+        "token_embd.weight",
+        &[d, n],
+        GgmlType::Q8_0,
+        &rng.normal_vec((d * n) as usize, 1.0),
+    )?;
+    for l in 0..p.layers {
+        let name = |t: &str| format!("blk.{l}.{t}.weight");
+        let norm: Vec<f32> = (0..d).map(|_| (1.0 + 0.1 * rng.normal()) as f32).collect();
+        w = w
+            .tensor(&name("attn_norm"), &[d], GgmlType::F32, &norm)?
+            .tensor(
+                &name("attn_q"),
+                &[d, d],
+                GgmlType::Q4_1,
+                &rng.normal_vec((d * d) as usize, sd(d)),
+            )?
+            .tensor(
+                &name("attn_k"),
+                &[d, kv],
+                GgmlType::Q4_1,
+                &rng.normal_vec((d * kv) as usize, sd(d)),
+            )?
+            .tensor(
+                &name("attn_v"),
+                &[d, kv],
+                GgmlType::Q4_1,
+                &rng.normal_vec((d * kv) as usize, sd(d)),
+            )?
+            .tensor(
+                &name("attn_output"),
+                &[d, d],
+                GgmlType::Q4_1,
+                &rng.normal_vec((d * d) as usize, sd(d)),
+            )?
+            .tensor(&name("ffn_norm"), &[d], GgmlType::F32, &norm)?
+            .tensor(
+                &name("ffn_gate"),
+                &[d, ff],
+                GgmlType::Q4_1,
+                &rng.normal_vec((d * ff) as usize, sd(d)),
+            )?
+            .tensor(
+                &name("ffn_up"),
+                &[d, ff],
+                GgmlType::Q4_1,
+                &rng.normal_vec((d * ff) as usize, sd(d)),
+            )?
+            .tensor(
+                &name("ffn_down"),
+                &[ff, d],
+                GgmlType::Q4_1,
+                &rng.normal_vec((d * ff) as usize, sd(ff)),
+            )?;
+    }
+    let norm: Vec<f32> = (0..d).map(|_| (1.0 + 0.1 * rng.normal()) as f32).collect();
+    w = w.tensor("output_norm.weight", &[d], GgmlType::F32, &norm)?;
+    Ok(w.to_bytes())
+}

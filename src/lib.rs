@@ -29,6 +29,8 @@ pub mod reference;
 pub mod safetensors;
 pub mod selfcheck;
 pub mod synthetic;
+#[cfg(feature = "llm")]
+pub mod tokenizer;
 #[cfg(all(feature = "train", not(target_arch = "wasm32")))]
 pub mod train;
 /// PNG pictures (attention maps, plots): feature `png` (on with `cli` and `train`).

@@ -1055,3 +1055,74 @@ fn generate_streams_text_from_a_checkpoint() {
     assert!(!ok && !err.contains("panicked"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `generate --gguf` on a tiny random Llama written here: the chat answer (or the raw
+/// continuation) streams on stdout and the summary on stderr; greedy text is the same with the
+/// cache on the GPU and offloaded; bad combinations are errors that say why.
+#[cfg(feature = "train")]
+#[test]
+fn generate_runs_a_gguf_model() {
+    let dir = temp_dir("generate-gguf");
+    let p = sparse_attn::gguf::LlamaParams {
+        layers: 2,
+        d_model: 64,
+        d_ff: 96,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 16,
+        context: 512,
+        rope_base: 10000.0,
+        rms_eps: 1e-5,
+        vocab: 320,
+    };
+    let file = dir.join("tiny.gguf");
+    std::fs::write(&file, sparse_attn::gguf::random_llama(&p, 11).unwrap()).unwrap();
+    let f = file.to_str().unwrap();
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--gguf",
+            f,
+            "--prompt",
+            "Hello there",
+            "--tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--block",
+            "16",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, on_gpu, err) = generate(&["--attention", "sparse", "--budget", "4"]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "{err}");
+    assert!(
+        !on_gpu.is_empty() && !on_gpu.contains("<|im_start|>"),
+        "{on_gpu:?}"
+    );
+    assert!(err.contains("12 generated"), "{err}");
+    let (ok, offloaded, err) = generate(&["--attention", "sparse", "--budget", "4", "--offload"]);
+    assert!(ok, "{err}");
+    assert_eq!(offloaded, on_gpu);
+    assert!(err.contains("MB in host memory"), "{err}");
+    let (ok, raw, err) = generate(&["--raw"]);
+    assert!(ok && raw.starts_with("Hello there"), "{raw:?} {err}");
+    for (extra, says) in [
+        (&["--ckpt", "x"][..], "cannot be used with"),
+        (&["--budget", "0"][..], "topk"),
+    ] {
+        let (ok, _, err) = generate(extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (ok, _, err) = run(&["generate", "--gguf", "/nonexistent.gguf", "--prompt", "x"]);
+    assert!(!ok && err.contains("/nonexistent.gguf"), "{err}");
+    let (ok, _, err) = run(&["generate", "--ckpt", "x", "--prompt", "x", "--raw"]);
+    assert!(!ok && err.contains("--raw"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -49,6 +49,8 @@ fn tiny(mode: Mode) -> TrainConfig {
             n_init: nosa as usize,
             n_local: 0,
             k_query: nosa.then_some(1),
+            gate: true,
+            rms_eps: 1e-5,
         },
         mode,
         steps: 12,

@@ -59,6 +59,8 @@ fn tiny(mode: Mode, steps: usize) -> TrainConfig {
             n_init: mode.nosa() as usize,
             n_local: 0,
             k_query: mode.nosa().then_some(1),
+            gate: true,
+            rms_eps: 1e-5,
         },
         mode,
         steps,

@@ -13,8 +13,10 @@ use crate::problem::{DecodeKeys, DecodeShape};
 
 /// Threads per workgroup (a power of two).
 const NT: usize = 128;
-/// Keys a workgroup holds at most (its logits stay in workgroup memory), when they fit.
-const SPK_MAX: usize = 512;
+/// Keys a workgroup holds at most (its logits stay in workgroup memory), when they fit. 256
+/// beat 512 (the first default) by 7-9% at 32k on the H200, batch 1 and 16, and 1024 lost by
+/// half (`bench/decode-sweep.sh`, docs/BENCHMARKS.md, 2026-12-01).
+const SPK_MAX: usize = 256;
 /// Workgroups a step should launch at least (by splitting the keys) to fill a large GPU.
 const TARGET_WORKGROUPS: usize = 1024;
 

@@ -524,7 +524,7 @@ impl BlockSelect {
     /// else `None`.
     pub fn logit_dims(&self) -> Option<[usize; 4]> {
         let s = &self.shape;
-        (self.rows > 0).then(|| [s.batch, s.heads_kv, self.rows, self.np])
+        (self.rows > 0).then_some([s.batch, s.heads_kv, self.rows, self.np])
     }
 
     /// Launches per kernel (more than one when tensors exceed the binding limit).

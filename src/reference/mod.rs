@@ -3,6 +3,7 @@
 pub mod align;
 pub mod attention;
 pub mod decode;
+pub mod llama;
 pub mod metrics;
 mod rng;
 pub mod select;

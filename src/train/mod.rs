@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod llama;
 pub mod model;
 pub mod ops;
 pub mod trainer;

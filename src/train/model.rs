@@ -119,6 +119,11 @@ pub struct LmConfig {
     /// NOSA: blocks chosen by the query besides the forced ones; the rest of `topk` by the
     /// eviction head, which the model then has (one per layer). `None`: no eviction head.
     pub k_query: Option<usize>,
+    /// The sigmoid output gate of attention (our trained models); pretrained Llama models
+    /// have none.
+    pub gate: bool,
+    /// RMSNorm's epsilon.
+    pub rms_eps: f64,
 }
 
 impl LmConfig {
@@ -239,6 +244,7 @@ impl LmConfig {
             "block": self.block, "topk": self.topk,
             "scoring": scoring_name(self.scoring), "n_init": self.n_init,
             "n_local": self.n_local, "k_query": self.k_query,
+            "gate": self.gate, "rms_eps": self.rms_eps,
         })
     }
 
@@ -279,6 +285,9 @@ impl LmConfig {
                     ))
                 })? as usize),
             },
+            // Absent before pretrained models: every model had the gate and Burn's epsilon.
+            gate: v.get("gate").and_then(|x| x.as_bool()).unwrap_or(true),
+            rms_eps: v.get("rms_eps").and_then(|x| x.as_f64()).unwrap_or(1e-5),
         };
         c.validate()?;
         Ok(c)
@@ -340,7 +349,7 @@ impl LmConfig {
     pub fn params(&self) -> usize {
         let d = self.d_model;
         let kv = self.heads_kv * self.head_dim();
-        let attn = d * d * 3 + 2 * d * kv; // q, gate, o + k, v
+        let attn = d * d * (2 + self.gate as usize) + 2 * d * kv; // q, o (gate) + k, v
         let mlp = 3 * d * self.d_ff;
         // NOSA's eviction head: A (one per kv head) and δ (all kv heads' values -> one score
         // per kv head, with a bias).
@@ -376,13 +385,13 @@ impl LmConfig {
         };
         let layers = (0..self.layers)
             .map(|_| Layer {
-                norm1: RmsNormConfig::new(self.d_model).init(device),
+                norm1: self.rms_norm(device),
                 wq: lin(self.d_model, self.d_model),
                 wk: lin(self.d_model, self.heads_kv * dh),
                 wv: lin(self.d_model, self.heads_kv * dh),
-                wg: lin(self.d_model, self.d_model),
+                wg: self.gate.then(|| lin(self.d_model, self.d_model)),
                 wo: out(self.d_model, self.d_model),
-                norm2: RmsNormConfig::new(self.d_model).init(device),
+                norm2: self.rms_norm(device),
                 w1: lin(self.d_model, self.d_ff),
                 w3: lin(self.d_model, self.d_ff),
                 w2: out(self.d_ff, self.d_model),
@@ -407,28 +416,40 @@ impl LmConfig {
                 })
                 .init(device),
             layers,
-            norm: RmsNormConfig::new(self.d_model).init(device),
-            rope: RotaryEncodingConfig::new(self.max_seq, dh)
-                .with_theta(self.rope_theta)
-                .init(device),
+            norm: self.rms_norm(device),
+            head: None,
+            rope: self.rope(device),
         })
+    }
+
+    pub(crate) fn rms_norm(&self, device: &Device) -> RmsNorm {
+        RmsNormConfig::new(self.d_model)
+            .with_epsilon(self.rms_eps)
+            .init(device)
+    }
+
+    pub(crate) fn rope(&self, device: &Device) -> RotaryEncoding {
+        RotaryEncodingConfig::new(self.max_seq, self.head_dim())
+            .with_theta(self.rope_theta)
+            .init(device)
     }
 }
 
 #[derive(Module, Debug)]
 pub struct Layer {
-    norm1: RmsNorm,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wg: Linear,
-    wo: Linear,
-    norm2: RmsNorm,
-    w1: Linear,
-    w3: Linear,
-    w2: Linear,
+    pub(crate) norm1: RmsNorm,
+    pub(crate) wq: Linear,
+    pub(crate) wk: Linear,
+    pub(crate) wv: Linear,
+    /// The output gate (`LmConfig::gate`).
+    pub(crate) wg: Option<Linear>,
+    pub(crate) wo: Linear,
+    pub(crate) norm2: RmsNorm,
+    pub(crate) w1: Linear,
+    pub(crate) w3: Linear,
+    pub(crate) w2: Linear,
     /// NOSA's eviction head (models built with `k_query`).
-    evict: Option<EvictHead>,
+    pub(crate) evict: Option<EvictHead>,
 }
 
 /// NOSA's eviction head of one layer (NOSA.md §1): b_t = A ⊙ softplus(δ(v_t)), one value per kv
@@ -450,10 +471,12 @@ impl EvictHead {
 
 #[derive(Module, Debug)]
 pub struct Lm {
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    rope: RotaryEncoding,
+    pub(crate) embed: Embedding,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: RmsNorm,
+    /// An output head of its own (`[d_model, vocab]`); `None`: tied to the embedding.
+    pub(crate) head: Option<Linear>,
+    pub(crate) rope: RotaryEncoding,
 }
 
 /// What one forward pass returns besides the logits.
@@ -529,10 +552,7 @@ impl Lm {
             x = y;
             aligns.extend(a);
         }
-        let h = self.norm.forward(x);
-        // Tied embeddings: logits = h Eᵀ.
-        let w = self.embed.weight.val().transpose().unsqueeze::<3>();
-        let logits = h.matmul(w);
+        let logits = self.logits(self.norm.forward(x));
         let n = aligns.len();
         let align = (n > 0).then(|| Tensor::cat(aligns, 0).sum() / n as f32);
         Ok(Forward { logits, align, qk })
@@ -569,9 +589,15 @@ impl Lm {
         for (layer, state) in self.layers.iter().zip(layers) {
             x = layer.decode(cfg, &self.rope, x, pos, state);
         }
-        let h = self.norm.forward(x);
-        let w = self.embed.weight.val().transpose().unsqueeze::<3>();
-        Ok(h.matmul(w))
+        Ok(self.logits(self.norm.forward(x)))
+    }
+
+    /// The output head: tied (h Eᵀ) or the model's own.
+    fn logits(&self, h: Tensor<3>) -> Tensor<3> {
+        match &self.head {
+            Some(head) => head.forward(h),
+            None => h.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
+        }
     }
 }
 
@@ -596,7 +622,7 @@ impl Layer {
         let k = rope.apply(heads(self.wk.forward(h.clone()), hkv), pos);
         let vflat = self.wv.forward(h.clone());
         let v = heads(vflat.clone(), hkv);
-        let gate = sigmoid(heads(self.wg.forward(h), hq));
+        let gate = self.wg.as_ref().map(|g| sigmoid(heads(g.forward(h), hq)));
         let bias = self.evict.as_ref().map(|e| e.forward(vflat));
         let o = match bias {
             Some(bias) => <Dispatch as AttnBackend>::sa_decode_bias(
@@ -613,7 +639,7 @@ impl Layer {
                 state.clone(),
             ),
         };
-        let att = gate * Tensor::<4>::from_dispatch(o);
+        let att = gated(gate, Tensor::<4>::from_dispatch(o));
         let att = att.swap_dims(1, 2).reshape([b, s, hq * dh]);
         let x = x + self.wo.forward(att);
         let h = self.norm2.forward(x.clone());
@@ -641,7 +667,7 @@ impl Layer {
         let k = rope.forward(heads(self.wk.forward(h.clone()), hkv));
         let vflat = self.wv.forward(h.clone());
         let v = heads(vflat.clone(), hkv);
-        let gate = sigmoid(heads(self.wg.forward(h), hq));
+        let gate = self.wg.as_ref().map(|g| sigmoid(heads(g.forward(h), hq)));
         // NOSA's per-key bias (and eviction score), where the model has the head.
         let bias = self.evict.as_ref().map(|e| e.forward(vflat));
         if run.capture {
@@ -666,11 +692,11 @@ impl Layer {
             Ok(sparse_attention_with_bias(q, k, v, sel, bias.clone(), &sel_opts)?.0)
         };
         let (att, align) = match run.mode {
-            Mode::Full => (gate * full(q, k, v)?, None),
-            Mode::Sparse | Mode::Nosa => (gate * sparse(q, k, v)?, None),
+            Mode::Full => (gated(gate, full(q, k, v)?), None),
+            Mode::Sparse | Mode::Nosa => (gated(gate, sparse(q, k, v)?), None),
             Mode::Ssa | Mode::NosaSsa => {
-                let hf = gate.clone() * full(q.clone(), k.clone(), v.clone())?;
-                let hs = gate * sparse(q, k, v)?;
+                let hf = gated(gate.clone(), full(q.clone(), k.clone(), v.clone())?);
+                let hs = gated(gate, sparse(q, k, v)?);
                 let a = align_loss(hf.clone(), hs.clone(), 1.0)?;
                 (if run.sparse_main { hs } else { hf }, Some(a))
             }
@@ -682,6 +708,14 @@ impl Layer {
             .w2
             .forward(silu(self.w1.forward(h.clone())) * self.w3.forward(h));
         Ok((x + mlp, align))
+    }
+}
+
+/// Attention output through the output gate, where the model has one.
+fn gated(gate: Option<Tensor<4>>, o: Tensor<4>) -> Tensor<4> {
+    match gate {
+        Some(g) => g * o,
+        None => o,
     }
 }
 

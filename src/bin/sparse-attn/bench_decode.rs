@@ -64,7 +64,7 @@ pub struct DecodeArgs {
     /// the query-aware choice moves from step to step (synthetic: trained models set this).
     #[arg(long, default_value_t = 1.0)]
     pub query_noise: f64,
-    /// Keys per workgroup of the decoding kernel (1 to its limit, 512 on most devices;
+    /// Keys per workgroup of the decoding kernel (1 to its limit, 256 on most devices;
     /// default: the library's choice, about a thousand workgroups per step).
     #[arg(long)]
     pub split_keys: Option<usize>,

@@ -22,11 +22,28 @@ pub fn generate_cmd(_: &GpuOptions, _: &GenerateArgs) -> Result<ExitCode, Error>
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// Checkpoint folder (from `train --out`).
+    #[arg(long, required_unless_present = "gguf", conflicts_with = "gguf")]
+    pub ckpt: Option<std::path::PathBuf>,
+    /// A pretrained Llama-family model in a GGUF file (e.g. SmolLM2-135M-Instruct, fetched by
+    /// scripts/fetch-model.sh): its tokenizer, its chat template (unless --raw).
     #[arg(long)]
-    pub ckpt: std::path::PathBuf,
-    /// The text to continue (bytes are the model's tokens).
+    pub gguf: Option<std::path::PathBuf>,
+    /// The text to continue (a checkpoint's tokens are bytes), or with --gguf the user's message
+    /// (wrapped in the model's chat template unless --raw).
     #[arg(long)]
     pub prompt: String,
+    /// With --gguf: give the prompt to the model as it is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// With --gguf: the system message of the chat (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// With --gguf: keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// With --gguf: block size of sparse attention (blocks per query: --budget, default 16).
+    #[arg(long, default_value_t = 64)]
+    pub block: usize,
     /// Tokens to generate.
     #[arg(long, default_value_t = 200)]
     pub tokens: usize,
@@ -67,6 +84,7 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
     use sparse_attn::gpu::DType;
     use sparse_attn::train::Runtime;
     use sparse_attn::train::generate::{Attention, Decoder, GenerateOptions, Sampler};
+    use sparse_attn::train::llama::{Pretrained, SparseSettings};
     use sparse_attn::train::trainer::load;
 
     let attention = Attention::parse(&a.attention)?;
@@ -91,12 +109,44 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
         host_memory: a.offload && offload_path != sparse_attn::decode::OffloadPath::Staged,
         ..opts.clone()
     }))?;
-    let (model, cfg) = load(&a.ckpt, &rt.device)?;
-    let m = match a.budget {
-        Some(k) => cfg.model.with_topk(k),
-        None => cfg.model.clone(),
+    if a.ckpt.is_some() && (a.raw || a.system.is_some() || a.ignore_eos) {
+        return Err(Error::InvalidInput(
+            "--raw, --system and --ignore-eos are for --gguf models (a checkpoint's tokens are \
+             bytes)"
+                .into(),
+        ));
+    }
+    let (model, model_cfg, tokenizer) = match (&a.ckpt, &a.gguf) {
+        (Some(dir), _) => {
+            let (model, cfg) = load(dir, &rt.device)?;
+            (model, cfg.model, None)
+        }
+        (None, Some(file)) => {
+            let sparse = SparseSettings {
+                block: a.block,
+                ..SparseSettings::default()
+            };
+            let p = Pretrained::load(file, &rt.device, sparse)?;
+            (p.model, p.config, Some(p.tokenizer))
+        }
+        (None, None) => unreachable!("clap requires --ckpt or --gguf"),
     };
-    let prompt: Vec<u32> = a.prompt.bytes().map(u32::from).collect();
+    let m = match a.budget {
+        Some(k) => model_cfg.with_topk(k),
+        None => model_cfg.clone(),
+    };
+    let text = match (&tokenizer, a.raw) {
+        (Some(t), false) => t.chat_prompt(&a.prompt, a.system.as_deref())?,
+        _ => a.prompt.clone(),
+    };
+    let prompt: Vec<u32> = match &tokenizer {
+        Some(t) => t.encode(&text)?,
+        None => text.bytes().map(u32::from).collect(),
+    };
+    let eos = match (&tokenizer, a.ignore_eos) {
+        (Some(t), false) => t.eos,
+        _ => None,
+    };
     let capacity = prompt.len() + a.tokens;
     let offload_slots = match (a.offload, a.gpu_kv_mb) {
         (false, _) => None,
@@ -129,18 +179,34 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
         offload_path,
         ..GenerateOptions::new(attention, capacity)
     };
-    let mut dec = Decoder::new(&rt, model, &cfg.model, &gopts)?;
+    let mut dec = Decoder::new(&rt, model, &model_cfg, &gopts)?;
     let mut sampler = sampler;
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(a.prompt.as_bytes());
+    // A chat shows the answer only; a continuation starts with the text it continues.
+    if tokenizer.is_none() || a.raw {
+        let _ = out.write_all(text.as_bytes());
+    }
     let _ = out.flush();
+    let mut stream = tokenizer.as_ref().map(|t| t.stream(false));
     let t0 = Instant::now();
     let logits = dec.prefill(&prompt, prompt.len())?;
     let t1 = Instant::now();
     let mut next = sampler.sample(logits)?[0];
+    let mut generated = 0;
     for i in 0..a.tokens {
-        let _ = out.write_all(&[next as u8]);
+        if Some(next) == eos {
+            break;
+        }
+        match &mut stream {
+            Some(s) => {
+                let _ = out.write_all(s.step(next)?.as_bytes());
+            }
+            None => {
+                let _ = out.write_all(&[next as u8]);
+            }
+        }
         let _ = out.flush();
+        generated += 1;
         if i + 1 == a.tokens {
             break;
         }
@@ -166,8 +232,8 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
         attention.name(),
         prompt.len(),
         (t1 - t0).as_secs_f64(),
-        a.tokens,
-        a.tokens as f64 / gen_s,
+        generated,
+        generated as f64 / gen_s,
         gpu_kv as f64 / 1e6,
         if host_kv > 0 {
             format!(", {:.2} MB in host memory", host_kv as f64 / 1e6)

@@ -227,6 +227,8 @@ impl RunArgs {
                         ));
                     }
                 },
+                gate: true,
+                rms_eps: 1e-5,
             },
             mode,
             steps: a.steps,
