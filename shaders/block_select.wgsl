@@ -207,6 +207,20 @@ fn part_row(u: u32, t0: u32, r: u32) -> u32 {
     return prm.pt_off / 2u + ((u * prm.seq_q + t0) * prm.group + r) * prm.n_split;
 }
 
+// A row's log-sum-exp (log2 domain) from its splits' max and sum, stored from `at` on.
+fn merged_lse2(at: u32) -> f32 {
+    var mx = NEG;
+    for (var s = 0u; s < prm.n_split; s++) {
+        mx = max(mx, part[at + s].x);
+    }
+    var sum = 0.0;
+    for (var s = 0u; s < prm.n_split; s++) {
+        let st = part[at + s];
+        sum += select(0.0, st.y * exp2(st.x - mx), st.x != NEG);
+    }
+    return mx + log2(max(sum, 1e-30));
+}
+
 // Pass 1 of a split row (SSA, InfLLM-V2): the statistics of the split's keys, merged by
 // block_scores.
 @compute @workgroup_size(NT)
@@ -255,16 +269,7 @@ fn block_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         for (var i = 0u; i < TM; i++) {
             let at = part_row(u, t0, ty * TM + i);
             if (at != SENTINEL) {
-                var mx = NEG;
-                for (var s = 0u; s < prm.n_split; s++) {
-                    mx = max(mx, part[at + s].x);
-                }
-                var sum = 0.0;
-                for (var s = 0u; s < prm.n_split; s++) {
-                    let st = part[at + s];
-                    sum += select(0.0, st.y * exp2(st.x - mx), st.x != NEG);
-                }
-                lse2[i] = mx + log2(max(sum, 1e-30));
+                lse2[i] = merged_lse2(at);
             }
         }
 //#else
@@ -423,17 +428,7 @@ fn row_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     let span = row_split(wg.x);
     let moba = prm.mode == 1u;
     if (tid < ROWS) {
-        let at = prm.pt_off / 2u + (u * ROWS + tid) * prm.n_split;
-        var mx = NEG;
-        for (var s = 0u; s < prm.n_split; s++) {
-            mx = max(mx, part[at + s].x);
-        }
-        var sum = 0.0;
-        for (var s = 0u; s < prm.n_split; s++) {
-            let st = part[at + s];
-            sum += select(0.0, st.y * exp2(st.x - mx), st.x != NEG);
-        }
-        sh_lse[tid] = mx + log2(max(sum, 1e-30));
+        sh_lse[tid] = merged_lse2(prm.pt_off / 2u + (u * ROWS + tid) * prm.n_split);
     }
     workgroupBarrier();
     for (var p = span.x + tid; p < span.y; p += NT) {
