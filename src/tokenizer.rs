@@ -119,20 +119,17 @@ impl Tokenizer {
             ByteLevel::new(false, true, true).into(),
         ])));
         inner.with_decoder(Some(ByteLevel::default()));
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, ty)| **ty == TYPE_CONTROL)
-            .map(|(t, _)| AddedToken::from(t.clone(), true))
-            .collect();
-        inner.add_special_tokens(&special);
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, ty)| **ty == TYPE_USER_DEFINED)
-            .map(|(t, _)| AddedToken::from(t.clone(), false))
-            .collect();
-        inner.add_tokens(&user);
+        // Control tokens are special (skippable when decoding); user-defined ones are not.
+        let added = |kind: u64| -> Vec<AddedToken> {
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(_, ty)| **ty == kind)
+                .map(|(t, _)| AddedToken::from(t.clone(), kind == TYPE_CONTROL))
+                .collect()
+        };
+        inner.add_special_tokens(&added(TYPE_CONTROL));
+        inner.add_tokens(&added(TYPE_USER_DEFINED));
         let n = tokens.len();
         let chat = match g.get("tokenizer.chat_template").and_then(Value::as_str) {
             Some(t) if t.contains("<|im_start|>") => Some(ChatMl {

@@ -1,5 +1,7 @@
 //! The CLI as a user runs it.
 
+mod common;
+
 use std::process::Command;
 
 fn run(args: &[&str]) -> (bool, String, String) {
@@ -1063,18 +1065,7 @@ fn generate_streams_text_from_a_checkpoint() {
 #[test]
 fn generate_runs_a_gguf_model() {
     let dir = temp_dir("generate-gguf");
-    let p = sparse_attn::gguf::LlamaParams {
-        layers: 2,
-        d_model: 64,
-        d_ff: 96,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 16,
-        context: 512,
-        rope_base: 10000.0,
-        rms_eps: 1e-5,
-        vocab: 320,
-    };
+    let p = common::tiny_llama(320, 512);
     let file = dir.join("tiny.gguf");
     std::fs::write(&file, sparse_attn::gguf::random_llama(&p, 11).unwrap()).unwrap();
     let f = file.to_str().unwrap();

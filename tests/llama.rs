@@ -17,18 +17,7 @@ use sparse_attn::train::llama::{Pretrained, SparseSettings};
 use sparse_attn::train::model::{Lm, LmConfig, Mode, Run};
 
 fn tiny_params() -> LlamaParams {
-    LlamaParams {
-        layers: 2,
-        d_model: 64,
-        d_ff: 96,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 16,
-        context: 256,
-        rope_base: 10000.0,
-        rms_eps: 1e-5,
-        vocab: 300,
-    }
+    common::tiny_llama(300, 256)
 }
 
 fn forward(rt: &Runtime, m: &Lm, cfg: &LmConfig, ids: &[u32], mode: Mode) -> Vec<f32> {

@@ -4,7 +4,9 @@
 //! from Hugging Face transformers on the GPU machine (bench/smollm2/reference.json).
 #![cfg(feature = "llm")]
 
-use sparse_attn::gguf::{Gguf, LlamaParams, Value, Writer, byte_chars, random_llama};
+mod common;
+
+use sparse_attn::gguf::{Gguf, Value, Writer, byte_chars, random_llama};
 use sparse_attn::tokenizer::Tokenizer;
 
 const TEXTS: [&str; 8] = [
@@ -19,18 +21,7 @@ const TEXTS: [&str; 8] = [
 ];
 
 fn tiny() -> (Vec<u8>, Tokenizer) {
-    let p = LlamaParams {
-        layers: 1,
-        d_model: 64,
-        d_ff: 96,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 16,
-        context: 128,
-        rope_base: 10000.0,
-        rms_eps: 1e-5,
-        vocab: 400,
-    };
+    let p = common::tiny_llama(400, 128);
     let bytes = random_llama(&p, 3).unwrap();
     let t = Tokenizer::from_gguf(&Gguf::parse(&bytes).unwrap()).unwrap();
     (bytes, t)

@@ -133,3 +133,20 @@ pub fn dbias_error(
     }
     err / size.max(f64::MIN_POSITIVE)
 }
+
+/// A small Llama (2 layers, d_model 64, 4 query heads and 2 kv heads of 16, d_ff 96) for the
+/// GGUF files tests write with `gguf::random_llama`.
+pub fn tiny_llama(vocab: usize, context: usize) -> sparse_attn::gguf::LlamaParams {
+    sparse_attn::gguf::LlamaParams {
+        layers: 2,
+        d_model: 64,
+        d_ff: 96,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 16,
+        context,
+        rope_base: 10000.0,
+        rms_eps: 1e-5,
+        vocab,
+    }
+}
