@@ -238,7 +238,7 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
     let sparse_out = crate::ops::attention::AttnOutput::empty(gpu, &shape)?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     full.encode_forward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &full_out)?;
     selector.encode(gpu, &mut enc, &SelectInputs::new(&tq, &tk), &scratch, &sel)?;
     sparse.encode_forward(

@@ -6,6 +6,7 @@
 //! another rejects shows up here) and natively (`sparse-attn selfcheck`).
 
 use crate::error::Result;
+use crate::gpu::Encoder;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::align::{AlignLoss, AlignOut};
 use crate::ops::attention::{AttnGrads, AttnOutput, FullAttention};
@@ -94,7 +95,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let full = FullAttention::new(gpu, shape, &FullConfig::new(causal))?;
     let fo = AttnOutput::empty(gpu, &shape)?;
     let fg = AttnGrads::empty(gpu, &shape)?;
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     full.encode_forward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &fo)?;
     full.encode_backward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &fo, &tdo, &fg)?;
     gpu.queue().submit([enc.finish()]);
@@ -122,7 +123,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let (sel, _) = {
         let scratch = selector.scratch(gpu)?;
         let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         selector.encode(gpu, &mut enc, &SelectInputs::new(&tq, &tk), &scratch, &sel)?;
         gpu.queue().submit([enc.finish()]);
         (sel, scratch)
@@ -159,7 +160,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let sparse = SparseAttention::new(gpu, shape, &SparseConfig::new(sp_opts, sel_opts.k))?;
     let so = AttnOutput::empty(gpu, &shape)?;
     let sg = AttnGrads::empty(gpu, &shape)?;
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     sparse.encode_forward(gpu, &mut enc, &SparseInputs::new(&tq, &tk, &tv, &tsel), &so)?;
     sparse.encode_backward(
         gpu,
@@ -212,7 +213,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let nosa_sel = BlockSelect::new(gpu, shape, &SelectConfig::new(nosa))?;
     let tnsel = gpu.empty(&nosa_sel.selection_dims(), DType::U32)?;
     let scratch = nosa_sel.scratch(gpu)?;
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     let x = SelectInputs::new(&tq, &tk).evict(Some(&te));
     nosa_sel.encode(gpu, &mut enc, &x, &scratch, &tnsel)?;
     gpu.queue().submit([enc.finish()]);
@@ -238,7 +239,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
         let bo = AttnOutput::empty(gpu, &shape)?;
         let bg = AttnGrads::empty_with(gpu, &shape, DType::F32, true)?;
         let x = SparseInputs::new(&tq, &tk, &tv, &tsel).bias(Some(&te));
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         biased.encode_forward(gpu, &mut enc, &x, &bo)?;
         biased.encode_backward(gpu, &mut enc, &x, &bo, &tdo, &bg)?;
         gpu.queue().submit([enc.finish()]);
@@ -271,7 +272,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
     let dims = shape.q_dims();
     let align = AlignLoss::new(gpu, &dims, 1.0)?;
     let ao = AlignOut::empty(gpu, &dims)?;
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     align.encode(gpu, &mut enc, &fo.o, &so.o, 10.0, &ao)?;
     gpu.queue().submit([enc.finish()]);
     let want = reference::align::align(&h_full, &h_sparse, 1.0, 10.0)?;
@@ -356,19 +357,16 @@ async fn staged_offload(
             .flat_map(|h| (t0..t0 + n).map(move |t| k[(h * seq + t % seq) * d] * 2.0))
             .collect()
     };
-    let append = |off: &mut OffloadCache,
-                  on: &mut KvCache,
-                  t0: usize,
-                  n: usize|
-     -> Result<wgpu::CommandEncoder> {
-        let kn = gpu.upload(&[1, hkv, n, d], &rows(k, hkv, t0, n))?;
-        let vn = gpu.upload(&[1, hkv, n, d], &rows(v, hkv, t0, n))?;
-        let en = gpu.upload(&[1, hkv, n], &evict(t0, n))?;
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
-        off.append(gpu, &mut enc, &kn, &vn, Some(&en), None)?;
-        on.append(gpu, &mut enc, &kn, &vn, Some(&en), None)?;
-        Ok(enc)
-    };
+    let append =
+        |off: &mut OffloadCache, on: &mut KvCache, t0: usize, n: usize| -> Result<Encoder> {
+            let kn = gpu.upload(&[1, hkv, n, d], &rows(k, hkv, t0, n))?;
+            let vn = gpu.upload(&[1, hkv, n, d], &rows(v, hkv, t0, n))?;
+            let en = gpu.upload(&[1, hkv, n], &evict(t0, n))?;
+            let mut enc = gpu.encoder();
+            off.append(gpu, &mut enc, &kn, &vn, Some(&en), None)?;
+            on.append(gpu, &mut enc, &kn, &vn, Some(&en), None)?;
+            Ok(enc)
+        };
     let enc = append(&mut off, &mut on, 0, n0)?;
     gpu.queue().submit([enc.finish()]);
     let sel_on = gpu.empty(&step.sel_dims(opts.k), DType::U32)?;
@@ -450,7 +448,7 @@ async fn decoding(gpu: &Gpu, out: &mut Vec<Check>, q: &[f32], k: &[f32], v: &[f3
     let tq = gpu.upload(&step.q_dims(), &qs)?;
     let tsel = gpu.upload_u32(&step.sel_dims(3), &sel)?;
     let sparse = DecodeKeys::Sparse { block: 16, nsel: 3 };
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     cache.append(gpu, &mut enc, &kn, &vn, None, Some(&lens))?;
     let mut results = vec![];
     for (keys, name) in [

@@ -30,7 +30,7 @@ fn check(gpu: &Gpu, dims: &[usize], beta: f32, scale: f32, seed: u64) {
     gpu.fill(&out.g_full, f32::NAN).unwrap();
     gpu.fill(&out.g_sparse, f32::NAN).unwrap();
     let (ta, tb) = (gpu.upload(dims, &a).unwrap(), gpu.upload(dims, &b).unwrap());
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode(gpu, &mut enc, &ta, &tb, scale, &out).unwrap();
     gpu.queue().submit([enc.finish()]);
     let want = align(&a, &b, beta as f64, scale as f64).unwrap();
@@ -152,7 +152,7 @@ fn bad_align_input_names_the_problem() {
     let b = gpu.upload(&[2, 8], &[0.0; 16]).unwrap();
     let wrong = gpu.upload(&[16], &[0.0; 16]).unwrap();
     let out = AlignOut::empty(&gpu, &[2, 8]).unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     let e = op
         .encode(&gpu, &mut enc, &a, &wrong, 1.0, &out)
         .unwrap_err();

@@ -94,7 +94,7 @@ fn run_biased(
             .unwrap(),
     };
     let x = Qkv::new(&tq, &tk, &tv).bias(tb.as_ref());
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     att.encode_forward(gpu, &mut enc, x, &out).expect(&ctx);
     gpu.queue().submit([enc.finish()]);
     let want =
@@ -498,7 +498,7 @@ fn zero_bias_equals_no_bias() {
         let out = AttnOutput::empty(&gpu, &s).unwrap();
         let grads =
             sparse_attn::AttnGrads::empty_with(&gpu, &s, DType::F32, bias.is_some()).unwrap();
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         att.encode_forward(&gpu, &mut enc, x, &out).unwrap();
         att.encode_backward(&gpu, &mut enc, x, &out, &d_o, &grads)
             .unwrap();
@@ -546,7 +546,7 @@ fn bias_with_tensor_cores_is_refused_or_avoided() {
         z(&[1, 1, 40]),
     );
     let out = AttnOutput::empty(&gpu, &s).unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     let e = att
         .encode_forward(&gpu, &mut enc, Qkv::new(&q, &k, &v).bias(Some(&b)), &out)
         .unwrap_err();

@@ -401,7 +401,7 @@ fn decoding_caches_refuse_contradictory_options() {
     // Appending past the capacity, or a count larger than the rows given.
     let mut c = KvCache::new(&gpu, cs, &CacheConfig::new(DType::F32)).unwrap();
     let k = gpu.upload(&[1, 2, 4, 32], &[0.5; 256]).unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     let e = msg(c.append(&gpu, &mut enc, &k, &k, None, Some(&[5])));
     assert!(e.contains("exceeds the 4 rows given"), "{e}");
     let e = msg(c.append(&gpu, &mut enc, &k, &k, None, Some(&[1, 1])));

@@ -128,7 +128,7 @@ fn run_case(gpu: &Gpu, rng: &mut Rng, c: &Case, dt: DType) {
         .as_ref()
         .map(|b| gpu.upload(&s.bias_dims(), b).unwrap());
     let out = poisoned(gpu, &s, dt);
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     let x = DecodeInputs::new(&tq, &tk, &tv, &tl)
         .sel(ts.as_ref())
         .bias(tb.as_ref());
@@ -299,7 +299,7 @@ fn decoding_token_t_is_row_t_of_prefill() {
         )
         .unwrap();
         let full = AttnOutput::empty_as(&gpu, &shape, dt).unwrap();
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         fa.encode_forward(
             &gpu,
             &mut enc,
@@ -387,7 +387,7 @@ fn decoding_token_t_is_row_t_of_prefill() {
                     gpu.upload_u32(&s.sel_dims(nsel), &r).unwrap()
                 });
                 let out = poisoned(&gpu, &s, dt);
-                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                let mut enc = gpu.encoder();
                 let x = DecodeInputs::new(&tq1, &tk1, &tv1, &tl)
                     .sel(ts.as_ref())
                     .bias(biased.then_some(&tb1));
@@ -579,7 +579,7 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                 let out = gpu
                     .upload_u32(&[b, hkv, n_q, opts.k], &vec![12345; b * hkv * n_q * opts.k])
                     .unwrap();
-                let mut enc = gpu.device().create_command_encoder(&Default::default());
+                let mut enc = gpu.encoder();
                 op.encode_pool(&gpu, &mut enc, &tk, nosa.then_some(&te), &tl, n_new, &state)
                     .unwrap();
                 op.encode_pooled(&gpu, &mut enc, &tq, &tl, &state, &out)
@@ -708,7 +708,7 @@ fn kv_cache_steps_equal_prefill() {
     let en = gpu
         .upload(&[b, hkv, 130], &nan_tail(all_rows(&e_all, 1, 0, 130), 1))
         .unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     cache
         .append(&gpu, &mut enc, &kn, &vn, Some(&en), Some(&prompts))
         .unwrap();
@@ -732,7 +732,7 @@ fn kv_cache_steps_equal_prefill() {
                 .flat_map(|s| rows_of(x, s, heads, cap, width, lens[s], lens[s] + 1))
                 .collect()
         };
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         let k1 = gpu.upload(&[b, hkv, 1, d], &pick(&k_all, d, hkv)).unwrap();
         let v1 = gpu.upload(&[b, hkv, 1, d], &pick(&v_all, d, hkv)).unwrap();
         let e1 = gpu.upload(&[b, hkv, 1], &pick(&e_all, 1, hkv)).unwrap();
@@ -800,7 +800,7 @@ fn kv_cache_steps_equal_prefill() {
             )
             .unwrap();
             let pf = AttnOutput::empty_as(&gpu, &pre, DType::F32).unwrap();
-            let mut enc = gpu.device().create_command_encoder(&Default::default());
+            let mut enc = gpu.encoder();
             fa.encode_forward(&gpu, &mut enc, Qkv::new(&pq, &pk, &pv).bias(Some(&pe)), &pf)
                 .unwrap();
             gpu.queue().submit([enc.finish()]);
@@ -857,11 +857,124 @@ fn kv_cache_steps_equal_prefill() {
     let k3 = gpu
         .upload(&[b, hkv, 3, d], &vec![0.0; b * hkv * 3 * d])
         .unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     let e = c2
         .append(&gpu, &mut enc, &k3, &k3, None, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("exceed the cache's capacity of 2"), "{e}");
     assert_eq!(c2.lens(), &[0, 0]);
+}
+
+/// A `DecodeLayer`'s steps (every dispatch of a step in one compute pass, bind groups kept from
+/// step to step) equal the same cache, selection and attention recorded op by op; once each of
+/// the rotating input tensors has been seen, the layer makes no new bind groups.
+#[test]
+fn decode_layer_steps_keep_their_bind_groups_and_equal_the_ops() {
+    use sparse_attn::decode::{DecodeLayer, LayerConfig};
+    use sparse_attn::{CacheConfig, CacheShape, KvCache};
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut rng = Rng::new(seed);
+    let (b, hq, hkv, d, cap, prompt) = (2, 4, 2, 32, 160, 100);
+    let opts = SelectOptions::nosa_budget(16, 6, 1, 1, 2).unwrap();
+    let cs = CacheShape {
+        batch: b,
+        heads_kv: hkv,
+        capacity: cap,
+        head_dim: d,
+    };
+    let mut layer = DecodeLayer::new(
+        &gpu,
+        &LayerConfig {
+            bias: true,
+            select: Some(opts),
+            ..LayerConfig::new(cs, hq, DType::F32)
+        },
+    )
+    .unwrap();
+    let mut cache = KvCache::new(
+        &gpu,
+        cs,
+        &CacheConfig::new(DType::F32).bias(true).select(Some(opts)),
+    )
+    .unwrap();
+    let step = cs.step(hq, 1);
+    let keys = DecodeKeys::Sparse {
+        block: opts.block,
+        nsel: opts.k,
+    };
+    let att = DecodeAttention::new(&gpu, step, &DecodeConfig::new(keys).bias(true)).unwrap();
+    let kp = gpu
+        .upload(
+            &[b, hkv, prompt, d],
+            &rng.normal_vec(b * hkv * prompt * d, 1.0),
+        )
+        .unwrap();
+    let vp = gpu
+        .upload(
+            &[b, hkv, prompt, d],
+            &rng.normal_vec(b * hkv * prompt * d, 1.0),
+        )
+        .unwrap();
+    let ep = gpu
+        .upload(&[b, hkv, prompt], &rng.normal_vec(b * hkv * prompt, 1.0))
+        .unwrap();
+    let mut enc = gpu.encoder();
+    layer
+        .append(&gpu, &mut enc, &kp, &vp, Some(&ep), None)
+        .unwrap();
+    cache
+        .append(&gpu, &mut enc, &kp, &vp, Some(&ep), None)
+        .unwrap();
+    gpu.queue().submit([enc.finish()]);
+    // Three sets of step inputs and outputs, rewritten every step (fresh values, NaN-poisoned
+    // outputs) as a model's activations would be, so the layer meets each buffer again.
+    let pool: Vec<[sparse_attn::Tensor; 5]> = (0..3)
+        .map(|_| {
+            [
+                gpu.empty(&step.q_dims(), DType::F32).unwrap(),
+                gpu.empty(&step.q_dims(), DType::F32).unwrap(),
+                gpu.empty(&[b, hkv, 1, d], DType::F32).unwrap(),
+                gpu.empty(&[b, hkv, 1, d], DType::F32).unwrap(),
+                gpu.empty(&[b, hkv, 1], DType::F32).unwrap(),
+            ]
+        })
+        .collect();
+    let sel = gpu
+        .upload_u32(&step.sel_dims(opts.k), &vec![7; b * hkv * opts.k])
+        .unwrap();
+    let mut kept = vec![];
+    for n in 0..12 {
+        let [q, o, k, v, e] = &pool[n % 3];
+        for t in [q, k, v, e] {
+            gpu.write(t, &rng.normal_vec(t.len(), 1.0)).unwrap();
+        }
+        gpu.write(o, &vec![f32::NAN; o.len()]).unwrap();
+        let o_ops = poisoned(&gpu, &step, DType::F32);
+        let mut enc = gpu.encoder();
+        layer
+            .encode_step(&gpu, &mut enc, q, k, v, Some(e), o)
+            .unwrap();
+        gpu.queue().submit([enc.finish()]);
+        let mut enc = gpu.encoder();
+        cache.append(&gpu, &mut enc, k, v, Some(e), None).unwrap();
+        cache.select(&gpu, &mut enc, q, &sel).unwrap();
+        let x = DecodeInputs::new(q, cache.k(), cache.v(), cache.lens_tensor())
+            .bias(cache.bias())
+            .sel(Some(&sel));
+        att.encode(&gpu, &mut enc, &x, &o_ops).unwrap();
+        gpu.queue().submit([enc.finish()]);
+        let (got, want) = (gpu.read(o).unwrap(), gpu.read(&o_ops.o).unwrap());
+        // The same kernels on the same values: equal up to nothing but NaN-free.
+        let e = compare(&got, &want);
+        assert!(e.within(0.0), "step {n}: layer against ops: {e:?}");
+        kept.push(layer.kept_bind_groups());
+    }
+    assert!(kept[2] > 0, "no bind groups kept: {kept:?}");
+    assert!(
+        kept[2..].iter().all(|&k| k == kept[2]),
+        "the layer made bind groups after every input had been seen: {kept:?}"
+    );
 }

@@ -108,7 +108,7 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
     let ep = gpu
         .upload(&[b, hkv, n], &rng.normal_vec(b * hkv * n, 1.0))
         .unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     off.append(gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
         .unwrap();
     on.append(gpu, &mut enc, &kp, &vp, Some(&ep), Some(&prompts))
@@ -132,7 +132,7 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
             .unwrap();
         let o_off = outputs(gpu, &step.q_dims(), &step.lse_dims());
         let o_on = outputs(gpu, &step.q_dims(), &step.lse_dims());
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         off.append(gpu, &mut enc, &k1, &v1, Some(&e1), None)
             .unwrap();
         on.append(gpu, &mut enc, &k1, &v1, Some(&e1), None).unwrap();

@@ -73,8 +73,9 @@ fn timer_measures_positive_times_and_rejects_zero_reps() {
     let Some(gpu) = common::gpu() else { return };
     let t = gpu.random_uniform(&[1 << 16], 1, 1.0).unwrap();
     let u = gpu.empty(&[1 << 16], sparse_attn::DType::F32).unwrap();
-    let copy = |enc: &mut wgpu::CommandEncoder| {
-        enc.copy_buffer_to_buffer(t.buffer(), 0, u.buffer(), 0, t.size_bytes());
+    let copy = |enc: &mut sparse_attn::gpu::Encoder| {
+        enc.raw()
+            .copy_buffer_to_buffer(t.buffer(), 0, u.buffer(), 0, t.size_bytes());
         Ok(())
     };
     let r = gpu.time(Reps::Fixed(5), copy).unwrap();
@@ -101,7 +102,7 @@ fn profile_names_every_kernel_of_a_pass() {
     let d_o = gpu.random_uniform(&shape.q_dims(), 4, 1.0).unwrap();
     let out = att.forward(&gpu, &q, &k, &v).unwrap();
     let grads = sparse_attn::ops::attention::AttnGrads::empty(&gpu, &shape).unwrap();
-    let bwd = |enc: &mut wgpu::CommandEncoder| {
+    let bwd = |enc: &mut sparse_attn::gpu::Encoder| {
         att.encode_backward(&gpu, enc, Qkv::new(&q, &k, &v), &out, &d_o, &grads)
     };
     if !gpu.has_timestamps() {

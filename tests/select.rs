@@ -176,7 +176,7 @@ fn run_with(
     let out = gpu
         .upload_u32(&op.selection_dims(), &vec![POISON; n_sel])
         .unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode(gpu, &mut enc, &SelectInputs::new(&tq, &tk), &scratch, &out)
         .expect(&ctx);
     gpu.queue().submit([enc.finish()]);
@@ -319,7 +319,7 @@ fn bad_selection_options_name_the_problem() {
     let q = gpu.upload(&s.q_dims(), &vec![0.0; s.q_len()]).unwrap();
     let k = gpu.upload(&s.kv_dims(), &vec![0.0; s.kv_len()]).unwrap();
     let scratch = op.scratch(&gpu).unwrap();
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     let wrong = gpu.upload_u32(&[1, 2, 100, 3], &vec![0; 600]).unwrap();
     let e = op
         .encode(&gpu, &mut enc, &SelectInputs::new(&q, &k), &scratch, &wrong)

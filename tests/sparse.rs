@@ -104,7 +104,7 @@ fn check(
     let tb = bias.map(|b| gpu.upload(&op.bias_dims(), b).unwrap());
     let (tq, tk, tv) = (up(&s.q_dims(), q), up(&s.kv_dims(), k), up(&s.kv_dims(), v));
     let out = poisoned(gpu, &s, dt);
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode_forward(
         gpu,
         &mut enc,
@@ -145,7 +145,7 @@ fn check(
                 .unwrap()
         }),
     };
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode_backward(
         gpu,
         &mut enc,

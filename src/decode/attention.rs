@@ -3,6 +3,7 @@
 //! fills the GPU) whose partial results `combine` merges by their LSE. Reference:
 //! `reference::decode` (the last rows of prefill attention).
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
@@ -372,7 +373,7 @@ impl DecodeAttention {
     pub fn encode(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         x: &DecodeInputs,
         out: &AttnOutput,
     ) -> Result<()> {
@@ -511,7 +512,7 @@ impl DecodeAttention {
             o: gpu.empty(&s.q_dims(), self.storage.dtype())?,
             lse: gpu.empty(&s.lse_dims(), DType::F32)?,
         };
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode(gpu, &mut enc, x, &out)?;
         gpu.scoped("decoding attention", || gpu.queue.submit([enc.finish()]))?;
         Ok(out)

@@ -3,6 +3,7 @@
 //! decoding, the selection's pooled keys and pooled eviction scores, extended as each append
 //! completes pooling windows (never recomputed from scratch).
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
@@ -285,7 +286,7 @@ impl KvCache {
     pub fn append(
         &mut self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         k_new: &Tensor,
         v_new: &Tensor,
         bias_new: Option<&Tensor>,
@@ -391,7 +392,7 @@ impl KvCache {
     fn append_part(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         k_new: &Tensor,
         v_new: &Tensor,
         bias_new: Option<&Tensor>,
@@ -472,13 +473,7 @@ impl KvCache {
 
     /// Select blocks for the newest `n_q` tokens of each sequence (q `[batch, heads_kv·G, n_q,
     /// head_dim]`) from the pooled state into `out` `[batch, heads_kv, n_q, k]` (u32).
-    pub fn select(
-        &mut self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-        out: &Tensor,
-    ) -> Result<()> {
+    pub fn select(&mut self, gpu: &Gpu, enc: &mut Encoder, q: &Tensor, out: &Tensor) -> Result<()> {
         if self.pool.is_none() {
             invalid!("this cache keeps no selection state (CacheConfig::select)");
         }

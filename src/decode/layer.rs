@@ -6,6 +6,8 @@ use crate::decode::attention::{DecodeAttention, DecodeConfig, DecodeInputs};
 use crate::decode::cache::{CacheConfig, KvCache};
 use crate::decode::offload::{OffloadCache, OffloadConfig, OffloadPath, OffloadStats};
 use crate::error::{Result, invalid};
+use crate::gpu::Encoder;
+use crate::gpu::encoder::BindCache;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::attention::AttnOutput;
 use crate::problem::{CacheShape, DecodeKeys, SelectOptions};
@@ -64,6 +66,8 @@ pub struct DecodeLayer {
     cache: Cache,
     /// Steps of one token first; steps of several (a prompt, cache on the GPU) as they come.
     steps: Vec<Step>,
+    /// Every step records the same dispatches on the same buffers: their bind groups are kept.
+    binds: BindCache,
 }
 
 impl DecodeLayer {
@@ -86,6 +90,7 @@ impl DecodeLayer {
             config: *c,
             cache,
             steps: vec![],
+            binds: BindCache::default(),
         };
         layer.step_for(gpu, 1)?;
         Ok(layer)
@@ -133,16 +138,16 @@ impl DecodeLayer {
     pub fn append(
         &mut self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         k: &Tensor,
         v: &Tensor,
         bias: Option<&Tensor>,
         counts: Option<&[u32]>,
     ) -> Result<()> {
-        match &mut self.cache {
+        enc.keeping(&self.binds, |enc| match &mut self.cache {
             Cache::Gpu(c) => c.append(gpu, enc, k, v, bias, counts),
             Cache::Offload(c) => c.append(gpu, enc, k, v, bias, counts),
-        }
+        })
     }
 
     /// Record one step: the new tokens' k, v `[b, hkv, n, d]` (and bias `[b, hkv, n]`) into
@@ -153,7 +158,7 @@ impl DecodeLayer {
     pub fn encode_step(
         &mut self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -164,6 +169,24 @@ impl DecodeLayer {
             invalid!("q has shape {:?}; expected [b, hq, n, d]", q.shape());
         };
         let i = self.step_for(gpu, n_q)?;
+        let binds = self.binds.clone();
+        enc.keeping(&binds, |enc| {
+            self.record_step(gpu, enc, i, q, k, v, bias, o)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_step(
+        &mut self,
+        gpu: &Gpu,
+        enc: &mut Encoder,
+        i: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+        o: &Tensor,
+    ) -> Result<()> {
         self.append(gpu, enc, k, v, bias, None)?;
         let has_bias = self.config.bias;
         let st = &self.steps[i];
@@ -186,6 +209,12 @@ impl DecodeLayer {
                 st.att.encode(gpu, enc, &c.inputs(q), &out)
             }
         }
+    }
+
+    /// Bind groups the layer keeps for its steps (each step's dispatches find theirs here
+    /// instead of making them: most of a small dispatch's host cost).
+    pub fn kept_bind_groups(&self) -> usize {
+        self.binds.len()
     }
 
     /// Does the cache take several tokens per step (on the GPU; not offloaded)?

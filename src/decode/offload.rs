@@ -14,6 +14,7 @@
 //! to the store, and writes each missing block into its slot (`queue.write_buffer`): one wait
 //! for the GPU per step.
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::decode::attention::{DecodeConfig, DecodeInputs};
@@ -398,7 +399,7 @@ impl OffloadCache {
     pub fn append(
         &mut self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         k_new: &Tensor,
         v_new: &Tensor,
         bias_new: Option<&Tensor>,
@@ -434,7 +435,8 @@ impl OffloadCache {
         });
         let mut at = 0;
         for (t, &size) in parts.iter().zip(&sizes) {
-            enc.copy_buffer_to_buffer(t.buffer(), t.offset(), &buf, at, size);
+            enc.raw()
+                .copy_buffer_to_buffer(t.buffer(), t.offset(), &buf, at, size);
             at += size;
         }
         let batch = self.host.shape().batch;
@@ -451,7 +453,7 @@ impl OffloadCache {
     /// against the slots, copy the missing blocks in. Then attend with [`Self::inputs`].
     /// `Staged`: submits what `enc` holds, waits for it, writes the missing blocks, and leaves a
     /// fresh encoder in `enc` (in the browser, use [`Self::prepare_async`]).
-    pub fn prepare(&mut self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, q: &Tensor) -> Result<()> {
+    pub fn prepare(&mut self, gpu: &Gpu, enc: &mut Encoder, q: &Tensor) -> Result<()> {
         match self.path {
             OffloadPath::Staged => {
                 #[cfg(not(target_arch = "wasm32"))]
@@ -470,12 +472,7 @@ impl OffloadCache {
     }
 
     /// [`Self::prepare`] without blocking (the browser's way, where only `Staged` exists).
-    pub async fn prepare_async(
-        &mut self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-    ) -> Result<()> {
+    pub async fn prepare_async(&mut self, gpu: &Gpu, enc: &mut Encoder, q: &Tensor) -> Result<()> {
         match self.path {
             OffloadPath::Staged => self.prepare_staged(gpu, enc, q).await,
             _ => {
@@ -504,7 +501,7 @@ impl OffloadCache {
     }
 
     /// Select from the pooled state and diff against the block map (pairs, load list).
-    fn select_diff(&mut self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder, q: &Tensor) -> Result<()> {
+    fn select_diff(&mut self, gpu: &Gpu, enc: &mut Encoder, q: &Tensor) -> Result<()> {
         if q.shape().get(2) != Some(&1) {
             invalid!(
                 "q has shape {:?}: the offloaded cache decodes one token per sequence per step",
@@ -544,7 +541,7 @@ impl OffloadCache {
     }
 
     /// InPlace: the gather kernel copies the load list's blocks from host memory.
-    fn gather(&self, gpu: &Gpu, enc: &mut wgpu::CommandEncoder) {
+    fn gather(&self, gpu: &Gpu, enc: &mut Encoder) {
         let s = *self.host.shape();
         let k = self.config.select.k as u64;
         let (p, g) = self.params(gpu, (s.batch * s.heads_kv) as u64 * k);
@@ -566,12 +563,7 @@ impl OffloadCache {
 
     /// Staged: select and diff, read back the new tokens and the load list (one wait), file
     /// the tokens in the host store, write each missing block into its slot.
-    async fn prepare_staged(
-        &mut self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        q: &Tensor,
-    ) -> Result<()> {
+    async fn prepare_staged(&mut self, gpu: &Gpu, enc: &mut Encoder, q: &Tensor) -> Result<()> {
         self.select_diff(gpu, enc, q)?;
         let (lb, cb) = (self.loads.size_bytes(), self.counts.size_bytes());
         let rb = gpu.device().create_buffer(&wgpu::BufferDescriptor {
@@ -580,16 +572,12 @@ impl OffloadCache {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        enc.copy_buffer_to_buffer(self.loads.buffer(), self.loads.offset(), &rb, 0, lb);
-        enc.copy_buffer_to_buffer(self.counts.buffer(), self.counts.offset(), &rb, lb, cb);
-        let done = std::mem::replace(
-            enc,
-            gpu.device()
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor::default()),
-        );
-        gpu.scoped("offloaded cache step", || {
-            gpu.queue().submit([done.finish()])
-        })?;
+        enc.raw()
+            .copy_buffer_to_buffer(self.loads.buffer(), self.loads.offset(), &rb, 0, lb);
+        enc.raw()
+            .copy_buffer_to_buffer(self.counts.buffer(), self.counts.offset(), &rb, lb, cb);
+        let done = enc.split(gpu.device());
+        gpu.scoped("offloaded cache step", || gpu.queue().submit([done]))?;
         let s = *self.host.shape();
         let (cap, hkv, units) = (s.capacity, s.heads_kv, s.batch * s.heads_kv);
         let bias = self.config.bias;

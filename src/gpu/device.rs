@@ -392,6 +392,10 @@ impl Gpu {
     pub fn device(&self) -> &wgpu::Device {
         &self.device
     }
+    /// A fresh [`Encoder`](crate::gpu::Encoder) to record our ops into.
+    pub fn encoder(&self) -> crate::gpu::Encoder {
+        crate::gpu::Encoder::new(&self.device)
+    }
     pub fn queue(&self) -> &wgpu::Queue {
         &self.queue
     }

@@ -1,6 +1,7 @@
 //! The thin runtime: device, tensors, pipelines, timing.
 
 mod device;
+pub(crate) mod encoder;
 pub(crate) mod pipeline;
 pub(crate) mod tensor;
 mod timer;
@@ -11,6 +12,7 @@ pub use device::list_adapters;
 pub use device::{
     ADAPTER_ENV, AdapterSummary, Gpu, GpuOptions, OPTIONAL_FEATURES, adapter_matches, rank_adapters,
 };
+pub use encoder::Encoder;
 pub use pipeline::{Pipeline, PipelineKey, Storage, preprocess};
 pub use tensor::{DType, Tensor, from_f16_bits, round_f16, to_f16_bits};
 pub use timer::{Reps, TimerSource, Timing};

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 #[cfg(not(target_arch = "wasm32"))]
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Encoder, Gpu};
 
 /// How a measurement was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,14 +37,14 @@ impl Gpu {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn time<F>(&self, reps: Reps, mut encode: F) -> Result<Timing>
     where
-        F: FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+        F: FnMut(&mut Encoder) -> Result<()>,
     {
         // Warm-up: first-use costs (pipeline upload, page faults) stay out of the measurement.
         let warm = Instant::now();
         // Inside an error scope: work the device rejects fails the benchmark instead of timing
         // an empty submission.
         self.scoped("timed work", || -> Result<()> {
-            let mut enc = self.device.create_command_encoder(&Default::default());
+            let mut enc = self.encoder();
             encode(&mut enc)?;
             self.queue.submit([enc.finish()]);
             Ok(())
@@ -61,16 +61,16 @@ impl Gpu {
         };
 
         let queries = self.timer_queries();
-        let mark = |enc: &mut wgpu::CommandEncoder, index: u32| mark(queries.as_ref(), enc, index);
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mark = |enc: &mut Encoder, index: u32| mark(queries.as_ref(), enc, index);
+        let mut enc = self.encoder();
         mark(&mut enc, 0);
         for _ in 0..reps {
             encode(&mut enc)?;
         }
         mark(&mut enc, 1);
         if let Some((set, resolve, read)) = &queries {
-            enc.resolve_query_set(set, 0..2, resolve, 0);
-            enc.copy_buffer_to_buffer(resolve, 0, read, 0, 16);
+            enc.raw().resolve_query_set(set, 0..2, resolve, 0);
+            enc.raw().copy_buffer_to_buffer(resolve, 0, read, 0, 16);
         }
         let start = Instant::now();
         self.queue.submit([enc.finish()]);
@@ -105,9 +105,9 @@ impl Gpu {
 type TimerQueries = (wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer);
 
 /// An empty pass whose only job is to write timestamp `index` between the real passes.
-fn mark(queries: Option<&TimerQueries>, enc: &mut wgpu::CommandEncoder, index: u32) {
+fn mark(queries: Option<&TimerQueries>, enc: &mut Encoder, index: u32) {
     if let Some((set, _, _)) = queries {
-        enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        enc.raw().begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("timestamp"),
             timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
                 query_set: set,
@@ -154,23 +154,23 @@ impl Gpu {
     /// none. Does not block, so it works in the browser.
     pub async fn time_async<F>(&self, reps: u32, mut encode: F) -> crate::error::Result<Option<f64>>
     where
-        F: FnMut(&mut wgpu::CommandEncoder) -> crate::error::Result<()>,
+        F: FnMut(&mut Encoder) -> crate::error::Result<()>,
     {
         let Some(q) = self.timer_queries() else {
             return Ok(None);
         };
         let reps = reps.max(1);
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.encoder();
         encode(&mut enc)?;
         self.queue.submit([enc.finish()]);
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.encoder();
         mark(Some(&q), &mut enc, 0);
         for _ in 0..reps {
             encode(&mut enc)?;
         }
         mark(Some(&q), &mut enc, 1);
-        enc.resolve_query_set(&q.0, 0..2, &q.1, 0);
-        enc.copy_buffer_to_buffer(&q.1, 0, &q.2, 0, 16);
+        enc.raw().resolve_query_set(&q.0, 0..2, &q.1, 0);
+        enc.raw().copy_buffer_to_buffer(&q.1, 0, &q.2, 0, 16);
         self.queue.submit([enc.finish()]);
         let bytes = self.read_mapped_async(&q.2, "timestamp readback").await?;
         Ok(Some(self.elapsed(&bytes) / reps as f64))
@@ -212,7 +212,7 @@ impl Gpu {
         let Some(p) = self.profiler.lock().expect("profiler").take() else {
             return Ok(Vec::new());
         };
-        let enc = self.device.create_command_encoder(&Default::default());
+        let enc = self.encoder();
         self.resolve_profile(enc, &p.set, p.labels)
     }
 }
@@ -241,7 +241,7 @@ impl Gpu {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn profile<F>(&self, reps: u32, mut encode: F) -> Result<Vec<(String, f64, u32)>>
     where
-        F: FnMut(&mut wgpu::CommandEncoder) -> Result<()>,
+        F: FnMut(&mut Encoder) -> Result<()>,
     {
         if !self.has_timestamps() {
             return Err(Error::Unsupported(
@@ -249,7 +249,7 @@ impl Gpu {
             ));
         }
         let reps = reps.max(1);
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.encoder();
         encode(&mut enc)?;
         self.queue.submit([enc.finish()]);
         self.wait()?;
@@ -262,7 +262,7 @@ impl Gpu {
             set: set.clone(),
             labels: Vec::new(),
         });
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let mut enc = self.encoder();
         let recorded = (0..reps).try_for_each(|_| encode(&mut enc));
         let labels = self
             .profiler
@@ -284,7 +284,7 @@ impl Gpu {
     #[cfg(not(target_arch = "wasm32"))]
     fn resolve_profile(
         &self,
-        mut enc: wgpu::CommandEncoder,
+        mut enc: Encoder,
         set: &wgpu::QuerySet,
         labels: Vec<String>,
     ) -> Result<Vec<(String, f64, u32)>> {
@@ -307,8 +307,9 @@ impl Gpu {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        enc.resolve_query_set(set, 0..n as u32, &resolve, 0);
-        enc.copy_buffer_to_buffer(&resolve, 0, &read, 0, 8 * n);
+        enc.raw().resolve_query_set(set, 0..n as u32, &resolve, 0);
+        enc.raw()
+            .copy_buffer_to_buffer(&resolve, 0, &read, 0, 8 * n);
         self.queue.submit([enc.finish()]);
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_mapped(&read, "profile")?);
         let period_ns = self.queue.get_timestamp_period() as f64;

@@ -2,6 +2,7 @@
 //! h_full and h_sparse writes both gradients and per-workgroup partial sums, a second tiny pass
 //! sums the partials in a fixed order (deterministic). Reference: `reference::align`.
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::{Result, invalid};
@@ -112,7 +113,7 @@ impl AlignLoss {
     pub fn encode(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         h_full: &Tensor,
         h_sparse: &Tensor,
         scale: f32,
@@ -195,7 +196,7 @@ impl AlignLoss {
         scale: f32,
     ) -> Result<AlignOut> {
         let out = AlignOut::empty(gpu, &self.dims)?;
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode(gpu, &mut enc, h_full, h_sparse, scale, &out)?;
         gpu.scoped("alignment loss", || gpu.queue().submit([enc.finish()]))?;
         Ok(out)

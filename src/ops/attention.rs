@@ -4,6 +4,7 @@
 //! configurations, the bind layouts and the dispatch math. The kernels run without naga's runtime
 //! bounds checks, so everything an index depends on is validated here first.
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
@@ -586,7 +587,7 @@ impl FullAttention {
     fn dispatch(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         pipe: &Pipeline,
         chunk: Chunk,
         bindings: &[(u32, Class, &Tensor)],
@@ -605,7 +606,7 @@ impl FullAttention {
     pub fn encode_forward(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         x: Qkv,
         out: &AttnOutput,
     ) -> Result<()> {
@@ -651,7 +652,7 @@ impl FullAttention {
     pub fn encode_backward(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         x: Qkv,
         out: &AttnOutput,
         d_o: &Tensor,
@@ -761,7 +762,7 @@ impl FullAttention {
         v: &Tensor,
         out: &AttnOutput,
     ) -> Result<()> {
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode_forward(gpu, &mut enc, Qkv::new(q, k, v), out)?;
         gpu.scoped("attention forward", || gpu.queue.submit([enc.finish()]))?;
         Ok(())
@@ -792,7 +793,7 @@ impl FullAttention {
         d_o: &Tensor,
         grads: &AttnGrads,
     ) -> Result<()> {
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode_backward(gpu, &mut enc, x, out, d_o, grads)?;
         gpu.scoped("attention backward", || gpu.queue.submit([enc.finish()]))?;
         Ok(())

@@ -1,11 +1,10 @@
 //! Launch plumbing shared by the ops: binding windows, splitting work across launches when
 //! tensors exceed the device's storage-binding limit, and recording one dispatch.
 
-use std::num::NonZeroU64;
-
 use crate::error::invalid;
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Pipeline, Tensor};
+use crate::gpu::encoder::Bindings;
+use crate::gpu::{DType, Encoder, Gpu, Pipeline, Tensor};
 
 /// A byte window of a buffer that a binding may cover, and where the data starts inside it.
 #[derive(Clone, Copy, Debug)]
@@ -173,47 +172,23 @@ pub(crate) fn check_args(args: &[Arg]) -> Result<()> {
 /// Record one dispatch: uniform `params` at binding 0, then each tensor window at its binding.
 pub(crate) fn dispatch(
     gpu: &Gpu,
-    enc: &mut wgpu::CommandEncoder,
+    enc: &mut Encoder,
     pipe: &Pipeline,
     params: &[u8],
     views: &[(u32, &Tensor, Window)],
     grid: (u32, u32),
 ) {
-    let ubuf = gpu.uniform(params);
-    let mut entries = vec![wgpu::BindGroupEntry {
-        binding: 0,
-        resource: ubuf.as_entire_binding(),
-    }];
-    for &(binding, t, w) in views {
-        entries.push(wgpu::BindGroupEntry {
-            binding,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: t.buffer(),
-                // Views inside a larger buffer (Burn's pages) start at an aligned offset.
-                offset: t.offset() + w.offset,
-                size: NonZeroU64::new(w.size),
-            }),
-        });
-    }
-    let bg = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &pipe.layout,
-        entries: &entries,
-    });
-    let slot = gpu.profile_slot(&pipe.label);
-    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: None,
-        timestamp_writes: slot
-            .as_ref()
-            .map(|(set, i)| wgpu::ComputePassTimestampWrites {
-                query_set: set,
-                beginning_of_pass_write_index: Some(*i),
-                end_of_pass_write_index: Some(*i + 1),
-            }),
-    });
-    pass.set_pipeline(&pipe.pipeline);
-    pass.set_bind_group(0, &bg, &[]);
-    pass.dispatch_workgroups(grid.0, grid.1, 1);
+    let uniform = gpu.uniform(params);
+    // Views inside a larger buffer (Burn's pages) start at an aligned offset.
+    let views: Vec<(u32, &wgpu::Buffer, u64, u64)> = views
+        .iter()
+        .map(|&(b, t, w)| (b, t.buffer(), t.offset() + w.offset, w.size))
+        .collect();
+    let b = Bindings {
+        uniform: &uniform,
+        views: &views,
+    };
+    enc.dispatch(gpu, pipe, &b, grid);
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! sparsity of a selection and attention entropy, per (batch, query head, token).
 //! Definitions and reference: `reference::metrics`.
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -147,7 +148,7 @@ impl AttentionMetrics {
     /// Compute the metrics of q, k and a selection into new tensors.
     pub fn compute(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, sel: &Tensor) -> Result<MetricsOut> {
         let out = self.empty_out(gpu)?;
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode(gpu, &mut enc, q, k, sel, &out)?;
         gpu.scoped("attention metrics", || gpu.queue.submit([enc.finish()]))?;
         Ok(out)
@@ -157,7 +158,7 @@ impl AttentionMetrics {
     pub fn encode(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         q: &Tensor,
         k: &Tensor,
         sel: &Tensor,

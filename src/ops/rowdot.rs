@@ -2,6 +2,7 @@
 //! backward, one thread per query row. The callers own the chunking: they pass the launch's
 //! parameters and the windows of O, dO and D.
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::Result;
@@ -33,7 +34,7 @@ impl RowDot {
     pub(crate) fn encode(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         base: &Params,
         rows: u32,
         [o, d_o, rowd]: [(&Tensor, Window); 3],

@@ -7,6 +7,7 @@
 //! keys (`evict_pool`), that ranks the last `evict` blocks of each row in a second stage of the
 //! same top-k kernels.
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
@@ -707,14 +708,7 @@ impl BlockSelect {
     }
 
     /// Pooling: the keys' windows (and NOSA's eviction score pooled alike) into the scratch.
-    fn dispatch_pool(
-        &self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        io: PoolIo,
-        c: Chunk,
-        base: Params,
-    ) {
+    fn dispatch_pool(&self, gpu: &Gpu, enc: &mut Encoder, io: PoolIo, c: Chunk, base: Params) {
         let PoolIo {
             k,
             evict,
@@ -767,14 +761,7 @@ impl BlockSelect {
     }
 
     /// Scoring and top-k from the pooled keys (and eviction scores) in the scratch.
-    fn dispatch_select(
-        &self,
-        gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
-        io: ScoreIo,
-        c: Chunk,
-        base: Params,
-    ) {
+    fn dispatch_select(&self, gpu: &Gpu, enc: &mut Encoder, io: ScoreIo, c: Chunk, base: Params) {
         let ScoreIo {
             q,
             lens,
@@ -853,7 +840,7 @@ impl BlockSelect {
     pub fn encode(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         x: &SelectInputs,
         scratch: &SelectScratch,
         out: &Tensor,
@@ -909,7 +896,7 @@ impl BlockSelect {
     pub fn encode_pool(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         k: &Tensor,
         evict: Option<&Tensor>,
         lens: &Tensor,
@@ -969,7 +956,7 @@ impl BlockSelect {
     pub fn encode_pooled(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         q: &Tensor,
         lens: &Tensor,
         scratch: &SelectScratch,
@@ -1022,7 +1009,7 @@ impl BlockSelect {
     pub fn select_inputs(&self, gpu: &Gpu, x: &SelectInputs) -> Result<(Tensor, SelectScratch)> {
         let scratch = self.scratch(gpu)?;
         let out = gpu.empty(&self.selection_dims(), DType::U32)?;
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode(gpu, &mut enc, x, &scratch, &out)?;
         gpu.scoped("block selection", || gpu.queue.submit([enc.finish()]))?;
         Ok((out, scratch))

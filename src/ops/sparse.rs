@@ -4,6 +4,7 @@
 //! Backward (`shaders/sparse_bwd.wgsl`): dQ per token over its blocks, dK/dV per key block over
 //! the tokens that selected it (deterministic order, no atomics). Reference: `reference::sparse`.
 
+use crate::gpu::Encoder;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -455,7 +456,7 @@ impl SparseAttention {
     pub fn encode_forward(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         x: &SparseInputs,
         out: &AttnOutput,
     ) -> Result<()> {
@@ -504,7 +505,7 @@ impl SparseAttention {
     pub fn encode_backward(
         &self,
         gpu: &Gpu,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         x: &SparseInputs,
         out: &AttnOutput,
         d_o: &Tensor,
@@ -594,7 +595,7 @@ impl SparseAttention {
     pub fn forward(&self, gpu: &Gpu, x: &SparseInputs) -> Result<AttnOutput> {
         let s = self.shape;
         let out = AttnOutput::empty_as(gpu, &s, self.storage.dtype())?;
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode_forward(gpu, &mut enc, x, &out)?;
         gpu.scoped("sparse attention forward", || {
             gpu.queue.submit([enc.finish()])
@@ -612,7 +613,7 @@ impl SparseAttention {
     ) -> Result<AttnGrads> {
         let s = self.shape;
         let grads = AttnGrads::empty_with(gpu, &s, self.storage.dtype(), self.has_bias)?;
-        let mut enc = gpu.device.create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         self.encode_backward(gpu, &mut enc, x, out, d_o, &grads)?;
         gpu.scoped("sparse attention backward", || {
             gpu.queue.submit([enc.finish()])

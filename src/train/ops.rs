@@ -14,6 +14,7 @@
 //! - the SSA alignment loss: its kernel writes the loss and both stop-gradient gradients in one
 //!   pass; backward scales them by the upstream gradient.
 
+use crate::gpu::Encoder;
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
@@ -392,7 +393,7 @@ fn decode_step(
     // Burn's queued work (this token's q, k, v) goes first: a staged offloaded cache submits
     // part of the step before `submit` below.
     flush(&q);
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     cfg.lock()
         .encode_step(
             &gpu,
@@ -408,7 +409,7 @@ fn decode_step(
     o
 }
 
-fn submit(gpu: &crate::Gpu, like: &CubeTensor, what: &str, enc: wgpu::CommandEncoder) {
+fn submit(gpu: &crate::Gpu, like: &CubeTensor, what: &str, enc: Encoder) {
     flush(like);
     gpu.scoped(what, || gpu.queue().submit([enc.finish()]))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -434,7 +435,7 @@ fn full_fwd(
     let bb = bias.map(|b| bind(&gpu, b).0);
     let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
     let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode_forward(
         &gpu,
         &mut enc,
@@ -502,7 +503,7 @@ fn full_bwd(
         .collect();
     let bb = bias.map(|b| bind(&gpu, b).0);
     let (grads, out) = alloc_grads(&gpu, &q, &s, bb.is_some());
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode_backward(
         &gpu,
         &mut enc,
@@ -555,7 +556,7 @@ fn select(q: CubeTensor, k: CubeTensor, evict: Option<CubeTensor>, cfg: SparseCf
         partials: split.as_ref().map(|x| x.0.tensor.clone()),
         logits: None,
     };
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode(
         &gpu,
         &mut enc,
@@ -594,7 +595,7 @@ fn sparse_fwd(
         o: bo.tensor.clone(),
         lse: bl.tensor.clone(),
     };
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode_forward(
         &gpu,
         &mut enc,
@@ -637,7 +638,7 @@ fn sparse_bwd(
         o: b[3].tensor.clone(),
         lse: b[4].tensor.clone(),
     };
-    let mut enc = gpu.device().create_command_encoder(&Default::default());
+    let mut enc = gpu.encoder();
     op.encode_backward(
         &gpu,
         &mut enc,
@@ -808,7 +809,7 @@ impl AttnBackend for CubeBackend {
             sparsity: bsp.tensor.clone(),
             entropy: ben.tensor.clone(),
         };
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         op.encode(&gpu, &mut enc, &bq.tensor, &bk.tensor, &bs.tensor, &out)
             .unwrap_or_else(|e| panic!("{e}"));
         submit(&gpu, &q, "attention metrics", enc);
@@ -834,7 +835,7 @@ impl AttnBackend for CubeBackend {
             g_full: bgf.tensor.clone(),
             g_sparse: bgs.tensor.clone(),
         };
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         op.encode(&gpu, &mut enc, &bf.tensor, &bs.tensor, 1.0, &out)
             .unwrap_or_else(|e| panic!("{e}"));
         submit(&gpu, &hf, "alignment loss", enc);

@@ -1,6 +1,7 @@
 //! Benchmark drivers shared by the CLI: time kernels on real shapes and report throughput.
 
 use sparse_attn::error::Result;
+use sparse_attn::gpu::Encoder;
 use sparse_attn::gpu::{DType, Gpu, Reps, Storage, Tensor, TimerSource};
 use sparse_attn::ops::attention::{AttnGrads, AttnOutput, FullAttention, Variants};
 use sparse_attn::ops::select::{BlockSelect, SelectInputs};
@@ -57,8 +58,7 @@ pub fn bench_full(
     let dt = storage.dtype();
     let [q, k, v, d_o] = random_inputs(gpu, &shape, dt)?;
     let out = AttnOutput::empty_as(gpu, &shape, dt)?;
-    let fwd =
-        |enc: &mut wgpu::CommandEncoder| att.encode_forward(gpu, enc, Qkv::new(&q, &k, &v), &out);
+    let fwd = |enc: &mut Encoder| att.encode_forward(gpu, enc, Qkv::new(&q, &k, &v), &out);
     let t = gpu.time(Reps::Target(target_s), fwd)?;
     let flops = shape.forward_flops(opts.causal);
     let e = dt.size() as f64;
@@ -79,7 +79,7 @@ pub fn bench_full(
     if backward {
         let grads = AttnGrads::empty_as(gpu, &shape, dt)?;
         att.forward_into(gpu, &q, &k, &v, &out)?;
-        let bwd = |enc: &mut wgpu::CommandEncoder| {
+        let bwd = |enc: &mut Encoder| {
             att.encode_backward(gpu, enc, Qkv::new(&q, &k, &v), &out, &d_o, &grads)
         };
         let t = gpu.time(Reps::Target(target_s), bwd)?;
@@ -260,9 +260,8 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
     if backward {
         let sp_grads = AttnGrads::empty_with(gpu, &shape, dtype, bias)?;
         let sp_out = sparse.forward(gpu, &sp_in)?;
-        let bwd = |enc: &mut wgpu::CommandEncoder| {
-            sparse.encode_backward(gpu, enc, &sp_in, &sp_out, &d_o, &sp_grads)
-        };
+        let bwd =
+            |enc: &mut Encoder| sparse.encode_backward(gpu, enc, &sp_in, &sp_out, &d_o, &sp_grads);
         let grads = AttnGrads::empty_as(gpu, &shape, dtype)?;
         let t = gpu.time(reps, bwd)?;
         if stages {

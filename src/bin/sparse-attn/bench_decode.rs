@@ -136,9 +136,10 @@ fn copy_bandwidth(gpu: &Gpu) -> Result<f64, Error> {
     let b = gpu.empty(&[n], DType::F32)?;
     let run = |reps: usize| -> Result<f64, Error> {
         let t = Instant::now();
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let mut enc = gpu.encoder();
         for _ in 0..reps {
-            enc.copy_buffer_to_buffer(a.buffer(), 0, b.buffer(), 0, (n * 4) as u64);
+            enc.raw()
+                .copy_buffer_to_buffer(a.buffer(), 0, b.buffer(), 0, (n * 4) as u64);
         }
         gpu.queue().submit([enc.finish()]);
         gpu.wait()?;
@@ -165,6 +166,8 @@ struct Run {
     kv_read_per_step: f64,
     /// With --stages: (kernel, GPU seconds in one step, dispatches).
     stages: Vec<(String, f64, u32)>,
+    /// Host milliseconds per timed step spent recording it (encode_step of every layer).
+    record_ms: f64,
 }
 
 fn select_options(a: &DecodeArgs, nosa: bool) -> Result<SelectOptions, Error> {
@@ -243,7 +246,7 @@ fn run_one(
         let n = chunk.min(context - done);
         let counts = vec![n as u32; batch];
         for l in layers.iter_mut() {
-            let mut enc = gpu.device().create_command_encoder(&Default::default());
+            let mut enc = gpu.encoder();
             l.append(gpu, &mut enc, &kp, &vp, bias.then_some(&ep), Some(&counts))?;
             gpu.queue().submit([enc.finish()]);
         }
@@ -271,6 +274,7 @@ fn run_one(
     let mut t0 = Instant::now();
     let mut stages = vec![];
     let mut secs = 0.0;
+    let mut record = 0.0;
     for s in 0..total + a.stages as usize {
         if s == total {
             // One more step, profiled: every dispatch between timestamps.
@@ -284,11 +288,16 @@ fn run_one(
             t0 = Instant::now();
         }
         let (k1, e1, q) = (&kn[s % pool], &en[s % pool], &qs[s % pool]);
-        let mut enc = gpu.device().create_command_encoder(&Default::default());
+        let t_rec = Instant::now();
+        let mut enc = gpu.encoder();
         for l in layers.iter_mut() {
             l.encode_step(gpu, &mut enc, q, k1, k1, bias.then_some(e1), &out)?;
         }
-        gpu.queue().submit([enc.finish()]);
+        let cmd = enc.finish();
+        if (a.warmup..total).contains(&s) {
+            record += t_rec.elapsed().as_secs_f64();
+        }
+        gpu.queue().submit([cmd]);
         gpu.wait()?;
         if s == total - 1 {
             secs = t0.elapsed().as_secs_f64();
@@ -322,6 +331,7 @@ fn run_one(
         hit_rate: offloaded.then(|| stats.hit_rate()),
         path: layers.first().and_then(DecodeLayer::offload_path),
         stages,
+        record_ms: record / a.steps as f64 * 1e3,
         kv_read_per_step: (a.layers
             * batch
             * hkv
@@ -380,11 +390,13 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                 match run_one(&gpu, a, mode, batch, context) {
                     Ok(r) => {
                         eprintln!(
-                            "{} batch {} context {}: {:.1} tokens/s, GPU KV {:.1} MB, copied {:.2} MB/step, hit rate {:?}",
+                            "{} batch {} context {}: {:.1} tokens/s ({:.3} ms a step, {:.3} of it recording), GPU KV {:.1} MB, copied {:.2} MB/step, hit rate {:?}",
                             r.mode.name(),
                             r.batch,
                             r.context,
                             r.tokens_per_s,
+                            r.step_ms,
+                            r.record_ms,
                             r.gpu_kv_bytes as f64 / 1e6,
                             r.copied_per_step / 1e6,
                             r.hit_rate
@@ -431,7 +443,7 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
                         records.push(serde_json::json!({
                             "mode": r.mode.name(), "batch": r.batch, "context": r.context,
                             "offload_path": r.path.map(OffloadPath::name),
-                            "tokens_per_s": r.tokens_per_s, "step_ms": r.step_ms,
+                            "tokens_per_s": r.tokens_per_s, "step_ms": r.step_ms, "record_ms": r.record_ms,
                             "gpu_kv_bytes": r.gpu_kv_bytes, "host_kv_bytes": r.host_kv_bytes,
                             "copied_bytes_per_step": r.copied_per_step, "hit_rate": r.hit_rate,
                             "kv_read_bytes_per_step": r.kv_read_per_step,
