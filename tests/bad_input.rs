@@ -398,6 +398,28 @@ fn decoding_caches_refuse_contradictory_options() {
     };
     let e = msg(DecodeLayer::new(&gpu, &layer).map(|_| ()));
     assert!(e.contains("not full attention"), "{e}");
+    // It takes several tokens only as its prompt (its first step), then one at a time.
+    let mut off = DecodeLayer::new(
+        &gpu,
+        &LayerConfig {
+            select: Some(SelectOptions { evict: 0, ..nosa }),
+            ..layer
+        },
+    )
+    .unwrap();
+    let step = |off: &mut DecodeLayer, n: usize| {
+        let q = gpu.upload(&[1, 4, n, 32], &vec![0.5; 4 * n * 32]).unwrap();
+        let kv = gpu.upload(&[1, 2, n, 32], &vec![0.5; 2 * n * 32]).unwrap();
+        let o = gpu.empty(&[1, 4, n, 32], DType::F32).unwrap();
+        let mut enc = gpu.encoder();
+        let r = off.encode_step(&gpu, &mut enc, &q, &kv, &kv, None, &o);
+        gpu.queue().submit([enc.finish()]);
+        r
+    };
+    step(&mut off, 20).unwrap();
+    step(&mut off, 1).unwrap();
+    let e = msg(step(&mut off, 3));
+    assert!(e.contains("3 were given after the prompt"), "{e}");
     // Appending past the capacity, or a count larger than the rows given.
     let mut c = KvCache::new(&gpu, cs, &CacheConfig::new(DType::F32)).unwrap();
     let k = gpu.upload(&[1, 2, 4, 32], &[0.5; 256]).unwrap();

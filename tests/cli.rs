@@ -1117,3 +1117,74 @@ fn generate_runs_a_gguf_model() {
     assert!(!ok && err.contains("--raw"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[cfg(feature = "train")]
+#[test]
+fn perplexity_sweeps_a_gguf_model() {
+    let dir = temp_dir("perplexity");
+    let file = dir.join("tiny.gguf");
+    let p = common::tiny_llama(320, 512);
+    std::fs::write(&file, sparse_attn::gguf::random_llama(&p, 12).unwrap()).unwrap();
+    // Two files: the first is held out (--valid-every 2).
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let text = "Now is the winter of our discontent made glorious summer. ".repeat(5);
+    std::fs::write(data.join("a.txt"), &text).unwrap();
+    std::fs::write(data.join("b.txt"), &text).unwrap();
+    let (f, d) = (file.to_str().unwrap(), data.to_str().unwrap());
+    let out = dir.join("ppl.json");
+    let plots = dir.join("plots");
+    let sweep = |extra: &[&str]| {
+        let mut args = vec![
+            "perplexity",
+            "--gguf",
+            f,
+            "--data",
+            d,
+            "--valid-every",
+            "2",
+            "--context",
+            "128",
+            "--budget",
+            "64",
+            "--block",
+            "16",
+            "--windows",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, table, err) = sweep(&[
+        "--out",
+        out.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
+    ]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "{err}");
+    for name in ["full", "ssa", "moba", "infllm-v2", "nosa"] {
+        assert!(table.contains(name), "{name}: {table}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 5, "{v}");
+    assert!(rows.iter().all(|r| r["ppl"].as_f64().unwrap().is_finite()));
+    assert!(plots.join("perplexity-128.png").exists());
+    for (extra, says) in [
+        (&["--selection", "dense"][..], "unknown selection `dense`"),
+        (
+            &["--budget", "40"][..],
+            "budget 40 is not a multiple of the block",
+        ),
+        (&["--context", "4096"][..], "context 4096 is outside"),
+        (&["--context", "400"][..], "fewer than one window of 401"),
+    ] {
+        let (ok, _, err) = sweep(extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -160,6 +160,14 @@ fn decoding_gives_the_full_forward_logits() {
             let e = compare(&got, &want);
             eprintln!("{ctx}, fed as a prompt: {e:?}");
             assert!(e.within(2e-6), "{e:?} ({ctx}, fed as a prompt)");
+            // A prompt through `prefill`: only the next token's logits come back (offloaded:
+            // the whole prompt in one pass of the prefill kernels).
+            let mut pre = Decoder::new(&rt, model.clone(), &cfg.model, &opts).unwrap();
+            let l = pre.prefill(&text[..77], 77).unwrap();
+            assert_eq!(l.dims(), [1, 256]);
+            let l = l.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+            let e = compare(&l, &want[76 * 256..77 * 256]);
+            assert!(e.within(2e-6), "{e:?} ({ctx}, prefill)");
             let e = fed.feed(&[1, 2], 3).unwrap_err().to_string();
             assert!(e.contains("2 tokens given for 1 sequences of 3"), "{e}");
             let e = dec.step(&[300]).unwrap_err().to_string();

@@ -150,6 +150,81 @@ fn broken_models_are_errors_that_name_the_problem() {
     }
 }
 
+/// The perplexity sweep (`train::sweep`, the `perplexity` command) on a tiny model: its full
+/// attention rows are the f64 reference's cross-entropy over the same windows; NOSA without an
+/// eviction head, with one free block (all of it the query's), selects what InfLLM-V2 does;
+/// with more it runs on zero eviction scores; every sparse row differs from full attention
+/// (the budget is short of the context) and has a hit rate in [0, 1].
+#[test]
+fn perplexity_sweep_full_rows_are_the_reference_and_sparse_rows_are_sparse() {
+    use sparse_attn::train::sweep::{Selection, SweepConfig, sweep};
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let bytes = random_llama(&tiny_params(), seed).unwrap();
+    let p = Pretrained::from_bytes(&bytes, &rt.device, SparseSettings::default()).unwrap();
+    let mut rng = Rng::new(seed ^ 2);
+    let tokens: Vec<u32> = (0..300)
+        .map(|_| (rng.uniform() * 300.0) as u32 % 300)
+        .collect();
+    let sc = SweepConfig {
+        contexts: vec![64, 128],
+        // 4 blocks of 16 (one besides the 3 forced) and 7 (NOSA: 1 by the query, 3 by score).
+        budgets: vec![64, 112],
+        selections: Selection::ALL.to_vec(),
+        windows: 2,
+        block: 16,
+        n_init: 1,
+        n_local: 1,
+    };
+    let rows = sweep(&p.model, &p.config, &tokens, &sc, &rt.device, false).unwrap();
+    // Context 64: only full attention (both budgets cover it); 128: full + 4 x 2.
+    assert_eq!(rows.len(), 1 + 1 + 4 * 2);
+    let g = Gguf::parse(&bytes).unwrap();
+    for &ctx in &sc.contexts {
+        let mut nll = 0.0;
+        for w in tokens.chunks_exact(ctx + 1).take(2) {
+            let l = sparse_attn::reference::llama::logits(&g, &bytes, &w[..ctx]).unwrap();
+            for (t, row) in l.chunks_exact(300).enumerate() {
+                let m = row.iter().cloned().fold(f64::MIN, f64::max);
+                let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                nll += lse - row[w[t + 1] as usize];
+            }
+        }
+        let want = nll / (2 * ctx) as f64;
+        let full = rows
+            .iter()
+            .find(|r| r.context == ctx && r.selection.is_none())
+            .unwrap();
+        assert!(
+            (full.ce - want).abs() < 1e-4 * want,
+            "context {ctx}: full ce {} against the reference's {want}",
+            full.ce
+        );
+    }
+    let row = |s: Selection, b: usize| {
+        rows.iter()
+            .find(|r| r.context == 128 && r.selection == Some(s) && r.budget == Some(b))
+            .unwrap()
+    };
+    assert_eq!(row(Selection::Nosa, 64).ce, row(Selection::InfLlmV2, 64).ce);
+    let full = rows[1].ce;
+    for r in &rows[2..] {
+        assert!(
+            r.ce.is_finite() && (r.ce - full).abs() > 1e-6,
+            "{r:?} against full {full}"
+        );
+        let h = r.hit_rate.unwrap();
+        assert!((0.0..=1.0).contains(&h), "{r:?}");
+    }
+    assert_ne!(
+        row(Selection::Nosa, 112).ce,
+        row(Selection::InfLlmV2, 112).ce
+    );
+}
+
 /// The real SmolLM2-135M-Instruct against transformers (bench/smollm2/reference.json).
 #[test]
 fn smollm2_agrees_with_transformers() {

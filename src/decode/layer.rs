@@ -10,7 +10,9 @@ use crate::gpu::Encoder;
 use crate::gpu::encoder::BindCache;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::attention::AttnOutput;
-use crate::problem::{CacheShape, DecodeKeys, SelectOptions};
+use crate::ops::select::{BlockSelect, SelectConfig, SelectInputs, SelectScratch};
+use crate::ops::sparse::{SparseAttention, SparseConfig, SparseInputs};
+use crate::problem::{AttnShape, CacheShape, DecodeKeys, SelectOptions};
 
 /// What a [`DecodeLayer`] is built for.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,12 +62,26 @@ struct Step {
     lse: Tensor,
 }
 
+/// An offloaded cache's prompt of `n` tokens per sequence: attended among themselves by the
+/// prefill kernels (selection, block-sparse attention) while their k, v and bias go to the
+/// host, as NOSA's engine prefills; the ops are kept for prompts of the same length.
+struct Prompt {
+    n: usize,
+    select: BlockSelect,
+    scratch: SelectScratch,
+    sel: Tensor,
+    att: SparseAttention,
+    lse: Tensor,
+}
+
 /// One layer's decoding state.
 pub struct DecodeLayer {
     config: LayerConfig,
     cache: Cache,
     /// Steps of one token first; steps of several (a prompt, cache on the GPU) as they come.
     steps: Vec<Step>,
+    /// Offloaded: the prompt's ops (the last prompt length seen).
+    prompt: Option<Prompt>,
     /// Every step records the same dispatches on the same buffers: their bind groups are kept.
     binds: BindCache,
 }
@@ -90,6 +106,7 @@ impl DecodeLayer {
             config: *c,
             cache,
             steps: vec![],
+            prompt: None,
             binds: BindCache::default(),
         };
         layer.step_for(gpu, 1)?;
@@ -105,10 +122,9 @@ impl DecodeLayer {
         let c = &self.config;
         let step = c.cache.step(c.heads_q, n_q);
         let (att, sel) = match &self.cache {
-            Cache::Offload(_) if n_q > 1 => invalid!(
-                "the offloaded cache decodes one token per sequence per step (its GPU slots hold \
-                 one query's blocks); {n_q} were given"
-            ),
+            Cache::Offload(_) if n_q > 1 => {
+                unreachable!("an offloaded cache's prompt goes through Self::prompt")
+            }
             Cache::Offload(o) => (o.attention_config(), None),
             Cache::Gpu(_) => {
                 let keys = match c.select {
@@ -168,51 +184,129 @@ impl DecodeLayer {
         let Some(&n_q) = q.shape().get(2) else {
             invalid!("q has shape {:?}; expected [b, hq, n, d]", q.shape());
         };
+        if let Cache::Offload(c) = &self.cache
+            && n_q > 1
+        {
+            if c.lens().iter().any(|&l| l > 0) {
+                invalid!(
+                    "the offloaded cache decodes one token per sequence per step (its GPU slots \
+                     hold one query's blocks); {n_q} were given after the prompt"
+                );
+            }
+            return self.encode_prompt(gpu, enc, q, k, v, bias, o);
+        }
         let i = self.step_for(gpu, n_q)?;
         let binds = self.binds.clone();
         enc.keeping(&binds, |enc| {
-            self.record_step(gpu, enc, i, q, k, v, bias, o)
+            self.append(gpu, enc, k, v, bias, None)?;
+            let has_bias = self.config.bias;
+            let st = &self.steps[i];
+            let out = AttnOutput {
+                o: o.clone(),
+                lse: st.lse.clone(),
+            };
+            match &mut self.cache {
+                Cache::Gpu(c) => {
+                    if let Some(sel) = &st.sel {
+                        c.select(gpu, enc, q, sel)?;
+                    }
+                    let x = DecodeInputs::new(q, c.k(), c.v(), c.lens_tensor())
+                        .sel(st.sel.as_ref())
+                        .bias(if has_bias { c.bias() } else { None });
+                    st.att.encode(gpu, enc, &x, &out)
+                }
+                Cache::Offload(c) => {
+                    c.prepare(gpu, enc, q)?;
+                    st.att.encode(gpu, enc, &c.inputs(q), &out)
+                }
+            }
         })
     }
 
+    /// An offloaded cache's first step of several tokens (a prompt): append them (to host
+    /// memory), select blocks for every prompt token from the prompt's own keys (and eviction
+    /// scores), and attend over them with the block-sparse prefill kernels: the rows decoding
+    /// would give one token at a time (tests/decode.rs), at the cost of one pass over the prompt.
     #[allow(clippy::too_many_arguments)]
-    fn record_step(
+    fn encode_prompt(
         &mut self,
         gpu: &Gpu,
         enc: &mut Encoder,
-        i: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         bias: Option<&Tensor>,
         o: &Tensor,
     ) -> Result<()> {
-        self.append(gpu, enc, k, v, bias, None)?;
-        let has_bias = self.config.bias;
-        let st = &self.steps[i];
-        let out = AttnOutput {
-            o: o.clone(),
-            lse: st.lse.clone(),
+        let n = q.shape()[2];
+        let c = self.config;
+        let Some(mut opts) = c.select else {
+            unreachable!("an offloaded cache always has a selection (DecodeLayer::new)");
         };
-        match &mut self.cache {
-            Cache::Gpu(c) => {
-                if let Some(sel) = &st.sel {
-                    c.select(gpu, enc, q, sel)?;
-                }
-                let x = DecodeInputs::new(q, c.k(), c.v(), c.lens_tensor())
-                    .sel(st.sel.as_ref())
-                    .bias(if has_bias { c.bias() } else { None });
-                st.att.encode(gpu, enc, &x, &out)
+        if self.prompt.as_ref().is_none_or(|p| p.n != n) {
+            let shape = AttnShape {
+                batch: c.cache.batch,
+                heads_q: c.heads_q,
+                heads_kv: c.cache.heads_kv,
+                seq_q: n,
+                seq_k: n,
+                head_dim: c.cache.head_dim,
+            };
+            // A prompt of fewer blocks than the budget attends to all of them (as decoding
+            // does while the sequence is short).
+            let nb = n.div_ceil(opts.block);
+            if nb <= opts.k {
+                opts = SelectOptions {
+                    k: nb,
+                    n_init: 0,
+                    n_local: 0,
+                    evict: 0,
+                    ..opts
+                };
             }
-            Cache::Offload(c) => {
-                c.prepare(gpu, enc, q)?;
-                st.att.encode(gpu, enc, &c.inputs(q), &out)
-            }
+            let select = BlockSelect::new(gpu, shape, &SelectConfig::new(opts).dtype(c.dtype))?;
+            let att = SparseAttention::new(
+                gpu,
+                shape,
+                &SparseConfig::for_selection(&opts)
+                    .bias(c.bias)
+                    .dtype(c.dtype),
+            )?;
+            self.prompt = Some(Prompt {
+                n,
+                scratch: select.scratch(gpu)?,
+                sel: gpu.empty(&select.selection_dims(), DType::U32)?,
+                lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
+                select,
+                att,
+            });
         }
+        self.append(gpu, enc, k, v, bias, None)?;
+        let p = self.prompt.as_ref().expect("made above");
+        let evict = match p.select.options().evict > 0 {
+            true => bias,
+            false => None,
+        };
+        p.select.encode(
+            gpu,
+            enc,
+            &SelectInputs::new(q, k).evict(evict),
+            &p.scratch,
+            &p.sel,
+        )?;
+        p.att.encode_forward(
+            gpu,
+            enc,
+            &SparseInputs::new(q, k, v, &p.sel).bias(if c.bias { bias } else { None }),
+            &AttnOutput {
+                o: o.clone(),
+                lse: p.lse.clone(),
+            },
+        )
     }
 
     /// Bind groups the layer keeps for its steps (each step's dispatches find theirs here
-    /// instead of making them: most of a small dispatch's host cost).
+    /// instead of making them: ~2.5 of a small dispatch's ~13 us of host time on the H200).
     pub fn kept_bind_groups(&self) -> usize {
         self.binds.len()
     }

@@ -194,8 +194,14 @@ impl Decoder {
     /// Feed `n` tokens per sequence (`tokens` batch-major, `[batch][n]`: a prompt); returns
     /// the logits after each of them `[batch, n, vocab]` (on the GPU). With the caches on the
     /// GPU the tokens go through the layers PREFILL_CHUNK at a time (causal among themselves:
-    /// the same logits as one at a time); offloaded caches take them one at a time.
+    /// the same logits as one at a time). Offloaded caches take a prompt (the first tokens)
+    /// whole, attended by the prefill kernels while its k and v go to host memory (NOSA's
+    /// prefill: no GPU slot holds it), and later tokens one at a time.
     pub fn feed(&mut self, tokens: &[u32], n: usize) -> Result<BTensor<3>> {
+        self.feed_logits(tokens, n, false)
+    }
+
+    fn feed_logits(&mut self, tokens: &[u32], n: usize, last_only: bool) -> Result<BTensor<3>> {
         if n == 0 || tokens.len() != self.batch * n {
             invalid!(
                 "{} tokens given for {} sequences of {n}",
@@ -215,6 +221,7 @@ impl Decoder {
         }
         let chunk = match self.layers.iter().all(|l| l.lock().takes_many()) {
             true => PREFILL_CHUNK,
+            false if self.pos == 0 => n,
             false => 1,
         };
         let mut out = vec![];
@@ -225,10 +232,13 @@ impl Decoder {
                 .collect();
             let t =
                 BTensor::<2, Int>::from_data(TensorData::new(ids, [self.batch, m]), &self.device);
-            out.push(
-                self.model
-                    .decode_step(&self.cfg, t, self.pos, &self.layers)?,
-            );
+            // Only the last chunk's last logits are kept then: no chunk computes more.
+            let logits = self
+                .model
+                .decode_step(&self.cfg, t, self.pos, &self.layers, last_only)?;
+            if !last_only || j0 + m == n {
+                out.push(logits);
+            }
             self.pos += m;
         }
         Ok(BTensor::cat(out, 1))
@@ -237,9 +247,9 @@ impl Decoder {
     /// [`Self::feed`] returning only the logits after the last token `[batch, vocab]`: the
     /// next token's, after a prompt.
     pub fn prefill(&mut self, tokens: &[u32], n: usize) -> Result<BTensor<2>> {
-        let l = self.feed(tokens, n)?;
+        let l = self.feed_logits(tokens, n, true)?;
         let [b, _, v] = l.dims();
-        Ok(l.slice([0..b, n - 1..n, 0..v]).reshape([b, v]))
+        Ok(l.reshape([b, v]))
     }
 
     /// Feed one token per sequence; returns the logits of the next token `[batch, vocab]`

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod sweep;
 pub mod trainer;
 
 pub use bridge::{Runtime, gpu_for};

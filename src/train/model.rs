@@ -562,13 +562,15 @@ impl Lm {
 impl Lm {
     /// Decoding: the logits `[b, n, vocab]` after n new tokens per sequence (`tokens`
     /// `[b, n]`) at positions `pos ..`, each layer's attention over its cache (`layers`, see
-    /// `train::generate`), which the step extends.
+    /// `train::generate`), which the step extends. `last_only`: the logits after the last of
+    /// them only, `[b, 1, vocab]` (a long prompt's would not fit in memory).
     pub(crate) fn decode_step(
         &self,
         cfg: &LmConfig,
         tokens: Tensor<2, Int>,
         pos: usize,
         layers: &[crate::train::generate::DecodeCfg],
+        last_only: bool,
     ) -> Result<Tensor<3>> {
         if layers.len() != self.layers.len() {
             invalid!(
@@ -588,6 +590,10 @@ impl Lm {
         let mut x = self.embed.forward(tokens);
         for (layer, state) in self.layers.iter().zip(layers) {
             x = layer.decode(cfg, &self.rope, x, pos, state);
+        }
+        if last_only {
+            let [b, n, d] = x.dims();
+            x = x.slice([0..b, n - 1..n, 0..d]);
         }
         Ok(self.logits(self.norm.forward(x)))
     }
@@ -686,6 +692,12 @@ impl Layer {
             let sel = match &bias {
                 Some(b) if sel_opts.evict > 0 => {
                     select_blocks_nosa(q.clone(), k.clone(), b.clone(), &sel_opts)?
+                }
+                // NOSA's selection on a model without the head (a pretrained one): the head
+                // as it starts training (A = 0), every eviction score 0.
+                None if sel_opts.evict > 0 => {
+                    let zeros = Tensor::zeros([b, cfg.heads_kv, s], &q.device());
+                    select_blocks_nosa(q.clone(), k.clone(), zeros, &sel_opts)?
                 }
                 _ => select_blocks(q.clone(), k.clone(), &sel_opts)?,
             };

@@ -11,6 +11,7 @@ mod generate;
 mod gguf_cmd;
 mod info;
 mod map;
+mod perplexity;
 mod report;
 mod selfcheck;
 mod train;
@@ -95,6 +96,10 @@ enum Cmd {
     /// attention; --offload keeps the cache in host memory, NOSA's way), streamed as it comes;
     /// ends with tokens/s, hit rate and KV memory. Needs a build with `--features train`.
     Generate(generate::GenerateArgs),
+    /// A pretrained GGUF model's validation perplexity with training-free sparse attention:
+    /// full against SSA, MoBA, InfLLM-V2 and NOSA's selection over budgets and context lengths,
+    /// with each selection's decoding hit rate. Needs a build with `--features train`.
+    Perplexity(perplexity::PerplexityArgs),
     /// What a GGUF model file holds: architecture, hyperparameters, tensor types, tokenizer
     /// (no GPU needed).
     Gguf(gguf_cmd::GgufArgs),
@@ -146,6 +151,7 @@ fn main() -> ExitCode {
         Cmd::Train(a) => train::train_cmd(&opts, &a),
         Cmd::Eval(a) => train::eval_cmd(&opts, &a),
         Cmd::Generate(a) => generate::generate_cmd(&opts, &a),
+        Cmd::Perplexity(a) => perplexity::perplexity_cmd(&opts, &a),
         Cmd::Gguf(a) => gguf_cmd::gguf_cmd(&a),
     };
     match result {
