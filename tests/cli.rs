@@ -9,6 +9,13 @@ fn run(args: &[&str]) -> (bool, String, String) {
         .args(args)
         .output()
         .expect("run sparse-attn");
+    // A crash (a signal: a segfault at exit, an abort) is never an answer, even to bad input.
+    assert!(
+        out.status.code().is_some(),
+        "sparse-attn {args:?} was killed: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -1183,6 +1190,84 @@ fn perplexity_sweeps_a_gguf_model() {
         (&["--context", "400"][..], "fewer than one window of 401"),
     ] {
         let (ok, _, err) = sweep(extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `bench generate` on a tiny random Llama written here: every mode runs for every batch and
+/// context, the offloaded rows report a hit rate and a GPU cache below the full one's, and bad
+/// flags are errors that say why.
+#[cfg(feature = "train")]
+#[test]
+fn bench_generate_runs_every_mode_on_a_gguf_model() {
+    let dir = temp_dir("bench-generate");
+    let file = dir.join("tiny.gguf");
+    let p = common::tiny_llama(320, 512);
+    std::fs::write(&file, sparse_attn::gguf::random_llama(&p, 13).unwrap()).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let text = "Shall I compare thee to a summer's day? Thou art more lovely. ".repeat(8);
+    std::fs::write(data.join("a.txt"), &text).unwrap();
+    std::fs::write(data.join("b.txt"), &text).unwrap();
+    let (f, d) = (file.to_str().unwrap(), data.to_str().unwrap());
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "generate",
+            "--gguf",
+            f,
+            "--data",
+            d,
+            "--valid-every",
+            "2",
+            "--batch",
+            "1,2",
+            "--context",
+            "200",
+            "--block",
+            "16",
+            "--budget",
+            "4",
+            "--steps",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, out, err) = bench(&["--json"]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 6, "{v}");
+    for r in runs {
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        let offload = r["mode"] == "offload";
+        assert_eq!(r["hit_rate"].is_number(), offload, "{r}");
+        assert_eq!(r["host_kv_bytes"].as_u64().unwrap() > 0, offload, "{r}");
+    }
+    let gpu = |mode: &str, batch: u64| {
+        runs.iter()
+            .find(|r| r["mode"] == mode && r["batch"] == batch)
+            .unwrap()["gpu_kv_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(gpu("offload", 2) < gpu("full", 2));
+    for (extra, says) in [
+        (&["--modes", "dense"][..], "unknown mode `dense`"),
+        (
+            &["--gpu-kv-mb", "0.001"][..],
+            "one step's selection needs 4",
+        ),
+        (&["--context", "600"][..], "exceeds the model's 512 tokens"),
+        (&["--batch", "50"][..], "held-out tokens"),
+    ] {
+        let (ok, _, err) = bench(extra);
         assert!(!ok && err.contains(says), "{extra:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }

@@ -104,6 +104,17 @@ impl Shared {
     }
 }
 
+impl Drop for Runtime {
+    /// Wait for Burn's queued work: a process that exits with work still queued (an error
+    /// returned right after loading a model) was killed by a segfault in the driver's teardown
+    /// on the H200.
+    fn drop(&mut self) {
+        if let Err(e) = self.device.sync() {
+            log::warn!("waiting for Burn's queued work: {e:?}");
+        }
+    }
+}
+
 type Registry = Mutex<HashMap<WgpuDevice, Arc<Shared>>>;
 
 fn registry() -> &'static Registry {

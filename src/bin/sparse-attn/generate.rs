@@ -64,8 +64,9 @@ pub struct GenerateArgs {
     /// Keep the KV cache in host memory; only the selected blocks go to the GPU.
     #[arg(long)]
     pub offload: bool,
-    /// With --offload: GPU memory for the KV blocks, in MB (default: the least the selection
-    /// needs, one slot per selected block).
+    /// With --offload: GPU memory for the KV blocks' slots, in MB (the pooled selection state
+    /// and per-step buffers come on top; default: the least the selection needs, one slot per
+    /// selected block).
     #[arg(long)]
     pub gpu_kv_mb: Option<f64>,
     /// With --offload: how blocks reach the GPU: in-place (kernels read host memory; native

@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod bench_cmd;
 mod bench_decode;
+mod bench_generate;
 mod demo;
 mod generate;
 mod gguf_cmd;
@@ -117,6 +118,10 @@ enum BenchCmd {
     /// Decoding throughput of a synthetic model's attention: full and InfLLM-V2 with the KV
     /// cache on the GPU, InfLLM-V2 and NOSA with it offloaded to host memory.
     Decode(bench_decode::DecodeArgs),
+    /// A pretrained GGUF model decoding a batch of held-out prompts: full and sparse attention
+    /// with the cache on the GPU, sparse with it offloaded; prefill time, tokens/s, GPU and host
+    /// KV memory, hit rate. Needs a build with `--features train`.
+    Generate(bench_generate::BenchGenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -140,6 +145,9 @@ fn main() -> ExitCode {
         Cmd::Bench {
             which: BenchCmd::Decode(a),
         } => bench_decode::bench_decode_cmd(&opts, &a),
+        Cmd::Bench {
+            which: BenchCmd::Generate(a),
+        } => bench_generate::bench_generate_cmd(&opts, &a),
         Cmd::Demo(a) => demo::demo(&opts, &a),
         Cmd::Map(a) => map::map(&opts, &a),
         Cmd::Explore {
