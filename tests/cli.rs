@@ -1040,7 +1040,7 @@ fn generate_streams_text_from_a_checkpoint() {
         ),
         (
             &["--offload", "--gpu-kv-mb", "0.001"][..],
-            "one step's selection needs 4",
+            "is below the least this offloaded cache takes",
         ),
         (
             &["--offload", "--attention", "full"][..],
@@ -1222,8 +1222,6 @@ fn bench_generate_runs_every_mode_on_a_gguf_model() {
             d,
             "--valid-every",
             "2",
-            "--batch",
-            "1,2",
             "--context",
             "200",
             "--block",
@@ -1236,7 +1234,7 @@ fn bench_generate_runs_every_mode_on_a_gguf_model() {
         args.extend_from_slice(extra);
         run(&args)
     };
-    let (ok, out, err) = bench(&["--json"]);
+    let (ok, out, err) = bench(&["--json", "--batch", "1,2"]);
     if !ok && no_gpu_ok() {
         return;
     }
@@ -1258,16 +1256,38 @@ fn bench_generate_runs_every_mode_on_a_gguf_model() {
             .unwrap()
     };
     assert!(gpu("offload", 2) < gpu("full", 2));
+    // --gpu-kv-mb bounds the offloaded cache's whole GPU part; a larger budget buys slots.
+    let mut used = vec![];
+    for mb in ["0.15", "0.25"] {
+        let (ok, out, err) = bench(&[
+            "--json",
+            "--modes",
+            "offload",
+            "--batch",
+            "2",
+            "--gpu-kv-mb",
+            mb,
+        ]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let b = v["runs"][0]["gpu_kv_bytes"].as_u64().unwrap();
+        assert!(
+            b as f64 <= mb.parse::<f64>().unwrap() * 1e6,
+            "{b} bytes for {mb} MB"
+        );
+        used.push(b);
+    }
+    assert!(used[0] < used[1], "{used:?}");
     for (extra, says) in [
         (&["--modes", "dense"][..], "unknown mode `dense`"),
         (
             &["--gpu-kv-mb", "0.001"][..],
-            "one step's selection needs 4",
+            "is below the least this offloaded cache takes",
         ),
         (&["--context", "600"][..], "exceeds the model's 512 tokens"),
         (&["--batch", "50"][..], "held-out tokens"),
     ] {
-        let (ok, _, err) = bench(extra);
+        let (ok, _, err) = bench(&[extra, &["--batch", "1"]].concat());
         assert!(!ok && err.contains(says), "{extra:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }

@@ -471,6 +471,29 @@ impl KvCache {
         Ok(())
     }
 
+    /// Make (once) the selection op and scores scratch for steps of `n_q` tokens with `heads_q`
+    /// query heads, so that [`Self::gpu_bytes`] counts them before the first step; returns its
+    /// index.
+    pub fn reserve_select(&mut self, gpu: &Gpu, n_q: usize, heads_q: usize) -> Result<usize> {
+        let Some(pool) = &self.pool else {
+            invalid!("this cache keeps no selection state (CacheConfig::select)");
+        };
+        if let Some(i) = self
+            .selects
+            .iter()
+            .position(|x| x.n_q == n_q && x.op.shape().heads_q == heads_q)
+        {
+            return Ok(i);
+        }
+        let op = self.select_op(gpu, n_q, heads_q)?;
+        let mut scratch = op.scratch(gpu)?;
+        // The pooled state is the cache's; the op keeps only its scores scratch.
+        scratch.block_keys = pool.1.block_keys.clone();
+        scratch.evict_pooled = pool.1.evict_pooled.clone();
+        self.selects.push(StepSelect { n_q, op, scratch });
+        Ok(self.selects.len() - 1)
+    }
+
     /// Select blocks for the newest `n_q` tokens of each sequence (q `[batch, heads_kv·G, n_q,
     /// head_dim]`) from the pooled state into `out` `[batch, heads_kv, n_q, k]` (u32).
     pub fn select(&mut self, gpu: &Gpu, enc: &mut Encoder, q: &Tensor, out: &Tensor) -> Result<()> {
@@ -498,26 +521,7 @@ impl KvCache {
                 invalid!("sequence {i} holds {l} tokens, fewer than the {n_q} being decoded");
             }
         }
-        let (hq, n_q) = (*hq, *n_q);
-        let Some(pool) = &self.pool else {
-            invalid!("this cache keeps no selection state (CacheConfig::select)");
-        };
-        let idx = match self
-            .selects
-            .iter()
-            .position(|x| x.n_q == n_q && x.op.shape().heads_q == hq)
-        {
-            Some(i) => i,
-            None => {
-                let op = self.select_op(gpu, n_q, hq)?;
-                let mut scratch = op.scratch(gpu)?;
-                // The pooled state is the cache's; the op keeps only its scores scratch.
-                scratch.block_keys = pool.1.block_keys.clone();
-                scratch.evict_pooled = pool.1.evict_pooled.clone();
-                self.selects.push(StepSelect { n_q, op, scratch });
-                self.selects.len() - 1
-            }
-        };
+        let idx = self.reserve_select(gpu, *n_q, *hq)?;
         let st = &self.selects[idx];
         st.op
             .encode_pooled(gpu, enc, q, &self.lens, &st.scratch, out)

@@ -10,7 +10,7 @@ use crate::gpu::Encoder;
 use crate::gpu::encoder::BindCache;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::attention::AttnOutput;
-use crate::ops::select::{BlockSelect, SelectConfig, SelectInputs, SelectScratch};
+use crate::ops::select::{BlockSelect, SelectConfig, SelectInputs};
 use crate::ops::sparse::{SparseAttention, SparseConfig, SparseInputs};
 use crate::problem::{AttnShape, CacheShape, DecodeKeys, SelectOptions};
 
@@ -62,33 +62,19 @@ struct Step {
     lse: Tensor,
 }
 
-/// An offloaded cache's prompt of `n` tokens per sequence: attended among themselves by the
-/// prefill kernels (selection, block-sparse attention) while their k, v and bias go to the
-/// host, as NOSA's engine prefills; the ops are kept for prompts of the same length.
-struct Prompt {
-    n: usize,
-    select: BlockSelect,
-    scratch: SelectScratch,
-    sel: Tensor,
-    att: SparseAttention,
-    lse: Tensor,
-}
-
 /// One layer's decoding state.
 pub struct DecodeLayer {
     config: LayerConfig,
     cache: Cache,
     /// Steps of one token first; steps of several (a prompt, cache on the GPU) as they come.
     steps: Vec<Step>,
-    /// Offloaded: the prompt's ops (the last prompt length seen).
-    prompt: Option<Prompt>,
     /// Every step records the same dispatches on the same buffers: their bind groups are kept.
     binds: BindCache,
 }
 
 impl DecodeLayer {
     pub fn new(gpu: &Gpu, c: &LayerConfig) -> Result<Self> {
-        let cache = match (c.select, c.offload_slots) {
+        let mut cache = match (c.select, c.offload_slots) {
             (None, Some(_)) => {
                 invalid!("an offloaded cache serves sparse or NOSA attention, not full attention")
             }
@@ -102,11 +88,19 @@ impl DecodeLayer {
                 Cache::Gpu(Box::new(KvCache::new(gpu, c.cache, &config)?))
             }
         };
+        // The one-token step's selection scratch exists from the start, so that the layer's
+        // GPU bytes (a budget is sized from them) hold from the first step on.
+        match &mut cache {
+            Cache::Gpu(k) if c.select.is_some() => {
+                k.reserve_select(gpu, 1, c.heads_q)?;
+            }
+            Cache::Gpu(_) => {}
+            Cache::Offload(o) => o.reserve_select(gpu, c.heads_q)?,
+        }
         let mut layer = Self {
             config: *c,
             cache,
             steps: vec![],
-            prompt: None,
             binds: BindCache::default(),
         };
         layer.step_for(gpu, 1)?;
@@ -168,8 +162,9 @@ impl DecodeLayer {
 
     /// Record one step: the new tokens' k, v `[b, hkv, n, d]` (and bias `[b, hkv, n]`) into
     /// the cache, select (sparse), copy missing blocks (offloaded), attend for q `[b, hq, n, d]`
-    /// into `o` (the LSE stays in the layer). Several tokens per sequence (a prompt, causal
-    /// among themselves) only with the cache on the GPU.
+    /// into `o` (the LSE stays in the layer). Several tokens per sequence (causal among
+    /// themselves) with the cache on the GPU; an offloaded cache takes several only as its
+    /// first step, a prompt, which the prefill kernels attend (`encode_prompt`).
     #[allow(clippy::too_many_arguments)]
     pub fn encode_step(
         &mut self,
@@ -243,65 +238,57 @@ impl DecodeLayer {
         let Some(mut opts) = c.select else {
             unreachable!("an offloaded cache always has a selection (DecodeLayer::new)");
         };
-        if self.prompt.as_ref().is_none_or(|p| p.n != n) {
-            let shape = AttnShape {
-                batch: c.cache.batch,
-                heads_q: c.heads_q,
-                heads_kv: c.cache.heads_kv,
-                seq_q: n,
-                seq_k: n,
-                head_dim: c.cache.head_dim,
+        let shape = AttnShape {
+            batch: c.cache.batch,
+            heads_q: c.heads_q,
+            heads_kv: c.cache.heads_kv,
+            seq_q: n,
+            seq_k: n,
+            head_dim: c.cache.head_dim,
+        };
+        // A prompt of fewer blocks than the budget attends to all of them (as decoding does
+        // while the sequence is short).
+        let nb = n.div_ceil(opts.block);
+        if nb <= opts.k {
+            opts = SelectOptions {
+                k: nb,
+                n_init: 0,
+                n_local: 0,
+                evict: 0,
+                ..opts
             };
-            // A prompt of fewer blocks than the budget attends to all of them (as decoding
-            // does while the sequence is short).
-            let nb = n.div_ceil(opts.block);
-            if nb <= opts.k {
-                opts = SelectOptions {
-                    k: nb,
-                    n_init: 0,
-                    n_local: 0,
-                    evict: 0,
-                    ..opts
-                };
-            }
-            let select = BlockSelect::new(gpu, shape, &SelectConfig::new(opts).dtype(c.dtype))?;
-            let att = SparseAttention::new(
-                gpu,
-                shape,
-                &SparseConfig::for_selection(&opts)
-                    .bias(c.bias)
-                    .dtype(c.dtype),
-            )?;
-            self.prompt = Some(Prompt {
-                n,
-                scratch: select.scratch(gpu)?,
-                sel: gpu.empty(&select.selection_dims(), DType::U32)?,
-                lse: gpu.empty(&shape.lse_dims(), DType::F32)?,
-                select,
-                att,
-            });
         }
+        // Made for this prompt and let go after it: the scores scratch alone is 4 bytes per
+        // (sequence, kv head, token, pooled key), far more than the cache's GPU slots. wgpu
+        // keeps the buffers until the recorded work has run.
+        let select = BlockSelect::new(gpu, shape, &SelectConfig::new(opts).dtype(c.dtype))?;
+        let att = SparseAttention::new(
+            gpu,
+            shape,
+            &SparseConfig::for_selection(&opts)
+                .bias(c.bias)
+                .dtype(c.dtype),
+        )?;
+        let scratch = select.scratch(gpu)?;
+        let sel = gpu.empty(&select.selection_dims(), DType::U32)?;
+        let lse = gpu.empty(&shape.lse_dims(), DType::F32)?;
         self.append(gpu, enc, k, v, bias, None)?;
-        let p = self.prompt.as_ref().expect("made above");
-        let evict = match p.select.options().evict > 0 {
+        let evict = match opts.evict > 0 {
             true => bias,
             false => None,
         };
-        p.select.encode(
+        select.encode(
             gpu,
             enc,
             &SelectInputs::new(q, k).evict(evict),
-            &p.scratch,
-            &p.sel,
+            &scratch,
+            &sel,
         )?;
-        p.att.encode_forward(
+        att.encode_forward(
             gpu,
             enc,
-            &SparseInputs::new(q, k, v, &p.sel).bias(if c.bias { bias } else { None }),
-            &AttnOutput {
-                o: o.clone(),
-                lse: p.lse.clone(),
-            },
+            &SparseInputs::new(q, k, v, &sel).bias(if c.bias { bias } else { None }),
+            &AttnOutput { o: o.clone(), lse },
         )
     }
 

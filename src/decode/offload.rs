@@ -361,6 +361,11 @@ impl OffloadCache {
         &self.sel
     }
 
+    /// Make the one-token selection's op and scratch now (see [`KvCache::reserve_select`]).
+    pub fn reserve_select(&mut self, gpu: &Gpu, heads_q: usize) -> Result<()> {
+        self.host.reserve_select(gpu, 1, heads_q).map(|_| ())
+    }
+
     /// GPU memory of the cache: slots, map, lists, lengths, pooled state, scratch.
     pub fn gpu_bytes(&self) -> u64 {
         let mut n = self.slot_k.size_bytes() + self.slot_v.size_bytes();

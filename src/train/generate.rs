@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor as BTensor, TensorData};
 
-use crate::decode::{DecodeLayer, LayerConfig, OffloadPath, OffloadStats};
+use crate::decode::{DecodeLayer, LayerConfig, OffloadConfig, OffloadPath, OffloadStats};
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu};
 use crate::problem::{CacheShape, SelectOptions};
@@ -61,6 +61,10 @@ pub struct GenerateOptions {
     /// Keep the caches in host memory with this many GPU slots (blocks) per (sequence, kv
     /// head) (sparse and NOSA attention only).
     pub offload_slots: Option<usize>,
+    /// Offloaded: the GPU bytes the caches may take in all (slots, pooled selection state,
+    /// lists): the slots are then as many as fit (at least the selection's k; a smaller budget
+    /// is an error that names the least). `None`: `offload_slots` as given.
+    pub gpu_kv_budget: Option<u64>,
     /// How the offloaded caches' blocks reach the GPU.
     pub offload_path: OffloadPath,
     /// Sequences decoded together.
@@ -75,6 +79,7 @@ impl GenerateOptions {
             attention,
             budget: None,
             offload_slots: None,
+            gpu_kv_budget: None,
             offload_path: OffloadPath::Auto,
             batch: 1,
             capacity,
@@ -160,13 +165,41 @@ impl Decoder {
             capacity,
             head_dim: cfg.head_dim(),
         };
-        let layer = LayerConfig {
+        let mut layer = LayerConfig {
             bias,
             select,
             offload_slots: opts.offload_slots,
             offload_path: opts.offload_path,
             ..LayerConfig::new(shape, cfg.heads_q, DType::F32)
         };
+        if let Some(budget) = opts.gpu_kv_budget {
+            let (Some(_), Some(s)) = (layer.offload_slots, &select) else {
+                invalid!(
+                    "a GPU KV budget sizes an offloaded cache's slots: offload the cache \
+                     (offload_slots) with sparse or NOSA attention"
+                );
+            };
+            // One layer with the fewest slots gives the part that does not grow with them.
+            let fewest = LayerConfig {
+                offload_slots: Some(s.k),
+                ..layer
+            };
+            let least = DecodeLayer::new(&gpu, &fewest)?.kv_bytes().0 * cfg.layers as u64;
+            // Each slot: a block of k, v (and bias) and its map entry, per (sequence, kv head).
+            let per_slot = (OffloadConfig::slot_bytes(DType::F32, block, cfg.head_dim(), bias) + 4)
+                * (opts.batch * cfg.heads_kv * cfg.layers) as u64;
+            if budget < least {
+                invalid!(
+                    "a GPU KV budget of {:.2} MB is below the least this offloaded cache takes: \
+                     {:.2} MB ({} slots per (sequence, kv head), one step's selection)",
+                    budget as f64 / 1e6,
+                    least as f64 / 1e6,
+                    s.k
+                );
+            }
+            let more = ((budget - least) / per_slot) as usize;
+            layer.offload_slots = Some((s.k + more).min(capacity / block));
+        }
         let layers = (0..cfg.layers)
             .map(|_| {
                 Ok(DecodeCfg(Arc::new(Mutex::new(DecodeLayer::new(

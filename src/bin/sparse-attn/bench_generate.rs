@@ -49,9 +49,8 @@ pub struct BenchGenerateArgs {
     pub block: usize,
     #[arg(long, default_value_t = 16)]
     pub budget: usize,
-    /// Offloaded: GPU memory for the KV blocks' slots of the whole batch, in MB (the pooled
-    /// selection state and per-step buffers come on top; default: one slot per selected
-    /// block, the least).
+    /// Offloaded: GPU memory for the whole batch's KV cache, in MB (slots, pooled selection
+    /// state, lists; as many slots as fit; default: one slot per selected block, the least).
     #[arg(long)]
     pub gpu_kv_mb: Option<f64>,
     #[arg(long, default_value = "auto")]
@@ -67,8 +66,7 @@ pub struct BenchGenerateArgs {
 pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<ExitCode, Error> {
     use std::time::Instant;
 
-    use sparse_attn::decode::{OffloadConfig, OffloadPath};
-    use sparse_attn::gpu::DType;
+    use sparse_attn::decode::OffloadPath;
     use sparse_attn::train::data::Corpus;
     use sparse_attn::train::generate::{Attention, Decoder, GenerateOptions, Sampler};
     use sparse_attn::train::llama::{Pretrained, SparseSettings};
@@ -129,31 +127,9 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
         "fits --gpu-kv-mb",
     ]);
     let mut records = vec![];
-    // Offloaded: GPU slots per (sequence, kv head), from --gpu-kv-mb or the least.
-    let slots_for = |batch: usize, capacity: usize| -> Result<usize, Error> {
-        let Some(mb) = a.gpu_kv_mb else {
-            return Ok(m.topk);
-        };
-        // Per slot: one block of k and v for every (layer, sequence, kv head).
-        let per = OffloadConfig::slot_bytes(DType::F32, m.block, m.head_dim(), false)
-            * (m.layers * batch * m.heads_kv) as u64;
-        let slots = (mb * 1e6 / per as f64) as usize;
-        if slots < m.topk {
-            return Err(Error::InvalidInput(format!(
-                "--gpu-kv-mb {mb} holds {slots} blocks per kv head at batch {batch}; one step's \
-                 selection needs {} (at least {:.1} MB)",
-                m.topk,
-                (m.topk as u64 * per) as f64 / 1e6
-            )));
-        }
-        Ok(slots.min(capacity.div_ceil(m.block)))
-    };
     // Every point is checked before the first runs.
     for &batch in &a.batch {
         for &ctx in &a.context {
-            if modes.contains(&"offload") {
-                slots_for(batch, ctx + WARMUP + a.steps)?;
-            }
             if ctx + WARMUP + a.steps > m.max_seq {
                 return Err(Error::InvalidInput(format!(
                     "a context of {ctx} plus {} steps exceeds the model's {} tokens",
@@ -176,16 +152,14 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
             let capacity = ctx + WARMUP + a.steps;
             let prompt = &tokens[..batch * ctx];
             for &mode in &modes {
-                let offload_slots = match mode {
-                    "offload" => Some(slots_for(batch, capacity)?),
-                    _ => None,
-                };
+                let offload = mode == "offload";
                 let attention = match mode {
                     "full" => Attention::Full,
                     _ => Attention::Sparse,
                 };
                 let gopts = GenerateOptions {
-                    offload_slots,
+                    offload_slots: offload.then_some(m.topk),
+                    gpu_kv_budget: a.gpu_kv_mb.filter(|_| offload).map(|mb| (mb * 1e6) as u64),
                     offload_path: path,
                     batch,
                     ..GenerateOptions::new(attention, capacity)
@@ -228,7 +202,7 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
                 records.push(serde_json::json!({
                     "mode": mode, "batch": batch, "context": ctx, "prefill_s": prefill_s,
                     "tokens_per_s": tps, "gpu_kv_bytes": gpu_kv, "host_kv_bytes": host_kv,
-                    "hit_rate": hit, "offload_slots": offload_slots,
+                    "hit_rate": hit,
                     "offload_path": dec.offload_path().map(OffloadPath::name),
                 }));
             }

@@ -64,9 +64,8 @@ pub struct GenerateArgs {
     /// Keep the KV cache in host memory; only the selected blocks go to the GPU.
     #[arg(long)]
     pub offload: bool,
-    /// With --offload: GPU memory for the KV blocks' slots, in MB (the pooled selection state
-    /// and per-step buffers come on top; default: the least the selection needs, one slot per
-    /// selected block).
+    /// With --offload: GPU memory for the KV cache, in MB (slots, pooled selection state,
+    /// lists; as many slots as fit; default: the least, one slot per selected block).
     #[arg(long)]
     pub gpu_kv_mb: Option<f64>,
     /// With --offload: how blocks reach the GPU: in-place (kernels read host memory; native
@@ -81,8 +80,6 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
     use std::io::Write;
     use std::time::Instant;
 
-    use sparse_attn::decode::OffloadConfig;
-    use sparse_attn::gpu::DType;
     use sparse_attn::train::Runtime;
     use sparse_attn::train::generate::{Attention, Decoder, GenerateOptions, Sampler};
     use sparse_attn::train::llama::{Pretrained, SparseSettings};
@@ -149,34 +146,18 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
         _ => None,
     };
     let capacity = prompt.len() + a.tokens;
-    let offload_slots = match (a.offload, a.gpu_kv_mb) {
-        (false, _) => None,
-        (true, None) => Some(m.topk),
-        (true, Some(mb)) => {
-            if !(mb.is_finite() && mb > 0.0) {
-                return Err(Error::InvalidInput(format!(
-                    "--gpu-kv-mb {mb}: need a positive number"
-                )));
-            }
-            // Per slot: one block of k, v (and bias) for every (layer, kv head).
-            let per =
-                OffloadConfig::slot_bytes(DType::F32, m.block, m.head_dim(), m.has_evict_head())
-                    * (m.layers * m.heads_kv) as u64;
-            let slots = (mb * 1e6 / per as f64) as usize;
-            if slots < m.topk {
-                return Err(Error::InvalidInput(format!(
-                    "--gpu-kv-mb {mb} holds {slots} blocks per kv head; one step's selection \
-                     needs {} (at least {:.3} MB)",
-                    m.topk,
-                    (m.topk as u64 * per) as f64 / 1e6
-                )));
-            }
-            Some(slots.min(capacity.next_multiple_of(m.block).max(m.topk * m.block) / m.block))
+    let gpu_kv_budget = match a.gpu_kv_mb {
+        Some(mb) if !(mb.is_finite() && mb > 0.0) => {
+            return Err(Error::InvalidInput(format!(
+                "--gpu-kv-mb {mb}: need a positive number"
+            )));
         }
+        mb => mb.map(|mb| (mb * 1e6) as u64),
     };
     let gopts = GenerateOptions {
         budget: a.budget,
-        offload_slots,
+        offload_slots: a.offload.then_some(m.topk),
+        gpu_kv_budget,
         offload_path,
         ..GenerateOptions::new(attention, capacity)
     };
