@@ -486,10 +486,6 @@ impl BlockSelect {
         &self.shape
     }
 
-    pub fn options(&self) -> &SelectOptions {
-        &self.opts
-    }
-
     /// The top-k kernel this selection runs (Sort or Subgroup).
     pub fn topk_kernel(&self) -> TopK {
         self.topk_kernel

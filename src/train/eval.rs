@@ -11,7 +11,7 @@ use crate::error::{Error, Result, invalid};
 use crate::reference::Rng;
 use crate::train::data::{Batch, Corpus, passkey, sequential_batches};
 use crate::train::model::{Captured, Lm, LmConfig, Mode, Run, cross_entropy};
-use crate::train::ops::{attention_metrics, select_blocks, select_blocks_nosa};
+use crate::train::ops::{attention_metrics, select_for};
 use crate::train::trainer::{TrainConfig, batch_tensors};
 
 /// What to measure.
@@ -240,10 +240,7 @@ fn metrics_of(cfg: &LmConfig, cap: Captured) -> Result<(f64, f64, f64)> {
     let Captured { q, k, bias } = cap;
     let seq = k.dims()[2];
     let sel_opts = cfg.select_options_for(seq);
-    let sel = match bias {
-        Some(b) if sel_opts.evict > 0 => select_blocks_nosa(q.clone(), k.clone(), b, &sel_opts)?,
-        _ => select_blocks(q.clone(), k.clone(), &sel_opts)?,
-    };
+    let sel = select_for(q.clone(), k.clone(), bias, &sel_opts)?;
     let picked = host_vec::<u32>(sel.clone().into_data().convert::<u32>())?;
     let hit = crate::reference::select::hit_rate(&picked, seq, sel_opts.k).unwrap_or(1.0);
     let (sp, en) = attention_metrics(q, k, sel, &sel_opts)?;

@@ -31,9 +31,7 @@ use burn::tensor::{Device, Int, Tensor};
 use crate::error::{Result, invalid};
 use crate::problem::AttnOptions;
 use crate::problem::{Scoring, SelectOptions};
-use crate::train::ops::{
-    align_loss, attention_with_bias, select_blocks, select_blocks_nosa, sparse_attention_with_bias,
-};
+use crate::train::ops::{align_loss, attention_with_bias, select_for, sparse_attention_with_bias};
 
 /// How attention runs in training or inference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -689,18 +687,7 @@ impl Layer {
             Ok(attention_with_bias(q, k, v, bias.clone(), opts)?.0)
         };
         let sparse = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
-            let sel = match &bias {
-                Some(b) if sel_opts.evict > 0 => {
-                    select_blocks_nosa(q.clone(), k.clone(), b.clone(), &sel_opts)?
-                }
-                // NOSA's selection on a model without the head (a pretrained one): the head
-                // as it starts training (A = 0), every eviction score 0.
-                None if sel_opts.evict > 0 => {
-                    let zeros = Tensor::zeros([b, cfg.heads_kv, s], &q.device());
-                    select_blocks_nosa(q.clone(), k.clone(), zeros, &sel_opts)?
-                }
-                _ => select_blocks(q.clone(), k.clone(), &sel_opts)?,
-            };
+            let sel = select_for(q.clone(), k.clone(), bias.clone(), &sel_opts)?;
             Ok(sparse_attention_with_bias(q, k, v, sel, bias.clone(), &sel_opts)?.0)
         };
         let (att, align) = match run.mode {

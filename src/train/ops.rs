@@ -952,6 +952,25 @@ pub fn select_blocks_nosa(
     Ok(BTensor::from_dispatch(sel))
 }
 
+/// The selection `opts` asks for: NOSA's, ranked by the eviction score `evict`, when
+/// `opts.evict > 0` (all zeros where the model has no eviction head: the head as training
+/// starts it), else the query's alone. One rule for the forward, the metrics and the sweeps.
+pub fn select_for(
+    q: BTensor<4>,
+    k: BTensor<4>,
+    evict: Option<BTensor<3>>,
+    opts: &SelectOptions,
+) -> Result<BTensor<4, Int>> {
+    if opts.evict == 0 {
+        return select_blocks(q, k, opts);
+    }
+    let evict = evict.unwrap_or_else(|| {
+        let [b, hkv, seq, _] = k.dims();
+        BTensor::zeros([b, hkv, seq], &k.device())
+    });
+    select_blocks_nosa(q, k, evict, opts)
+}
+
 /// Blocks each (token, kv head) attends: u32 `[batch, heads_kv, seq_q, opts.k]`, ascending,
 /// padded with `u32::MAX` (see `reference::select`). Not differentiable.
 pub fn select_blocks(

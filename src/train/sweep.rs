@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::error::{Error, Result, invalid};
 use crate::problem::Scoring;
 use crate::train::model::{Captured, Lm, LmConfig, Mode, Run};
-use crate::train::ops::{select_blocks, select_blocks_nosa};
+use crate::train::ops::select_for;
 
 /// How a sparse run picks its blocks.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -210,14 +210,9 @@ fn hit_rate(cfg: &LmConfig, qk: Vec<Captured>) -> Result<f64> {
     let mut sum = 0.0;
     let layers = qk.len().max(1);
     for Captured { q, k, bias } in qk {
-        let [b, hkv, seq, _] = k.dims();
+        let seq = k.dims()[2];
         let opts = cfg.select_options_for(seq);
-        let sel = if opts.evict > 0 {
-            let e = bias.unwrap_or_else(|| Tensor::zeros([b, hkv, seq], &k.device()));
-            select_blocks_nosa(q, k, e, &opts)?
-        } else {
-            select_blocks(q, k, &opts)?
-        };
+        let sel = select_for(q, k, bias, &opts)?;
         let picked: Vec<u32> = sel
             .into_data()
             .convert::<u32>()

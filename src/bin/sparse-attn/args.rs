@@ -121,3 +121,54 @@ pub fn parse_kernel(s: &str) -> Result<SparseKernel, Error> {
         ))),
     }
 }
+
+/// A pretrained model and the held-out text it is measured on (`perplexity`, `bench generate`).
+#[cfg(feature = "train")]
+#[derive(Args)]
+pub struct GgufText {
+    /// A Llama-family model in a GGUF file (scripts/fetch-model.sh fetches SmolLM2-135M).
+    #[arg(long)]
+    pub gguf: std::path::PathBuf,
+    /// Folder of .txt files; every --valid-every-th file (sorted, from the first) is held out
+    /// (the same split as `train` and `eval`) and gives the text measured or the prompts.
+    #[arg(long, default_value = "data/shakespeare")]
+    pub data: std::path::PathBuf,
+    #[arg(long, default_value_t = 10)]
+    pub valid_every: usize,
+}
+
+#[cfg(feature = "train")]
+impl GgufText {
+    /// The text, read before any GPU work so that a wrong folder fails first.
+    pub fn corpus(&self) -> Result<sparse_attn::train::data::Corpus, Error> {
+        sparse_attn::train::data::Corpus::load(&self.data, self.valid_every)
+    }
+
+    /// The model on `device`, and the held-out text in its tokens.
+    pub fn load(
+        &self,
+        corpus: &sparse_attn::train::data::Corpus,
+        device: &burn::tensor::Device,
+        sparse: sparse_attn::train::llama::SparseSettings,
+    ) -> Result<(sparse_attn::train::llama::Pretrained, Vec<u32>), Error> {
+        let p = sparse_attn::train::llama::Pretrained::load(&self.gguf, device, sparse)?;
+        let tokens = p
+            .tokenizer
+            .encode(&String::from_utf8_lossy(&corpus.valid))?;
+        eprintln!(
+            "{}: {} held-out tokens ({} files, {} bytes)",
+            self.gguf.display(),
+            tokens.len(),
+            corpus.valid_files.len(),
+            corpus.valid.len()
+        );
+        Ok((p, tokens))
+    }
+
+    /// The model file's name, for records.
+    pub fn model_name(&self) -> Option<String> {
+        self.gguf
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+    }
+}

@@ -25,15 +25,10 @@ pub fn bench_generate_cmd(_: &GpuOptions, _: &BenchGenerateArgs) -> Result<ExitC
 #[cfg(feature = "train")]
 #[derive(clap::Args)]
 pub struct BenchGenerateArgs {
-    /// A Llama-family model in a GGUF file (scripts/fetch-model.sh fetches SmolLM2-135M).
-    #[arg(long)]
-    pub gguf: std::path::PathBuf,
-    /// Folder of .txt files; every --valid-every-th file is held out and gives the prompts
-    /// (sequence b starts b prompt lengths into the held-out text).
-    #[arg(long, default_value = "data/shakespeare")]
-    pub data: std::path::PathBuf,
-    #[arg(long, default_value_t = 10)]
-    pub valid_every: usize,
+    /// The model, and the held-out text whose windows are the prompts (sequence b starts b
+    /// prompt lengths in).
+    #[command(flatten)]
+    pub model: crate::args::GgufText,
     /// Sequences decoded together.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 16])]
     pub batch: Vec<usize>,
@@ -67,9 +62,8 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
     use std::time::Instant;
 
     use sparse_attn::decode::OffloadPath;
-    use sparse_attn::train::data::Corpus;
     use sparse_attn::train::generate::{Attention, Decoder, GenerateOptions, Sampler};
-    use sparse_attn::train::llama::{Pretrained, SparseSettings};
+    use sparse_attn::train::llama::SparseSettings;
     use sparse_attn::train::{Runtime, gpu_for};
 
     use crate::report::{Table, emit_record};
@@ -98,7 +92,7 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
         )));
     }
     let path = OffloadPath::parse(&a.offload_path)?;
-    let corpus = Corpus::load(&a.data, a.valid_every)?;
+    let corpus = a.model.corpus()?;
     let rt = Runtime::new(&Runtime::gpu_options(&GpuOptions {
         host_memory: modes.contains(&"offload") && path != OffloadPath::Staged,
         ..opts.clone()
@@ -108,11 +102,8 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
         topk: a.budget,
         ..SparseSettings::default()
     };
-    let p = Pretrained::load(&a.gguf, &rt.device, sparse)?;
+    let (p, tokens) = a.model.load(&corpus, &rt.device, sparse)?;
     let m = &p.config;
-    let tokens = p
-        .tokenizer
-        .encode(&String::from_utf8_lossy(&corpus.valid))?;
     let mut table = Table::new(&[
         "mode",
         "batch",
@@ -141,7 +132,7 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
                 return Err(Error::InvalidInput(format!(
                     "{batch} prompts of {ctx} tokens need {} held-out tokens; {} has {}",
                     batch * ctx,
-                    a.data.display(),
+                    a.model.data.display(),
                     tokens.len()
                 )));
             }
@@ -210,7 +201,7 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
     }
     let gpu = gpu_for(&rt.device)?;
     let record = serde_json::json!({
-        "bench": "generate", "model": a.gguf.file_name().map(|n| n.to_string_lossy().to_string()),
+        "bench": "generate", "model": a.model.model_name(),
         "block": a.block, "budget": a.budget, "steps": a.steps, "gpu_kv_mb": a.gpu_kv_mb,
         "runs": records,
     });
@@ -220,8 +211,8 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
             "{}: greedy decoding of held-out prompts ({}), the host waiting for each token; \
              sparse: blocks of {}, {} per query (InfLLM-V2 scoring); offload: the same \
              selection, the cache in host memory.",
-            a.gguf.display(),
-            a.data.display(),
+            a.model.gguf.display(),
+            a.model.data.display(),
             a.block,
             a.budget
         );

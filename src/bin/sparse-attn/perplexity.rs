@@ -22,15 +22,8 @@ pub fn perplexity_cmd(_: &GpuOptions, _: &PerplexityArgs) -> Result<ExitCode, Er
 #[cfg(feature = "train")]
 #[derive(clap::Args)]
 pub struct PerplexityArgs {
-    /// A Llama-family model in a GGUF file (scripts/fetch-model.sh fetches SmolLM2-135M).
-    #[arg(long)]
-    pub gguf: std::path::PathBuf,
-    /// Folder of .txt files; every --valid-every-th file (sorted, from the first) is the
-    /// held-out text (the same split as `train` and `eval`).
-    #[arg(long, default_value = "data/shakespeare")]
-    pub data: std::path::PathBuf,
-    #[arg(long, default_value_t = 10)]
-    pub valid_every: usize,
+    #[command(flatten)]
+    pub model: crate::args::GgufText,
     /// Context lengths in tokens.
     #[arg(long, value_delimiter = ',', default_values_t = vec![2048, 4096, 8192])]
     pub context: Vec<usize>,
@@ -61,8 +54,7 @@ pub struct PerplexityArgs {
 #[cfg(feature = "train")]
 pub fn perplexity_cmd(opts: &GpuOptions, a: &PerplexityArgs) -> Result<ExitCode, Error> {
     use sparse_attn::files::{prepare_dir, prepare_file, write_atomic};
-    use sparse_attn::train::data::Corpus;
-    use sparse_attn::train::llama::{Pretrained, SparseSettings};
+    use sparse_attn::train::llama::SparseSettings;
     use sparse_attn::train::sweep::{Selection, SweepConfig, sweep};
     use sparse_attn::train::{Runtime, gpu_for};
     use sparse_attn::viz::{Series, line_plot};
@@ -89,19 +81,12 @@ pub fn perplexity_cmd(opts: &GpuOptions, a: &PerplexityArgs) -> Result<ExitCode,
     if let Some(d) = &a.plots {
         prepare_dir(d)?;
     }
-    let corpus = Corpus::load(&a.data, a.valid_every)?;
+    let corpus = a.model.corpus()?;
     let rt = Runtime::new(&Runtime::gpu_options(opts))?;
-    let p = Pretrained::load(&a.gguf, &rt.device, SparseSettings::default())?;
+    let (p, tokens) = a
+        .model
+        .load(&corpus, &rt.device, SparseSettings::default())?;
     sc.validate(&p.config)?;
-    let text = String::from_utf8_lossy(&corpus.valid);
-    let tokens = p.tokenizer.encode(&text)?;
-    eprintln!(
-        "{}: {} held-out tokens ({} files, {} bytes)",
-        a.gguf.display(),
-        tokens.len(),
-        corpus.valid_files.len(),
-        corpus.valid.len()
-    );
     let rows = sweep(&p.model, &p.config, &tokens, &sc, &rt.device, true)?;
 
     let mut head = vec!["selection", "budget", "|"];
@@ -141,8 +126,8 @@ pub fn perplexity_cmd(opts: &GpuOptions, a: &PerplexityArgs) -> Result<ExitCode,
         "Validation perplexity of {} on {} ({} windows per context, every token of each \
          window); '-': the budget covers the context. Hit rate: share of a token's selected \
          blocks that the token before it selected (first window, mean over layers).",
-        a.gguf.display(),
-        a.data.display(),
+        a.model.gguf.display(),
+        a.model.data.display(),
         a.windows
     );
 
@@ -181,8 +166,8 @@ pub fn perplexity_cmd(opts: &GpuOptions, a: &PerplexityArgs) -> Result<ExitCode,
         let record = serde_json::json!({
             "command": "perplexity",
             "device": gpu.adapter().to_string(),
-            "model": a.gguf.file_name().map(|n| n.to_string_lossy().to_string()),
-            "data": a.data.display().to_string(), "valid_every": a.valid_every,
+            "model": a.model.model_name(),
+            "data": a.model.data.display().to_string(), "valid_every": a.model.valid_every,
             "held_out_tokens": tokens.len(), "windows": a.windows,
             "block": a.block, "n_init": a.n_init, "n_local": a.n_local,
             "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
