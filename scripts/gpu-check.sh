@@ -16,7 +16,7 @@ build() {
     rm -f "$dir"/*
     # The GPU-facing integration tests (the CLI test needs the cargo tree and runs in CI).
     # train_ops holds our kernels inside Burn (NOSA's biased attention and selection too).
-    { cargo test --locked --release --no-default-features --no-run --message-format=json --test attention --test bad_input --test runtime --test select --test sparse --test metrics --test align --test explore --test decode --test offload 2>/dev/null
+    { cargo test --locked --release --no-default-features --no-run --message-format=json --test attention --test bad_input --test runtime --test select --test sparse --test metrics --test align --test explore --test decode --test offload --test model 2>/dev/null
       cargo test --locked --release --no-default-features --features train --no-run --message-format=json --test train_ops --test generate --test llama 2>/dev/null; } \
         | python3 -c '
 import json, sys, shutil, os

@@ -441,6 +441,19 @@ impl Gguf {
         let t = self.tensor(name)?;
         dequantize(t.ty, self.data(bytes, t)?, t.len() as usize)
     }
+
+    /// [`Self::read_f32`] of a tensor that must have GGUF dims `dims` (innermost first: a
+    /// weight of `[d_in, d_out]` is d_out rows of d_in); the error names the tensor.
+    pub fn read_shaped(&self, bytes: &[u8], name: &str, dims: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensor(name)?;
+        if !t.dims.iter().map(|&d| d as usize).eq(dims.iter().copied()) {
+            invalid!(
+                "tensor `{name}` has dims {:?}; this model's shape needs {dims:?}",
+                t.dims
+            );
+        }
+        self.read_f32(bytes, name)
+    }
 }
 
 /// Hyperparameters of a Llama-family model from its GGUF metadata (`llama.*` keys).
@@ -484,6 +497,14 @@ impl LlamaParams {
                 _ => invalid!("the GGUF file gives no vocabulary size"),
             },
         };
+        if let Some(n) = g.get("llama.rope.dimension_count").and_then(|v| v.as_u64())
+            && n as usize != d_model / heads_q
+        {
+            invalid!(
+                "the model rotates {n} of its {} head dims (partial RoPE is not supported)",
+                d_model / heads_q
+            );
+        }
         Ok(Self {
             layers: u("block_count")?,
             d_model,

@@ -22,6 +22,7 @@ pub mod explore;
 pub mod files;
 pub mod gguf;
 pub mod gpu;
+pub mod llama;
 pub mod npy;
 pub mod ops;
 pub mod problem;

@@ -1,6 +1,7 @@
 //! Does this GPU compute our kernels correctly? Every kernel family (full attention forward and
 //! backward, block selection, NOSA's selection and biased sparse attention, block-sparse
-//! forward and backward, metrics, the alignment loss, decoding over a KV cache)
+//! forward and backward, metrics, the alignment loss, decoding over a KV cache, a tiny Llama
+//! model's layers)
 //! on small random inputs against the f64 references. Async, so it runs the same in the browser
 //! (the demo page exposes it, and the browser test runs it: WGSL that one compiler accepts and
 //! another rejects shows up here) and natively (`sparse-attn selfcheck`).
@@ -301,7 +302,42 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
         &norm64(&want.g_sparse),
         TOLERANCE,
     );
+    llama(gpu, &mut out, seed).await?;
     Ok(out)
+}
+
+/// A tiny random Llama (`gguf::random_llama`: 2 layers, 4 query / 2 kv heads of 16) through
+/// `crate::llama` (embedding, norms, projections, RoPE, attention, SwiGLU, the tied head),
+/// every position's logits against `reference::llama`.
+async fn llama(gpu: &Gpu, out: &mut Vec<Check>, seed: u64) -> Result<()> {
+    use crate::llama::{ForwardOptions, Llama, Logits};
+    let p = crate::gguf::LlamaParams {
+        layers: 2,
+        d_model: 64,
+        d_ff: 96,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 16,
+        context: 64,
+        rope_base: 10000.0,
+        rms_eps: 1e-5,
+        vocab: 270,
+    };
+    let bytes = crate::gguf::random_llama(&p, seed)?;
+    let mut rng = Rng::new(seed ^ 0x11a);
+    let ids: Vec<u32> = (0..37).map(|_| (rng.next_u64() % 270) as u32).collect();
+    let want = reference::llama::logits(&crate::gguf::Gguf::parse(&bytes)?, &bytes, &ids)?;
+    let m = Llama::from_gguf(gpu, &bytes)?;
+    let mut enc = gpu.encoder();
+    let opts = ForwardOptions {
+        logits: Logits::All,
+        ..ForwardOptions::new()
+    };
+    let f = m.forward(gpu, &mut enc, &ids, &opts)?;
+    gpu.queue().submit([enc.finish()]);
+    let got = gpu.read_async(&f.logits).await?;
+    push(out, "Llama model logits", &got, &f32s(&want), TOLERANCE);
+    Ok(())
 }
 
 /// NOSA's offloaded cache by the staged path (the browser's: the host reads back the new

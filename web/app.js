@@ -35,6 +35,19 @@ function keptColour(s) {
   return a.map((c, j) => Math.round(c + f * (b[j] - c)));
 }
 
+const modelMode = () => $("mode-model").checked;
+// The loaded model's shape and the tokens of its last prefill (model mode).
+let model = null;
+let prefilled = null;
+
+function modelView() {
+  const num = (id) => parseInt($(id).value, 10);
+  return {
+    layer: num("layer"), head: num("mhead"), block: num("mblock"), topk: num("topk"),
+    n_init: num("n_init"), n_local: num("n_local"), scoring: $("mscoring").value,
+  };
+}
+
 function config() {
   const num = (id) => parseInt($(id).value, 10);
   return {
@@ -45,8 +58,22 @@ function config() {
   };
 }
 
+function fillSelect(sel, n) {
+  const keep = Math.min(parseInt(sel.value || "0", 10), n - 1);
+  sel.replaceChildren(...Array.from({ length: n }, (_, i) => new Option(String(i))));
+  sel.value = String(Math.max(0, keep));
+}
+
 // Keep the controls consistent: kv heads divide heads, k <= blocks, forced blocks < k.
 function syncControls() {
+  const m = modelMode();
+  $("model-controls").hidden = !m;
+  $("problem-controls").hidden = m;
+  $("preview").hidden = !m || !prefilled;
+  if (model) {
+    fillSelect($("layer"), model.layers);
+    fillSelect($("mhead"), model.heads);
+  }
   const heads = parseInt($("heads").value, 10);
   for (const o of $("kv_heads").options) o.disabled = heads % parseInt(o.value, 10) !== 0;
   if ($("kv_heads").selectedOptions[0].disabled) $("kv_heads").value = "1";
@@ -54,7 +81,11 @@ function syncControls() {
   const keep = Math.min(parseInt(head.value || "0", 10), heads - 1);
   head.replaceChildren(...Array.from({ length: heads }, (_, i) => new Option(String(i))));
   head.value = String(keep);
-  const nb = Math.ceil(parseInt($("seq").value, 10) / parseInt($("block").value, 10));
+  const nb = m
+    ? Math.max(1, Math.ceil((prefilled ? prefilled.tokens : 1) / parseInt($("mblock").value, 10)))
+    : Math.ceil(parseInt($("seq").value, 10) / parseInt($("block").value, 10));
+  // Before the model has read a text its block count is unknown: leave the budget as it is.
+  if (m && !prefilled) return;
   const topk = $("topk");
   topk.max = String(nb);
   if (parseInt(topk.value, 10) > nb) topk.value = String(nb);
@@ -123,7 +154,8 @@ function draw(r) {
   ctx.fillRect(0, 0, cv.width, cv.height);
   const S = 390, Y = 40, X1 = 62, X2 = 500, XS = 920;
   drawMap(ctx, X1, Y, S, S, r, false);
-  axes(ctx, X1, Y, S, S, r, `Full attention (head ${r.head})`);
+  const which = r.layer === undefined ? `head ${r.head}` : `layer ${r.layer}, head ${r.head}`;
+  axes(ctx, X1, Y, S, S, r, `Full attention (${which})`);
   drawMap(ctx, X2, Y, S, S, r, true);
   axes(ctx, X2, Y, S, S, r, `Block-sparse: top ${r.topk} of ${r.blocks} blocks kept`);
   // Kept-mass strip.
@@ -196,32 +228,108 @@ function report(r) {
     sp === null ? "" : `selection ${r.select_ms.toFixed(1)} + sparse ${r.sparse_ms.toFixed(1)}`;
 }
 
+function showTop(id, top) {
+  const list = $(id);
+  list.dataset.ids = JSON.stringify(top.map((t) => t.id));
+  list.dataset.p = JSON.stringify(top.map((t) => t.p));
+  list.replaceChildren(...top.map((t) => {
+    const li = document.createElement("li");
+    const tok = document.createElement("code");
+    tok.textContent = JSON.stringify(t.text);
+    const p = document.createElement("span");
+    p.className = "p";
+    p.textContent = `${(100 * t.p).toFixed(1)}%`;
+    li.append(tok, p);
+    return li;
+  }));
+}
+
 let demo = null;
 let busy = false;
 let again = false;
 let runs = 0;
+// Work queued while the GPU is busy: the model's text is read again ("prefill") or only the
+// view changes ("view").
+let pending = null;
 
-async function run() {
+async function run(what = "view") {
   if (!demo) return;
-  if (busy) { again = true; return; }
+  if (busy) {
+    again = true;
+    if (what === "prefill" || pending === null) pending = what;
+    return;
+  }
   busy = true;
-  const cfg = config();
   setStatus("running", "Running on the GPU...");
   try {
     const t0 = performance.now();
-    const r = JSON.parse(await demo.run(JSON.stringify(cfg), true));
+    let cfg;
+    let r;
+    if (modelMode()) {
+      if (!model) {
+        setStatus("idle", "Choose a GGUF model file (it is read here, never uploaded).");
+        return;
+      }
+      if (what === "prefill" || !prefilled) {
+        setStatus("running", "Running the model over the text...");
+        prefilled = JSON.parse(await demo.model_prefill($("text").value));
+        $("ntokens").textContent = String(prefilled.tokens);
+        $("pieces").replaceChildren(...prefilled.pieces.map((p) => {
+          const el = document.createElement("span");
+          el.textContent = p;
+          return el;
+        }));
+        syncControls();
+      }
+      cfg = modelView();
+      r = JSON.parse(await demo.model_view(JSON.stringify(cfg), true));
+      showTop("top-full", r.top_full);
+      showTop("top-sparse", r.top_sparse);
+    } else {
+      cfg = config();
+      r = JSON.parse(await demo.run(JSON.stringify(cfg), true));
+    }
     draw(r);
     report(r);
     runs += 1;
     status.dataset.runs = String(runs);
     status.dataset.config = JSON.stringify(cfg);
+    status.dataset.mode = modelMode() ? "model" : "synthetic";
     setStatus("done", `Done in ${(performance.now() - t0).toFixed(0)} ms (page round trip, including readback).`);
   } catch (e) {
     setStatus("error", `Error: ${e.message ?? e}`);
   } finally {
     busy = false;
-    if (again) { again = false; run(); }
+    if (again) {
+      again = false;
+      const next = pending ?? "view";
+      pending = null;
+      run(next);
+    }
   }
+}
+
+async function loadModel(file) {
+  if (busy) { setStatus("error", "Error: wait for the running computation, then choose the file again."); return; }
+  busy = true;
+  setStatus("running", `Reading ${file.name}...`);
+  try {
+    const bytes = new Uint8Array(await file.arrayBuffer());
+    setStatus("running", `Loading ${file.name} onto the GPU...`);
+    model = JSON.parse(demo.load_model(bytes));
+    prefilled = null;
+    $("model-info").textContent =
+      `${file.name}: ${model.layers} layers, ${model.heads} query / ${model.kv_heads} kv heads of ` +
+      `${model.head_dim}, vocabulary ${model.vocab}, ${(model.weight_bytes / 2 ** 20).toFixed(1)} MiB of f32 weights on the GPU.`;
+    syncControls();
+  } catch (e) {
+    model = null;
+    setStatus("error", `Error: ${e.message ?? e}`);
+    return;
+  } finally {
+    busy = false;
+  }
+  await run("prefill");
 }
 
 async function main() {
@@ -245,7 +353,16 @@ async function main() {
   $("adapter").textContent = demo.adapter();
   // For the browser test and the curious: every kernel against the f64 references, here.
   window.sparseAttnSelfcheck = async (seed = 7) => JSON.parse(await demo.selfcheck(seed));
-  $("controls").addEventListener("input", () => { syncControls(); run(); });
+  $("controls").addEventListener("input", (ev) => {
+    if (ev.target.id === "gguf" || ev.target.id === "text") return;
+    syncControls();
+    run();
+  });
+  $("gguf").addEventListener("change", () => {
+    const f = $("gguf").files[0];
+    if (f) loadModel(f);
+  });
+  $("prefill").addEventListener("click", () => run("prefill"));
   await run();
 }
 

@@ -83,6 +83,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("offload.wgsl", include_str!("../../shaders/offload.wgsl")),
     ("align.wgsl", include_str!("../../shaders/align.wgsl")),
     ("metrics.wgsl", include_str!("../../shaders/metrics.wgsl")),
+    ("llama.wgsl", include_str!("../../shaders/llama.wgsl")),
 ];
 
 pub(crate) fn source(name: &str) -> Result<&'static str> {

@@ -5,6 +5,7 @@ pub mod align;
 pub mod attention;
 pub mod coop;
 pub(crate) mod launch;
+pub mod llama;
 pub mod metrics;
 pub(crate) mod rowdot;
 pub mod select;

@@ -9,13 +9,14 @@ use crate::error::Result;
 use crate::gguf::{Gguf, LlamaParams};
 
 /// `y = W x` for a GGUF weight of `rows` rows of `x.len()` values.
-fn matvec(w: &[f32], x: &[f64]) -> Vec<f64> {
+pub fn matvec(w: &[f32], x: &[f64]) -> Vec<f64> {
     w.chunks_exact(x.len())
         .map(|row| row.iter().zip(x).map(|(a, b)| *a as f64 * b).sum())
         .collect()
 }
 
-fn rms_norm(x: &[f64], gamma: &[f32], eps: f64) -> Vec<f64> {
+/// One row of RMSNorm: `x / sqrt(mean(x²) + eps) · γ`.
+pub fn rms_norm(x: &[f64], gamma: &[f32], eps: f64) -> Vec<f64> {
     let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
     let r = 1.0 / (ms + eps).sqrt();
     x.iter()
@@ -25,7 +26,7 @@ fn rms_norm(x: &[f64], gamma: &[f32], eps: f64) -> Vec<f64> {
 }
 
 /// Rotates each head of `x` (heads of `dh` values) for position `pos`.
-fn rope(x: &mut [f64], dh: usize, pos: usize, base: f64) {
+pub fn rope(x: &mut [f64], dh: usize, pos: usize, base: f64) {
     for head in x.chunks_exact_mut(dh) {
         for i in 0..dh / 2 {
             let a = pos as f64 * base.powf(-2.0 * i as f64 / dh as f64);
@@ -35,6 +36,11 @@ fn rope(x: &mut [f64], dh: usize, pos: usize, base: f64) {
             head[2 * i + 1] = x0 * s + x1 * c;
         }
     }
+}
+
+/// SwiGLU's activation: `silu(g) · u`.
+pub fn swiglu(g: f64, u: f64) -> f64 {
+    g / (1.0 + (-g).exp()) * u
 }
 
 /// Logits `[tokens.len(), vocab]` (row-major) after each of `tokens`, causal.
@@ -98,11 +104,7 @@ pub fn logits(g: &Gguf, bytes: &[u8], tokens: &[u32]) -> Result<Vec<f64>> {
             x.iter_mut().zip(&a).for_each(|(x, a)| *x += a);
             let h = rms_norm(x, &fnorm, p.rms_eps);
             let (gt, up) = (matvec(&wg, &h), matvec(&wu, &h));
-            let act: Vec<f64> = gt
-                .iter()
-                .zip(&up)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
+            let act: Vec<f64> = gt.iter().zip(&up).map(|(&g, &u)| swiglu(g, u)).collect();
             let m = matvec(&wd, &act);
             x.iter_mut().zip(&m).for_each(|(x, m)| *x += m);
         }

@@ -67,14 +67,6 @@ impl Pretrained {
         let g = Gguf::parse(bytes)?;
         let p = LlamaParams::from_gguf(&g)?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
-        if let Some(n) = g.get("llama.rope.dimension_count").and_then(|v| v.as_u64())
-            && n as usize != p.head_dim
-        {
-            invalid!(
-                "the model rotates {n} of its {} head dims (partial RoPE is not supported)",
-                p.head_dim
-            );
-        }
         if tokenizer.vocab_size() != p.vocab {
             invalid!(
                 "the tokenizer has {} tokens, the model {}",
@@ -160,14 +152,7 @@ impl Weights<'_> {
     /// Tensor `name` of GGUF dims `[inner, outer]` as `[inner, outer]`-shaped rows of `outer`
     /// (`transpose`) or as stored (`[outer, inner]`).
     fn matrix(&self, name: &str, inner: usize, outer: usize, transpose: bool) -> Result<Tensor<2>> {
-        let t = self.g.tensor(name)?;
-        if t.dims != [inner as u64, outer as u64] {
-            invalid!(
-                "tensor `{name}` has dims {:?}; this model's shape needs [{inner}, {outer}]",
-                t.dims
-            );
-        }
-        let x = self.g.read_f32(self.bytes, name)?;
+        let x = self.g.read_shaped(self.bytes, name, &[inner, outer])?;
         let (data, shape) = match transpose {
             false => (x, [outer, inner]),
             true => {
@@ -192,11 +177,7 @@ impl Weights<'_> {
     }
 
     fn norm(&self, name: &str, d: usize, eps: f64) -> Result<RmsNorm> {
-        let t = self.g.tensor(name)?;
-        if t.dims != [d as u64] {
-            invalid!("tensor `{name}` has dims {:?}; expected [{d}]", t.dims);
-        }
-        let x = self.g.read_f32(self.bytes, name)?;
+        let x = self.g.read_shaped(self.bytes, name, &[d])?;
         Ok(RmsNorm {
             gamma: Param::from_tensor(Tensor::from_data(TensorData::new(x, [d]), self.device)),
             epsilon: eps,

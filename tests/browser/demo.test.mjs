@@ -2,8 +2,9 @@
 //   node tests/browser/demo.test.mjs SITE_URL NATIVE_BIN ARTIFACT_DIR
 // Drives Debian's Chromium headless with WebGPU on SwiftShader, waits for the page's GPU result,
 // checks the numbers it shows against the native library (`sparse-attn explore`, same config
-// and seed), moves the budget slider and checks again, saves a screenshot, and checks that a
-// browser without WebGPU gets the explanation instead of a blank page.
+// and seed), moves the budget slider and checks again, saves a screenshot, runs the model mode
+// on a GGUF file it writes (`sparse-attn gguf --random`) against `sparse-attn explore --gguf`,
+// and checks that a browser without WebGPU gets the explanation instead of a blank page.
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
@@ -107,6 +108,65 @@ try {
   const sc = await page.evaluate(() => window.sparseAttnSelfcheck(7));
   for (const c of sc.checks) check(c.ok, `selfcheck in the browser: ${c.name} (error ${c.error})`);
   check(sc.checks.length >= 15, `selfcheck ran ${sc.checks.length} checks`);
+
+  // Model mode: a GGUF file the test writes (random weights in SmolLM2's layout and tensor
+  // types, a byte-level BPE tokenizer), chosen through the file input; the page's maps,
+  // numbers and next-token previews against the native library on the same file and text.
+  const gguf = path.resolve(outDir, "tiny.gguf");
+  execFileSync(nativeBin, ["gguf", "--random", gguf, "--layers", "3", "--seed", "5"], {
+    env: { ...process.env, RUST_LOG: "error" },
+  });
+  let runs = (await pageNumbers(page)).runs;
+  await page.locator("#mode-model").check();
+  await page.locator("#gguf").setInputFiles(gguf);
+  await waitDone(page, runs);
+  const text = await page.locator("#text").inputValue();
+  const modelCheck = async (label) => {
+    const got = await pageNumbers(page);
+    const top = await page.evaluate(() => {
+      const d = (id) => document.getElementById(id).dataset;
+      return {
+        full: JSON.parse(d("top-full").ids), sparse: JSON.parse(d("top-sparse").ids),
+        pFull: JSON.parse(d("top-full").p), pSparse: JSON.parse(d("top-sparse").p),
+        mode: document.getElementById("status").dataset.mode,
+      };
+    });
+    check(top.mode === "model", `${label}: the page is in model mode`);
+    const out = execFileSync(nativeBin, ["explore", "--gguf", gguf, "--text", text, "--config", got.config], {
+      encoding: "utf8",
+      env: { ...process.env, RUST_LOG: "error" },
+    });
+    const want = JSON.parse(out);
+    compare(got, want, `model ${label} ${got.config}`);
+    for (const [which, ids, ps, w] of [
+      ["full", top.full, top.pFull, want.top_full],
+      ["sparse", top.sparse, top.pSparse, want.top_sparse],
+    ]) {
+      check(ids[0] === w[0].id && Math.abs(ps[0] - w[0].p) < 1e-3,
+        `${label}: next token with ${which} attention ${ids[0]} (p ${ps[0].toFixed(4)}) = native ${w[0].id} (p ${w[0].p.toFixed(4)})`);
+    }
+    return { got, want };
+  };
+  const m1 = await modelCheck("initial");
+  const v1 = JSON.parse(m1.got.config);
+  check(m1.want.seq > 4 * m1.want.block, `the text makes ${m1.want.seq} tokens (${m1.want.blocks} blocks)`);
+  await page.screenshot({ path: path.join(outDir, "demo-model.png") });
+  // Another layer and head, a larger budget: the view changes without reading the text again.
+  runs = m1.got.runs;
+  await page.locator("#layer").selectOption("2");
+  await waitDone(page, runs);
+  runs = (await pageNumbers(page)).runs;
+  await page.locator("#mhead").selectOption("3");
+  await waitDone(page, runs);
+  runs = (await pageNumbers(page)).runs;
+  await page.locator("#topk").fill("8");
+  await waitDone(page, runs);
+  const m2 = await modelCheck("layer 2, head 3, top-8");
+  const v2 = JSON.parse(m2.got.config);
+  check(v1.topk < 8 && v2.layer === 2 && v2.head === 3 && v2.topk === 8,
+    `controls reached the view (${m1.got.config} -> ${m2.got.config})`);
+  check(m2.got.kept_blocks > m1.got.kept_blocks, `a larger budget keeps more blocks (${m2.got.kept_blocks} > ${m1.got.kept_blocks})`);
+  await page.screenshot({ path: path.join(outDir, "demo-model-2.png") });
   check(errors.length === 0, `no console errors (${errors.join(" | ")})`);
 } finally {
   await browser.close();

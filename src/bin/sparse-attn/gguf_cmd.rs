@@ -16,9 +16,46 @@ pub struct GgufArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Write a small Llama with random weights to FILE instead of reading it: SmolLM2's
+    /// layout and tensor types, d_model 64, 4 query / 2 kv heads of 16, a byte-level BPE
+    /// tokenizer of 300 tokens (a model to try the page's model mode and the commands on
+    /// without downloading one).
+    #[arg(long)]
+    pub random: bool,
+    /// Layers of the random model.
+    #[arg(long, default_value_t = 2, requires = "random")]
+    pub layers: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 1, requires = "random")]
+    pub seed: u64,
 }
 
 pub fn gguf_cmd(a: &GgufArgs) -> Result<ExitCode, Error> {
+    if a.random {
+        let p = LlamaParams {
+            layers: a.layers,
+            d_model: 64,
+            d_ff: 96,
+            heads_q: 4,
+            heads_kv: 2,
+            head_dim: 16,
+            context: 4096,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+            vocab: 300,
+        };
+        if !(1..=64).contains(&a.layers) {
+            return Err(Error::InvalidInput(format!(
+                "--layers {}: a random model takes 1 to 64",
+                a.layers
+            )));
+        }
+        let bytes = sparse_attn::gguf::random_llama(&p, a.seed)?;
+        sparse_attn::files::prepare_file(&a.file)?;
+        sparse_attn::files::write_atomic(&a.file, &bytes)?;
+        println!("wrote {} ({} bytes)", a.file.display(), bytes.len());
+        return Ok(ExitCode::SUCCESS);
+    }
     let bytes = std::fs::read(&a.file)
         .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", a.file.display())))?;
     let g = Gguf::parse(&bytes)?;

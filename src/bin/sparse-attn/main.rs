@@ -64,12 +64,22 @@ enum Cmd {
     Map(MapArgs),
     /// What the browser demo computes (web/), natively: full and sparse attention, selection and
     /// metrics for one configuration, as JSON. Same numbers as the page for the same config.
+    /// With --gguf: the page's model mode (the model's own q, k, v of one layer for --text,
+    /// and its next-token previews with full and with block-sparse attention).
     Explore {
         /// JSON object; missing fields keep their defaults, e.g.
         /// '{"seq":512,"heads":4,"kv_heads":1,"head_dim":64,"block":16,"topk":8,"n_init":1,
-        /// "n_local":1,"scoring":"ssa","seed":42,"head":0,"inputs":"structured"}'
+        /// "n_local":1,"scoring":"ssa","seed":42,"head":0,"inputs":"structured"}';
+        /// with --gguf: '{"layer":0,"head":0,"block":16,"topk":4,"n_init":1,"n_local":1,
+        /// "scoring":"infllm-v2"}'
         #[arg(long, default_value = "{}")]
         config: String,
+        /// A Llama-family GGUF model (the page's model mode).
+        #[arg(long, requires = "text")]
+        gguf: Option<std::path::PathBuf>,
+        /// The text the model reads (with --gguf).
+        #[arg(long, requires = "gguf")]
+        text: Option<String>,
         /// Also time the passes (GPU timestamps).
         #[arg(long)]
         timing: bool,
@@ -152,8 +162,16 @@ fn main() -> ExitCode {
         Cmd::Map(a) => map::map(&opts, &a),
         Cmd::Explore {
             config,
+            gguf: Some(file),
+            text: Some(text),
             timing,
             arrays,
+        } => selfcheck::explore_model(&opts, &file, &text, &config, timing, arrays),
+        Cmd::Explore {
+            config,
+            timing,
+            arrays,
+            ..
         } => selfcheck::explore(&opts, &config, timing, arrays),
         Cmd::Selfcheck { seed, json } => selfcheck::selfcheck(&opts, seed, json),
         Cmd::Train(a) => train::train_cmd(&opts, &a),

@@ -52,6 +52,37 @@ pub fn explore(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `explore --gguf FILE --text TEXT`: the page's model mode, natively.
+pub fn explore_model(
+    opts: &GpuOptions,
+    file: &std::path::Path,
+    text: &str,
+    view: &str,
+    timing: bool,
+    arrays: bool,
+) -> Result<ExitCode, Error> {
+    use sparse_attn::explore::model::{ModelSession, ModelView};
+    let view = ModelView::from_json(view)?;
+    let bytes = std::fs::read(file)
+        .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", file.display())))?;
+    let gpu = Gpu::new(opts)?;
+    let mut s = ModelSession::load(&gpu, &bytes)
+        .map_err(|e| Error::InvalidInput(format!("{}: {e}", file.display())))?;
+    let pre = pollster::block_on(s.prefill(&gpu, text))?;
+    let mut j = pollster::block_on(s.view(&gpu, &view, timing))?;
+    if let Some(o) = j.as_object_mut() {
+        if !arrays {
+            for key in ["block_mass", "selection", "sparsity"] {
+                o.remove(key);
+            }
+        }
+        o.insert("model".into(), s.info());
+        o.insert("pieces".into(), pre["pieces"].clone());
+    }
+    println!("{j}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Every kernel family against the f64 references (`sparse_attn::selfcheck`).
 pub fn run_checks(gpu: &Gpu, seed: u64) -> Result<Vec<sparse_attn::selfcheck::Check>, Error> {
     pollster::block_on(sparse_attn::selfcheck::selfcheck(gpu, seed))

@@ -3,6 +3,9 @@
 //! GPU, reduced to what a page shows. Async so the browser never blocks; native callers use
 //! `pollster::block_on`. Both give the same numbers for the same configuration and seed.
 
+#[cfg(feature = "llm")]
+pub mod model;
+
 use crate::error::{Result, invalid};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::attention::FullAttention;
@@ -223,13 +226,26 @@ fn mean(x: &[f32]) -> f64 {
 pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Explore> {
     cfg.validate()?;
     let shape = cfg.shape();
-    let sel_opts = cfg.select_options();
     let (q, k, v) = inputs(cfg);
     let [tq, tk, tv]: [Tensor; 3] = [
         gpu.upload(&shape.q_dims(), &q)?,
         gpu.upload(&shape.kv_dims(), &k)?,
         gpu.upload(&shape.kv_dims(), &v)?,
     ];
+    explore_qkv(gpu, cfg, [&tq, &tk, &tv], timing).await
+}
+
+/// [`explore`] on given q `[1, heads, seq, d]`, k and v `[1, kv_heads, seq, d]` (a model's
+/// layer, say) instead of the config's synthetic inputs.
+pub async fn explore_qkv(
+    gpu: &Gpu,
+    cfg: &ExploreConfig,
+    [tq, tk, tv]: [&Tensor; 3],
+    timing: bool,
+) -> Result<Explore> {
+    cfg.validate()?;
+    let shape = cfg.shape();
+    let sel_opts = cfg.select_options();
     let full = FullAttention::new(gpu, shape, &FullConfig::new(AttnOptions::causal(true)))?;
     let selector = BlockSelect::new(gpu, shape, &SelectConfig::new(sel_opts))?;
     let sparse = SparseAttention::new(gpu, shape, &SparseConfig::for_selection(&sel_opts))?;
@@ -239,16 +255,16 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let mut enc = gpu.encoder();
-    full.encode_forward(gpu, &mut enc, Qkv::new(&tq, &tk, &tv), &full_out)?;
-    selector.encode(gpu, &mut enc, &SelectInputs::new(&tq, &tk), &scratch, &sel)?;
+    full.encode_forward(gpu, &mut enc, Qkv::new(tq, tk, tv), &full_out)?;
+    selector.encode(gpu, &mut enc, &SelectInputs::new(tq, tk), &scratch, &sel)?;
     sparse.encode_forward(
         gpu,
         &mut enc,
-        &SparseInputs::new(&tq, &tk, &tv, &sel),
+        &SparseInputs::new(tq, tk, tv, &sel),
         &sparse_out,
     )?;
     gpu.queue().submit([enc.finish()]);
-    let m = metrics.compute(gpu, &tq, &tk, &sel)?;
+    let m = metrics.compute(gpu, tq, tk, &sel)?;
 
     let nb = selector.blocks();
     let (sq, g) = (cfg.seq, shape.group());
@@ -273,24 +289,19 @@ pub async fn explore(gpu: &Gpu, cfg: &ExploreConfig, timing: bool) -> Result<Exp
         let reps = 5;
         full_ms = gpu
             .time_async(reps, |enc| {
-                full.encode_forward(gpu, enc, Qkv::new(&tq, &tk, &tv), &full_out)
+                full.encode_forward(gpu, enc, Qkv::new(tq, tk, tv), &full_out)
             })
             .await?
             .map(|s| s * 1e3);
         select_ms = gpu
             .time_async(reps, |enc| {
-                selector.encode(gpu, enc, &SelectInputs::new(&tq, &tk), &scratch, &sel)
+                selector.encode(gpu, enc, &SelectInputs::new(tq, tk), &scratch, &sel)
             })
             .await?
             .map(|s| s * 1e3);
         sparse_ms = gpu
             .time_async(reps, |enc| {
-                sparse.encode_forward(
-                    gpu,
-                    enc,
-                    &SparseInputs::new(&tq, &tk, &tv, &sel),
-                    &sparse_out,
-                )
+                sparse.encode_forward(gpu, enc, &SparseInputs::new(tq, tk, tv, &sel), &sparse_out)
             })
             .await?
             .map(|s| s * 1e3);
@@ -321,6 +332,11 @@ impl Explore {
             "seq": c.seq, "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
             "block": c.block, "topk": c.topk, "n_init": c.n_init, "n_local": c.n_local,
             "seed": c.seed, "head": c.head, "needles": c.needles, "locality": c.locality,
+            "scoring": match c.scoring {
+                Scoring::Ssa => "ssa",
+                Scoring::Moba => "moba",
+                Scoring::InfLlmV2 => "infllm-v2",
+            },
             "blocks": self.blocks,
             "block_mass": self.block_mass,
             "selection": self.selection.iter()
