@@ -472,6 +472,23 @@ pub struct LlamaParams {
 }
 
 impl LlamaParams {
+    /// A small Llama for [`random_llama`] files (tests, the selfcheck, `gguf --random`): 2
+    /// layers, d_model 64, 4 query and 2 kv heads of 16, d_ff 96, RoPE base 10000.
+    pub fn tiny(vocab: usize, context: usize) -> Self {
+        Self {
+            layers: 2,
+            d_model: 64,
+            d_ff: 96,
+            heads_q: 4,
+            heads_kv: 2,
+            head_dim: 16,
+            context,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+            vocab,
+        }
+    }
+
     /// The model's hyperparameters; an error for another architecture or missing keys.
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let arch = g.str("general.architecture")?;

@@ -210,6 +210,27 @@ pub enum Scoring {
     InfLlmV2,
 }
 
+impl Scoring {
+    /// `ssa`, `moba`, `infllm-v2`: the names the CLI, the page and the JSON records use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scoring::Ssa => "ssa",
+            Scoring::Moba => "moba",
+            Scoring::InfLlmV2 => "infllm-v2",
+        }
+    }
+
+    /// The scoring named `s` (see [`Scoring::name`]).
+    pub fn parse(s: &str) -> Result<Scoring> {
+        match s {
+            "ssa" => Ok(Scoring::Ssa),
+            "moba" => Ok(Scoring::Moba),
+            "infllm-v2" => Ok(Scoring::InfLlmV2),
+            _ => invalid!("unknown scoring `{s}` (expected ssa, moba or infllm-v2)"),
+        }
+    }
+}
+
 /// Key pooling of a scoring mode: (window, stride) in tokens.
 pub fn pooling(opts: &SelectOptions) -> (usize, usize) {
     match opts.scoring {

@@ -311,18 +311,7 @@ pub async fn selfcheck(gpu: &Gpu, seed: u64) -> Result<Vec<Check>> {
 /// every position's logits against `reference::llama`.
 async fn llama(gpu: &Gpu, out: &mut Vec<Check>, seed: u64) -> Result<()> {
     use crate::llama::{ForwardOptions, Llama, Logits};
-    let p = crate::gguf::LlamaParams {
-        layers: 2,
-        d_model: 64,
-        d_ff: 96,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 16,
-        context: 64,
-        rope_base: 10000.0,
-        rms_eps: 1e-5,
-        vocab: 270,
-    };
+    let p = crate::gguf::LlamaParams::tiny(270, 64);
     let bytes = crate::gguf::random_llama(&p, seed)?;
     let mut rng = Rng::new(seed ^ 0x11a);
     let ids: Vec<u32> = (0..37).map(|_| (rng.next_u64() % 270) as u32).collect();

@@ -329,6 +329,80 @@ fn gguf_describes_a_model_file() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `gguf --random` writes a model that `gguf` reads back and `explore --gguf` (the page's model
+/// mode) runs: the view's numbers, both next-token previews, the tokens as pieces; bad views,
+/// layers and files are errors that name the problem.
+#[test]
+fn a_random_gguf_runs_in_explore_model_mode() {
+    let dir = temp_dir("explore-gguf");
+    let file = dir.join("random.gguf");
+    let f = file.to_str().unwrap();
+    let (ok, out, err) = run(&["gguf", "--random", f, "--layers", "3", "--seed", "9"]);
+    assert!(ok && out.contains("wrote"), "{err}");
+    let (ok, out, err) = run(&["gguf", f, "--json"]);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(j["llama"]["layers"], 3);
+    let text =
+        "the model reads this text about a keeper and a lamp, then some more of it to fill blocks";
+    let view = r#"{"layer":2,"head":3,"block":16,"topk":3,"n_init":1,"n_local":1}"#;
+    let (ok, out, err) = run(&["explore", "--gguf", f, "--text", text, "--config", view]);
+    if !ok && no_gpu_ok() {
+        return;
+    }
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(j["layer"], 2);
+    assert_eq!(j["head"], 3);
+    assert_eq!(j["model"]["heads"], 4);
+    let seq = j["seq"].as_u64().unwrap() as usize;
+    assert_eq!(j["pieces"].as_array().unwrap().len(), seq);
+    assert!(seq > 3 * 16, "{seq} tokens");
+    let kept = j["mean_sparsity"].as_f64().unwrap();
+    assert!(kept > 0.0 && kept < 1.0, "{kept}");
+    for top in ["top_full", "top_sparse"] {
+        let t = j[top].as_array().unwrap();
+        let p: Vec<f64> = t.iter().map(|x| x["p"].as_f64().unwrap()).collect();
+        assert_eq!(t.len(), 5, "{top}");
+        assert!(p.windows(2).all(|w| w[0] >= w[1]) && p.iter().sum::<f64>() <= 1.0 + 1e-9);
+    }
+    for (args, want) in [
+        (
+            vec!["--config", r#"{"layer":3}"#],
+            "layer 3 is out of range (the model has 3)",
+        ),
+        (vec!["--config", r#"{"topk":99}"#], "k = 99 is larger than"),
+        (
+            vec!["--config", r#"{"levels":1}"#],
+            "unknown field `levels`",
+        ),
+        (
+            vec!["--config", r#"{"scoring":"best"}"#],
+            "scoring must be ssa, moba or infllm-v2",
+        ),
+    ] {
+        let mut a = vec!["explore", "--gguf", f, "--text", text];
+        a.extend(args);
+        let (ok, _, err) = run(&a);
+        assert!(
+            !ok && err.contains(want) && !err.contains("panicked"),
+            "{want}: {err}"
+        );
+    }
+    let (ok, _, err) = run(&["explore", "--gguf", f]);
+    assert!(!ok && err.contains("--text"), "{err}");
+    let missing = dir.join("missing.gguf");
+    let (ok, _, err) = run(&[
+        "explore",
+        "--gguf",
+        missing.to_str().unwrap(),
+        "--text",
+        "a",
+    ]);
+    assert!(!ok && err.contains("cannot read"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn bench_full_prints_json_and_rejects_bad_flags() {
     let (ok, out, err) = run(&[

@@ -228,73 +228,43 @@ fn perplexity_sweep_full_rows_are_the_reference_and_sparse_rows_are_sparse() {
 /// The real SmolLM2-135M-Instruct against transformers (bench/smollm2/reference.json).
 #[test]
 fn smollm2_agrees_with_transformers() {
-    let path = std::env::var("SPARSE_ATTN_GGUF")
-        .unwrap_or_else(|_| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    if !std::path::Path::new(&path).exists() {
-        eprintln!("SKIPPED: no {path} (scripts/fetch-model.sh fetches it)");
+    let Some((path, prompts)) = common::smollm2() else {
         return;
-    }
+    };
     let Some(rt) = common::burn_runtime() else {
         return;
     };
     let p = Pretrained::load(path.as_ref(), &rt.device, SparseSettings::default()).unwrap();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("bench/smollm2/reference.json").unwrap())
-            .unwrap();
-    let u32s = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let f64s = |v: &serde_json::Value| -> Vec<f64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
     // Greedy continuations take 4 s a token on lavapipe (the first prompt's 64 tokens matched
     // there in 253 s): they run where SPARSE_ATTN_GPU_CHECK is set (scripts/gpu-check.sh).
     let greedy = std::env::var("SPARSE_ATTN_GPU_CHECK").is_ok();
-    for c in r["prompts"].as_array().unwrap() {
-        let text = c["text"].as_str().unwrap();
-        let given = c["given"].as_str().unwrap();
-        if c["kind"] == "chat" {
-            assert_eq!(p.tokenizer.chat_prompt(given, None).unwrap(), text);
+    for c in &prompts {
+        let (text, given) = (&c.text, &c.given);
+        if c.kind == "chat" {
+            assert_eq!(&p.tokenizer.chat_prompt(given, None).unwrap(), text);
         }
         let ids = p.tokenizer.encode(text).unwrap();
-        assert_eq!(ids, u32s(&c["ids"]), "{given:?}");
+        assert_eq!(ids, c.ids, "{given:?}");
         let n = ids.len();
         let v = p.config.vocab;
         let t0 = std::time::Instant::now();
         let logits = forward(&rt, &p.model, &p.config, &ids, Mode::Full);
         eprintln!("forward of {n} tokens: {:.1} s", t0.elapsed().as_secs_f64());
-        let last = &logits[(n - 1) * v..n * v];
-        let std = c["logit_std"].as_f64().unwrap();
-        let mut worst: f64 = 0.0;
-        for (ids_key, val_key) in [("top_ids", "top_logits"), ("fixed_ids", "fixed_logits")] {
-            for (id, want) in u32s(&c[ids_key]).iter().zip(f64s(&c[val_key])) {
-                worst = worst.max((last[*id as usize] as f64 - want).abs());
-            }
-        }
+        let std = c.logit_std;
+        let worst = c.worst(&logits[(n - 1) * v..n * v]);
         // The argmax after every prompt position.
-        let argmax: Vec<u32> = logits
-            .chunks_exact(v)
-            .map(|row| (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32)
-            .collect();
+        let argmax: Vec<u32> = logits.chunks_exact(v).map(common::argmax).collect();
         eprintln!(
             "{given:?}: {n} tokens, largest logit difference {worst:.2e} (logits' std {std:.2})"
         );
         // f32 through 30 layers against transformers in f64: observed up to 2.1e-5 of the
         // logits' spread (8.8e-5 absolute, lavapipe); a RoPE or norm slip moves them by units.
         assert!(worst < 2e-4 * std, "{given:?}: {worst}");
-        assert_eq!(argmax, u32s(&c["argmax"]), "{given:?}");
+        assert_eq!(argmax, c.argmax, "{given:?}");
         if !greedy {
             continue;
         }
-        let want = u32s(&c["greedy"]);
+        let want = &c.greedy;
         let t0 = std::time::Instant::now();
         let opts = GenerateOptions::new(Attention::Full, n + want.len());
         let mut dec = Decoder::new(&rt, p.model.clone(), &p.config, &opts).unwrap();
@@ -307,10 +277,10 @@ fn smollm2_agrees_with_transformers() {
         }
         assert_eq!(
             p.tokenizer.decode(&got, false).unwrap(),
-            c["greedy_text"].as_str().unwrap(),
+            c.greedy_text,
             "{given:?}"
         );
         eprintln!("greedy: {:.1} s", t0.elapsed().as_secs_f64());
-        assert_eq!(got, want, "{given:?}");
+        assert_eq!(&got, want, "{given:?}");
     }
 }

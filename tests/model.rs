@@ -392,72 +392,48 @@ fn sparse_forward_equals_burns() {
 /// forward per token, no cache: 64 prefills of the growing text).
 #[test]
 fn smollm2_on_our_kernels_agrees_with_transformers() {
-    let path = std::env::var("SPARSE_ATTN_GGUF")
-        .unwrap_or_else(|_| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    if !std::path::Path::new(&path).exists() {
-        eprintln!("SKIPPED: no {path} (scripts/fetch-model.sh fetches it)");
+    let Some((path, prompts)) = common::smollm2() else {
         return;
-    }
+    };
     let Some(gpu) = common::gpu() else {
         return;
     };
     let m = Llama::from_gguf(&gpu, &std::fs::read(&path).unwrap()).unwrap();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("bench/smollm2/reference.json").unwrap())
-            .unwrap();
-    let u32s = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect()
-    };
-    let argmax = |row: &[f32]| {
-        (0..row.len())
-            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
-            .unwrap() as u32
-    };
     let greedy = std::env::var("SPARSE_ATTN_GPU_CHECK").is_ok();
     let v = m.params.vocab;
-    for c in r["prompts"].as_array().unwrap() {
-        let given = c["given"].as_str().unwrap();
-        let ids = u32s(&c["ids"]);
-        let n = ids.len();
+    for c in &prompts {
+        let (given, n) = (&c.given, c.ids.len());
         let t0 = std::time::Instant::now();
         let all = ForwardOptions {
             logits: Logits::All,
             ..ForwardOptions::new()
         };
-        let logits = run(&gpu, &m, &ids, &all);
+        let logits = run(&gpu, &m, &c.ids, &all);
         eprintln!("forward of {n} tokens: {:.2} s", t0.elapsed().as_secs_f64());
-        let last = &logits[(n - 1) * v..n * v];
-        let std = c["logit_std"].as_f64().unwrap();
-        let mut worst: f64 = 0.0;
-        for (ids_key, val_key) in [("top_ids", "top_logits"), ("fixed_ids", "fixed_logits")] {
-            let want = c[val_key].as_array().unwrap();
-            for (id, w) in u32s(&c[ids_key]).iter().zip(want) {
-                worst = worst.max((last[*id as usize] as f64 - w.as_f64().unwrap()).abs());
-            }
-        }
+        let worst = c.worst(&logits[(n - 1) * v..n * v]);
+        let std = c.logit_std;
         eprintln!(
             "{given:?}: {n} tokens, largest logit difference {worst:.2e} (logits' std {std:.2})"
         );
         // The same bound as Burn's forward of this file (tests/llama.rs): f32 through 30 layers
         // against transformers in f64; a RoPE or norm slip moves logits by units.
         assert!(worst < 2e-4 * std, "{given:?}: {worst}");
-        let got: Vec<u32> = logits.chunks_exact(v).map(argmax).collect();
-        assert_eq!(got, u32s(&c["argmax"]), "{given:?}");
+        let got: Vec<u32> = logits.chunks_exact(v).map(common::argmax).collect();
+        assert_eq!(got, c.argmax, "{given:?}");
         if !greedy {
             continue;
         }
-        let want = u32s(&c["greedy"]);
         let t0 = std::time::Instant::now();
-        let mut text = ids.clone();
-        for _ in 0..want.len() {
-            let next = argmax(&run(&gpu, &m, &text, &ForwardOptions::new()));
-            text.push(next);
+        let mut text = c.ids.clone();
+        for _ in 0..c.greedy.len() {
+            text.push(common::argmax(&run(
+                &gpu,
+                &m,
+                &text,
+                &ForwardOptions::new(),
+            )));
         }
         eprintln!("greedy: {:.1} s", t0.elapsed().as_secs_f64());
-        assert_eq!(&text[n..], &want[..], "{given:?}");
+        assert_eq!(&text[n..], &c.greedy[..], "{given:?}");
     }
 }

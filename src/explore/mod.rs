@@ -98,14 +98,7 @@ impl ExploreConfig {
                         ))
                     })?
                 }
-                "scoring" => {
-                    c.scoring = match val.as_str() {
-                        Some("ssa") => Scoring::Ssa,
-                        Some("moba") => Scoring::Moba,
-                        Some("infllm-v2") => Scoring::InfLlmV2,
-                        _ => invalid!("explore config: scoring must be ssa, moba or infllm-v2"),
-                    }
-                }
+                "scoring" => c.scoring = parse_scoring(val, "explore config")?,
                 "inputs" => {
                     c.structured = match val.as_str() {
                         Some("structured") => true,
@@ -163,6 +156,14 @@ impl ExploreConfig {
         }
         self.shape().validate(&AttnOptions::causal(true))?;
         self.select_options().validate(&self.shape())
+    }
+}
+
+/// A JSON value naming a scoring; the error names the config (`what`).
+fn parse_scoring(val: &serde_json::Value, what: &str) -> Result<Scoring> {
+    match val.as_str().map(Scoring::parse) {
+        Some(Ok(s)) => Ok(s),
+        _ => invalid!("{what}: scoring must be ssa, moba or infllm-v2, got {val}"),
     }
 }
 
@@ -332,11 +333,7 @@ impl Explore {
             "seq": c.seq, "heads": c.heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
             "block": c.block, "topk": c.topk, "n_init": c.n_init, "n_local": c.n_local,
             "seed": c.seed, "head": c.head, "needles": c.needles, "locality": c.locality,
-            "scoring": match c.scoring {
-                Scoring::Ssa => "ssa",
-                Scoring::Moba => "moba",
-                Scoring::InfLlmV2 => "infllm-v2",
-            },
+            "scoring": c.scoring.name(),
             "blocks": self.blocks,
             "block_mass": self.block_mass,
             "selection": self.selection.iter()

@@ -67,14 +67,7 @@ impl ModelView {
                 "topk" => m.topk = num()?,
                 "n_init" => m.n_init = num()?,
                 "n_local" => m.n_local = num()?,
-                "scoring" => {
-                    m.scoring = match val.as_str() {
-                        Some("ssa") => Scoring::Ssa,
-                        Some("moba") => Scoring::Moba,
-                        Some("infllm-v2") => Scoring::InfLlmV2,
-                        _ => invalid!("model view: scoring must be ssa, moba or infllm-v2"),
-                    }
-                }
+                "scoring" => m.scoring = super::parse_scoring(val, "model view")?,
                 other => invalid!("model view: unknown field `{other}`"),
             }
         }

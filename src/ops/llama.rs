@@ -125,6 +125,32 @@ impl LlamaOps {
         window(0, t.len() as u64, 256)
     }
 
+    /// One launch of `groups` workgroups that binds each tensor of `views` (binding, name,
+    /// tensor) whole: the element offsets of `p` stay 0, as each binding starts at its tensor.
+    fn launch_whole(
+        gpu: &Gpu,
+        enc: &mut Encoder,
+        pipe: &Pipeline,
+        groups: usize,
+        p: LlmParams,
+        views: &[(u32, &str, &Tensor)],
+    ) -> Result<()> {
+        for &(_, what, t) in views {
+            Self::check_fits(gpu, what, t)?;
+        }
+        let grid = Self::grid(gpu, groups)?;
+        let p = LlmParams {
+            grid_x: grid.0,
+            ..p
+        };
+        let views: Vec<_> = views
+            .iter()
+            .map(|&(b, _, t)| (b, t, Self::whole(t)))
+            .collect();
+        launch::dispatch(gpu, enc, pipe, bytemuck::bytes_of(&p), &views, grid);
+        Ok(())
+    }
+
     /// `y[t, :] = table[ids[t], :]`: `ids` (each below the table's rows), `table`
     /// `[vocab, d]`, `y` `[ids.len(), d]`.
     pub fn embed(
@@ -191,28 +217,18 @@ impl LlamaOps {
             input("the norm's weight", gamma, &[d], DType::F32),
             output("the norm's output", y, &[n, d], DType::F32),
         ])?;
-        Self::check_fits(gpu, "the normed input", x)?;
-        let grid = Self::grid(gpu, n)?;
-        let (xw, gw, yw) = (Self::whole(x), Self::whole(gamma), Self::whole(y));
         let p = LlmParams {
             n: n as u32,
             k: d as u32,
-            x_off: xw.skip,
-            w_off: gw.skip,
-            y_off: yw.skip,
-            grid_x: grid.0,
             eps: eps as f32,
             ..LlmParams::zero()
         };
-        launch::dispatch(
-            gpu,
-            enc,
-            &self.rms_norm,
-            bytemuck::bytes_of(&p),
-            &[(1, x, xw), (2, gamma, gw), (4, y, yw)],
-            grid,
-        );
-        Ok(())
+        let views = [
+            (1, "the normed input", x),
+            (2, "the norm's weight", gamma),
+            (4, "the norm's output", y),
+        ];
+        Self::launch_whole(gpu, enc, &self.rms_norm, n, p, &views)
     }
 
     /// `y = x · wᵀ (+ resid)`: `x` `[n, k]`, `w` `[m, k]` (a GGUF weight: m rows of k),
@@ -305,31 +321,19 @@ impl LlamaOps {
         if !d.is_multiple_of(2) {
             invalid!("head_dim = {d}: RoPE rotates pairs");
         }
-        Self::check_fits(gpu, "the heads", y)?;
-        let grid = Self::grid(gpu, (b * s * h * d / 2).div_ceil(NT as usize))?;
-        let (xw, yw) = (Self::whole(x), Self::whole(y));
         let p = LlmParams {
             n: (b * s) as u32,
             k: d as u32,
             m: h as u32,
             seq: s as u32,
-            x_off: xw.skip,
-            y_off: yw.skip,
             pos0: rope.map_or(0, |r| r.pos0 as u32),
-            grid_x: grid.0,
             rope: rope.is_some() as u32,
             log2_base: rope.map_or(0.0, |r| r.base.log2() as f32),
             ..LlmParams::zero()
         };
-        launch::dispatch(
-            gpu,
-            enc,
-            &self.heads,
-            bytemuck::bytes_of(&p),
-            &[(1, x, xw), (4, y, yw)],
-            grid,
-        );
-        Ok(())
+        let groups = (b * s * h * d / 2).div_ceil(NT as usize);
+        let views = [(1, "the projected tokens", x), (4, "the heads", y)];
+        Self::launch_whole(gpu, enc, &self.heads, groups, p, &views)
     }
 
     /// Heads `x` `[b, heads, s, d]` back to token rows `y` `[b·s, heads·d]`.
@@ -339,28 +343,16 @@ impl LlamaOps {
             input("the attention output", x, &[b, h, s, d], DType::F32),
             output("the merged heads", y, &[b * s, h * d], DType::F32),
         ])?;
-        Self::check_fits(gpu, "the attention output", x)?;
-        let grid = Self::grid(gpu, (b * s * h * d).div_ceil(NT as usize))?;
-        let (xw, yw) = (Self::whole(x), Self::whole(y));
         let p = LlmParams {
             n: (b * s) as u32,
             k: d as u32,
             m: h as u32,
             seq: s as u32,
-            x_off: xw.skip,
-            y_off: yw.skip,
-            grid_x: grid.0,
             ..LlmParams::zero()
         };
-        launch::dispatch(
-            gpu,
-            enc,
-            &self.merge,
-            bytemuck::bytes_of(&p),
-            &[(1, x, xw), (4, y, yw)],
-            grid,
-        );
-        Ok(())
+        let groups = (b * s * h * d).div_ceil(NT as usize);
+        let views = [(1, "the attention output", x), (4, "the merged heads", y)];
+        Self::launch_whole(gpu, enc, &self.merge, groups, p, &views)
     }
 
     /// `y = silu(gate) ⊙ up`, all of one shape.
@@ -378,27 +370,17 @@ impl LlamaOps {
             input("the up projection", up, &dims, DType::F32),
             output("the SwiGLU output", y, &dims, DType::F32),
         ])?;
-        Self::check_fits(gpu, "the gate", gate)?;
         let n = gate.len();
-        let grid = Self::grid(gpu, n.div_ceil(NT as usize))?;
-        let (gw, uw, yw) = (Self::whole(gate), Self::whole(up), Self::whole(y));
         let p = LlmParams {
             n: n as u32,
-            x_off: gw.skip,
-            r_off: uw.skip,
-            y_off: yw.skip,
-            grid_x: grid.0,
             ..LlmParams::zero()
         };
-        launch::dispatch(
-            gpu,
-            enc,
-            &self.swiglu,
-            bytemuck::bytes_of(&p),
-            &[(1, gate, gw), (3, up, uw), (4, y, yw)],
-            grid,
-        );
-        Ok(())
+        let views = [
+            (1, "the gate", gate),
+            (3, "the up projection", up),
+            (4, "the SwiGLU output", y),
+        ];
+        Self::launch_whole(gpu, enc, &self.swiglu, n.div_ceil(NT as usize), p, &views)
     }
 }
 

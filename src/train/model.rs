@@ -77,24 +77,6 @@ impl Mode {
     }
 }
 
-/// `ssa`, `moba`, `infllm-v2`.
-pub fn scoring_name(s: Scoring) -> &'static str {
-    match s {
-        Scoring::Ssa => "ssa",
-        Scoring::Moba => "moba",
-        Scoring::InfLlmV2 => "infllm-v2",
-    }
-}
-
-pub fn parse_scoring(s: &str) -> Result<Scoring> {
-    match s {
-        "ssa" => Ok(Scoring::Ssa),
-        "moba" => Ok(Scoring::Moba),
-        "infllm-v2" => Ok(Scoring::InfLlmV2),
-        _ => invalid!("unknown scoring `{s}` (expected ssa, moba or infllm-v2)"),
-    }
-}
-
 /// Architecture and sparse-attention settings of a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LmConfig {
@@ -240,7 +222,7 @@ impl LmConfig {
             "heads_q": self.heads_q, "heads_kv": self.heads_kv, "d_ff": self.d_ff,
             "max_seq": self.max_seq, "rope_theta": self.rope_theta,
             "block": self.block, "topk": self.topk,
-            "scoring": scoring_name(self.scoring), "n_init": self.n_init,
+            "scoring": self.scoring.name(), "n_init": self.n_init,
             "n_local": self.n_local, "k_query": self.k_query,
             "gate": self.gate, "rms_eps": self.rms_eps,
         })
@@ -270,7 +252,7 @@ impl LmConfig {
             // Absent in checkpoints made before NOSA: SSA scoring, no forced blocks, no
             // eviction head (what those models were trained with).
             scoring: match v.get("scoring").and_then(|x| x.as_str()) {
-                Some(s) => parse_scoring(s)?,
+                Some(s) => Scoring::parse(s)?,
                 None => Scoring::Ssa,
             },
             n_init: v.get("n_init").and_then(|x| x.as_u64()).unwrap_or(0) as usize,

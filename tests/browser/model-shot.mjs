@@ -1,11 +1,12 @@
 // The page's model mode with a real model, for the README's picture (not part of CI: the model
 // is fetched by scripts/fetch-model.sh and SwiftShader takes minutes over it):
-//   node tests/browser/model-shot.mjs SITE_URL MODEL.gguf OUT.png [LAYER HEAD TOPK]
+//   node tests/browser/model-shot.mjs SITE_URL MODEL.gguf OUT.png [LAYER HEAD TOPK REPEAT]
+// (REPEAT: the page's default text that many times over: a model attends to the earlier copy.)
 // Drives headless Chromium (WebGPU on SwiftShader) through the file input and the controls,
 // and prints what the page computed (the view's numbers and both next-token previews).
 import { chromium } from "playwright-core";
 
-const [url, gguf, out, layer = "3", head = "0", topk = "4"] = process.argv.slice(2);
+const [url, gguf, out, layer = "3", head = "0", topk = "4", repeat = "1"] = process.argv.slice(2);
 if (!url || !gguf || !out) {
   console.error("usage: model-shot.mjs SITE_URL MODEL.gguf OUT.png [LAYER HEAD TOPK]");
   process.exit(2);
@@ -29,6 +30,8 @@ try {
   await page.goto(url);
   let runs = await done(page, 0);
   await page.locator("#mode-model").check();
+  const text = await page.locator("#text").inputValue();
+  await page.locator("#text").fill(Array(parseInt(repeat, 10)).fill(text).join(" "));
   const t0 = Date.now();
   await page.locator("#gguf").setInputFiles(gguf);
   runs = await done(page, runs);

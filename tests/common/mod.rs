@@ -137,16 +137,88 @@ pub fn dbias_error(
 /// A small Llama (2 layers, d_model 64, 4 query heads and 2 kv heads of 16, d_ff 96) for the
 /// GGUF files tests write with `gguf::random_llama`.
 pub fn tiny_llama(vocab: usize, context: usize) -> sparse_attn::gguf::LlamaParams {
-    sparse_attn::gguf::LlamaParams {
-        layers: 2,
-        d_model: 64,
-        d_ff: 96,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 16,
-        context,
-        rope_base: 10000.0,
-        rms_eps: 1e-5,
-        vocab,
+    sparse_attn::gguf::LlamaParams::tiny(vocab, context)
+}
+
+/// One prompt of bench/smollm2/reference.json: what Hugging Face transformers computed on the
+/// SmolLM2 file (bench/smollm2/reference.py, on the GPU machine).
+pub struct RefPrompt {
+    pub kind: String,
+    pub given: String,
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// The most likely next token after every prompt position.
+    pub argmax: Vec<u32>,
+    /// (token, logit) after the whole prompt: its top tokens and a fixed set.
+    pub logits: Vec<(u32, f64)>,
+    pub logit_std: f64,
+    pub greedy: Vec<u32>,
+    pub greedy_text: String,
+}
+
+impl RefPrompt {
+    /// The largest difference between `last` (logits after the prompt) and the reference's.
+    pub fn worst(&self, last: &[f32]) -> f64 {
+        self.logits
+            .iter()
+            .map(|&(id, want)| (last[id as usize] as f64 - want).abs())
+            .fold(0.0, f64::max)
     }
+}
+
+/// The most likely token of a row of logits.
+pub fn argmax(row: &[f32]) -> u32 {
+    (0..row.len())
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+        .unwrap() as u32
+}
+
+/// The SmolLM2 file (SPARSE_ATTN_GGUF, else where scripts/fetch-model.sh puts it) and the
+/// reference's prompts; `None`, saying so, where the file is not here.
+pub fn smollm2() -> Option<(String, Vec<RefPrompt>)> {
+    let path = std::env::var("SPARSE_ATTN_GGUF")
+        .unwrap_or_else(|_| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    if !std::path::Path::new(&path).exists() {
+        eprintln!("SKIPPED: no {path} (scripts/fetch-model.sh fetches it)");
+        return None;
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("bench/smollm2/reference.json").unwrap())
+            .unwrap();
+    let u32s = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let s = |v: &serde_json::Value| v.as_str().unwrap().to_string();
+    let prompts = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let mut logits = vec![];
+            for (ids, vals) in [("top_ids", "top_logits"), ("fixed_ids", "fixed_logits")] {
+                let vals = c[vals].as_array().unwrap();
+                logits.extend(
+                    u32s(&c[ids])
+                        .into_iter()
+                        .zip(vals.iter().map(|x| x.as_f64().unwrap())),
+                );
+            }
+            RefPrompt {
+                kind: s(&c["kind"]),
+                given: s(&c["given"]),
+                text: s(&c["text"]),
+                ids: u32s(&c["ids"]),
+                argmax: u32s(&c["argmax"]),
+                logits,
+                logit_std: c["logit_std"].as_f64().unwrap(),
+                greedy: u32s(&c["greedy"]),
+                greedy_text: s(&c["greedy_text"]),
+            }
+        })
+        .collect();
+    Some((path, prompts))
 }

@@ -34,15 +34,7 @@ pub fn gguf_cmd(a: &GgufArgs) -> Result<ExitCode, Error> {
     if a.random {
         let p = LlamaParams {
             layers: a.layers,
-            d_model: 64,
-            d_ff: 96,
-            heads_q: 4,
-            heads_kv: 2,
-            head_dim: 16,
-            context: 4096,
-            rope_base: 10000.0,
-            rms_eps: 1e-5,
-            vocab: 300,
+            ..LlamaParams::tiny(300, 4096)
         };
         if !(1..=64).contains(&a.layers) {
             return Err(Error::InvalidInput(format!(

@@ -194,7 +194,6 @@ pub struct RunArgs {
 impl RunArgs {
     pub fn config(&self, mode: &str) -> Result<sparse_attn::train::TrainConfig, Error> {
         use sparse_attn::Scoring;
-        use sparse_attn::train::model::parse_scoring;
         use sparse_attn::train::{LmConfig, Mode, TrainConfig};
         let a = self;
         let mode = Mode::parse(mode)?;
@@ -212,7 +211,7 @@ impl RunArgs {
                 block: a.block,
                 topk: a.topk,
                 scoring: match &a.scoring {
-                    Some(s) => parse_scoring(s)?,
+                    Some(s) => sparse_attn::problem::Scoring::parse(s)?,
                     None if nosa => Scoring::InfLlmV2,
                     None => Scoring::Ssa,
                 },
