@@ -1,16 +1,18 @@
 //! A GGUF model on this crate's own kernels (no Burn): tokenize a text with the file's
 //! tokenizer, run the model over it, print the most likely next tokens with full attention and
 //! with block-sparse attention in every layer, and the GPU time of one forward (full and
-//! sparse, prefill of the whole text) with its arithmetic rate.
+//! sparse, prefill of the whole text) with its arithmetic rate; then decode 64 tokens greedily
+//! with a KV cache for a batch of copies of the text (full, sparse), printing the text and
+//! tokens/s (wall time, the host reading each step's logits and taking their argmax).
 //!
 //!     scripts/fetch-model.sh
 //!     cargo run --release --example llama -- models/SmolLM2-135M-Instruct.Q4_1.gguf "Once upon a time"
-//!     # a longer prefill: the text repeated to N tokens
-//!     cargo run --release --example llama -- MODEL.gguf "Once upon a time" 2048
+//!     # a longer prefill (the text repeated to N tokens) and a batch of B sequences
+//!     cargo run --release --example llama -- MODEL.gguf "Once upon a time" 2048 16
 
 use sparse_attn::gguf::Gguf;
 use sparse_attn::gpu::Reps;
-use sparse_attn::llama::{ForwardOptions, Llama, ModelAttention, top_tokens};
+use sparse_attn::llama::{DecoderOptions, ForwardOptions, Llama, ModelAttention, top_tokens};
 use sparse_attn::problem::{Scoring, SelectOptions};
 use sparse_attn::tokenizer::Tokenizer;
 use sparse_attn::{Error, Gpu, GpuOptions};
@@ -19,16 +21,18 @@ fn main() -> sparse_attn::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [file, text, rest @ ..] = args.as_slice() else {
         return Err(Error::InvalidInput(
-            "usage: llama MODEL.gguf TEXT [TOKENS]".into(),
+            "usage: llama MODEL.gguf TEXT [TOKENS [BATCH]]".into(),
         ));
     };
-    let want: Option<usize> = match rest.first() {
-        Some(n) => Some(
-            n.parse()
-                .map_err(|_| Error::InvalidInput(format!("TOKENS must be a number, got {n}")))?,
-        ),
-        None => None,
+    let num = |i: usize, what: &str| -> sparse_attn::Result<Option<usize>> {
+        rest.get(i)
+            .map(|n| {
+                n.parse()
+                    .map_err(|_| Error::InvalidInput(format!("{what} must be a number, got {n}")))
+            })
+            .transpose()
     };
+    let (want, batch) = (num(0, "TOKENS")?, num(1, "BATCH")?.unwrap_or(1));
     let bytes =
         std::fs::read(file).map_err(|e| Error::InvalidInput(format!("cannot read {file}: {e}")))?;
     let gpu = Gpu::new(&GpuOptions::default())?;
@@ -97,6 +101,49 @@ fn main() -> sparse_attn::Result<()> {
             t.seconds * 1e3,
             flops / t.seconds / 1e12,
             n as f64 / t.seconds
+        );
+    }
+    // Decoding: the text as the prompt of `batch` sequences, then 64 greedy tokens.
+    let steps = 64;
+    for (name, attention) in [
+        ("full", ModelAttention::Full),
+        ("sparse", ModelAttention::Sparse(sparse)),
+    ] {
+        let opts = DecoderOptions {
+            batch,
+            capacity: n + steps,
+            attention,
+            offload_slots: None,
+        };
+        let mut dec = model.decoder(&gpu, &opts)?;
+        let argmax = |l: &[f32]| -> Vec<u32> {
+            l.chunks_exact(p.vocab)
+                .map(|r| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap() as u32)
+                .collect()
+        };
+        let t0 = std::time::Instant::now();
+        let prompt: Vec<u32> = (0..batch).flat_map(|_| ids.iter().copied()).collect();
+        let mut enc = gpu.encoder();
+        let l = dec.step(&gpu, &mut enc, &prompt)?;
+        gpu.queue().submit([enc.finish()]);
+        let mut next = argmax(&gpu.read(&l)?);
+        let prefill = t0.elapsed().as_secs_f64();
+        let mut out = vec![next[0]];
+        let t0 = std::time::Instant::now();
+        for _ in 1..steps {
+            let mut enc = gpu.encoder();
+            let l = dec.step(&gpu, &mut enc, &next)?;
+            gpu.queue().submit([enc.finish()]);
+            next = argmax(&gpu.read(&l)?);
+            out.push(next[0]);
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        println!(
+            "{name:>6} decoding, batch {batch}: prefill {:.1} ms, {:.1} ms/step, {:.0} tokens/s: {:?}",
+            prefill * 1e3,
+            dt / (steps - 1) as f64 * 1e3,
+            (batch * (steps - 1)) as f64 / dt,
+            tok.decode(&out, false)?
         );
     }
     Ok(())

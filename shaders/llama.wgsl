@@ -146,6 +146,59 @@ fn matmul(
     }
 }
 
+// Y = X·Wᵀ (+ R) for a few rows (decoding: one token per sequence): a workgroup per MV output
+// columns, its NR threads splitting k, every row of X at once (n <= MV_ROWS). A 64 x 64 tile
+// would leave most of the GPU idle at n = 1 (9 workgroups for 576 columns).
+const MV: u32 = 4u;
+const MV_ROWS: u32 = 8u;
+var<workgroup> mv_red: array<f32, 2048>; // NR * MV * MV_ROWS
+
+@compute @workgroup_size(NR)
+fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c0 = (wg.y * prm.grid_x + wg.x) * MV;
+    if (c0 >= prm.m) {
+        return; // uniform per workgroup
+    }
+    var acc: array<array<f32, MV>, MV_ROWS>;
+    for (var kk = lid; kk < prm.k; kk += NR) {
+        var wv: array<f32, MV>;
+        for (var j = 0u; j < MV; j++) {
+            wv[j] = select(0.0, w[prm.w_off + min(c0 + j, prm.m - 1u) * prm.k + kk], c0 + j < prm.m);
+        }
+        for (var row = 0u; row < prm.n; row++) {
+            let xv = x[prm.x_off + row * prm.k + kk];
+            for (var j = 0u; j < MV; j++) {
+                acc[row][j] += xv * wv[j];
+            }
+        }
+    }
+    for (var row = 0u; row < MV_ROWS; row++) {
+        for (var j = 0u; j < MV; j++) {
+            mv_red[(row * MV + j) * NR + lid] = acc[row][j];
+        }
+    }
+    workgroupBarrier();
+    for (var s = NR / 2u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            for (var i = 0u; i < MV * MV_ROWS; i++) {
+                mv_red[i * NR + lid] += mv_red[i * NR + lid + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    if (lid < MV * MV_ROWS) {
+        let row = lid / MV;
+        let col = c0 + lid % MV;
+        if (row < prm.n && col < prm.m) {
+            var v = mv_red[lid * NR];
+//#if RESID
+            v += r[prm.r_off + row * prm.y_stride + col];
+//#endif
+            y[prm.y_off + row * prm.y_stride + col] = v;
+        }
+    }
+}
+
 // [b·s, heads·d] token rows → [b, heads, s, d], pair i of a head rotated by
 // pos · base^(-2i/d) (llama.cpp's adjacent pairs) when prm.rope is set. A thread per pair.
 @compute @workgroup_size(NT)

@@ -7,14 +7,16 @@
 //! attention maps can be drawn. `reference::llama` is its f64 truth; `train::llama` runs the
 //! same file through Burn.
 
+use crate::decode::{DecodeLayer, LayerConfig};
 use crate::error::{Result, invalid};
 use crate::gguf::{Gguf, LlamaParams};
+use crate::gpu::encoder::BindCache;
 use crate::gpu::{DType, Encoder, Gpu, Tensor};
 use crate::ops::attention::{AttnOutput, FullAttention};
 use crate::ops::llama::{LlamaOps, Rope};
 use crate::ops::select::{BlockSelect, SelectInputs};
 use crate::ops::sparse::SparseAttention;
-use crate::problem::{AttnOptions, AttnShape, SelectOptions};
+use crate::problem::{AttnOptions, AttnShape, CacheShape, SelectOptions};
 use crate::{FullConfig, Qkv, SelectConfig, SparseConfig, SparseInputs};
 
 #[derive(Debug)]
@@ -206,21 +208,9 @@ impl Llama {
                 p.context
             );
         }
-        let n = b * s;
-        let (d, ff, dh) = (p.d_model, p.d_ff, p.head_dim);
         let shape = self.shape(b, s);
         let attn = AttnOptions::causal(true);
         shape.validate(&attn)?;
-        // Every activation is bound whole: the largest is the SwiGLU's [n, d_ff].
-        let widest = 4 * (n * ff.max(d)) as u64;
-        if widest > gpu.max_binding() {
-            invalid!(
-                "{n} tokens need activations of {widest} bytes, more than this device binds at \
-                 once ({} bytes): run at most {} tokens at a time",
-                gpu.max_binding(),
-                gpu.max_binding() / (4 * ff.max(d)) as u64
-            );
-        }
         enum Att {
             Full(FullAttention),
             Sparse {
@@ -246,7 +236,6 @@ impl Llama {
                 }
             }
         };
-        let f32t = |dims: &[usize]| gpu.empty(dims, DType::F32);
         let sel = match &att {
             Att::Sparse { select, .. } => Some((
                 select.scratch(gpu)?,
@@ -254,17 +243,10 @@ impl Llama {
             )),
             Att::Full(_) => None,
         };
-        let (x, x2) = (f32t(&[n, d])?, f32t(&[n, d])?);
-        let h = f32t(&[n, d])?;
-        let (qt, kt, vt) = (
-            f32t(&[n, p.heads_q * dh])?,
-            f32t(&[n, p.heads_kv * dh])?,
-            f32t(&[n, p.heads_kv * dh])?,
-        );
+        let sc = Scratch::new(gpu, p, b, s)?;
         let out = AttnOutput::empty(gpu, &shape)?;
-        let merged = f32t(&[n, d])?;
-        let (g, u, act) = (f32t(&[n, ff])?, f32t(&[n, ff])?, f32t(&[n, ff])?);
         let qkv_bufs = || -> Result<LayerQkv> {
+            let f32t = |dims: &[usize]| gpu.empty(dims, DType::F32);
             Ok(LayerQkv {
                 q: f32t(&shape.q_dims())?,
                 k: f32t(&shape.kv_dims())?,
@@ -273,12 +255,7 @@ impl Llama {
         };
         let mut kept = vec![];
         let mut shared = None;
-        let rope = Rope {
-            pos0: 0,
-            base: p.rope_base,
-        };
-        let ops = &self.ops;
-        ops.embed(gpu, enc, tokens, &self.embed, &x)?;
+        self.ops.embed(gpu, enc, tokens, &self.embed, &sc.x)?;
         for lw in &self.layers {
             let heads = match opts.keep_qkv {
                 true => {
@@ -292,50 +269,362 @@ impl Llama {
                     shared.as_ref().unwrap()
                 }
             };
-            ops.rms_norm(gpu, enc, &x, &lw.attn_norm, p.rms_eps, &h)?;
-            ops.linear(gpu, enc, &h, &lw.wq, None, &qt)?;
-            ops.linear(gpu, enc, &h, &lw.wk, None, &kt)?;
-            ops.linear(gpu, enc, &h, &lw.wv, None, &vt)?;
-            ops.heads(gpu, enc, &qt, Some(rope), &heads.q)?;
-            ops.heads(gpu, enc, &kt, Some(rope), &heads.k)?;
-            ops.heads(gpu, enc, &vt, None, &heads.v)?;
-            let (q, k, v) = (&heads.q, &heads.k, &heads.v);
-            match (&att, &sel) {
-                (Att::Full(full), _) => full.encode_forward(gpu, enc, Qkv::new(q, k, v), &out)?,
-                (Att::Sparse { select, sparse }, Some((scratch, selection))) => {
-                    select.encode(gpu, enc, &SelectInputs::new(q, k), scratch, selection)?;
-                    let inputs = SparseInputs::new(q, k, v, selection);
-                    sparse.encode_forward(gpu, enc, &inputs, &out)?;
+            self.layer(gpu, enc, lw, &sc, heads, 0, &out.o, &mut |enc, h, o| {
+                let (q, k, v) = (&h.q, &h.k, &h.v);
+                let out = AttnOutput {
+                    o: o.clone(),
+                    lse: out.lse.clone(),
+                };
+                match (&att, &sel) {
+                    (Att::Full(full), _) => full.encode_forward(gpu, enc, Qkv::new(q, k, v), &out),
+                    (Att::Sparse { select, sparse }, Some((scratch, selection))) => {
+                        select.encode(gpu, enc, &SelectInputs::new(q, k), scratch, selection)?;
+                        let inputs = SparseInputs::new(q, k, v, selection);
+                        sparse.encode_forward(gpu, enc, &inputs, &out)
+                    }
+                    (Att::Sparse { .. }, None) => {
+                        unreachable!("sparse attention has its selection")
+                    }
                 }
-                (Att::Sparse { .. }, None) => unreachable!("sparse attention has its selection"),
-            }
-            ops.merge(gpu, enc, &out.o, &merged)?;
-            ops.linear(gpu, enc, &merged, &lw.wo, Some(&x), &x2)?;
-            ops.rms_norm(gpu, enc, &x2, &lw.ffn_norm, p.rms_eps, &h)?;
-            ops.linear(gpu, enc, &h, &lw.gate, None, &g)?;
-            ops.linear(gpu, enc, &h, &lw.up, None, &u)?;
-            ops.swiglu(gpu, enc, &g, &u, &act)?;
-            ops.linear(gpu, enc, &act, &lw.down, Some(&x2), &x)?;
+            })?;
         }
-        let head = self.head.as_ref().unwrap_or(&self.embed);
-        let last = match opts.logits {
-            Logits::All => None,
-            Logits::Last => {
-                // Each sequence's last row, gathered like an embedding lookup.
-                let rows: Vec<u32> = (0..b).map(|i| (i * s + s - 1) as u32).collect();
-                let last = f32t(&[b, d])?;
-                ops.embed(gpu, enc, &rows, &x, &last)?;
-                Some(last)
-            }
-        };
-        let rows = last.as_ref().unwrap_or(&x);
-        let normed = f32t(rows.shape())?;
-        ops.rms_norm(gpu, enc, rows, &self.out_norm, p.rms_eps, &normed)?;
-        let logits = f32t(&[rows.shape()[0], p.vocab])?;
-        ops.linear(gpu, enc, &normed, head, None, &logits)?;
+        let logits = self.logits(gpu, enc, &sc, b, s, opts.logits)?;
         Ok(Forward {
             logits,
             layers: kept,
+        })
+    }
+
+    /// One layer on `sc.x` (the result back in `sc.x`), its q, k, v written to `heads` (RoPE
+    /// from position `pos0`); `attend` writes the attention output `[b, hq, s, d]` to `o`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &self,
+        gpu: &Gpu,
+        enc: &mut Encoder,
+        lw: &LayerWeights,
+        sc: &Scratch,
+        heads: &LayerQkv,
+        pos0: usize,
+        o: &Tensor,
+        attend: &mut dyn FnMut(&mut Encoder, &LayerQkv, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let (ops, eps) = (&self.ops, self.params.rms_eps);
+        let rope = Rope {
+            pos0,
+            base: self.params.rope_base,
+        };
+        ops.rms_norm(gpu, enc, &sc.x, &lw.attn_norm, eps, &sc.h)?;
+        ops.linear(gpu, enc, &sc.h, &lw.wq, None, &sc.qt)?;
+        ops.linear(gpu, enc, &sc.h, &lw.wk, None, &sc.kt)?;
+        ops.linear(gpu, enc, &sc.h, &lw.wv, None, &sc.vt)?;
+        ops.heads(gpu, enc, &sc.qt, Some(rope), &heads.q)?;
+        ops.heads(gpu, enc, &sc.kt, Some(rope), &heads.k)?;
+        ops.heads(gpu, enc, &sc.vt, None, &heads.v)?;
+        attend(enc, heads, o)?;
+        ops.merge(gpu, enc, o, &sc.merged)?;
+        ops.linear(gpu, enc, &sc.merged, &lw.wo, Some(&sc.x), &sc.x2)?;
+        ops.rms_norm(gpu, enc, &sc.x2, &lw.ffn_norm, eps, &sc.h)?;
+        ops.linear(gpu, enc, &sc.h, &lw.gate, None, &sc.g)?;
+        ops.linear(gpu, enc, &sc.h, &lw.up, None, &sc.u)?;
+        ops.swiglu(gpu, enc, &sc.g, &sc.u, &sc.act)?;
+        ops.linear(gpu, enc, &sc.act, &lw.down, Some(&sc.x2), &sc.x)
+    }
+
+    /// The output head over `sc.x` (`b` sequences of `s` rows): every row or each last one.
+    fn logits(
+        &self,
+        gpu: &Gpu,
+        enc: &mut Encoder,
+        sc: &Scratch,
+        b: usize,
+        s: usize,
+        which: Logits,
+    ) -> Result<Tensor> {
+        let (ops, p) = (&self.ops, &self.params);
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let last = match which {
+            Logits::Last if s > 1 => {
+                // Each sequence's last row, gathered like an embedding lookup.
+                let rows: Vec<u32> = (0..b).map(|i| (i * s + s - 1) as u32).collect();
+                let last = gpu.empty(&[b, p.d_model], DType::F32)?;
+                ops.embed(gpu, enc, &rows, &sc.x, &last)?;
+                Some(last)
+            }
+            _ => None,
+        };
+        let rows = last.as_ref().unwrap_or(&sc.x);
+        let normed = gpu.empty(rows.shape(), DType::F32)?;
+        ops.rms_norm(gpu, enc, rows, &self.out_norm, p.rms_eps, &normed)?;
+        let logits = gpu.empty(&[rows.shape()[0], p.vocab], DType::F32)?;
+        ops.linear(gpu, enc, &normed, head, None, &logits)?;
+        Ok(logits)
+    }
+
+    /// A decoder of `opts.batch` sequences over a KV cache (see [`LlamaDecoder`]).
+    pub fn decoder(&self, gpu: &Gpu, opts: &DecoderOptions) -> Result<LlamaDecoder<'_>> {
+        let p = &self.params;
+        if opts.batch == 0 || opts.capacity == 0 {
+            invalid!("a decoder needs at least one sequence and a capacity of at least one token");
+        }
+        if opts.capacity > p.context {
+            invalid!(
+                "a capacity of {} tokens exceeds the model's context of {}",
+                opts.capacity,
+                p.context
+            );
+        }
+        let select = match opts.attention {
+            ModelAttention::Full => None,
+            ModelAttention::Sparse(s) => Some(s),
+        };
+        let mut capacity = opts.capacity;
+        if let Some(s) = &select {
+            // Room for the budget's blocks (a short sequence attends to all of its blocks).
+            capacity = capacity.next_multiple_of(s.block).max(s.k * s.block);
+        }
+        let cache = CacheShape {
+            batch: opts.batch,
+            heads_kv: p.heads_kv,
+            capacity,
+            head_dim: p.head_dim,
+        };
+        let layer = LayerConfig {
+            select,
+            offload_slots: opts.offload_slots,
+            ..LayerConfig::new(cache, p.heads_q, DType::F32)
+        };
+        let layers = (0..p.layers)
+            .map(|_| DecodeLayer::new(gpu, &layer))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LlamaDecoder {
+            model: self,
+            batch: opts.batch,
+            capacity: opts.capacity,
+            len: 0,
+            offloaded: opts.offload_slots.is_some(),
+            binds: (0..p.layers).map(|_| BindCache::default()).collect(),
+            layers,
+            steps: Vec::new(),
+        })
+    }
+}
+
+/// The activations of one forward of `b · s` tokens.
+#[derive(Debug)]
+struct Scratch {
+    x: Tensor,
+    x2: Tensor,
+    h: Tensor,
+    qt: Tensor,
+    kt: Tensor,
+    vt: Tensor,
+    merged: Tensor,
+    g: Tensor,
+    u: Tensor,
+    act: Tensor,
+}
+
+impl Scratch {
+    fn new(gpu: &Gpu, p: &LlamaParams, b: usize, s: usize) -> Result<Self> {
+        let n = b * s;
+        let (d, ff, kv) = (p.d_model, p.d_ff, p.heads_kv * p.head_dim);
+        // Every activation is bound whole: the largest is the SwiGLU's [n, d_ff].
+        let widest = 4 * (n * ff.max(d)) as u64;
+        if widest > gpu.max_binding() {
+            invalid!(
+                "{n} tokens need activations of {widest} bytes, more than this device binds at \
+                 once ({} bytes): run at most {} tokens at a time",
+                gpu.max_binding(),
+                gpu.max_binding() / (4 * ff.max(d)) as u64
+            );
+        }
+        let t = |cols: usize| gpu.empty(&[n, cols], DType::F32);
+        Ok(Self {
+            x: t(d)?,
+            x2: t(d)?,
+            h: t(d)?,
+            qt: t(p.heads_q * p.head_dim)?,
+            kt: t(kv)?,
+            vt: t(kv)?,
+            merged: t(d)?,
+            g: t(ff)?,
+            u: t(ff)?,
+            act: t(ff)?,
+        })
+    }
+}
+
+/// How to build a [`LlamaDecoder`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecoderOptions {
+    pub batch: usize,
+    /// Tokens per sequence the cache holds (prompt and generated).
+    pub capacity: usize,
+    pub attention: ModelAttention,
+    /// Offload the KV cache to host memory with this many GPU block slots per (sequence, kv
+    /// head) (NOSA's engine; sparse attention only).
+    pub offload_slots: Option<usize>,
+}
+
+/// The state of one width of step (`n` tokens per sequence): its activations and buffers.
+struct DecodeStep {
+    n: usize,
+    sc: Scratch,
+    heads: LayerQkv,
+    o: Tensor,
+}
+
+/// Decoding with a KV cache on our kernels: [`Self::step`] feeds `n` tokens per sequence (a
+/// prompt, then one at a time) through every layer's [`DecodeLayer`] (append, select where
+/// sparse, copy missing blocks where offloaded, attend) and returns the logits after each
+/// sequence's last token. The sequences advance together (equal lengths).
+pub struct LlamaDecoder<'m> {
+    model: &'m Llama,
+    batch: usize,
+    capacity: usize,
+    len: usize,
+    offloaded: bool,
+    layers: Vec<DecodeLayer>,
+    /// One per layer: the bind groups of its dispatches around attention.
+    binds: Vec<BindCache>,
+    /// Kept per step width: the layers keep their bind groups when the buffers repeat.
+    steps: Vec<DecodeStep>,
+}
+
+/// Prompt tokens per sequence and step when the cache is on the GPU.
+const PROMPT_STEP: usize = 64;
+
+impl LlamaDecoder<'_> {
+    /// Tokens per sequence decoded so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Record the step of `tokens` (`batch` sequences of `n` tokens each, sequence-major) into
+    /// `enc`; returns the logits `[batch, vocab]` after each sequence's last new token (read
+    /// them after submitting).
+    pub fn step(&mut self, gpu: &Gpu, enc: &mut Encoder, tokens: &[u32]) -> Result<Tensor> {
+        let b = self.batch;
+        if tokens.is_empty() || !tokens.len().is_multiple_of(b) {
+            invalid!(
+                "{} tokens do not make {b} sequences of equal nonzero length",
+                tokens.len()
+            );
+        }
+        let n = tokens.len() / b;
+        // Checked here as well as by the embedding: a prompt taken in parts must not fail
+        // half way.
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.model.params.vocab)
+        {
+            invalid!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.model.params.vocab
+            );
+        }
+        if self.len + n > self.capacity {
+            invalid!(
+                "{} more tokens per sequence would exceed the decoder's capacity of {} ({} used)",
+                n,
+                self.capacity,
+                self.len
+            );
+        }
+        // A prompt goes through a cache on the GPU PROMPT_STEP tokens at a time (the decode
+        // kernels' partial results grow with the new tokens); an offloaded cache takes it whole
+        // (through the prefill kernels: its GPU slots hold one query's blocks).
+        let width = match self.offloaded {
+            true => n,
+            false => n.min(PROMPT_STEP),
+        };
+        let mut last = None;
+        for t0 in (0..n).step_by(width) {
+            let t1 = (t0 + width).min(n);
+            let part: Vec<u32> = tokens.chunks(n).flat_map(|q| q[t0..t1].to_vec()).collect();
+            last = Some(self.layers_step(gpu, enc, &part, t1 - t0)?);
+        }
+        let i = last.expect("at least one token per sequence");
+        let st = &self.steps[i];
+        let logits = self.model.logits(gpu, enc, &st.sc, b, st.n, Logits::Last)?;
+        Ok(logits)
+    }
+
+    /// Every layer for `tokens`, `n` per sequence; returns the index of the step state whose
+    /// `sc.x` holds the result.
+    fn layers_step(
+        &mut self,
+        gpu: &Gpu,
+        enc: &mut Encoder,
+        tokens: &[u32],
+        n: usize,
+    ) -> Result<usize> {
+        let (m, b) = (self.model, self.batch);
+        let i = match self.steps.iter().position(|st| st.n == n) {
+            Some(i) => i,
+            None => {
+                let shape = m.shape(b, n);
+                let f32t = |dims: &[usize]| gpu.empty(dims, DType::F32);
+                self.steps.push(DecodeStep {
+                    n,
+                    sc: Scratch::new(gpu, &m.params, b, n)?,
+                    heads: LayerQkv {
+                        q: f32t(&shape.q_dims())?,
+                        k: f32t(&shape.kv_dims())?,
+                        v: f32t(&shape.kv_dims())?,
+                    },
+                    o: f32t(&shape.q_dims())?,
+                });
+                self.steps.len() - 1
+            }
+        };
+        let st = &self.steps[i];
+        m.ops.embed(gpu, enc, tokens, &m.embed, &st.sc.x)?;
+        let pos0 = self.len;
+        for ((lw, dl), binds) in m.layers.iter().zip(&mut self.layers).zip(&self.binds) {
+            // Each step records the same dispatches on the same buffers: keep the bind groups
+            // (they cost more host time than the small kernels of a step take on the GPU).
+            enc.keeping(binds, |enc| {
+                m.layer(
+                    gpu,
+                    enc,
+                    lw,
+                    &st.sc,
+                    &st.heads,
+                    pos0,
+                    &st.o,
+                    &mut |enc, h, o| dl.encode_step(gpu, enc, &h.q, &h.k, &h.v, None, o),
+                )
+            })?;
+        }
+        self.len += n;
+        Ok(i)
+    }
+
+    /// Hit rate of the offloaded cache's GPU slots over the steps so far (None: not offloaded).
+    /// Native: it waits for the GPU.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn hit_rate(&self, gpu: &Gpu) -> Result<Option<f64>> {
+        let mut hits = (0u64, 0u64);
+        for l in &self.layers {
+            if let Some(s) = l.offload_stats(gpu)? {
+                hits.0 += s.hits;
+                hits.1 += s.selected;
+            }
+        }
+        Ok((hits.1 > 0).then(|| hits.0 as f64 / hits.1 as f64))
+    }
+
+    /// Bytes of the KV cache on the GPU and in host memory, all layers.
+    pub fn kv_bytes(&self) -> (u64, u64) {
+        self.layers.iter().fold((0, 0), |a, l| {
+            let (g, h) = l.kv_bytes();
+            (a.0 + g, a.1 + h)
         })
     }
 }

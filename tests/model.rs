@@ -7,7 +7,9 @@
 mod common;
 
 use sparse_attn::gguf::random_llama;
-use sparse_attn::llama::{ForwardOptions, Llama, Logits, ModelAttention, top_tokens};
+use sparse_attn::llama::{
+    DecoderOptions, ForwardOptions, Llama, Logits, ModelAttention, top_tokens,
+};
 use sparse_attn::ops::llama::{LlamaOps, Rope};
 use sparse_attn::problem::{Scoring, SelectOptions};
 use sparse_attn::reference::{Rng, compare, llama as rl};
@@ -42,42 +44,44 @@ fn layer_kernels_equal_their_references() {
         let seed = Rng::fresh_seed();
         eprintln!("seed {seed}, binding limit {limit:?}");
         let mut rng = Rng::new(seed);
-        // Linear: x [n, k] · w [m, k]ᵀ + r. 16 KiB holds 102 rows of 40 values, so w (130
-        // rows) and x (67 rows of max(40, 130) = 130) are split.
-        let (n, k, m) = (67, 40, 130);
-        let (x, w, r) = (
-            rng.normal_vec(n * k, 1.0),
-            rng.normal_vec(m * k, 1.0),
-            rng.normal_vec(n * m, 1.0),
-        );
-        let (tx, tw, tr) = (
-            gpu.upload(&[n, k], &x).unwrap(),
-            gpu.upload(&[m, k], &w).unwrap(),
-            gpu.upload(&[n, m], &r).unwrap(),
-        );
-        for resid in [false, true] {
-            let ty = poisoned(&gpu, &[n, m]);
-            let mut enc = gpu.encoder();
-            let rt = resid.then_some(&tr);
-            ops.linear(&gpu, &mut enc, &tx, &tw, rt, &ty).unwrap();
-            gpu.queue().submit([enc.finish()]);
-            let want: Vec<f32> = x
-                .chunks(k)
-                .enumerate()
-                .flat_map(|(i, row)| {
-                    let y = rl::matvec(&w, &to64(row));
-                    let add = |j: usize| if resid { r[i * m + j] as f64 } else { 0.0 };
-                    y.iter()
-                        .enumerate()
-                        .map(|(j, v)| (v + add(j)) as f32)
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            let e = compare(&gpu.read(&ty).unwrap(), &want);
-            assert!(
-                e.rel_l2 < 1e-5 && e.non_finite == 0,
-                "linear {resid}: {e:?}"
+        // Linear: x [n, k] · w [m, k]ᵀ + r, tiled (67 rows) and matvec (up to 8 rows). 16 KiB
+        // holds 102 rows of 40 values, so w (130 rows) and x (67 rows of max(40, 130) = 130)
+        // are split.
+        for (n, k, m) in [(67, 40, 130), (1, 40, 130), (8, 72, 13), (3, 40, 130)] {
+            let (x, w, r) = (
+                rng.normal_vec(n * k, 1.0),
+                rng.normal_vec(m * k, 1.0),
+                rng.normal_vec(n * m, 1.0),
             );
+            let (tx, tw, tr) = (
+                gpu.upload(&[n, k], &x).unwrap(),
+                gpu.upload(&[m, k], &w).unwrap(),
+                gpu.upload(&[n, m], &r).unwrap(),
+            );
+            for resid in [false, true] {
+                let ty = poisoned(&gpu, &[n, m]);
+                let mut enc = gpu.encoder();
+                let rt = resid.then_some(&tr);
+                ops.linear(&gpu, &mut enc, &tx, &tw, rt, &ty).unwrap();
+                gpu.queue().submit([enc.finish()]);
+                let want: Vec<f32> = x
+                    .chunks(k)
+                    .enumerate()
+                    .flat_map(|(i, row)| {
+                        let y = rl::matvec(&w, &to64(row));
+                        let add = |j: usize| if resid { r[i * m + j] as f64 } else { 0.0 };
+                        y.iter()
+                            .enumerate()
+                            .map(|(j, v)| (v + add(j)) as f32)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let e = compare(&gpu.read(&ty).unwrap(), &want);
+                assert!(
+                    e.rel_l2 < 1e-5 && e.non_finite == 0,
+                    "linear {n} x {k} x {m}, {resid}: {e:?}"
+                );
+            }
         }
         // RMSNorm of rows of 150 (more than the 64 threads of a row's workgroup).
         let (n, d) = (5, 150);
@@ -162,6 +166,7 @@ fn layer_kernels_equal_their_references() {
         let mut enc = gpu.encoder();
         let e = ops.embed(&gpu, &mut enc, &[300], &tt, &ty).unwrap_err();
         assert!(e.to_string().contains("token id 300 is outside"), "{e}");
+        let tw = gpu.upload(&[13, 40], &[0.5; 520]).unwrap();
         let e = ops.linear(&gpu, &mut enc, &tt, &tw, None, &ty).unwrap_err();
         assert!(e.to_string().contains("cannot multiply rows of 24"), "{e}");
     }
@@ -285,6 +290,73 @@ fn tiny_model_gives_the_reference_logits() {
             .iter()
             .all(|v| v.is_finite())
     );
+}
+
+/// Decoding with a KV cache (a prompt of 70 tokens, which a cache on the GPU takes 64 at a time,
+/// then one token per step to 100) gives the forward's logits at every decoded position, two
+/// sequences at once: full attention, sparse
+/// with the cache on the GPU, sparse with the cache offloaded (4 GPU slots per kv head for a
+/// budget of 3 blocks of 16: blocks leave the slots and come back).
+#[test]
+fn decoding_gives_the_forwards_logits() {
+    let Some(gpu) = common::gpu() else {
+        return;
+    };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let bytes = random_llama(&tiny(), seed).unwrap();
+    let m = Llama::from_gguf(&gpu, &bytes).unwrap();
+    let mut rng = Rng::new(seed ^ 3);
+    let (s, prompt, v) = (100, 70, 300);
+    let ids: Vec<u32> = (0..2 * s).map(|_| (rng.next_u64() % 300) as u32).collect();
+    for (name, attention, offload) in [
+        ("full", ModelAttention::Full, None),
+        ("sparse", sparse(3), None),
+        ("sparse, offloaded", sparse(3), Some(4)),
+    ] {
+        let all = ForwardOptions {
+            logits: Logits::All,
+            attention,
+            ..ForwardOptions::new()
+        };
+        let want: Vec<Vec<f32>> = ids.chunks(s).map(|q| run(&gpu, &m, q, &all)).collect();
+        let opts = DecoderOptions {
+            batch: 2,
+            capacity: s,
+            attention,
+            offload_slots: offload,
+        };
+        let mut dec = m.decoder(&gpu, &opts).unwrap();
+        let mut feed = |t0: usize, t1: usize| {
+            let tokens: Vec<u32> = ids.chunks(s).flat_map(|q| q[t0..t1].to_vec()).collect();
+            let mut enc = gpu.encoder();
+            let l = dec.step(&gpu, &mut enc, &tokens).unwrap();
+            gpu.queue().submit([enc.finish()]);
+            gpu.read(&l).unwrap()
+        };
+        let (mut got, mut exp) = (vec![], vec![]);
+        for (t0, t1) in std::iter::once((0, prompt)).chain((prompt..s).map(|t| (t, t + 1))) {
+            got.extend(feed(t0, t1));
+            for w in &want {
+                exp.extend_from_slice(&w[(t1 - 1) * v..t1 * v]);
+            }
+        }
+        let e = compare(&got, &exp);
+        eprintln!("{name}: decoding vs forward {e:?}");
+        assert!(e.rel_l2 < 1e-4 && e.non_finite == 0, "{name}: {e:?}");
+        assert_eq!(dec.len(), s);
+        if offload.is_some() {
+            let h = dec
+                .hit_rate(&gpu)
+                .unwrap()
+                .expect("an offloaded cache counts hits");
+            assert!((0.0..1.0).contains(&h), "hit rate {h}");
+            assert!(dec.kv_bytes().1 > 0, "the cache is in host memory");
+        }
+        let mut enc = gpu.encoder();
+        let e = dec.step(&gpu, &mut enc, &[1, 2]).unwrap_err().to_string();
+        assert!(e.contains("exceed the decoder's capacity of 100"), "{e}");
+    }
 }
 
 #[test]
