@@ -4,8 +4,9 @@
 //! each layer (RMSNorm, q/k/v projections, RoPE, attention, output projection, SwiGLU, both
 //! residuals) and the output head, with attention full or block-sparse over any selection.
 //! It can keep every layer's q, k and v (after RoPE, `[b, heads, s, d]`) so that their
-//! attention maps can be drawn. `reference::llama` is its f64 truth; `train::llama` runs the
-//! same file through Burn.
+//! attention maps can be drawn. [`Llama::decoder`] decodes with a KV cache (on the GPU or
+//! offloaded: `decode::DecodeLayer` per layer). `reference::llama` is its f64 truth;
+//! `train::llama` runs the same file through Burn.
 
 use crate::decode::{DecodeLayer, LayerConfig};
 use crate::error::{Result, invalid};
