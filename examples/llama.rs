@@ -111,7 +111,8 @@ fn main() -> sparse_attn::Result<()> {
     ] {
         let opts = DecoderOptions {
             batch,
-            capacity: n + steps,
+            // The greedy steps, then the timed ones below.
+            capacity: n + steps + 16,
             attention,
             offload_slots: None,
         };
@@ -138,10 +139,16 @@ fn main() -> sparse_attn::Result<()> {
             out.push(next[0]);
         }
         let dt = t0.elapsed().as_secs_f64();
+        // The same steps recorded back to back in one submission: the GPU's own time per step
+        // (against the wall time above, which adds recording, submission and the readback).
+        let gpu_t = gpu.time(Reps::Fixed(8), |enc| dec.step(&gpu, enc, &next).map(|_| ()))?;
         println!(
-            "{name:>6} decoding, batch {batch}: prefill {:.1} ms, {:.1} ms/step, {:.0} tokens/s: {:?}",
+            "{name:>6} decoding, batch {batch}: prefill {:.1} ms, {:.1} ms/step ({:.1} ms of GPU \
+             time, {:?}), {:.0} tokens/s: {:?}",
             prefill * 1e3,
             dt / (steps - 1) as f64 * 1e3,
+            gpu_t.seconds * 1e3,
+            gpu_t.source,
             (batch * (steps - 1)) as f64 / dt,
             tok.decode(&out, false)?
         );
