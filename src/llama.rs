@@ -289,7 +289,8 @@ impl Llama {
                 }
             })?;
         }
-        let logits = self.logits(gpu, enc, &sc, b, s, opts.logits)?;
+        let out = HeadOut::new(gpu, p, b, s, opts.logits)?;
+        let logits = self.logits(gpu, enc, &sc, &out)?;
         Ok(Forward {
             logits,
             layers: kept,
@@ -332,34 +333,17 @@ impl Llama {
         ops.linear(gpu, enc, &sc.act, &lw.down, Some(&sc.x2), &sc.x)
     }
 
-    /// The output head over `sc.x` (`b` sequences of `s` rows): every row or each last one.
-    fn logits(
-        &self,
-        gpu: &Gpu,
-        enc: &mut Encoder,
-        sc: &Scratch,
-        b: usize,
-        s: usize,
-        which: Logits,
-    ) -> Result<Tensor> {
+    /// The output head over `sc.x` into `out` (see [`HeadOut`]).
+    fn logits(&self, gpu: &Gpu, enc: &mut Encoder, sc: &Scratch, out: &HeadOut) -> Result<Tensor> {
         let (ops, p) = (&self.ops, &self.params);
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        let last = match which {
-            Logits::Last if s > 1 => {
-                // Each sequence's last row, gathered like an embedding lookup.
-                let rows: Vec<u32> = (0..b).map(|i| (i * s + s - 1) as u32).collect();
-                let last = gpu.empty(&[b, p.d_model], DType::F32)?;
-                ops.embed(gpu, enc, &rows, &sc.x, &last)?;
-                Some(last)
-            }
-            _ => None,
-        };
-        let rows = last.as_ref().unwrap_or(&sc.x);
-        let normed = gpu.empty(rows.shape(), DType::F32)?;
-        ops.rms_norm(gpu, enc, rows, &self.out_norm, p.rms_eps, &normed)?;
-        let logits = gpu.empty(&[rows.shape()[0], p.vocab], DType::F32)?;
-        ops.linear(gpu, enc, &normed, head, None, &logits)?;
-        Ok(logits)
+        if let Some((last, rows)) = &out.last {
+            ops.embed(gpu, enc, rows, &sc.x, last)?;
+        }
+        let rows = out.last.as_ref().map_or(&sc.x, |l| &l.0);
+        ops.rms_norm(gpu, enc, rows, &self.out_norm, p.rms_eps, &out.normed)?;
+        ops.linear(gpu, enc, &out.normed, head, None, &out.logits)?;
+        Ok(out.logits.clone())
     }
 
     /// A decoder of `opts.batch` sequences over a KV cache (see [`LlamaDecoder`]).
@@ -456,6 +440,38 @@ impl Scratch {
     }
 }
 
+/// The output head's buffers for `b` sequences of `s` rows: each sequence's last row
+/// (gathered like an embedding lookup, with the row indices) where only those are wanted and
+/// `s > 1`, the normed rows, the logits.
+#[derive(Debug)]
+struct HeadOut {
+    last: Option<(Tensor, Vec<u32>)>,
+    normed: Tensor,
+    logits: Tensor,
+}
+
+impl HeadOut {
+    fn new(gpu: &Gpu, p: &LlamaParams, b: usize, s: usize, which: Logits) -> Result<Self> {
+        let last = match which {
+            Logits::Last if s > 1 => Some((
+                gpu.empty(&[b, p.d_model], DType::F32)?,
+                (0..b).map(|i| (i * s + s - 1) as u32).collect(),
+            )),
+            _ => None,
+        };
+        let rows = if last.is_some() || which == Logits::Last {
+            b
+        } else {
+            b * s
+        };
+        Ok(Self {
+            last,
+            normed: gpu.empty(&[rows, p.d_model], DType::F32)?,
+            logits: gpu.empty(&[rows, p.vocab], DType::F32)?,
+        })
+    }
+}
+
 /// How to build a [`LlamaDecoder`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecoderOptions {
@@ -474,6 +490,7 @@ struct DecodeStep {
     sc: Scratch,
     heads: LayerQkv,
     o: Tensor,
+    out: HeadOut,
 }
 
 /// Decoding with a KV cache on our kernels: [`Self::step`] feeds `n` tokens per sequence (a
@@ -508,7 +525,7 @@ impl LlamaDecoder<'_> {
 
     /// Record the step of `tokens` (`batch` sequences of `n` tokens each, sequence-major) into
     /// `enc`; returns the logits `[batch, vocab]` after each sequence's last new token (read
-    /// them after submitting).
+    /// them after submitting; the buffer is the decoder's, rewritten by the next step).
     pub fn step(&mut self, gpu: &Gpu, enc: &mut Encoder, tokens: &[u32]) -> Result<Tensor> {
         let b = self.batch;
         if tokens.is_empty() || !tokens.len().is_multiple_of(b) {
@@ -552,7 +569,7 @@ impl LlamaDecoder<'_> {
         }
         let i = last.expect("at least one token per sequence");
         let st = &self.steps[i];
-        let logits = self.model.logits(gpu, enc, &st.sc, b, st.n, Logits::Last)?;
+        let logits = self.model.logits(gpu, enc, &st.sc, &st.out)?;
         Ok(logits)
     }
 
@@ -580,6 +597,7 @@ impl LlamaDecoder<'_> {
                         v: f32t(&shape.kv_dims())?,
                     },
                     o: f32t(&shape.q_dims())?,
+                    out: HeadOut::new(gpu, &m.params, b, n, Logits::Last)?,
                 });
                 self.steps.len() - 1
             }

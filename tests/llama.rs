@@ -8,29 +8,19 @@
 
 mod common;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use sparse_attn::gguf::{Gguf, LlamaParams, random_llama};
 use sparse_attn::reference::{Rng, compare};
 use sparse_attn::train::Runtime;
 use sparse_attn::train::generate::{Attention, Decoder, GenerateOptions, Sampler};
 use sparse_attn::train::llama::{Pretrained, SparseSettings};
-use sparse_attn::train::model::{Lm, LmConfig, Mode, Run};
+use sparse_attn::train::model::{Lm, LmConfig, Mode};
 
 fn tiny_params() -> LlamaParams {
     common::tiny_llama(300, 256)
 }
 
 fn forward(rt: &Runtime, m: &Lm, cfg: &LmConfig, ids: &[u32], mode: Mode) -> Vec<f32> {
-    let n = ids.len();
-    let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &rt.device);
-    m.forward(cfg, tokens, Run::new(mode))
-        .unwrap()
-        .logits
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap()
+    common::burn_logits(rt, m, cfg, ids, mode)
 }
 
 /// Logits after each token, fed one at a time through a decoder.

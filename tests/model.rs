@@ -411,9 +411,8 @@ fn bad_models_and_inputs_are_errors_that_name_the_problem() {
 #[cfg(feature = "train")]
 #[test]
 fn sparse_forward_equals_burns() {
-    use burn::tensor::{Int, Tensor as BTensor, TensorData};
     use sparse_attn::train::llama::{Pretrained, SparseSettings};
-    use sparse_attn::train::model::{Mode, Run};
+    use sparse_attn::train::model::Mode;
     let Some(rt) = common::burn_runtime() else {
         return;
     };
@@ -431,17 +430,7 @@ fn sparse_forward_equals_burns() {
     let m = Llama::from_gguf(&rt.gpu, &bytes).unwrap();
     let mut rng = Rng::new(seed ^ 7);
     let ids: Vec<u32> = (0..77).map(|_| (rng.next_u64() % 300) as u32).collect();
-    let burn_ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-    let tokens = BTensor::<2, Int>::from_data(TensorData::new(burn_ids, [1, 77]), &rt.device);
-    let want = p
-        .model
-        .forward(&p.config, tokens, Run::new(Mode::Sparse))
-        .unwrap()
-        .logits
-        .into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap();
+    let want = common::burn_logits(&rt, &p.model, &p.config, &ids, Mode::Sparse);
     let got = run(
         &rt.gpu,
         &m,

@@ -23,6 +23,28 @@ pub fn gpu_with(opts: &GpuOptions) -> Option<Gpu> {
     }
 }
 
+/// Logits `[ids.len(), vocab]` of Burn's model `m` over one sequence, in `mode`.
+#[cfg(feature = "train")]
+pub fn burn_logits(
+    rt: &sparse_attn::train::Runtime,
+    m: &sparse_attn::train::model::Lm,
+    cfg: &sparse_attn::train::model::LmConfig,
+    ids: &[u32],
+    mode: sparse_attn::train::model::Mode,
+) -> Vec<f32> {
+    use burn::tensor::{Int, Tensor, TensorData};
+    let n = ids.len();
+    let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &rt.device);
+    m.forward(cfg, tokens, sparse_attn::train::model::Run::new(mode))
+        .unwrap()
+        .logits
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
 /// One Burn runtime on the test GPU, shared by every test of a binary (a device is registered
 /// with Burn once). `None` where `gpu` skips.
 #[cfg(feature = "train")]
