@@ -18,7 +18,8 @@
 // k, v and the bias hold `stride` rows per unit, BLK per slot, and each selection entry is a
 // (block, slot) pair: the block masks, the slot locates. HAS_BIAS: an additive per-key bias.
 // Constants: D (head dim), G (query heads per kv head), NT (threads, a power of two), SPK (keys
-// per range at most, >= D), KCV (vec4 of a K row per load round), GT (heads per P V thread, a
+// per range at most, >= D), KCV (vec4 of a K row per load round, a multiple of KL), KWIDE (K
+// read as SW: 16-bit storage with D a multiple of 8 and k_off of 8), GT (heads per P V thread, a
 // divisor of G), ITEMS (D / 4 * G / GT), LANES (max(NT / ITEMS, 1)), VU (V rows loaded ahead),
 // SPARSE, SLOTS, BLK, HAS_BIAS, DIRECT. Lengths are clamped to the capacity and selections are
 // checked against the length here, so no index leaves the buffers whatever the GPU-side
@@ -55,7 +56,21 @@ struct DecodeParams {
 
 @group(0) @binding(0) var<uniform> prm: DecodeParams;
 @group(0) @binding(1) var<storage, read> q: array<ST>;
-@group(0) @binding(2) var<storage, read> k: array<ST>;
+// K is read a row per thread (phase 1): with KWIDE, 16 bytes per load (SW) where ST is 8.
+//#if KWIDE
+alias KW = SW;
+const KL: u32 = SWV;
+fn k_part(w: KW, h: u32) -> vec4<f32> {
+    return unpack_sw(w, h);
+}
+//#else
+alias KW = ST;
+const KL: u32 = 1u;
+fn k_part(w: KW, h: u32) -> vec4<f32> {
+    return unpack_st(w);
+}
+//#endif
+@group(0) @binding(2) var<storage, read> k: array<KW>;
 @group(0) @binding(3) var<storage, read> v: array<ST>;
 @group(0) @binding(4) var<storage, read> lens: array<u32>;
 @group(0) @binding(5) var<storage, read_write> o: array<ST>;
@@ -206,13 +221,14 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             s[g] = 0.0;
         }
         for (var d0 = 0u; d0 < D4; d0 += KCV) {
-            var kx: array<vec4<f32>, KCV>;
-            for (var c = 0u; c < KCV; c++) {
-                kx[c] = unpack_st(k[r4 + d0 + c]);
+            var kx: array<KW, KCV / KL>;
+            for (var c = 0u; c < KCV / KL; c++) {
+                kx[c] = k[(r4 + d0) / KL + c];
             }
             for (var c = 0u; c < KCV; c++) {
+                let kc = k_part(kx[c / KL], c % KL);
                 for (var g = 0u; g < G; g++) {
-                    s[g] = dot_acc(sh_q[g * D4 + d0 + c], kx[c], s[g]);
+                    s[g] = dot_acc(sh_q[g * D4 + d0 + c], kc, s[g]);
                 }
             }
         }

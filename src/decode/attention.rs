@@ -136,6 +136,8 @@ pub struct DecodeAttention {
     shape: DecodeShape,
     config: DecodeConfig,
     storage: Storage,
+    /// K read 16 bytes per load (KWIDE): its offsets must be 16-byte aligned.
+    wide: bool,
     nsel: usize,
     /// Rows of k, v and the bias per (sequence, kv head): the capacity, or slots × block.
     stride: usize,
@@ -205,8 +207,9 @@ impl DecodeAttention {
         };
         let l = gpu.limits();
         let d4 = d / 4;
-        // Developer knob: SPARSE_ATTN_DECODE=vu,kcv,spk,workgroups (V rows loaded ahead, K
-        // vec4 per load round, keys per workgroup at most, workgroups a step aims for).
+        // Developer knob: SPARSE_ATTN_DECODE=vu,kcv,spk,workgroups,kwide (V rows loaded ahead,
+        // K vec4 per load round, keys per workgroup at most, workgroups a step aims for, 16-byte
+        // K loads 0/1).
         let knob = crate::ops::tiles::tuning("SPARSE_ATTN_DECODE", None).unwrap_or_default();
         let pick = |i: usize, ok: &[usize], default: usize| {
             knob.get(i)
@@ -265,8 +268,16 @@ impl DecodeAttention {
             .unwrap_or(1);
         let items = d4 * g / gt;
         let lanes = (NT / items).max(1);
-        let kcv = pick(1, &[1, 2, 4, 8, 16, 32], 8).min(d4);
-        let kcv = (1..=kcv).rev().find(|c| d4.is_multiple_of(*c)).unwrap_or(1);
+        // 16-byte K loads for 16-bit storage: phase 1 reads a row per thread, so a warp's load
+        // touches 32 rows; 8-byte loads took twice the instructions (H200, 32k, batch 16:
+        // 32.5 -> 26.4 ms a step, docs/BENCHMARKS.md). 16-byte V loads measured slower (34.1).
+        let kwide = storage != Storage::F32 && d4.is_multiple_of(2) && pick(4, &[0, 1], 1) == 1;
+        let kl = 1 + kwide as usize;
+        let kcv = pick(1, &[1, 2, 4, 8, 16, 32], 8).min(d4).max(kl);
+        let kcv = (kl..=kcv)
+            .rev()
+            .find(|c| d4.is_multiple_of(*c) && c.is_multiple_of(kl))
+            .unwrap_or(kl);
         let e = dtype.size() as u64;
         let (nq, dd, gg, ns) = (shape.n_q as u64, d as u64, g as u64, n_split as u64);
         let mut per_unit = vec![
@@ -301,6 +312,7 @@ impl DecodeAttention {
                 ("NT", NT as u32),
                 ("SPK", spk as u32),
                 ("KCV", kcv as u32),
+                ("KWIDE", kwide as u32),
                 ("GT", gt as u32),
                 ("ITEMS", items as u32),
                 ("LANES", lanes as u32),
@@ -324,6 +336,7 @@ impl DecodeAttention {
             shape,
             config: *config,
             storage,
+            wide: kwide,
             nsel,
             stride,
             n_split,
@@ -450,6 +463,10 @@ impl DecodeAttention {
                 _pad1: 0,
                 _pad2: 0,
             };
+            if self.wide && p.k_off % 8 != 0 {
+                // Offsets are multiples of D elements in bindings aligned to >= 32 bytes.
+                invalid!("decoding attention: K offset {} is not 16-byte aligned", p.k_off);
+            }
             let mut views = vec![
                 (1, x.q, w(Class::Q)),
                 (2, x.k, w(Class::Kv)),

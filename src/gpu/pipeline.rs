@@ -151,6 +151,26 @@ impl Storage {
         }
     }
 
+    /// `SW`: a 16-byte load of the same data (SWV vec4 of it) for kernels that read a row
+    /// per thread, where 8-byte loads of f16 data cost twice the load instructions;
+    /// `unpack_sw(x, h)` is its vec4 `h`.
+    fn wide_prelude(self) -> &'static str {
+        match self {
+            Storage::F32 => {
+                "alias SW = vec4<f32>;\n\
+                 const SWV: u32 = 1u;\n\
+                 fn unpack_sw(x: SW, h: u32) -> vec4<f32> { return x; }\n"
+            }
+            Storage::F16 | Storage::F16Packed => {
+                "alias SW = vec4<u32>;\n\
+                 const SWV: u32 = 2u;\n\
+                 fn unpack_sw(x: SW, h: u32) -> vec4<f32> {\n\
+                 let w = select(x.xy, x.zw, h == 1u);\n\
+                 return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));\n}\n"
+            }
+        }
+    }
+
     fn prelude(self) -> &'static str {
         match self {
             Storage::F32 => {
@@ -214,6 +234,7 @@ pub fn preprocess(key: &PipelineKey) -> Result<String> {
         out.push_str("enable f16;\n");
     }
     out.push_str(key.storage.prelude());
+    out.push_str(key.storage.wide_prelude());
     for (name, value) in &key.constants {
         out.push_str(&format!("const {name}: u32 = {value}u;\n"));
     }
