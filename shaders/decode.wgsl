@@ -85,8 +85,15 @@ fn k_part(w: KW, h: u32) -> vec4<f32> {
 //#if HAS_BIAS
 @group(0) @binding(8) var<storage, read> bias: array<f32>;
 //#endif
+//#if DQ
+// dQ: O's binding takes dQ, LSE is read, and dO and D = rowsum(dO ∘ O) come in.
+@group(0) @binding(9) var<storage, read> d_o: array<ST>;
+@group(0) @binding(10) var<storage, read> rowd: array<f32>;
+var<workgroup> sh_do: array<vec4<f32>, G * D4>;
+//#else
 @group(0) @binding(9) var<storage, read_write> opart: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> lpart: array<f32>;
+//#endif
 
 var<workgroup> sh_q: array<vec4<f32>, G * D4>;
 // Logits, then probabilities, of the range's keys (head g at g * SPK); at the end the key
@@ -176,6 +183,8 @@ fn key_bias(u: u32, key: u32) -> f32 {
 //#endif
 }
 
+//#if DQ
+//#else
 @compute @workgroup_size(NT)
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let id = wg.y * prm.grid_x + wg.x;
@@ -276,8 +285,25 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     }
     workgroupBarrier();
 
-    // Phase 2: P V. Thread item it = (head group hg, vec4 column c) and key lane `lane`; with
-    // more items than threads (LANES = 1) a thread takes items tid, tid + NT, ...
+    pv_all(tid, n, k4, u, i, split);
+    if (tid < G) {
+        let r = (u * G + tid) * prm.n_q + i;
+        // A range with no visible key: O = 0 and LSE = NEG here, -inf in the final LSE.
+        let lt = sh_l[tid];
+        let mr = sh_m[tid];
+//#if DIRECT
+        lse[prm.r_off + r] = select(neg_inf(), (mr + log2(lt)) * LN2, lt > 0.0);
+//#else
+        lpart[prm.l_off + r * prm.n_split + split] = select(NEG, (mr + log2(lt)) * LN2, lt > 0.0);
+//#endif
+    }
+}
+//#endif
+
+// Phase 2 (P V, or dS K with DQ): thread item it = (head group hg, vec4 column c) and key
+// lane `lane`; with more items than threads (LANES = 1) a thread takes items tid, tid + NT, ...
+// Call in uniform control flow.
+fn pv_all(tid: u32, n: u32, k4: u32, u: u32, i: u32, split: u32) {
     let lane = tid / ITEMS;
     if (LANES == 1u) {
         for (var it = tid; it < ITEMS; it += NT) {
@@ -306,17 +332,6 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             write_out(acc, it, u, i, split);
         }
     }
-    if (tid < G) {
-        let r = (u * G + tid) * prm.n_q + i;
-        // A range with no visible key: O = 0 and LSE = NEG here, -inf in the final LSE.
-        let lt = sh_l[tid];
-        let mr = sh_m[tid];
-//#if DIRECT
-        lse[prm.r_off + r] = select(neg_inf(), (mr + log2(lt)) * LN2, lt > 0.0);
-//#else
-        lpart[prm.l_off + r * prm.n_split + split] = select(NEG, (mr + log2(lt)) * LN2, lt > 0.0);
-//#endif
-    }
 }
 
 // Σ_j p_j v_j of item it (heads hg * GT .. +GT, vec4 column c) over keys lane, lane + LANES,
@@ -334,7 +349,11 @@ fn pv(it: u32, lane: u32, n: u32, k4: u32) -> array<vec4<f32>, GT> {
         for (var jj = 0u; jj < VU; jj++) {
             let j = min(j0 + jj * LANES, SPK - 1u);
             let kj = select(SENTINEL, sh_key[j], j0 + jj * LANES < n);
+//#if DQ
+            vv[jj] = k_part(k[k4 + select(0u, kj, kj != SENTINEL) * D4 + c], 0u);
+//#else
             vv[jj] = unpack_st(v[k4 + select(0u, kj, kj != SENTINEL) * D4 + c]);
+//#endif
             vv[jj] = select(vec4<f32>(0.0), vv[jj], kj != SENTINEL);
         }
         for (var jj = 0u; jj < VU; jj++) {
@@ -355,17 +374,24 @@ fn write_out(acc: array<vec4<f32>, GT>, it: u32, u: u32, i: u32, split: u32) {
     let c = it % D4;
     for (var gg = 0u; gg < GT; gg++) {
         let g = hg * GT + gg;
+        let r = (u * G + g) * prm.n_q + i;
+//#if DQ
+        // dQ = scale Σ_j dS_j k_j (the logits were scaled after the dot products).
+        o[prm.q_off / 4u + r * D4 + c] = pack_st(acc[gg] * (prm.scale_log2 * LN2));
+//#else
         let lg = sh_l[g];
         let x = acc[gg] * select(0.0, 1.0 / lg, lg > 0.0);
-        let r = (u * G + g) * prm.n_q + i;
 //#if DIRECT
         o[prm.q_off / 4u + r * D4 + c] = pack_st(x);
 //#else
         opart[prm.p_off / 4u + (r * prm.n_split + split) * D4 + c] = x;
 //#endif
+//#endif
     }
 }
 
+//#if DQ
+//#else
 // Tree reduction of sh_r[0 .. NT) (max or sum) into sh_r[0]; call in uniform control flow
 // after the threads stored their values.
 fn reduce_one(tid: u32, is_max: bool) {
@@ -441,3 +467,81 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         lse[prm.r_off + r] = select(neg_inf(), mx + log(total), total > 0.0);
     }
 }
+//#endif
+
+//#if DQ
+// dQ of the rows `partial` computed (sparse attention's backward at small groups: the
+// forward's layout, one range per row: n_split = 1, SPK >= the row's keys; every sequence
+// holds `cap` tokens). Phase 1, thread per key: S = q·k (scaled, + bias), P = exp(S - LSE),
+// dP = dO·v, dS = P (dP - D) into sh_s; phase 2: dQ = scale Σ_j dS_j k_j as P V above.
+@compute @workgroup_size(NT)
+fn dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let id = wg.y * prm.grid_x + wg.x;
+    if (id >= prm.units * prm.n_q) {
+        return;
+    }
+    let i = id % prm.n_q;
+    let u = id / prm.n_q;
+    let vis = visible_end(prm.cap, i);
+    let sel0 = prm.i_off + (u * prm.n_q + i) * prm.nsel;
+//#if SPARSE
+    let total = prm.nsel * BLK;
+//#else
+    let total = vis;
+//#endif
+    let n = min(total, SPK);
+    let q4 = prm.q_off / 4u + (u * G * prm.n_q + i) * D4;
+    let k4 = prm.k_off / 4u + u * prm.stride * D4;
+    for (var e = tid; e < G * D4; e += NT) {
+        let at = q4 + (e / D4) * prm.n_q * D4 + e % D4;
+        sh_q[e] = unpack_st(q[at]);
+        sh_do[e] = unpack_st(d_o[at]);
+    }
+    if (tid < G) {
+        let r = (u * G + tid) * prm.n_q + i;
+        // LSE in the log2 domain (-inf for a row with no visible key: all its P are 0).
+        sh_m[tid] = lse[prm.r_off + r] * LOG2E;
+        sh_l[tid] = rowd[prm.r_off + r];
+    }
+    workgroupBarrier();
+    for (var j = tid; j < n; j += NT) {
+        let key = key_of(j, total, vis, sel0);
+        sh_key[j] = key;
+        let r4 = k4 + select(0u, key, key != SENTINEL) * D4;
+        var s: array<f32, G>;
+        var dp: array<f32, G>;
+        for (var g = 0u; g < G; g++) {
+            s[g] = 0.0;
+            dp[g] = 0.0;
+        }
+        for (var d0 = 0u; d0 < D4; d0 += KCV) {
+            var kx: array<KW, KCV / KL>;
+            var vx: array<vec4<f32>, KCV>;
+            for (var c = 0u; c < KCV / KL; c++) {
+                kx[c] = k[(r4 + d0) / KL + c];
+            }
+            for (var c = 0u; c < KCV; c++) {
+                vx[c] = unpack_st(v[r4 + d0 + c]);
+            }
+            for (var c = 0u; c < KCV; c++) {
+                let kc = k_part(kx[c / KL], c % KL);
+                for (var g = 0u; g < G; g++) {
+                    s[g] = dot_acc(sh_q[g * D4 + d0 + c], kc, s[g]);
+                    dp[g] = dot_acc(sh_do[g * D4 + d0 + c], vx[c], dp[g]);
+                }
+            }
+        }
+        var b = 0.0;
+        if (key != SENTINEL) {
+            b = key_bias(u, key);
+        }
+        for (var g = 0u; g < G; g++) {
+            let m = sh_m[g];
+            let p = select(0.0, exp2(fma(s[g], prm.scale_log2, b) - m), key != SENTINEL && m > NEG);
+            s_set(g * SPK + j, p * (dp[g] - sh_l[g]));
+        }
+    }
+    workgroupBarrier();
+    pv_all(tid, n, k4, u, i, 0u);
+}
+//#endif

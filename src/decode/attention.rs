@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
 use crate::ops::attention::{AttnOutput, bias_input, check_bias_bindings};
-use crate::ops::launch::{self, Chunk, check_args, input, output, plan_units, window_sized};
+use crate::ops::launch::{self, Arg, Chunk, check_args, input, output, plan_units, window_sized};
 use crate::problem::{DecodeKeys, DecodeShape};
 
 /// Threads per workgroup (a power of two).
@@ -66,6 +66,10 @@ pub struct DecodeConfig {
     /// `[b, hkv, slots·block, d]`, and the selection holds (block, slot) pairs, u32
     /// `[b, hkv, n_q, 2·nsel]` (see `decode::offload`).
     pub slots: Option<usize>,
+    /// Also build the dQ kernel ([`DecodeAttention::encode_dq`]: the backward of these rows for
+    /// q, which sparse attention's training uses at small groups). It needs one key range per
+    /// row, and takes every sequence as holding `capacity` tokens.
+    pub dq: bool,
 }
 
 impl DecodeConfig {
@@ -77,7 +81,11 @@ impl DecodeConfig {
             dtype: DType::F32,
             split_keys: None,
             slots: None,
+            dq: false,
         }
+    }
+    pub fn dq(self, dq: bool) -> Self {
+        Self { dq, ..self }
     }
     pub fn slots(self, slots: Option<usize>) -> Self {
         Self { slots, ..self }
@@ -129,6 +137,12 @@ impl<'a> DecodeInputs<'a> {
     }
 }
 
+/// Workgroups `(x, y)` covering `n` with at most `max_x` along x.
+fn grid(max_x: u64, n: u64) -> (u32, u32) {
+    let gx = n.clamp(1, max_x);
+    (gx as u32, n.div_ceil(gx) as u32)
+}
+
 /// Decoding attention for one shape: validated once, pipelines fetched once, the partial
 /// results' scratch made once.
 #[derive(Debug)]
@@ -145,6 +159,7 @@ pub struct DecodeAttention {
     split_keys: usize,
     chunks: Vec<Chunk>,
     partial: Arc<Pipeline>,
+    dq: Option<Arc<Pipeline>>,
     combine: Option<Arc<Pipeline>>,
     /// Partial O `[b, hq, n_q, n_split, d]` and LSE `[b, hq, n_q, n_split]` (f32).
     opart: Tensor,
@@ -171,6 +186,7 @@ impl DecodeAttention {
             dtype,
             split_keys,
             slots,
+            dq,
         } = *config;
         shape.validate(&keys, scale)?;
         let stride = match (slots, keys) {
@@ -221,8 +237,17 @@ impl DecodeAttention {
         // reduction scratch (G x NT) and the rows' max and sum.
         let shared =
             |spk: usize| (g * d4 * 16 + g * spk * 4 + spk * 4 + g * NT * 4 + 2 * g * 4) as u64;
+        // dQ keeps the rows' dO in workgroup memory as well.
+        let shared = |spk: usize| shared(spk) + (dq as usize * g * d4 * 16) as u64;
         let max_shared = l.max_compute_workgroup_storage_size as u64;
-        let spk_max = pick(2, &[128, 256, 512, 1024, 2048], SPK_MAX);
+        let rows = shape.batch * shape.heads_kv * shape.n_q;
+        let target = pick(3, &[256, 512, 1024, 2048, 4096, 8192], TARGET_WORKGROUPS);
+        // Rows that fill the GPU by themselves (a prefill, training) take their keys in one
+        // range where they fit (no combine pass); so do dQ and explicit split ranges.
+        let one_range = dq || (split_keys.is_none() && rows >= target);
+        let want = split_keys.unwrap_or(if one_range { total } else { 0 });
+        let spk_max =
+            pick(2, &[128, 256, 512, 1024, 2048], SPK_MAX).max(want.min(2048).next_power_of_two());
         let spk = [2048, 1024, 512, 256, 128]
             .into_iter()
             .filter(|&k| k <= spk_max.max(d) && k >= d.max(NT))
@@ -234,7 +259,6 @@ impl DecodeAttention {
                     shared(d.max(NT).next_power_of_two())
                 ))
             })?;
-        let target = pick(3, &[256, 512, 1024, 2048, 4096, 8192], TARGET_WORKGROUPS);
         let split_keys = match split_keys {
             Some(s) => {
                 if s == 0 || s > spk {
@@ -245,13 +269,19 @@ impl DecodeAttention {
                 }
                 s
             }
+            None if one_range => spk,
             None => {
-                let rows = shape.batch * shape.heads_kv * shape.n_q;
                 let ranges = target.div_ceil(rows).max(1);
                 total.div_ceil(ranges).next_multiple_of(32).min(spk)
             }
         };
         let n_split = total.div_ceil(split_keys).max(1);
+        if dq && n_split > 1 {
+            return Err(Error::Unsupported(format!(
+                "the dQ kernel takes a row's {total} keys in one workgroup; this device's \
+                 workgroup memory holds {spk} for {g} query heads per kv head and head_dim {d}"
+            )));
+        }
         if (l.max_compute_invocations_per_workgroup as usize) < NT
             || (l.max_compute_workgroup_size_x as usize) < NT
         {
@@ -303,7 +333,7 @@ impl DecodeAttention {
         // V rows loaded ahead per thread and lane (16 was the fastest of 4-64 on the H200 for
         // the first kernel, docs/BENCHMARKS.md).
         let vu = pick(0, &[1, 2, 4, 8, 16, 32], 16) as u32;
-        let key = |entry| PipelineKey {
+        let key = |entry, dq: bool| PipelineKey {
             file: "decode.wgsl",
             entry,
             constants: vec![
@@ -312,7 +342,9 @@ impl DecodeAttention {
                 ("NT", NT as u32),
                 ("SPK", spk as u32),
                 ("KCV", kcv as u32),
-                ("KWIDE", kwide as u32),
+                // dQ reads K a row per thread and by columns: 8-byte loads.
+                ("KWIDE", (kwide && !dq) as u32),
+                ("DQ", dq as u32),
                 ("GT", gt as u32),
                 ("ITEMS", items as u32),
                 ("LANES", lanes as u32),
@@ -321,15 +353,19 @@ impl DecodeAttention {
                 ("SLOTS", slots.is_some() as u32),
                 ("BLK", block as u32),
                 ("HAS_BIAS", bias as u32),
-                ("DIRECT", direct as u32),
+                ("DIRECT", (direct || dq) as u32),
             ],
             checked: false,
             storage,
         };
-        let partial = gpu.pipeline(&key("partial"))?;
+        let partial = gpu.pipeline(&key("partial", false))?;
         let combine = match direct {
             true => None,
-            false => Some(gpu.pipeline(&key("combine"))?),
+            false => Some(gpu.pipeline(&key("combine", false))?),
+        };
+        let dq = match dq {
+            true => Some(gpu.pipeline(&key("dq", true))?),
+            false => None,
         };
         let rows = shape.batch * shape.heads_q * shape.n_q;
         Ok(Self {
@@ -344,8 +380,10 @@ impl DecodeAttention {
             chunks,
             partial,
             combine,
-            opart: gpu.empty(&[rows * n_split.max(1) * d], DType::F32)?,
-            lpart: gpu.empty(&[rows * n_split.max(1)], DType::F32)?,
+            dq,
+            // One range per row writes O and LSE itself: no partial results.
+            opart: gpu.empty(&[if direct { 1 } else { rows * n_split * d }], DType::F32)?,
+            lpart: gpu.empty(&[if direct { 1 } else { rows * n_split }], DType::F32)?,
         })
     }
 
@@ -382,32 +420,17 @@ impl DecodeAttention {
         window_sized(c.u0 * per_unit, (c.u1 - c.u0) * per_unit, align, elem)
     }
 
-    /// Record one step into `enc`: `out.o` `[b, hq, n_q, d]` and `out.lse` `[b, hq, n_q]`.
-    pub fn encode(
+    /// The selection and bias of `x` (dims `sd`, `bd`: `selection_dims`), checked against how
+    /// this op was built.
+    fn selection_args<'a>(
         &self,
-        gpu: &Gpu,
-        enc: &mut Encoder,
-        x: &DecodeInputs,
-        out: &AttnOutput,
-    ) -> Result<()> {
-        let s = self.shape;
-        let dt = self.storage.dtype();
-        let (qd, ld) = (s.q_dims(), s.lse_dims());
-        let cd = [s.batch, s.heads_kv, self.stride, s.head_dim];
-        let bd = [s.batch, s.heads_kv, self.stride];
-        let pair = 1 + self.config.slots.is_some() as usize;
-        let sd = s.sel_dims(self.nsel * pair);
-        let lens_d = [s.batch];
-        let mut args = vec![
-            input("q", x.q, &qd, dt),
-            input("k", x.k, &cd, dt),
-            input("v", x.v, &cd, dt),
-            input("lens", x.lens, &lens_d, DType::U32),
-            output("o", &out.o, &qd, dt),
-            output("lse", &out.lse, &ld, DType::F32),
-        ];
+        x: &DecodeInputs<'a>,
+        sd: &'a [usize],
+        bd: &'a [usize],
+    ) -> Result<Vec<Arg<'a>>> {
+        let mut args = Vec::new();
         match (x.sel, self.nsel > 0) {
-            (Some(t), true) => args.push(input("selection", t, &sd, DType::U32)),
+            (Some(t), true) => args.push(input("selection", t, sd, DType::U32)),
             (None, false) => {}
             (None, true) => {
                 invalid!("this decoding attention runs over a selection; none was given")
@@ -420,53 +443,96 @@ impl DecodeAttention {
             "decoding attention",
             self.config.bias,
             x.bias,
-            &bd,
+            bd,
         )?);
-        check_args(&args)?;
+        Ok(args)
+    }
+
+    /// The selection's and the bias's dims.
+    fn selection_dims(&self) -> ([usize; 4], [usize; 3]) {
+        let s = self.shape;
+        let pair = 1 + self.config.slots.is_some() as usize;
+        (
+            s.sel_dims(self.nsel * pair),
+            [s.batch, s.heads_kv, self.stride],
+        )
+    }
+
+    /// The uniform block of chunk `c`, `gx` workgroups along x.
+    fn params(&self, gpu: &Gpu, c: Chunk, gx: u32) -> Result<DecodeParams> {
+        let s = &self.shape;
+        let w = |class| self.window(gpu, class, c);
         let scale = self
             .config
             .scale
             .unwrap_or(1.0 / (s.head_dim as f32).sqrt());
-        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
-        let grid = |n: u64| {
-            let gx = n.clamp(1, max_x);
-            (gx as u32, n.div_ceil(gx) as u32)
+        let p = DecodeParams {
+            n_q: s.n_q as u32,
+            cap: s.capacity as u32,
+            heads_kv: s.heads_kv as u32,
+            u0: c.u0 as u32,
+            units: (c.u1 - c.u0) as u32,
+            nsel: self.nsel as u32,
+            n_split: self.n_split as u32,
+            split_keys: self.split_keys as u32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            grid_x: gx,
+            q_off: w(Class::Q).skip,
+            k_off: w(Class::Kv).skip,
+            i_off: if self.nsel > 0 { w(Class::Sel).skip } else { 0 },
+            b_off: if self.config.bias {
+                w(Class::Bias).skip
+            } else {
+                0
+            },
+            p_off: w(Class::OPart).skip,
+            l_off: w(Class::LPart).skip,
+            r_off: w(Class::Lse).skip,
+            stride: self.stride as u32,
+            _pad1: 0,
+            _pad2: 0,
         };
+        if self.wide && !p.k_off.is_multiple_of(8) {
+            // Offsets are multiples of D elements in bindings aligned to >= 32 bytes.
+            invalid!(
+                "decoding attention: K offset {} is not 16-byte aligned",
+                p.k_off
+            );
+        }
+        Ok(p)
+    }
+
+    /// Record one step into `enc`: `out.o` `[b, hq, n_q, d]` and `out.lse` `[b, hq, n_q]`.
+    pub fn encode(
+        &self,
+        gpu: &Gpu,
+        enc: &mut Encoder,
+        x: &DecodeInputs,
+        out: &AttnOutput,
+    ) -> Result<()> {
+        let s = self.shape;
+        let dt = self.storage.dtype();
+        let (qd, ld) = (s.q_dims(), s.lse_dims());
+        let cd = [s.batch, s.heads_kv, self.stride, s.head_dim];
+        let lens_d = [s.batch];
+        let mut args = vec![
+            input("q", x.q, &qd, dt),
+            input("k", x.k, &cd, dt),
+            input("v", x.v, &cd, dt),
+            input("lens", x.lens, &lens_d, DType::U32),
+            output("o", &out.o, &qd, dt),
+            output("lse", &out.lse, &ld, DType::F32),
+        ];
+        let (sd, bd) = self.selection_dims();
+        args.extend(self.selection_args(x, &sd, &bd)?);
+        check_args(&args)?;
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
         let lens_w = window_sized(0, s.batch as u64, 256, 4);
         for &c in &self.chunks {
             let units = c.u1 - c.u0;
             let w = |class| self.window(gpu, class, c);
-            let (gx, gy) = grid(units * s.n_q as u64 * self.n_split as u64);
-            let p = DecodeParams {
-                n_q: s.n_q as u32,
-                cap: s.capacity as u32,
-                heads_kv: s.heads_kv as u32,
-                u0: c.u0 as u32,
-                units: units as u32,
-                nsel: self.nsel as u32,
-                n_split: self.n_split as u32,
-                split_keys: self.split_keys as u32,
-                scale_log2: scale * std::f32::consts::LOG2_E,
-                grid_x: gx,
-                q_off: w(Class::Q).skip,
-                k_off: w(Class::Kv).skip,
-                i_off: if self.nsel > 0 { w(Class::Sel).skip } else { 0 },
-                b_off: if self.config.bias {
-                    w(Class::Bias).skip
-                } else {
-                    0
-                },
-                p_off: w(Class::OPart).skip,
-                l_off: w(Class::LPart).skip,
-                r_off: w(Class::Lse).skip,
-                stride: self.stride as u32,
-                _pad1: 0,
-                _pad2: 0,
-            };
-            if self.wide && p.k_off % 8 != 0 {
-                // Offsets are multiples of D elements in bindings aligned to >= 32 bytes.
-                invalid!("decoding attention: K offset {} is not 16-byte aligned", p.k_off);
-            }
+            let (gx, gy) = grid(max_x, units * s.n_q as u64 * self.n_split as u64);
+            let p = self.params(gpu, c, gx)?;
             let mut views = vec![
                 (1, x.q, w(Class::Q)),
                 (2, x.k, w(Class::Kv)),
@@ -506,7 +572,7 @@ impl DecodeAttention {
                         &views,
                         (gx, gy),
                     );
-                    let (cx, cy) = grid(units * s.group() as u64 * s.n_q as u64);
+                    let (cx, cy) = grid(max_x, units * s.group() as u64 * s.n_q as u64);
                     let pc = DecodeParams { grid_x: cx, ..p };
                     launch::dispatch(
                         gpu,
@@ -518,6 +584,65 @@ impl DecodeAttention {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Record dQ `[b, hq, n_q, d]` of the rows a forward of this op computed (built with
+    /// [`DecodeConfig::dq`]): `lse` is that forward's LSE, `d_o` the gradient of its O and `rowd`
+    /// D = rowsum(dO ∘ O) `[b, hq, n_q]` (f32). `x.lens` is not read: every sequence holds
+    /// `capacity` tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_dq(
+        &self,
+        gpu: &Gpu,
+        enc: &mut Encoder,
+        x: &DecodeInputs,
+        lse: &Tensor,
+        d_o: &Tensor,
+        rowd: &Tensor,
+        dq: &Tensor,
+    ) -> Result<()> {
+        let Some(pipe) = &self.dq else {
+            invalid!("this decoding attention was built without its dQ kernel (DecodeConfig::dq)")
+        };
+        let s = self.shape;
+        let dt = self.storage.dtype();
+        let (qd, ld) = (s.q_dims(), s.lse_dims());
+        let cd = [s.batch, s.heads_kv, self.stride, s.head_dim];
+        let mut args = vec![
+            input("q", x.q, &qd, dt),
+            input("k", x.k, &cd, dt),
+            input("v", x.v, &cd, dt),
+            input("lse", lse, &ld, DType::F32),
+            input("dO", d_o, &qd, dt),
+            input("D", rowd, &ld, DType::F32),
+            output("dq", dq, &qd, dt),
+        ];
+        let (sd, bd) = self.selection_dims();
+        args.extend(self.selection_args(x, &sd, &bd)?);
+        check_args(&args)?;
+        let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
+        for &c in &self.chunks {
+            let w = |class| self.window(gpu, class, c);
+            let (gx, gy) = grid(max_x, (c.u1 - c.u0) * s.n_q as u64);
+            let p = self.params(gpu, c, gx)?;
+            let mut views = vec![
+                (1, x.q, w(Class::Q)),
+                (2, x.k, w(Class::Kv)),
+                (3, x.v, w(Class::Kv)),
+                (5, dq, w(Class::Q)),
+                (6, lse, w(Class::Lse)),
+                (9, d_o, w(Class::Q)),
+                (10, rowd, w(Class::Lse)),
+            ];
+            if let Some(t) = x.sel {
+                views.push((7, t, w(Class::Sel)));
+            }
+            if let Some(t) = x.bias {
+                views.push((8, t, w(Class::Bias)));
+            }
+            launch::dispatch(gpu, enc, pipe, bytemuck::bytes_of(&p), &views, (gx, gy));
         }
         Ok(())
     }

@@ -2,11 +2,14 @@
 //! the blocks a selection names (see `ops::select`), causal inside the current block, GQA with
 //! the G query heads of a group in one workgroup, optional additive per-key bias.
 //! Backward (`shaders/sparse_bwd.wgsl`): dQ per token over its blocks, dK/dV per key block over
-//! the tokens that selected it (deterministic order, no atomics). Reference: `reference::sparse`.
+//! the tokens that selected it (deterministic order, no atomics). Small groups (G <= 4) run the
+//! forward and dQ as row kernels instead (`SparseKernel::Rows`: the decoding kernel of
+//! `decode::attention` with every token a query row). Reference: `reference::sparse`.
 
 use crate::gpu::Encoder;
 use std::sync::Arc;
 
+use crate::decode::attention::{DecodeAttention, DecodeConfig, DecodeInputs};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
 use crate::ops::attention::{AttnGrads, AttnOutput, bias_input, check_bias_bindings, dbias_output};
@@ -15,7 +18,7 @@ use crate::ops::launch::{
 };
 use crate::ops::rowdot::RowDot;
 use crate::ops::tiles::{Kind, Tiles, fit_sparse, sparse_tiles};
-use crate::problem::AttnShape;
+use crate::problem::{AttnShape, DecodeKeys, DecodeShape};
 use crate::problem::{SelectOptions, SparseOptions};
 
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +42,13 @@ pub enum SparseKernel {
     /// Tensor cores (`shaders/sparse_coop.wgsl`, `shaders/sparse_coop_bwd.wgsl`, `ops::coop`):
     /// native f16 tensors, up to 16 query heads per kv head, blocks of a multiple of 16 keys.
     Coop,
+    /// Row kernels for small groups (`shaders/decode.wgsl` through `DecodeAttention`: a
+    /// workgroup per (token, kv head), a thread per selected key; the tiled kernels hold a
+    /// token's G heads as the rows of a tile, a handful of threads at G = 4):
+    /// the forward, and in the backward dQ (dK/dV stay the portable kernel's). Causal only, up
+    /// to 32 query heads per kv head, and a token's selected keys within one workgroup's
+    /// memory (k·block up to 2048).
+    Rows,
 }
 
 impl SparseKernel {
@@ -47,6 +57,7 @@ impl SparseKernel {
             SparseKernel::Auto => "auto",
             SparseKernel::Portable => "portable",
             SparseKernel::Coop => "coop",
+            SparseKernel::Rows => "rows",
         }
     }
 }
@@ -70,6 +81,8 @@ pub struct SparseAttention {
     dq: Arc<Pipeline>,
     dkdv: Arc<Pipeline>,
     rowdot: RowDot,
+    /// The row kernels (forward and/or dQ) and the sequence lengths they read (all seq_k).
+    rows: Option<(DecodeAttention, Tensor)>,
     /// Scratch for D = rowsum(dO ∘ O) `[b, hq, sq]`, made once with the op.
     rowd: Tensor,
     storage: Storage,
@@ -153,6 +166,35 @@ impl SparseConfig {
             ..self
         }
     }
+}
+
+/// Groups up to this many query heads per kv head take the row kernels under `Auto`. H200
+/// (docs/BENCHMARKS.md, 2026-12-01): at G = 4 (training's model: head_dim 48, blocks of 16,
+/// k = 16) the forward 6.06 -> 1.63 ms and the backward 15.7 -> 7.4 ms; at G = 8 and 16
+/// (head_dim 128, f16, 16k tokens) the tiled kernels were faster (13.1 vs 15.4, 7.8 vs 18.5 ms).
+const ROWS_MAX_GROUP: usize = 4;
+
+/// Whether the row kernels ([`SparseKernel::Rows`]) take this problem, or why not.
+fn rows_supported(shape: &AttnShape, opts: &SparseOptions, nsel: usize) -> Result<()> {
+    if !opts.causal {
+        return Err(Error::Unsupported(
+            "the row kernels for sparse attention are causal only".into(),
+        ));
+    }
+    if shape.group() > 32 {
+        return Err(Error::Unsupported(format!(
+            "the row kernels take up to 32 query heads per kv head, not {}",
+            shape.group()
+        )));
+    }
+    if nsel * opts.block > 2048 {
+        return Err(Error::Unsupported(format!(
+            "the row kernels hold a token's selected keys in one workgroup: {nsel} blocks of {} \
+             are more than 2048",
+            opts.block
+        )));
+    }
+    Ok(())
 }
 
 impl SparseAttention {
@@ -268,7 +310,9 @@ impl SparseAttention {
         if has_bias {
             check_bias_bindings(gpu, "sparse attention", 11)?;
         }
+        let rows_ok = rows_supported(&shape, &opts, nsel);
         let forward = match forward {
+            SparseKernel::Auto if g <= ROWS_MAX_GROUP && rows_ok.is_ok() => SparseKernel::Rows,
             SparseKernel::Auto => SparseKernel::Portable,
             k => k,
         };
@@ -280,8 +324,52 @@ impl SparseAttention {
             {
                 SparseKernel::Coop
             }
+            SparseKernel::Auto if g <= ROWS_MAX_GROUP && rows_ok.is_ok() => SparseKernel::Rows,
             SparseKernel::Auto => SparseKernel::Portable,
             k => k,
+        };
+        let (mut forward, mut backward) = (forward, backward);
+        let use_rows = forward == SparseKernel::Rows || backward == SparseKernel::Rows;
+        let build_rows = || -> Result<(DecodeAttention, Tensor)> {
+            rows_ok?;
+            let ds = DecodeShape {
+                batch: shape.batch,
+                heads_q: shape.heads_q,
+                heads_kv: shape.heads_kv,
+                n_q: shape.seq_q,
+                capacity: shape.seq_k,
+                head_dim: d,
+            };
+            let keys = DecodeKeys::Sparse {
+                block: opts.block,
+                nsel,
+            };
+            let config = DecodeConfig::new(keys)
+                .bias(has_bias)
+                .dtype(dtype)
+                .scale(Some(opts.attn().scale_for(d)))
+                .dq(backward == SparseKernel::Rows);
+            let op = DecodeAttention::new(gpu, ds, &config)?;
+            let lens = gpu.upload_u32(&[shape.batch], &vec![shape.seq_k as u32; shape.batch])?;
+            Ok((op, lens))
+        };
+        let rows = match use_rows.then(build_rows) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            // Chosen by `Auto` only (e.g. a device whose workgroup memory cannot hold a token's
+            // keys): the portable kernels instead.
+            Some(Err(_))
+                if config.forward != SparseKernel::Rows
+                    && config.backward != SparseKernel::Rows =>
+            {
+                for k in [&mut forward, &mut backward] {
+                    if *k == SparseKernel::Rows {
+                        *k = SparseKernel::Portable;
+                    }
+                }
+                None
+            }
+            Some(Err(e)) => return Err(e),
         };
         let (fwd, fwd_tokens) = if forward == SparseKernel::Coop {
             coop_ok()?;
@@ -330,17 +418,18 @@ impl SparseAttention {
             dq,
             dkdv,
             rowdot,
+            rows,
             rowd: gpu.empty(&shape.lse_dims(), DType::F32)?,
             storage,
         })
     }
 
-    /// The kernel the forward runs (`Portable` or `Coop`).
+    /// The kernel the forward runs (`Portable`, `Coop` or `Rows`).
     pub fn forward_kernel(&self) -> SparseKernel {
         self.forward
     }
 
-    /// The kernels the backward runs (`Portable` or `Coop`).
+    /// The kernels the backward runs (`Portable`, `Coop` or `Rows`).
     pub fn backward_kernel(&self) -> SparseKernel {
         self.backward
     }
@@ -474,6 +563,10 @@ impl SparseAttention {
                 output("lse", &out.lse, &ld, DType::F32),
             ],
         )?;
+        if let (SparseKernel::Rows, Some((op, lens))) = (self.forward, &self.rows) {
+            let x = DecodeInputs::new(q, k, v, lens).sel(Some(sel)).bias(bias);
+            return op.encode(gpu, enc, &x, out);
+        }
         for &c in &self.chunks {
             let w = |class| self.window_of(gpu, class, c);
             let mut views = vec![
@@ -571,14 +664,17 @@ impl SparseAttention {
             } else {
                 (&outs[..1], &outs[1..])
             };
-            launch::dispatch(
-                gpu,
-                enc,
-                &self.dq,
-                bytemuck::bytes_of(&base),
-                &[&inputs[..], dq_out].concat(),
-                ((s.seq_q as u32).div_ceil(self.dq_tokens), units),
-            );
+            // The row kernels' dQ runs after D is complete for every chunk (below).
+            if self.backward != SparseKernel::Rows {
+                launch::dispatch(
+                    gpu,
+                    enc,
+                    &self.dq,
+                    bytemuck::bytes_of(&base),
+                    &[&inputs[..], dq_out].concat(),
+                    ((s.seq_q as u32).div_ceil(self.dq_tokens), units),
+                );
+            }
             launch::dispatch(
                 gpu,
                 enc,
@@ -587,6 +683,10 @@ impl SparseAttention {
                 &[&inputs[..], dkdv_out, &dbias].concat(),
                 (nb, units),
             );
+        }
+        if let (SparseKernel::Rows, Some((op, lens))) = (self.backward, &self.rows) {
+            let x = DecodeInputs::new(q, k, v, lens).sel(Some(sel)).bias(bias);
+            op.encode_dq(gpu, enc, &x, &out.lse, d_o, rowd, &grads.dq)?;
         }
         Ok(())
     }

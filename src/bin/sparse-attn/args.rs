@@ -116,8 +116,9 @@ pub fn parse_kernel(s: &str) -> Result<SparseKernel, Error> {
         "auto" => Ok(SparseKernel::Auto),
         "portable" => Ok(SparseKernel::Portable),
         "coop" => Ok(SparseKernel::Coop),
+        "rows" => Ok(SparseKernel::Rows),
         _ => Err(Error::InvalidInput(format!(
-            "unknown sparse kernel `{s}` (known: auto, portable, coop)"
+            "unknown sparse kernel `{s}` (known: auto, portable, coop, rows)"
         ))),
     }
 }

@@ -55,12 +55,13 @@ pub struct SparseArgs {
     /// Storage of q, k, v, O and gradients: f32 or f16 (f32 accumulation either way).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Sparse forward kernel: auto (the library's choice), portable, or coop (tensor cores:
-    /// f16, up to 16 query heads per kv head, blocks of a multiple of 16).
+    /// Sparse forward kernel: auto (the library's choice), portable, rows (small groups,
+    /// causal), or coop (tensor cores: f16, up to 16 query heads per kv head, blocks of a
+    /// multiple of 16).
     #[arg(long, default_value = "auto")]
     pub forward: String,
-    /// Sparse backward kernels: auto, portable, or coop (tensor cores; same limits as the
-    /// forward's).
+    /// Sparse backward kernels: auto, portable, rows (dQ by row kernels), or coop (tensor
+    /// cores; same limits as the forward's).
     #[arg(long, default_value = "auto")]
     pub backward: String,
     /// Top-k kernel of the selection: auto (the library's choice), sort (bitonic, anywhere), or
