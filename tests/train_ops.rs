@@ -349,3 +349,71 @@ fn biased_attention_and_nosa_selection_match_the_reference() {
         .to_string();
     assert!(e.contains("bias") && e.contains("[1, 2, 150]"), "{e}");
 }
+
+/// The model's RMSNorm (`train::model::rms_norm`: the weight applied per group of rows so that
+/// its gradient is reduced in two passes) against the f64 reference of y = x / rms(x) · γ, with
+/// the gradients of Σ y·W: dγ_j = Σ_rows W·x̂, and dx as Burn's own `RmsNorm` gives it. Row
+/// counts with groups of 128, 8 and 1.
+#[test]
+fn rms_norm_and_its_gradients_match_the_reference() {
+    use burn::module::Param;
+    use burn::nn::RmsNorm;
+    use sparse_attn::train::model::rms_norm;
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
+    let dev = rt.device.clone().autodiff();
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut r = Rng::new(seed);
+    let eps = 1e-5;
+    for [b, t, d] in [[2, 128, 48], [3, 40, 32], [1, 7, 16]] {
+        let n = b * t;
+        let (x, g, w) = (
+            r.normal_vec(n * d, 1.0),
+            r.normal_vec(d, 1.0),
+            r.normal_vec(n * d, 1.0),
+        );
+        let t3 = |v: &[f32]| Tensor::<3>::from_data(TensorData::new(v.to_vec(), [b, t, d]), &dev);
+        let norm = || RmsNorm {
+            gamma: Param::from_tensor(
+                Tensor::<1>::from_data(TensorData::new(g.clone(), [d]), &dev).require_grad(),
+            ),
+            epsilon: eps,
+        };
+        let (ours, burns) = (norm(), norm());
+        let (xa, xb) = (t3(&x).require_grad(), t3(&x).require_grad());
+        let ya = rms_norm(&ours, xa.clone());
+        let yb = burns.forward(xb.clone());
+        let ga = (ya.clone() * t3(&w)).sum().backward();
+        let gb = (yb * t3(&w)).sum().backward();
+        // f64 reference: y and dγ.
+        let (mut y, mut dg) = (vec![0f32; n * d], vec![0f64; d]);
+        for i in 0..n {
+            let row = &x[i * d..(i + 1) * d];
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for j in 0..d {
+                let xh = row[j] as f64 * inv;
+                y[i * d + j] = (xh * g[j] as f64) as f32;
+                dg[j] += w[i * d + j] as f64 * xh;
+            }
+        }
+        let dg: Vec<f32> = dg.into_iter().map(|v| v as f32).collect();
+        let ctx = format!("[{b}, {t}, {d}]");
+        check(&format!("y {ctx}"), &values(ya), &y, TOL);
+        check(
+            &format!("dγ {ctx}"),
+            &values(ours.gamma.val().grad(&ga).unwrap()),
+            &dg,
+            TOL,
+        );
+        let dx_burn = values(xb.grad(&gb).unwrap());
+        check(
+            &format!("dx {ctx}"),
+            &values(xa.grad(&ga).unwrap()),
+            &dx_burn,
+            1e-5,
+        );
+    }
+}
