@@ -97,7 +97,7 @@ fn check_fits(gpu: &Gpu, variant: Variant, d: usize, kinds: &[Kind]) -> Result<(
     let max_shared = l.max_compute_workgroup_storage_size;
     for &kind in kinds {
         if Tiles::fitted(kind, variant, d as u32, max_shared).is_none() {
-            let need = Tiles::of(kind, variant).shared_bytes(kind, d as u32);
+            let need = Tiles::of(kind, variant, d as u32).shared_bytes(kind, d as u32);
             return Err(Error::Unsupported(format!(
                 "variant {} needs about {need} bytes of workgroup storage for head_dim {d}; this \
                  device allows {max_shared}",

@@ -77,7 +77,7 @@ pub(crate) fn tiles_override(name: &str) -> Option<Tiles> {
 }
 
 impl Tiles {
-    pub(crate) fn of(kind: Kind, variant: Variant) -> Tiles {
+    pub(crate) fn of(kind: Kind, variant: Variant, d: u32) -> Tiles {
         let t = |tm, cols, dc, pc| Tiles {
             tm,
             tr: THREAD_ROWS,
@@ -101,10 +101,17 @@ impl Tiles {
                 Kind::Dq => "dq",
                 Kind::Dkdv => "dkdv",
             })
-            .unwrap_or(match kind {
-                Kind::Fwd => t(8, 64, 16, 16),
-                Kind::Dq => t(4, 64, 16, 16),
-                Kind::Dkdv => t(8, 32, 8, 8),
+            .unwrap_or(match (kind, Self::tc(d) <= 4) {
+                (Kind::Fwd, false) => t(8, 64, 16, 16),
+                (Kind::Dq, false) => t(4, 64, 16, 16),
+                (Kind::Dkdv, false) => t(8, 32, 8, 8),
+                // Head dims whose rows split over 4 threads or fewer (16, 48, 80, ...): each
+                // thread holds cols / 4 logit columns, so narrower and shorter tiles. H200,
+                // training's model (d 48, batch 16, 2048 tokens, `bench/train-tiles-sweep.sh`,
+                // docs/BENCHMARKS.md): forward 8.54 -> 3.30 ms, dQ -4.4 ms, dK/dV -13 ms.
+                (Kind::Fwd, true) => t(4, 32, 16, 8),
+                (Kind::Dq, true) => t(2, 32, 16, 8),
+                (Kind::Dkdv, true) => t(2, 32, 8, 8),
             }),
         }
     }
@@ -164,7 +171,7 @@ impl Tiles {
     /// everywhere, so it shrinks for large head dims: first the product chunk (down to 4), then
     /// the column tile (down to 16). The larger variants fit as they are or not at all.
     pub(crate) fn fitted(kind: Kind, variant: Variant, d: u32, max_shared: u32) -> Option<Tiles> {
-        let mut t = Tiles::of(kind, variant);
+        let mut t = Tiles::of(kind, variant, d);
         // The head-dim chunk must divide d (a tuning override could ask otherwise).
         if !d.is_multiple_of(t.dc) {
             return None;
