@@ -327,17 +327,45 @@ impl Gpu {
         } else {
             wgpu::ExperimentalFeatures::disabled()
         };
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                label: Some("sparse-attn"),
-                required_features: features,
-                required_limits: limits.clone(),
-                experimental_features: experimental,
-                memory_hints: wgpu::MemoryHints::Performance,
-                trace: wgpu::Trace::Off,
-            })
-            .await
-            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        // Burn's SPIR-V kernels need Vulkan extensions (buffer device addresses, the Vulkan
+        // memory model, cooperative matrices) that `request_device` does not enable: CubeCL's
+        // helper makes a device with them (every adapter feature, the adapter's limits), which
+        // our WGSL pipelines use unchanged.
+        #[cfg(feature = "burn-vulkan")]
+        let vulkan = match options.all_features && info.backend == wgpu::Backend::Vulkan {
+            true => cubecl::wgpu::vulkan::try_request_vulkan_device(&adapter)
+                .await
+                .map_err(|e| Error::RequestDevice(format!("{e:?}")))?,
+            false => None,
+        };
+        #[cfg(not(feature = "burn-vulkan"))]
+        let vulkan: Option<(wgpu::Device, wgpu::Queue)> = None;
+        let (features, limits) = match &vulkan {
+            Some((d, _)) => {
+                let mut l = d.limits();
+                // Our launchers index bindings in u32 elements: keep them within 4 GiB.
+                l.max_storage_buffer_binding_size = l
+                    .max_storage_buffer_binding_size
+                    .min(limits.max_storage_buffer_binding_size)
+                    .min(u32::MAX as u64);
+                (d.features(), l)
+            }
+            None => (features, limits),
+        };
+        let (device, queue) = match vulkan {
+            Some(dq) => dq,
+            None => adapter
+                .request_device(&wgpu::DeviceDescriptor {
+                    label: Some("sparse-attn"),
+                    required_features: features,
+                    required_limits: limits.clone(),
+                    experimental_features: experimental,
+                    memory_hints: wgpu::MemoryHints::Performance,
+                    trace: wgpu::Trace::Off,
+                })
+                .await
+                .map_err(|e| Error::RequestDevice(e.to_string()))?,
+        };
         // Errors are captured with error scopes where we can return them; anything else is logged
         // rather than aborting the process (wgpu's default handler panics).
         device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
