@@ -249,6 +249,11 @@ fn selection_matches_reference() {
             shape(1, 4, 1, 120, 120, 64),
             opts(16, 4, 0, 0, Scoring::InfLlmV2),
         ),
+        // Head dim 48 (the training model's: the narrow score tile), GQA 4, blocks of 16
+        (
+            shape(2, 8, 2, 300, 300, 48),
+            opts(16, 6, 1, 1, Scoring::Ssa),
+        ),
         // More pooled keys than one score tile (69 blocks), a group of 3 (padding rows in the
         // score kernel's token tiles)
         (

@@ -337,6 +337,13 @@ pub(crate) fn score_tiles(g: u32, d: u32, max_shared: u32, rows: Option<u32>) ->
         t(2, 32, 8),
         t(1, 16, 8),
     ];
+    // Rows split over 4 threads or fewer (head_dim 16, 48, 80, ...): each thread would hold
+    // cols / 4 columns. H200, training's model (head_dim 48, G 4, blocks of 16, 2048 tokens,
+    // batch 16; `bench/train-tiles-sweep.sh`, docs/BENCHMARKS.md): the selection 3.67 ms with
+    // 8,64,16 and 0.57 ms with 2,16,16.
+    if Tiles::tc(d) <= 4 {
+        cands.insert(0, t(2, 16, 16));
+    }
     let forced = tiles_override("score");
     if let Some(o) = forced {
         cands.insert(0, o);
