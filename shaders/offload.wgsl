@@ -3,9 +3,12 @@
 // block map says which (SENTINEL: empty; PARTIAL | block: a copy of a block that was still
 // filling, never reused).
 //   diff:   per unit, after the selection: slots whose block is still selected keep it; each
-//           selected block not on the GPU (and the current, growing block, always) takes the
-//           next freed slot; out come the (block, slot) pairs the attention reads, the load
-//           list, and counters (selected, found on the GPU, loaded)   (workgroup per unit)
+//           selected block not on the GPU (and the current, growing block, always) takes a
+//           freed slot, the least recently used first (empty and partial slots before any,
+//           then the most steps since their block was last selected, then the lowest index),
+//           so that slots beyond the selection keep recent blocks; out come the (block, slot)
+//           pairs the attention reads, the load list, and counters (selected, found on the GPU,
+//           loaded)                                                    (workgroup per unit)
 //   gather: the blocks of the load list, host store -> slots (k, v, bias)
 //                                                   (workgroup per (unit, load-list entry))
 // Constants: D, NT, BLK, NSLOT (slots per unit), KSEL (selection entries per unit), HAS_BIAS.
@@ -29,6 +32,8 @@ struct OffloadParams {
 @group(0) @binding(5) var<storage, read_write> loads: array<vec2<u32>>;
 @group(0) @binding(6) var<storage, read_write> counts: array<u32>;
 @group(0) @binding(7) var<storage, read_write> stats: array<atomic<u32>>;
+// Steps since each slot's block was last selected (saturating).
+@group(0) @binding(14) var<storage, read_write> ages: array<u32>;
 
 @group(0) @binding(8) var<storage, read> host_k: array<ST>;
 @group(0) @binding(9) var<storage, read> host_v: array<ST>;
@@ -42,7 +47,13 @@ struct OffloadParams {
 var<workgroup> sh_sel: array<u32, KSEL>;
 var<workgroup> sh_slot: array<u32, KSEL>;
 var<workgroup> sh_map: array<u32, NSLOT>;
+// KEPT for a slot whose block stays (or, after the hand-out, was loaded), else its age for
+// the LRU order; then sh_order[r] = the free slot of rank r in that order.
 var<workgroup> sh_keep: array<u32, NSLOT>;
+var<workgroup> sh_order: array<u32, NSLOT>;
+const KEPT: u32 = 0xffffffffu;
+// The age of an empty or partial slot: older than any block.
+const OLDEST: u32 = 0xfffffffeu;
 
 @compute @workgroup_size(NT)
 fn diff(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
@@ -67,20 +78,33 @@ fn diff(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     // A slot keeps its block when the block is selected (and complete).
     for (var s = tid; s < NSLOT; s += NT) {
         let b = sh_map[s];
-        var keep = 0u;
-        if (b != SENTINEL && b != cur && (b & PARTIAL) == 0u) {
+        var keep = false;
+        let whole = b != SENTINEL && b != cur && (b & PARTIAL) == 0u;
+        if (whole) {
             for (var j = 0u; j < KSEL; j++) {
                 if (sh_sel[j] == b) {
-                    keep = 1u;
+                    keep = true;
                     sh_slot[j] = s;
                 }
             }
         }
-        sh_keep[s] = keep;
+        sh_keep[s] = select(select(OLDEST, min(ages[u * NSLOT + s], OLDEST - 1u), whole), KEPT, keep);
     }
     workgroupBarrier();
-    // One invocation hands out the freed slots in order (NSLOT + KSEL steps: the lists are
-    // short, and the order is deterministic).
+    // Rank the freed slots, least recently used first (ties: lowest index).
+    for (var s = tid; s < NSLOT; s += NT) {
+        let a = sh_keep[s];
+        if (a != KEPT) {
+            var r = 0u;
+            for (var t = 0u; t < NSLOT; t++) {
+                let b = sh_keep[t];
+                r += u32(b != KEPT && (b > a || (b == a && t < s)));
+            }
+            sh_order[r] = s;
+        }
+    }
+    workgroupBarrier();
+    // One invocation hands out the freed slots in that order (KSEL steps, deterministic).
     if (tid == 0u) {
         var free = 0u;
         var n = 0u;
@@ -96,12 +120,10 @@ fn diff(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                 hits += 1u;
                 continue;
             }
-            while (sh_keep[free] != 0u) {
-                free += 1u;
-            }
             // NSLOT >= KSEL (the host checks), so a freed slot is always left.
-            let s = free;
+            let s = sh_order[free];
             free += 1u;
+            sh_keep[s] = KEPT;
             sh_slot[j] = s;
             sh_map[s] = select(b, b | PARTIAL, b == cur);
             loads[u * KSEL + n] = vec2<u32>(b, s);
@@ -118,6 +140,9 @@ fn diff(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     }
     for (var s = tid; s < NSLOT; s += NT) {
         map[u * NSLOT + s] = sh_map[s];
+        // A slot whose block was selected this step is 0 steps old; the others one step older.
+        let a = ages[u * NSLOT + s];
+        ages[u * NSLOT + s] = select(select(a + 1u, a, a >= OLDEST - 1u), 0u, sh_keep[s] == KEPT);
     }
 }
 

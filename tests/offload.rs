@@ -47,7 +47,15 @@ fn offloaded_decoding_loses_nothing() {
         gpu.has_host_memory(),
         "this adapter has no MAPPABLE_PRIMARY_BUFFERS: the in-place path cannot be tested"
     );
-    loses_nothing(&gpu, OffloadPath::InPlace);
+    loses_nothing(&gpu, OffloadPath::InPlace, 0);
+}
+
+/// The in-place path with 4 slots beyond the selection: the freed slots are handed out least
+/// recently used first, so recent blocks survive in the spare slots and come back as hits.
+#[test]
+fn offloaded_decoding_with_spare_slots_loses_nothing() {
+    let Some(gpu) = host_gpu() else { return };
+    loses_nothing(&gpu, OffloadPath::InPlace, 4);
 }
 
 /// The staged path, on a device opened without host-memory tensors (as in the browser): the
@@ -56,16 +64,91 @@ fn offloaded_decoding_loses_nothing() {
 fn staged_offloaded_decoding_loses_nothing() {
     let Some(gpu) = common::gpu() else { return };
     assert!(!gpu.has_host_memory());
-    loses_nothing(&gpu, OffloadPath::Staged);
+    loses_nothing(&gpu, OffloadPath::Staged, 0);
+}
+
+const PARTIAL: u32 = 0x8000_0000;
+
+/// The diff kernel's slot policy, on the host (shaders/offload.wgsl): slots whose complete
+/// block is selected keep it; each other selected block takes a freed slot, empty or partial
+/// slots first, then the longest unselected, then the lowest index; the block being filled is
+/// always copied again (marked partial). Returns (selected, found on the GPU, loaded). With
+/// `lru` false: the lowest freed index first (the policy before, for comparison).
+fn diff_model(
+    map: &mut [u32],
+    ages: &mut [u32],
+    sel: &[u32],
+    len: usize,
+    blk: usize,
+    lru: bool,
+) -> (u64, u64, u64) {
+    const OLDEST: u32 = u32::MAX - 1;
+    let cur = if len > 0 {
+        ((len - 1) / blk) as u32
+    } else {
+        SENTINEL
+    };
+    let nb = len.div_ceil(blk) as u32;
+    let sel: Vec<u32> = sel
+        .iter()
+        .map(|&b| if b < nb { b } else { SENTINEL })
+        .collect();
+    let mut slot_of = vec![SENTINEL; sel.len()];
+    let mut kept = vec![false; map.len()];
+    let mut age = vec![0u32; map.len()];
+    for (s, &b) in map.iter().enumerate() {
+        let whole = b != SENTINEL && b != cur && b & PARTIAL == 0;
+        for (j, &x) in sel.iter().enumerate() {
+            if whole && x == b {
+                kept[s] = true;
+                slot_of[j] = s as u32;
+            }
+        }
+        age[s] = if whole {
+            ages[s].min(OLDEST - 1)
+        } else {
+            OLDEST
+        };
+    }
+    let mut order: Vec<usize> = (0..map.len()).filter(|&s| !kept[s]).collect();
+    if lru {
+        order.sort_by_key(|&s| (std::cmp::Reverse(age[s]), s));
+    }
+    let (mut selected, mut hits, mut loaded) = (0, 0, 0);
+    for (j, &b) in sel.iter().enumerate() {
+        if b == SENTINEL {
+            continue;
+        }
+        selected += 1;
+        if slot_of[j] != SENTINEL {
+            hits += 1;
+            continue;
+        }
+        let s = order[loaded as usize];
+        kept[s] = true;
+        slot_of[j] = s as u32;
+        map[s] = if b == cur { b | PARTIAL } else { b };
+        loaded += 1;
+    }
+    for (s, a) in ages.iter_mut().enumerate() {
+        *a = if kept[s] {
+            0
+        } else if *a >= OLDEST - 1 {
+            *a
+        } else {
+            *a + 1
+        };
+    }
+    (selected, hits, loaded)
 }
 
 /// 2,100 single-token steps of two sequences (prompts of different lengths) over an offloaded
-/// cache with the fewest slots the selection allows (NOSA: blocks of 16, k = 6), against the
-/// same steps over an on-GPU cache: the selections agree bit for bit, O and LSE to float
-/// tolerance, every step. Every 100 steps, every slot's rows equal the host rows of the block
+/// cache with the fewest slots the selection allows (NOSA: blocks of 16, k = 6) plus `spare`,
+/// against the same steps over an on-GPU cache: the selections agree bit for bit, O and LSE to
+/// float tolerance, every step, and the slot map is the policy's (`diff_model`) every step. Every 100 steps, every slot's rows equal the host rows of the block
 /// the map names (checksums per block), and the counters show blocks evicted and loaded
 /// again many times.
-fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
+fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
     let mut rng = Rng::new(seed);
@@ -80,7 +163,13 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
         capacity: cap,
         head_dim: d,
     };
-    let config = OffloadConfig::new(DType::F32, opts, opts.k).path(path);
+    let config = OffloadConfig::new(DType::F32, opts, opts.k + spare).path(path);
+    let nslot = config.slots;
+    // The slot policy's host model: maps, ages and counters.
+    let (mut model_map, mut model_ages) =
+        (vec![SENTINEL; b * hkv * nslot], vec![0; b * hkv * nslot]);
+    let mut model_stats = (0u64, 0u64, 0u64);
+    let (mut old_map, mut old_ages, mut old_hits) = (model_map.clone(), model_ages.clone(), 0);
     let mut off = OffloadCache::new(gpu, cs, &config).unwrap();
     assert_eq!(off.path(), path);
     let mut on = KvCache::new(
@@ -147,11 +236,31 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
         att_on.encode(gpu, &mut enc, &x, &o_on).unwrap();
         gpu.queue().submit([enc.finish()]);
         let ctx = format!("step {t} (lengths {:?})", off.lens());
-        assert_eq!(
-            gpu.read_u32(off.selection()).unwrap(),
-            gpu.read_u32(&sel_on).unwrap(),
-            "selection ({ctx})"
-        );
+        let sel = gpu.read_u32(off.selection()).unwrap();
+        assert_eq!(sel, gpu.read_u32(&sel_on).unwrap(), "selection ({ctx})");
+        // The slots the kernel handed out are the policy's, step for step.
+        for u in 0..b * hkv {
+            let (s0, k) = (u * nslot, opts.k);
+            let (a, h, l) = diff_model(
+                &mut model_map[s0..s0 + nslot],
+                &mut model_ages[s0..s0 + nslot],
+                &sel[u * k..(u + 1) * k],
+                off.lens()[u / hkv] as usize,
+                opts.block,
+                true,
+            );
+            model_stats = (model_stats.0 + a, model_stats.1 + h, model_stats.2 + l);
+            old_hits += diff_model(
+                &mut old_map[s0..s0 + nslot],
+                &mut old_ages[s0..s0 + nslot],
+                &sel[u * k..(u + 1) * k],
+                off.lens()[u / hkv] as usize,
+                opts.block,
+                false,
+            )
+            .1;
+        }
+        assert_eq!(gpu.read_u32(off.map()).unwrap(), model_map, "map ({ctx})");
         for (what, a, w) in [("O", &o_off.o, &o_on.o), ("LSE", &o_off.lse, &o_on.lse)] {
             let e = compare(&gpu.read(a).unwrap(), &gpu.read(w).unwrap());
             assert!(e.within(1e-6), "{what} {e:?} ({ctx})");
@@ -164,7 +273,6 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
                 gpu.read(off.slot_v()).unwrap(),
             );
             let (hk, hv) = off.read_store(gpu).unwrap();
-            let nslot = config.slots;
             let rows = opts.block * d;
             let mut checked = 0;
             for u in 0..b * hkv {
@@ -195,7 +303,16 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath) {
         }
     }
     let st = off.stats(gpu).unwrap();
-    eprintln!("{st:?} hit rate {:.3}", st.hit_rate());
+    eprintln!(
+        "{st:?} hit rate {:.3} (lowest freed slot first: {:.3})",
+        st.hit_rate(),
+        old_hits as f64 / st.selected.max(1) as f64
+    );
+    assert_eq!(
+        (st.selected, st.hits, st.loaded),
+        model_stats,
+        "the counters are the policy's"
+    );
     // Blocks came and went: far more loads than the slots could hold at once.
     let units = (b * hkv) as u64;
     assert!(st.loaded > 20 * units * config.slots as u64, "{st:?}");

@@ -3,7 +3,8 @@
 //! kernel writes in place); per (sequence, kv head) a fixed number of GPU slots of one block
 //! each hold the blocks the last selections picked. Each step: select from the pooled state,
 //! diff the selection against the block map on the GPU, copy only the missing blocks from host
-//! memory into freed slots (one gather kernel reading host memory: no host round trip), and
+//! memory into freed slots, least recently used first, so that slots beyond the selection keep
+//! recent blocks (one gather kernel reading host memory: no host round trip), and
 //! attend over the slots with `DecodeAttention` built with [`DecodeConfig::slots`].
 //!
 //! Host -> GPU paths ([`OffloadPath`]): `InPlace` keeps the store in host memory that kernels
@@ -179,8 +180,10 @@ pub struct OffloadCache {
     slot_k: Tensor,
     slot_v: Tensor,
     slot_bias: Option<Tensor>,
-    /// `[b, hkv, slots]`: the block in each slot.
+    /// `[b, hkv, slots]`: the block in each slot, and the steps since it was last selected (the
+    /// diff hands out the least recently used freed slots first).
     map: Tensor,
+    ages: Tensor,
     /// This step's selection `[b, hkv, 1, k]`, its (block, slot) pairs `[b, hkv, 1, 2k]`, the
     /// load list `[b, hkv, 2k]` and its length `[b, hkv]`.
     sel: Tensor,
@@ -293,6 +296,17 @@ impl OffloadCache {
             checked: false,
             storage,
         };
+        // The diff kernel's workgroup memory: the selection and its slots, the map, the keep
+        // flags / ages and the LRU order.
+        let diff_shared = (8 * k + 12 * slots) as u64;
+        let max_shared = gpu.limits().max_compute_workgroup_storage_size as u64;
+        if diff_shared > max_shared {
+            return Err(Error::Unsupported(format!(
+                "{slots} GPU slots per (sequence, kv head) need {diff_shared} bytes of workgroup \
+                 memory in the offload diff; this device has {max_shared} (at most {} slots)",
+                (max_shared - 8 * k as u64) / 12
+            )));
+        }
         let slot_dims = [shape.batch, shape.heads_kv, slots * block, shape.head_dim];
         let map = gpu.upload_u32(
             &[shape.batch, shape.heads_kv, slots],
@@ -310,6 +324,10 @@ impl OffloadCache {
                 false => None,
             },
             map,
+            ages: gpu.upload_u32(
+                &[shape.batch, shape.heads_kv, slots],
+                &vec![0; rows * slots],
+            )?,
             sel: gpu.empty(&[shape.batch, shape.heads_kv, 1, k], DType::U32)?,
             pairs: gpu.empty(&[shape.batch, shape.heads_kv, 1, 2 * k], DType::U32)?,
             loads: gpu.empty(&[shape.batch, shape.heads_kv, 2 * k], DType::U32)?,
@@ -370,7 +388,14 @@ impl OffloadCache {
     pub fn gpu_bytes(&self) -> u64 {
         let mut n = self.slot_k.size_bytes() + self.slot_v.size_bytes();
         n += self.slot_bias.as_ref().map_or(0, |t| t.size_bytes());
-        for t in [&self.map, &self.sel, &self.pairs, &self.loads, &self.counts] {
+        for t in [
+            &self.map,
+            &self.ages,
+            &self.sel,
+            &self.pairs,
+            &self.loads,
+            &self.counts,
+        ] {
             n += t.size_bytes();
         }
         n + self.host.gpu_bytes()
@@ -518,6 +543,7 @@ impl OffloadCache {
         check_args(&[
             input("selection", &self.sel, self.sel.shape(), DType::U32),
             output("map", &self.map, self.map.shape(), DType::U32),
+            output("ages", &self.ages, self.ages.shape(), DType::U32),
             output("pairs", &self.pairs, self.pairs.shape(), DType::U32),
             output("loads", &self.loads, self.loads.shape(), DType::U32),
             output("counts", &self.counts, self.counts.shape(), DType::U32),
@@ -539,6 +565,7 @@ impl OffloadCache {
                 (5, &self.loads, w(&self.loads)),
                 (6, &self.counts, w(&self.counts)),
                 (7, &self.stats, w(&self.stats)),
+                (14, &self.ages, w(&self.ages)),
             ],
             g,
         );
