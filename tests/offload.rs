@@ -165,11 +165,14 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
     };
     let config = OffloadConfig::new(DType::F32, opts, opts.k + spare).path(path);
     let nslot = config.slots;
-    // The slot policy's host model: maps, ages and counters.
-    let (mut model_map, mut model_ages) =
-        (vec![SENTINEL; b * hkv * nslot], vec![0; b * hkv * nslot]);
-    let mut model_stats = (0u64, 0u64, 0u64);
-    let (mut old_map, mut old_ages, mut old_hits) = (model_map.clone(), model_ages.clone(), 0);
+    // Host models of the slot policy (LRU) and of lowest-slot-first, for comparison: maps, ages
+    // and counters (selected, hits, loaded).
+    let fresh = (
+        vec![SENTINEL; b * hkv * nslot],
+        vec![0u32; b * hkv * nslot],
+        (0u64, 0u64, 0u64),
+    );
+    let mut models = [fresh.clone(), fresh];
     let mut off = OffloadCache::new(gpu, cs, &config).unwrap();
     assert_eq!(off.path(), path);
     let mut on = KvCache::new(
@@ -239,28 +242,21 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
         let sel = gpu.read_u32(off.selection()).unwrap();
         assert_eq!(sel, gpu.read_u32(&sel_on).unwrap(), "selection ({ctx})");
         // The slots the kernel handed out are the policy's, step for step.
-        for u in 0..b * hkv {
-            let (s0, k) = (u * nslot, opts.k);
-            let (a, h, l) = diff_model(
-                &mut model_map[s0..s0 + nslot],
-                &mut model_ages[s0..s0 + nslot],
-                &sel[u * k..(u + 1) * k],
-                off.lens()[u / hkv] as usize,
-                opts.block,
-                true,
-            );
-            model_stats = (model_stats.0 + a, model_stats.1 + h, model_stats.2 + l);
-            old_hits += diff_model(
-                &mut old_map[s0..s0 + nslot],
-                &mut old_ages[s0..s0 + nslot],
-                &sel[u * k..(u + 1) * k],
-                off.lens()[u / hkv] as usize,
-                opts.block,
-                false,
-            )
-            .1;
+        for ((map, ages, st), lru) in models.iter_mut().zip([true, false]) {
+            for u in 0..b * hkv {
+                let (s0, k) = (u * nslot, opts.k);
+                let (a, h, l) = diff_model(
+                    &mut map[s0..s0 + nslot],
+                    &mut ages[s0..s0 + nslot],
+                    &sel[u * k..(u + 1) * k],
+                    off.lens()[u / hkv] as usize,
+                    opts.block,
+                    lru,
+                );
+                *st = (st.0 + a, st.1 + h, st.2 + l);
+            }
         }
-        assert_eq!(gpu.read_u32(off.map()).unwrap(), model_map, "map ({ctx})");
+        assert_eq!(gpu.read_u32(off.map()).unwrap(), models[0].0, "map ({ctx})");
         for (what, a, w) in [("O", &o_off.o, &o_on.o), ("LSE", &o_off.lse, &o_on.lse)] {
             let e = compare(&gpu.read(a).unwrap(), &gpu.read(w).unwrap());
             assert!(e.within(1e-6), "{what} {e:?} ({ctx})");
@@ -306,11 +302,11 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
     eprintln!(
         "{st:?} hit rate {:.3} (lowest freed slot first: {:.3})",
         st.hit_rate(),
-        old_hits as f64 / st.selected.max(1) as f64
+        models[1].2.1 as f64 / st.selected.max(1) as f64
     );
     assert_eq!(
         (st.selected, st.hits, st.loaded),
-        model_stats,
+        models[0].2,
         "the counters are the policy's"
     );
     // Blocks came and went: far more loads than the slots could hold at once.

@@ -104,6 +104,9 @@ impl OffloadConfig {
     pub fn slot_bytes(dtype: DType, block: usize, head_dim: usize, bias: bool) -> u64 {
         (block * (2 * head_dim * dtype.size() + 4 * bias as usize)) as u64
     }
+
+    /// Bytes of bookkeeping per slot besides its block: its map entry and its age (u32 each).
+    pub const SLOT_STATE_BYTES: u64 = 8;
 }
 
 /// A zeroed host buffer of `n` elements, or an error that says the allocation failed.

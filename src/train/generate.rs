@@ -185,9 +185,9 @@ impl Decoder {
                 ..layer
             };
             let least = DecodeLayer::new(&gpu, &fewest)?.kv_bytes().0 * cfg.layers as u64;
-            // Each slot: a block of k, v (and bias), its map entry and its age, per (sequence,
-            // kv head).
-            let per_slot = (OffloadConfig::slot_bytes(DType::F32, block, cfg.head_dim(), bias) + 8)
+            // Each slot: a block of k, v (and bias) and its bookkeeping, per (sequence, kv head).
+            let per_slot = (OffloadConfig::slot_bytes(DType::F32, block, cfg.head_dim(), bias)
+                + OffloadConfig::SLOT_STATE_BYTES)
                 * (opts.batch * cfg.heads_kv * cfg.layers) as u64;
             if budget < least {
                 invalid!(
