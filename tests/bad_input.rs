@@ -240,6 +240,29 @@ fn pipelines_are_built_once() {
     assert_eq!(gpu.pipelines_built(), n);
 }
 
+/// A GPU error no error scope catches (here: a buffer larger than the device allows, made
+/// outside the library's checked paths, as a driver's out-of-memory mid-run would be) fails the
+/// next wait with its cause, once; the device stays usable after it.
+#[test]
+fn uncaptured_gpu_errors_fail_the_next_wait() {
+    let Some(gpu) = common::gpu() else { return };
+    gpu.wait().unwrap();
+    let _bad = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("too large"),
+        size: gpu.limits().max_buffer_size.saturating_add(4),
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let e = msg(gpu.wait());
+    assert!(
+        e.contains("a GPU command failed") && e.contains("too large"),
+        "{e}"
+    );
+    gpu.wait().unwrap();
+    let t = gpu.upload(&[3], &[1.0, 2.0, 3.0]).unwrap();
+    assert_eq!(gpu.read(&t).unwrap(), [1.0, 2.0, 3.0]);
+}
+
 /// Decoding: shapes, lengths, split sizes and inputs that do not match the op are errors that
 /// say which, from the op and the reference alike.
 #[test]

@@ -101,6 +101,8 @@ pub struct Gpu {
     /// Uniform buffers by content: a launch's parameters depend only on the op's shape and
     /// chunk, so repeated calls (a training step, a benchmark) bind buffers made once.
     uniforms: Mutex<HashMap<Vec<u8>, wgpu::Buffer>>,
+    /// The first uncaptured GPU error since the last [`Gpu::check_errors`].
+    uncaptured: Arc<Mutex<Option<String>>>,
 }
 
 /// Distinct parameter blocks kept; past it the cache starts over (a sweep over many shapes
@@ -366,10 +368,20 @@ impl Gpu {
                 .await
                 .map_err(|e| Error::RequestDevice(e.to_string()))?,
         };
-        // Errors are captured with error scopes where we can return them; anything else is logged
-        // rather than aborting the process (wgpu's default handler panics).
-        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
-            log::error!("uncaptured wgpu error: {e}");
+        // Errors are captured with error scopes where we can return them. Anything else (e.g. a
+        // buffer the driver could not allocate mid-run) is kept and returned by the next `wait`
+        // or readback, so the run fails with the cause instead of computing on invalid objects
+        // (wgpu's default handler panics; a log line alone let runs continue).
+        let uncaptured: Arc<Mutex<Option<String>>> = Arc::default();
+        let first = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut f = first.lock().unwrap_or_else(|e| e.into_inner());
+            if f.is_none() {
+                log::error!("GPU error: {e}");
+                *f = Some(e.to_string());
+            } else {
+                log::debug!("GPU error after the first: {e}");
+            }
         }));
         Ok(Self {
             instance,
@@ -383,6 +395,7 @@ impl Gpu {
             pooled: std::sync::atomic::AtomicBool::new(false),
             profiler: Mutex::new(None),
             uniforms: Mutex::new(HashMap::new()),
+            uncaptured,
         })
     }
 
@@ -459,8 +472,18 @@ impl Gpu {
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        self.check_errors()
+    }
+
+    /// The first GPU error that no error scope captured since the last check (e.g. out of
+    /// memory in a buffer made mid-run): the work submitted since is not to be trusted.
+    pub fn check_errors(&self) -> Result<()> {
+        let mut f = self.uncaptured.lock().unwrap_or_else(|e| e.into_inner());
+        match f.take() {
+            Some(e) => Err(Error::Gpu(format!("a GPU command failed: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// Run `f` inside a validation + out-of-memory error scope and return what it captured.

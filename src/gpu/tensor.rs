@@ -341,6 +341,8 @@ impl Gpu {
         Delivered(slot)
             .await
             .map_err(|e| Error::Gpu(format!("{what}: mapping failed: {e}")))?;
+        #[cfg(target_arch = "wasm32")]
+        self.check_errors()?;
         let bytes = buf
             .get_mapped_range(..)
             .map_err(|e| Error::Gpu(format!("{what}: reading the mapping failed: {e}")))?

@@ -331,6 +331,14 @@ impl Decoder {
         }
         Ok(total)
     }
+
+    /// Offloaded caches: zero the counters of every layer (e.g. after a prompt, whose first
+    /// step finds no block on the GPU); nothing otherwise.
+    pub fn reset_offload_stats(&self) -> Result<()> {
+        self.layers
+            .iter()
+            .try_for_each(|l| l.lock().reset_stats(&self.gpu))
+    }
 }
 
 /// Temperature and top-p (nucleus) sampling on the GPU; temperature 0 is greedy.

@@ -209,8 +209,16 @@ fn run_one(
     let bias = nosa;
     let select = select_options(a, nosa)?;
     let step = shape.step(hq, 1);
-    let host_bytes =
+    let mut host_bytes =
         (a.layers * batch * hkv * cap * (2 * d * dtype.size() + 4 * bias as usize)) as u64;
+    let path = OffloadPath::parse(&a.offload_path)?;
+    if path == OffloadPath::Staged || (path == OffloadPath::Auto && !gpu.has_host_memory()) {
+        // Staged: a step's missing blocks also pass through host staging memory, at worst
+        // every selected block of every layer (H200, 16 x 32k: the 69 GB store passed the
+        // check and the process ran out of memory).
+        let slot = OffloadConfig::slot_bytes(dtype, a.block, d, bias);
+        host_bytes += (a.layers * batch * hkv * a.slots.unwrap_or(select.k)) as u64 * slot;
+    }
     if matches!(mode, Mode::OffloadInfLlm | Mode::OffloadNosa)
         && let Some(avail) = host_available()
         && host_bytes as f64 > a.host_share * avail as f64
@@ -228,7 +236,7 @@ fn run_one(
         bias,
         select: (mode != Mode::Full).then_some(select),
         offload_slots: offloaded.then(|| a.slots.unwrap_or(select.k)),
-        offload_path: OffloadPath::parse(&a.offload_path)?,
+        offload_path: path,
         split_keys: a.split_keys,
         ..LayerConfig::new(shape, hq, dtype)
     };
