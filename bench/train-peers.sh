@@ -11,7 +11,7 @@
 # data/shakespeare: scripts/fetch-corpus.sh), BATCHES (default "4 16 64"), MODES (default
 # full,sparse,ssa,nosa), STEPS (timed steps, default 10), PY (default python3, with torch),
 # ONLY (ours or torch: one side, then the table of what OUTDIR holds; for machines that cut
-# commands off at 10 minutes).
+# commands off at 10 minutes), EXTRA (more flags for ours, e.g. "--precision f16").
 set -euo pipefail
 out=${1:-bench/results/train-peers}
 bin=${BIN:-target/release/sparse-attn}
@@ -29,7 +29,7 @@ for b in $batches; do
     [ "$only" = torch ] && break
     echo "== ours, batch $b" >&2
     "$bin" bench train --modes "$modes" --batch "$b" "${model[@]}" --data "$data" \
-        --timed-steps "$steps" --json 2> >(grep -v XDG_RUNTIME_DIR >&2) > "$out/ours-b$b.txt" \
+        --timed-steps "$steps" ${EXTRA:-} --json 2> >(grep -v XDG_RUNTIME_DIR >&2) > "$out/ours-b$b.txt" \
         || echo "ours at batch $b failed (kept going)" >&2
 done
 if [ "$only" != ours ]; then

@@ -748,6 +748,11 @@ fn train_and_eval_explain_bad_input_and_combine_reports() {
         ("--alpha=-1", "", "alpha"),
         ("--weight-decay", "NaN", "weight_decay"),
         ("--eval-windows", "0", "eval_windows"),
+        (
+            "--precision",
+            "bf8",
+            "unknown precision `bf8` (known: f32, f16)",
+        ),
     ] {
         let mut args = vec!["train", "--mode", "ssa", "--out", out_s, flag];
         if !v.is_empty() {
@@ -1137,6 +1142,58 @@ fn generate_streams_text_from_a_checkpoint() {
     }
     let (ok, _, err) = run(&["generate", "--ckpt", "/nonexistent", "--prompt", "x"]);
     assert!(!ok && !err.contains("panicked"), "{err}");
+    // `bench generate` on the checkpoint past its training length (seq 64, max_seq 256): the
+    // four ways of NOSA's comparison and NOSA on the GPU; copies and hit rates for the
+    // offloaded ones only, over the timed steps (a step copies at most its k blocks).
+    let data = corpus.to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "generate",
+            "--ckpt",
+            out_s,
+            "--data",
+            data,
+            "--valid-every",
+            "2",
+            "--context",
+            "100",
+            "--batch",
+            "2",
+            "--steps",
+            "3",
+        ];
+        args.extend(extra);
+        run(&args)
+    };
+    let (ok, json, err) = bench(&["--json", "--modes", "full,sparse,offload,nosa,offload-nosa"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["full", "sparse", "offload", "nosa", "offload-nosa"]);
+    // One layer, 2 kv heads, 2 sequences, k = 4 blocks of 16 tokens of f32 k, v and bias.
+    let most = (2 * 2 * 4 * (16 * 16 * 4 * 2 + 16 * 4)) as f64;
+    for r in runs {
+        let offload = r["mode"].as_str().unwrap().starts_with("offload");
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["hit_rate"].is_number(), offload, "{r}");
+        if offload {
+            let copied = r["copied_bytes_per_step"].as_f64().unwrap();
+            assert!(copied > 0.0 && copied <= most, "{r}");
+        } else {
+            assert!(r["copied_bytes_per_step"].is_null(), "{r}");
+        }
+    }
+    for (extra, says) in [
+        (&["--block", "16"][..], "--block is for --gguf models"),
+        (&["--context", "300"][..], "exceeds the model's 256 tokens"),
+        (&["--modes", "nosa,dense"][..], "unknown mode `dense`"),
+    ] {
+        let (ok, _, err) = bench(extra);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -1361,6 +1418,10 @@ fn bench_generate_runs_every_mode_on_a_gguf_model() {
         ),
         (&["--context", "600"][..], "exceeds the model's 512 tokens"),
         (&["--batch", "50"][..], "held-out tokens"),
+        (
+            &["--modes", "offload-nosa"][..],
+            "need a model trained with NOSA's eviction head",
+        ),
     ] {
         let (ok, _, err) = bench(&[extra, &["--batch", "1"]].concat());
         assert!(!ok && err.contains(says), "{extra:?}: {err}");

@@ -67,6 +67,7 @@ fn tiny(mode: Mode) -> TrainConfig {
         eval_every: 0,
         eval_windows: 2,
         ckpt_every: 0,
+        precision: sparse_attn::train::Precision::F32,
     }
 }
 

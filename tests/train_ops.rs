@@ -417,3 +417,51 @@ fn rms_norm_and_its_gradients_match_the_reference() {
         );
     }
 }
+
+/// The model's RoPE (`train::model::rope`, elementwise) against the f64 reference of the
+/// rotation of each pair (a, b) at position t: (a cos θ - b sin θ, b cos θ + a sin θ), θ =
+/// t · theta^(-2i/d); and against Burn's `RotaryEncoding::apply` (values and dx of Σ y·W),
+/// at start 0 and past it (decoding), head dims 48 and 16.
+#[test]
+fn rope_matches_the_reference_and_burns() {
+    use burn::nn::RotaryEncodingConfig;
+    use sparse_attn::train::model::rope;
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
+    let dev = rt.device.clone().autodiff();
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut r = Rng::new(seed);
+    for ([b, h, s, d], start) in [([2, 3, 40, 48], 0), ([1, 2, 5, 16], 77)] {
+        let table = RotaryEncodingConfig::new(128, d).init(&dev);
+        let n = b * h * s * d;
+        let (x, w) = (r.normal_vec(n, 1.0), r.normal_vec(n, 1.0));
+        let t4 =
+            |v: &[f32]| Tensor::<4>::from_data(TensorData::new(v.to_vec(), [b, h, s, d]), &dev);
+        let (xa, xb) = (t4(&x).require_grad(), t4(&x).require_grad());
+        let ya = rope(&table, xa.clone(), start);
+        let yb = table.apply(xb.clone(), start);
+        let ga = (ya.clone() * t4(&w)).sum().backward();
+        let gb = (yb.clone() * t4(&w)).sum().backward();
+        let mut want = vec![0f32; n];
+        for row in 0..b * h * s {
+            let t = (start + row % s) as f64;
+            for i in 0..d / 2 {
+                let th = t * 10000f64.powf(-2.0 * i as f64 / d as f64);
+                let (a, bb) = (x[row * d + 2 * i] as f64, x[row * d + 2 * i + 1] as f64);
+                want[row * d + 2 * i] = (a * th.cos() - bb * th.sin()) as f32;
+                want[row * d + 2 * i + 1] = (bb * th.cos() + a * th.sin()) as f32;
+            }
+        }
+        let ctx = format!("[{b}, {h}, {s}, {d}] from {start}");
+        check(&format!("y {ctx}"), &values(ya), &want, TOL);
+        check(&format!("y = Burn's {ctx}"), &values(yb), &want, TOL);
+        check(
+            &format!("dx {ctx}"),
+            &values(xa.grad(&ga).unwrap()),
+            &values(xb.grad(&gb).unwrap()),
+            1e-5,
+        );
+    }
+}

@@ -11,11 +11,12 @@ pub mod generate;
 pub mod llama;
 pub mod model;
 pub mod ops;
+pub mod scale;
 pub mod sweep;
 pub mod trainer;
 
 pub use bridge::{Runtime, gpu_for};
-pub use model::{Lm, LmConfig, Mode};
+pub use model::{Lm, LmConfig, Mode, Precision};
 pub use ops::{
     AttnBackend, align_loss, attention, attention_metrics, select_blocks, sparse_attention,
 };

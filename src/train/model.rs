@@ -26,14 +26,13 @@ use burn::nn::{
     RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::activation::{log_softmax, sigmoid, silu, softplus};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 
 use crate::error::{Result, invalid};
 use crate::problem::AttnOptions;
 use crate::problem::{Scoring, SelectOptions};
 use crate::train::ops::{align_loss, attention_with_bias, select_for, sparse_attention_with_bias};
 
-/// How attention runs in training or inference.
 /// RMSNorm (`burn::nn::RmsNorm`'s maths and parameters) over `x` `[b, t, d]`, with the weight
 /// applied per group of R rows: Burn reduces a broadcast weight's gradient over all b·t rows in
 /// one pass with a thread per column (384 threads for 32768 x 384: 6.4 ms a norm on the H200,
@@ -55,6 +54,72 @@ pub fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
     (xh.reshape([n / r, r, d]) * gamma).reshape([b, t, d])
 }
 
+/// Operands of the linear layers' matrix products (weights, activations and their
+/// gradients inside the products). Master weights, norms, attention, softmax and the loss stay
+/// in f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// f16 operands with f32 accumulation (CubeCL's f16 matmuls; tensor cores on the Vulkan
+    /// path). Training scales the loss so that small gradients survive f16 (`LossScale`).
+    F16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            _ => invalid!("unknown precision `{s}` (known: f32, f16)"),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// Vocabularies up to this size embed tokens by a one-hot product in training.
+pub const ONE_HOT_VOCAB: usize = 1024;
+
+/// RoPE over `x` `[b, heads, s, d]` at positions `start ..`: the maths of Burn's
+/// `RotaryEncoding::apply` (pairs (a, b) -> (a c - b s, b c + a s) with its cos/sin table),
+/// elementwise. Burn's own builds the rotated pairs with a matmul of K = 2, which CubeCL runs
+/// on SIMT cores at ~6 ms a call at the training shape: 2 x 12 calls, ~148 ms of a 443 ms step
+/// on the H200 (docs/BENCHMARKS.md).
+pub fn rope(r: &RotaryEncoding, x: Tensor<4>, start: usize) -> Tensor<4> {
+    let [b, h, s, d] = x.dims();
+    let table = r.freq_complex.clone().slice([start..start + s, 0..d, 0..2]);
+    let cos = table
+        .clone()
+        .slice([0..s, 0..d, 0..1])
+        .reshape([1, 1, s, d]);
+    let sin = table.slice([0..s, 0..d, 1..2]).reshape([1, 1, s, d]);
+    // (a, b) -> (-b, a) per pair.
+    let sign = Tensor::<1>::from_floats([-1.0, 1.0], &x.device()).reshape([1, 1, 1, 1, 2]);
+    let turned = (x.clone().reshape([b, h, s, d / 2, 2]).flip([4]) * sign).reshape([b, h, s, d]);
+    x * cos + turned * sin
+}
+
+/// `x W + b` with `l`'s parameters, the product's operands in `p` (the result in f32).
+pub fn linear(l: &Linear, x: Tensor<3>, p: Precision) -> Tensor<3> {
+    match p {
+        Precision::F32 => l.forward(x),
+        Precision::F16 => {
+            let w = l.weight.val().cast(FloatDType::F16).unsqueeze::<3>();
+            let y = x.cast(FloatDType::F16).matmul(w).cast(FloatDType::F32);
+            match &l.bias {
+                Some(b) => y + b.val().unsqueeze::<3>(),
+                None => y,
+            }
+        }
+    }
+}
+
+/// How attention runs in training or inference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Full,
@@ -507,6 +572,8 @@ pub struct Run {
     pub sparse_main: bool,
     /// Return each layer's q and k (evaluation metrics).
     pub capture: bool,
+    /// Operands of the linear layers' products.
+    pub precision: Precision,
 }
 
 impl Run {
@@ -515,6 +582,7 @@ impl Run {
             mode,
             sparse_main: mode.sparse_only(),
             capture: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -545,7 +613,7 @@ impl Lm {
                 cfg.max_seq
             );
         }
-        let mut x = self.embed.forward(tokens);
+        let mut x = self.embed_tokens(cfg, tokens, run.precision);
         let mut aligns = Vec::new();
         let mut qk = Vec::new();
         for layer in &self.layers {
@@ -553,7 +621,7 @@ impl Lm {
             x = y;
             aligns.extend(a);
         }
-        let logits = self.logits(rms_norm(&self.norm, x));
+        let logits = self.logits(rms_norm(&self.norm, x), run.precision);
         let n = aligns.len();
         let align = (n > 0).then(|| Tensor::cat(aligns, 0).sum() / n as f32);
         Ok(Forward { logits, align, qk })
@@ -596,14 +664,42 @@ impl Lm {
             let [b, n, d] = x.dims();
             x = x.slice([0..b, n - 1..n, 0..d]);
         }
-        Ok(self.logits(rms_norm(&self.norm, x)))
+        Ok(self.logits(rms_norm(&self.norm, x), Precision::F32))
+    }
+
+    /// Token embeddings `[b, s, d]`. Small vocabularies (up to [`ONE_HOT_VOCAB`]) take a
+    /// one-hot product: Burn's embedding gradient is a scatter-add whose atomics contend for V
+    /// rows (15.7 ms of a training step at V = 256 on the H200), a product is ~0.1 ms.
+    fn embed_tokens(&self, cfg: &LmConfig, tokens: Tensor<2, Int>, p: Precision) -> Tensor<3> {
+        if cfg.vocab > ONE_HOT_VOCAB {
+            return self.embed.forward(tokens);
+        }
+        let ids = Tensor::<1, Int>::arange(0..cfg.vocab as i64, &tokens.device())
+            .reshape([1, 1, cfg.vocab]);
+        let onehot = tokens.unsqueeze_dim::<3>(2).equal(ids).float();
+        let e = self.embed.weight.val().unsqueeze::<3>();
+        match p {
+            Precision::F32 => onehot.matmul(e),
+            Precision::F16 => onehot
+                .cast(FloatDType::F16)
+                .matmul(e.cast(FloatDType::F16))
+                .cast(FloatDType::F32),
+        }
     }
 
     /// The output head: tied (h Eᵀ) or the model's own.
-    fn logits(&self, h: Tensor<3>) -> Tensor<3> {
-        match &self.head {
-            Some(head) => head.forward(h),
-            None => h.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
+    fn logits(&self, h: Tensor<3>, p: Precision) -> Tensor<3> {
+        match (&self.head, p) {
+            (Some(head), p) => linear(head, h, p),
+            (None, Precision::F32) => {
+                h.matmul(self.embed.weight.val().transpose().unsqueeze::<3>())
+            }
+            (None, Precision::F16) => {
+                let e = self.embed.weight.val().cast(FloatDType::F16);
+                h.cast(FloatDType::F16)
+                    .matmul(e.transpose().unsqueeze::<3>())
+                    .cast(FloatDType::F32)
+            }
         }
     }
 }
@@ -625,8 +721,8 @@ impl Layer {
         let (hq, hkv, dh) = (cfg.heads_q, cfg.heads_kv, cfg.head_dim());
         let h = rms_norm(&self.norm1, x.clone());
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, dh]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.wq.forward(h.clone()), hq), pos);
-        let k = rope.apply(heads(self.wk.forward(h.clone()), hkv), pos);
+        let q = self::rope(rope, heads(self.wq.forward(h.clone()), hq), pos);
+        let k = self::rope(rope, heads(self.wk.forward(h.clone()), hkv), pos);
         let vflat = self.wv.forward(h.clone());
         let v = heads(vflat.clone(), hkv);
         let gate = self.wg.as_ref().map(|g| sigmoid(heads(g.forward(h), hq)));
@@ -668,13 +764,14 @@ impl Layer {
         qk: &mut Vec<Captured>,
     ) -> Result<(Tensor<3>, Option<Tensor<1>>)> {
         let (hq, hkv, dh) = (cfg.heads_q, cfg.heads_kv, cfg.head_dim());
+        let lin = |l: &Linear, x: Tensor<3>| linear(l, x, run.precision);
         let h = rms_norm(&self.norm1, x.clone());
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, dh]).swap_dims(1, 2);
-        let q = rope.forward(heads(self.wq.forward(h.clone()), hq));
-        let k = rope.forward(heads(self.wk.forward(h.clone()), hkv));
-        let vflat = self.wv.forward(h.clone());
+        let q = self::rope(rope, heads(lin(&self.wq, h.clone()), hq), 0);
+        let k = self::rope(rope, heads(lin(&self.wk, h.clone()), hkv), 0);
+        let vflat = lin(&self.wv, h.clone());
         let v = heads(vflat.clone(), hkv);
-        let gate = self.wg.as_ref().map(|g| sigmoid(heads(g.forward(h), hq)));
+        let gate = self.wg.as_ref().map(|g| sigmoid(heads(lin(g, h), hq)));
         // NOSA's per-key bias (and eviction score), where the model has the head.
         let bias = self.evict.as_ref().map(|e| e.forward(vflat));
         if run.capture {
@@ -704,11 +801,9 @@ impl Layer {
             }
         };
         let att = att.swap_dims(1, 2).reshape([b, s, hq * dh]);
-        let x = x + self.wo.forward(att);
+        let x = x + lin(&self.wo, att);
         let h = rms_norm(&self.norm2, x.clone());
-        let mlp = self
-            .w2
-            .forward(silu(self.w1.forward(h.clone())) * self.w3.forward(h));
+        let mlp = lin(&self.w2, silu(lin(&self.w1, h.clone())) * lin(&self.w3, h));
         Ok((x + mlp, align))
     }
 }

@@ -16,7 +16,8 @@ use crate::error::{Error, Result, invalid};
 use crate::reference::Rng;
 use crate::train::checkpoint;
 use crate::train::data::{Batch, Corpus, random_batch, sequential_batches};
-use crate::train::model::{Lm, LmConfig, Mode, Run, cross_entropy};
+use crate::train::model::{Lm, LmConfig, Mode, Precision, Run, cross_entropy};
+use crate::train::scale::LossScale;
 
 /// Everything a training run is made of besides the data.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,6 +42,8 @@ pub struct TrainConfig {
     pub eval_windows: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub ckpt_every: usize,
+    /// Operands of the linear layers' products (f16: with loss scaling).
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -128,7 +131,7 @@ impl TrainConfig {
             "warmup": self.warmup, "weight_decay": self.weight_decay, "clip": self.clip,
             "alpha": self.alpha, "passkey_rate": self.passkey_rate, "seed": self.seed,
             "eval_every": self.eval_every, "eval_windows": self.eval_windows,
-            "ckpt_every": self.ckpt_every,
+            "ckpt_every": self.ckpt_every, "precision": self.precision.name(),
         })
     }
 
@@ -157,6 +160,11 @@ impl TrainConfig {
             eval_every: u("eval_every")? as usize,
             eval_windows: u("eval_windows")? as usize,
             ckpt_every: u("ckpt_every")? as usize,
+            // Runs from before mixed precision were f32.
+            precision: match v.get("precision").and_then(|x| x.as_str()) {
+                Some(p) => Precision::parse(p)?,
+                None => Precision::F32,
+            },
         };
         c.validate()?;
         Ok(c)
@@ -255,6 +263,7 @@ pub fn train(
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
         .init();
     let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
+    let mut scale = LossScale::new(cfg.precision, &device.clone().inner());
     let mut step = 0usize;
     let mut rng = Rng::new(cfg.seed);
     // The log of earlier invocations, continued by this one.
@@ -275,6 +284,13 @@ pub fn train(
                 .ok_or_else(|| Error::InvalidInput("checkpoint lacks rng".into()))?,
         );
         earlier_log = state["log"].as_array().cloned().unwrap_or_default();
+        if let Some([s, g]) = state["loss_scale"]
+            .as_array()
+            .map(|v| [0, 1].map(|i| v.get(i).and_then(serde_json::Value::as_f64).unwrap_or(0.0)))
+        {
+            scale =
+                LossScale::with_state(cfg.precision, &device.clone().inner(), s as f32, g as u32);
+        }
         model = load_weights(model, &set.model)?;
         optim = optim
             .load(&set.optim)
@@ -333,7 +349,16 @@ pub fn train(
             cfg.passkey_rate,
         );
         let sparse_main = rng.uniform() < 0.5;
-        let (m, ce, align) = train_step(model, &mut optim, cfg, &b, sparse_main, lr, &device)?;
+        let (m, ce, align) = train_step(
+            model,
+            &mut optim,
+            &mut scale,
+            cfg,
+            &b,
+            sparse_main,
+            lr,
+            &device,
+        )?;
         model = m;
         step += 1;
         // Reading the loss waits for the GPU: report every 1% of the run (at most every 10 steps).
@@ -386,13 +411,33 @@ pub fn train(
             if let Some((ce, al, at)) = pending.take() {
                 check(ce, al, at)?;
             }
-            save(&model, &optim, cfg, step, &rng, &earlier_log, &log, out)?;
+            save(
+                &model,
+                &optim,
+                &scale,
+                cfg,
+                step,
+                &rng,
+                &earlier_log,
+                &log,
+                out,
+            )?;
         }
     }
     if let Some((ce, al, at)) = pending.take() {
         check(ce, al, at)?;
     }
-    save(&model, &optim, cfg, step, &rng, &earlier_log, &log, out)?;
+    save(
+        &model,
+        &optim,
+        &scale,
+        cfg,
+        step,
+        &rng,
+        &earlier_log,
+        &log,
+        out,
+    )?;
     if !quiet {
         eprintln!();
     }
@@ -415,6 +460,7 @@ pub fn seeded_init(cfg: &LmConfig, device: &Device, seed: u64) -> Result<Lm> {
 pub fn train_step(
     model: Lm,
     optim: &mut ModuleOptimizer,
+    scale: &mut LossScale,
     cfg: &TrainConfig,
     b: &Batch,
     sparse_main: bool,
@@ -427,6 +473,7 @@ pub fn train_step(
         x,
         Run {
             sparse_main,
+            precision: cfg.precision,
             ..Run::new(cfg.mode)
         },
     )?;
@@ -435,7 +482,8 @@ pub fn train_step(
         Some(a) => (ce.clone() + a.clone() * cfg.alpha, Some(a)),
         None => (ce.clone(), None),
     };
-    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let mut grads = GradientsParams::from_grads(scale.scaled(loss).backward(), &model);
+    scale.unscale(&mut grads, &model);
     Ok((optim.step(lr, model, grads), ce, align))
 }
 
@@ -479,6 +527,7 @@ pub fn measure_steps(
         .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
         .init();
     let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
+    let mut scale = LossScale::new(cfg.precision, &device.clone().inner());
     let mut rng = Rng::new(cfg.seed);
     let mut run = |model: Lm, n: usize, rng: &mut Rng| -> Result<(Lm, f64)> {
         let mut model = model;
@@ -487,7 +536,16 @@ pub fn measure_steps(
         for i in 0..n {
             let b = random_batch(rng, &corpus.train, cfg.batch, cfg.seq, 0.0);
             let main = rng.uniform() < 0.5;
-            let (m, ce, _) = train_step(model, &mut optim, cfg, &b, main, cfg.lr_at(i), &device)?;
+            let (m, ce, _) = train_step(
+                model,
+                &mut optim,
+                &mut scale,
+                cfg,
+                &b,
+                main,
+                cfg.lr_at(i),
+                &device,
+            )?;
             model = m;
             last = Some(ce);
         }
@@ -558,6 +616,7 @@ fn fmt_secs(s: f64) -> String {
 fn save(
     model: &Lm,
     optim: &ModuleOptimizer,
+    scale: &LossScale,
     cfg: &TrainConfig,
     step: usize,
     rng: &Rng,
@@ -575,12 +634,15 @@ fn save(
             "valid_ce": e.valid_ce, "tokens_per_s": e.tokens_per_s,
         })
     }));
-    let state = serde_json::json!({
+    let mut state = serde_json::json!({
         "config": cfg.to_json(),
         "step": step,
         "rng": rng.state(),
         "log": entries,
     });
+    if let Some((s, g)) = scale.read()? {
+        state["loss_scale"] = serde_json::json!([s, g]);
+    }
     checkpoint::commit(
         out,
         |set| {

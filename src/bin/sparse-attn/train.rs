@@ -188,6 +188,10 @@ pub struct RunArgs {
     pub eval_windows: usize,
     #[arg(long, default_value_t = 200)]
     pub ckpt_every: usize,
+    /// Operands of the linear layers' products: f32, or f16 (f32 master weights, norms,
+    /// attention and loss; dynamic loss scaling). Tensor cores need the burn-vulkan build.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
 }
 
 #[cfg(feature = "train")]
@@ -244,6 +248,7 @@ impl RunArgs {
             eval_every: a.eval_every,
             eval_windows: a.eval_windows,
             ckpt_every: a.ckpt_every,
+            precision: sparse_attn::train::Precision::parse(&a.precision)?,
         };
         cfg.validate()?;
         Ok(cfg)
