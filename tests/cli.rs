@@ -948,10 +948,18 @@ fn training_survives_kills_and_stops_cleanly_on_sigterm() {
             .unwrap()
             .map(|(_, s)| s["step"].as_u64().unwrap())
     };
-    // Until a run has committed a checkpoint past `after` (bounded: a minute).
+    // Until a run has committed a checkpoint past `after` (bounded: a minute). Polled while
+    // the run commits one a step, a read may meet a set being replaced under it (its files no
+    // longer match the record it read first: an error that says so, not a mix): read again.
     let wait_past = |after: Option<u64>| {
         let t0 = std::time::Instant::now();
-        while step_now() <= after {
+        let live = || {
+            checkpoint::find(&out)
+                .ok()
+                .flatten()
+                .map(|(_, s)| s["step"].as_u64().unwrap())
+        };
+        while live() <= after {
             assert!(t0.elapsed().as_secs() < 60, "no checkpoint after a minute");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

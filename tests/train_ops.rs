@@ -86,6 +86,68 @@ fn full_attention_forward_and_gradients_match_the_reference() {
     }
 }
 
+/// Full attention on f16 q, k, v (mixed-precision training): O and the gradients come back in
+/// f16 and equal the f64 reference on the f16-rounded inputs to f16's rounding (relative L2 at
+/// most 5e-3); the LSE is f32. Mixed f32/f16 inputs are an error that names them.
+#[test]
+fn full_attention_in_f16_matches_the_reference() {
+    use burn::tensor::{DType, FloatDType};
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
+    let dev = rt.device.clone().autodiff();
+    let f16 = |t: Tensor<4>| t.cast(FloatDType::F16);
+    for (i, (s, causal)) in [
+        (AttnShape::new(1, 2, 2, 37, 32), true),
+        (AttnShape::new(2, 4, 2, 19, 16), false),
+        (AttnShape::new(1, 4, 1, 1, 64), true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = Rng::fresh_seed() + i as u64;
+        eprintln!("shape {s:?} causal {causal} seed {seed}");
+        let x = inputs(&s, seed);
+        let opts = AttnOptions::causal(causal);
+        let q = f16(tensor(&dev, &x.q, s.q_dims())).require_grad();
+        let k = f16(tensor(&dev, &x.k, s.kv_dims())).require_grad();
+        let v = f16(tensor(&dev, &x.v, s.kv_dims())).require_grad();
+        let w = f16(tensor(&dev, &x.w, s.q_dims()));
+        // The reference sees what the kernels see: the inputs rounded to f16.
+        let (rq, rk, rv, rw) = (
+            values(q.clone()),
+            values(k.clone()),
+            values(v.clone()),
+            values(w.clone()),
+        );
+        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), opts).unwrap();
+        assert_eq!((o.dtype(), lse.dtype()), (DType::F16, DType::F32));
+        let grads = (o.clone().cast(FloatDType::F32) * w.cast(FloatDType::F32))
+            .sum()
+            .backward();
+        let want = ref_attn::forward(&s, &opts, &rq, &rk, &rv).unwrap();
+        check("O", &values(o), &want.o, 5e-3);
+        check("LSE", &values(lse), &want.lse, 5e-3);
+        let g = ref_attn::backward(&s, &opts, &rq, &rk, &rv, &rw).unwrap();
+        let dq = q.grad(&grads).unwrap();
+        assert_eq!(dq.dtype(), DType::F16);
+        check("dQ", &values(dq), &g.dq, 5e-3);
+        check("dK", &values(k.grad(&grads).unwrap()), &g.dk, 5e-3);
+        check("dV", &values(v.grad(&grads).unwrap()), &g.dv, 5e-3);
+    }
+    let s = AttnShape::new(1, 2, 2, 8, 16);
+    let x = inputs(&s, 1);
+    let e = attention(
+        f16(tensor(&dev, &x.q, s.q_dims())),
+        tensor(&dev, &x.k, s.kv_dims()),
+        tensor(&dev, &x.v, s.kv_dims()),
+        AttnOptions::causal(true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("all f32 or all f16"), "{e}");
+}
+
 #[test]
 fn inputs_that_are_permuted_or_sliced_are_read_correctly() {
     // A transposed view (not contiguous) and a slice that starts mid-buffer (unaligned offset).

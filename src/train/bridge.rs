@@ -240,12 +240,18 @@ pub(crate) struct Bound {
     _pin: Box<dyn std::any::Any>,
 }
 
-fn dtype_of(t: &CubeTensor) -> DType {
+pub(crate) fn dtype_of(t: &CubeTensor) -> DType {
     match t.dtype {
         BurnDType::F32 => DType::F32,
+        BurnDType::F16 => DType::F16,
         BurnDType::U32 | BurnDType::I32 => DType::U32,
-        other => panic!("sparse-attn ops take f32 tensors and u32 indices, got {other:?}"),
+        other => panic!("sparse-attn ops take f32 or f16 tensors and u32 indices, got {other:?}"),
     }
+}
+
+/// Bytes of `n` elements of `dtype`, in whole 4-byte words (copies and our views move words).
+fn words_bytes(n: usize, dtype: BurnDType) -> usize {
+    (n.max(1) * dtype.size()).next_multiple_of(4)
 }
 
 /// Bind a (made contiguous) Burn tensor. A range that does not start at the device's storage
@@ -272,7 +278,7 @@ pub(crate) fn bind(gpu: &Gpu, t: CubeTensor) -> (Bound, CubeTensor) {
         );
     }
     // Unaligned: copy into a new allocation (Burn's allocations are aligned).
-    let bytes = dims.iter().product::<usize>() * 4;
+    let bytes = words_bytes(dims.iter().product::<usize>(), t.dtype);
     let fresh = alloc(gpu, &t, &dims, t.dtype);
     let (dst, fresh) = bind(gpu, fresh);
     flush(&t);
@@ -290,8 +296,7 @@ pub(crate) fn bind(gpu: &Gpu, t: CubeTensor) -> (Bound, CubeTensor) {
 
 /// A new contiguous Burn tensor on `like`'s device.
 pub(crate) fn alloc(_gpu: &Gpu, like: &CubeTensor, dims: &[usize], dtype: BurnDType) -> CubeTensor {
-    let bytes = dims.iter().product::<usize>().max(1) * 4;
-    let handle = like.client.empty(bytes);
+    let handle = like.client.empty(words_bytes(dims.iter().product(), dtype));
     CubeTensor::new_contiguous(
         like.client.clone(),
         like.device.clone(),

@@ -14,7 +14,7 @@
 //! - the SSA alignment loss: its kernel writes the loss and both stop-gradient gradients in one
 //!   pass; backward scales them by the upstream gradient.
 
-use crate::gpu::Encoder;
+use crate::gpu::{DType, Encoder};
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
@@ -27,7 +27,7 @@ use crate::ops::attention::{AttnGrads, AttnOutput};
 use crate::ops::metrics::MetricsOut;
 use crate::ops::select::{SelectInputs, SelectScratch};
 use crate::problem::{AttnOptions, AttnShape, SelectOptions, SparseOptions};
-use crate::train::bridge::{Bound, alloc, bind, flush, shared_for, shared_of};
+use crate::train::bridge::{Bound, alloc, bind, dtype_of, flush, shared_for, shared_of};
 use crate::train::generate::DecodeCfg;
 use crate::{FullConfig, Qkv, SelectConfig, SparseConfig, SparseInputs};
 
@@ -61,8 +61,12 @@ fn metrics_meta(
     (lse_spec(q), lse_spec(q))
 }
 
+/// Per-row f32 values (LSE, metrics) of q's rows, whatever q's storage.
 fn lse_spec(q: &TensorSpec) -> TensorSpec {
-    TensorSpec::new(Shape::new([q.shape[0], q.shape[1], q.shape[2]]), q.dtype)
+    TensorSpec::new(
+        Shape::new([q.shape[0], q.shape[1], q.shape[2]]),
+        BurnDType::F32,
+    )
 }
 
 fn full_fwd_meta(
@@ -415,6 +419,11 @@ fn submit(gpu: &crate::Gpu, like: &CubeTensor, what: &str, enc: Encoder) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// The op's configuration for q's storage (f32, or f16 with mixed precision).
+fn full_config(cfg: &FullCfg, q: &CubeTensor, bias: bool) -> FullConfig {
+    FullConfig::new(cfg.0).bias(bias).dtype(dtype_of(q))
+}
+
 /// Full attention forward on Burn's buffers, with the per-key bias when given.
 fn full_fwd(
     q: CubeTensor,
@@ -427,13 +436,13 @@ fn full_fwd(
     let gpu = sh.gpu.clone();
     let s = shape4(&dims(&q), &dims(&k));
     let op = sh
-        .full(s, FullConfig::new(cfg.0).bias(bias.is_some()))
+        .full(s, full_config(&cfg, &q, bias.is_some()))
         .unwrap_or_else(|e| panic!("{e}"));
     let (bq, q) = bind(&gpu, q);
     let (bk, _k) = bind(&gpu, k);
     let (bv, _v) = bind(&gpu, v);
     let bb = bias.map(|b| bind(&gpu, b).0);
-    let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+    let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), q.dtype));
     let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
     let mut enc = gpu.encoder();
     op.encode_forward(
@@ -465,9 +474,14 @@ fn alloc_grads(
     if bias {
         dims.push(crate::ops::attention::bias_dims(s).to_vec());
     }
+    // dQ, dK, dV in q's storage; d bias f32.
     let (bound, tensors): (Vec<Bound>, Vec<CubeTensor>) = dims
         .iter()
-        .map(|d| bind(gpu, alloc(gpu, like, d, BurnDType::F32)))
+        .enumerate()
+        .map(|(i, d)| {
+            let dtype = if i < 3 { like.dtype } else { BurnDType::F32 };
+            bind(gpu, alloc(gpu, like, d, dtype))
+        })
         .unzip();
     let grads = AttnGrads {
         dq: bound[0].tensor.clone(),
@@ -494,7 +508,7 @@ fn full_bwd(
     let gpu = sh.gpu.clone();
     let s = shape4(&dims(&q), &dims(&k));
     let op = sh
-        .full(s, FullConfig::new(cfg.0).bias(bias.is_some()))
+        .full(s, full_config(&cfg, &q, bias.is_some()))
         .unwrap_or_else(|e| panic!("{e}"));
     let (bq, q) = bind(&gpu, q);
     let b: Vec<Bound> = [k, v, o, lse, d_o]
@@ -853,15 +867,31 @@ fn check_f32<const D: usize>(name: &str, t: &BTensor<D>) -> Result<()> {
 }
 
 fn attn_shape(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<AttnShape> {
+    let s = qkv_shape(q, k, v)?;
+    for (n, t) in [("q", q), ("k", k), ("v", v)] {
+        check_f32(n, t)?;
+    }
+    Ok(s)
+}
+
+/// Full attention's shape and storage: q, k and v all f32, or all f16 (mixed precision).
+fn full_shape(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<(AttnShape, DType)> {
+    let s = qkv_shape(q, k, v)?;
+    let dtype = match (q.dtype(), k.dtype(), v.dtype()) {
+        (BurnDType::F32, BurnDType::F32, BurnDType::F32) => DType::F32,
+        (BurnDType::F16, BurnDType::F16, BurnDType::F16) => DType::F16,
+        (a, b, c) => invalid!("q, k and v must be all f32 or all f16, got {a:?}, {b:?}, {c:?}"),
+    };
+    Ok((s, dtype))
+}
+
+fn qkv_shape(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<AttnShape> {
     let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
     if kd != vd {
         invalid!("k {kd:?} and v {vd:?} must have the same shape");
     }
     if qd[0] != kd[0] || qd[3] != kd[3] {
         invalid!("q {qd:?} and k {kd:?} disagree on batch or head_dim");
-    }
-    for (n, t) in [("q", q), ("k", k), ("v", v)] {
-        check_f32(n, t)?;
     }
     if q.device() != k.device() || q.device() != v.device() {
         invalid!("q, k and v must live on one device");
@@ -870,15 +900,17 @@ fn attn_shape(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<AttnShap
 }
 
 /// Full attention `softmax(q kᵀ · scale) v` on `[batch, heads, seq, head_dim]` tensors (GQA
-/// when k and v have fewer heads), differentiable in q, k and v. Returns O and the row LSE.
+/// when k and v have fewer heads), differentiable in q, k and v. Returns O (in q's storage: f32,
+/// or f16, where the device's f16 kernels run, on tensor cores where it has them) and the row
+/// LSE (f32).
 pub fn attention(
     q: BTensor<4>,
     k: BTensor<4>,
     v: BTensor<4>,
     opts: AttnOptions,
 ) -> Result<(BTensor<4>, BTensor<3>)> {
-    let s = attn_shape(&q, &k, &v)?;
-    shared_for(&q.device())?.full(s, FullConfig::new(opts))?;
+    let (s, dtype) = full_shape(&q, &k, &v)?;
+    shared_for(&q.device())?.full(s, FullConfig::new(opts).dtype(dtype))?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_full_fwd(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -916,9 +948,9 @@ pub fn attention_with_bias(
     let Some(bias) = bias else {
         return attention(q, k, v, opts);
     };
-    let s = attn_shape(&q, &k, &v)?;
+    let (s, dtype) = full_shape(&q, &k, &v)?;
     check_bias("bias", &s, &bias, &q)?;
-    shared_for(&q.device())?.full(s, FullConfig::new(opts).bias(true))?;
+    shared_for(&q.device())?.full(s, FullConfig::new(opts).bias(true).dtype(dtype))?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_full_fwd_bias(
         q.into_dispatch(),
         k.into_dispatch(),
