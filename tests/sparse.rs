@@ -107,6 +107,9 @@ fn check(
     if bwd != SparseKernel::Auto {
         assert_eq!(op.backward_kernel(), bwd, "{ctx}");
     }
+    if bwd == SparseKernel::Rows && op.dkdv_on_tensor_cores() {
+        eprintln!("row dQ, dK/dV on tensor cores: {ctx}");
+    }
     let tol = if dt == DType::F16 { TOL_F16 } else { TOL };
     let up = |dims: &[usize], x: &[f32]| gpu.upload_as(dims, x, dt).unwrap();
     let tsel = gpu.upload_u32(&op.selection_dims(), sel).unwrap();

@@ -50,90 +50,59 @@ fn inputs(s: &AttnShape, seed: u64) -> Inputs {
     }
 }
 
+/// Full attention's O, LSE and dQ, dK, dV against the f64 reference, with f32 q, k, v and with
+/// f16 ones (mixed-precision training: O and the gradients come back in f16, the LSE in f32;
+/// the reference sees the f16-rounded inputs, so only f16's rounding of the results remains:
+/// relative L2 at most 5e-3). Mixed f32/f16 inputs are an error that names them.
 #[test]
 fn full_attention_forward_and_gradients_match_the_reference() {
-    let Some(rt) = common::burn_runtime() else {
-        return;
-    };
-    let dev = rt.device.clone().autodiff();
-    // Odd lengths, one token, GQA, causal and not.
-    for (i, (s, causal)) in [
-        (AttnShape::new(1, 2, 2, 37, 32), true),
-        (AttnShape::new(2, 4, 2, 19, 16), false),
-        (AttnShape::new(1, 4, 1, 1, 64), true),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let seed = Rng::fresh_seed() + i as u64;
-        eprintln!("shape {s:?} causal {causal} seed {seed}");
-        let x = inputs(&s, seed);
-        let opts = AttnOptions::causal(causal);
-        let q = tensor(&dev, &x.q, s.q_dims()).require_grad();
-        let k = tensor(&dev, &x.k, s.kv_dims()).require_grad();
-        let v = tensor(&dev, &x.v, s.kv_dims()).require_grad();
-        let w = tensor(&dev, &x.w, s.q_dims());
-        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), opts).unwrap();
-        let loss = (o.clone() * w).sum();
-        let grads = loss.backward();
-        let want = ref_attn::forward(&s, &opts, &x.q, &x.k, &x.v).unwrap();
-        check("O", &values(o), &want.o, TOL);
-        check("LSE", &values(lse), &want.lse, TOL);
-        let g = ref_attn::backward(&s, &opts, &x.q, &x.k, &x.v, &x.w).unwrap();
-        check("dQ", &values(q.grad(&grads).unwrap()), &g.dq, TOL);
-        check("dK", &values(k.grad(&grads).unwrap()), &g.dk, TOL);
-        check("dV", &values(v.grad(&grads).unwrap()), &g.dv, TOL);
-    }
-}
-
-/// Full attention on f16 q, k, v (mixed-precision training): O and the gradients come back in
-/// f16 and equal the f64 reference on the f16-rounded inputs to f16's rounding (relative L2 at
-/// most 5e-3); the LSE is f32. Mixed f32/f16 inputs are an error that names them.
-#[test]
-fn full_attention_in_f16_matches_the_reference() {
     use burn::tensor::{DType, FloatDType};
     let Some(rt) = common::burn_runtime() else {
         return;
     };
     let dev = rt.device.clone().autodiff();
     let f16 = |t: Tensor<4>| t.cast(FloatDType::F16);
-    for (i, (s, causal)) in [
-        (AttnShape::new(1, 2, 2, 37, 32), true),
-        (AttnShape::new(2, 4, 2, 19, 16), false),
-        (AttnShape::new(1, 4, 1, 1, 64), true),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let seed = Rng::fresh_seed() + i as u64;
-        eprintln!("shape {s:?} causal {causal} seed {seed}");
-        let x = inputs(&s, seed);
-        let opts = AttnOptions::causal(causal);
-        let q = f16(tensor(&dev, &x.q, s.q_dims())).require_grad();
-        let k = f16(tensor(&dev, &x.k, s.kv_dims())).require_grad();
-        let v = f16(tensor(&dev, &x.v, s.kv_dims())).require_grad();
-        let w = f16(tensor(&dev, &x.w, s.q_dims()));
-        // The reference sees what the kernels see: the inputs rounded to f16.
-        let (rq, rk, rv, rw) = (
-            values(q.clone()),
-            values(k.clone()),
-            values(v.clone()),
-            values(w.clone()),
-        );
-        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), opts).unwrap();
-        assert_eq!((o.dtype(), lse.dtype()), (DType::F16, DType::F32));
-        let grads = (o.clone().cast(FloatDType::F32) * w.cast(FloatDType::F32))
-            .sum()
-            .backward();
-        let want = ref_attn::forward(&s, &opts, &rq, &rk, &rv).unwrap();
-        check("O", &values(o), &want.o, 5e-3);
-        check("LSE", &values(lse), &want.lse, 5e-3);
-        let g = ref_attn::backward(&s, &opts, &rq, &rk, &rv, &rw).unwrap();
-        let dq = q.grad(&grads).unwrap();
-        assert_eq!(dq.dtype(), DType::F16);
-        check("dQ", &values(dq), &g.dq, 5e-3);
-        check("dK", &values(k.grad(&grads).unwrap()), &g.dk, 5e-3);
-        check("dV", &values(v.grad(&grads).unwrap()), &g.dv, 5e-3);
+    for (dtype, tol) in [(DType::F32, TOL), (DType::F16, 5e-3)] {
+        let store = |t: Tensor<4>| if dtype == DType::F16 { f16(t) } else { t };
+        // Odd lengths, one token, GQA, causal and not.
+        for (i, (s, causal)) in [
+            (AttnShape::new(1, 2, 2, 37, 32), true),
+            (AttnShape::new(2, 4, 2, 19, 16), false),
+            (AttnShape::new(1, 4, 1, 1, 64), true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = Rng::fresh_seed() + i as u64;
+            eprintln!("{dtype:?} shape {s:?} causal {causal} seed {seed}");
+            let x = inputs(&s, seed);
+            let opts = AttnOptions::causal(causal);
+            let q = store(tensor(&dev, &x.q, s.q_dims())).require_grad();
+            let k = store(tensor(&dev, &x.k, s.kv_dims())).require_grad();
+            let v = store(tensor(&dev, &x.v, s.kv_dims())).require_grad();
+            let w = store(tensor(&dev, &x.w, s.q_dims()));
+            // What the kernels see (the inputs rounded to the storage type).
+            let (rq, rk, rv, rw) = (
+                values(q.clone()),
+                values(k.clone()),
+                values(v.clone()),
+                values(w.clone()),
+            );
+            let (o, lse) = attention(q.clone(), k.clone(), v.clone(), opts).unwrap();
+            assert_eq!((o.dtype(), lse.dtype()), (dtype, DType::F32));
+            let grads = (o.clone().cast(FloatDType::F32) * w.cast(FloatDType::F32))
+                .sum()
+                .backward();
+            let want = ref_attn::forward(&s, &opts, &rq, &rk, &rv).unwrap();
+            check("O", &values(o), &want.o, tol);
+            check("LSE", &values(lse), &want.lse, tol);
+            let g = ref_attn::backward(&s, &opts, &rq, &rk, &rv, &rw).unwrap();
+            let dq = q.grad(&grads).unwrap();
+            assert_eq!(dq.dtype(), dtype);
+            check("dQ", &values(dq), &g.dq, tol);
+            check("dK", &values(k.grad(&grads).unwrap()), &g.dk, tol);
+            check("dV", &values(v.grad(&grads).unwrap()), &g.dv, tol);
+        }
     }
     let s = AttnShape::new(1, 2, 2, 8, 16);
     let x = inputs(&s, 1);
@@ -181,53 +150,74 @@ fn inputs_that_are_permuted_or_sliced_are_read_correctly() {
     check("O", &values(o), &want.o, TOL);
 }
 
+/// Selection against the reference, and sparse attention's O and gradients over it with f32
+/// and with f16 q, k, v (the selection from f32 q and k, as the model runs it; the reference
+/// sees the f16-rounded inputs; tolerance 5e-3 for f16).
 #[test]
 fn selection_and_sparse_attention_match_the_reference() {
+    use burn::tensor::{DType, FloatDType};
     let Some(rt) = common::burn_runtime() else {
         return;
     };
     let dev = rt.device.clone().autodiff();
-    for (i, (s, scoring)) in [
-        (AttnShape::new(1, 4, 2, 77, 32), Scoring::Ssa),
-        (AttnShape::new(2, 2, 1, 50, 16), Scoring::Moba),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let seed = Rng::fresh_seed() + i as u64;
-        eprintln!("shape {s:?} {scoring:?} seed {seed}");
-        let x = inputs(&s, seed);
-        let opts = SelectOptions {
-            block: 16,
-            k: 3,
-            scoring,
-            ..SelectOptions::ssa()
+    for (dtype, tol) in [(DType::F32, TOL), (DType::F16, 5e-3)] {
+        let store = |t: Tensor<4>| {
+            if dtype == DType::F16 {
+                t.cast(FloatDType::F16)
+            } else {
+                t
+            }
         };
-        let q = tensor(&dev, &x.q, s.q_dims()).require_grad();
-        let k = tensor(&dev, &x.k, s.kv_dims()).require_grad();
-        let v = tensor(&dev, &x.v, s.kv_dims()).require_grad();
-        let w = tensor(&dev, &x.w, s.q_dims());
-        let sel: Tensor<4, Int> = select_blocks(q.clone(), k.clone(), &opts).unwrap();
-        let want_sel = ref_select::select(&s, &opts, &x.q, &x.k).unwrap();
-        let got_sel = sel
-            .clone()
-            .into_data()
-            .convert::<u32>()
-            .try_to_vec::<u32>()
-            .unwrap();
-        assert_eq!(got_sel, want_sel.indices, "selection");
-        let (o, _) = sparse_attention(q.clone(), k.clone(), v.clone(), sel, &opts).unwrap();
-        let loss = (o.clone() * w).sum();
-        let grads = loss.backward();
-        let so = opts.sparse();
-        let want =
-            ref_sparse::forward(&s, &so, &x.q, &x.k, &x.v, &want_sel.indices, 3, None).unwrap();
-        check("sparse O", &values(o), &want.o, TOL);
-        let g = ref_sparse::backward(&s, &so, &x.q, &x.k, &x.v, &want_sel.indices, 3, None, &x.w)
-            .unwrap();
-        check("sparse dQ", &values(q.grad(&grads).unwrap()), &g.dq, TOL);
-        check("sparse dK", &values(k.grad(&grads).unwrap()), &g.dk, TOL);
-        check("sparse dV", &values(v.grad(&grads).unwrap()), &g.dv, TOL);
+        for (i, (s, scoring)) in [
+            (AttnShape::new(1, 4, 2, 77, 32), Scoring::Ssa),
+            (AttnShape::new(2, 2, 1, 50, 16), Scoring::Moba),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = Rng::fresh_seed() + i as u64;
+            eprintln!("{dtype:?} shape {s:?} {scoring:?} seed {seed}");
+            let x = inputs(&s, seed);
+            let opts = SelectOptions {
+                block: 16,
+                k: 3,
+                scoring,
+                ..SelectOptions::ssa()
+            };
+            let q32 = tensor(&dev, &x.q, s.q_dims());
+            let k32 = tensor(&dev, &x.k, s.kv_dims());
+            let sel: Tensor<4, Int> = select_blocks(q32.clone(), k32.clone(), &opts).unwrap();
+            let want_sel = ref_select::select(&s, &opts, &x.q, &x.k).unwrap();
+            let got_sel = sel
+                .clone()
+                .into_data()
+                .convert::<u32>()
+                .try_to_vec::<u32>()
+                .unwrap();
+            assert_eq!(got_sel, want_sel.indices, "selection");
+            let q = store(q32).require_grad();
+            let k = store(k32).require_grad();
+            let v = store(tensor(&dev, &x.v, s.kv_dims())).require_grad();
+            let w = store(tensor(&dev, &x.w, s.q_dims()));
+            let (rq, rk, rv, rw) = (
+                values(q.clone()),
+                values(k.clone()),
+                values(v.clone()),
+                values(w.clone()),
+            );
+            let (o, _) = sparse_attention(q.clone(), k.clone(), v.clone(), sel, &opts).unwrap();
+            assert_eq!(o.dtype(), dtype);
+            let loss = (o.clone().cast(FloatDType::F32) * w.cast(FloatDType::F32)).sum();
+            let grads = loss.backward();
+            let so = opts.sparse();
+            let idx = &want_sel.indices;
+            let want = ref_sparse::forward(&s, &so, &rq, &rk, &rv, idx, 3, None).unwrap();
+            check("sparse O", &values(o), &want.o, tol);
+            let g = ref_sparse::backward(&s, &so, &rq, &rk, &rv, idx, 3, None, &rw).unwrap();
+            check("sparse dQ", &values(q.grad(&grads).unwrap()), &g.dq, tol);
+            check("sparse dK", &values(k.grad(&grads).unwrap()), &g.dk, tol);
+            check("sparse dV", &values(v.grad(&grads).unwrap()), &g.dv, tol);
+        }
     }
 }
 

@@ -55,8 +55,9 @@ pub fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
 }
 
 /// Operands of the linear layers' matrix products (weights, activations and their
-/// gradients inside the products) and the storage of full attention's q, k, v, O and their
-/// gradients. Master weights, norms, sparse attention, softmax and the loss stay f32.
+/// gradients inside the products) and the storage of attention's q, k, v, O and their
+/// gradients (full and sparse). Master weights, norms, the selection, softmax, the alignment
+/// loss and the loss stay f32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
     #[default]
@@ -783,8 +784,8 @@ impl Layer {
         }
         let opts = AttnOptions::causal(true);
         let sel_opts = cfg.select_options_for(s);
-        // With f16 products, full attention reads and writes f16 too (our f16 kernels: on
-        // tensor cores where the device has them); the sparse stream stays f32.
+        // With f16 products, attention reads and writes f16 too (our f16 kernels: on tensor
+        // cores where the device has them).
         let full = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
             Ok(match run.precision {
                 Precision::F32 => attention_with_bias(q, k, v, bias.clone(), opts)?.0,
@@ -796,9 +797,20 @@ impl Layer {
                 }
             })
         };
+        // The selection reads f32 q and k; with f16 products the attention over it is f16.
         let sparse = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
             let sel = select_for(q.clone(), k.clone(), bias.clone(), &sel_opts)?;
-            Ok(sparse_attention_with_bias(q, k, v, sel, bias.clone(), &sel_opts)?.0)
+            Ok(match run.precision {
+                Precision::F32 => {
+                    sparse_attention_with_bias(q, k, v, sel, bias.clone(), &sel_opts)?.0
+                }
+                Precision::F16 => {
+                    let h = |t: Tensor<4>| t.cast(FloatDType::F16);
+                    sparse_attention_with_bias(h(q), h(k), h(v), sel, bias.clone(), &sel_opts)?
+                        .0
+                        .cast(FloatDType::F32)
+                }
+            })
         };
         let (att, align) = match run.mode {
             Mode::Full => (gated(gate, full(q, k, v)?), None),

@@ -596,14 +596,14 @@ fn sparse_fwd(
     let gpu = sh.gpu.clone();
     let s = shape4(&dims(&q), &dims(&k));
     let op = sh
-        .sparse(s, cfg.sparse().bias(bias.is_some()))
+        .sparse(s, cfg.sparse().bias(bias.is_some()).dtype(dtype_of(&q)))
         .unwrap_or_else(|e| panic!("{e}"));
     let (bq, q) = bind(&gpu, q);
     let (bk, _k) = bind(&gpu, k);
     let (bv, _v) = bind(&gpu, v);
     let (bs, _s) = bind(&gpu, sel);
     let bb = bias.map(|b| bind(&gpu, b).0);
-    let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), BurnDType::F32));
+    let (bo, o) = bind(&gpu, alloc(&gpu, &q, &s.q_dims(), q.dtype));
     let (bl, lse) = bind(&gpu, alloc(&gpu, &q, &s.lse_dims(), BurnDType::F32));
     let out = AttnOutput {
         o: bo.tensor.clone(),
@@ -639,7 +639,7 @@ fn sparse_bwd(
     let gpu = sh.gpu.clone();
     let s = shape4(&dims(&q), &dims(&k));
     let op = sh
-        .sparse(s, cfg.sparse().bias(bias.is_some()))
+        .sparse(s, cfg.sparse().bias(bias.is_some()).dtype(dtype_of(&q)))
         .unwrap_or_else(|e| panic!("{e}"));
     let (bq, q) = bind(&gpu, q);
     let b: Vec<Bound> = [k, v, sel, o, lse, d_o]
@@ -874,8 +874,9 @@ fn attn_shape(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<AttnShap
     Ok(s)
 }
 
-/// Full attention's shape and storage: q, k and v all f32, or all f16 (mixed precision).
-fn full_shape(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<(AttnShape, DType)> {
+/// Attention's shape and storage (full and sparse): q, k and v all f32, or all f16 (mixed
+/// precision).
+fn qkv_storage(q: &BTensor<4>, k: &BTensor<4>, v: &BTensor<4>) -> Result<(AttnShape, DType)> {
     let s = qkv_shape(q, k, v)?;
     let dtype = match (q.dtype(), k.dtype(), v.dtype()) {
         (BurnDType::F32, BurnDType::F32, BurnDType::F32) => DType::F32,
@@ -909,7 +910,7 @@ pub fn attention(
     v: BTensor<4>,
     opts: AttnOptions,
 ) -> Result<(BTensor<4>, BTensor<3>)> {
-    let (s, dtype) = full_shape(&q, &k, &v)?;
+    let (s, dtype) = qkv_storage(&q, &k, &v)?;
     shared_for(&q.device())?.full(s, FullConfig::new(opts).dtype(dtype))?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_full_fwd(
         q.into_dispatch(),
@@ -948,7 +949,7 @@ pub fn attention_with_bias(
     let Some(bias) = bias else {
         return attention(q, k, v, opts);
     };
-    let (s, dtype) = full_shape(&q, &k, &v)?;
+    let (s, dtype) = qkv_storage(&q, &k, &v)?;
     check_bias("bias", &s, &bias, &q)?;
     shared_for(&q.device())?.full(s, FullConfig::new(opts).bias(true).dtype(dtype))?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_full_fwd_bias(
@@ -1046,9 +1047,9 @@ pub fn sparse_attention(
     sel: BTensor<4, Int>,
     opts: &SelectOptions,
 ) -> Result<(BTensor<4>, BTensor<3>)> {
-    let s = attn_shape(&q, &k, &v)?;
+    let (s, dtype) = qkv_storage(&q, &k, &v)?;
     let cfg = SparseCfg(*opts);
-    let op = shared_for(&q.device())?.sparse(s, cfg.sparse())?;
+    let op = shared_for(&q.device())?.sparse(s, cfg.sparse().dtype(dtype))?;
     check_selection(&sel, &op.selection_dims())?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_sparse_fwd(
         q.into_dispatch(),
@@ -1073,10 +1074,10 @@ pub fn sparse_attention_with_bias(
     let Some(bias) = bias else {
         return sparse_attention(q, k, v, sel, opts);
     };
-    let s = attn_shape(&q, &k, &v)?;
+    let (s, dtype) = qkv_storage(&q, &k, &v)?;
     check_bias("bias", &s, &bias, &q)?;
     let cfg = SparseCfg(*opts);
-    let op = shared_for(&q.device())?.sparse(s, cfg.sparse().bias(true))?;
+    let op = shared_for(&q.device())?.sparse(s, cfg.sparse().bias(true).dtype(dtype))?;
     check_selection(&sel, &op.selection_dims())?;
     let (o, lse) = <Dispatch as AttnBackend>::sa_sparse_fwd_bias(
         q.into_dispatch(),
