@@ -11,7 +11,9 @@
 # data/shakespeare: scripts/fetch-corpus.sh), BATCHES (default "4 16 64"), MODES (default
 # full,sparse,ssa,nosa), STEPS (timed steps, default 10), PY (default python3, with torch),
 # ONLY (ours or torch: one side, then the table of what OUTDIR holds; for machines that cut
-# commands off at 10 minutes), EXTRA (more flags for ours, e.g. "--precision f16").
+# commands off at 10 minutes), PRECISIONS (default "f32"; "f32 f16" times ours in both:
+# build BIN with --features burn-vulkan for Burn's f16 products on tensor cores), EXTRA (more
+# flags for ours).
 set -euo pipefail
 out=${1:-bench/results/train-peers}
 bin=${BIN:-target/release/sparse-attn}
@@ -27,10 +29,13 @@ model=(--seq 2048 --d-model 384 --layers 6 --heads 8 --kv-heads 2 --d-ff 1024 --
 only=${ONLY:-}
 for b in $batches; do
     [ "$only" = torch ] && break
-    echo "== ours, batch $b" >&2
-    "$bin" bench train --modes "$modes" --batch "$b" "${model[@]}" --data "$data" \
-        --timed-steps "$steps" ${EXTRA:-} --json 2> >(grep -v XDG_RUNTIME_DIR >&2) > "$out/ours-b$b.txt" \
-        || echo "ours at batch $b failed (kept going)" >&2
+    for p in ${PRECISIONS:-f32}; do
+        echo "== ours, batch $b, $p" >&2
+        "$bin" bench train --modes "$modes" --batch "$b" "${model[@]}" --data "$data" \
+            --timed-steps "$steps" --precision "$p" ${EXTRA:-} --json \
+            2> >(grep -v XDG_RUNTIME_DIR >&2) > "$out/ours-b$b-$p.txt" \
+            || echo "ours at batch $b ($p) failed (kept going)" >&2
+    done
 done
 if [ "$only" != ours ]; then
     echo "== PyTorch" >&2

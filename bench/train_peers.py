@@ -165,34 +165,37 @@ def merge(d):
         j = json.loads(lines[-1])
         device = j["device"]
         for r in j["rows"]:
-            ours[(r["config"]["batch"], r["mode"])] = r
+            # Records from before --precision are f32.
+            prec = r["config"].get("precision", "f32")
+            ours[(r["config"]["batch"], prec, r["mode"])] = r
     tp = {(r["batch"], r["setting"]): r for r in torch["rows"]}
-    batches = sorted({b for b, _ in ours} | {b for b, _ in tp})
-    modes = [m for m in ["full", "sparse", "ssa", "nosa"] if any(k[1] == m for k in ours)]
+    batches = sorted({k[0] for k in ours} | {b for b, _ in tp})
+    precs = [p for p in ["f32", "f16"] if any(k[1] == p for k in ours)] or ["f32"]
+    modes = [m for m in ["full", "sparse", "ssa", "nosa"] if any(k[2] == m for k in ours)]
     settings = ["eager-fp32", "eager-bf16", "compile-bf16"]
     print(f"ours: {device}; PyTorch {torch['torch']} on {torch['device']}\n")
-    head = ["batch"] + [f"ours {m}" for m in modes] + [f"torch {s}" for s in settings]
+    head = ["batch", "ours in"] + [f"ours {m}" for m in modes] + [f"torch {s}" for s in settings]
     head += ["full / eager fp32", "full / eager bf16", "SSA step / full step"]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     fmt = lambda r: "-" if r is None else (
         "OOM" if "error" in r else f"{r['tokens_per_s'] / 1e3:.1f}k")
-    for b in batches:
-        cells = [str(b)]
-        cells += [fmt(ours.get((b, m))) for m in modes]
+    for b, p in [(b, p) for b in batches for p in precs]:
+        cells = [str(b), p]
+        cells += [fmt(ours.get((b, p, m))) for m in modes]
         cells += [fmt(tp.get((b, s))) for s in settings]
-        full = ours.get((b, "full"))
+        full = ours.get((b, p, "full"))
         for s in ["eager-fp32", "eager-bf16"]:
             t = tp.get((b, s))
             ok = full and t and "error" not in t
             cells.append(f"{full['tokens_per_s'] / t['tokens_per_s']:.2f}x" if ok else "-")
-        ssa = ours.get((b, "ssa"))
+        ssa = ours.get((b, p, "ssa"))
         cells.append(f"{ssa['step_s'] / full['step_s']:.2f}" if ssa and full else "-")
         print("| " + " | ".join(cells) + " |")
     print("\nour kernels' share of the step (ms/step of the step):")
-    for (b, m), r in sorted(ours.items()):
+    for (b, p, m), r in sorted(ours.items()):
         ks = ", ".join(f"{k['kernel']} {k['s'] * 1e3:.1f}" for k in r["kernels"])
-        print(f"  batch {b} {m}: step {r['step_s'] * 1e3:.1f} ms, ours {r['ours_s'] * 1e3:.1f} ms: {ks}")
+        print(f"  batch {b} {p} {m}: step {r['step_s'] * 1e3:.1f} ms, ours {r['ours_s'] * 1e3:.1f} ms: {ks}")
 
 
 def main():
