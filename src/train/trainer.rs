@@ -258,16 +258,18 @@ pub fn train(
     std::fs::create_dir_all(out)
         .map_err(|e| Error::InvalidInput(format!("creating {}: {e}", out.display())))?;
     let device = device.clone().autodiff();
-    let mut optim: ModuleOptimizer = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
-        .init();
     let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
-    let mut scale = LossScale::new(cfg.precision, &device.clone().inner());
-    let mut step = 0usize;
-    let mut rng = Rng::new(cfg.seed);
-    // The log of earlier invocations, continued by this one.
-    let mut earlier_log = Vec::new();
+    let mut st = RunState {
+        optim: AdamWConfig::new()
+            .with_weight_decay(cfg.weight_decay)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
+            .init(),
+        scale: LossScale::new(cfg.precision, &device.clone().inner()),
+        rng: Rng::new(cfg.seed),
+        step: 0,
+        earlier_log: Vec::new(),
+        log: Vec::new(),
+    };
     if let Some((set, state)) = found {
         let saved = TrainConfig::from_json(&state["config"])?;
         if saved.model != cfg.model || saved.mode != cfg.mode || saved.seed != cfg.seed {
@@ -277,31 +279,31 @@ pub fn train(
                 out.display()
             );
         }
-        step = state["step"].as_u64().unwrap_or(0) as usize;
-        rng = Rng::from_state(
+        st.step = state["step"].as_u64().unwrap_or(0) as usize;
+        st.rng = Rng::from_state(
             state["rng"]
                 .as_u64()
                 .ok_or_else(|| Error::InvalidInput("checkpoint lacks rng".into()))?,
         );
-        earlier_log = state["log"].as_array().cloned().unwrap_or_default();
+        st.earlier_log = state["log"].as_array().cloned().unwrap_or_default();
         if let Some([s, g]) = state["loss_scale"]
             .as_array()
             .map(|v| [0, 1].map(|i| v.get(i).and_then(serde_json::Value::as_f64).unwrap_or(0.0)))
         {
-            scale =
+            st.scale =
                 LossScale::with_state(cfg.precision, &device.clone().inner(), s as f32, g as u32);
         }
         model = load_weights(model, &set.model)?;
-        optim = optim
+        st.optim = st
+            .optim
             .load(&set.optim)
             .map_err(|e| Error::InvalidInput(format!("loading {}: {e}", set.optim.display())))?;
         if !quiet {
-            eprintln!("resuming at step {step} from {}", out.display());
+            eprintln!("resuming at step {} from {}", st.step, out.display());
         }
     }
-    let mut log = Vec::new();
     let start = Instant::now();
-    let first = step;
+    let first = st.step;
     let tokens_per_step = (cfg.batch * cfg.seq) as f64;
     // The losses of the last step whose loss was not read yet: read before any save, so that a
     // diverged model is never saved over a good checkpoint.
@@ -319,13 +321,13 @@ pub fn train(
             }
             Ok((ce_v, al, loss_v))
         };
-    while step < cfg.steps {
+    while st.step < cfg.steps {
         let interrupted = inv
             .stop
             .as_ref()
             .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst));
         if interrupted
-            || inv.stop_after.is_some_and(|n| step - first >= n)
+            || inv.stop_after.is_some_and(|n| st.step - first >= n)
             || inv
                 .time_limit_s
                 .is_some_and(|t| start.elapsed().as_secs_f64() >= t)
@@ -336,23 +338,23 @@ pub fn train(
                 } else {
                     "limit of this invocation"
                 };
-                eprintln!("\nstopping at step {step} ({why}); --resume continues");
+                eprintln!("\nstopping at step {} ({why}); --resume continues", st.step);
             }
             break;
         }
-        let lr = cfg.lr_at(step);
+        let lr = cfg.lr_at(st.step);
         let b = random_batch(
-            &mut rng,
+            &mut st.rng,
             &corpus.train,
             cfg.batch,
             cfg.seq,
             cfg.passkey_rate,
         );
-        let sparse_main = rng.uniform() < 0.5;
+        let sparse_main = st.rng.uniform() < 0.5;
         let (m, ce, align) = train_step(
             model,
-            &mut optim,
-            &mut scale,
+            &mut st.optim,
+            &mut st.scale,
             cfg,
             &b,
             sparse_main,
@@ -360,7 +362,8 @@ pub fn train(
             &device,
         )?;
         model = m;
-        step += 1;
+        st.step += 1;
+        let step = st.step;
         // Reading the loss waits for the GPU: report every 1% of the run (at most every 10 steps).
         let every = (cfg.steps / 100).clamp(1, 10);
         let report = step == cfg.steps || step.is_multiple_of(every) || step == first + 1;
@@ -405,43 +408,23 @@ pub fn train(
             if !quiet {
                 progress(cfg, &e, eta);
             }
-            log.push(e);
+            st.log.push(e);
         }
         if saving {
             if let Some((ce, al, at)) = pending.take() {
                 check(ce, al, at)?;
             }
-            save(
-                &model,
-                &optim,
-                &scale,
-                cfg,
-                step,
-                &rng,
-                &earlier_log,
-                &log,
-                out,
-            )?;
+            save(&model, &st, cfg, out)?;
         }
     }
     if let Some((ce, al, at)) = pending.take() {
         check(ce, al, at)?;
     }
-    save(
-        &model,
-        &optim,
-        &scale,
-        cfg,
-        step,
-        &rng,
-        &earlier_log,
-        &log,
-        out,
-    )?;
+    save(&model, &st, cfg, out)?;
     if !quiet {
         eprintln!();
     }
-    Ok(log)
+    Ok(st.log)
 }
 
 /// A model initialised from `seed`. The initial weights come from Burn's generator, which is
@@ -612,23 +595,24 @@ fn fmt_secs(s: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save(
-    model: &Lm,
-    optim: &ModuleOptimizer,
-    scale: &LossScale,
-    cfg: &TrainConfig,
+/// What a checkpoint holds besides the model and the configuration: the optimizer, the loss
+/// scale, the data sampler, the step and the log (earlier invocations' entries, then this
+/// one's).
+struct RunState {
+    optim: ModuleOptimizer,
+    scale: LossScale,
+    rng: Rng,
     step: usize,
-    rng: &Rng,
-    earlier_log: &[serde_json::Value],
-    log: &[LogEntry],
-    out: &Path,
-) -> Result<()> {
+    earlier_log: Vec<serde_json::Value>,
+    log: Vec<LogEntry>,
+}
+
+fn save(model: &Lm, st: &RunState, cfg: &TrainConfig, out: &Path) -> Result<()> {
     let io = |p: &Path, e: String| Error::InvalidInput(format!("writing {}: {e}", p.display()));
     // This invocation's log continues what earlier ones wrote.
-    let mut entries = earlier_log.to_vec();
+    let mut entries = st.earlier_log.to_vec();
     let last = entries.last().and_then(|e| e["step"].as_u64()).unwrap_or(0) as usize;
-    entries.extend(log.iter().filter(|e| e.step > last).map(|e| {
+    entries.extend(st.log.iter().filter(|e| e.step > last).map(|e| {
         serde_json::json!({
             "step": e.step, "loss": e.loss, "ce": e.ce, "align": e.align, "lr": e.lr,
             "valid_ce": e.valid_ce, "tokens_per_s": e.tokens_per_s,
@@ -636,11 +620,11 @@ fn save(
     }));
     let mut state = serde_json::json!({
         "config": cfg.to_json(),
-        "step": step,
-        "rng": rng.state(),
+        "step": st.step,
+        "rng": st.rng.state(),
         "log": entries,
     });
-    if let Some((s, g)) = scale.read()? {
+    if let Some((s, g)) = st.scale.read()? {
         state["loss_scale"] = serde_json::json!([s, g]);
     }
     checkpoint::commit(
@@ -650,7 +634,7 @@ fn save(
                 .clone()
                 .save_file(&set.model)
                 .map_err(|e| io(&set.model, e.to_string()))?;
-            optim
+            st.optim
                 .save(&set.optim)
                 .map_err(|e| io(&set.optim, e.to_string()))
         },
