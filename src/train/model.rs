@@ -81,6 +81,23 @@ impl Precision {
             Self::F16 => "f16",
         }
     }
+
+    /// `t` stored in this precision (unchanged in f32).
+    pub fn store<const D: usize>(self, t: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::F32 => t,
+            Self::F16 => t.cast(FloatDType::F16),
+        }
+    }
+
+    /// `a b` with operands in this precision, the result in f32 (CubeCL accumulates f16
+    /// products in f32).
+    pub fn matmul(self, a: Tensor<3>, b: Tensor<3>) -> Tensor<3> {
+        match self {
+            Self::F32 => a.matmul(b),
+            Self::F16 => self.store(a).matmul(self.store(b)).cast(FloatDType::F32),
+        }
+    }
 }
 
 /// Vocabularies up to this size embed tokens by a one-hot product in training.
@@ -107,16 +124,13 @@ pub fn rope(r: &RotaryEncoding, x: Tensor<4>, start: usize) -> Tensor<4> {
 
 /// `x W + b` with `l`'s parameters, the product's operands in `p` (the result in f32).
 pub fn linear(l: &Linear, x: Tensor<3>, p: Precision) -> Tensor<3> {
-    match p {
-        Precision::F32 => l.forward(x),
-        Precision::F16 => {
-            let w = l.weight.val().cast(FloatDType::F16).unsqueeze::<3>();
-            let y = x.cast(FloatDType::F16).matmul(w).cast(FloatDType::F32);
-            match &l.bias {
-                Some(b) => y + b.val().unsqueeze::<3>(),
-                None => y,
-            }
-        }
+    if p == Precision::F32 {
+        return l.forward(x);
+    }
+    let y = p.matmul(x, l.weight.val().unsqueeze::<3>());
+    match &l.bias {
+        Some(b) => y + b.val().unsqueeze::<3>(),
+        None => y,
     }
 }
 
@@ -678,29 +692,14 @@ impl Lm {
         let ids = Tensor::<1, Int>::arange(0..cfg.vocab as i64, &tokens.device())
             .reshape([1, 1, cfg.vocab]);
         let onehot = tokens.unsqueeze_dim::<3>(2).equal(ids).float();
-        let e = self.embed.weight.val().unsqueeze::<3>();
-        match p {
-            Precision::F32 => onehot.matmul(e),
-            Precision::F16 => onehot
-                .cast(FloatDType::F16)
-                .matmul(e.cast(FloatDType::F16))
-                .cast(FloatDType::F32),
-        }
+        p.matmul(onehot, self.embed.weight.val().unsqueeze::<3>())
     }
 
     /// The output head: tied (h Eᵀ) or the model's own.
     fn logits(&self, h: Tensor<3>, p: Precision) -> Tensor<3> {
-        match (&self.head, p) {
-            (Some(head), p) => linear(head, h, p),
-            (None, Precision::F32) => {
-                h.matmul(self.embed.weight.val().transpose().unsqueeze::<3>())
-            }
-            (None, Precision::F16) => {
-                let e = self.embed.weight.val().cast(FloatDType::F16);
-                h.cast(FloatDType::F16)
-                    .matmul(e.transpose().unsqueeze::<3>())
-                    .cast(FloatDType::F32)
-            }
+        match &self.head {
+            Some(head) => linear(head, h, p),
+            None => p.matmul(h, self.embed.weight.val().transpose().unsqueeze::<3>()),
         }
     }
 }
@@ -784,40 +783,27 @@ impl Layer {
         }
         let opts = AttnOptions::causal(true);
         let sel_opts = cfg.select_options_for(s);
-        // With f16 products, attention reads and writes f16 too (our f16 kernels: on tensor
-        // cores where the device has them).
-        let full = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
-            Ok(match run.precision {
-                Precision::F32 => attention_with_bias(q, k, v, bias.clone(), opts)?.0,
-                Precision::F16 => {
-                    let h = |t: Tensor<4>| t.cast(FloatDType::F16);
-                    attention_with_bias(h(q), h(k), h(v), bias.clone(), opts)?
-                        .0
-                        .cast(FloatDType::F32)
-                }
-            })
+        // Attention reads and writes the run's precision (f16: our f16 kernels, on tensor
+        // cores where the device has them); the selection reads f32 q and k. q, k, v are
+        // stored once for both of SSA's streams.
+        let p = run.precision;
+        let (qa, ka, va) = (p.store(q.clone()), p.store(k.clone()), p.store(v));
+        let back = |o: Tensor<4>| o.cast(FloatDType::F32);
+        let full = |qa: Tensor<4>, ka: Tensor<4>, va: Tensor<4>| -> Result<Tensor<4>> {
+            Ok(back(attention_with_bias(qa, ka, va, bias.clone(), opts)?.0))
         };
-        // The selection reads f32 q and k; with f16 products the attention over it is f16.
-        let sparse = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>| -> Result<Tensor<4>> {
+        let sparse = |qa: Tensor<4>, ka: Tensor<4>, va: Tensor<4>| -> Result<Tensor<4>> {
             let sel = select_for(q.clone(), k.clone(), bias.clone(), &sel_opts)?;
-            Ok(match run.precision {
-                Precision::F32 => {
-                    sparse_attention_with_bias(q, k, v, sel, bias.clone(), &sel_opts)?.0
-                }
-                Precision::F16 => {
-                    let h = |t: Tensor<4>| t.cast(FloatDType::F16);
-                    sparse_attention_with_bias(h(q), h(k), h(v), sel, bias.clone(), &sel_opts)?
-                        .0
-                        .cast(FloatDType::F32)
-                }
-            })
+            Ok(back(
+                sparse_attention_with_bias(qa, ka, va, sel, bias.clone(), &sel_opts)?.0,
+            ))
         };
         let (att, align) = match run.mode {
-            Mode::Full => (gated(gate, full(q, k, v)?), None),
-            Mode::Sparse | Mode::Nosa => (gated(gate, sparse(q, k, v)?), None),
+            Mode::Full => (gated(gate, full(qa, ka, va)?), None),
+            Mode::Sparse | Mode::Nosa => (gated(gate, sparse(qa, ka, va)?), None),
             Mode::Ssa | Mode::NosaSsa => {
-                let hf = gated(gate.clone(), full(q.clone(), k.clone(), v.clone())?);
-                let hs = gated(gate, sparse(q, k, v)?);
+                let hf = gated(gate.clone(), full(qa.clone(), ka.clone(), va.clone())?);
+                let hs = gated(gate, sparse(qa, ka, va)?);
                 let a = align_loss(hf.clone(), hs.clone(), 1.0)?;
                 (if run.sparse_main { hs } else { hf }, Some(a))
             }
