@@ -597,3 +597,47 @@ fn f16_products_train() {
         );
     }
 }
+
+/// `bench train`'s numbers: the host's share is part of the step, our kernels' timeline covers
+/// every dispatch of the profiled steps in order, and the gaps between them plus the kernels
+/// span the steps (what lies between ours is Burn's work and idle time).
+#[test]
+fn step_timing_accounts_for_the_whole_step() {
+    use sparse_attn::train::trainer::measure_steps;
+    let _serial = serial();
+    let Some(rt) = common::burn_runtime() else {
+        return;
+    };
+    let cfg = tiny(Mode::Ssa, 4);
+    let t = measure_steps(&cfg, &corpus(), &rt.device, &rt.gpu, 2, 3).unwrap();
+    assert!(t.step_s > 0.0 && t.host_s > 0.0, "{t:?}");
+    assert!(t.host_s <= t.step_s * 1.0001, "{t:?}");
+    if !rt.gpu.has_timestamps() {
+        assert!(t.timeline.is_empty() && t.gaps().is_empty());
+        return;
+    }
+    // 2 layers x (full forward, selection 3, sparse forward, align 2, two backward passes).
+    let kernels: Vec<&str> = t.ours.iter().map(|k| k.0.as_str()).collect();
+    for want in ["align.wgsl:align", "block_select.wgsl:block_topk"] {
+        assert!(kernels.contains(&want), "{want} not in {kernels:?}");
+    }
+    let dispatches: u32 = t.ours.iter().map(|k| k.2).sum();
+    assert_eq!(t.timeline.len(), 3 * dispatches as usize, "{:?}", t.ours);
+    assert!(
+        t.timeline
+            .iter()
+            .all(|e| 0.0 <= e.start && e.start <= e.end)
+    );
+    let span = t.timeline.last().unwrap().end - t.timeline[0].start;
+    let gaps: f64 = t.gaps().iter().map(|g| g.1).sum();
+    // Kernels and gaps cover the span (exactly where dispatches run one after another, as on
+    // lavapipe; dispatches that overlap on a GPU count twice in the kernels' sum).
+    let accounted = 3.0 * (t.ours_s() + gaps);
+    assert!(
+        accounted >= span * (1.0 - 1e-3) - 1e-6 && accounted.is_finite(),
+        "kernels + gaps {accounted} s against the span {span} s"
+    );
+    // Largest first; the step boundary (optimizer, next forward) is one of them.
+    let g = t.gaps();
+    assert!(g.windows(2).all(|w| w[0].1 >= w[1].1), "{g:?}");
+}

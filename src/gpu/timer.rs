@@ -209,12 +209,47 @@ impl Gpu {
     /// return `(file:entry, total seconds, dispatches)` per kernel in order of first appearance.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn profile_end(&self) -> Result<Vec<(String, f64, u32)>> {
+        Ok(by_kernel(self.profile_end_events()?))
+    }
+
+    /// As [`Gpu::profile_end`], but every dispatch on its own, in submission order, with its
+    /// start and end in seconds from the first one's start (a timeline: the gaps between our
+    /// dispatches hold the work of others on the same queue, e.g. Burn's, and idle time).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile_end_events(&self) -> Result<Vec<ProfileEvent>> {
         let Some(p) = self.profiler.lock().expect("profiler").take() else {
             return Ok(Vec::new());
         };
         let enc = self.encoder();
         self.resolve_profile(enc, &p.set, p.labels)
     }
+}
+
+/// One timed dispatch of a profile (see [`Gpu::profile_end_events`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileEvent {
+    /// `file:entry`
+    pub kernel: String,
+    /// Seconds from the profile's first dispatch.
+    pub start: f64,
+    pub end: f64,
+}
+
+/// `(file:entry, total seconds, dispatches)` per kernel, in order of first appearance.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn by_kernel(events: Vec<ProfileEvent>) -> Vec<(String, f64, u32)> {
+    let mut out: Vec<(String, f64, u32)> = Vec::new();
+    for e in events {
+        let s = e.end - e.start;
+        match out.iter_mut().find(|k| k.0 == e.kernel) {
+            Some(k) => {
+                k.1 += s;
+                k.2 += 1;
+            }
+            None => out.push((e.kernel, s, 1)),
+        }
+    }
+    out
 }
 
 /// Queries in one profile: wgpu caps a query set at 4096 (two per dispatch).
@@ -272,7 +307,7 @@ impl Gpu {
             .map(|p| p.labels)
             .unwrap_or_default();
         recorded?;
-        let mut out = self.resolve_profile(enc, &set, labels)?;
+        let mut out = by_kernel(self.resolve_profile(enc, &set, labels)?);
         for e in &mut out {
             e.1 /= reps as f64;
             e.2 = e.2.div_ceil(reps);
@@ -287,7 +322,7 @@ impl Gpu {
         mut enc: Encoder,
         set: &wgpu::QuerySet,
         labels: Vec<String>,
-    ) -> Result<Vec<(String, f64, u32)>> {
+    ) -> Result<Vec<ProfileEvent>> {
         let n = 2 * labels.len() as u64;
         if n == 0 {
             return Ok(Vec::new());
@@ -312,18 +347,20 @@ impl Gpu {
             .copy_buffer_to_buffer(&resolve, 0, &read, 0, 8 * n);
         self.queue.submit([enc.finish()]);
         let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.read_mapped(&read, "profile")?);
-        let period_ns = self.queue.get_timestamp_period() as f64;
-        let mut out: Vec<(String, f64, u32)> = Vec::new();
-        for (i, label) in labels.into_iter().enumerate() {
-            let s = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns * 1e-9;
-            match out.iter_mut().find(|e| e.0 == label) {
-                Some(e) => {
-                    e.1 += s;
-                    e.2 += 1;
+        let period = self.queue.get_timestamp_period() as f64 * 1e-9;
+        let t0 = ticks.first().copied().unwrap_or(0);
+        let at = |t: u64| t.saturating_sub(t0) as f64 * period;
+        Ok(labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, kernel)| {
+                let start = at(ticks[2 * i]);
+                ProfileEvent {
+                    kernel,
+                    start,
+                    end: at(ticks[2 * i + 1]).max(start),
                 }
-                None => out.push((label, s, 1)),
-            }
-        }
-        Ok(out)
+            })
+            .collect())
     }
 }

@@ -396,6 +396,10 @@ pub fn eval_cmd(opts: &GpuOptions, a: &EvalArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Gaps between our dispatches that `bench train` lists per mode.
+#[cfg(feature = "train")]
+const GAPS_SHOWN: usize = 16;
+
 #[cfg(feature = "train")]
 pub fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode, Error> {
     use sparse_attn::train::{Runtime, data::Corpus, trainer::measure_steps};
@@ -413,11 +417,12 @@ pub fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode
             a.timed_steps,
         )?;
         eprintln!(
-            "{:>6}: {:.1} ms/step, {:.0} tokens/s, our kernels {:.1} ms/step",
+            "{:>6}: {:.1} ms/step, {:.0} tokens/s, our kernels {:.1} ms/step, host {:.1} ms/step",
             m,
             t.step_s * 1e3,
             t.tokens_per_s,
-            t.ours_s() * 1e3
+            t.ours_s() * 1e3,
+            t.host_s * 1e3
         );
         rows.push((cfg, t));
     }
@@ -441,6 +446,7 @@ pub fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode
         "tokens/s",
         "our kernels ms/step",
         "share of step",
+        "host ms/step",
     ]);
     for (_, t) in &rows {
         table.row(vec![
@@ -449,6 +455,7 @@ pub fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode
             format!("{:.0}", t.tokens_per_s),
             format!("{:.1}", t.ours_s() * 1e3),
             format!("{:.0}%", 100.0 * t.ours_s() / t.step_s),
+            format!("{:.1}", t.host_s * 1e3),
         ]);
     }
     println!("{}", table.markdown());
@@ -464,14 +471,29 @@ pub fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode
         for (l, s, n) in &t.ours {
             println!("  {l:<28} {:8.3} {n}", s * 1e3);
         }
+        let gaps = t.gaps();
+        if !gaps.is_empty() {
+            // What lies between our dispatches: Burn's kernels, submissions and idle time.
+            let total: f64 = gaps.iter().map(|g| g.1).sum();
+            println!(
+                "{} between our dispatches: {:.1} ms/step; largest (ms/step, times/step):",
+                t.mode.name(),
+                total * 1e3
+            );
+            for (l, s, n) in gaps.iter().take(GAPS_SHOWN) {
+                println!("  {l:<60} {:8.3} {n}", s * 1e3);
+            }
+        }
     }
     if a.json {
         let j: Vec<_> = rows
             .iter()
             .map(|(c, t)| {
                 serde_json::json!({"mode": t.mode.name(), "config": c.to_json(),
-                    "step_s": t.step_s, "tokens_per_s": t.tokens_per_s,
+                    "step_s": t.step_s, "host_s": t.host_s, "tokens_per_s": t.tokens_per_s,
                     "ours_s": t.ours_s(),
+                    "gaps": t.gaps().iter().map(|g| serde_json::json!({"between": g.0,
+                        "s": g.1, "times": g.2})).collect::<Vec<_>>(),
                     "kernels": t.ours.iter().map(|k| serde_json::json!({"kernel": k.0,
                         "s": k.1, "dispatches": k.2})).collect::<Vec<_>>()})
             })
