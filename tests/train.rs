@@ -456,7 +456,7 @@ fn the_loss_scale_drops_bad_steps_and_grows_after_good_ones() {
     use burn::tensor::Tensor;
     use sparse_attn::train::Precision;
     use sparse_attn::train::model::{Run, cross_entropy};
-    use sparse_attn::train::scale::{GROWTH_EVERY, LossScale};
+    use sparse_attn::train::scale::{GROWTH_EVERY, LossScale, ScaleState};
     use sparse_attn::train::trainer::{batch_tensors, seeded_init};
     let _serial = serial();
     let Some(rt) = common::burn_runtime() else {
@@ -513,14 +513,19 @@ fn the_loss_scale_drops_bad_steps_and_grows_after_good_ones() {
     };
     let inner = rt.device.clone();
     // A finite step: the gradients come back unscaled, the count grows.
-    let mut s = LossScale::with_state(Precision::F16, &inner, 1024.0, 3);
+    let at = |scale: f32, good: u32, dropped: u32| ScaleState {
+        scale,
+        good,
+        dropped,
+    };
+    let mut s = LossScale::with_state(Precision::F16, &inner, at(1024.0, 3, 5));
     let mut g = scaled(false);
     s.unscale(&mut g, &model);
     let got = all_grads(&model, &g);
     assert!(rel_l2(&got, &plain) < 1e-6);
-    assert_eq!(s.read().unwrap(), Some((1024.0, 4)));
+    assert_eq!(s.read().unwrap(), Some(at(1024.0, 4, 5)));
     // A step with an overflow: every gradient zero (none NaN), the scale halves, the count
-    // restarts.
+    // restarts, the dropped steps count one more.
     let mut g = scaled(true);
     s.unscale(&mut g, &model);
     let got = all_grads(&model, &g);
@@ -535,12 +540,12 @@ fn the_loss_scale_drops_bad_steps_and_grows_after_good_ones() {
         got.iter().all(|&v| v == 0.0),
         "a dropped step's gradients must be 0"
     );
-    assert_eq!(s.read().unwrap(), Some((512.0, 0)));
+    assert_eq!(s.read().unwrap(), Some(at(512.0, 0, 6)));
     // The last good step of a run of GROWTH_EVERY doubles the scale.
-    let mut s = LossScale::with_state(Precision::F16, &inner, 1024.0, GROWTH_EVERY - 1);
+    let mut s = LossScale::with_state(Precision::F16, &inner, at(1024.0, GROWTH_EVERY - 1, 0));
     let mut g = scaled(false);
     s.unscale(&mut g, &model);
-    assert_eq!(s.read().unwrap(), Some((2048.0, 0)));
+    assert_eq!(s.read().unwrap(), Some(at(2048.0, 0, 0)));
     // f32: nothing to scale.
     let mut s = LossScale::new(Precision::F32, &inner);
     let mut g = scaled(false);
@@ -570,17 +575,36 @@ fn f16_products_train() {
             };
             let log = train(&cfg, &c, &rt.device, &out, &quiet()).unwrap();
             let (first, last) = (log.first().unwrap(), log.last().unwrap());
-            eprintln!("{mode:?} {precision:?}: ce {} -> {}", first.ce, last.ce);
+            eprintln!(
+                "{mode:?} {precision:?}: ce {} -> {}, scale {:?}",
+                first.ce, last.ce, last.loss_scale
+            );
             assert!(last.ce < first.ce - 1.5, "{mode:?} {precision:?}");
+            // The log says where the scaling stands; the checkpoint keeps the same.
             let state = sparse_attn::train::trainer::load_state(&out).unwrap();
             let scale = &state["loss_scale"];
+            let logged = &state["log"].as_array().unwrap().last().unwrap().clone();
             match precision {
-                Precision::F32 => assert!(scale.is_null(), "{scale}"),
+                Precision::F32 => {
+                    assert!(scale.is_null(), "{scale}");
+                    assert!(log.iter().all(|e| e.loss_scale.is_none()));
+                    assert!(logged["loss_scale"].is_null(), "{logged}");
+                }
                 Precision::F16 => {
                     let s = scale[0].as_f64().unwrap();
                     assert!(
                         (1.0..=65536.0).contains(&s) && s.log2().fract() == 0.0,
                         "{scale}"
+                    );
+                    let st = last.loss_scale.expect("f16 runs log their scale");
+                    assert_eq!(st.scale as f64, s, "{scale}");
+                    assert_eq!(scale[2].as_u64(), Some(st.dropped as u64), "{scale}");
+                    assert_eq!(logged["dropped_steps"].as_u64(), Some(st.dropped as u64));
+                    // Each halving from 2^16 was a dropped step; none later grew it back.
+                    assert_eq!(st.dropped as f64, (65536.0 / s).log2(), "{st:?}");
+                    assert!(
+                        st.good as usize + st.dropped as usize <= cfg.steps,
+                        "{st:?}"
                     );
                 }
             }

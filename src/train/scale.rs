@@ -25,23 +25,44 @@ pub const MAX: f32 = 16_777_216.0;
 /// Nor shrinks below this (a run whose loss itself is not finite stops on its own check).
 pub const MIN: f32 = 1.0;
 
-/// The scale and the count of finite steps since it last changed, on the GPU; nothing in f32.
+/// Where a run's loss scaling stands (see [`LossScale::read`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScaleState {
+    pub scale: f32,
+    /// Finite steps since the scale last changed.
+    pub good: u32,
+    /// Steps of the run whose gradients were not finite (applied as zero gradients).
+    pub dropped: u32,
+}
+
+impl ScaleState {
+    /// A run's start.
+    pub const START: Self = Self {
+        scale: INIT,
+        good: 0,
+        dropped: 0,
+    };
+}
+
+/// The scale, the count of finite steps since it last changed and the count of dropped steps,
+/// on the GPU; nothing in f32.
 pub struct LossScale {
-    state: Option<(Tensor<1>, Tensor<1>)>,
+    state: Option<[Tensor<1>; 3]>,
 }
 
 impl LossScale {
     /// Scaling for runs in `precision` (none for f32); `device` is the parameters' device
     /// without autodiff.
     pub fn new(precision: Precision, device: &Device) -> Self {
-        Self::with_state(precision, device, INIT, 0)
+        Self::with_state(precision, device, ScaleState::START)
     }
 
-    /// Scaling that continues from a saved `scale` and `good` steps (see [`Self::read`]).
-    pub fn with_state(precision: Precision, device: &Device, scale: f32, good: u32) -> Self {
+    /// Scaling that continues from a saved state (see [`Self::read`]).
+    pub fn with_state(precision: Precision, device: &Device, st: ScaleState) -> Self {
         let t = |v: f32| Tensor::<1>::from_data(TensorData::new(vec![v], [1]), device);
         Self {
-            state: (precision == Precision::F16).then(|| (t(scale), t(good as f32))),
+            state: (precision == Precision::F16)
+                .then(|| [t(st.scale), t(st.good as f32), t(st.dropped as f32)]),
         }
     }
 
@@ -52,7 +73,7 @@ impl LossScale {
     /// `loss` times the scale (`loss` unchanged in f32).
     pub fn scaled(&self, loss: Tensor<1>) -> Tensor<1> {
         match &self.state {
-            Some((s, _)) => loss * Tensor::from_inner(s.clone()),
+            Some([s, ..]) => loss * Tensor::from_inner(s.clone()),
             None => loss,
         }
     }
@@ -60,7 +81,7 @@ impl LossScale {
     /// Divide `model`'s gradients in `grads` by the scale; if any is not finite, zero them all
     /// and halve the scale; after [`GROWTH_EVERY`] finite steps double it. No readback.
     pub fn unscale(&mut self, grads: &mut GradientsParams, model: &Lm) {
-        let Some((scale, good)) = self.state.take() else {
+        let Some([scale, good, dropped]) = self.state.take() else {
             return;
         };
         let mut sums = Sums {
@@ -81,13 +102,14 @@ impl LossScale {
         });
         let good = (good + 1.0) * ok.clone();
         let grow = good.clone().greater_equal_elem(GROWTH_EVERY as f32).float();
+        let dropped = dropped - ok.clone() + 1.0;
         let scale = (scale * (ok * 0.5 + 0.5) * (grow.clone() + 1.0)).clamp(MIN, MAX);
-        self.state = Some((scale, good * (grow.neg() + 1.0)));
+        self.state = Some([scale, good * (grow.neg() + 1.0), dropped]);
     }
 
-    /// The scale and the finite-step count now (waits for the GPU); `None` in f32.
-    pub fn read(&self) -> Result<Option<(f32, u32)>> {
-        let Some((s, g)) = &self.state else {
+    /// The state now (waits for the GPU); `None` in f32.
+    pub fn read(&self) -> Result<Option<ScaleState>> {
+        let Some([s, g, d]) = &self.state else {
             return Ok(None);
         };
         let v = |t: &Tensor<1>| -> Result<f32> {
@@ -98,7 +120,11 @@ impl LossScale {
                 .map_err(|e| Error::Gpu(format!("reading the loss scale: {e:?}")))
                 .map(|v| v[0])
         };
-        Ok(Some((v(s)?, v(g)? as u32)))
+        Ok(Some(ScaleState {
+            scale: v(s)?,
+            good: v(g)? as u32,
+            dropped: v(d)? as u32,
+        }))
     }
 }
 

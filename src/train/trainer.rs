@@ -17,7 +17,7 @@ use crate::reference::Rng;
 use crate::train::checkpoint;
 use crate::train::data::{Batch, Corpus, random_batch, sequential_batches};
 use crate::train::model::{Lm, LmConfig, Mode, Precision, Run, cross_entropy};
-use crate::train::scale::LossScale;
+use crate::train::scale::{LossScale, ScaleState};
 
 /// Everything a training run is made of besides the data.
 #[derive(Clone, Debug, PartialEq)]
@@ -181,6 +181,8 @@ pub struct LogEntry {
     pub lr: f64,
     pub valid_ce: Option<f64>,
     pub tokens_per_s: f64,
+    /// f16 runs: the loss scale and the steps dropped so far (non-finite gradients).
+    pub loss_scale: Option<ScaleState>,
 }
 
 /// Burn tensors of a batch.
@@ -286,12 +288,17 @@ pub fn train(
                 .ok_or_else(|| Error::InvalidInput("checkpoint lacks rng".into()))?,
         );
         st.earlier_log = state["log"].as_array().cloned().unwrap_or_default();
-        if let Some([s, g]) = state["loss_scale"]
+        // [scale, good steps, dropped steps]; checkpoints before the dropped count hold two.
+        if let Some([s, g, d]) = state["loss_scale"]
             .as_array()
-            .map(|v| [0, 1].map(|i| v.get(i).and_then(serde_json::Value::as_f64).unwrap_or(0.0)))
+            .map(|v| [0, 1, 2].map(|i| v.get(i).and_then(serde_json::Value::as_f64).unwrap_or(0.0)))
         {
-            st.scale =
-                LossScale::with_state(cfg.precision, &device.clone().inner(), s as f32, g as u32);
+            let st_scale = ScaleState {
+                scale: s as f32,
+                good: g as u32,
+                dropped: d as u32,
+            };
+            st.scale = LossScale::with_state(cfg.precision, &device.clone().inner(), st_scale);
         }
         model = load_weights(model, &set.model)?;
         st.optim = st
@@ -404,6 +411,8 @@ pub fn train(
                 lr,
                 valid_ce: valid,
                 tokens_per_s: tps,
+                // The loss was just read, so the GPU has caught up: this read costs no wait.
+                loss_scale: st.scale.read()?,
             };
             if !quiet {
                 progress(cfg, &e, eta);
@@ -621,6 +630,9 @@ fn progress(cfg: &TrainConfig, e: &LogEntry, eta: f64) {
     if let Some(v) = e.valid_ce {
         line += &format!(" valid {v:.4}");
     }
+    if let Some(s) = e.loss_scale {
+        line += &format!(" scale 2^{} dropped {}", s.scale.log2().round(), s.dropped);
+    }
     line += &format!(
         " lr {:.2e} {:.0} tok/s ETA {}",
         e.lr,
@@ -661,6 +673,8 @@ fn save(model: &Lm, st: &RunState, cfg: &TrainConfig, out: &Path) -> Result<()> 
         serde_json::json!({
             "step": e.step, "loss": e.loss, "ce": e.ce, "align": e.align, "lr": e.lr,
             "valid_ce": e.valid_ce, "tokens_per_s": e.tokens_per_s,
+            "loss_scale": e.loss_scale.map(|s| s.scale),
+            "dropped_steps": e.loss_scale.map(|s| s.dropped),
         })
     }));
     let mut state = serde_json::json!({
@@ -669,8 +683,8 @@ fn save(model: &Lm, st: &RunState, cfg: &TrainConfig, out: &Path) -> Result<()> 
         "rng": st.rng.state(),
         "log": entries,
     });
-    if let Some((s, g)) = st.scale.read()? {
-        state["loss_scale"] = serde_json::json!([s, g]);
+    if let Some(s) = st.scale.read()? {
+        state["loss_scale"] = serde_json::json!([s.scale, s.good, s.dropped]);
     }
     checkpoint::commit(
         out,
