@@ -378,12 +378,20 @@ pub fn plot_reports(reports: &[serde_json::Value], dir: &Path) -> Result<Vec<std
     use crate::viz::{Series, line_plot};
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::InvalidInput(format!("creating {}: {e}", dir.display())))?;
-    // The mode, and the precision of runs trained in another than f32.
-    let name = |r: &serde_json::Value| {
+    // The mode, the precision of runs trained in another than f32, and the seed where two
+    // runs would otherwise share a name (seed-to-seed comparisons).
+    let base = |r: &serde_json::Value| {
         let mode = r["mode"].as_str().unwrap_or("?");
         match r["train_config"]["precision"].as_str() {
             Some(p) if p != "f32" => format!("{mode} {p}"),
             _ => mode.to_string(),
+        }
+    };
+    let name = |r: &serde_json::Value| {
+        let b = base(r);
+        match reports.iter().filter(|o| base(o) == b).count() > 1 {
+            true => format!("{b} seed {}", r["train_config"]["seed"]),
+            false => b,
         }
     };
     let pts = |r: &serde_json::Value, list: &str, x: &str, y: &[&str]| -> Vec<(f64, f64)> {
