@@ -396,15 +396,16 @@ pub fn sparse_backward_supported(gpu: &Gpu, d: usize, g: usize, blk: usize) -> R
     Ok(())
 }
 
-/// The sparse backward pipelines (call [`sparse_backward_supported`] first): dQ with the tokens
-/// one of its workgroups takes, then dK/dV.
-pub(crate) fn sparse_backward_pipelines(
+/// The sparse backward's pipeline keys (call [`sparse_backward_supported`] first): dQ with the
+/// tokens one of its workgroups takes, then dK/dV. Keys, not pipelines: `Rows` runs the dK/dV
+/// kernel alone, and a pipeline costs a compilation.
+pub(crate) fn sparse_backward_keys(
     gpu: &Gpu,
     d: u32,
     g: u32,
     blk: u32,
     has_bias: bool,
-) -> Result<(Arc<Pipeline>, u32, Arc<Pipeline>)> {
+) -> Result<(PipelineKey, u32, PipelineKey)> {
     let max_shared = gpu.limits().max_compute_workgroup_storage_size;
     let unfit = || {
         Error::Unsupported(format!(
@@ -414,7 +415,7 @@ pub(crate) fn sparse_backward_pipelines(
     let t = SparseTiles::for_dim(d, max_shared).ok_or_else(unfit)?;
     let b = SparseBwdTiles::new(d, g, blk, max_shared).ok_or_else(unfit)?;
     let (dq, dkdv) = sparse_bwd_keys(d, blk, has_bias, t, b);
-    Ok((gpu.pipeline(&dq)?, t.nsg, gpu.pipeline(&dkdv)?))
+    Ok((dq, t.nsg, dkdv))
 }
 
 fn sparse_bwd_keys(

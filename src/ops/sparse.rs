@@ -70,7 +70,8 @@ pub struct SparseAttention {
     nsel: usize,
     has_bias: bool,
     chunks: Vec<Chunk>,
-    fwd: Arc<Pipeline>,
+    /// The tiled forward's pipeline (none where the row kernels run it).
+    fwd: Option<Arc<Pipeline>>,
     /// The forward kernel (resolved: never Auto) and the tokens one of its workgroups takes.
     forward: SparseKernel,
     fwd_tokens: u32,
@@ -78,7 +79,8 @@ pub struct SparseAttention {
     /// kernel's bindings (the tensor-core module binds all three gradients in both entries).
     backward: SparseKernel,
     dq_tokens: u32,
-    dq: Arc<Pipeline>,
+    /// The tiled dQ's pipeline (none where the row kernels run dQ).
+    dq: Option<Arc<Pipeline>>,
     dkdv: Arc<Pipeline>,
     /// `Rows`' dK/dV runs the tensor-core kernel (f16, where the device has them).
     dkdv_coop: bool,
@@ -372,26 +374,29 @@ impl SparseAttention {
             }
             Some(Err(e)) => return Err(e),
         };
-        let (fwd, fwd_tokens) = if forward == SparseKernel::Coop {
-            coop_ok()?;
-            let (p, t) = crate::ops::coop::sparse_forward_pipeline(
-                gpu,
-                d as u32,
-                opts.block as u32,
-                has_bias,
-            )?;
-            (p, t.nsg)
-        } else {
-            (
-                gpu.pipeline(&key("sparse_fwd.wgsl", "main", tiles, Kind::Fwd))?,
+        // Only the pipelines this op runs are built (each is a compilation, long on lavapipe).
+        let (fwd, fwd_tokens) = match forward {
+            SparseKernel::Coop => {
+                coop_ok()?;
+                let (p, t) = crate::ops::coop::sparse_forward_pipeline(
+                    gpu,
+                    d as u32,
+                    opts.block as u32,
+                    has_bias,
+                )?;
+                (Some(p), t.nsg)
+            }
+            SparseKernel::Rows => (None, 1),
+            _ => (
+                Some(gpu.pipeline(&key("sparse_fwd.wgsl", "main", tiles, Kind::Fwd))?),
                 1,
-            )
+            ),
         };
         // The row dQ's dK/dV: on tensor cores where they run (H200, G 4, d 48, f16: 9.4 ms
         // against 33.3 for the tiled kernel in f32).
         let dkdv_coop = backward == SparseKernel::Rows && coop_bwd_ok;
-        let coop_pipelines = || {
-            crate::ops::coop::sparse_backward_pipelines(
+        let coop_keys = || {
+            crate::ops::coop::sparse_backward_keys(
                 gpu,
                 d as u32,
                 g as u32,
@@ -402,11 +407,15 @@ impl SparseAttention {
         let (dq, dq_tokens, dkdv) = if backward == SparseKernel::Coop {
             f16_only("backward")?;
             crate::ops::coop::sparse_backward_supported(gpu, d, g, opts.block)?;
-            coop_pipelines()?
+            let (dq, tokens, dkdv) = coop_keys()?;
+            (Some(gpu.pipeline(&dq)?), tokens, gpu.pipeline(&dkdv)?)
         } else {
-            let dq = gpu.pipeline(&key("sparse_bwd.wgsl", "dq_main", dq_tiles, Kind::Dq))?;
+            let dq = match backward {
+                SparseKernel::Rows => None,
+                _ => Some(gpu.pipeline(&key("sparse_bwd.wgsl", "dq_main", dq_tiles, Kind::Dq))?),
+            };
             let dkdv = match dkdv_coop {
-                true => coop_pipelines()?.2,
+                true => gpu.pipeline(&coop_keys()?.2)?,
                 false => gpu.pipeline(&key("sparse_bwd.wgsl", "dkdv", dkdv_tiles, Kind::Dkdv))?,
             };
             (dq, 1, dkdv)
@@ -592,10 +601,11 @@ impl SparseAttention {
                 (6, sel, w(Class::Sel)),
             ];
             views.extend(self.key_view(gpu, c, 7, bias));
+            let fwd = self.fwd.as_ref().expect("a tiled forward has its pipeline");
             launch::dispatch(
                 gpu,
                 enc,
-                &self.fwd,
+                fwd,
                 bytemuck::bytes_of(&self.params(gpu, c)),
                 &views,
                 (
@@ -682,12 +692,13 @@ impl SparseAttention {
                 true => &outs[..],
                 false => &outs[1..],
             };
-            // The row kernels' dQ runs after D is complete for every chunk (below).
-            if self.backward != SparseKernel::Rows {
+            // The row kernels' dQ (no pipeline here) runs after D is complete for every chunk
+            // (below).
+            if let Some(dq) = &self.dq {
                 launch::dispatch(
                     gpu,
                     enc,
-                    &self.dq,
+                    dq,
                     bytemuck::bytes_of(&base),
                     &[&inputs[..], dq_out].concat(),
                     ((s.seq_q as u32).div_ceil(self.dq_tokens), units),
