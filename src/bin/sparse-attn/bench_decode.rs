@@ -70,8 +70,8 @@ pub struct DecodeArgs {
     pub split_keys: Option<usize>,
     /// How the offloaded caches' blocks reach the GPU: in-place (kernels read host memory),
     /// staged (the host writes missing blocks each step, as in the browser) or auto.
-    #[arg(long, default_value = "auto")]
-    pub offload_path: String,
+    #[arg(long, default_value = "auto", value_parser = crate::report::offload_path)]
+    pub offload_path: sparse_attn::decode::OffloadPath,
     /// The device's memory bandwidth in GB/s (e.g. 4800 for an H200): full attention's step is
     /// then reported against the time to read its k and v at that speed.
     #[arg(long)]
@@ -211,7 +211,7 @@ fn run_one(
     let step = shape.step(hq, 1);
     let mut host_bytes =
         (a.layers * batch * hkv * cap * (2 * d * dtype.size() + 4 * bias as usize)) as u64;
-    let path = OffloadPath::parse(&a.offload_path)?;
+    let path = a.offload_path;
     if path == OffloadPath::Staged || (path == OffloadPath::Auto && !gpu.has_host_memory()) {
         // Staged: a step's missing blocks also pass through host staging memory, at worst
         // every selected block of every layer (H200, 16 x 32k: the 69 GB store passed the
@@ -364,7 +364,7 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
     }
     // Validate the selection before any allocation.
     select_options(a, true)?;
-    let path = OffloadPath::parse(&a.offload_path)?;
+    let path = a.offload_path;
     let gpu = Gpu::new(&GpuOptions {
         // Host-memory tensors for the in-place path (the staged one needs none).
         host_memory: path != OffloadPath::Staged,

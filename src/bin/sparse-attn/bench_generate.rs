@@ -64,8 +64,8 @@ pub struct BenchGenerateArgs {
     /// state, lists; as many slots as fit; default: one slot per selected block, the least).
     #[arg(long)]
     pub gpu_kv_mb: Option<f64>,
-    #[arg(long, default_value = "auto")]
-    pub offload_path: String,
+    #[arg(long, default_value = "auto", value_parser = crate::report::offload_path)]
+    pub offload_path: sparse_attn::decode::OffloadPath,
     /// Timed decoding steps, after 2 untimed ones.
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
@@ -163,7 +163,7 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
             "--block is for --gguf models: a checkpoint selects blocks as it was trained".into(),
         ));
     }
-    let path = OffloadPath::parse(&a.offload_path)?;
+    let path = a.offload_path;
     let corpus = sparse_attn::train::data::Corpus::load(&a.data, a.valid_every)?;
     let rt = Runtime::new(&Runtime::gpu_options(&GpuOptions {
         host_memory: ways.iter().any(|w| w.offload) && path != OffloadPath::Staged,

@@ -71,8 +71,8 @@ pub struct GenerateArgs {
     /// With --offload: how blocks reach the GPU: in-place (kernels read host memory; native
     /// adapters with MAPPABLE_PRIMARY_BUFFERS), staged (the host writes missing blocks each
     /// step; anywhere) or auto (in-place where the adapter allows it).
-    #[arg(long, default_value = "auto")]
-    pub offload_path: String,
+    #[arg(long, default_value = "auto", value_parser = crate::report::offload_path)]
+    pub offload_path: sparse_attn::decode::OffloadPath,
 }
 
 #[cfg(feature = "train")]
@@ -97,7 +97,7 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
             "--gpu-kv-mb sets the GPU budget of --offload".into(),
         ));
     }
-    let offload_path = sparse_attn::decode::OffloadPath::parse(&a.offload_path)?;
+    let offload_path = a.offload_path;
     if offload_path != sparse_attn::decode::OffloadPath::Auto && !a.offload {
         return Err(Error::InvalidInput(
             "--offload-path chooses the path of --offload".into(),

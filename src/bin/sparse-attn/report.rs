@@ -116,6 +116,11 @@ impl Output {
 }
 
 /// A clap parser for a finite number > 0 (NaN, infinities, zero and negatives are refused).
+/// `--offload-path` (parsed once, by clap).
+pub fn offload_path(s: &str) -> Result<sparse_attn::decode::OffloadPath, String> {
+    sparse_attn::decode::OffloadPath::parse(s).map_err(|e| e.to_string())
+}
+
 pub fn positive_f64(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
