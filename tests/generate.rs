@@ -260,3 +260,107 @@ fn the_sampler_is_greedy_cold_reproducible_and_keeps_to_top_p() {
         assert!(Sampler::new(t, p, 1).is_err());
     }
 }
+
+/// A batch of prompts of different lengths: each sequence's logits at its generation steps, and
+/// so its greedy continuation, equal the prompt's decoded alone, with the caches on the GPU and
+/// offloaded (NOSA, the fewest slots); bad requests are errors that say what is wrong.
+#[test]
+fn ragged_prompts_generate_what_each_prompt_gets_alone() {
+    let Some(rt) = runtime() else { return };
+    let dir = std::env::temp_dir().join(format!("sa-gen-ragged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let quiet = Invocation {
+        quiet: true,
+        ..Invocation::default()
+    };
+    train(&tiny(Mode::Nosa), &corpus(), &rt.device, &dir, &quiet).unwrap();
+    let (model, cfg) = load(&dir, &rt.device).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Lengths within a block, across one and across two (blocks of 16).
+    let texts = [
+        "To be",
+        "All that glitters is not",
+        "whether tis nobler in the mind to suffer the",
+    ];
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| t.bytes().map(u32::from).collect())
+        .collect();
+    let views: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let (new, vocab) = (20, 256);
+    let capacity = 44 + new;
+    // Greedy, keeping every step's logits `[batch][vocab]` (the tiny model's continuations are
+    // alike whatever the prompt; its logits are not).
+    fn greedy(
+        steps: &mut Vec<Vec<f32>>,
+    ) -> impl FnMut(Tensor<2>) -> sparse_attn::Result<Vec<u32>> + '_ {
+        move |l| {
+            let l = l.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+            let picks = l
+                .chunks(256)
+                .map(|r| (0..256).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap() as u32)
+                .collect();
+            steps.push(l);
+            Ok(picks)
+        }
+    }
+    for (att, slots) in [
+        (Attention::Full, None),
+        (Attention::Nosa, None),
+        (Attention::Nosa, Some(cfg.model.topk)),
+    ] {
+        let ctx = format!("{} attention, slots {slots:?}", att.name());
+        let opts = |batch| GenerateOptions {
+            offload_slots: slots,
+            batch,
+            ..GenerateOptions::new(att, capacity)
+        };
+        let mut dec = Decoder::new(&rt, model.clone(), &cfg.model, &opts(3)).unwrap();
+        let mut steps = vec![];
+        let got = dec.generate_by(&views, new, greedy(&mut steps)).unwrap();
+        assert_eq!(dec.position(), 44 + new - 1, "{ctx}");
+        // The batch's steps start after the shortest prompt (5 tokens).
+        assert_eq!(steps.len(), 44 + new - 5, "{ctx}");
+        for (b, (p, g)) in views.iter().zip(&got).enumerate() {
+            let mut alone = Decoder::new(&rt, model.clone(), &cfg.model, &opts(1)).unwrap();
+            let mut mine = vec![];
+            let want = alone.generate_by(&[p], new, greedy(&mut mine)).unwrap();
+            assert_eq!(g, &want[0], "{ctx}: prompt of {}", p.len());
+            // Sequence b's generation steps in the batch: from its prompt's end, `new` of them.
+            let batched: Vec<f32> = steps[p.len() - 5..p.len() - 5 + new]
+                .iter()
+                .flat_map(|s| s[b * vocab..(b + 1) * vocab].to_vec())
+                .collect();
+            let e = compare(&batched, &mine.concat());
+            assert!(e.within(2e-6), "{e:?} ({ctx}: prompt of {})", p.len());
+        }
+        // Bad requests.
+        let mut dec = Decoder::new(&rt, model.clone(), &cfg.model, &opts(3)).unwrap();
+        let mut greedy0 = Sampler::new(0.0, 1.0, 1).unwrap();
+        let e = dec.generate(&views[..2], new, &mut greedy0).unwrap_err();
+        assert!(
+            e.to_string().contains("2 prompts given for a batch of 3"),
+            "{e}"
+        );
+        let e = dec.generate(&[&[], views[1], views[2]], new, &mut greedy0);
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("at least one token"), "{e}");
+        let e = dec
+            .generate(&views, 0, &mut greedy0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_new is 0"), "{e}");
+        let e = dec.generate(&views, new + 2, &mut greedy0);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("need {} positions", capacity + 1)),
+            "{e}"
+        );
+        assert_eq!(dec.position(), 0, "a refused request feeds nothing ({ctx})");
+        let e = dec.generate_by(&views, 1, |_| Ok(vec![0])).unwrap_err();
+        assert!(
+            e.to_string().contains("1 tokens picked for a batch of 3"),
+            "{e}"
+        );
+    }
+}

@@ -305,6 +305,89 @@ impl Decoder {
         Ok(self.feed(tokens, 1)?.reshape([self.batch, self.cfg.vocab]))
     }
 
+    /// `max_new` tokens after each of `prompts` (one per sequence of the batch, of any lengths
+    /// from 1), sampled by `sampler`; returns each sequence's new tokens. Prompts of different
+    /// lengths share the decoder's positions: the shortest length goes in as one prefill, then
+    /// every sequence takes one token a step, the rest of its prompt while it lasts (what was
+    /// sampled for it is dropped) and its own samples after, so that a prompt's greedy
+    /// continuation is the one it gets decoded alone (to float tolerance).
+    pub fn generate(
+        &mut self,
+        prompts: &[&[u32]],
+        max_new: usize,
+        sampler: &mut Sampler,
+    ) -> Result<Vec<Vec<u32>>> {
+        self.generate_by(prompts, max_new, |logits| sampler.sample(logits))
+    }
+
+    /// [`Self::generate`] with the choice of tokens made by `pick` (one token per sequence from
+    /// the logits `[batch, vocab]` of each step, including the steps whose samples are dropped
+    /// because a sequence is still in its prompt).
+    pub fn generate_by(
+        &mut self,
+        prompts: &[&[u32]],
+        max_new: usize,
+        mut pick: impl FnMut(BTensor<2>) -> Result<Vec<u32>>,
+    ) -> Result<Vec<Vec<u32>>> {
+        if prompts.len() != self.batch {
+            invalid!(
+                "{} prompts given for a batch of {}",
+                prompts.len(),
+                self.batch
+            );
+        }
+        if max_new == 0 {
+            invalid!("generate at least 1 token (max_new is 0)");
+        }
+        let (Some(short), Some(long)) = (
+            prompts.iter().map(|p| p.len()).min(),
+            prompts.iter().map(|p| p.len()).max(),
+        ) else {
+            invalid!("no prompts given");
+        };
+        if short == 0 {
+            invalid!("every prompt needs at least one token");
+        }
+        // The longest prompt's last sample comes after feeding long + max_new - 1 tokens.
+        let need = self.pos + long + max_new - 1;
+        if need > self.capacity {
+            invalid!(
+                "{} tokens held, prompts of up to {long} and {max_new} new tokens need {need} \
+                 positions; the decoder's capacity is {}",
+                self.pos,
+                self.capacity
+            );
+        }
+        let first: Vec<u32> = prompts.iter().flat_map(|p| p[..short].to_vec()).collect();
+        let mut logits = self.prefill(&first, short)?;
+        let mut out = vec![Vec::with_capacity(max_new); self.batch];
+        for t in short.. {
+            let sampled = pick(logits)?;
+            if sampled.len() != self.batch {
+                invalid!(
+                    "{} tokens picked for a batch of {}",
+                    sampled.len(),
+                    self.batch
+                );
+            }
+            for ((o, p), &s) in out.iter_mut().zip(prompts).zip(&sampled) {
+                if t >= p.len() && o.len() < max_new {
+                    o.push(s);
+                }
+            }
+            if out.iter().all(|o| o.len() == max_new) {
+                break;
+            }
+            let next: Vec<u32> = prompts
+                .iter()
+                .zip(&sampled)
+                .map(|(p, &s)| p.get(t).copied().unwrap_or(s))
+                .collect();
+            logits = self.step(&next)?;
+        }
+        Ok(out)
+    }
+
     /// GPU and host bytes of the caches of every layer.
     pub fn kv_bytes(&self) -> (u64, u64) {
         self.layers.iter().fold((0, 0), |(g, h), l| {
