@@ -487,7 +487,9 @@ pub struct StepTiming {
     /// Wall time per step (the GPU is waited for at the end of the timed steps).
     pub step_s: f64,
     /// Host time per step to record the work (the timed steps' wall time until the last step
-    /// is recorded, before the wait). Near `step_s`: the host sets the pace, not the GPU.
+    /// is recorded, before the wait). Only a host time well below `step_s` tells that the GPU
+    /// sets the pace: the host never got more than about a step ahead on the H200, so there it
+    /// equals `step_s` either way; [`Self::gaps`] says where the GPU waits.
     pub host_s: f64,
     pub tokens_per_s: f64,
     /// GPU time per step in our kernels, by kernel (`file:entry`, seconds, dispatches).
@@ -552,7 +554,7 @@ pub fn measure_steps(
     let mut scale = LossScale::new(cfg.precision, &device.clone().inner());
     let mut rng = Rng::new(cfg.seed);
     // Returns the wall time and the host's share: the time to record the steps, before
-    // waiting for the GPU (close to the wall time: the GPU waits for the host).
+    // waiting for the GPU.
     // `warm`: SSA's stream alternates so that both branches' fused kernels are compiled before
     // the timed steps (a random draw left one branch's first compilation in them: 139.6 against
     // 126.7 ms a step, H200, batch 16, f16).
