@@ -7,16 +7,6 @@ use sparse_attn::explore::{ExploreConfig, explore, inputs};
 use sparse_attn::reference::{self, Rng};
 use sparse_attn::{AttnOptions, Error};
 
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 #[test]
 fn explore_matches_the_references() {
     let Some(gpu) = common::gpu() else { return };
@@ -68,7 +58,7 @@ fn explore_matches_the_references() {
             sel.indices[kv * sq * cfg.topk..(kv + 1) * sq * cfg.topk],
             "{ctx}"
         );
-        let want_err = rel_l2(&sp.o, &full.o);
+        let want_err = common::rel_l2(&sp.o, &full.o);
         assert!(
             (r.output_error - want_err).abs() <= 1e-3 * want_err.max(0.01),
             "output error {} vs {want_err} ({ctx})",

@@ -296,10 +296,7 @@ fn ragged_prompts_generate_what_each_prompt_gets_alone() {
     ) -> impl FnMut(Tensor<2>) -> sparse_attn::Result<Vec<u32>> + '_ {
         move |l| {
             let l = l.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-            let picks = l
-                .chunks(256)
-                .map(|r| (0..256).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap() as u32)
-                .collect();
+            let picks = l.chunks(256).map(common::argmax).collect();
             steps.push(l);
             Ok(picks)
         }

@@ -355,18 +355,6 @@ fn a_diverged_run_never_saves_over_a_good_checkpoint() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// ‖got − want‖₂ / ‖want‖₂ (no floor: gradients of the tiny model are small).
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
-        .sum();
-    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 /// Every float parameter's gradient in `grads`, flattened in the model's visiting order.
 fn all_grads(model: &sparse_attn::train::Lm, grads: &burn::optim::GradientsParams) -> Vec<f32> {
     use burn::module::{Module, ModuleVisitor, Param};
@@ -438,7 +426,7 @@ fn f16_products_give_f32s_logits_and_gradients() {
         let (l32, g32) = step_grads(&rt, &cfg, Precision::F32);
         let (l16, g16) = step_grads(&rt, &cfg, Precision::F16);
         assert_eq!((l32.len(), g32.len()), (l16.len(), g16.len()));
-        let (el, eg) = (rel_l2(&l16, &l32), rel_l2(&g16, &g32));
+        let (el, eg) = (common::rel_l2(&l16, &l32), common::rel_l2(&g16, &g32));
         eprintln!("{mode:?}: logits {el:.2e}, gradients {eg:.2e}");
         assert!(g16.iter().all(|g| g.is_finite()));
         assert!(el <= 1e-2, "{mode:?}: logits {el}");
@@ -522,7 +510,7 @@ fn the_loss_scale_drops_bad_steps_and_grows_after_good_ones() {
     let mut g = scaled(false);
     s.unscale(&mut g, &model);
     let got = all_grads(&model, &g);
-    assert!(rel_l2(&got, &plain) < 1e-6);
+    assert!(common::rel_l2(&got, &plain) < 1e-6);
     assert_eq!(s.read().unwrap(), Some(at(1024.0, 4, 5)));
     // A step with an overflow: every gradient zero (none NaN), the scale halves, the count
     // restarts, the dropped steps count one more.
@@ -552,7 +540,7 @@ fn the_loss_scale_drops_bad_steps_and_grows_after_good_ones() {
     s.unscale(&mut g, &model);
     assert_eq!(s.read().unwrap(), None);
     let got = all_grads(&model, &g);
-    assert!(rel_l2(&got, &plain.iter().map(|v| v * 1024.0).collect::<Vec<_>>()) < 1e-6);
+    assert!(common::rel_l2(&got, &plain.iter().map(|v| v * 1024.0).collect::<Vec<_>>()) < 1e-6);
 }
 
 /// f16 products train like f32 on the tiny model (the loss falls as far in the same steps, for

@@ -15,6 +15,6 @@ pub use device::{
 pub use encoder::Encoder;
 pub use pipeline::{Pipeline, PipelineKey, Storage, preprocess};
 pub use tensor::{DType, Tensor, from_f16_bits, round_f16, to_f16_bits};
-#[cfg(all(feature = "train", not(target_arch = "wasm32")))]
-pub(crate) use timer::by_kernel;
 pub use timer::{ProfileEvent, Reps, TimerSource, Timing};
+#[cfg(all(feature = "train", not(target_arch = "wasm32")))]
+pub(crate) use timer::{by_kernel, sum_by_label};

@@ -209,7 +209,7 @@ impl Gpu {
     /// return `(file:entry, total seconds, dispatches)` per kernel in order of first appearance.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn profile_end(&self) -> Result<Vec<(String, f64, u32)>> {
-        Ok(by_kernel(self.profile_end_events()?))
+        Ok(by_kernel(&self.profile_end_events()?))
     }
 
     /// As [`Gpu::profile_end`], but every dispatch on its own, in submission order, with its
@@ -237,16 +237,21 @@ pub struct ProfileEvent {
 
 /// `(file:entry, total seconds, dispatches)` per kernel, in order of first appearance.
 #[cfg(not(target_arch = "wasm32"))]
-pub(crate) fn by_kernel(events: Vec<ProfileEvent>) -> Vec<(String, f64, u32)> {
+pub(crate) fn by_kernel(events: &[ProfileEvent]) -> Vec<(String, f64, u32)> {
+    sum_by_label(events.iter().map(|e| (e.kernel.clone(), e.end - e.start)))
+}
+
+/// `(label, total, count)` per label of `items`, in order of first appearance.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn sum_by_label(items: impl Iterator<Item = (String, f64)>) -> Vec<(String, f64, u32)> {
     let mut out: Vec<(String, f64, u32)> = Vec::new();
-    for e in events {
-        let s = e.end - e.start;
-        match out.iter_mut().find(|k| k.0 == e.kernel) {
+    for (label, x) in items {
+        match out.iter_mut().find(|k| k.0 == label) {
             Some(k) => {
-                k.1 += s;
+                k.1 += x;
                 k.2 += 1;
             }
-            None => out.push((e.kernel, s, 1)),
+            None => out.push((label, x, 1)),
         }
     }
     out
@@ -307,7 +312,7 @@ impl Gpu {
             .map(|p| p.labels)
             .unwrap_or_default();
         recorded?;
-        let mut out = by_kernel(self.resolve_profile(enc, &set, labels)?);
+        let mut out = by_kernel(&self.resolve_profile(enc, &set, labels)?);
         for e in &mut out {
             e.1 /= reps as f64;
             e.2 = e.2.div_ceil(reps);

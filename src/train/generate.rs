@@ -358,7 +358,7 @@ impl Decoder {
                 self.capacity
             );
         }
-        let first: Vec<u32> = prompts.iter().flat_map(|p| p[..short].to_vec()).collect();
+        let first: Vec<u32> = prompts.iter().flat_map(|p| &p[..short]).copied().collect();
         let mut logits = self.prefill(&first, short)?;
         let mut out = vec![Vec::with_capacity(max_new); self.batch];
         for t in short.. {

@@ -507,18 +507,10 @@ impl StepTiming {
     /// pair of kernels around it, per step, largest first: where the rest of the step (Burn's
     /// kernels, submissions, idle GPU) sits between ours.
     pub fn gaps(&self) -> Vec<(String, f64, u32)> {
-        let mut out: Vec<(String, f64, u32)> = Vec::new();
-        for w in self.timeline.windows(2) {
+        let mut out = crate::gpu::sum_by_label(self.timeline.windows(2).map(|w| {
             let key = format!("{} -> {}", w[0].kernel, w[1].kernel);
-            let gap = (w[1].start - w[0].end).max(0.0);
-            match out.iter_mut().find(|g| g.0 == key) {
-                Some(g) => {
-                    g.1 += gap;
-                    g.2 += 1;
-                }
-                None => out.push((key, gap, 1)),
-            }
-        }
+            (key, (w[1].start - w[0].end).max(0.0))
+        }));
         let n = self.steps.max(1);
         for g in &mut out {
             g.1 /= n as f64;
@@ -598,7 +590,7 @@ pub fn measure_steps(
         let events = gpu.profile_end_events()?;
         r?;
         let n = steps.max(1);
-        let per_step = crate::gpu::by_kernel(events.clone())
+        let per_step = crate::gpu::by_kernel(&events)
             .into_iter()
             .map(|(l, s, k)| (l, s / n as f64, k.div_ceil(n as u32)))
             .collect();

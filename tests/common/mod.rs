@@ -188,6 +188,19 @@ impl RefPrompt {
     }
 }
 
+/// ‖got − want‖₂ / ‖want‖₂, without `reference::compare`'s floor (for small values, e.g. a tiny
+/// model's gradients); NaN where anything is not finite, so it fails every bound.
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
 /// The most likely token of a row of logits.
 pub fn argmax(row: &[f32]) -> u32 {
     (0..row.len())
