@@ -11,8 +11,11 @@
 # tensor cores), DATA (default data/shakespeare), SEEDS (default "1 2"), PRECISIONS (default
 # "f32 f16"), STEPS (default 1200), LIMIT (seconds each run may train, default 450: the GPU
 # machine cuts a command off at 10 minutes; a run stopped early keeps its checkpoint and says
-# so), WINDOWS (validation windows, default 16). On the H200, four runs at once took 400 s for
-# ~1190 f32 steps and ~300 s for 1200 f16 steps; for more seeds run one precision per call.
+# so), WINDOWS (validation windows, default 16). On the H200 four f16 runs at once take ~180 s
+# for 1200 steps, four f32 runs 0.5 s a step (~955 steps in 480 s): one precision per call. The
+# evaluation's table ends with the validation CE across seeds, step by step (mean, standard
+# deviation, and for two configurations their difference and Welch's t); reports of several
+# calls combine with `sparse-attn eval --reports A/eval.json B/eval.json`.
 set -euo pipefail
 out=${1:-bench/results/precision-seeds}
 bin=${BIN:-target/release/sparse-attn}
@@ -47,6 +50,9 @@ done_ckpts=()
 for c in "${ckpts[@]}"; do
     [ -d "$c" ] && done_ckpts+=("$c")
 done
+# Validation CE at the training length only: the comparison uses neither the budget sweep nor
+# length extrapolation.
 "$bin" eval --ckpt "${done_ckpts[@]}" --data "$data" --windows "$windows" --out "$out/eval.json" \
+    --budgets 1 --lengths 1 --passkeys 1 \
     2> >(grep -v XDG_RUNTIME_DIR >&2) | tail -n "$(( ${#done_ckpts[@]} + 2 ))"
 # The checkpoints stay in OUTDIR; the report, the logs and the JSON lines are what to keep.

@@ -372,6 +372,165 @@ pub fn evaluate(
     }))
 }
 
+/// A report's run in a few words: its mode, and its precision where not f32.
+fn run_label(r: &serde_json::Value) -> String {
+    let mode = r["mode"].as_str().unwrap_or("?");
+    match r["train_config"]["precision"].as_str() {
+        Some(p) if p != "f32" => format!("{mode} {p}"),
+        _ => mode.to_string(),
+    }
+}
+
+/// Validation CE at one step across the seeds of a configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeedPoint {
+    pub step: f64,
+    /// Seeds with a validation CE at this step.
+    pub seeds: usize,
+    pub mean: f64,
+    /// Sample standard deviation across those seeds (n - 1).
+    pub sd: f64,
+}
+
+/// Runs that differ only in their seed, summarised per logged step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeedCurve {
+    pub label: String,
+    /// Distinct seeds, and runs (a seed trained twice is a repeat: its runs are averaged
+    /// first, so that it counts once).
+    pub seeds: usize,
+    pub runs: usize,
+    pub points: Vec<SeedPoint>,
+}
+
+/// The reports grouped by training configuration without the seed; a curve for each group
+/// with at least two seeds (the seed-to-seed noise that precision or mode comparisons need).
+pub fn seed_curves(reports: &[serde_json::Value]) -> Vec<SeedCurve> {
+    let config = |r: &serde_json::Value| {
+        let mut c = r["train_config"].clone();
+        if let Some(o) = c.as_object_mut() {
+            o.remove("seed");
+        }
+        c
+    };
+    // (config, label, seed -> step -> valid CEs of its runs)
+    type Runs = std::collections::BTreeMap<u64, std::collections::BTreeMap<u64, Vec<f64>>>;
+    let mut groups: Vec<(serde_json::Value, String, Runs, usize)> = Vec::new();
+    for r in reports {
+        let (Some(seed), Some(log)) = (
+            r["train_config"]["seed"].as_u64(),
+            r["train_log"].as_array(),
+        ) else {
+            continue;
+        };
+        let c = config(r);
+        let i = match groups.iter().position(|g| g.0 == c) {
+            Some(i) => i,
+            None => {
+                groups.push((c, run_label(r), Runs::new(), 0));
+                groups.len() - 1
+            }
+        };
+        let g = &mut groups[i];
+        g.3 += 1;
+        let by_step = g.2.entry(seed).or_default();
+        for e in log {
+            if let (Some(step), Some(v)) = (e["step"].as_u64(), e["valid_ce"].as_f64()) {
+                by_step.entry(step).or_default().push(v);
+            }
+        }
+    }
+    groups.retain(|g| g.2.len() >= 2);
+    // Two configurations of one label (e.g. other learning rates) are told apart by number.
+    let labels: Vec<String> = groups.iter().map(|g| g.1.clone()).collect();
+    let mut out = Vec::new();
+    for (i, (_, label, runs, n_runs)) in groups.into_iter().enumerate() {
+        let label = match labels.iter().filter(|l| **l == label).count() > 1 {
+            true => format!("{label} (config {})", i + 1),
+            false => label,
+        };
+        let mut steps: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+        for by_step in runs.values() {
+            for (&step, v) in by_step {
+                steps
+                    .entry(step)
+                    .or_default()
+                    .push(v.iter().sum::<f64>() / v.len() as f64);
+            }
+        }
+        let points = steps
+            .into_iter()
+            .filter(|(_, v)| v.len() >= 2)
+            .map(|(step, v)| {
+                let n = v.len() as f64;
+                let mean = v.iter().sum::<f64>() / n;
+                let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+                SeedPoint {
+                    step: step as f64,
+                    seeds: v.len(),
+                    mean,
+                    sd: var.sqrt(),
+                }
+            })
+            .collect();
+        out.push(SeedCurve {
+            label,
+            seeds: runs.len(),
+            runs: n_runs,
+            points,
+        });
+    }
+    out
+}
+
+/// The seed curves side by side: the head, then a row per step that every curve has: mean +-
+/// sd (seeds) per curve, and for two curves the second's mean minus the first's with Welch's t
+/// (the difference over its standard error; |t| below ~2 is within the seed-to-seed noise).
+pub fn seed_table(curves: &[SeedCurve]) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut head = vec!["step".to_string()];
+    head.extend(curves.iter().map(|c| {
+        format!(
+            "{}: mean +- sd ({} seeds, {} runs)",
+            c.label, c.seeds, c.runs
+        )
+    }));
+    let pair = curves.len() == 2;
+    if pair {
+        head.push(format!("{} - {}", curves[1].label, curves[0].label));
+        head.push("Welch t".to_string());
+    }
+    let mut rows = Vec::new();
+    let Some(first) = curves.first() else {
+        return (head, rows);
+    };
+    for p in &first.points {
+        let at: Vec<&SeedPoint> = curves
+            .iter()
+            .filter_map(|c| c.points.iter().find(|q| q.step == p.step))
+            .collect();
+        if at.len() != curves.len() {
+            continue;
+        }
+        let mut row = vec![format!("{}", p.step)];
+        row.extend(
+            at.iter()
+                .map(|q| format!("{:.4} +- {:.4} ({})", q.mean, q.sd, q.seeds)),
+        );
+        if pair {
+            let (a, b) = (at[0], at[1]);
+            let diff = b.mean - a.mean;
+            let se = (a.sd.powi(2) / a.seeds as f64 + b.sd.powi(2) / b.seeds as f64).sqrt();
+            row.push(format!("{diff:+.4}"));
+            row.push(match se > 0.0 {
+                true => format!("{:+.2}", diff / se),
+                false => "-".to_string(),
+            });
+        }
+        rows.push(row);
+    }
+    (head, rows)
+}
+
 /// Plots of one or several reports (one series per report): budget sweep, extrapolation,
 /// per-layer sparsity. Returns the files written.
 pub fn plot_reports(reports: &[serde_json::Value], dir: &Path) -> Result<Vec<std::path::PathBuf>> {
@@ -380,16 +539,9 @@ pub fn plot_reports(reports: &[serde_json::Value], dir: &Path) -> Result<Vec<std
         .map_err(|e| Error::InvalidInput(format!("creating {}: {e}", dir.display())))?;
     // The mode, the precision of runs trained in another than f32, and the seed where two
     // runs would otherwise share a name (seed-to-seed comparisons).
-    let base = |r: &serde_json::Value| {
-        let mode = r["mode"].as_str().unwrap_or("?");
-        match r["train_config"]["precision"].as_str() {
-            Some(p) if p != "f32" => format!("{mode} {p}"),
-            _ => mode.to_string(),
-        }
-    };
     let name = |r: &serde_json::Value| {
-        let b = base(r);
-        match reports.iter().filter(|o| base(o) == b).count() > 1 {
+        let b = run_label(r);
+        match reports.iter().filter(|o| run_label(o) == b).count() > 1 {
             true => format!("{b} seed {}", r["train_config"]["seed"]),
             false => b,
         }
@@ -482,6 +634,24 @@ pub fn plot_reports(reports: &[serde_json::Value], dir: &Path) -> Result<Vec<std
     let mut curves = log_series("valid_ce");
     curves.extend(log_series("ce"));
     plot("training.png", "Training", "step", "CE (nats/byte)", curves)?;
+    let seeds = seed_curves(reports);
+    if !seeds.is_empty() {
+        let mut series = Vec::new();
+        for (i, c) in seeds.iter().enumerate() {
+            let line = |f: fn(&SeedPoint) -> f64| c.points.iter().map(|p| (p.step, f(p))).collect();
+            let name = format!("{} ({} seeds)", c.label, c.seeds);
+            series.push(Series::new(name, line(|p| p.mean)).styled(i, false));
+            series.push(Series::new("", line(|p| p.mean + p.sd)).styled(i, true));
+            series.push(Series::new("", line(|p| p.mean - p.sd)).styled(i, true));
+        }
+        plot(
+            "training-seeds.png",
+            "Validation CE across seeds: mean, dashed +- one sd",
+            "step",
+            "validation CE (nats/byte)",
+            series,
+        )?;
+    }
     let layer_series = |inf: &str| -> Vec<Series> {
         reports
             .iter()
@@ -588,6 +758,83 @@ pub fn table_rows(reports: &[serde_json::Value]) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report of a run of `precision` and `seed` whose validation CE at steps 100, 200, ...
+    /// is `valid`.
+    fn run(precision: &str, seed: u64, lr: f64, valid: &[f64]) -> serde_json::Value {
+        let log: Vec<_> = valid
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| {
+                let step = 100 * (i as u64 + 1);
+                // Steps without a validation CE are in the log too.
+                [
+                    serde_json::json!({"step": step - 50, "ce": 9.0, "valid_ce": null}),
+                    serde_json::json!({"step": step, "ce": 9.0, "valid_ce": v}),
+                ]
+            })
+            .collect();
+        serde_json::json!({"mode": "full", "train_log": log,
+            "train_config": {"precision": precision, "seed": seed, "lr": lr}})
+    }
+
+    #[test]
+    fn seed_curves_average_repeats_then_take_mean_and_sd_across_seeds() {
+        let reports = [
+            run("f32", 1, 1e-3, &[2.0, 1.5]),
+            run("f32", 2, 1e-3, &[3.0, 1.7]),
+            run("f16", 1, 1e-3, &[2.0, 1.6]),
+            run("f16", 2, 1e-3, &[2.5, 1.8]),
+            // A repeat of seed 2: averaged with it (2.5 and 3.5 -> 3.0), counted once.
+            run("f16", 2, 1e-3, &[3.5]),
+            // One seed of another configuration: no curve.
+            run("f32", 1, 2e-3, &[1.0, 1.0]),
+        ];
+        let c = seed_curves(&reports);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert_eq!((c[0].label.as_str(), c[0].seeds, c[0].runs), ("full", 2, 2));
+        assert_eq!(
+            (c[1].label.as_str(), c[1].seeds, c[1].runs),
+            ("full f16", 2, 3)
+        );
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        let p = &c[0].points;
+        assert_eq!(p.len(), 2);
+        assert!(close(p[0].step, 100.0) && close(p[0].mean, 2.5), "{p:?}");
+        assert!(close(p[0].sd, 0.5f64.sqrt()), "{p:?}"); // (0.25 + 0.25) / (2 - 1)
+        assert!(
+            close(p[1].mean, 1.6) && close(p[1].sd, 0.02f64.sqrt()),
+            "{p:?}"
+        );
+        let q = &c[1].points;
+        assert!(
+            close(q[0].mean, 2.5) && close(q[0].sd, 0.5f64.sqrt()),
+            "{q:?}"
+        );
+        assert!(close(q[1].mean, 1.7) && q[1].seeds == 2, "{q:?}");
+
+        let (head, rows) = seed_table(&c);
+        assert_eq!(head.len(), 5, "{head:?}");
+        assert_eq!(head[3], "full f16 - full");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0][0], "100");
+        assert_eq!(rows[0][3], "+0.0000");
+        // (1.7 - 1.6) / sqrt(0.02 / 2 + 0.02 / 2) = 0.71
+        assert_eq!(rows[1][3], "+0.1000");
+        assert_eq!(rows[1][4], "+0.71");
+
+        // Same labels, other configurations: numbered.
+        let two_lr = [
+            run("f32", 1, 1e-3, &[2.0]),
+            run("f32", 2, 1e-3, &[2.0]),
+            run("f32", 1, 2e-3, &[2.0]),
+            run("f32", 2, 2e-3, &[2.0]),
+        ];
+        let c = seed_curves(&two_lr);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].label, "full (config 1)");
+        assert_eq!(c[1].label, "full (config 2)");
+    }
 
     #[test]
     fn eval_config_refuses_zero_counts_and_overflowing_lengths() {

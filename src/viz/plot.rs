@@ -5,11 +5,15 @@ use image::{Rgb, RgbImage};
 use super::{draw_text, fill};
 use crate::error::Result;
 
-/// One line: a name for the legend and (x, y) points.
+/// One line: a name for the legend (none if empty) and (x, y) points.
 #[derive(Clone, Debug)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Palette entry; `None`: the series' position in the plot.
+    pub color: Option<usize>,
+    /// Dashed, without point markers (bands around a line of the same colour).
+    pub dashed: bool,
 }
 
 impl Series {
@@ -17,6 +21,17 @@ impl Series {
         Self {
             name: name.into(),
             points,
+            color: None,
+            dashed: false,
+        }
+    }
+
+    /// The same series in palette colour `color`, dashed or not.
+    pub fn styled(self, color: usize, dashed: bool) -> Self {
+        Self {
+            color: Some(color),
+            dashed,
+            ..self
         }
     }
 }
@@ -33,8 +48,22 @@ const PALETTE: [[u8; 3]; 8] = [
 ];
 
 fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u8>) {
+    dash_line(img, (x0, y0), (x1, y1), c, false)
+}
+
+/// A line of 1-pixel steps; `dashed`: 5 drawn, 5 left out.
+fn dash_line(
+    img: &mut RgbImage,
+    (x0, y0): (f64, f64),
+    (x1, y1): (f64, f64),
+    c: Rgb<u8>,
+    dashed: bool,
+) {
     let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
     for i in 0..=n {
+        if dashed && (i / 5) % 2 == 1 {
+            continue;
+        }
         let t = i as f64 / n as f64;
         let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t);
         for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
@@ -117,17 +146,23 @@ pub fn line_plot(
                 continue;
             }
             p.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let c = Rgb(PALETTE[i % PALETTE.len()]);
+            let c = Rgb(PALETTE[s.color.unwrap_or(i) % PALETTE.len()]);
             for win in p.windows(2) {
-                line(
+                dash_line(
                     &mut img,
                     (sx(win[0].0), sy(win[0].1)),
                     (sx(win[1].0), sy(win[1].1)),
                     c,
+                    s.dashed,
                 );
             }
-            for &(x, y) in &p {
-                fill(&mut img, sx(x) as u32 - 2, sy(y) as u32 - 2, 5, 5, c);
+            if !s.dashed {
+                for &(x, y) in &p {
+                    fill(&mut img, sx(x) as u32 - 2, sy(y) as u32 - 2, 5, 5, c);
+                }
+            }
+            if s.name.is_empty() {
+                continue;
             }
             let ly = t as u32 + 10 + row * 14;
             fill(&mut img, w - r as u32 + 12, ly, 14, 8, c);

@@ -509,10 +509,23 @@ pub fn bench_train_cmd(opts: &GpuOptions, a: &BenchTrainArgs) -> Result<ExitCode
 /// The comparison of eval reports, one row per model, as Markdown (pasted into docs/RESULTS.md).
 #[cfg(feature = "train")]
 fn eval_table(reports: &[serde_json::Value]) -> String {
-    use sparse_attn::train::eval::{TABLE_HEAD, table_rows};
+    use sparse_attn::train::eval::{TABLE_HEAD, seed_curves, seed_table, table_rows};
     let mut t = Table::new(&TABLE_HEAD);
     for row in table_rows(reports) {
         t.row(row);
     }
-    t.markdown()
+    let mut out = t.markdown();
+    // Runs that differ only in their seed: validation CE across seeds, step by step.
+    let curves = seed_curves(reports);
+    if !curves.is_empty() {
+        let (head, rows) = seed_table(&curves);
+        let head: Vec<&str> = head.iter().map(String::as_str).collect();
+        let mut t = Table::new(&head);
+        for row in rows {
+            t.row(row);
+        }
+        out += "\n\nValidation CE across seeds:\n\n";
+        out += &t.markdown();
+    }
+    out
 }
