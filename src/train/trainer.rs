@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{Error, Result, invalid};
@@ -261,12 +261,10 @@ pub fn train(
         .map_err(|e| Error::InvalidInput(format!("creating {}: {e}", out.display())))?;
     let device = device.clone().autodiff();
     let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
+    let scale = LossScale::new(cfg.precision, &device.clone().inner());
     let mut st = RunState {
-        optim: AdamWConfig::new()
-            .with_weight_decay(cfg.weight_decay)
-            .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
-            .init(),
-        scale: LossScale::new(cfg.precision, &device.clone().inner()),
+        optim: optimizer(cfg, &scale),
+        scale,
         rng: Rng::new(cfg.seed),
         step: 0,
         earlier_log: Vec::new(),
@@ -299,6 +297,8 @@ pub fn train(
                 dropped: d as u32,
             };
             st.scale = LossScale::with_state(cfg.precision, &device.clone().inner(), st_scale);
+            // The optimizer reads the flag of the scale it was made with.
+            st.optim = optimizer(cfg, &st.scale);
         }
         model = load_weights(model, &set.model)?;
         st.optim = st
@@ -447,6 +447,14 @@ pub fn seeded_init(cfg: &LmConfig, device: &Device, seed: u64) -> Result<Lm> {
     Ok(cfg.init(device)?.materialize())
 }
 
+/// AdamW with the run's weight decay and clipping, skipping the steps `scale` drops.
+fn optimizer(cfg: &TrainConfig, scale: &LossScale) -> ModuleOptimizer {
+    scale.optimizer(
+        cfg.weight_decay,
+        Some(GradientClippingConfig::Norm(cfg.clip)),
+    )
+}
+
 /// One optimizer step on batch `b`; returns the model and the (unread) CE and alignment losses.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
@@ -538,12 +546,9 @@ pub fn measure_steps(
     cfg.model
         .check_fits(gpu.max_binding(), cfg.batch, cfg.seq)?;
     let device = device.clone().autodiff();
-    let mut optim: ModuleOptimizer = AdamWConfig::new()
-        .with_weight_decay(cfg.weight_decay)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(cfg.clip)))
-        .init();
     let mut model = seeded_init(&cfg.model, &device, cfg.seed)?;
     let mut scale = LossScale::new(cfg.precision, &device.clone().inner());
+    let mut optim = optimizer(cfg, &scale);
     let mut rng = Rng::new(cfg.seed);
     // Returns the wall time and the host's share: the time to record the steps, before
     // waiting for the GPU.
