@@ -285,6 +285,11 @@ fn bench_decode_runs_every_mode_and_path() {
             "unknown offload path",
         ),
         (&["--steps", "0"][..], "at least 1"),
+        (&["--host-share", "0", "--steps", "6"][..], "--host-share 0"),
+        (
+            &["--host-share", "NaN", "--steps", "6"][..],
+            "--host-share NaN",
+        ),
     ] {
         let mut args = base.to_vec();
         args.extend(extra);
@@ -292,6 +297,47 @@ fn bench_decode_runs_every_mode_and_path() {
         assert!(!ok && err.contains(says), "{extra:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A configuration refused for its host memory is a row that says why, in the table (it
+    // used to panic there) as in the JSON, and the others still run. (The available memory is
+    // read from /proc/meminfo: Linux.)
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let tiny_share = [
+        "--modes",
+        "full,offload-nosa",
+        "--steps",
+        "2",
+        "--host-share",
+        "1e-12",
+    ];
+    let mut args: Vec<&str> = base.iter().copied().filter(|a| *a != "--json").collect();
+    args.extend(tiny_share);
+    let (ok, out, err) = run(&args);
+    assert!(ok && !err.contains("panicked"), "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("(d) NOSA"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("skipped:") && row.contains("--host-share"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("(a) full") && !l.contains("skipped")),
+        "{out}"
+    );
+    let mut args = base.to_vec();
+    args.extend(tiny_share);
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let runs = j["runs"].as_array().unwrap();
+    assert!(
+        runs[1]["skipped"].as_str().unwrap().contains("host memory"),
+        "{out}"
+    );
 }
 
 /// `gguf FILE` describes a model file (one the test writes), and names what is wrong with a

@@ -362,6 +362,12 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
             "--steps and --layers must be at least 1".into(),
         ));
     }
+    if !(a.host_share > 0.0 && a.host_share <= 1.0) {
+        return Err(Error::InvalidInput(format!(
+            "--host-share {}: a share of the available host memory, above 0 and at most 1",
+            a.host_share
+        )));
+    }
     // Validate the selection before any allocation.
     select_options(a, true)?;
     let path = a.offload_path;

@@ -31,16 +31,22 @@ impl Table {
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
-        debug_assert_eq!(cells.len(), self.head.len(), "table row width");
+    /// A row of cells. A row of fewer cells than columns (e.g. a configuration that was
+    /// skipped, with why) ends in a note that takes the rest of the line; cells past the
+    /// columns are dropped (a row is never a reason to fail).
+    pub fn row(&mut self, mut cells: Vec<String>) {
+        debug_assert!(cells.len() <= self.head.len(), "table row width");
+        cells.truncate(self.head.len());
         self.rows.push(cells);
     }
 
+    /// Column widths: the widest cell of each column, a short row's note left out.
     fn widths(&self) -> Vec<usize> {
         (0..self.head.len())
             .map(|c| {
                 self.rows
                     .iter()
+                    .filter(|r| c + 1 < r.len() || r.len() == self.head.len())
                     .map(|r| r[c].chars().count())
                     .chain([self.head[c].chars().count()])
                     .max()
@@ -51,11 +57,14 @@ impl Table {
 
     fn line(&self, cells: &[String], w: &[usize]) -> String {
         let mut out = String::new();
+        let note = cells.len() < self.head.len();
         for (c, cell) in cells.iter().enumerate() {
             if c > 0 {
                 out.push_str(if self.groups.contains(&c) { " | " } else { " " });
             }
-            if c == 0 {
+            if note && c + 1 == cells.len() {
+                out.push_str(cell);
+            } else if c == 0 {
                 out.push_str(&format!("{cell:<0$}", w[c]));
             } else {
                 out.push_str(&format!("{cell:>0$}", w[c]));
@@ -84,7 +93,10 @@ impl Table {
             "---|".repeat(self.head.len())
         );
         for r in &self.rows {
-            out.push_str(&format!("\n| {} |", r.join(" | ")));
+            // Markdown rows have every column: a short row's note, then empty cells.
+            let mut cells = r.clone();
+            cells.resize(self.head.len(), String::new());
+            out.push_str(&format!("\n| {} |", cells.join(" | ")));
         }
         out
     }
@@ -206,6 +218,23 @@ mod tests {
         assert_eq!(
             t.markdown(),
             "| name | a | bb |\n|---|---|---|\n| x | 1 | 22 |\n| long | 333 | 4 |"
+        );
+    }
+
+    /// A short row (a skipped configuration) ends in a note over the columns left, without
+    /// widening them (it used to index past its cells: `bench decode` panicked on a skip).
+    #[test]
+    fn a_short_row_ends_in_a_note() {
+        let mut t = Table::new(&["name", "a", "|", "bb"]);
+        t.row(vec!["x".into(), "1".into(), "22".into()]);
+        t.row(vec!["y".into(), "skipped: too large".into()]);
+        assert_eq!(
+            t.render(),
+            "name a | bb\nx    1 | 22\ny    skipped: too large"
+        );
+        assert_eq!(
+            t.markdown(),
+            "| name | a | bb |\n|---|---|---|\n| x | 1 | 22 |\n| y | skipped: too large |  |"
         );
     }
 }
