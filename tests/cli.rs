@@ -285,10 +285,25 @@ fn bench_decode_runs_every_mode_and_path() {
             "unknown offload path",
         ),
         (&["--steps", "0"][..], "at least 1"),
-        (&["--host-share", "0", "--steps", "6"][..], "--host-share 0"),
+        (
+            &["--host-share", "0", "--steps", "6"][..],
+            "a share above 0",
+        ),
         (
             &["--host-share", "NaN", "--steps", "6"][..],
-            "--host-share NaN",
+            "a share above 0",
+        ),
+        (
+            &["--host-share", "1.5", "--steps", "6"][..],
+            "a share above 0",
+        ),
+        (
+            &["--query-noise", "NaN", "--steps", "6"][..],
+            "--query-noise",
+        ),
+        (
+            &["--bandwidth-gbs=-5", "--steps", "6"][..],
+            "--bandwidth-gbs",
         ),
     ] {
         let mut args = base.to_vec();
@@ -794,6 +809,8 @@ fn train_and_eval_explain_bad_input_and_combine_reports() {
         ("--alpha=-1", "", "alpha"),
         ("--weight-decay", "NaN", "weight_decay"),
         ("--eval-windows", "0", "eval_windows"),
+        ("--time-limit", "NaN", "--time-limit"),
+        ("--time-limit=-5", "", "--time-limit"),
         (
             "--precision",
             "bf8",

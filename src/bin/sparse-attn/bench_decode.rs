@@ -62,7 +62,7 @@ pub struct DecodeArgs {
     pub warmup: usize,
     /// Queries are a fixed direction per (sequence, head) plus noise of this scale: how much
     /// the query-aware choice moves from step to step (synthetic: trained models set this).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::report::non_negative_f64)]
     pub query_noise: f64,
     /// Keys per workgroup of the decoding kernel (1 to its limit, 256 on most devices;
     /// default: the library's choice, about a thousand workgroups per step).
@@ -74,7 +74,7 @@ pub struct DecodeArgs {
     pub offload_path: sparse_attn::decode::OffloadPath,
     /// The device's memory bandwidth in GB/s (e.g. 4800 for an H200): full attention's step is
     /// then reported against the time to read its k and v at that speed.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::report::positive_f64)]
     pub bandwidth_gbs: Option<f64>,
     /// After the timed steps, time one more step kernel by kernel (GPU timestamps around each
     /// dispatch) and print where its GPU time goes.
@@ -82,7 +82,7 @@ pub struct DecodeArgs {
     pub stages: bool,
     /// Refuse a configuration whose host caches would take more than this share of the
     /// machine's available memory.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::report::share)]
     pub host_share: f64,
     #[command(flatten)]
     pub out: Output,
@@ -361,12 +361,6 @@ pub fn bench_decode_cmd(opts: &GpuOptions, a: &DecodeArgs) -> Result<ExitCode, E
         return Err(Error::InvalidInput(
             "--steps and --layers must be at least 1".into(),
         ));
-    }
-    if !(a.host_share > 0.0 && a.host_share <= 1.0) {
-        return Err(Error::InvalidInput(format!(
-            "--host-share {}: a share of the available host memory, above 0 and at most 1",
-            a.host_share
-        )));
     }
     // Validate the selection before any allocation.
     select_options(a, true)?;

@@ -127,21 +127,36 @@ impl Output {
     }
 }
 
-/// A clap parser for a finite number > 0 (NaN, infinities, zero and negatives are refused).
 /// `--offload-path` (parsed once, by clap).
 pub fn offload_path(s: &str) -> Result<sparse_attn::decode::OffloadPath, String> {
     sparse_attn::decode::OffloadPath::parse(s).map_err(|e| e.to_string())
 }
 
-pub fn positive_f64(s: &str) -> Result<f64, String> {
+/// A number that `ok` accepts, else `need` in the error (clap parsers of numbers with a range;
+/// NaN and infinities never pass).
+fn number_where(s: &str, ok: impl Fn(f64) -> bool, need: &str) -> Result<f64, String> {
     let v: f64 = s
         .parse()
         .map_err(|e| format!("`{s}` is not a number: {e}"))?;
-    if v.is_finite() && v > 0.0 {
-        Ok(v)
-    } else {
-        Err(format!("`{s}`: need a finite number > 0"))
+    match v.is_finite() && ok(v) {
+        true => Ok(v),
+        false => Err(format!("`{s}`: need {need}")),
     }
+}
+
+/// A clap parser for a finite number > 0 (NaN, infinities, zero and negatives are refused).
+pub fn positive_f64(s: &str) -> Result<f64, String> {
+    number_where(s, |v| v > 0.0, "a finite number > 0")
+}
+
+/// A clap parser for a finite number >= 0.
+pub fn non_negative_f64(s: &str) -> Result<f64, String> {
+    number_where(s, |v| v >= 0.0, "a finite number >= 0")
+}
+
+/// A clap parser for a share: above 0, at most 1.
+pub fn share(s: &str) -> Result<f64, String> {
+    number_where(s, |v| v > 0.0 && v <= 1.0, "a share above 0 and at most 1")
 }
 
 /// Complete a benchmark record (device, date, command) and print and/or append it.

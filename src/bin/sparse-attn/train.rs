@@ -112,7 +112,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub stop_after: Option<usize>,
     /// Stop (with a checkpoint) after this many seconds; --resume continues.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::report::positive_f64)]
     pub time_limit: Option<f64>,
     #[command(flatten)]
     pub run: RunArgs,
