@@ -1182,6 +1182,26 @@ fn generate_streams_text_from_a_checkpoint() {
         "staged copies must not change greedy decoding"
     );
     assert!(err.contains("staged copies"), "{err}");
+    // Several prompts: one batch, each continued as it would be alone (prompts of different
+    // lengths), on the GPU and offloaded.
+    for offload in [&[][..], &["--offload"][..]] {
+        let mut extra = vec!["--attention", "nosa", "--prompt", "that is the"];
+        extra.extend(offload);
+        let (ok, batch, err) = generate(&extra);
+        assert!(ok, "{err}");
+        let blocks: Vec<&str> = batch.split("== ").skip(1).collect();
+        assert_eq!(blocks.len(), 2, "{batch:?}");
+        assert_eq!(
+            blocks[0].strip_prefix("1 of 2 ==\n"),
+            Some(on_gpu.as_str()),
+            "{offload:?}: the first prompt's text in a batch is its text alone"
+        );
+        assert!(blocks[1].starts_with("2 of 2 ==\nthat is the"), "{batch:?}");
+        assert!(
+            err.contains("2 sequences") && err.contains("tokens/s"),
+            "{err}"
+        );
+    }
     for (extra, says) in [
         (&["--attention", "dense"][..], "unknown attention"),
         (&["--top-p", "0"][..], "top-p must be in (0, 1]"),
@@ -1206,11 +1226,16 @@ fn generate_streams_text_from_a_checkpoint() {
             &["--offload-path", "staged"][..],
             "--offload-path chooses the path of --offload",
         ),
+        (&["--prompt", ""][..], "a prompt is empty"),
     ] {
         let (ok, _, err) = generate(extra);
         assert!(!ok && err.contains(says), "{extra:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    let (ok, _, err) = run(&[
+        "generate", "--ckpt", out_s, "--prompt", "x", "--tokens", "0",
+    ]);
+    assert!(!ok && err.contains("generate at least one token"), "{err}");
     let (ok, _, err) = run(&["generate", "--ckpt", "/nonexistent", "--prompt", "x"]);
     assert!(!ok && !err.contains("panicked"), "{err}");
     // `bench generate` on the checkpoint past its training length (seq 64, max_seq 256): the
@@ -1313,6 +1338,24 @@ fn generate_runs_a_gguf_model() {
     assert!(err.contains("MB in host memory"), "{err}");
     let (ok, raw, err) = generate(&["--raw"]);
     assert!(ok && raw.starts_with("Hello there"), "{raw:?} {err}");
+    // A batch of two chats: the first one's answer is its answer alone.
+    let two = [
+        "--attention",
+        "sparse",
+        "--budget",
+        "4",
+        "--prompt",
+        "How are you today?",
+    ];
+    let (ok, batch, err) = generate(&two);
+    assert!(ok, "{err}");
+    let first = batch.split("== 2 of 2 ==\n").next().unwrap();
+    assert_eq!(
+        first.strip_prefix("== 1 of 2 ==\n"),
+        Some(on_gpu.as_str()),
+        "{batch:?}"
+    );
+    assert!(err.contains("2 sequences"), "{err}");
     for (extra, says) in [
         (&["--ckpt", "x"][..], "cannot be used with"),
         (&["--budget", "0"][..], "topk"),

@@ -29,9 +29,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub gguf: Option<std::path::PathBuf>,
     /// The text to continue (a checkpoint's tokens are bytes), or with --gguf the user's message
-    /// (wrapped in the model's chat template unless --raw).
-    #[arg(long)]
-    pub prompt: String,
+    /// (wrapped in the model's chat template unless --raw). Given several times: a batch,
+    /// decoded together (each as it would be alone), printed when done instead of streamed.
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
     /// With --gguf: give the prompt to the model as it is, without the chat template.
     #[arg(long)]
     pub raw: bool,
@@ -87,9 +88,14 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
 
     let attention = Attention::parse(&a.attention)?;
     let sampler = Sampler::new(a.temperature, a.top_p, a.seed)?;
-    if a.prompt.is_empty() {
+    if a.prompt.iter().any(String::is_empty) {
         return Err(Error::InvalidInput(
-            "the prompt is empty: give at least one character".into(),
+            "a prompt is empty: give at least one character".into(),
+        ));
+    }
+    if a.tokens == 0 {
+        return Err(Error::InvalidInput(
+            "--tokens 0: generate at least one token".into(),
         ));
     }
     if a.gpu_kv_mb.is_some() && !a.offload {
@@ -133,19 +139,25 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
         Some(k) => model_cfg.with_topk(k),
         None => model_cfg.clone(),
     };
-    let text = match (&tokenizer, a.raw) {
-        (Some(t), false) => t.chat_prompt(&a.prompt, a.system.as_deref())?,
-        _ => a.prompt.clone(),
-    };
-    let prompt: Vec<u32> = match &tokenizer {
-        Some(t) => t.encode(&text)?,
-        None => text.bytes().map(u32::from).collect(),
-    };
+    let mut texts = Vec::with_capacity(a.prompt.len());
+    let mut prompts = Vec::with_capacity(a.prompt.len());
+    for p in &a.prompt {
+        let text = match (&tokenizer, a.raw) {
+            (Some(t), false) => t.chat_prompt(p, a.system.as_deref())?,
+            _ => p.clone(),
+        };
+        prompts.push(match &tokenizer {
+            Some(t) => t.encode(&text)?,
+            None => text.bytes().map(u32::from).collect::<Vec<u32>>(),
+        });
+        texts.push(text);
+    }
     let eos = match (&tokenizer, a.ignore_eos) {
         (Some(t), false) => t.eos,
         _ => None,
     };
-    let capacity = prompt.len() + a.tokens;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let capacity = longest + a.tokens;
     let gpu_kv_budget = match a.gpu_kv_mb {
         Some(mb) if !(mb.is_finite() && mb > 0.0) => {
             return Err(Error::InvalidInput(format!(
@@ -159,19 +171,60 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
         offload_slots: a.offload.then_some(m.topk),
         gpu_kv_budget,
         offload_path,
+        batch: prompts.len(),
         ..GenerateOptions::new(attention, capacity)
     };
     let mut dec = Decoder::new(&rt, model, &model_cfg, &gopts)?;
     let mut sampler = sampler;
     let mut out = std::io::stdout().lock();
     // A chat shows the answer only; a continuation starts with the text it continues.
-    if tokenizer.is_none() || a.raw {
+    let echo = tokenizer.is_none() || a.raw;
+    if prompts.len() > 1 {
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let t0 = Instant::now();
+        let new = dec.generate(&refs, a.tokens, &mut sampler)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut generated = 0;
+        for (i, (text, toks)) in texts.iter().zip(&new).enumerate() {
+            // Each sequence ends at its end-of-sequence token (the batch runs on to the last).
+            let n = toks
+                .iter()
+                .position(|&t| Some(t) == eos)
+                .unwrap_or(toks.len());
+            generated += n;
+            // A checkpoint's tokens are bytes, written as they are (as the stream does).
+            let body = match &tokenizer {
+                Some(t) => t.decode(&toks[..n], false)?.into_bytes(),
+                None => toks[..n].iter().map(|&t| t as u8).collect(),
+            };
+            let _ = writeln!(out, "== {} of {} ==", i + 1, prompts.len());
+            if echo {
+                let _ = out.write_all(text.as_bytes());
+            }
+            let _ = out.write_all(&body);
+            let _ = writeln!(out);
+        }
+        let _ = out.flush();
+        eprintln!(
+            "{} attention, {} sequences, {} prompt tokens: {} new tokens a sequence in {secs:.2} \
+             s ({:.1} tokens/s, prefill included; {generated} before end-of-sequence); {}",
+            attention.name(),
+            prompts.len(),
+            prompts.iter().map(Vec::len).sum::<usize>(),
+            a.tokens,
+            (prompts.len() * a.tokens) as f64 / secs,
+            memory_line(&dec)?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (text, prompt) = (&texts[0], &prompts[0]);
+    if echo {
         let _ = out.write_all(text.as_bytes());
     }
     let _ = out.flush();
     let mut stream = tokenizer.as_ref().map(|t| t.stream(false));
     let t0 = Instant::now();
-    let logits = dec.prefill(&prompt, prompt.len())?;
+    let logits = dec.prefill(prompt, prompt.len())?;
     let t1 = Instant::now();
     let mut next = sampler.sample(logits)?[0];
     let mut generated = 0;
@@ -197,6 +250,21 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
     }
     let gen_s = t1.elapsed().as_secs_f64();
     let _ = writeln!(out);
+    eprintln!(
+        "{} attention, {} prompt tokens in {:.2} s, {} generated at {:.1} tokens/s; {}",
+        attention.name(),
+        prompt.len(),
+        (t1 - t0).as_secs_f64(),
+        generated,
+        generated as f64 / gen_s,
+        memory_line(&dec)?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The summary's end: the offloaded cache's hit rate and the KV cache's memory.
+#[cfg(feature = "train")]
+fn memory_line(dec: &sparse_attn::train::generate::Decoder) -> Result<String, Error> {
     let (gpu_kv, host_kv) = dec.kv_bytes();
     let hit = match dec.offload_stats()? {
         Some(s) => format!(
@@ -208,20 +276,13 @@ pub fn generate_cmd(opts: &GpuOptions, a: &GenerateArgs) -> Result<ExitCode, Err
         ),
         None => "- (the cache is on the GPU)".into(),
     };
-    eprintln!(
-        "{} attention, {} prompt tokens in {:.2} s, {} generated at {:.1} tokens/s; hit rate {hit}; \
-         KV cache: {:.2} MB on the GPU{}",
-        attention.name(),
-        prompt.len(),
-        (t1 - t0).as_secs_f64(),
-        generated,
-        generated as f64 / gen_s,
+    Ok(format!(
+        "hit rate {hit}; KV cache: {:.2} MB on the GPU{}",
         gpu_kv as f64 / 1e6,
         if host_kv > 0 {
             format!(", {:.2} MB in host memory", host_kv as f64 / 1e6)
         } else {
             String::new()
         }
-    );
-    Ok(ExitCode::SUCCESS)
+    ))
 }
