@@ -67,13 +67,12 @@ fn staged_offloaded_decoding_loses_nothing() {
     loses_nothing(&gpu, OffloadPath::Staged, 0);
 }
 
-const PARTIAL: u32 = 0x8000_0000;
-
-/// The diff kernel's slot policy, on the host (shaders/offload.wgsl): slots whose complete
-/// block is selected keep it; each other selected block takes a freed slot, empty or partial
-/// slots first, then the longest unselected, then the lowest index; the block being filled is
-/// always copied again (marked partial). Returns (selected, found on the GPU, loaded). With
-/// `lru` false: the lowest freed index first (the policy before, for comparison).
+/// The diff kernel's slot policy, on the host (shaders/offload.wgsl): the last slot (the tail)
+/// holds the block being filled and takes only the rows of it that it lacks; of the others,
+/// slots whose block is selected keep it, and each other selected block takes a freed slot,
+/// empty slots first, then the longest unselected, then the lowest index. Returns (selected,
+/// found on the GPU, loaded, tail rows copied). With `lru` false: the lowest freed index first
+/// (the policy before, for comparison).
 fn diff_model(
     map: &mut [u32],
     ages: &mut [u32],
@@ -81,8 +80,9 @@ fn diff_model(
     len: usize,
     blk: usize,
     lru: bool,
-) -> (u64, u64, u64) {
+) -> (u64, u64, u64, u64) {
     const OLDEST: u32 = u32::MAX - 1;
+    let tail = map.len() - 1;
     let cur = if len > 0 {
         ((len - 1) / blk) as u32
     } else {
@@ -94,10 +94,11 @@ fn diff_model(
         .map(|&b| if b < nb { b } else { SENTINEL })
         .collect();
     let mut slot_of = vec![SENTINEL; sel.len()];
-    let mut kept = vec![false; map.len()];
-    let mut age = vec![0u32; map.len()];
-    for (s, &b) in map.iter().enumerate() {
-        let whole = b != SENTINEL && b != cur && b & PARTIAL == 0;
+    let mut kept = vec![false; tail];
+    let mut age = vec![0u32; tail];
+    for s in 0..tail {
+        let b = map[s];
+        let whole = b < nb && b != cur;
         for (j, &x) in sel.iter().enumerate() {
             if whole && x == b {
                 kept[s] = true;
@@ -110,7 +111,7 @@ fn diff_model(
             OLDEST
         };
     }
-    let mut order: Vec<usize> = (0..map.len()).filter(|&s| !kept[s]).collect();
+    let mut order: Vec<usize> = (0..tail).filter(|&s| !kept[s]).collect();
     if lru {
         order.sort_by_key(|&s| (std::cmp::Reverse(age[s]), s));
     }
@@ -120,6 +121,10 @@ fn diff_model(
             continue;
         }
         selected += 1;
+        if b == cur {
+            hits += (map[tail] == cur) as u64;
+            continue;
+        }
         if slot_of[j] != SENTINEL {
             hits += 1;
             continue;
@@ -127,10 +132,10 @@ fn diff_model(
         let s = order[loaded as usize];
         kept[s] = true;
         slot_of[j] = s as u32;
-        map[s] = if b == cur { b | PARTIAL } else { b };
+        map[s] = b;
         loaded += 1;
     }
-    for (s, a) in ages.iter_mut().enumerate() {
+    for (s, a) in ages[..tail].iter_mut().enumerate() {
         *a = if kept[s] {
             0
         } else if *a >= OLDEST - 1 {
@@ -139,7 +144,18 @@ fn diff_model(
             *a + 1
         };
     }
-    (selected, hits, loaded)
+    let mut rows = 0;
+    if len > 0 {
+        let base = cur as usize * blk;
+        let from = match map[tail] == cur {
+            true => base + (ages[tail] as usize).min(len - base),
+            false => base,
+        };
+        rows = (len - from) as u64;
+        map[tail] = cur;
+        ages[tail] = (len - base) as u32;
+    }
+    (selected, hits, loaded, rows)
 }
 
 /// 2,100 single-token steps of two sequences (prompts of different lengths) over an offloaded
@@ -170,7 +186,7 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
     let fresh = (
         vec![SENTINEL; b * hkv * nslot],
         vec![0u32; b * hkv * nslot],
-        (0u64, 0u64, 0u64),
+        (0u64, 0u64, 0u64, 0u64),
     );
     let mut models = [fresh.clone(), fresh];
     let mut off = OffloadCache::new(gpu, cs, &config).unwrap();
@@ -245,7 +261,7 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
         for ((map, ages, st), lru) in models.iter_mut().zip([true, false]) {
             for u in 0..b * hkv {
                 let (s0, k) = (u * nslot, opts.k);
-                let (a, h, l) = diff_model(
+                let (a, h, l, r) = diff_model(
                     &mut map[s0..s0 + nslot],
                     &mut ages[s0..s0 + nslot],
                     &sel[u * k..(u + 1) * k],
@@ -253,7 +269,7 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
                     opts.block,
                     lru,
                 );
-                *st = (st.0 + a, st.1 + h, st.2 + l);
+                *st = (st.0 + a, st.1 + h, st.2 + l, st.3 + r);
             }
         }
         assert_eq!(gpu.read_u32(off.map()).unwrap(), models[0].0, "map ({ctx})");
@@ -275,20 +291,31 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
                 let len = off.lens()[u / hkv] as usize;
                 for s in 0..nslot {
                     let m = map[u * nslot + s];
-                    if m == SENTINEL || m & 0x8000_0000 != 0 {
+                    if m == SENTINEL {
                         continue;
                     }
                     let blk = m as usize;
-                    assert!(
-                        (blk + 1) * opts.block <= len,
-                        "slot {s} of unit {u} holds block {blk} past the complete ones ({ctx})"
-                    );
+                    // The tail holds the rows of the block being filled so far.
+                    let n = match s == nslot - 1 {
+                        true => {
+                            assert_eq!(blk, (len - 1) / opts.block, "tail of unit {u} ({ctx})");
+                            (len - blk * opts.block) * d
+                        }
+                        false => {
+                            assert!(
+                                (blk + 1) * opts.block <= len,
+                                "slot {s} of unit {u} holds block {blk} past the complete ones \
+                                 ({ctx})"
+                            );
+                            rows
+                        }
+                    };
                     let slot = (u * nslot + s) * rows;
                     let host = (u * cap + blk * opts.block) * d;
                     for (name, sx, hx) in [("k", &sk, &hk), ("v", &sv, &hv)] {
                         assert_eq!(
-                            checksum(&sx[slot..slot + rows]),
-                            checksum(&hx[host..host + rows]),
+                            checksum(&sx[slot..slot + n]),
+                            checksum(&hx[host..host + n]),
                             "{name} of block {blk} in slot {s} of unit {u} is stale ({ctx})"
                         );
                     }
@@ -305,12 +332,17 @@ fn loses_nothing(gpu: &Gpu, path: OffloadPath, spare: usize) {
         models[1].2.1 as f64 / st.selected.max(1) as f64
     );
     assert_eq!(
-        (st.selected, st.hits, st.loaded),
+        (st.selected, st.hits, st.loaded, st.tail_rows),
         models[0].2,
         "the counters are the policy's"
     );
     // Blocks came and went: far more loads than the slots could hold at once.
     let units = (b * hkv) as u64;
+    // The tail takes one row a step (and a prompt's last block once).
+    assert!(
+        st.tail_rows >= units * steps as u64 && st.tail_rows < units * (steps + opts.block) as u64,
+        "{st:?}"
+    );
     assert!(st.loaded > 20 * units * config.slots as u64, "{st:?}");
     assert!(st.hits > 0 && st.hits < st.selected, "{st:?}");
 }

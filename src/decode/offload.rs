@@ -1,11 +1,12 @@
 //! NOSA's offloaded KV cache (NOSA.md §4; `shaders/offload.wgsl`): k, v and the bias of every
 //! token live in host memory (a [`KvCache`] with [`CacheConfig::host_memory`], which the append
 //! kernel writes in place); per (sequence, kv head) a fixed number of GPU slots of one block
-//! each hold the blocks the last selections picked. Each step: select from the pooled state,
-//! diff the selection against the block map on the GPU, copy only the missing blocks from host
-//! memory into freed slots, least recently used first, so that slots beyond the selection keep
-//! recent blocks (one gather kernel reading host memory: no host round trip), and
-//! attend over the slots with `DecodeAttention` built with [`DecodeConfig::slots`].
+//! each hold the blocks the last selections picked, the last of them (the tail) the block being
+//! filled. Each step: select from the pooled state, diff the selection against the block map on
+//! the GPU, copy only the missing blocks from host memory into freed slots, least recently used
+//! first, so that slots beyond the selection keep recent blocks, and the new token's row into
+//! the tail (one gather kernel reading host memory: no host round trip), and attend over the
+//! slots with `DecodeAttention` built with [`DecodeConfig::slots`].
 //!
 //! Host -> GPU paths ([`OffloadPath`]): `InPlace` keeps the store in host memory that kernels
 //! read in place (`MAPPABLE_PRIMARY_BUFFERS`, native Vulkan/Metal/DX12; no host round trip).
@@ -123,19 +124,36 @@ fn host_vec<T: Clone + Default>(n: usize, what: &str) -> Result<Vec<T>> {
     Ok(v)
 }
 
-/// Counters of the steps so far: selected blocks, those already on the GPU, blocks copied.
+/// Counters of the steps so far: selected blocks, those already on the GPU, blocks copied, and
+/// rows copied into the tail (the block being filled).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffloadStats {
     pub selected: u64,
     pub hits: u64,
     pub loaded: u64,
+    pub tail_rows: u64,
 }
 
 impl OffloadStats {
-    /// Share of selected blocks found on the GPU (the block being filled is always copied
-    /// again, so it counts as a miss).
+    /// Share of selected blocks found on the GPU (the block being filled counts as found when
+    /// the tail held it, i.e. only the new token's row was copied).
     pub fn hit_rate(&self) -> f64 {
         self.hits as f64 / self.selected.max(1) as f64
+    }
+
+    /// Bytes copied host -> GPU: whole blocks of `block` rows and the tail's rows, for
+    /// [`OffloadConfig::slot_bytes`] per block.
+    pub fn copied_bytes(&self, slot_bytes: u64, block: usize) -> u64 {
+        self.loaded * slot_bytes + self.tail_rows * slot_bytes / block as u64
+    }
+}
+
+impl std::ops::AddAssign for OffloadStats {
+    fn add_assign(&mut self, o: Self) {
+        self.selected += o.selected;
+        self.hits += o.hits;
+        self.loaded += o.loaded;
+        self.tail_rows += o.tail_rows;
     }
 }
 
@@ -184,9 +202,15 @@ pub struct OffloadCache {
     slot_v: Tensor,
     slot_bias: Option<Tensor>,
     /// `[b, hkv, slots]`: the block in each slot, and the steps since it was last selected (the
-    /// diff hands out the least recently used freed slots first).
+    /// diff hands out the least recently used freed slots first); for the last slot, the tail,
+    /// the rows of its block it holds.
     map: Tensor,
     ages: Tensor,
+    /// `[b, hkv, 2]`: the host rows the tail takes this step.
+    tails: Tensor,
+    /// `[b, hkv, capacity / block]`: the slot each block was last given (the diff trusts it
+    /// where the map agrees).
+    rev: Tensor,
     /// This step's selection `[b, hkv, 1, k]`, its (block, slot) pairs `[b, hkv, 1, 2k]`, the
     /// load list `[b, hkv, 2k]` and its length `[b, hkv]`.
     sel: Tensor,
@@ -284,6 +308,23 @@ impl OffloadCache {
                 )));
             }
         }
+        // The diff kernel's workgroup memory: the selection and its slots, the map, the keep
+        // flags / ages and the LRU order (sorted: a power of two of the slots before the tail).
+        let need =
+            |slots: usize| (8 * k + 4 * slots + 8 * (slots - 1).next_power_of_two().max(2)) as u64;
+        let nsp = (slots - 1).next_power_of_two().max(2);
+        let max_shared = gpu.limits().max_compute_workgroup_storage_size as u64;
+        if need(slots) > max_shared {
+            let most = (k..slots)
+                .rev()
+                .find(|&s| need(s) <= max_shared)
+                .unwrap_or(0);
+            return Err(Error::Unsupported(format!(
+                "{slots} GPU slots per (sequence, kv head) need {} bytes of workgroup memory in \
+                 the offload diff; this device has {max_shared} (at most {most} slots)",
+                need(slots)
+            )));
+        }
         let storage = Storage::for_dtype(gpu, dtype)?;
         let key = |entry| PipelineKey {
             file: "offload.wgsl",
@@ -293,23 +334,13 @@ impl OffloadCache {
                 ("NT", NT),
                 ("BLK", block as u32),
                 ("NSLOT", slots as u32),
+                ("NSP", nsp as u32),
                 ("KSEL", k as u32),
                 ("HAS_BIAS", bias as u32),
             ],
             checked: false,
             storage,
         };
-        // The diff kernel's workgroup memory: the selection and its slots, the map, the keep
-        // flags / ages and the LRU order.
-        let diff_shared = (8 * k + 12 * slots) as u64;
-        let max_shared = gpu.limits().max_compute_workgroup_storage_size as u64;
-        if diff_shared > max_shared {
-            return Err(Error::Unsupported(format!(
-                "{slots} GPU slots per (sequence, kv head) need {diff_shared} bytes of workgroup \
-                 memory in the offload diff; this device has {max_shared} (at most {} slots)",
-                (max_shared - 8 * k as u64) / 12
-            )));
-        }
         let slot_dims = [shape.batch, shape.heads_kv, slots * block, shape.head_dim];
         let map = gpu.upload_u32(
             &[shape.batch, shape.heads_kv, slots],
@@ -330,6 +361,11 @@ impl OffloadCache {
             ages: gpu.upload_u32(
                 &[shape.batch, shape.heads_kv, slots],
                 &vec![0; rows * slots],
+            )?,
+            tails: gpu.empty(&[shape.batch, shape.heads_kv, 2], DType::U32)?,
+            rev: gpu.upload_u32(
+                &[shape.batch, shape.heads_kv, shape.capacity / block],
+                &vec![SENTINEL; rows * (shape.capacity / block)],
             )?,
             sel: gpu.empty(&[shape.batch, shape.heads_kv, 1, k], DType::U32)?,
             pairs: gpu.empty(&[shape.batch, shape.heads_kv, 1, 2 * k], DType::U32)?,
@@ -366,8 +402,8 @@ impl OffloadCache {
     pub fn lens(&self) -> &[u32] {
         self.host.lens()
     }
-    /// The block in each slot `[b, hkv, slots]` (SENTINEL: empty; high bit: a copy of a block
-    /// that was still filling).
+    /// The block in each slot `[b, hkv, slots]` (SENTINEL: empty); the last slot is the tail,
+    /// which holds the block being filled.
     pub fn map(&self) -> &Tensor {
         &self.map
     }
@@ -394,6 +430,8 @@ impl OffloadCache {
         for t in [
             &self.map,
             &self.ages,
+            &self.tails,
+            &self.rev,
             &self.sel,
             &self.pairs,
             &self.loads,
@@ -550,6 +588,8 @@ impl OffloadCache {
             output("pairs", &self.pairs, self.pairs.shape(), DType::U32),
             output("loads", &self.loads, self.loads.shape(), DType::U32),
             output("counts", &self.counts, self.counts.shape(), DType::U32),
+            output("tails", &self.tails, self.tails.shape(), DType::U32),
+            output("reverse map", &self.rev, self.rev.shape(), DType::U32),
         ])?;
         let s = *self.host.shape();
         let (p, g) = self.params(gpu, (s.batch * s.heads_kv) as u64);
@@ -569,21 +609,25 @@ impl OffloadCache {
                 (6, &self.counts, w(&self.counts)),
                 (7, &self.stats, w(&self.stats)),
                 (14, &self.ages, w(&self.ages)),
+                (15, &self.tails, w(&self.tails)),
+                (16, &self.rev, w(&self.rev)),
             ],
             g,
         );
         Ok(())
     }
 
-    /// InPlace: the gather kernel copies the load list's blocks from host memory.
+    /// InPlace: the gather kernel copies the load list's blocks and the tail's rows from host
+    /// memory.
     fn gather(&self, gpu: &Gpu, enc: &mut Encoder) {
         let s = *self.host.shape();
         let k = self.config.select.k as u64;
-        let (p, g) = self.params(gpu, (s.batch * s.heads_kv) as u64 * k);
+        let (p, g) = self.params(gpu, (s.batch * s.heads_kv) as u64 * (k + 1));
         let w = Self::whole;
         let mut views = vec![
             (5, &self.loads, w(&self.loads)),
             (6, &self.counts, w(&self.counts)),
+            (15, &self.tails, w(&self.tails)),
             (8, self.host.k(), w(self.host.k())),
             (9, self.host.v(), w(self.host.v())),
             (10, &self.slot_k, w(&self.slot_k)),
@@ -600,10 +644,14 @@ impl OffloadCache {
     /// the tokens in the host store, write each missing block into its slot.
     async fn prepare_staged(&mut self, gpu: &Gpu, enc: &mut Encoder, q: &Tensor) -> Result<()> {
         self.select_diff(gpu, enc, q)?;
-        let (lb, cb) = (self.loads.size_bytes(), self.counts.size_bytes());
+        let (lb, cb, tb) = (
+            self.loads.size_bytes(),
+            self.counts.size_bytes(),
+            self.tails.size_bytes(),
+        );
         let rb = gpu.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("offload: load list"),
-            size: lb + cb,
+            size: lb + cb + tb,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -611,6 +659,8 @@ impl OffloadCache {
             .copy_buffer_to_buffer(self.loads.buffer(), self.loads.offset(), &rb, 0, lb);
         enc.raw()
             .copy_buffer_to_buffer(self.counts.buffer(), self.counts.offset(), &rb, lb, cb);
+        enc.raw()
+            .copy_buffer_to_buffer(self.tails.buffer(), self.tails.offset(), &rb, lb + cb, tb);
         let done = enc.split(gpu.device());
         gpu.scoped("offloaded cache step", || gpu.queue().submit([done]))?;
         let s = *self.host.shape();
@@ -647,44 +697,53 @@ impl OffloadCache {
         }
         let bytes = gpu.read_mapped_async(&rb, "offload: load list").await?;
         let loads: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[..lb as usize]);
-        let counts: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[lb as usize..]);
+        let counts: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&bytes[lb as usize..(lb + cb) as usize]);
+        let tails: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes[(lb + cb) as usize..]);
         let (blk, k, nslot) = (
             self.config.select.block,
             self.config.select.k,
             self.config.slots,
         );
         let q = gpu.queue();
+        // `n` host rows from row `src` of the store to row `dst` of the slots.
+        let write = |src: usize, dst: usize, n: usize| {
+            let (src_b, dst_b, nb) = (src * row, (dst * row) as u64, n * row);
+            q.write_buffer(
+                self.slot_k.buffer(),
+                self.slot_k.offset() + dst_b,
+                &st.k[src_b..src_b + nb],
+            );
+            q.write_buffer(
+                self.slot_v.buffer(),
+                self.slot_v.offset() + dst_b,
+                &st.v[src_b..src_b + nb],
+            );
+            if let Some(sb) = &self.slot_bias {
+                q.write_buffer(
+                    sb.buffer(),
+                    sb.offset() + (dst * 4) as u64,
+                    bytemuck::cast_slice(&st.bias[src..src + n]),
+                );
+            }
+        };
         for u in 0..units {
-            for i in 0..(counts[u] as usize).min(2 * k) {
+            for i in 0..(counts[u] as usize).min(k) {
                 let (b, slot) = (
                     loads[2 * (u * k + i)] as usize,
                     loads[2 * (u * k + i) + 1] as usize,
                 );
                 // A corrupt entry writes nothing (as the gather kernel reads nothing).
-                if b >= cap / blk || slot >= nslot {
+                if b >= cap / blk || slot + 1 >= nslot {
                     continue;
                 }
-                let (src, at) = ((u * cap + b * blk) * row, (u * nslot + slot) * blk * row);
-                let n = blk * row;
-                q.write_buffer(
-                    self.slot_k.buffer(),
-                    self.slot_k.offset() + at as u64,
-                    &st.k[src..src + n],
-                );
-                q.write_buffer(
-                    self.slot_v.buffer(),
-                    self.slot_v.offset() + at as u64,
-                    &st.v[src..src + n],
-                );
-                if let Some(sb) = &self.slot_bias {
-                    let src = u * cap + b * blk;
-                    let at = ((u * nslot + slot) * blk * 4) as u64;
-                    q.write_buffer(
-                        sb.buffer(),
-                        sb.offset() + at,
-                        bytemuck::cast_slice(&st.bias[src..src + blk]),
-                    );
-                }
+                write(u * cap + b * blk, (u * nslot + slot) * blk, blk);
+            }
+            // The tail's rows, all of one block.
+            let (from, to) = (tails[2 * u] as usize, tails[2 * u + 1] as usize);
+            if from < to && to <= cap && from / blk == (to - 1) / blk {
+                let tail = (u * nslot + nslot - 1) * blk;
+                write(u * cap + from, tail + from % blk, to - from);
             }
         }
         Ok(())
@@ -713,6 +772,7 @@ impl OffloadCache {
             selected: s[0] as u64,
             hits: s[1] as u64,
             loaded: s[2] as u64,
+            tail_rows: s[3] as u64,
         }
     }
 

@@ -406,10 +406,7 @@ impl Decoder {
         let mut total: Option<OffloadStats> = None;
         for l in &self.layers {
             if let Some(s) = l.lock().offload_stats(&self.gpu)? {
-                let t = total.get_or_insert_with(OffloadStats::default);
-                t.selected += s.selected;
-                t.hits += s.hits;
-                t.loaded += s.loaded;
+                *total.get_or_insert_with(OffloadStats::default) += s;
             }
         }
         Ok(total)

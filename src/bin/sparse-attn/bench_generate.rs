@@ -306,7 +306,8 @@ pub fn bench_generate_cmd(opts: &GpuOptions, a: &BenchGenerateArgs) -> Result<Ex
                         m.head_dim(),
                         m.has_evict_head(),
                     );
-                    let copied = stats.map(|s| (s.loaded * block_bytes) as f64 / a.steps as f64);
+                    let copied =
+                        stats.map(|s| s.copied_bytes(block_bytes, m.block) as f64 / a.steps as f64);
                     let fits = a.gpu_kv_mb.map(|mb| gpu_kv as f64 <= mb * 1e6);
                     eprintln!(
                         "{} {} batch {batch} context {ctx}: prefill {prefill_s:.2} s, \
