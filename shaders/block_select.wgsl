@@ -349,8 +349,19 @@ fn reduce_rows(tid: u32, take_max: bool) {
     }
 }
 
+// SG: LPK lanes of a subgroup per pooled key, lane c reading vec4s c, c + LPK, .. of its row,
+// so that one load instruction covers whole rows (a thread per key touches a row per lane,
+// every load a separate cache line); the partial dots meet by subgroup shuffles.
+const LPK: u32 = 8u;
+
 @compute @workgroup_size(NT)
-fn row_logits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+fn row_logits(@builtin(workgroup_id) wg: vec3<u32>,
+//#if SG
+              @builtin(subgroup_id) sg: u32,
+              @builtin(subgroup_size) sg_size: u32,
+              @builtin(subgroup_invocation_id) lane: u32,
+//#endif
+              @builtin(local_invocation_index) tid: u32) {
     let u = wg.y;
     let split = wg.x;
     let g = unit_of(u);
@@ -369,6 +380,50 @@ fn row_logits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         l[r] = 0.0;
     }
     let kb4 = prm.kb_off / 4u + u * prm.np * D4;
+//#if SG
+    // The host checks: NT a multiple of every subgroup size, subgroups of at least LPK lanes,
+    // D4 a multiple of LPK. Key slot of this lane's group, unique in the workgroup.
+    let c = lane % LPK;
+    let slot = sg * (sg_size / LPK) + lane / LPK;
+    // Subgroup-uniform trip count: every lane takes part in the shuffles.
+    for (var p0 = span.x; p0 < span.y; p0 += NT / LPK) {
+        let p = p0 + slot;
+        let live = p < span.y;
+        var acc: array<f32, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r] = 0.0;
+        }
+        if (live) {
+            let base = kb4 + p * D4;
+            for (var i = c; i < D4; i += LPK) {
+                let kv = kbar[base + i];
+                for (var r = 0u; r < ROWS; r++) {
+                    acc[r] += dot(sh_q[r * D4 + i], kv);
+                }
+            }
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            for (var m = 1u; m < LPK; m <<= 1u) {
+                acc[r] += subgroupShuffleXor(acc[r], m);
+            }
+        }
+        // Lane c of the group keeps rows c, c + LPK, .. (static indices: registers).
+        for (var r = 0u; r < ROWS; r++) {
+            if (!live || r % LPK != c) {
+                continue;
+            }
+            let cand = p < pooled_end(g, r / prm.group);
+            let x = acc[r] * prm.scale;
+            lgt[prm.lg_off + (u * ROWS + r) * prm.np + p] = select(NEG, x, cand);
+            if (cand) {
+                let y = x * LOG2E;
+                let mx = max(m[r], y);
+                l[r] = l[r] * exp2(m[r] - mx) + exp2(y - mx);
+                m[r] = mx;
+            }
+        }
+    }
+//#else
     for (var p = span.x + tid; p < span.y; p += NT) {
         var acc: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
@@ -399,6 +454,7 @@ fn row_logits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
             }
         }
     }
+//#endif
     // The split's max per row, then the sums rescaled to it.
     for (var r = 0u; r < ROWS; r++) {
         sh_red[r * NT + tid] = m[r];

@@ -492,9 +492,22 @@ fn prefix(x: &[f32], b: usize, heads: usize, cap: usize, width: usize, len: usiz
 /// steps and pooled only as windows complete, equals the prefill selection of the same tokens,
 /// bit for bit: sequences of different lengths, prompts then steps of 1, 3 and 5 tokens (the
 /// row kernels, split and not, and the tiled product), every scoring, NOSA's two stages.
+/// On the default device (row_logits split over subgroup lanes where it has subgroups) and on a
+/// portable one (a thread per pooled key, the browser's form).
 #[test]
 fn decoding_selection_from_pooled_state_equals_prefill() {
     let Some(gpu) = common::gpu() else { return };
+    selection_from_pooled_state(&gpu, None);
+    let portable = common::gpu_with(&sparse_attn::GpuOptions {
+        portable_only: true,
+        ..Default::default()
+    })
+    .unwrap();
+    selection_from_pooled_state(&portable, Some(false));
+}
+
+/// `subgroups`: the row_logits form the device must take (None: whichever it takes).
+fn selection_from_pooled_state(gpu: &Gpu, subgroups: Option<bool>) {
     let seed = Rng::fresh_seed();
     eprintln!("seed {seed}");
     let mut rng = Rng::new(seed);
@@ -540,13 +553,20 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                 head_dim: d,
             };
             let cfg = SelectConfig::new(opts).decoding(true).score_split(split);
-            let op = BlockSelect::new(&gpu, shape, &cfg).unwrap();
+            let op = BlockSelect::new(gpu, shape, &cfg).unwrap();
             assert_eq!(op.logit_dims().is_some(), n_q < 5);
+            eprintln!(
+                "{n_q} tokens: row_logits on subgroups: {}",
+                op.row_subgroups()
+            );
+            if let Some(sg) = subgroups {
+                assert_eq!(op.row_subgroups(), sg && n_q < 5);
+            }
             if split.is_some() {
                 assert!(op.score_split().0 > 1, "{:?}", op.score_split());
             }
             // The pooled state carries over between ops of the same cache (same capacity).
-            let state = op.scratch(&gpu).unwrap();
+            let state = op.scratch(gpu).unwrap();
             // Prompt: pool everything so far (n_new = the longest prompt: each sequence pools
             // from its start); then every step pools the windows its n_q new tokens complete.
             let mut first = true;
@@ -580,9 +600,9 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                     .upload_u32(&[b, hkv, n_q, opts.k], &vec![12345; b * hkv * n_q * opts.k])
                     .unwrap();
                 let mut enc = gpu.encoder();
-                op.encode_pool(&gpu, &mut enc, &tk, nosa.then_some(&te), &tl, n_new, &state)
+                op.encode_pool(gpu, &mut enc, &tk, nosa.then_some(&te), &tl, n_new, &state)
                     .unwrap();
-                op.encode_pooled(&gpu, &mut enc, &tq, &tl, &state, &out)
+                op.encode_pooled(gpu, &mut enc, &tq, &tl, &state, &out)
                     .unwrap();
                 gpu.queue().submit([enc.finish()]);
                 let got = gpu.read_u32(&out).unwrap();
@@ -598,12 +618,9 @@ fn decoding_selection_from_pooled_state_equals_prefill() {
                     let pe = gpu
                         .upload(&[1, hkv, len], &prefix(&e_all, s, hkv, cap, 1, len))
                         .unwrap();
-                    let (want, _) = BlockSelect::new(&gpu, pre, &SelectConfig::new(opts))
+                    let (want, _) = BlockSelect::new(gpu, pre, &SelectConfig::new(opts))
                         .unwrap()
-                        .select_inputs(
-                            &gpu,
-                            &SelectInputs::new(&pq, &pk).evict(nosa.then_some(&pe)),
-                        )
+                        .select_inputs(gpu, &SelectInputs::new(&pq, &pk).evict(nosa.then_some(&pe)))
                         .unwrap();
                     let want = gpu.read_u32(&want).unwrap();
                     for h in 0..hkv {

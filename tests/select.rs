@@ -400,8 +400,8 @@ fn ties_go_to_the_lower_index() {
     }
 }
 
-/// The automatic top-k kernel: subgroup rounds where k <= blocks / 32 and the device has
-/// subgroups, the sort otherwise.
+/// The automatic top-k kernel: subgroup rounds where k <= blocks / 32 (NOSA: / 8) and the
+/// device has subgroups, the sort otherwise.
 #[test]
 fn automatic_topk_kernel() {
     let Some(gpu) = common::gpu() else { return };
@@ -414,6 +414,15 @@ fn automatic_topk_kernel() {
     let sg = TopK::subgroup_supported(&gpu).is_ok();
     assert_eq!(pick(3), if sg { TopK::Subgroup } else { TopK::Sort });
     assert_eq!(pick(4), TopK::Sort);
+    // NOSA ranks twice with the sort: the rounds from k <= blocks / 8.
+    let nosa = |k| {
+        let o = SelectOptions::nosa_budget(16, k, 1, 1, 2).unwrap();
+        BlockSelect::new(&gpu, s, &SelectConfig::new(o))
+            .unwrap()
+            .topk_kernel()
+    };
+    assert_eq!(nosa(15), if sg { TopK::Subgroup } else { TopK::Sort });
+    assert_eq!(nosa(16), TopK::Sort);
     assert!(
         TopK::parse("heap")
             .unwrap_err()

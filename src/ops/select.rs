@@ -65,6 +65,22 @@ crate::gpu::uniform::uniform!(
 /// (sequence, kv head) walking 2,000 pooled keys left the H200 idle (docs/BENCHMARKS.md).
 const SCORE_WORKGROUPS: usize = 512;
 
+/// The same for decoding's row_logits on subgroups (a split as small as one key per group of 8
+/// lanes). H200, batch 16 x 8 kv heads at 32k, 32 layers: 2.48 ms a step with 512, 2.18 with
+/// 2048, 2.45 with 4096, 3.06 with 8192 (docs/BENCHMARKS.md).
+const ROW_WORKGROUPS: usize = 2048;
+
+/// Developer knob: `SPARSE_ATTN_SCORE_WGS=n` replaces [`SCORE_WORKGROUPS`] and
+/// [`ROW_WORKGROUPS`].
+pub const SCORE_WGS_ENV: &str = "SPARSE_ATTN_SCORE_WGS";
+
+fn score_workgroups(default: usize) -> usize {
+    match crate::ops::tiles::tuning(SCORE_WGS_ENV, None).as_deref() {
+        Some(&[n]) if n > 0 => n as usize,
+        _ => default,
+    }
+}
+
 /// Decoding rows (new tokens x query heads per kv head) up to which the block scores run
 /// row_logits / row_scores (a thread per pooled key against all rows) instead of the tiled
 /// product, whose smallest tile (16 rows) and second pass over the keys made a batch-16 step
@@ -106,6 +122,9 @@ impl<'a> SelectInputs<'a> {
         Self { evict, ..self }
     }
 }
+
+/// Developer knob: `SPARSE_ATTN_TOPK=0|1` makes [`TopK::Auto`] the sort or the subgroup kernel.
+pub const TOPK_ENV: &str = "SPARSE_ATTN_TOPK";
 
 /// Which kernel picks the top k blocks of each row. Both give the same selection (same order,
 /// same ties); they differ in speed.
@@ -155,16 +174,31 @@ impl TopK {
         Ok(())
     }
 
-    /// The kernel that runs for `k` of `blocks` on `gpu`: Sort or Subgroup. Auto takes the
-    /// subgroup rounds when k <= blocks / 32: on the H100 a round cost about what 1/30 of the
-    /// sort did per block (docs/BENCHMARKS.md: at 16k tokens, B 16, k 16 it halves the top-k;
-    /// at 4k, or k 64 at 16k, the sort is faster).
-    pub fn resolve(self, gpu: &Gpu, k: usize, blocks: usize) -> Result<TopK> {
+    /// The kernel that runs for `k` of `blocks` on `gpu` (`nosa`: with NOSA's second ranking):
+    /// Sort or Subgroup. Auto takes the subgroup rounds when k <= blocks / 32: on the H100 a
+    /// round cost about what 1/30 of the sort did per block (docs/BENCHMARKS.md: at 16k tokens,
+    /// B 16, k 16 it halves the top-k; at 4k, or k 64 at 16k, the sort is faster). NOSA sorts
+    /// twice, so there k <= blocks / 8 (H200, decoding k 64 of 513 blocks: 1.31 against 1.51
+    /// ms a step of 32 layers).
+    pub fn resolve(self, gpu: &Gpu, k: usize, blocks: usize, nosa: bool) -> Result<TopK> {
+        // Developer knob for measuring: SPARSE_ATTN_TOPK=0 (sort) or 1 (subgroup).
+        let knob = match self {
+            TopK::Auto => crate::ops::tiles::tuning(TOPK_ENV, None),
+            _ => None,
+        };
+        if let Some(v) = knob {
+            return match v[..] {
+                [0] => Ok(TopK::Sort),
+                [1] => Self::subgroup_supported(gpu).map(|()| TopK::Subgroup),
+                _ => invalid!("{TOPK_ENV} takes 0 (sort) or 1 (subgroup)"),
+            };
+        }
         match self {
             TopK::Sort => Ok(TopK::Sort),
             TopK::Subgroup => Self::subgroup_supported(gpu).map(|()| TopK::Subgroup),
             TopK::Auto => Ok(
-                if k * 32 <= blocks && Self::subgroup_supported(gpu).is_ok() {
+                if k * if nosa { 8 } else { 32 } <= blocks && Self::subgroup_supported(gpu).is_ok()
+                {
                     TopK::Subgroup
                 } else {
                     TopK::Sort
@@ -228,6 +262,8 @@ pub struct BlockSelect {
     lse: Option<Arc<Pipeline>>,
     /// Rows per unit scored by row_logits / row_scores (decoding, at most ROWS_MAX), else 0.
     rows: usize,
+    /// row_logits in its subgroup form (`rows_subgroups`).
+    rows_sg: bool,
     /// Pooled-key splits per row of the block scores, and pooled keys per split.
     n_split: usize,
     split_np: usize,
@@ -300,6 +336,25 @@ impl SelectConfig {
     }
 }
 
+/// Developer knob: `SPARSE_ATTN_ROWS_SG=0` keeps decoding's row logits at a thread per pooled
+/// key where the subgroup version could run.
+pub const ROWS_SG_ENV: &str = "SPARSE_ATTN_ROWS_SG";
+
+/// Can row_logits split each pooled key's row over 8 lanes of a subgroup (its `SG` form)? It
+/// needs subgroup shuffles (native only: browsers need `enable subgroups;`), subgroups of at
+/// least 8 lanes that tile the workgroup of `nt`, and head_dim a multiple of 32.
+fn rows_subgroups(gpu: &Gpu, nt: u32, head_dim: usize) -> bool {
+    let (lo, hi) = gpu.adapter_subgroup_sizes();
+    let knob = crate::ops::tiles::tuning(ROWS_SG_ENV, None);
+    !cfg!(target_arch = "wasm32")
+        && gpu.features().contains(wgpu::Features::SUBGROUP)
+        && lo >= 8
+        && hi > 0
+        && nt.is_multiple_of(hi)
+        && head_dim.is_multiple_of(32)
+        && knob.is_none_or(|v| v != [0])
+}
+
 impl BlockSelect {
     pub fn new(gpu: &Gpu, shape: AttnShape, config: &SelectConfig) -> Result<Self> {
         let SelectConfig {
@@ -326,7 +381,7 @@ impl BlockSelect {
         let storage = Storage::for_dtype(gpu, dtype)?;
         opts.validate(&shape)?;
         let nb = opts.blocks(shape.seq_k);
-        let topk_kernel = topk.resolve(gpu, opts.k, nb)?;
+        let topk_kernel = topk.resolve(gpu, opts.k, nb, opts.evict > 0)?;
         let np = pooled_len(&opts, shape.seq_k);
         let nbp = nb.next_power_of_two().max(2) as u32;
         let l = gpu.limits();
@@ -367,6 +422,7 @@ impl BlockSelect {
             true => rows,
             false => 0,
         };
+        let rows_sg = rows > 0 && rows_subgroups(gpu, nt, shape.head_dim);
         let tokens_per_wg = match rows {
             0 => tiles.rows() / g,
             _ => shape.seq_q as u32,
@@ -392,12 +448,22 @@ impl BlockSelect {
             Some(0) => invalid!("score_split = 0: a block-score workgroup scores at least one key"),
             Some(n) => n.min(np).next_multiple_of(unit),
             None if rows > 0 => {
-                let want = SCORE_WORKGROUPS.div_ceil(shape.batch * shape.heads_kv);
-                np.div_ceil(want).max(nt as usize)
+                let wgs = if rows_sg {
+                    ROW_WORKGROUPS
+                } else {
+                    SCORE_WORKGROUPS
+                };
+                let want = score_workgroups(wgs).div_ceil(shape.batch * shape.heads_kv);
+                // A split of at least one key per thread (per group of 8 lanes on subgroups).
+                np.div_ceil(want)
+                    .max(nt as usize / if rows_sg { 8 } else { 1 })
             }
             None => {
                 let wgs = tiles_x * shape.batch * shape.heads_kv;
-                let want = SCORE_WORKGROUPS.div_ceil(wgs).min(np.div_ceil(bk)).max(1);
+                let want = score_workgroups(SCORE_WORKGROUPS)
+                    .div_ceil(wgs)
+                    .min(np.div_ceil(bk))
+                    .max(1);
                 np.div_ceil(want).next_multiple_of(bk)
             }
         };
@@ -439,6 +505,7 @@ impl BlockSelect {
                 // decoding's row kernels (which keep statistics per split too).
                 ("SPLIT", two_pass as u32),
                 ("ROWS", rows as u32),
+                ("SG", rows_sg as u32),
             ]
             .into_iter()
             .chain(tiles.constants(Kind::Fwd, d32))
@@ -465,6 +532,7 @@ impl BlockSelect {
                 _ => Some(gpu.pipeline(&key("row_logits"))?),
             },
             rows,
+            rows_sg,
             n_split,
             split_np,
             topk: gpu.pipeline(&key(match topk_kernel {
@@ -487,6 +555,12 @@ impl BlockSelect {
     }
 
     /// The top-k kernel this selection runs (Sort or Subgroup).
+    /// Does decoding's row_logits split each pooled key over subgroup lanes (see
+    /// `rows_subgroups`)? False where the row kernels do not run.
+    pub fn row_subgroups(&self) -> bool {
+        self.rows_sg
+    }
+
     pub fn topk_kernel(&self) -> TopK {
         self.topk_kernel
     }

@@ -1,7 +1,8 @@
 //! Tile policy: the `Tiles` of the portable kernels (their workgroup layout, memory and WGSL
 //! constants), which tile each kernel family takes on a device (dense, sparse, block scores),
 //! and the one parser of the developer tuning variables (`SPARSE_ATTN_TILES`,
-//! `SPARSE_ATTN_SPARSE_TILES`, `SPARSE_ATTN_COOP`, `SPARSE_ATTN_COOP_SPARSE_NPH`).
+//! `SPARSE_ATTN_SPARSE_TILES`, `SPARSE_ATTN_COOP`, `SPARSE_ATTN_COOP_SPARSE_NPH`,
+//! `SPARSE_ATTN_TOPK`, `SPARSE_ATTN_ROWS_SG`, `SPARSE_ATTN_SCORE_WGS`).
 
 use crate::ops::attention::Variant;
 
