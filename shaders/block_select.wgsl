@@ -13,6 +13,7 @@
 
 //#include "common.wgsl"
 //#include "select_common.wgsl"
+//#include "bitonic.wgsl"
 
 var<workgroup> sh_key: array<f32, NBP>;
 
@@ -354,6 +355,20 @@ fn reduce_rows(tid: u32, take_max: bool) {
 // every load a separate cache line); the partial dots meet by subgroup shuffles.
 const LPK: u32 = 8u;
 
+// Row r's scaled logit of pooled key p (NEG where the row's token does not score it), kept,
+// and folded into the row's running (max, sum of exp2) `ml`.
+fn keep_logit(u: u32, r: u32, p: u32, g: Unit, dot_qk: f32, ml: vec2<f32>) -> vec2<f32> {
+    let cand = p < pooled_end(g, r / prm.group);
+    let x = dot_qk * prm.scale;
+    lgt[prm.lg_off + (u * ROWS + r) * prm.np + p] = select(NEG, x, cand);
+    if (!cand) {
+        return ml;
+    }
+    let y = x * LOG2E;
+    let mx = max(ml.x, y);
+    return vec2<f32>(mx, ml.y * exp2(ml.x - mx) + exp2(y - mx));
+}
+
 @compute @workgroup_size(NT)
 fn row_logits(@builtin(workgroup_id) wg: vec3<u32>,
 //#if SG
@@ -412,15 +427,9 @@ fn row_logits(@builtin(workgroup_id) wg: vec3<u32>,
             if (!live || r % LPK != c) {
                 continue;
             }
-            let cand = p < pooled_end(g, r / prm.group);
-            let x = acc[r] * prm.scale;
-            lgt[prm.lg_off + (u * ROWS + r) * prm.np + p] = select(NEG, x, cand);
-            if (cand) {
-                let y = x * LOG2E;
-                let mx = max(m[r], y);
-                l[r] = l[r] * exp2(m[r] - mx) + exp2(y - mx);
-                m[r] = mx;
-            }
+            let ml = keep_logit(u, r, p, g, acc[r], vec2<f32>(m[r], l[r]));
+            m[r] = ml.x;
+            l[r] = ml.y;
         }
     }
 //#else
@@ -443,15 +452,9 @@ fn row_logits(@builtin(workgroup_id) wg: vec3<u32>,
             }
         }
         for (var r = 0u; r < ROWS; r++) {
-            let cand = p < pooled_end(g, r / prm.group);
-            let x = acc[r] * prm.scale;
-            lgt[prm.lg_off + (u * ROWS + r) * prm.np + p] = select(NEG, x, cand);
-            if (cand) {
-                let y = x * LOG2E;
-                let mx = max(m[r], y);
-                l[r] = l[r] * exp2(m[r] - mx) + exp2(y - mx);
-                m[r] = mx;
-            }
+            let ml = keep_logit(u, r, p, g, acc[r], vec2<f32>(m[r], l[r]));
+            m[r] = ml.x;
+            l[r] = ml.y;
         }
     }
 //#endif
@@ -504,27 +507,17 @@ fn row_scores(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
 }
 //#endif
 
-// Bitonic sort of sh_key / sh_idx[0 .. p2) by `precedes` (best first).
-fn bitonic(p2: u32, tid: u32) {
-    for (var size = 2u; size <= p2; size <<= 1u) {
-        for (var stride = size / 2u; stride > 0u; stride >>= 1u) {
-            for (var i = tid; i < p2 / 2u; i += NT) {
-                let lo = 2u * stride * (i / stride) + i % stride;
-                let hi = lo + stride;
-                let ka = sh_key[lo];
-                let ia = sh_idx[lo];
-                let kb = sh_key[hi];
-                let ib = sh_idx[hi];
-                let first = (lo & size) == 0u;
-                if (first == precedes(kb, ib, ka, ia)) {
-                    sh_key[lo] = kb;
-                    sh_idx[lo] = ib;
-                    sh_key[hi] = ka;
-                    sh_idx[hi] = ia;
-                }
-            }
-            workgroupBarrier();
-        }
+// Bitonic sort of sh_key / sh_idx[0 .. p2) by `precedes` (best first): its compare-exchange.
+fn bitonic_step(lo: u32, hi: u32, up: bool) {
+    let ka = sh_key[lo];
+    let ia = sh_idx[lo];
+    let kb = sh_key[hi];
+    let ib = sh_idx[hi];
+    if (up == precedes(kb, ib, ka, ia)) {
+        sh_key[lo] = kb;
+        sh_idx[lo] = ib;
+        sh_key[hi] = ka;
+        sh_idx[hi] = ia;
     }
 }
 

@@ -66,6 +66,22 @@ const KEPT: u32 = 0xffffffffu;
 // The age of an empty or partial slot: older than any block.
 const OLDEST: u32 = 0xfffffffeu;
 
+//#include "bitonic.wgsl"
+
+// The LRU order's compare-exchange: slot b goes before slot a when b is freed and a kept, or b
+// is older, or as old with a lower index.
+fn bitonic_step(lo: u32, hi: u32, up: bool) {
+    let sa = sh_order[lo];
+    let sb = sh_order[hi];
+    let ka = sh_keep[sa];
+    let kb = sh_keep[sb];
+    let b_first = kb != KEPT && (ka == KEPT || kb > ka || (kb == ka && sb < sa));
+    if (up == b_first) {
+        sh_order[lo] = sb;
+        sh_order[hi] = sa;
+    }
+}
+
 @compute @workgroup_size(NT)
 fn diff(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let u = wg.y * prm.grid_x + wg.x;
@@ -108,25 +124,7 @@ fn diff(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     }
     workgroupBarrier();
     // Sort the slots, least recently used first (ties: lowest index), kept ones last.
-    for (var size = 2u; size <= NSP; size <<= 1u) {
-        for (var stride = size / 2u; stride > 0u; stride >>= 1u) {
-            for (var i = tid; i < NSP / 2u; i += NT) {
-                let lo = 2u * stride * (i / stride) + i % stride;
-                let hi = lo + stride;
-                let sa = sh_order[lo];
-                let sb = sh_order[hi];
-                let ka = sh_keep[sa];
-                let kb = sh_keep[sb];
-                // b before a: b is freed and a kept, or b older, or as old with a lower index.
-                let b_first = kb != KEPT && (ka == KEPT || kb > ka || (kb == ka && sb < sa));
-                if (((lo & size) == 0u) == b_first) {
-                    sh_order[lo] = sb;
-                    sh_order[hi] = sa;
-                }
-            }
-            workgroupBarrier();
-        }
-    }
+    bitonic(NSP, tid);
     // One invocation hands out the freed slots in that order (KSEL steps, deterministic).
     if (tid == 0u) {
         let tail_b = map[u * NSLOT + TAIL];

@@ -22,6 +22,7 @@ const SOURCES: &[(&str, &str)] = &[
         include_str!("../../shaders/attention_bwd.wgsl"),
     ),
     ("common.wgsl", include_str!("../../shaders/common.wgsl")),
+    ("bitonic.wgsl", include_str!("../../shaders/bitonic.wgsl")),
     ("key_bias.wgsl", include_str!("../../shaders/key_bias.wgsl")),
     ("rowdot.wgsl", include_str!("../../shaders/rowdot.wgsl")),
     (
