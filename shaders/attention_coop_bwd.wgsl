@@ -12,8 +12,8 @@
 //   P  = exp(s·S − LSE)  per lane (LSE known: no running maximum, P <= 1)
 //   dP = dO Vᵀ           `scores` with the dO fragments over the V rows
 //   dS = P ∘ (dP − D)    per lane, to workgroup memory as f16 (in place of P)
-//   dQ += dS K           `accumulate_pv` over the K rows (row-major B, as V in the forward)
-// dQ = s · acc at the end. Tile machinery and constants: coop_tile.wgsl; BQ = 16·NSG, NT = 32·NSG.
+//   dQ += dS K           `accumulate_o` over the K rows (row-major B, as V in the forward)
+// dQ = s · acc at the end (acc: D/16 accumulator matrices; dK, dV likewise in dkdv_coop). Tile machinery and constants: coop_tile.wgsl; BQ = 16·NSG, NT = 32·NSG.
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
 //#include "coop_kv.wgsl"
@@ -30,7 +30,7 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(9) var<storage, read_write> dk: array<ST>;
 @group(0) @binding(10) var<storage, read_write> dv: array<ST>;
 
-// Which gradient store_o writes: 0 = dQ, 1 = dK, 2 = dV.
+// Which gradient store_acc writes: 0 = dQ, 1 = dK, 2 = dV.
 var<private> out_to: u32;
 
 fn put_out(i: u32, x: ST) {
@@ -69,15 +69,15 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     var da: array<MatA, DQ>;
     stage_rows(0u, q4, row0, tid);
     workgroupBarrier();
-    for (var i = 0u; i < DQ; i++) {
-        qa[i] = coopLoadT<MatA>(&kv[sg * 16u * DP + i * 16u], DP);
-    }
+//#for I in 0..DQ
+    qa[{I}] = coopLoadT<MatA>(&kv[sg * 16u * DP + {I} * 16u], DP);
+//#endfor
     workgroupBarrier();
     stage_rows(1u, q4, row0, tid);
     workgroupBarrier();
-    for (var i = 0u; i < DQ; i++) {
-        da[i] = coopLoadT<MatA>(&kv[sg * 16u * DP + i * 16u], DP);
-    }
+//#for I in 0..DQ
+    da[{I}] = coopLoadT<MatA>(&kv[sg * 16u * DP + {I} * 16u], DP);
+//#endfor
 
     let r = lane / 2u;
     let half = lane % 2u;
@@ -88,7 +88,7 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         lse2 = lse[prm.r_off + bh * prm.seq_q + row] * LOG2E;
         rd = rowd[prm.r_off + bh * prm.seq_q + row];
     }
-    var acc: array<f32, D / 2u>;
+    var acc: array<MatC, DQ>;
     let sb = sg * 16u * SP;
     let pb = sg * 16u * PP;
 
@@ -115,13 +115,13 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             pm[pb + r * PP + col] = f16(p[c] * (scr[sb + r * SP + col] - rd));
         }
         workgroupBarrier();
-        accumulate_pv(&acc, 0u, sb, pb, r, half);
+        accumulate_o(&acc, 0u, pb);
     }
 
     let first = row0 + sg * 16u;
     let nrows = select(0u, min(16u, prm.seq_q - first), first < prm.seq_q);
     out_to = 0u;
-    store_o(&acc, prm.scale, q4 + first * D4, D4, nrows, sb, r, half, lane);
+    store_acc(&acc, prm.scale, q4 + first * D4, D4, nrows, sb, r, half, lane);
 }
 
 // LSE·log2(e) and D of the current query tile (dkdv_coop).
@@ -149,8 +149,8 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
     let r = lane / 2u;
     let half = lane % 2u;
     let key = key0 + sg * 16u + r;
-    var acck: array<f32, D / 2u>;
-    var accv: array<f32, D / 2u>;
+    var acck: array<MatC, DQ>;
+    var accv: array<MatC, DQ>;
     let sb = sg * 16u * SP;
     let pb = sg * 16u * PP;
     // The first query tile with a query that sees key0 (causal): q_pos0 + row >= key0.
@@ -207,19 +207,21 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
                 pm[pb + r * PP + col] = f16(p[c]);
             }
             workgroupBarrier();
-            accumulate_pv(&accv, BK * DP, sb, pb, r, half);
+            accumulate_o(&accv, BK * DP, pb);
+            // Every lane's P fragments are loaded before dS overwrites them.
+            workgroupBarrier();
             for (var c = 0u; c < HB; c++) {
                 pm[pb + r * PP + 2u * c + half] = f16(ds[c]);
             }
             workgroupBarrier();
-            accumulate_pv(&acck, 0u, sb, pb, r, half);
+            accumulate_o(&acck, 0u, pb);
         }
     }
 
     let first = key0 + sg * 16u;
     let nrows = select(0u, min(16u, prm.seq_k - first), first < prm.seq_k);
     out_to = 1u;
-    store_o(&acck, prm.scale, k4 + first * D4, D4, nrows, sb, r, half, lane);
+    store_acc(&acck, prm.scale, k4 + first * D4, D4, nrows, sb, r, half, lane);
     out_to = 2u;
-    store_o(&accv, 1.0, k4 + first * D4, D4, nrows, sb, r, half, lane);
+    store_acc(&accv, 1.0, k4 + first * D4, D4, nrows, sb, r, half, lane);
 }

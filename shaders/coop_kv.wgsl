@@ -54,13 +54,13 @@ fn kv_fragments(ka: ptr<function, array<MatA, DQ>>, va: ptr<function, array<MatA
             put4(r * DP + (e % D4) * 4u, x);
         }
         workgroupBarrier();
-        for (var i = 0u; i < DQ; i++) {
-            let f = coopLoadT<MatA>(&kv[frag_row * DP + i * 16u], DP);
-            if (t == 0u) {
-                (*ka)[i] = f;
-            } else {
-                (*va)[i] = f;
-            }
+//#for I in 0..DQ
+        let f{I} = coopLoadT<MatA>(&kv[frag_row * DP + {I} * 16u], DP);
+        if (t == 0u) {
+            (*ka)[{I}] = f{I};
+        } else {
+            (*va)[{I}] = f{I};
         }
+//#endfor
     }
 }

@@ -9,17 +9,17 @@
 // form one key list, walked in chunks of 16 keys, BK keys (NJ chunks) per step:
 // the step's K and V rows go into the subgroup's staging area (keys of a sentinel block, past the
 // token's causal limit or past seq_k are zero rows), then S = Q Kᵀ, softmax (invisible keys
-// masked) and O += P V through the tile machinery of coop_tile.wgsl. Selections are data, so nothing
-// they hold may steer control flow around cooperative operations (naga requires it uniform, and
-// a workgroupUniformLoad zeroed every product on the H100 driver): they only choose addresses
-// and masks, and every subgroup runs the same ceil(nsel·BLK / BK) steps.
+// masked) and O += P V through the tile machinery of coop_tile.wgsl. Past the Q tile's barrier
+// the subgroups never wait for each other (SG_SYNC = 1). Selections only choose addresses and
+// masks: every subgroup runs the same ceil(nsel·BLK / BK) steps.
 //
 // Constants: those of coop_tile.wgsl (KV = NSG staging areas of 2·BK·DP halves), BLK (block
-// size, multiple of 16), NT = 32·NSG, HAS_BIAS. Storage is native f16 (ST = vec4<f16>).
+// size, multiple of 16), NT = 32·NSG, HAS_BIAS, SG_SYNC = 1. Storage is native f16 (ST = vec4<f16>).
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
 //#include "sparse_coop_list.wgsl"
 enable wgpu_cooperative_matrix;
+diagnostic(off, derivative_uniformity);
 
 @group(0) @binding(0) var<uniform> prm: Params;
 @group(0) @binding(1) var<storage, read> q: array<ST>;
@@ -60,15 +60,15 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     }
     workgroupBarrier();
     var qa: array<MatA, DQ>;
-    for (var i = 0u; i < DQ; i++) {
-        qa[i] = coopLoadT<MatA>(&kv[st + i * 16u], DP);
-    }
+//#for I in 0..DQ
+    qa[{I}] = coopLoadT<MatA>(&kv[st + {I} * 16u], DP);
+//#endfor
 
     let r = lane / 2u;
     let half = lane % 2u;
     var m = NEG;
     var l = 0.0;
-    var acc: array<f32, D / 2u>;
+    var o: array<MatC, DQ>;
     let sb = sg * 16u * SP;
     let pb = sg * 16u * PP;
 
@@ -84,14 +84,14 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
             x[c] = select(NEG, fma(scr[sb + r * SP + col], prm.scale_log2, key_bias(&tk, key)),
                 key != NO_KEY);
         }
-        softmax_tile(&x, &m, &l, &acc, pb, r, half);
-        accumulate_pv(&acc, st + BK * DP, sb, pb, r, half);
+        online_softmax(&x, &m, &l, &o, sb, pb, r, half);
+        accumulate_o(&o, st + BK * DP, pb);
     }
 
-    // O = acc / l (0 for a head that sees no key), a round of OW slices at a time.
+    // O / l (0 for a head that sees no key), a matrix at a time.
     let lt = l + subgroupShuffleXor(l, 1u);
     let inv = select(0.0, 1.0 / lt, lt > 0.0);
-    store_o(&acc, inv, tk.q4, tk.qstride, select(0u, prm.group, tk.live), sb, r, half, lane);
+    store_acc(&o, inv, tk.q4, tk.qstride, select(0u, prm.group, tk.live), sb, r, half, lane);
     if (tk.live && r < prm.group && half == 0u) {
         lse[prm.r_off + (tk.u * prm.group + r) * prm.seq_q + tk.t] =
             select(neg_inf(), (m + log2(lt)) * LN2, lt > 0.0);

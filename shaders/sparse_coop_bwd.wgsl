@@ -41,7 +41,7 @@ enable wgpu_cooperative_matrix;
 @group(0) @binding(13) var<storage, read_write> dbias: array<f32>;
 //#endif
 
-// Which gradient store_o writes: 0 = dQ, 1 = dK, 2 = dV.
+// Which gradient store_acc (dQ) or store_o (dK, dV) writes: 0 = dQ, 1 = dK, 2 = dV.
 var<private> out_to: u32;
 
 fn put_out(i: u32, x: ST) {
@@ -67,9 +67,9 @@ fn head_fragments(tk: ptr<function, Token>, which: u32, st: u32, lane: u32,
         put4(st + h * DP + (e % D4) * 4u, x);
     }
     workgroupBarrier();
-    for (var i = 0u; i < DQ; i++) {
-        (*fr)[i] = coopLoadT<MatA>(&kv[st + i * 16u], DP);
-    }
+//#for I in 0..DQ
+    (*fr)[{I}] = coopLoadT<MatA>(&kv[st + {I} * 16u], DP);
+//#endfor
 }
 
 @compute @workgroup_size(NT)
@@ -93,7 +93,7 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         lse2 = lse[row] * LOG2E;
         rd = rowd[row];
     }
-    var acc: array<f32, D / 2u>;
+    var acc: array<MatC, DQ>;
     let sb = sg * 16u * SP;
     let pb = sg * 16u * PP;
 
@@ -117,10 +117,10 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             pm[pb + r * PP + col] = f16(p[c] * (scr[sb + r * SP + col] - rd));
         }
         workgroupBarrier();
-        accumulate_pv(&acc, st, sb, pb, r, half);
+        accumulate_o(&acc, st, pb);
     }
     out_to = 0u;
-    store_o(&acc, prm.scale, tk.q4, tk.qstride, select(0u, prm.group, tk.live), sb, r, half,
+    store_acc(&acc, prm.scale, tk.q4, tk.qstride, select(0u, prm.group, tk.live), sb, r, half,
         lane);
 }
 

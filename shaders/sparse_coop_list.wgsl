@@ -65,7 +65,8 @@ fn key_bias(tk: ptr<function, Token>, key: u32) -> f32 {
 }
 
 // The K and V rows of list positions [i0, i0 + BK) into the subgroup's staging area at `st`
-// (zero rows where there is no key): all loads first, then the stores, between barriers.
+// (zero rows where there is no key): all loads first, then the stores, between barriers (the
+// subgroup's own where SG_SYNC = 1).
 fn stage_step(tk: ptr<function, Token>, i0: u32, st: u32, lane: u32) {
     var pk: array<ST, NPF>;
     var pv: array<ST, NPF>;
@@ -82,12 +83,12 @@ fn stage_step(tk: ptr<function, Token>, i0: u32, st: u32, lane: u32) {
         pk[i] = a;
         pv[i] = b;
     }
-    workgroupBarrier();
+    sg_sync();
     for (var i = 0u; i < NPF; i++) {
         let e = lane + i * 32u;
         let s = st + (e / D4) * DP + (e % D4) * 4u;
         put4(s, pk[i]);
         put4(s + BK * DP, pv[i]);
     }
-    workgroupBarrier();
+    sg_sync();
 }

@@ -244,6 +244,36 @@ fn coop_sparse_forward_and_backward_match_reference() {
     );
 }
 
+/// `Auto`'s forward: the row kernel for groups of up to 4 (causal), tensor cores for larger
+/// groups of native f16 where the device runs them, the portable kernel otherwise.
+#[test]
+fn automatic_sparse_forward_kernel() {
+    let Some(gpu) = common::gpu() else { return };
+    let o = SparseOptions {
+        block: 16,
+        causal: true,
+        scale: None,
+    };
+    for (s, dt) in [
+        (shape(1, 16, 1, 64, 64, 64), DType::F16),
+        (shape(1, 16, 1, 64, 64, 64), DType::F32),
+        (shape(1, 4, 1, 64, 64, 64), DType::F16),
+    ] {
+        let op = SparseAttention::new(&gpu, s, &SparseConfig::new(o, 2).dtype(dt)).unwrap();
+        let coop = dt == DType::F16
+            && gpu
+                .features()
+                .contains(sparse_attn::wgpu::Features::SHADER_F16)
+            && sparse_attn::ops::coop::sparse_supported(&gpu, 64, s.group(), 16).is_ok();
+        let want = match (s.group(), coop) {
+            (4, _) => SparseKernel::Rows,
+            (_, true) => SparseKernel::Coop,
+            _ => SparseKernel::Portable,
+        };
+        assert_eq!(op.forward_kernel(), want, "group {} {dt:?}", s.group());
+    }
+}
+
 /// The cases with heads_q * seq_q * seq_k up to `max_work`, run by `kernels` (forward,
 /// backward).
 fn suite(gpu: &Gpu, dt: DType, max_work: usize, kernels: (SparseKernel, SparseKernel)) {

@@ -13,6 +13,7 @@ pub const ADAPTER_ENV: &str = "SPARSE_ATTN_ADAPTER";
 /// variant; nothing requires them.
 pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
     .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::SUBGROUP_BARRIER)
     .union(wgpu::Features::TIMESTAMP_QUERY)
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
     .union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);

@@ -224,9 +224,9 @@ pub struct Pipeline {
 /// binds no stand-ins and stays within WebGPU's 8 storage buffers per stage where it can.
 pub fn preprocess(key: &PipelineKey) -> Result<String> {
     let mut out = String::new();
-    // `enable` directives must come before any declaration.
+    // Directives (`enable`, `diagnostic`) must come before any declaration.
     for line in source(key.file)?.lines() {
-        if line.starts_with("enable ") {
+        if is_directive(line) {
             out.push_str(line);
             out.push('\n');
         }
@@ -243,7 +243,12 @@ pub fn preprocess(key: &PipelineKey) -> Result<String> {
     Ok(out)
 }
 
-/// Append `file` with its includes expanded (recursively; `enable` lines were hoisted) and its
+/// A global directive of the kernel file, hoisted above everything else by `preprocess`.
+fn is_directive(line: &str) -> bool {
+    line.starts_with("enable ") || line.starts_with("diagnostic(")
+}
+
+/// Append `file` with its includes expanded (recursively; directives were hoisted) and its
 /// conditional blocks resolved.
 fn expand(
     constants: &[(&'static str, u32)],
@@ -258,8 +263,9 @@ fn expand(
     // One entry per open `//#if`: (this branch is kept, the enclosing ones are kept).
     let mut stack: Vec<(bool, bool)> = Vec::new();
     let active = |stack: &[(bool, bool)]| stack.last().is_none_or(|&(b, outer)| b && outer);
-    for (n, line) in source(file)?.lines().enumerate() {
-        if line.starts_with("enable ") {
+    for (n, line) in unroll(file, source(file)?, constants)?.iter().enumerate() {
+        let line = line.as_str();
+        if is_directive(line) {
             continue;
         }
         let t = line.trim();
@@ -313,6 +319,57 @@ fn expand(
         return Err(Error::Gpu(format!("{file}: `//#if` without `//#endif`")));
     }
     Ok(())
+}
+
+/// `//#for I in 0..N` .. `//#endfor` (N a number or a constant of the pipeline; not nested):
+/// the lines between once per value of I, `{I}` replaced by it (`3u`). How a kernel indexes an
+/// array of cooperative matrices by constants only: the H200's driver kept such an array in
+/// registers only where no index was a loop's counter (accumulating O through one: 34.1 against
+/// 18.1 ms for the same products into a single matrix, docs/BENCHMARKS.md). Error lines count
+/// the file's lines after unrolling.
+fn unroll(file: &str, text: &str, constants: &[(&'static str, u32)]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut block: Option<(String, u32, Vec<&str>)> = None;
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        let err = |what: &str| Error::Gpu(format!("{file}:{}: {what}", n + 1));
+        if let Some(spec) = t.strip_prefix("//#for ") {
+            if block.is_some() {
+                return Err(err("nested `//#for`"));
+            }
+            let (var, range) = spec
+                .split_once(" in 0..")
+                .ok_or_else(|| err("want `//#for I in 0..N`"))?;
+            let range = range.trim();
+            let count = match range.parse::<u32>() {
+                Ok(c) => c,
+                Err(_) => constants
+                    .iter()
+                    .find(|(c, _)| *c == range)
+                    .map(|&(_, v)| v)
+                    .ok_or_else(|| err(&format!("`{range}` is no constant of this pipeline")))?,
+            };
+            block = Some((format!("{{{}}}", var.trim()), count, Vec::new()));
+            continue;
+        }
+        if t == "//#endfor" {
+            let (var, count, lines) = block
+                .take()
+                .ok_or_else(|| err("`//#endfor` without `//#for`"))?;
+            for i in 0..count {
+                out.extend(lines.iter().map(|l| l.replace(&var, &format!("{i}u"))));
+            }
+            continue;
+        }
+        match &mut block {
+            Some((_, _, lines)) => lines.push(line),
+            None => out.push(line.to_string()),
+        }
+    }
+    if block.is_some() {
+        return Err(Error::Gpu(format!("{file}: `//#for` without `//#endfor`")));
+    }
+    Ok(out)
 }
 
 /// Declare every storage binding `read_write` (see [`Gpu::set_pooled_buffers`]).
@@ -432,5 +489,38 @@ mod tests {
             e.contains("stray.wgsl:2") && e.contains("without `//#if`"),
             "{e}"
         );
+    }
+
+    /// `//#for` repeats its lines with the index as a constant, by a number or a constant of
+    /// the pipeline (zero times included), keeps `//#if` working inside, and names misuse.
+    #[test]
+    fn unrolled_blocks_and_their_errors() {
+        let c = [("N", 3), ("Z", 0), ("A", 1)];
+        let lines = |text: &str| unroll("f.wgsl", text, &c).map(|v| v.join("|"));
+        assert_eq!(
+            lines("a\n//#for I in 0..N\nx[{I}] = {I};\n//#endfor\nb").unwrap(),
+            "a|x[0u] = 0u;|x[1u] = 1u;|x[2u] = 2u;|b"
+        );
+        assert_eq!(
+            lines("//#for J in 0..2\n{J}{J}\n//#endfor").unwrap(),
+            "0u0u|1u1u"
+        );
+        assert_eq!(lines("a\n//#for I in 0..Z\nx\n//#endfor").unwrap(), "a");
+        let src = |_: &str| -> Result<&'static str> {
+            Ok("//#for I in 0..N\n//#if A\ny{I}\n//#endif\n//#endfor\n")
+        };
+        let mut out = String::new();
+        expand(&c, "g.wgsl", &mut out, 0, &src).unwrap();
+        assert_eq!(out, "y0u\ny1u\ny2u\n");
+        for (text, what) in [
+            ("//#for I in 0..Q\n//#endfor", "no constant"),
+            ("//#for I in 1..N\n//#endfor", "want `//#for I in 0..N`"),
+            ("//#for I in 0..N\n//#for J in 0..N\n", "nested"),
+            ("//#for I in 0..N\nx", "without `//#endfor`"),
+            ("x\n//#endfor", "f.wgsl:2"),
+        ] {
+            let e = lines(text).unwrap_err().to_string();
+            assert!(e.contains(what), "{text:?}: {e}");
+        }
     }
 }

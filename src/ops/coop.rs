@@ -23,24 +23,45 @@ pub(crate) struct CoopTiles {
 pub const COOP_ENV: &str = "SPARSE_ATTN_COOP";
 
 impl CoopTiles {
-    /// The preferred tile that fits the device's workgroup memory at head dim `d` (or the one
-    /// `SPARSE_ATTN_COOP` asks for). Four subgroups share each staged K/V tile: on the H100,
-    /// two were 1.7x slower and one 5x (bench/results/h100-coop-tuning-2026-11-23.txt).
-    fn default_for(d: u32, max_shared: u32) -> CoopTiles {
-        let preferred = [(4, 32), (4, 16), (2, 32), (2, 16), (1, 16)]
-            .into_iter()
-            .map(|(nsg, bk)| CoopTiles { nsg, bk })
-            .find(|t| t.shared_bytes(d) <= max_shared)
+    /// The preferred tile that fits the device's workgroup memory at head dim `d` for the
+    /// forward or the backwards (or the one `SPARSE_ATTN_COOP` asks for, where it fits). The
+    /// forward takes eight subgroups of 16 rows per staged K/V tile where they fit (its Q tile
+    /// is staged in rounds): 43.4 -> 34.2 ms against four at 8192, d 128 on the H200
+    /// (bench/results/h200-peers-2026-12-02/); the backwards four: on the H100, two were 1.7x
+    /// slower and one 5x (bench/results/h100-coop-tuning-2026-11-23.txt).
+    fn default_for(d: u32, max_shared: u32, forward: bool) -> CoopTiles {
+        let fits = |t: &CoopTiles| t.shared_bytes(d, forward) <= max_shared;
+        let order: &[(u32, u32)] = match forward {
+            true => &[
+                (8, 32),
+                (4, 32),
+                (8, 16),
+                (4, 16),
+                (2, 32),
+                (2, 16),
+                (1, 16),
+            ],
+            false => &[(4, 32), (4, 16), (2, 32), (2, 16), (1, 16)],
+        };
+        let preferred = order
+            .iter()
+            .map(|&(nsg, bk)| CoopTiles { nsg, bk })
+            .find(fits)
             .unwrap_or(CoopTiles { nsg: 1, bk: 16 });
         let Some(n) = crate::ops::tiles::tuning(COOP_ENV, None) else {
             return preferred;
         };
         match n[..] {
-            [nsg, bk] if [1, 2, 4].contains(&nsg) && [16, 32, 64, 128].contains(&bk) => {
-                CoopTiles { nsg, bk }
+            [nsg, bk] if [1, 2, 4, 8].contains(&nsg) && [16, 32, 64, 128].contains(&bk) => {
+                let t = CoopTiles { nsg, bk };
+                if fits(&t) {
+                    return t;
+                }
+                log::warn!("{COOP_ENV}={n:?} does not fit at head_dim {d}; using {preferred:?}");
+                preferred
             }
             _ => {
-                log::warn!("ignoring {COOP_ENV}={n:?} (want nsg in 1,2,4 and bk in 16..128)");
+                log::warn!("ignoring {COOP_ENV}={n:?} (want nsg in 1,2,4,8 and bk in 16..128)");
                 preferred
             }
         }
@@ -58,9 +79,13 @@ impl CoopTiles {
             .unwrap_or(1)
     }
 
-    /// Halves of the staging area: the K and V tiles, or the Q tile where that is larger.
-    fn staging(&self, d: u32) -> u32 {
-        (2 * self.bk).max(self.rows()) * (d + 8)
+    /// Halves of the staging area: the K and V tiles, or (the backwards) the Q tile where that
+    /// is larger; the forward stages its Q tile in rounds.
+    fn staging(&self, d: u32, forward: bool) -> u32 {
+        match forward {
+            true => 2 * self.bk * (d + 8),
+            false => (2 * self.bk).max(self.rows()) * (d + 8),
+        }
     }
 
     /// Two multiply-add chains at a time need an even number of key chunks and of O slices.
@@ -68,9 +93,9 @@ impl CoopTiles {
         (self.bk / 16).is_multiple_of(2) && self.out_slices(d).is_multiple_of(2)
     }
 
-    fn shared_bytes(&self, d: u32) -> u32 {
+    fn shared_bytes(&self, d: u32, forward: bool) -> u32 {
         // Staging (f16), then per subgroup the f32 scratch and P (f16), rows padded.
-        self.staging(d) * 2 + self.nsg * 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2)
+        self.staging(d, forward) * 2 + self.nsg * 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2)
     }
 
     fn constants(&self, d: u32) -> Vec<(&'static str, u32)> {
@@ -81,11 +106,38 @@ impl CoopTiles {
             ("NSG", self.nsg),
             ("NT", SUBGROUP * self.nsg),
             ("DP", d + 8),
+            ("DQ", d / 16),
             ("OW", self.out_slices(d)),
-            ("KV", self.staging(d)),
+            ("KV", self.staging(d, false)),
             ("PAIRS", self.pairs(d) as u32),
+            ("SG_SYNC", 0),
         ]
     }
+}
+
+impl CoopTiles {
+    /// The forward's: its own staging size, Q staged in rounds of QR rows, subgroup barriers.
+    fn forward_constants(&self, d: u32) -> Vec<(&'static str, u32)> {
+        let mut c = subgroup_sync(self.constants(d));
+        for (name, v) in c.iter_mut() {
+            if *name == "KV" {
+                *v = self.staging(d, true);
+            }
+        }
+        c.push(("QR", 2 * self.bk));
+        c
+    }
+}
+
+/// `constants` with the tile machinery's own barriers made subgroup barriers (the forwards:
+/// coop_tile.wgsl's header says why the backwards keep workgroup barriers).
+fn subgroup_sync(mut c: Vec<(&'static str, u32)>) -> Vec<(&'static str, u32)> {
+    for (name, v) in c.iter_mut() {
+        if *name == "SG_SYNC" {
+            *v = 1;
+        }
+    }
+    c
 }
 
 /// Does the device run the cooperative-matrix kernels at all? The error says what is missing.
@@ -98,6 +150,7 @@ fn device_supported(gpu: &Gpu) -> Result<()> {
             wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
             "EXPERIMENTAL_COOPERATIVE_MATRIX",
         ),
+        (wgpu::Features::SUBGROUP_BARRIER, "SUBGROUP_BARRIER"),
     ];
     for (feature, name) in need {
         if !f.contains(feature) {
@@ -147,14 +200,14 @@ pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
     device_supported(gpu)?;
     head_dim_ok(d)?;
     let l = gpu.limits();
-    let t = CoopTiles::default_for(d as u32, l.max_compute_workgroup_storage_size);
-    if t.shared_bytes(d as u32) > l.max_compute_workgroup_storage_size
+    let t = CoopTiles::default_for(d as u32, l.max_compute_workgroup_storage_size, true);
+    if t.shared_bytes(d as u32, true) > l.max_compute_workgroup_storage_size
         || l.max_compute_invocations_per_workgroup < SUBGROUP * t.nsg
     {
         return Err(Error::Unsupported(format!(
             "the cooperative-matrix forward at head_dim {d} needs {} bytes of workgroup memory \
              and {} invocations; this device allows {} and {}",
-            t.shared_bytes(d as u32),
+            t.shared_bytes(d as u32, true),
             SUBGROUP * t.nsg,
             l.max_compute_workgroup_storage_size,
             l.max_compute_invocations_per_workgroup
@@ -165,30 +218,22 @@ pub fn supported(gpu: &Gpu, d: usize) -> Result<()> {
 
 /// The forward pipeline for head dim `d` and its tile (call [`supported`] first).
 pub(crate) fn forward_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
-    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
+    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size, true);
     let p = gpu.pipeline(&forward_key(d, t))?;
     Ok((p, t))
 }
 
 /// The dQ pipeline (`shaders/attention_coop_bwd.wgsl`), on the forward's tile.
 pub(crate) fn dq_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
-    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
-    let p = gpu.pipeline(&PipelineKey {
-        file: "attention_coop_bwd.wgsl",
-        entry: "dq_coop",
-        ..forward_key(d, t)
-    })?;
+    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size, false);
+    let p = gpu.pipeline(&backward_key(d, t, "dq_coop"))?;
     Ok((p, t))
 }
 
 /// The dK/dV pipeline: key tiles of the forward's rows, query tiles of its keys.
 pub(crate) fn dkdv_pipeline(gpu: &Gpu, d: u32) -> Result<(Arc<Pipeline>, CoopTiles)> {
-    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size);
-    let p = gpu.pipeline(&PipelineKey {
-        file: "attention_coop_bwd.wgsl",
-        entry: "dkdv_coop",
-        ..forward_key(d, t)
-    })?;
+    let t = CoopTiles::default_for(d, gpu.limits().max_compute_workgroup_storage_size, false);
+    let p = gpu.pipeline(&backward_key(d, t, "dkdv_coop"))?;
     Ok((p, t))
 }
 
@@ -196,11 +241,25 @@ fn forward_key(d: u32, t: CoopTiles) -> PipelineKey {
     PipelineKey {
         file: "attention_coop.wgsl",
         entry: "fwd",
+        constants: t.forward_constants(d),
+        checked: false,
+        storage: Storage::F16,
+    }
+}
+
+/// The dense backward's kernels (`dq_coop`, `dkdv_coop`) on their tile (`default_for`).
+fn backward_key(d: u32, t: CoopTiles, entry: &'static str) -> PipelineKey {
+    PipelineKey {
+        file: "attention_coop_bwd.wgsl",
+        entry,
         constants: t.constants(d),
         checked: false,
         storage: Storage::F16,
     }
 }
+
+/// Developer knob for the sparse forward's tile: `SPARSE_ATTN_COOP_SPARSE=nsg,bk` (e.g. `1,64`).
+pub const SPARSE_COOP_ENV: &str = "SPARSE_ATTN_COOP_SPARSE";
 
 /// Tile of the block-sparse forward (`shaders/sparse_coop.wgsl`): `nsg` tokens per workgroup,
 /// one per subgroup, each with its own staging area; `bk` keys of the token's list per step.
@@ -211,12 +270,28 @@ pub(crate) struct SparseTiles {
 }
 
 impl SparseTiles {
-    /// The first tile in order of preference that fits `max_shared` at head dim `d`: 32 keys per
-    /// step where possible (two multiply-add chains, half the accumulation rounds per key).
-    fn for_dim(d: u32, max_shared: u32) -> Option<SparseTiles> {
-        [(4, 32), (2, 32), (4, 16), (1, 32), (2, 16), (1, 16)]
-            .into_iter()
-            .map(|(nsg, bk)| SparseTiles { nsg, bk })
+    /// The first tile in order of preference that fits `max_shared` at head dim `d`. The
+    /// forward: one token per workgroup, 16 keys a step (its subgroups never wait for each
+    /// other, and a step's K/V rows in flight stay in registers: H200, 16384, d 128, B 16, k 16,
+    /// G 16: 5.33 ms against 10.09 at two tokens of 32 keys, bench/results/h200-peers-2026-12-02/).
+    /// The backward's dQ: 32 keys per step where possible (two multiply-add chains).
+    fn for_dim(d: u32, max_shared: u32, forward: bool) -> Option<SparseTiles> {
+        let knob = crate::ops::tiles::tuning(SPARSE_COOP_ENV, None).and_then(|n| match n[..] {
+            [nsg, bk] if [1, 2, 4, 8].contains(&nsg) && [16, 32, 64].contains(&bk) => {
+                Some(SparseTiles { nsg, bk })
+            }
+            _ => {
+                log::warn!("ignoring {SPARSE_COOP_ENV}={n:?} (want nsg in 1,2,4,8, bk 16,32,64)");
+                None
+            }
+        });
+        let order: &[(u32, u32)] = match forward {
+            true => &[(1, 16)],
+            false => &[(4, 32), (2, 32), (4, 16), (1, 32), (2, 16), (1, 16)],
+        };
+        let preferred = order.iter().map(|&(nsg, bk)| SparseTiles { nsg, bk });
+        knob.into_iter()
+            .chain(preferred)
             .find(|t| t.shared_bytes(d) <= max_shared)
     }
 
@@ -237,12 +312,14 @@ impl SparseTiles {
             ("NSG", self.nsg),
             ("NT", SUBGROUP * self.nsg),
             ("DP", d + 8),
+            ("DQ", d / 16),
             ("OW", t.out_slices(d)),
             ("PAIRS", t.pairs(d) as u32),
             ("HAS_BIAS", has_bias as u32),
             ("KV", self.nsg * 2 * self.bk * (d + 8)),
             // attn_params.wgsl's key_end reads BQ; the sparse kernel never calls it.
             ("BQ", 16),
+            ("SG_SYNC", 0),
         ]
     }
 }
@@ -267,7 +344,7 @@ pub fn sparse_supported(gpu: &Gpu, d: usize, g: usize, blk: usize) -> Result<()>
         )));
     }
     let max_shared = gpu.limits().max_compute_workgroup_storage_size;
-    if SparseTiles::for_dim(d as u32, max_shared).is_none() {
+    if SparseTiles::for_dim(d as u32, max_shared, true).is_none() {
         return Err(Error::Unsupported(format!(
             "the cooperative-matrix sparse kernels at head_dim {d} need more than the \
              {max_shared} bytes of workgroup memory this device has"
@@ -284,7 +361,7 @@ pub(crate) fn sparse_forward_pipeline(
     has_bias: bool,
 ) -> Result<(Arc<Pipeline>, SparseTiles)> {
     let max_shared = gpu.limits().max_compute_workgroup_storage_size;
-    let t = SparseTiles::for_dim(d, max_shared).ok_or_else(|| {
+    let t = SparseTiles::for_dim(d, max_shared, true).ok_or_else(|| {
         Error::Unsupported(format!(
             "the cooperative-matrix sparse forward at head_dim {d} does not fit"
         ))
@@ -349,6 +426,7 @@ impl SparseBwdTiles {
             ("NSG", self.nsg()),
             ("NT", SUBGROUP * self.nsg()),
             ("DP", d + 8),
+            ("DQ", d / 16),
             ("OW", 1),
             ("PAIRS", 0),
             ("HAS_BIAS", has_bias as u32),
@@ -357,6 +435,7 @@ impl SparseBwdTiles {
             ("KC", self.kc),
             ("NPH", self.nph),
             ("TPT", self.tpt),
+            ("SG_SYNC", 0),
         ]
     }
 
@@ -412,7 +491,7 @@ pub(crate) fn sparse_backward_keys(
             "the cooperative-matrix sparse backward at head_dim {d}, blocks of {blk} does not fit"
         ))
     };
-    let t = SparseTiles::for_dim(d, max_shared).ok_or_else(unfit)?;
+    let t = SparseTiles::for_dim(d, max_shared, false).ok_or_else(unfit)?;
     let b = SparseBwdTiles::new(d, g, blk, max_shared).ok_or_else(unfit)?;
     let (dq, dkdv) = sparse_bwd_keys(d, blk, has_bias, t, b);
     Ok((dq, t.nsg, dkdv))
@@ -445,7 +524,7 @@ fn sparse_key(d: u32, blk: u32, has_bias: bool, t: SparseTiles) -> PipelineKey {
     PipelineKey {
         file: "sparse_coop.wgsl",
         entry: "fwd",
-        constants: t.constants(d, blk, has_bias),
+        constants: subgroup_sync(t.constants(d, blk, has_bias)),
         checked: false,
         storage: Storage::F16,
     }
@@ -461,18 +540,25 @@ mod tests {
     #[test]
     fn tiles_fit_and_slices_divide() {
         for d in (16..=256).step_by(16) {
-            let t = CoopTiles::default_for(d, 48 * 1024);
-            assert!(t.shared_bytes(d) <= 48 * 1024, "d={d}: {t:?}");
-            let w = t.out_slices(d);
-            assert!(
-                (d / 16).is_multiple_of(w) && (t.bk / 16).is_multiple_of(w),
-                "d={d}"
-            );
+            for forward in [true, false] {
+                let t = CoopTiles::default_for(d, 48 * 1024, forward);
+                assert!(t.shared_bytes(d, forward) <= 48 * 1024, "d={d}: {t:?}");
+                let w = t.out_slices(d);
+                assert!(
+                    (d / 16).is_multiple_of(w) && (t.bk / 16).is_multiple_of(w),
+                    "d={d}"
+                );
+            }
         }
-        // What the H100 runs at d 64 and 128 (bench/results/h100-coop-tuning-2026-11-23.txt).
+        // What the H200 runs at d 64 and 128: eight subgroups forward, four backward
+        // (bench/results/h200-peers-2026-12-02/, h100-coop-tuning-2026-11-23.txt).
         for d in [64, 128] {
             assert_eq!(
-                CoopTiles::default_for(d, 48 * 1024),
+                CoopTiles::default_for(d, 48 * 1024, true),
+                CoopTiles { nsg: 8, bk: 32 }
+            );
+            assert_eq!(
+                CoopTiles::default_for(d, 48 * 1024, false),
                 CoopTiles { nsg: 4, bk: 32 }
             );
         }
@@ -485,20 +571,29 @@ mod tests {
     #[test]
     fn sparse_tiles_fit() {
         for d in (16..=256).step_by(16) {
-            let t = SparseTiles::for_dim(d, 48 * 1024).expect("every head dim fits 48 KiB");
-            assert!(t.shared_bytes(d) <= 48 * 1024, "d={d}: {t:?}");
+            for forward in [true, false] {
+                let t = SparseTiles::for_dim(d, 48 * 1024, forward)
+                    .expect("every head dim fits 48 KiB");
+                assert!(t.shared_bytes(d) <= 48 * 1024, "d={d}: {t:?}");
+            }
+            // The forward: one token of 16 keys per step everywhere.
+            assert_eq!(
+                SparseTiles::for_dim(d, 48 * 1024, true),
+                Some(SparseTiles { nsg: 1, bk: 16 })
+            );
         }
-        // Four tokens of 32 keys per step up to d 48; two at d 64 and 128 (42 KiB at 128).
+        // The backward's dQ: four tokens of 32 keys per step up to d 48; two at d 64 and 128
+        // (42 KiB at 128).
         assert_eq!(
-            SparseTiles::for_dim(48, 48 * 1024),
+            SparseTiles::for_dim(48, 48 * 1024, false),
             Some(SparseTiles { nsg: 4, bk: 32 })
         );
         assert_eq!(
-            SparseTiles::for_dim(64, 48 * 1024),
+            SparseTiles::for_dim(64, 48 * 1024, false),
             Some(SparseTiles { nsg: 2, bk: 32 })
         );
         assert_eq!(
-            SparseTiles::for_dim(128, 48 * 1024),
+            SparseTiles::for_dim(128, 48 * 1024, false),
             Some(SparseTiles { nsg: 2, bk: 32 })
         );
     }
@@ -513,7 +608,7 @@ mod tests {
             (128, 64, true),
             (256, 128, false),
         ] {
-            let t = SparseTiles::for_dim(d, 48 * 1024).unwrap();
+            let t = SparseTiles::for_dim(d, 48 * 1024, true).unwrap();
             let src = crate::gpu::preprocess(&sparse_key(d, blk, bias, t)).unwrap();
             spirv(&src, &format!("sparse d={d} blk={blk}"));
         }
@@ -524,18 +619,10 @@ mod tests {
     #[test]
     fn coop_dq_shader_compiles_to_spirv() {
         for d in [16, 48, 64, 128, 256] {
-            let t = CoopTiles::default_for(d, 48 * 1024);
-            let key = PipelineKey {
-                file: "attention_coop_bwd.wgsl",
-                entry: "dq_coop",
-                ..forward_key(d, t)
-            };
-            let src = crate::gpu::preprocess(&key).unwrap();
+            let t = CoopTiles::default_for(d, 48 * 1024, false);
+            let src = crate::gpu::preprocess(&backward_key(d, t, "dq_coop")).unwrap();
             spirv(&src, &format!("dq d={d}"));
-            let key = PipelineKey {
-                entry: "dkdv_coop",
-                ..key
-            };
+            let key = backward_key(d, t, "dkdv_coop");
             let src = crate::gpu::preprocess(&key).unwrap();
             spirv(&src, &format!("dkdv d={d}"));
         }
@@ -553,7 +640,7 @@ mod tests {
             (128, 4, 64, true),
             (64, 1, 128, false),
         ] {
-            let t = SparseTiles::for_dim(d, 48 * 1024).unwrap();
+            let t = SparseTiles::for_dim(d, 48 * 1024, false).unwrap();
             let b = SparseBwdTiles::new(d, g, blk, 48 * 1024)
                 .unwrap_or_else(|| panic!("d={d} blk={blk}: no backward layout fits"));
             assert!(
@@ -584,17 +671,18 @@ mod tests {
     fn coop_workgroup_arrays_are_multiples_of_64_bytes() {
         let mut keys = Vec::new();
         for d in [16, 48, 64, 128, 256] {
-            let t = CoopTiles::default_for(d, 48 * 1024);
-            keys.push(forward_key(d, t));
+            keys.push(forward_key(d, CoopTiles::default_for(d, 48 * 1024, true)));
+            let t = CoopTiles::default_for(d, 48 * 1024, false);
             for entry in ["dq_coop", "dkdv_coop"] {
-                keys.push(PipelineKey {
-                    file: "attention_coop_bwd.wgsl",
-                    entry,
-                    ..forward_key(d, t)
-                });
+                keys.push(backward_key(d, t, entry));
             }
-            let st = SparseTiles::for_dim(d, 48 * 1024).unwrap();
-            keys.push(sparse_key(d, 16, true, st));
+            keys.push(sparse_key(
+                d,
+                16,
+                true,
+                SparseTiles::for_dim(d, 48 * 1024, true).unwrap(),
+            ));
+            let st = SparseTiles::for_dim(d, 48 * 1024, false).unwrap();
             for g in [16, 3] {
                 let b = SparseBwdTiles::new(d, g, 16, 48 * 1024).unwrap();
                 let (dq, dkdv) = sparse_bwd_keys(d, 16, false, st, b);
@@ -641,10 +729,10 @@ mod tests {
     #[test]
     fn coop_shader_compiles_to_spirv() {
         for d in [16, 48, 64, 128, 192, 256] {
-            let t = CoopTiles::default_for(d, 48 * 1024);
+            let t = CoopTiles::default_for(d, 48 * 1024, true);
             let src = crate::gpu::preprocess(&forward_key(d, t)).unwrap();
             spirv(&src, &format!("d={d}"));
-            assert!(t.shared_bytes(d) <= 48 * 1024, "d={d}");
+            assert!(t.shared_bytes(d, true) <= 48 * 1024, "d={d}");
         }
     }
 }
