@@ -17,7 +17,8 @@
 // workgroup; the lazy rescale's branch is uniform across the subgroup only (coop_tile.wgsl).
 //
 // Constants: those of coop_tile.wgsl, BQ = 16·NSG, NT = 32·NSG; KV = the K and V tiles
-// (2·BK·DP halves), QR = KV / DP rows of Q a staging round; SG_SYNC = 1. Storage is native f16 (ST = vec4<f16>).
+// (2·BK·DP halves), QR = KV / DP rows of Q a staging round; SG_SYNC = 1. Storage is native f16
+// (ST = vec4<f16>).
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
 //#include "coop_kv.wgsl"

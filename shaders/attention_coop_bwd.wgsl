@@ -13,7 +13,8 @@
 //   dP = dO Vᵀ           `scores` with the dO fragments over the V rows
 //   dS = P ∘ (dP − D)    per lane, to workgroup memory as f16 (in place of P)
 //   dQ += dS K           `accumulate_o` over the K rows (row-major B, as V in the forward)
-// dQ = s · acc at the end (acc: D/16 accumulator matrices; dK, dV likewise in dkdv_coop). Tile machinery and constants: coop_tile.wgsl; BQ = 16·NSG, NT = 32·NSG.
+// dQ = s · acc at the end (acc: D/16 accumulator matrices; dK, dV likewise in dkdv_coop).
+// Tile machinery and constants: coop_tile.wgsl; BQ = 16·NSG, NT = 32·NSG.
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
 //#include "coop_kv.wgsl"

@@ -1,7 +1,8 @@
 // The tile machinery the cooperative-matrix kernels share (attention_coop.wgsl,
 // sparse_coop.wgsl and their backward kernels): per subgroup, 16 query rows against key tiles of
 // BK keys staged in workgroup memory.
-//   scores          S = Q Kᵀ, NJ = BK/16 chunks of D/16 multiply-adds, into the subgroup's scratch
+//   scores          S = Q Kᵀ, NJ = BK/16 chunks of D/16 multiply-adds, into the subgroup's
+//                   scratch
 //   online_softmax  (forwards) lane l owns row l/2 and the tile columns of parity l%2; lazy
 //                   running maximum; P to workgroup memory as f16
 //   accumulate_o    O += P V into O's D/16 accumulator matrices (the backwards' gradients too)
@@ -64,7 +65,8 @@ fn scores(qa: ptr<function, array<MatA, DQ>>, kb: u32, sb: u32) {
             var s0 = zero;
             var s1 = zero;
 //#for I in 0..DQ
-            s0 = coopMultiplyAdd((*qa)[{I}], coopLoad<MatB>(&kv[kb + j * 16u * DP + {I} * 16u], DP), s0);
+            s0 = coopMultiplyAdd((*qa)[{I}],
+                coopLoad<MatB>(&kv[kb + j * 16u * DP + {I} * 16u], DP), s0);
             s1 = coopMultiplyAdd((*qa)[{I}],
                 coopLoad<MatB>(&kv[kb + (j + 1u) * 16u * DP + {I} * 16u], DP), s1);
 //#endfor
@@ -75,7 +77,8 @@ fn scores(qa: ptr<function, array<MatA, DQ>>, kb: u32, sb: u32) {
         for (var j = 0u; j < NJ; j++) {
             var s = zero;
 //#for I in 0..DQ
-            s = coopMultiplyAdd((*qa)[{I}], coopLoad<MatB>(&kv[kb + j * 16u * DP + {I} * 16u], DP), s);
+            s = coopMultiplyAdd((*qa)[{I}],
+                coopLoad<MatB>(&kv[kb + j * 16u * DP + {I} * 16u], DP), s);
 //#endfor
             coopStoreT(s, &scr[sb + j * 16u], SP);
         }
@@ -136,7 +139,8 @@ fn online_softmax(x: ptr<function, array<f32, HB>>, m: ptr<function, f32>,
 //#endif
 
 // O += P V for the V rows staged from `vb` (BK rows, stride DP): the tile's P fragments once,
-// then D/16 independent multiply-add chains (the backwards: dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q).
+// then D/16 independent multiply-add chains (the backwards: dQ += dS K, dV += Pᵀ dO,
+// dK += dSᵀ Q).
 fn accumulate_o(o: ptr<function, array<MatC, DQ>>, vb: u32, pb: u32) {
     for (var j = 0u; j < NJ; j++) {
         let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);

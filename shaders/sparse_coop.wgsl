@@ -14,7 +14,8 @@
 // masks: every subgroup runs the same ceil(nsel·BLK / BK) steps.
 //
 // Constants: those of coop_tile.wgsl (KV = NSG staging areas of 2·BK·DP halves), BLK (block
-// size, multiple of 16), NT = 32·NSG, HAS_BIAS, SG_SYNC = 1. Storage is native f16 (ST = vec4<f16>).
+// size, multiple of 16), NT = 32·NSG, HAS_BIAS, SG_SYNC = 1. Storage is native f16
+// (ST = vec4<f16>).
 //#include "attn_params.wgsl"
 //#include "coop_tile.wgsl"
 //#include "sparse_coop_list.wgsl"

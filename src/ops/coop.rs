@@ -98,7 +98,10 @@ impl CoopTiles {
         self.staging(d, forward) * 2 + self.nsg * 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2)
     }
 
-    fn constants(&self, d: u32) -> Vec<(&'static str, u32)> {
+    /// The forward's differ from the backwards': its own staging size (Q staged in rounds of
+    /// QR rows) and subgroup barriers for its scratch (SG_SYNC; coop_tile.wgsl's header says why
+    /// the backwards keep workgroup barriers).
+    fn constants(&self, d: u32, forward: bool) -> Vec<(&'static str, u32)> {
         vec![
             ("D", d),
             ("BQ", self.rows()),
@@ -108,36 +111,12 @@ impl CoopTiles {
             ("DP", d + 8),
             ("DQ", d / 16),
             ("OW", self.out_slices(d)),
-            ("KV", self.staging(d, false)),
+            ("KV", self.staging(d, forward)),
+            ("QR", 2 * self.bk),
             ("PAIRS", self.pairs(d) as u32),
-            ("SG_SYNC", 0),
+            ("SG_SYNC", forward as u32),
         ]
     }
-}
-
-impl CoopTiles {
-    /// The forward's: its own staging size, Q staged in rounds of QR rows, subgroup barriers.
-    fn forward_constants(&self, d: u32) -> Vec<(&'static str, u32)> {
-        let mut c = subgroup_sync(self.constants(d));
-        for (name, v) in c.iter_mut() {
-            if *name == "KV" {
-                *v = self.staging(d, true);
-            }
-        }
-        c.push(("QR", 2 * self.bk));
-        c
-    }
-}
-
-/// `constants` with the tile machinery's own barriers made subgroup barriers (the forwards:
-/// coop_tile.wgsl's header says why the backwards keep workgroup barriers).
-fn subgroup_sync(mut c: Vec<(&'static str, u32)>) -> Vec<(&'static str, u32)> {
-    for (name, v) in c.iter_mut() {
-        if *name == "SG_SYNC" {
-            *v = 1;
-        }
-    }
-    c
 }
 
 /// Does the device run the cooperative-matrix kernels at all? The error says what is missing.
@@ -241,7 +220,7 @@ fn forward_key(d: u32, t: CoopTiles) -> PipelineKey {
     PipelineKey {
         file: "attention_coop.wgsl",
         entry: "fwd",
-        constants: t.forward_constants(d),
+        constants: t.constants(d, true),
         checked: false,
         storage: Storage::F16,
     }
@@ -252,7 +231,7 @@ fn backward_key(d: u32, t: CoopTiles, entry: &'static str) -> PipelineKey {
     PipelineKey {
         file: "attention_coop_bwd.wgsl",
         entry,
-        constants: t.constants(d),
+        constants: t.constants(d, false),
         checked: false,
         storage: Storage::F16,
     }
@@ -300,7 +279,15 @@ impl SparseTiles {
         self.nsg * (2 * self.bk * (d + 8) * 2 + 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2))
     }
 
-    fn constants(&self, d: u32, blk: u32, has_bias: bool) -> Vec<(&'static str, u32)> {
+    /// The forward's use subgroup barriers for its scratch (SG_SYNC), the backward's dQ
+    /// workgroup barriers.
+    fn constants(
+        &self,
+        d: u32,
+        blk: u32,
+        has_bias: bool,
+        forward: bool,
+    ) -> Vec<(&'static str, u32)> {
         let t = CoopTiles {
             nsg: self.nsg,
             bk: self.bk,
@@ -319,7 +306,7 @@ impl SparseTiles {
             ("KV", self.nsg * 2 * self.bk * (d + 8)),
             // attn_params.wgsl's key_end reads BQ; the sparse kernel never calls it.
             ("BQ", 16),
-            ("SG_SYNC", 0),
+            ("SG_SYNC", forward as u32),
         ]
     }
 }
@@ -505,7 +492,7 @@ fn sparse_bwd_keys(
     b: SparseBwdTiles,
 ) -> (PipelineKey, PipelineKey) {
     // The dQ module declares dK/dV's workgroup arrays too: give it their sizes.
-    let mut dq_consts = t.constants(d, blk, has_bias);
+    let mut dq_consts = t.constants(d, blk, has_bias, false);
     dq_consts.extend([("KC", b.kc), ("NPH", b.nph), ("TPT", b.tpt)]);
     let key = |entry, constants| PipelineKey {
         file: "sparse_coop_bwd.wgsl",
@@ -524,7 +511,7 @@ fn sparse_key(d: u32, blk: u32, has_bias: bool, t: SparseTiles) -> PipelineKey {
     PipelineKey {
         file: "sparse_coop.wgsl",
         entry: "fwd",
-        constants: subgroup_sync(t.constants(d, blk, has_bias)),
+        constants: t.constants(d, blk, has_bias, true),
         checked: false,
         storage: Storage::F16,
     }
