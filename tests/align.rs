@@ -1,7 +1,7 @@
 //! SSA's alignment loss on the GPU against the f64 reference (PAPERS.md §2):
 //! L = SmoothL1(h_full, sg(h_sparse)) + SmoothL1(h_sparse, sg(h_full)), and its gradients.
 
-mod common;
+use crate::common;
 
 use sparse_attn::gpu::Gpu;
 use sparse_attn::ops::align::{AlignLoss, AlignOut};

@@ -1,6 +1,6 @@
 //! GPU full attention against the f64 reference on fresh random inputs.
 
-mod common;
+use crate::common;
 
 use sparse_attn::FullConfig;
 use sparse_attn::Qkv;

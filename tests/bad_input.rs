@@ -1,6 +1,6 @@
 //! Bad input gets an error that names the problem: never a panic, never a wrong answer.
 
-mod common;
+use crate::common;
 
 use sparse_attn::FullConfig;
 use sparse_attn::reference::{self, Rng, compare};

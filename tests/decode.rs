@@ -2,7 +2,7 @@
 //! over each sequence's cached keys) and against the GPU's own prefill kernels, row for row.
 //! Cache rows past each sequence's length hold NaN: a kernel that reads them fails.
 
-mod common;
+use crate::common;
 
 use sparse_attn::gpu::{DType, Gpu, round_f16};
 use sparse_attn::problem::{SENTINEL, SelectOptions};

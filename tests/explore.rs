@@ -1,7 +1,7 @@
 //! The browser demo's computation (`explore`), natively, against the f64 references: the same
 //! numbers the page shows must follow from the definitions.
 
-mod common;
+use crate::common;
 
 use sparse_attn::explore::{ExploreConfig, explore, inputs};
 use sparse_attn::reference::{self, Rng};

@@ -4,7 +4,7 @@
 //! temperature 0, reproducible with a seed, and keeps to the top-p set.
 #![cfg(feature = "train")]
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use sparse_attn::GpuOptions;

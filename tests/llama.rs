@@ -6,7 +6,7 @@
 //! (bench/smollm2/reference.json, recorded on the GPU machine by bench/smollm2/reference.py).
 #![cfg(feature = "train")]
 
-mod common;
+use crate::common;
 
 use sparse_attn::gguf::{Gguf, LlamaParams, random_llama};
 use sparse_attn::reference::{Rng, compare};
@@ -228,13 +228,18 @@ fn smollm2_agrees_with_transformers() {
     // Greedy continuations take 4 s a token on lavapipe (the first prompt's 64 tokens matched
     // there in 253 s): they run where SPARSE_ATTN_GPU_CHECK is set (scripts/gpu-check.sh).
     let greedy = std::env::var("SPARSE_ATTN_GPU_CHECK").is_ok();
-    for c in &prompts {
+    for (i, c) in prompts.iter().enumerate() {
         let (text, given) = (&c.text, &c.given);
         if c.kind == "chat" {
             assert_eq!(&p.tokenizer.chat_prompt(given, None).unwrap(), text);
         }
         let ids = p.tokenizer.encode(text).unwrap();
         assert_eq!(ids, c.ids, "{given:?}");
+        // Each forward takes ~20 s on lavapipe: CI runs the first prompt's (the chat one), the
+        // GPU every prompt's.
+        if i > 0 && !greedy {
+            continue;
+        }
         let n = ids.len();
         let v = p.config.vocab;
         let t0 = std::time::Instant::now();

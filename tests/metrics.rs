@@ -1,6 +1,6 @@
 //! Attention metrics on the GPU against the f64 reference.
 
-mod common;
+use crate::common;
 
 use sparse_attn::AttnShape;
 use sparse_attn::SelectConfig;

@@ -4,7 +4,7 @@
 //! one and two sequences, all rows and the last; sparse attention with every block kept is
 //! full attention, with few blocks it is not; with `train`, the sparse forward equals Burn's.
 
-mod common;
+use crate::common;
 
 use sparse_attn::gguf::random_llama;
 use sparse_attn::llama::{
@@ -449,8 +449,9 @@ fn sparse_forward_equals_burns() {
 /// The real SmolLM2 file (when scripts/fetch-model.sh has fetched it) on our own kernels agrees
 /// with Hugging Face transformers (bench/smollm2/reference.json, the prompts' token ids as
 /// transformers' tokenizer made them): the logits after the prompt and the argmax after every
-/// position; with SPARSE_ATTN_GPU_CHECK (scripts/gpu-check.sh), the 64 greedy tokens too (a
-/// forward per token, no cache: 64 prefills of the growing text).
+/// position, of the first prompt on lavapipe; with SPARSE_ATTN_GPU_CHECK (scripts/gpu-check.sh),
+/// of every prompt, and the 64 greedy tokens too (a forward per token, no cache: 64 prefills of
+/// the growing text).
 #[test]
 fn smollm2_on_our_kernels_agrees_with_transformers() {
     let Some((path, prompts)) = common::smollm2() else {
@@ -462,7 +463,9 @@ fn smollm2_on_our_kernels_agrees_with_transformers() {
     let m = Llama::from_gguf(&gpu, &std::fs::read(&path).unwrap()).unwrap();
     let greedy = std::env::var("SPARSE_ATTN_GPU_CHECK").is_ok();
     let v = m.params.vocab;
-    for c in &prompts {
+    // A forward of this model takes ~30 s on lavapipe whatever the prompt's length (the
+    // weights' traffic dominates): CI checks the first prompt (the chat one), the GPU all four.
+    for c in &prompts[..if greedy { prompts.len() } else { 1 }] {
         let (given, n) = (&c.given, c.ids.len());
         let t0 = std::time::Instant::now();
         let all = ForwardOptions {

@@ -2,7 +2,7 @@
 //! checkpoint state), random shapes and options against the validation and the kernels. Every
 //! case either works (and then matches the reference) or returns an error; none panics.
 
-mod common;
+use crate::common;
 
 use proptest::collection::vec;
 use proptest::prelude::*;

@@ -1,6 +1,6 @@
 //! The runtime pieces: GPU random fill (used by benchmarks) and the timer.
 
-mod common;
+use crate::common;
 
 use sparse_attn::FullConfig;
 use sparse_attn::GpuOptions;

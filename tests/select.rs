@@ -1,6 +1,6 @@
 //! Block selection on the GPU against the f64 reference (PAPERS.md §1).
 
-mod common;
+use crate::common;
 
 use sparse_attn::SelectConfig;
 use sparse_attn::gpu::DType;

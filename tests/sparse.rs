@@ -1,7 +1,7 @@
 //! Block-sparse attention on the GPU against the f64 reference (full attention restricted to the
 //! selected blocks), with selections from the GPU selector and random ones.
 
-mod common;
+use crate::common;
 
 use sparse_attn::SparseInputs;
 use sparse_attn::gpu::{DType, Gpu, round_f16};

@@ -4,7 +4,7 @@
 //! from Hugging Face transformers on the GPU machine (bench/smollm2/reference.json).
 #![cfg(feature = "llm")]
 
-mod common;
+use crate::common;
 
 use sparse_attn::gguf::{Gguf, Value, Writer, byte_chars, random_llama};
 use sparse_attn::tokenizer::Tokenizer;

@@ -2,7 +2,7 @@
 //! checkpoints resume exactly, evaluation runs on a checkpoint, bad configurations are errors.
 #![cfg(feature = "train")]
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

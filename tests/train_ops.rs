@@ -2,7 +2,7 @@
 //! references (gradient of Σ O·W with random W, so dO = W), on Burn's own device and buffers.
 #![cfg(feature = "train")]
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use sparse_attn::problem::{Scoring, SelectOptions};
