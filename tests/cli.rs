@@ -1,7 +1,5 @@
 //! The CLI as a user runs it.
 
-use crate::common;
-
 use std::process::Command;
 
 fn run(args: &[&str]) -> (bool, String, String) {
@@ -1300,7 +1298,7 @@ fn generate_streams_text_from_a_checkpoint() {
 #[test]
 fn generate_runs_a_gguf_model() {
     let dir = temp_dir("generate-gguf");
-    let p = common::tiny_llama(320, 512);
+    let p = crate::common::tiny_llama(320, 512);
     let file = dir.join("tiny.gguf");
     std::fs::write(&file, sparse_attn::gguf::random_llama(&p, 11).unwrap()).unwrap();
     let f = file.to_str().unwrap();
@@ -1376,7 +1374,7 @@ fn generate_runs_a_gguf_model() {
 fn perplexity_sweeps_a_gguf_model() {
     let dir = temp_dir("perplexity");
     let file = dir.join("tiny.gguf");
-    let p = common::tiny_llama(320, 512);
+    let p = crate::common::tiny_llama(320, 512);
     std::fs::write(&file, sparse_attn::gguf::random_llama(&p, 12).unwrap()).unwrap();
     // Two files: the first is held out (--valid-every 2).
     let data = dir.join("data");
@@ -1450,7 +1448,7 @@ fn perplexity_sweeps_a_gguf_model() {
 fn bench_generate_runs_every_mode_on_a_gguf_model() {
     let dir = temp_dir("bench-generate");
     let file = dir.join("tiny.gguf");
-    let p = common::tiny_llama(320, 512);
+    let p = crate::common::tiny_llama(320, 512);
     std::fs::write(&file, sparse_attn::gguf::random_llama(&p, 13).unwrap()).unwrap();
     let data = dir.join("data");
     std::fs::create_dir(&data).unwrap();
