@@ -227,7 +227,7 @@ fn smollm2_agrees_with_transformers() {
     let p = Pretrained::load(path.as_ref(), &rt.device, SparseSettings::default()).unwrap();
     // Greedy continuations take 4 s a token on lavapipe (the first prompt's 64 tokens matched
     // there in 253 s): they run where SPARSE_ATTN_GPU_CHECK is set (scripts/gpu-check.sh).
-    let greedy = std::env::var("SPARSE_ATTN_GPU_CHECK").is_ok();
+    let greedy = common::gpu_check();
     for (i, c) in prompts.iter().enumerate() {
         let (text, given) = (&c.text, &c.given);
         if c.kind == "chat" {
@@ -235,9 +235,7 @@ fn smollm2_agrees_with_transformers() {
         }
         let ids = p.tokenizer.encode(text).unwrap();
         assert_eq!(ids, c.ids, "{given:?}");
-        // Each forward takes ~20 s on lavapipe: CI runs the first prompt's (the chat one), the
-        // GPU every prompt's.
-        if i > 0 && !greedy {
+        if !common::smollm2_forward_for(i) {
             continue;
         }
         let n = ids.len();

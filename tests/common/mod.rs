@@ -63,11 +63,24 @@ pub fn burn_runtime() -> Option<sparse_attn::train::Runtime> {
 /// cooperative matrices a skip fails the test instead, unless `by_shape` (the case asks for
 /// what the kernel declines on every device, e.g. more than 16 query heads per kv head): a
 /// broken support check must not let the tensor-core path pass untested.
+/// Under scripts/gpu-check.sh (SPARSE_ATTN_GPU_CHECK=1): the GPU machine, where the variants
+/// lavapipe cannot run must run and the slow real-model cases run in full.
+pub fn gpu_check() -> bool {
+    std::env::var("SPARSE_ATTN_GPU_CHECK").as_deref() == Ok("1")
+}
+
+/// Whether the real SmolLM2's forward runs for prompt `i` of bench/smollm2/reference.json: a
+/// forward takes 20-30 s on lavapipe whatever the prompt's length, so CI runs the first (the
+/// chat prompt) and the GPU check all of them.
+pub fn smollm2_forward_for(i: usize) -> bool {
+    i == 0 || gpu_check()
+}
+
 pub fn skip_coop(gpu: &Gpu, what: &str, by_shape: bool, reason: &dyn std::fmt::Display) {
     let has = gpu
         .features()
         .contains(sparse_attn::wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
-    if has && !by_shape && std::env::var("SPARSE_ATTN_GPU_CHECK").as_deref() == Ok("1") {
+    if has && !by_shape && gpu_check() {
         panic!(
             "{what} was skipped on {}, which has cooperative matrices: {reason}",
             gpu.adapter().name
