@@ -2,21 +2,27 @@
 // block_topk's bitonic sort without it). Same contract as block_topk (block_select.wgsl): forced
 // blocks first, then the best scores, ties to the lower index, written ascending and padded with
 // SENTINEL. Instead of sorting every candidate (log²(blocks)/2 barrier-separated phases) it runs
-// min(k, candidates) rounds of a workgroup-wide arg-max: each thread keeps the best of its own
-// candidates, subgroupMax / subgroupMin reduce them within each subgroup, and every thread
-// combines the subgroups' winners from workgroup memory (one barrier per round: the winners
-// alternate between two halves). Only the winner's owner rescans its candidates.
-// Constants: those of block_select.wgsl (NT, NBP, BLK; D and BQ for attn_params.wgsl).
+// min(k, candidates) rounds of an arg-max: a row's blocks are dealt to SLOTS slots (slot s holds
+// blocks s + n·SLOTS), each slot keeps the best of its own, subgroupMax / subgroupMin reduce
+// them, and only the winner's owner rescans its blocks. Two entries:
+//   block_topk_sg   a workgroup per row, SLOTS = NT threads; every thread combines the
+//                   subgroups' winners from workgroup memory (one barrier per round: the
+//                   winners alternate between two halves)
+//   block_topk_row  a subgroup per row, SLOTS = the adapter's one subgroup size (checked on
+//                   the host), NT / SLOTS rows per workgroup, no workgroup barrier; lane l keeps
+//                   the l-th winner (k <= SLOTS). H200, 16384 tokens, 1024 blocks, k 16:
+//                   0.92 ms against 1.17 (docs/BENCHMARKS.md)
+// Constants: those of block_select.wgsl (NT, NBP, BLK; D and BQ for attn_params.wgsl), SLOTS.
 //#include "attn_params.wgsl"
 //#include "select_common.wgsl"
 
 // Below every score, NEG and PAD: a block already taken.
 const TAKEN: f32 = -3.4028235e38;
-// Candidates per thread: thread tid holds blocks tid + n·NT.
-const EPT: u32 = (NBP + NT - 1u) / NT;
+// Blocks per slot.
+const EPT: u32 = (NBP + SLOTS - 1u) / SLOTS;
 // With NOSA the rounds run in two stages: query-aware, then by the eviction score.
 
-// Each subgroup's winner of a round, in two halves used alternately.
+// Each subgroup's winner of a round, in two halves used alternately (block_topk_sg).
 var<workgroup> win_key: array<f32, 2u * NT>;
 var<workgroup> win_idx: array<u32, 2u * NT>;
 
@@ -25,15 +31,75 @@ struct Best {
     idx: u32,
 }
 
-fn local_best(keys: ptr<function, array<f32, EPT>>, tid: u32) -> Best {
-    var b = Best((*keys)[0], tid);
+// What a row's rounds need: its unit, candidates and how many blocks it takes in each stage.
+struct Row {
+    g: Unit,
+    u: u32,
+    end: u32,
+    pend: u32,
+    n_out: u32,
+    n_stage: u32,
+}
+
+// Row `row`'s candidates, slot `slot`'s sort keys loaded into `keys`.
+fn load_row(row: u32, slot: u32, keys: ptr<function, array<f32, EPT>>) -> Row {
+    let t = row % prm.seq_q;
+    let u = row / prm.seq_q;
+    let g = unit_of(u);
+    let cur = current_block(g, t);
+    let end = candidate_end(g, cur);
+    let srow = prm.s_off + row * prm.np;
+    let pend = pooled_end(g, t);
+    for (var n = 0u; n < EPT; n++) {
+        let x = topk_key(g, srow, slot + n * SLOTS, end, cur, pend);
+        // A NaN score ranks with the non-candidates (comparisons with NaN never pick it).
+        (*keys)[n] = select(x, NEG, x != x);
+    }
+    let n_out = min(prm.k, end);
+    var n_stage = n_out;
+//#if NOSA
+    n_stage = min(prm.k - prm.evict, end);
+//#endif
+    return Row(g, u, end, pend, n_out, n_stage);
+}
+
+fn local_best(keys: ptr<function, array<f32, EPT>>, slot: u32) -> Best {
+    var b = Best((*keys)[0], slot);
     for (var n = 1u; n < EPT; n++) {
-        let j = tid + n * NT;
+        let j = slot + n * SLOTS;
         if (precedes((*keys)[n], j, b.key, b.idx)) {
             b = Best((*keys)[n], j);
         }
     }
     return b;
+}
+
+// Round s's start: with NOSA, past the query-aware blocks the rest rank by the eviction score.
+fn stage_keys(r: Row, s: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Best>) {
+//#if NOSA
+    if (s == r.n_stage) {
+        for (var n = 0u; n < EPT; n++) {
+            let j = slot + n * SLOTS;
+            if ((*keys)[n] != TAKEN) {
+                (*keys)[n] = select(evict_score(r.g, r.u, j, r.pend), PAD, j >= r.end);
+            }
+        }
+        *b = local_best(keys, slot);
+    }
+//#endif
+}
+
+// Block i won the round: its owner marks it taken and finds its next best. By constant indices
+// once unrolled: a computed index put `keys` in local memory (1.8 ms slower on the H200).
+fn take(i: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Best>) {
+    if (i % SLOTS == slot) {
+        for (var n = 0u; n < EPT; n++) {
+            if (slot + n * SLOTS == i) {
+                (*keys)[n] = TAKEN;
+            }
+        }
+        *b = local_best(keys, slot);
+    }
 }
 
 @compute @workgroup_size(NT)
@@ -46,38 +112,11 @@ fn block_topk_sg(@builtin(workgroup_id) wg: vec3<u32>,
     if (row >= prm.units * prm.seq_q) {
         return;
     }
-    let t = row % prm.seq_q;
-    let g = unit_of(row / prm.seq_q);
-    let cur = current_block(g, t);
-    let end = candidate_end(g, cur);
-    let srow = prm.s_off + row * prm.np;
-    let pend = pooled_end(g, t);
     var keys: array<f32, EPT>;
-    for (var n = 0u; n < EPT; n++) {
-        let x = topk_key(g, srow, tid + n * NT, end, cur, pend);
-        // A NaN score ranks with the non-candidates (comparisons with NaN never pick it).
-        keys[n] = select(x, NEG, x != x);
-    }
+    let r = load_row(row, tid, &keys);
     var b = local_best(&keys, tid);
-    let n_out = min(prm.k, end);
-    var n_stage = n_out;
-//#if NOSA
-    n_stage = min(prm.k - prm.evict, end);
-//#endif
-    for (var s = 0u; s < n_out; s++) {
-//#if NOSA
-        if (s == n_stage) {
-            // The query-aware blocks are taken; the rest rank by the eviction score.
-            let u = row / prm.seq_q;
-            for (var n = 0u; n < EPT; n++) {
-                let j = tid + n * NT;
-                if (keys[n] != TAKEN) {
-                    keys[n] = select(evict_score(g, u, j, pend), PAD, j >= end);
-                }
-            }
-            b = local_best(&keys, tid);
-        }
-//#endif
+    for (var s = 0u; s < r.n_out; s++) {
+        stage_keys(r, s, tid, &keys, &b);
         let m = subgroupMax(b.key);
         let i = subgroupMin(select(SENTINEL, b.idx, b.key == m));
         let h = (s & 1u) * NT;
@@ -87,20 +126,54 @@ fn block_topk_sg(@builtin(workgroup_id) wg: vec3<u32>,
         }
         workgroupBarrier();
         var w = Best(win_key[h], win_idx[h]);
-        for (var g = 1u; g < nsg; g++) {
-            if (precedes(win_key[h + g], win_idx[h + g], w.key, w.idx)) {
-                w = Best(win_key[h + g], win_idx[h + g]);
+        for (var x = 1u; x < nsg; x++) {
+            if (precedes(win_key[h + x], win_idx[h + x], w.key, w.idx)) {
+                w = Best(win_key[h + x], win_idx[h + x]);
             }
         }
         if (tid == 0u) {
             sh_idx[s] = w.idx;
         }
         // w.idx < end <= NBP: the owner's slot exists.
-        if (w.idx < end && w.idx % NT == tid) {
-            keys[w.idx / NT] = TAKEN;
-            b = local_best(&keys, tid);
-        }
+        take(w.idx, tid, &keys, &b);
     }
     workgroupBarrier();
-    write_ascending(n_out, row, tid);
+    write_ascending(r.n_out, row, tid);
+}
+
+@compute @workgroup_size(NT)
+fn block_topk_row(@builtin(workgroup_id) wg: vec3<u32>,
+                  @builtin(subgroup_id) sg: u32,
+                  @builtin(subgroup_invocation_id) lane: u32) {
+    // Rows past the launch's run the rounds on a copy of row 0 and write nothing: no subgroup
+    // operation sits behind a branch that differs between the subgroups.
+    let row_in = (wg.y * prm.grid_x + wg.x) * (NT / SLOTS) + sg;
+    let live = row_in < prm.units * prm.seq_q;
+    let row = select(0u, row_in, live);
+    var keys: array<f32, EPT>;
+    let r = load_row(row, lane, &keys);
+    var b = local_best(&keys, lane);
+    var mine = SENTINEL;
+    for (var s = 0u; s < r.n_out; s++) {
+        stage_keys(r, s, lane, &keys, &b);
+        let m = subgroupMax(b.key);
+        let i = subgroupMin(select(SENTINEL, b.idx, b.key == m));
+        if (lane == s) {
+            mine = i;
+        }
+        take(i, lane, &keys, &b);
+    }
+    // Ascending: each winner's rank among the n_out.
+    var rank = 0u;
+    for (var x = 0u; x < r.n_out; x++) {
+        rank += select(0u, 1u, subgroupShuffle(mine, x) < mine);
+    }
+    if (live) {
+        let out = prm.i_off + row * prm.k;
+        if (lane < r.n_out) {
+            sel[out + rank] = mine;
+        } else if (lane < prm.k) {
+            sel[out + lane] = SENTINEL;
+        }
+    }
 }

@@ -74,9 +74,14 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     let pb = sg * 16u * PP;
 
     let steps = (prm.nsel * BLK + BK - 1u) / BK;
+    // The next step's K/V rows travel through registers while this one is multiplied.
+    var pk: array<ST, NPF>;
+    var pv: array<ST, NPF>;
+    fetch_step(&tk, 0u, lane, &pk, &pv);
     for (var step = 0u; step < steps; step++) {
         let i0 = step * BK;
-        stage_step(&tk, i0, st, lane);
+        put_step(st, lane, &pk, &pv);
+        fetch_step(&tk, i0 + BK, lane, &pk, &pv);
         scores(&qa, st, sb);
         var x: array<f32, HB>;
         for (var c = 0u; c < HB; c++) {

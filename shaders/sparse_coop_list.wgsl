@@ -64,12 +64,11 @@ fn key_bias(tk: ptr<function, Token>, key: u32) -> f32 {
     return 0.0;
 }
 
-// The K and V rows of list positions [i0, i0 + BK) into the subgroup's staging area at `st`
-// (zero rows where there is no key): all loads first, then the stores, between barriers (the
-// subgroup's own where SG_SYNC = 1).
-fn stage_step(tk: ptr<function, Token>, i0: u32, st: u32, lane: u32) {
-    var pk: array<ST, NPF>;
-    var pv: array<ST, NPF>;
+// The K and V rows of list positions [i0, i0 + BK) into registers (zero rows where there is
+// no key); `put_step` stores them. The forward fetches the next step's rows before this step's
+// products, so their loads are in flight meanwhile.
+fn fetch_step(tk: ptr<function, Token>, i0: u32, lane: u32, pk: ptr<function, array<ST, NPF>>,
+              pv: ptr<function, array<ST, NPF>>) {
     for (var i = 0u; i < NPF; i++) {
         let e = lane + i * 32u;
         let key = list_key(tk, i0 + e / D4);
@@ -80,15 +79,29 @@ fn stage_step(tk: ptr<function, Token>, i0: u32, st: u32, lane: u32) {
             a = k[g];
             b = v[g];
         }
-        pk[i] = a;
-        pv[i] = b;
+        (*pk)[i] = a;
+        (*pv)[i] = b;
     }
+}
+
+// Fetched rows into the subgroup's staging area at `st`, between barriers (the subgroup's own
+// where SG_SYNC = 1).
+fn put_step(st: u32, lane: u32, pk: ptr<function, array<ST, NPF>>,
+            pv: ptr<function, array<ST, NPF>>) {
     sg_sync();
     for (var i = 0u; i < NPF; i++) {
         let e = lane + i * 32u;
         let s = st + (e / D4) * DP + (e % D4) * 4u;
-        put4(s, pk[i]);
-        put4(s + BK * DP, pv[i]);
+        put4(s, (*pk)[i]);
+        put4(s + BK * DP, (*pv)[i]);
     }
     sg_sync();
+}
+
+// Both at once: all loads first, then the stores.
+fn stage_step(tk: ptr<function, Token>, i0: u32, st: u32, lane: u32) {
+    var pk: array<ST, NPF>;
+    var pv: array<ST, NPF>;
+    fetch_step(tk, i0, lane, &pk, &pv);
+    put_step(st, lane, &pk, &pv);
 }

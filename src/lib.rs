@@ -45,7 +45,7 @@ pub use ops::attention::{
     AttnGrads, AttnOutput, FullAttention, FullConfig, Qkv, Variant, Variants, attention_backward,
     attention_forward,
 };
-pub use ops::select::{BlockSelect, SelectConfig, SelectInputs, TopK};
+pub use ops::select::{BlockSelect, ScoreKernel, SelectConfig, SelectInputs, TopK};
 pub use ops::sparse::{SparseAttention, SparseConfig, SparseInputs, SparseKernel};
 pub use problem::{
     AttnOptions, AttnShape, CacheShape, DecodeKeys, DecodeShape, Scoring, SelectOptions,

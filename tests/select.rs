@@ -3,9 +3,8 @@
 use crate::common;
 
 use sparse_attn::SelectConfig;
-use sparse_attn::gpu::DType;
-use sparse_attn::gpu::Gpu;
-use sparse_attn::ops::select::{BlockSelect, SelectInputs, SelectScratch, TopK};
+use sparse_attn::gpu::{DType, Gpu, round_f16};
+use sparse_attn::ops::select::{BlockSelect, ScoreKernel, SelectInputs, SelectScratch, TopK};
 use sparse_attn::problem::{SENTINEL, Scoring, SelectOptions};
 use sparse_attn::reference::select::{self as refsel, current_and_end, forced};
 use sparse_attn::reference::{Rng, compare};
@@ -14,6 +13,8 @@ use sparse_attn::{AttnShape, Error};
 /// Scores and block keys: relative L2 against the reference. A selected block may differ from
 /// the reference's only when the two scores are closer than this (relative to the row's spread).
 const TOL: f64 = 2e-5;
+/// The same with f16 q and k on tensor cores, whose products round the pooled keys to f16.
+const TOL_F16: f64 = 2e-3;
 const POISON: u32 = 0xDEAD_BEEF;
 
 fn shape(b: usize, hq: usize, hkv: usize, sq: usize, sk: usize, d: usize) -> AttnShape {
@@ -41,7 +42,14 @@ fn opts(block: usize, k: usize, n_init: usize, n_local: usize, scoring: Scoring)
 }
 
 /// The properties every selection row must have, checked against reference scores.
-fn check_rows(s: &AttnShape, o: &SelectOptions, sel: &[u32], ref_scores: &[f64], ctx: &str) {
+fn check_rows(
+    s: &AttnShape,
+    o: &SelectOptions,
+    sel: &[u32],
+    ref_scores: &[f64],
+    tol: f64,
+    ctx: &str,
+) {
     let nb = o.blocks(s.seq_k);
     for bkv in 0..s.batch * s.heads_kv {
         for t in 0..s.seq_q {
@@ -87,7 +95,7 @@ fn check_rows(s: &AttnShape, o: &SelectOptions, sel: &[u32], ref_scores: &[f64],
                 .map(|j| sc[j])
                 .fold(f64::NEG_INFINITY, f64::max);
             assert!(
-                min_sel >= max_unsel - TOL * spread,
+                min_sel >= max_unsel - tol * spread,
                 "selected score {min_sel} below unselected {max_unsel}: {where_}"
             );
         }
@@ -104,44 +112,80 @@ fn run(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64) -> usize {
         match TopK::subgroup_supported(gpu) {
             Err(e) if topk == TopK::Subgroup => eprintln!("SKIPPED subgroup top-k: {e}"),
             _ => {
-                run_with(gpu, s, o, seed, topk, Some(usize::MAX));
-                most = most.max(run_with(gpu, s, o, seed, topk, Some(1)));
+                let k = Kernels::f32(topk);
+                run_with(gpu, s, o, seed, k.split(Some(usize::MAX)));
+                most = most.max(run_with(gpu, s, o, seed, k.split(Some(1))));
             }
         }
     }
     most
 }
 
-fn run_with(
-    gpu: &Gpu,
-    s: AttnShape,
-    o: SelectOptions,
-    seed: u64,
+/// How a GPU selection runs: top-k and block-score kernels, the score split, the dtype of q and
+/// k (f16: the reference gets the same rounded values).
+#[derive(Clone, Copy, Debug)]
+struct Kernels {
     topk: TopK,
     split: Option<usize>,
-) -> usize {
-    let ctx = format!(
-        "seed {seed}, {s:?}, {o:?}, top-k {}, split {split:?}",
-        topk.name()
-    );
+    scores: ScoreKernel,
+    dtype: DType,
+}
+
+impl Kernels {
+    fn f32(topk: TopK) -> Self {
+        Self {
+            topk,
+            split: None,
+            scores: ScoreKernel::Tiled,
+            dtype: DType::F32,
+        }
+    }
+
+    fn split(self, split: Option<usize>) -> Self {
+        Self { split, ..self }
+    }
+}
+
+/// Checks one selection against the reference; returns the splits a row's scores had.
+fn run_with(gpu: &Gpu, s: AttnShape, o: SelectOptions, seed: u64, kn: Kernels) -> usize {
+    let Kernels {
+        topk,
+        split,
+        scores: score_kernel,
+        dtype,
+    } = kn;
+    let ctx = format!("seed {seed}, {s:?}, {o:?}, {kn:?}");
+    let tol = if dtype == DType::F16 { TOL_F16 } else { TOL };
+    let held = |x: Vec<f32>| {
+        if dtype == DType::F16 {
+            round_f16(&x)
+        } else {
+            x
+        }
+    };
     let mut rng = Rng::new(seed);
-    let q = rng.normal_vec(s.q_len(), 1.0);
-    let k = rng.normal_vec(s.kv_len(), 1.0);
+    let q = held(rng.normal_vec(s.q_len(), 1.0));
+    let k = held(rng.normal_vec(s.kv_len(), 1.0));
     let want = refsel::select(&s, &o, &q, &k).expect(&ctx);
     check_rows(
         &s,
         &o,
         &want.indices,
         &want.scores,
+        TOL,
         &format!("reference, {ctx}"),
     );
 
     let cfg = SelectConfig::new(o)
-        .dtype(DType::F32)
+        .dtype(dtype)
         .topk(topk)
+        .scores(score_kernel)
         .score_split(split);
     let op = BlockSelect::new(gpu, s, &cfg).expect(&ctx);
     assert_eq!(op.topk_kernel(), topk);
+    if score_kernel != ScoreKernel::Auto {
+        assert_eq!(op.score_kernel(), score_kernel, "{ctx}");
+    }
     let np = op.pooled();
     let (n_split, _) = op.score_split();
     if split == Some(usize::MAX) {
@@ -149,8 +193,8 @@ fn run_with(
     }
     let rows = s.batch * s.heads_kv * s.seq_q * s.group();
     let (tq, tk) = (
-        gpu.upload(&s.q_dims(), &q).unwrap(),
-        gpu.upload(&s.kv_dims(), &k).unwrap(),
+        gpu.upload_as(&s.q_dims(), &q, dtype).unwrap(),
+        gpu.upload_as(&s.kv_dims(), &k, dtype).unwrap(),
     );
     let scratch = SelectScratch {
         block_keys: gpu
@@ -198,13 +242,13 @@ fn run_with(
         }
     }
     let e = compare(&g, &w);
-    assert!(e.within(TOL), "scores {e:?} ({ctx})");
+    assert!(e.within(tol), "scores {e:?} ({ctx})");
     let sel = gpu.read_u32(&out).unwrap();
     assert!(
         !sel.contains(&POISON),
         "unwritten selection entries ({ctx})"
     );
-    check_rows(&s, &o, &sel, &want.scores, &format!("GPU, {ctx}"));
+    check_rows(&s, &o, &sel, &want.scores, tol, &format!("GPU, {ctx}"));
     let same = sel == want.indices;
     eprintln!("{ctx}: identical to the reference: {same}");
     n_split
@@ -292,6 +336,92 @@ fn selection_matches_reference() {
     run(&gpu, shape(1, 4, 2, 50, 70, 32), o, seed ^ 0x55);
     o.scoring = Scoring::InfLlmV2;
     run(&gpu, shape(1, 4, 2, 50, 70, 32), o, seed ^ 0x56);
+}
+
+/// The block scores on tensor cores (f16 q and k) against the reference on the same rounded
+/// inputs: groups from 1 to 32 query heads (a token per subgroup at 16, across two subgroups
+/// at 32), head dims 16 to 128, more pooled keys than a key tile, lengths that are not
+/// multiples of the block or of the tile's tokens, every scoring, causal or not, one token.
+/// Skipped with the reason where the device has no cooperative matrices (a failure under
+/// scripts/gpu-check.sh on one that has them).
+#[test]
+fn coop_block_scores_match_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let seed = Rng::fresh_seed();
+    eprintln!("seed {seed}");
+    let mut non_causal = opts(16, 3, 1, 0, Scoring::Ssa);
+    non_causal.causal = false;
+    let cases = [
+        (
+            shape(1, 16, 1, 100, 100, 64),
+            opts(16, 4, 0, 0, Scoring::Ssa),
+        ),
+        (
+            shape(2, 8, 2, 300, 300, 128),
+            opts(16, 6, 1, 1, Scoring::Ssa),
+        ),
+        (
+            shape(1, 16, 1, 1100, 1100, 48),
+            opts(16, 8, 1, 2, Scoring::Ssa),
+        ),
+        (
+            shape(1, 4, 1, 7, 700, 128),
+            opts(128, 5, 1, 2, Scoring::Ssa),
+        ),
+        (
+            shape(1, 2, 2, 130, 130, 64),
+            opts(32, 3, 0, 1, Scoring::Moba),
+        ),
+        (
+            shape(1, 8, 2, 333, 333, 32),
+            opts(64, 3, 1, 1, Scoring::InfLlmV2),
+        ),
+        (
+            shape(1, 32, 1, 150, 150, 16),
+            opts(16, 4, 0, 0, Scoring::Ssa),
+        ),
+        (shape(1, 16, 1, 1, 1, 64), opts(16, 1, 0, 0, Scoring::Ssa)),
+        (shape(1, 4, 2, 50, 70, 32), non_causal),
+    ];
+    let kn = Kernels {
+        topk: TopK::Sort,
+        split: None,
+        scores: ScoreKernel::Coop,
+        dtype: DType::F16,
+    };
+    for (i, (s, o)) in cases.into_iter().enumerate() {
+        let cfg = SelectConfig::new(o)
+            .dtype(DType::F16)
+            .scores(ScoreKernel::Coop);
+        if let Err(e) = BlockSelect::new(&gpu, s, &cfg) {
+            common::skip_coop(&gpu, "tensor-core block scores", false, &e);
+            return;
+        }
+        run_with(&gpu, s, o, seed.wrapping_add(i as u64), kn);
+    }
+    // A group of 3 never fills whole tokens into 16-row matrices: declined by name; the
+    // automatic choice then takes the tiled kernel, and f32 inputs always do.
+    let s3 = shape(1, 6, 2, 300, 300, 64);
+    let o = opts(16, 4, 0, 0, Scoring::Ssa);
+    let err = BlockSelect::new(
+        &gpu,
+        s3,
+        &SelectConfig::new(o)
+            .dtype(DType::F16)
+            .scores(ScoreKernel::Coop),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("3 query heads per kv head"), "{err}");
+    let auto = |s, dt| {
+        BlockSelect::new(&gpu, s, &SelectConfig::new(o).dtype(dt))
+            .unwrap()
+            .score_kernel()
+    };
+    assert_eq!(auto(s3, DType::F16), ScoreKernel::Tiled);
+    let big = shape(4, 16, 1, 4096, 4096, 128);
+    assert_eq!(auto(big, DType::F32), ScoreKernel::Tiled);
+    assert_eq!(auto(big, DType::F16), ScoreKernel::Coop);
 }
 
 #[test]
@@ -423,6 +553,19 @@ fn automatic_topk_kernel() {
     };
     assert_eq!(nosa(15), if sg { TopK::Subgroup } else { TopK::Sort });
     assert_eq!(nosa(16), TopK::Sort);
+    // The subgroup rounds take a subgroup per row where the adapter has one subgroup size and
+    // k fits its lanes; a workgroup per row otherwise (k = 70 in selection_matches_reference).
+    let rows = |k, kernel| {
+        let c = SelectConfig::new(opts(16, k, 0, 0, Scoring::Ssa)).topk(kernel);
+        BlockSelect::new(&gpu, s, &c).unwrap().topk_rows()
+    };
+    let (lo, hi) = gpu.adapter_subgroup_sizes();
+    eprintln!("subgroup sizes {lo}..{hi}");
+    assert_eq!(rows(3, TopK::Sort), 1);
+    if sg {
+        assert_eq!(rows(3, TopK::Subgroup) > 1, lo == hi && lo >= 4);
+        assert_eq!(rows(lo as usize + 1, TopK::Subgroup), 1);
+    }
     assert!(
         TopK::parse("heap")
             .unwrap_err()

@@ -78,6 +78,10 @@ const SOURCES: &[(&str, &str)] = &[
         "block_topk_sg.wgsl",
         include_str!("../../shaders/block_topk_sg.wgsl"),
     ),
+    (
+        "block_scores_coop.wgsl",
+        include_str!("../../shaders/block_scores_coop.wgsl"),
+    ),
     ("fill.wgsl", include_str!("../../shaders/fill.wgsl")),
     ("decode.wgsl", include_str!("../../shaders/decode.wgsl")),
     ("kv_cache.wgsl", include_str!("../../shaders/kv_cache.wgsl")),

@@ -517,6 +517,101 @@ fn sparse_key(d: u32, blk: u32, has_bias: bool, t: SparseTiles) -> PipelineKey {
     }
 }
 
+/// Developer knob for the block scores' tile: `SPARSE_ATTN_COOP_SCORES=nsg,bk` (e.g. `8,32`).
+pub const SCORES_COOP_ENV: &str = "SPARSE_ATTN_COOP_SCORES";
+
+/// Tile of the block scores on tensor cores (`shaders/block_scores_coop.wgsl`): `nsg`
+/// subgroups of 16 query rows (whole tokens: the group divides 16·nsg), `bk` pooled keys staged
+/// a step (a multiple of 32: two multiply-add chains).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ScoreTiles {
+    pub nsg: u32,
+    pub bk: u32,
+}
+
+impl ScoreTiles {
+    /// The first tile in order of preference that fits `max_shared` at head dim `d` and holds
+    /// whole tokens of `g` query heads.
+    fn for_shape(d: u32, g: u32, max_shared: u32) -> Option<ScoreTiles> {
+        let knob = crate::ops::tiles::tuning(SCORES_COOP_ENV, None).and_then(|n| match n[..] {
+            [nsg, bk] if [1, 2, 4, 8].contains(&nsg) && [32, 64, 128].contains(&bk) => {
+                Some(ScoreTiles { nsg, bk })
+            }
+            _ => {
+                log::warn!("ignoring {SCORES_COOP_ENV}={n:?} (want nsg in 1,2,4,8, bk 32,64,128)");
+                None
+            }
+        });
+        // H200, 16384 tokens, d 128, G 16, blocks of 16 (bench/results/h200-select-2026-12-02/):
+        // 8x32 3.47 ms, 4x32 3.54, 2x32 7.01, 1x32 18.3; 4x64 7.75, 2x64 23.3, 4x128 7.79.
+        let order = [(8, 32), (4, 32), (2, 32), (1, 32)];
+        knob.into_iter()
+            .chain(order.map(|(nsg, bk)| ScoreTiles { nsg, bk }))
+            .find(|t| (16 * t.nsg).is_multiple_of(g) && t.shared_bytes(d) <= max_shared)
+    }
+
+    pub(crate) fn rows(&self) -> u32 {
+        16 * self.nsg
+    }
+
+    fn shared_bytes(&self, d: u32) -> u32 {
+        // The staged key tile (f16; the Q tile goes through it in rounds), the f32 scratch.
+        self.bk * (d + 8) * 2 + self.rows() * (self.bk + 4) * 4
+    }
+
+    /// The tile constants (the selection adds its own: BLK, NBP, NOSA, VARLEN).
+    pub(crate) fn constants(&self, d: u32) -> Vec<(&'static str, u32)> {
+        vec![
+            ("D", d),
+            ("DQ", d / 16),
+            ("DP", d + 8),
+            ("BK", self.bk),
+            ("NSG", self.nsg),
+            ("NT", SUBGROUP * self.nsg),
+            ("BQ", self.rows()),
+            ("KV", self.bk * (d + 8)),
+            ("QR", self.bk),
+        ]
+    }
+}
+
+/// Does the device run the block scores on tensor cores for head dim `d` and `g` query heads
+/// per kv head? The error says what is missing.
+pub(crate) fn scores_supported(gpu: &Gpu, d: usize, g: usize) -> Result<ScoreTiles> {
+    device_supported(gpu)?;
+    head_dim_ok(d)?;
+    let l = gpu.limits();
+    ScoreTiles::for_shape(d as u32, g as u32, l.max_compute_workgroup_storage_size)
+        .filter(|t| SUBGROUP * t.nsg <= l.max_compute_invocations_per_workgroup)
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "the tensor-core block scores take groups of query heads that divide 128 (whole                  tokens in a tile of 16-row matrices) and a tile that fits {} bytes of workgroup                  memory at head_dim {d}; this selection has {g} query heads per kv head",
+                l.max_compute_workgroup_storage_size
+            ))
+        })
+}
+
+/// The block scores' pipeline key: the tile's constants and the selection's (blocks of `blk`,
+/// NOSA's bindings, decoding's lengths).
+pub(crate) fn scores_key(d: u32, t: ScoreTiles, blk: u32, nosa: bool, varlen: bool) -> PipelineKey {
+    let mut constants = t.constants(d);
+    constants.extend([
+        ("BLK", blk),
+        // Sizes only select_common.wgsl's top-k array, which this entry does not use; 16 keeps
+        // every workgroup array a multiple of 64 bytes (see the test below).
+        ("NBP", 16),
+        ("NOSA", nosa as u32),
+        ("VARLEN", varlen as u32),
+    ]);
+    PipelineKey {
+        file: "block_scores_coop.wgsl",
+        entry: "block_scores_coop",
+        constants,
+        checked: false,
+        storage: Storage::F16,
+    }
+}
+
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
     use super::*;
@@ -651,6 +746,35 @@ mod tests {
         );
     }
 
+    /// The block scores through naga for head dims, groups and the selection's variants; and
+    /// every head dim gets a tile at the groups that divide 128.
+    #[test]
+    fn coop_scores_compile_to_spirv() {
+        for d in [16, 48, 64, 128, 256] {
+            for g in [1, 2, 4, 8, 16, 32, 64, 128] {
+                let t = ScoreTiles::for_shape(d, g, 48 * 1024)
+                    .unwrap_or_else(|| panic!("d={d} g={g}: no tile fits"));
+                assert!(t.shared_bytes(d) <= 48 * 1024 && (t.rows()).is_multiple_of(g));
+            }
+            assert_eq!(ScoreTiles::for_shape(d, 3, 48 * 1024), None);
+        }
+        assert_eq!(
+            ScoreTiles::for_shape(128, 16, 48 * 1024),
+            Some(ScoreTiles { nsg: 8, bk: 32 })
+        );
+        for (d, g, nosa, varlen) in [
+            (16, 1, false, false),
+            (48, 4, true, false),
+            (64, 16, false, true),
+            (128, 16, false, false),
+            (256, 32, true, true),
+        ] {
+            let t = ScoreTiles::for_shape(d, g, 48 * 1024).unwrap();
+            let src = crate::gpu::preprocess(&scores_key(d, t, 16, nosa, varlen)).unwrap();
+            spirv(&src, &format!("scores d={d} g={g}"));
+        }
+    }
+
     /// Cooperative loads from workgroup memory read the wrong data on the H100 (driver 580)
     /// when a workgroup array of the kernel is not a multiple of 64 bytes
     /// (docs/BENCHMARKS.md, "A driver pitfall"). Every coop kernel keeps to that.
@@ -674,6 +798,12 @@ mod tests {
                 let b = SparseBwdTiles::new(d, g, 16, 48 * 1024).unwrap();
                 let (dq, dkdv) = sparse_bwd_keys(d, 16, false, st, b);
                 keys.extend([dq, dkdv]);
+            }
+        }
+        for d in [16, 48, 64, 128, 256] {
+            for g in [1, 16, 32] {
+                let t = ScoreTiles::for_shape(d, g, 48 * 1024).unwrap();
+                keys.push(scores_key(d, t, 16, true, true));
             }
         }
         for key in keys {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result, invalid};
 use crate::gpu::{DType, Gpu, Pipeline, PipelineKey, Storage, Tensor};
+use crate::ops::coop::ScoreTiles;
 use crate::ops::launch::{
     self, Arg, Chunk, Window, check_args, input, output, plan_units, window_sized,
 };
@@ -208,6 +209,40 @@ impl TopK {
     }
 }
 
+/// Which kernel computes the block scores. Both compute the same scores (the tensor cores
+/// from f16 operands: the pooled keys are rounded to f16 for the product).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreKernel {
+    /// Tensor cores where the device, dtype and shape allow (see [`ScoreKernel::Coop`]) and a
+    /// launch has enough tiles to fill the GPU without splitting rows, else the tiled kernel.
+    Auto,
+    /// f32 arithmetic on any device (`block_scores` in `shaders/block_select.wgsl`); splits
+    /// rows over workgroups where there are few (`SelectConfig::score_split`).
+    Tiled,
+    /// Cooperative matrices (`shaders/block_scores_coop.wgsl`, `ops::coop`): native f16 q and
+    /// k, a group of query heads that divides 128, no split rows, not decoding's row kernels.
+    Coop,
+}
+
+impl ScoreKernel {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(ScoreKernel::Auto),
+            "tiled" => Ok(ScoreKernel::Tiled),
+            "coop" => Ok(ScoreKernel::Coop),
+            _ => invalid!("unknown block-score kernel `{s}` (known: auto, tiled, coop)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreKernel::Auto => "auto",
+            ScoreKernel::Tiled => "tiled",
+            ScoreKernel::Coop => "coop",
+        }
+    }
+}
+
 /// The tensors the pooling kernels read and write (`lens` while decoding).
 #[derive(Clone, Copy)]
 struct PoolIo<'a> {
@@ -272,6 +307,10 @@ pub struct BlockSelect {
     evict_pool: Option<Arc<Pipeline>>,
     /// The top-k kernel running (Sort or Subgroup).
     topk_kernel: TopK,
+    /// Rows per top-k workgroup: 1, or (`block_topk_row`) one per subgroup.
+    topk_rows: u32,
+    /// The block-score kernel running (Tiled or Coop).
+    score_kernel: ScoreKernel,
     storage: Storage,
     decoding: bool,
     ring: Option<usize>,
@@ -285,6 +324,9 @@ pub struct SelectConfig {
     pub dtype: DType,
     /// The top-k kernel (an error where the device cannot run the one asked for).
     pub topk: TopK,
+    /// The block-score kernel (an error where the device or shape cannot run the one asked
+    /// for).
+    pub scores: ScoreKernel,
     /// Decoding over KV caches (the shape's seq_k is their capacity, seq_q the new tokens):
     /// each sequence has its own length (a u32 tensor `[batch]`), and the pooled keys and
     /// eviction scores persist in the [`SelectScratch`] across steps, pooled as windows
@@ -306,6 +348,7 @@ impl SelectConfig {
             options,
             dtype: DType::F32,
             topk: TopK::Auto,
+            scores: ScoreKernel::Auto,
             decoding: false,
             score_split: None,
             ring: None,
@@ -334,6 +377,10 @@ impl SelectConfig {
     pub fn topk(self, topk: TopK) -> Self {
         Self { topk, ..self }
     }
+
+    pub fn scores(self, scores: ScoreKernel) -> Self {
+        Self { scores, ..self }
+    }
 }
 
 /// Developer knob: `SPARSE_ATTN_ROWS_SG=0` keeps decoding's row logits at a thread per pooled
@@ -355,12 +402,33 @@ fn rows_subgroups(gpu: &Gpu, nt: u32, head_dim: usize) -> bool {
         && knob.is_none_or(|v| v != [0])
 }
 
+/// Developer knob: `SPARSE_ATTN_TOPK_ROWS=0` keeps the subgroup top-k at a workgroup per row
+/// where a subgroup per row could run.
+pub const TOPK_ROWS_ENV: &str = "SPARSE_ATTN_TOPK_ROWS";
+
+/// Lanes per row of the subgroup top-k's one-subgroup-per-row form (`block_topk_row`), or
+/// `None` where it cannot run: it needs one subgroup size on the adapter that tiles the
+/// workgroup of `nt`, k winners at most one per lane, and at most 64 blocks per lane (`nbp`
+/// blocks rounded up to a power of two).
+fn row_topk_lanes(gpu: &Gpu, nt: u32, k: usize, nbp: u32) -> Option<u32> {
+    let (lo, hi) = gpu.adapter_subgroup_sizes();
+    let knob = crate::ops::tiles::tuning(TOPK_ROWS_ENV, None);
+    (lo == hi
+        && lo >= 4
+        && nt.is_multiple_of(lo)
+        && k <= lo as usize
+        && nbp.div_ceil(lo) <= 64
+        && knob.is_none_or(|v| v != [0]))
+    .then_some(lo)
+}
+
 impl BlockSelect {
     pub fn new(gpu: &Gpu, shape: AttnShape, config: &SelectConfig) -> Result<Self> {
         let SelectConfig {
             options: opts,
             dtype,
             topk,
+            scores: score_kernel,
             decoding,
             score_split,
             ring,
@@ -412,6 +480,10 @@ impl BlockSelect {
                 l.max_compute_invocations_per_workgroup
             )));
         }
+        let topk_rows = match topk_kernel {
+            TopK::Subgroup => row_topk_lanes(gpu, nt, opts.k, nbp),
+            _ => None,
+        };
         // Decoding's few rows: a thread per pooled key (where its workgroup memory fits).
         let rows = match decoding && shape.seq_q * shape.group() <= ROWS_MAX {
             true => shape.seq_q * shape.group(),
@@ -423,8 +495,38 @@ impl BlockSelect {
             false => 0,
         };
         let rows_sg = rows > 0 && rows_subgroups(gpu, nt, shape.head_dim);
-        let tokens_per_wg = match rows {
-            0 => tiles.rows() / g,
+        // The block scores on tensor cores, where asked for or (Auto) where they run unsplit
+        // with enough tiles to fill the GPU.
+        let coop_ok = || -> Result<ScoreTiles> {
+            if storage != Storage::F16 {
+                return Err(Error::Unsupported(format!(
+                    "the tensor-core block scores take native f16 q and k, not {}",
+                    storage.name()
+                )));
+            }
+            if rows > 0 {
+                return Err(Error::Unsupported(format!(
+                    "decoding's {rows} rows per kv head are scored by the row kernels"
+                )));
+            }
+            if score_split.is_some_and(|n| n < pooled_len(&opts, shape.seq_k)) {
+                return Err(Error::Unsupported(
+                    "the tensor-core block scores do not split rows (score_split)".into(),
+                ));
+            }
+            crate::ops::coop::scores_supported(gpu, shape.head_dim, g as usize)
+        };
+        let coop = match score_kernel {
+            ScoreKernel::Tiled => None,
+            ScoreKernel::Coop => Some(coop_ok()?),
+            ScoreKernel::Auto => coop_ok().ok().filter(|t| {
+                let tiles = shape.seq_q.div_ceil((t.rows() / g) as usize);
+                tiles * shape.batch * shape.heads_kv >= score_workgroups(SCORE_WORKGROUPS)
+            }),
+        };
+        let tokens_per_wg = match (coop, rows) {
+            (Some(t), _) => t.rows() / g,
+            (None, 0) => tiles.rows() / g,
             _ => shape.seq_q as u32,
         };
         let (d, sq, sk) = (
@@ -467,7 +569,10 @@ impl BlockSelect {
                 np.div_ceil(want).next_multiple_of(bk)
             }
         };
-        let n_split = np.div_ceil(split_np).clamp(1, max_x / tiles_x);
+        let n_split = match coop {
+            Some(_) => 1,
+            None => np.div_ceil(split_np).clamp(1, max_x / tiles_x),
+        };
         let split_np = np.div_ceil(n_split).next_multiple_of(unit);
         let two_pass = rows > 0 || (n_split > 1 && opts.scoring != Scoring::Moba);
         let e = dtype.size() as u64;
@@ -490,7 +595,7 @@ impl BlockSelect {
             l.max_compute_workgroups_per_dimension as u64,
         )?;
         let key = |entry| PipelineKey {
-            file: if entry == "block_topk_sg" {
+            file: if entry == "block_topk_sg" || entry == "block_topk_row" {
                 "block_topk_sg.wgsl"
             } else {
                 "block_select.wgsl"
@@ -522,10 +627,23 @@ impl BlockSelect {
             nt,
             tokens_per_wg,
             keys: gpu.pipeline(&key("block_keys"))?,
-            scores: gpu.pipeline(&key(match rows {
-                0 => "block_scores",
-                _ => "row_scores",
-            }))?,
+            scores: match coop {
+                Some(t) => gpu.pipeline(&crate::ops::coop::scores_key(
+                    shape.head_dim as u32,
+                    t,
+                    opts.block as u32,
+                    opts.evict > 0,
+                    decoding,
+                ))?,
+                None => gpu.pipeline(&key(match rows {
+                    0 => "block_scores",
+                    _ => "row_scores",
+                }))?,
+            },
+            score_kernel: match coop {
+                Some(_) => ScoreKernel::Coop,
+                None => ScoreKernel::Tiled,
+            },
             lse: match (rows, two_pass) {
                 (0, false) => None,
                 (0, true) => Some(gpu.pipeline(&key("block_lse"))?),
@@ -535,10 +653,19 @@ impl BlockSelect {
             rows_sg,
             n_split,
             split_np,
-            topk: gpu.pipeline(&key(match topk_kernel {
-                TopK::Subgroup => "block_topk_sg",
-                _ => "block_topk",
-            }))?,
+            topk: gpu.pipeline(&match (topk_kernel, topk_rows) {
+                (TopK::Subgroup, lanes) => {
+                    let mut k = key(match lanes {
+                        Some(_) => "block_topk_row",
+                        None => "block_topk_sg",
+                    });
+                    // The slots a row's blocks are dealt to: lanes, or the workgroup's threads.
+                    k.constants.push(("SLOTS", lanes.unwrap_or(nt)));
+                    k
+                }
+                _ => key("block_topk"),
+            })?,
+            topk_rows: topk_rows.map_or(1, |sgs| nt / sgs),
             evict_pool: match opts.evict > 0 {
                 true => Some(gpu.pipeline(&key("evict_pool"))?),
                 false => None,
@@ -563,6 +690,17 @@ impl BlockSelect {
 
     pub fn topk_kernel(&self) -> TopK {
         self.topk_kernel
+    }
+
+    /// Rows per top-k workgroup: 1, or more where the subgroup top-k takes a subgroup per row
+    /// (`block_topk_row`; see `row_topk_lanes`).
+    pub fn topk_rows(&self) -> u32 {
+        self.topk_rows
+    }
+
+    /// The block-score kernel this selection runs (Tiled or Coop).
+    pub fn score_kernel(&self) -> ScoreKernel {
+        self.score_kernel
     }
 
     /// Blocks of the key sequence.
@@ -892,10 +1030,10 @@ impl BlockSelect {
             (Some(_), Some(ep)) => vec![(7, ep, w(Class::EPool))],
             _ => vec![],
         };
-        // One workgroup per row: the 2-D grid counts workgroups, not threads.
+        // A workgroup per row (or per topk_rows rows): the 2-D grid counts workgroups.
         let max_x = gpu.limits().max_compute_workgroups_per_dimension as u64;
-        let rows = units as u64 * s.seq_q as u64;
-        let gx = rows.min(max_x);
+        let wgs = (units as u64 * s.seq_q as u64).div_ceil(self.topk_rows as u64);
+        let gx = wgs.min(max_x);
         let p = Params {
             grid_x: gx as u32,
             ..base
@@ -906,7 +1044,7 @@ impl BlockSelect {
             &self.topk,
             bytemuck::bytes_of(&p),
             &[&[scores, (5, out, w(Class::Sel))][..], &epool, &lens_view].concat(),
-            (gx as u32, rows.div_ceil(gx) as u32),
+            (gx as u32, wgs.div_ceil(gx) as u32),
         );
     }
 

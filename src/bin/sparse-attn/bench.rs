@@ -138,6 +138,8 @@ pub struct SparseBench {
     pub backward: &'static str,
     /// The selection's top-k kernel that ran (`sort` or `subgroup`).
     pub topk: &'static str,
+    /// The selection's block-score kernel that ran (`tiled` or `coop`).
+    pub scores: &'static str,
     /// The sparse attention had a per-key bias (NOSA).
     pub bias: bool,
 }
@@ -197,7 +199,6 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
             SelectConfig {
                 options: select,
                 dtype,
-                topk,
                 ..
             },
         forward,
@@ -222,11 +223,7 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
     let evict = key_scores.as_ref().filter(|_| select.evict > 0);
     let bias_t = key_scores.as_ref().filter(|_| bias);
     let sel_in = SelectInputs::new(&q, &k).evict(evict);
-    let selector = BlockSelect::new(
-        gpu,
-        shape,
-        &SelectConfig::new(select).dtype(dtype).topk(topk),
-    )?;
+    let selector = BlockSelect::new(gpu, shape, &run.select)?;
     let scratch = selector.scratch(gpu)?;
     let sel = gpu.empty(&selector.selection_dims(), DType::U32)?;
     let t_sel = gpu.time(reps, |enc| {
@@ -292,6 +289,7 @@ pub fn bench_sparse(gpu: &Gpu, shape: AttnShape, run: &SparseRun) -> Result<Spar
         forward: sparse.forward_kernel().name(),
         backward: sparse.backward_kernel().name(),
         topk: selector.topk_kernel().name(),
+        scores: selector.score_kernel().name(),
         bias,
     })
 }
@@ -310,6 +308,7 @@ impl SparseBench {
             "forward": self.forward,
             "backward": self.backward,
             "topk": self.topk,
+            "scores": self.scores,
             "batch": s.batch, "heads_q": s.heads_q, "heads_kv": s.heads_kv,
             "seq_q": s.seq_q, "seq_k": s.seq_k, "head_dim": s.head_dim,
             "causal": self.select.causal,

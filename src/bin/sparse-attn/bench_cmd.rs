@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use sparse_attn::gpu::{DType, Gpu, GpuOptions, Reps, Storage};
 use sparse_attn::ops::attention::{Variant, Variants, auto_variants, variant_supported};
-use sparse_attn::ops::select::TopK;
+use sparse_attn::ops::select::{ScoreKernel, TopK};
 use sparse_attn::problem::check_head_dim;
 use sparse_attn::{AttnOptions, Error, FullAttention, FullConfig, SelectConfig};
 
@@ -68,6 +68,10 @@ pub struct SparseArgs {
     /// subgroup (subgroup arg-max rounds; needs subgroup operations).
     #[arg(long, default_value = "auto")]
     pub topk_kernel: String,
+    /// Block-score kernel of the selection: auto (the library's choice), tiled (f32, anywhere),
+    /// or coop (tensor cores: f16, groups that divide 128).
+    #[arg(long, default_value = "auto")]
+    pub score_kernel: String,
     /// Sparse attention with a random per-key bias (NOSA), forward and backward (d bias).
     #[arg(long)]
     pub bias: bool,
@@ -220,7 +224,8 @@ pub fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, E
             let run = SparseRun {
                 select: SelectConfig::new(sel)
                     .dtype(parse_dtype(&a.dtype)?)
-                    .topk(TopK::parse(&a.topk_kernel)?),
+                    .topk(TopK::parse(&a.topk_kernel)?)
+                    .scores(ScoreKernel::parse(&a.score_kernel)?),
                 forward: parse_kernel(&a.forward)?,
                 backward: parse_kernel(&a.backward)?,
                 with_backward: !a.no_backward,
@@ -281,6 +286,9 @@ pub fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, E
         let mut topk: Vec<&str> = results.iter().map(|r| r.topk).collect();
         topk.dedup();
         println!("selection top-k kernel: {}", topk.join(", "));
+        let mut scores: Vec<&str> = results.iter().map(|r| r.scores).collect();
+        scores.dedup();
+        println!("selection block-score kernel: {}", scores.join(", "));
         println!(
             "causal. speedup = dense causal forward / (selection + sparse forward); sel % = \
              selection's share of that time; eq TF/s = dense causal FLOPs per second of that time; \
