@@ -14,7 +14,7 @@
 // Pooled keys past the tile's candidates are not multiplied; their scores are NEG.
 // Constants: D, DQ = D/16, DP = D + 8 (staged f16 row stride), BK (pooled keys a step, a
 // multiple of 32), NSG, NT = 32·NSG, BQ = 16·NSG, KV = staged rows · DP (the key tile, or QR
-// rows of Q a round), QR; and select_common.wgsl's BLK, NBP, NOSA, VARLEN.
+// rows of Q a round), QR; and select_common.wgsl's BLK, NBP, NOSA, VARLEN (0: prefill only).
 //#include "attn_params.wgsl"
 //#include "select_common.wgsl"
 enable wgpu_cooperative_matrix;

@@ -413,6 +413,15 @@ fn coop_block_scores_match_reference() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("3 query heads per kv head"), "{err}");
+    // Decoding keeps the tiled kernel (the tensor-core one is for prefill).
+    let dec = SelectConfig::new(o)
+        .dtype(DType::F16)
+        .scores(ScoreKernel::Coop)
+        .decoding(true);
+    let err = BlockSelect::new(&gpu, shape(2, 16, 1, 16, 600, 64), &dec)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prefill"), "{err}");
     let auto = |s, dt| {
         BlockSelect::new(&gpu, s, &SelectConfig::new(o).dtype(dt))
             .unwrap()

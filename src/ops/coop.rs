@@ -592,8 +592,8 @@ pub(crate) fn scores_supported(gpu: &Gpu, d: usize, g: usize) -> Result<ScoreTil
 }
 
 /// The block scores' pipeline key: the tile's constants and the selection's (blocks of `blk`,
-/// NOSA's bindings, decoding's lengths).
-pub(crate) fn scores_key(d: u32, t: ScoreTiles, blk: u32, nosa: bool, varlen: bool) -> PipelineKey {
+/// NOSA's bindings). Prefill only: select_common.wgsl's decoding lengths (VARLEN) stay off.
+pub(crate) fn scores_key(d: u32, t: ScoreTiles, blk: u32, nosa: bool) -> PipelineKey {
     let mut constants = t.constants(d);
     constants.extend([
         ("BLK", blk),
@@ -601,7 +601,7 @@ pub(crate) fn scores_key(d: u32, t: ScoreTiles, blk: u32, nosa: bool, varlen: bo
         // every workgroup array a multiple of 64 bytes (see the test below).
         ("NBP", 16),
         ("NOSA", nosa as u32),
-        ("VARLEN", varlen as u32),
+        ("VARLEN", 0),
     ]);
     PipelineKey {
         file: "block_scores_coop.wgsl",
@@ -762,15 +762,15 @@ mod tests {
             ScoreTiles::for_shape(128, 16, 48 * 1024),
             Some(ScoreTiles { nsg: 8, bk: 32 })
         );
-        for (d, g, nosa, varlen) in [
-            (16, 1, false, false),
-            (48, 4, true, false),
-            (64, 16, false, true),
-            (128, 16, false, false),
-            (256, 32, true, true),
+        for (d, g, nosa) in [
+            (16, 1, false),
+            (48, 4, true),
+            (64, 16, false),
+            (128, 16, false),
+            (256, 32, true),
         ] {
             let t = ScoreTiles::for_shape(d, g, 48 * 1024).unwrap();
-            let src = crate::gpu::preprocess(&scores_key(d, t, 16, nosa, varlen)).unwrap();
+            let src = crate::gpu::preprocess(&scores_key(d, t, 16, nosa)).unwrap();
             spirv(&src, &format!("scores d={d} g={g}"));
         }
     }
@@ -803,7 +803,7 @@ mod tests {
         for d in [16, 48, 64, 128, 256] {
             for g in [1, 16, 32] {
                 let t = ScoreTiles::for_shape(d, g, 48 * 1024).unwrap();
-                keys.push(scores_key(d, t, 16, true, true));
+                keys.push(scores_key(d, t, 16, true));
             }
         }
         for key in keys {
