@@ -3,20 +3,13 @@
 # headless with WebGPU on SwiftShader through the page (tests/browser/demo.test.mjs), compare
 # what the page computed with the native library, and keep screenshots in
 # target/browser-artifacts/ (demo.png, no-webgpu.png).
-# Installs what it needs when missing: chromium (apt), the node packages (npm ci), and what
-# scripts/web-build.sh installs. The native side needs a Vulkan driver (scripts/test.sh
+# Installs what it needs when missing: chromium and the node packages (scripts/browser-deps.sh),
+# and what scripts/web-build.sh installs. The native side needs a Vulkan driver (scripts/test.sh
 # installs lavapipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-if ! command -v chromium >/dev/null; then
-    sudo_cmd=""
-    [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq chromium
-fi
-command -v node >/dev/null || { echo "node >= 20 (for playwright-core) is needed for the browser test" >&2; exit 1; }
-(cd tests/browser && npm ci --no-audit --no-fund --silent)
+bash scripts/browser-deps.sh
 bash scripts/web-build.sh web/dist
 # The native side: SPARSE_ATTN_BIN when given (CI passes the CLI its test build made), else a
 # release build of the CLI (no training stack).
