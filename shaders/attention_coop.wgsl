@@ -96,11 +96,11 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
         var x: array<f32, HB>;
         if (key0 + BK <= seen_by_all) {
             for (var c = 0u; c < HB; c++) {
-                x[c] = scr[sb + r * SP + 2u * c + half] * prm.scale_log2;
+                x[c] = scr[sb + r * SP + lane_col(c, HB, r, half)] * prm.scale_log2;
             }
         } else {
             for (var c = 0u; c < HB; c++) {
-                let col = 2u * c + half;
+                let col = lane_col(c, HB, r, half);
                 x[c] = select(NEG, scr[sb + r * SP + col] * prm.scale_log2,
                     visible(row, key0 + col));
             }

@@ -104,7 +104,7 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         scores(&qa, 0u, sb);
         var p: array<f32, HB>;
         for (var c = 0u; c < HB; c++) {
-            let col = 2u * c + half;
+            let col = lane_col(c, HB, r, half);
             let s = scr[sb + r * SP + col];
             p[c] = select(0.0, exp2(s * prm.scale_log2 - lse2), visible(row, key0 + col));
         }
@@ -112,7 +112,7 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         workgroupBarrier();
         scores(&da, BK * DP, sb);
         for (var c = 0u; c < HB; c++) {
-            let col = 2u * c + half;
+            let col = lane_col(c, HB, r, half);
             pm[pb + r * PP + col] = f16(p[c] * (scr[sb + r * SP + col] - rd));
         }
         workgroupBarrier();
@@ -194,7 +194,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             scores(&ka, 0u, sb);
             var p: array<f32, HB>;
             for (var c = 0u; c < HB; c++) {
-                let col = 2u * c + half;
+                let col = lane_col(c, HB, r, half);
                 let s = scr[sb + r * SP + col];
                 p[c] = select(0.0, exp2(s * prm.scale_log2 - tile_lse[col]),
                     key < prm.seq_k && visible(row0 + col, key));
@@ -203,7 +203,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             scores(&va, BK * DP, sb);
             var ds: array<f32, HB>;
             for (var c = 0u; c < HB; c++) {
-                let col = 2u * c + half;
+                let col = lane_col(c, HB, r, half);
                 ds[c] = p[c] * (scr[sb + r * SP + col] - tile_d[col]);
                 pm[pb + r * PP + col] = f16(p[c]);
             }
@@ -212,7 +212,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             // Every lane's P fragments are loaded before dS overwrites them.
             workgroupBarrier();
             for (var c = 0u; c < HB; c++) {
-                pm[pb + r * PP + 2u * c + half] = f16(ds[c]);
+                pm[pb + r * PP + lane_col(c, HB, r, half)] = f16(ds[c]);
             }
             workgroupBarrier();
             accumulate_o(&acck, 0u, pb);

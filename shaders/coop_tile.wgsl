@@ -10,6 +10,7 @@
 //   accumulate_pv   (the sparse dK/dV) per 16-column slice: a product from zero through the
 //                   scratch into the lanes' f32 registers, which its phases add up
 //   store_o         those registers through the scratch, written as vec4 rows
+// A lane's values of a row sit at the columns lane_col gives (coop_lanes.wgsl).
 // The forwards keep O in accumulator matrices, which a row of P·V adds to on the tensor core; a
 // matrix cannot be scaled row by row, so when a row's maximum grows the subgroup sends its O
 // matrices once through the scratch. The running maximum is lazy (a row keeps a stale maximum
@@ -30,12 +31,14 @@
 // stride D + 8: rows 16 bytes apart in bank space), KV (staging halves), OW (O slices per round;
 // divides D/16 and BK/16), PAIRS, SG_SYNC.
 
+//#include "coop_lanes.wgsl"
+
 const RESCALE: f32 = 8.0;
 const NJ: u32 = BK / 16u;
 // Columns of a tile per lane, and f32 / f16 scratch row strides (16-byte multiples, offset so the
 // 16 rows of a column do not all share a bank).
 const HB: u32 = BK / 2u;
-const SP: u32 = BK + 4u;
+const SP: u32 = BK + SPAD;
 const PP: u32 = BK + 8u;
 
 alias MatA = coop_mat16x16<f16, A>;
@@ -118,7 +121,7 @@ fn online_softmax(x: ptr<function, array<f32, HB>>, m: ptr<function, f32>,
 //#for I in 0..DQ
         coopStoreT((*o)[{I}], &scr[sb], SP);
         sg_sync();
-        scale_row(sb + r * SP + half, alpha);
+        scale_row(sb, r, half, alpha);
         sg_sync();
         (*o)[{I}] = coopLoadT<MatC>(&scr[sb], SP);
         sg_sync();
@@ -131,7 +134,7 @@ fn online_softmax(x: ptr<function, array<f32, HB>>, m: ptr<function, f32>,
     for (var c = 0u; c < HB; c++) {
         let p = select(0.0, exp2((*x)[c] - *m), (*x)[c] != NEG);
         *l += p;
-        pm[pb + r * PP + 2u * c + half] = f16(p);
+        pm[pb + r * PP + lane_col(c, HB, r, half)] = f16(p);
     }
     sg_sync();
 }
@@ -151,10 +154,10 @@ fn accumulate_o(o: ptr<function, array<MatC, DQ>>, vb: u32, pb: u32) {
     }
 }
 
-// The lane's 8 columns of a 16-column row in the scratch at `at` (columns at + 2c) times `f`.
-fn scale_row(at: u32, f: f32) {
+// The lane's 8 columns of row r of the 16 x 16 block in the scratch at `sb`, times `f`.
+fn scale_row(sb: u32, r: u32, half: u32, f: f32) {
     for (var c = 0u; c < 8u; c++) {
-        scr[at + 2u * c] *= f;
+        scr[sb + r * SP + lane_col(c, 8u, r, half)] *= f;
     }
 }
 
@@ -167,7 +170,7 @@ fn store_acc(o: ptr<function, array<MatC, DQ>>, inv: f32, base: u32, stride: u32
     sg_sync();
     coopStoreT((*o)[{I}], &scr[sb], SP);
     sg_sync();
-    scale_row(sb + r * SP + half, inv);
+    scale_row(sb, r, half, inv);
     sg_sync();
     store_cols(base + {I} * 4u, stride, nrows, sb, lane);
 //#endfor
@@ -219,7 +222,7 @@ fn accumulate_pv(acc: ptr<function, array<f32, D / 2u>>, vb: u32, sb: u32, pb: u
         }
         workgroupBarrier();
         for (var c = 0u; c < OW * 8u; c++) {
-            (*acc)[i0 * 8u + c] += scr[sb + r * SP + 2u * c + half];
+            (*acc)[i0 * 8u + c] += scr[sb + r * SP + lane_col(c, OW * 8u, r, half)];
         }
         workgroupBarrier();
     }
@@ -232,7 +235,7 @@ fn store_o(acc: ptr<function, array<f32, D / 2u>>, inv: f32, base: u32, stride: 
     for (var i0 = 0u; i0 < DQ; i0 += OW) {
         workgroupBarrier();
         for (var c = 0u; c < OW * 8u; c++) {
-            scr[sb + r * SP + 2u * c + half] = (*acc)[i0 * 8u + c] * inv;
+            scr[sb + r * SP + lane_col(c, OW * 8u, r, half)] = (*acc)[i0 * 8u + c] * inv;
         }
         workgroupBarrier();
         for (var e = lane; e < 16u * OW * 4u; e += 32u) {

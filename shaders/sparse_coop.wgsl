@@ -85,7 +85,7 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
         scores(&qa, st, sb);
         var x: array<f32, HB>;
         for (var c = 0u; c < HB; c++) {
-            let col = 2u * c + half;
+            let col = lane_col(c, HB, r, half);
             let key = list_key(&tk, i0 + col);
             x[c] = select(NEG, fma(scr[sb + r * SP + col], prm.scale_log2, key_bias(&tk, key)),
                 key != NO_KEY);

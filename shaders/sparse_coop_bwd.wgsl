@@ -104,7 +104,7 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         scores(&qa, st, sb);
         var p: array<f32, HB>;
         for (var c = 0u; c < HB; c++) {
-            let col = 2u * c + half;
+            let col = lane_col(c, HB, r, half);
             let key = list_key(&tk, i0 + col);
             let s = fma(scr[sb + r * SP + col], prm.scale_log2, key_bias(&tk, key));
             p[c] = select(0.0, exp2(s - lse2), key != NO_KEY);
@@ -113,7 +113,7 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         workgroupBarrier();
         scores(&da, st + BK * DP, sb);
         for (var c = 0u; c < HB; c++) {
-            let col = 2u * c + half;
+            let col = lane_col(c, HB, r, half);
             pm[pb + r * PP + col] = f16(p[c] * (scr[sb + r * SP + col] - rd));
         }
         workgroupBarrier();
@@ -183,14 +183,14 @@ fn add_phases(acc: ptr<function, array<f32, D / 2u>>, ph: u32, kc: u32, sb: u32,
     for (var i0 = 0u; i0 < DQ; i0++) {
         workgroupBarrier();
         for (var c = 0u; c < 8u; c++) {
-            scr[sb + r * SP + 2u * c + half] = (*acc)[i0 * 8u + c];
+            scr[sb + r * SP + lane_col(c, 8u, r, half)] = (*acc)[i0 * 8u + c];
         }
         workgroupBarrier();
         if (ph == 0u) {
             for (var p = 1u; p < NPH; p++) {
                 let ob = (p * KC + kc) * 16u * SP;
                 for (var c = 0u; c < 8u; c++) {
-                    (*acc)[i0 * 8u + c] += scr[ob + r * SP + 2u * c + half];
+                    (*acc)[i0 * 8u + c] += scr[ob + r * SP + lane_col(c, 8u, r, half)];
                 }
             }
         }
@@ -243,7 +243,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             scores(&ka, base, sb);
             var p: array<f32, HB>;
             for (var c = 0u; c < HB; c++) {
-                let col = 2u * c + half;
+                let col = lane_col(c, HB, r, half);
                 let x = fma(scr[sb + r * SP + col], prm.scale_log2, bk) - col_lse[cb + col];
                 p[c] = select(0.0, exp2(x), key0c + r < col_kvl[cb + col]);
             }
@@ -251,7 +251,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             scores(&va, base + 16u * DP, sb);
             var ds: array<f32, HB>;
             for (var c = 0u; c < HB; c++) {
-                let col = 2u * c + half;
+                let col = lane_col(c, HB, r, half);
                 ds[c] = p[c] * (scr[sb + r * SP + col] - col_d[cb + col]);
                 dbk += ds[c];
                 pm[pb + r * PP + col] = f16(p[c]);
@@ -259,7 +259,7 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             workgroupBarrier();
             accumulate_pv(&accv, base + 16u * DP, sb, pb, r, half);
             for (var c = 0u; c < HB; c++) {
-                pm[pb + r * PP + 2u * c + half] = f16(ds[c]);
+                pm[pb + r * PP + lane_col(c, HB, r, half)] = f16(ds[c]);
             }
             workgroupBarrier();
             accumulate_pv(&acck, base, sb, pb, r, half);

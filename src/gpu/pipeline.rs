@@ -43,6 +43,10 @@ const SOURCES: &[(&str, &str)] = &[
     ),
     ("coop_kv.wgsl", include_str!("../../shaders/coop_kv.wgsl")),
     (
+        "coop_lanes.wgsl",
+        include_str!("../../shaders/coop_lanes.wgsl"),
+    ),
+    (
         "token_line.wgsl",
         include_str!("../../shaders/token_line.wgsl"),
     ),
@@ -91,12 +95,51 @@ const SOURCES: &[(&str, &str)] = &[
     ("llama.wgsl", include_str!("../../shaders/llama.wgsl")),
 ];
 
+/// Developer knob: `SPARSE_ATTN_SHADERS=DIR` reads the shader files from DIR instead of the
+/// copies built in (native only), so WGSL variants can be timed on a remote GPU with one
+/// binary. A file missing from DIR is an error, not a silent fall back to the built-in copy.
+#[cfg(not(target_arch = "wasm32"))]
+pub const SHADERS_ENV: &str = "SPARSE_ATTN_SHADERS";
+
 pub(crate) fn source(name: &str) -> Result<&'static str> {
-    SOURCES
+    let built_in = SOURCES
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, s)| *s)
-        .ok_or_else(|| Error::Gpu(format!("no shader named {name}")))
+        .ok_or_else(|| Error::Gpu(format!("no shader named {name}")))?;
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(dir) = std::env::var_os(SHADERS_ENV) {
+        return overridden(std::path::Path::new(&dir), name);
+    }
+    Ok(built_in)
+}
+
+/// The file `name` from the override directory, read once per process (the pipeline keys do not
+/// name the source, so it must not change under a running `Gpu`).
+#[cfg(not(target_arch = "wasm32"))]
+fn overridden(dir: &std::path::Path, name: &str) -> Result<&'static str> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static READ: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    let mut read = READ
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = read.get(name) {
+        return Ok(s);
+    }
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Error::Gpu(format!(
+            "{SHADERS_ENV}: cannot read {}: {e}",
+            path.display()
+        ))
+    })?;
+    log::warn!("{SHADERS_ENV}: {name} from {}", path.display());
+    // Leaked once per file and process: pipelines borrow their source for the process's life.
+    let text: &'static str = Box::leak(text.into_boxed_str());
+    read.insert(name.to_string(), text);
+    Ok(text)
 }
 
 /// How a kernel stores the vec4 tensors it declares as `array<ST>` (q, k, v, o and their
@@ -452,6 +495,34 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shader-directory knob reads a file from the directory (once per process) and names
+    /// the path of one it cannot read, never falling back to the built-in copy.
+    #[cfg(not(target_arch = "wasm32"))]
+    #[test]
+    fn shader_directory_override() {
+        let dir = std::env::temp_dir().join(format!("sparse-attn-shaders-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("override_probe.wgsl"), "// variant\n").unwrap();
+        assert_eq!(
+            overridden(&dir, "override_probe.wgsl").unwrap(),
+            "// variant\n"
+        );
+        // Read once: a later change on disk does not reach a running process.
+        std::fs::write(dir.join("override_probe.wgsl"), "// changed\n").unwrap();
+        assert_eq!(
+            overridden(&dir, "override_probe.wgsl").unwrap(),
+            "// variant\n"
+        );
+        let e = overridden(&dir, "override_missing.wgsl")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("override_missing.wgsl") && e.contains(SHADERS_ENV),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// `//#if` keeps the branch that holds, nests, reaches into includes, and refuses unknown
     /// constants and unbalanced directives with the file and line.

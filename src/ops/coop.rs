@@ -93,9 +93,18 @@ impl CoopTiles {
         (self.bk / 16).is_multiple_of(2) && self.out_slices(d).is_multiple_of(2)
     }
 
+    /// Padding of the f32 scratch rows (coop_lanes.wgsl): 8 words for the forward (its
+    /// accumulator stores and softmax reads spread over the banks: 13.31 -> 13.06 ms against 4
+    /// at 8192, d 128 on the H200), 4 for the backwards (8 moved them by about 1%, and the
+    /// H200 run of their tests with 8 ended without a result: not investigated).
+    fn pad(forward: bool) -> u32 {
+        if forward { 8 } else { 4 }
+    }
+
     fn shared_bytes(&self, d: u32, forward: bool) -> u32 {
         // Staging (f16), then per subgroup the f32 scratch and P (f16), rows padded.
-        self.staging(d, forward) * 2 + self.nsg * 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2)
+        let sp = self.bk + Self::pad(forward);
+        self.staging(d, forward) * 2 + self.nsg * 16 * (sp * 4 + (self.bk + 8) * 2)
     }
 
     /// The forward's differ from the backwards': its own staging size (Q staged in rounds of
@@ -115,6 +124,7 @@ impl CoopTiles {
             ("QR", 2 * self.bk),
             ("PAIRS", self.pairs(d) as u32),
             ("SG_SYNC", forward as u32),
+            ("SPAD", Self::pad(forward)),
         ]
     }
 }
@@ -307,6 +317,7 @@ impl SparseTiles {
             // attn_params.wgsl's key_end reads BQ; the sparse kernel never calls it.
             ("BQ", 16),
             ("SG_SYNC", forward as u32),
+            ("SPAD", 4),
         ]
     }
 }
@@ -416,6 +427,7 @@ impl SparseBwdTiles {
             ("DQ", d / 16),
             ("OW", 1),
             ("PAIRS", 0),
+            ("SPAD", 4),
             ("HAS_BIAS", has_bias as u32),
             ("KV", self.staging(d)),
             ("BQ", 16),
