@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
-bash scripts/browser-deps.sh
+# (.ci/run installs them in the background and says so with BROWSER_DEPS_DONE=1.)
+[ "${BROWSER_DEPS_DONE:-}" = 1 ] || bash scripts/browser-deps.sh
 bash scripts/web-build.sh web/dist
 # The native side: SPARSE_ATTN_BIN when given (CI passes the CLI its test build made), else a
 # release build of the CLI (no training stack).

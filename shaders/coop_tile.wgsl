@@ -29,14 +29,15 @@
 // Needs: Params (attn_params.wgsl), `fn put_out(i: u32, x: ST)` (the output store), `enable
 // wgpu_cooperative_matrix;` in the kernel file, and constants D, BK, NSG, DP (staged f16 row
 // stride D + 8: rows 16 bytes apart in bank space), KV (staging halves), OW (O slices per round;
-// divides D/16 and BK/16), PAIRS, SG_SYNC.
+// divides D/16 and BK/16), PAIRS, SG_SYNC, SPAD (f32 scratch row padding, 4 or 8 words:
+// coop_lanes.wgsl).
 
 //#include "coop_lanes.wgsl"
 
 const RESCALE: f32 = 8.0;
 const NJ: u32 = BK / 16u;
 // Columns of a tile per lane, and f32 / f16 scratch row strides (16-byte multiples, offset so the
-// 16 rows of a column do not all share a bank).
+// 16 rows of a column do not all share a bank; the lanes' columns are spread by lane_col).
 const HB: u32 = BK / 2u;
 const SP: u32 = BK + SPAD;
 const PP: u32 = BK + 8u;

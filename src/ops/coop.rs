@@ -12,6 +12,14 @@ use crate::gpu::{Gpu, Pipeline, PipelineKey, Storage};
 /// Lanes per subgroup the kernel's softmax lane mapping assumes (two lanes per row of 16).
 const SUBGROUP: u32 = 32;
 
+/// Padding of the f32 scratch rows of the kernels that include coop_tile.wgsl (its SPAD; the
+/// lane mapping in coop_lanes.wgsl follows it): 4 words, 8 for the dense forward (its
+/// accumulator stores and softmax reads spread over the banks: 13.31 -> 13.06 ms against 4 at
+/// 8192, d 128 on the H200). The backwards keep 4: 8 moved them by about 1%, and the H200 run of
+/// their tests with 8 ended without a result (not investigated).
+const SCRATCH_PAD: u32 = 4;
+const FORWARD_PAD: u32 = 8;
+
 /// Tile of the forward kernel: `nsg` subgroups of 16 query rows, `bk` keys staged per step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct CoopTiles {
@@ -93,12 +101,9 @@ impl CoopTiles {
         (self.bk / 16).is_multiple_of(2) && self.out_slices(d).is_multiple_of(2)
     }
 
-    /// Padding of the f32 scratch rows (coop_lanes.wgsl): 8 words for the forward (its
-    /// accumulator stores and softmax reads spread over the banks: 13.31 -> 13.06 ms against 4
-    /// at 8192, d 128 on the H200), 4 for the backwards (8 moved them by about 1%, and the
-    /// H200 run of their tests with 8 ended without a result: not investigated).
+    /// The dense forward's scratch padding: FORWARD_PAD, else SCRATCH_PAD.
     fn pad(forward: bool) -> u32 {
-        if forward { 8 } else { 4 }
+        if forward { FORWARD_PAD } else { SCRATCH_PAD }
     }
 
     fn shared_bytes(&self, d: u32, forward: bool) -> u32 {
@@ -286,7 +291,8 @@ impl SparseTiles {
 
     fn shared_bytes(&self, d: u32) -> u32 {
         // Per subgroup: K and V staging (f16), the f32 scratch and P (f16), rows padded.
-        self.nsg * (2 * self.bk * (d + 8) * 2 + 16 * ((self.bk + 4) * 4 + (self.bk + 8) * 2))
+        let sp = self.bk + SCRATCH_PAD;
+        self.nsg * (2 * self.bk * (d + 8) * 2 + 16 * (sp * 4 + (self.bk + 8) * 2))
     }
 
     /// The forward's use subgroup barriers for its scratch (SG_SYNC), the backward's dQ
@@ -317,7 +323,7 @@ impl SparseTiles {
             // attn_params.wgsl's key_end reads BQ; the sparse kernel never calls it.
             ("BQ", 16),
             ("SG_SYNC", forward as u32),
-            ("SPAD", 4),
+            ("SPAD", SCRATCH_PAD),
         ]
     }
 }
@@ -411,7 +417,7 @@ impl SparseBwdTiles {
         // Staging (f16), per subgroup the f32 scratch and the f16 P of a 16-column tile, the
         // token line (flags, list, pending) and three per-column values per tile.
         self.staging(d) * 2
-            + self.nsg() * 16 * (20 * 4 + 24 * 2)
+            + self.nsg() * 16 * ((16 + SCRATCH_PAD) * 4 + 24 * 2)
             + 4 * (nt + (nt + self.nph * self.tpt).next_multiple_of(16) + 16)
             + self.nph * 16 * 12
     }
@@ -427,7 +433,7 @@ impl SparseBwdTiles {
             ("DQ", d / 16),
             ("OW", 1),
             ("PAIRS", 0),
-            ("SPAD", 4),
+            ("SPAD", SCRATCH_PAD),
             ("HAS_BIAS", has_bias as u32),
             ("KV", self.staging(d)),
             ("BQ", 16),
