@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Pipeline, PipelineKey, Storage};
+use crate::ops::tiles::pair_knob;
 
 /// Lanes per subgroup the kernel's softmax lane mapping assumes (two lanes per row of 16).
 const SUBGROUP: u32 = 32;
@@ -56,23 +57,15 @@ impl CoopTiles {
             .map(|&(nsg, bk)| CoopTiles { nsg, bk })
             .find(fits)
             .unwrap_or(CoopTiles { nsg: 1, bk: 16 });
-        let Some(n) = crate::ops::tiles::tuning(COOP_ENV, None) else {
+        let Some((nsg, bk)) = pair_knob(COOP_ENV, &[1, 2, 4, 8], &[16, 32, 64, 128]) else {
             return preferred;
         };
-        match n[..] {
-            [nsg, bk] if [1, 2, 4, 8].contains(&nsg) && [16, 32, 64, 128].contains(&bk) => {
-                let t = CoopTiles { nsg, bk };
-                if fits(&t) {
-                    return t;
-                }
-                log::warn!("{COOP_ENV}={n:?} does not fit at head_dim {d}; using {preferred:?}");
-                preferred
-            }
-            _ => {
-                log::warn!("ignoring {COOP_ENV}={n:?} (want nsg in 1,2,4,8 and bk in 16..128)");
-                preferred
-            }
+        let t = CoopTiles { nsg, bk };
+        if fits(&t) {
+            return t;
         }
+        log::warn!("{COOP_ENV}={nsg},{bk} does not fit at head_dim {d}; using {preferred:?}");
+        preferred
     }
 
     pub(crate) fn rows(&self) -> u32 {
@@ -270,15 +263,8 @@ impl SparseTiles {
     /// G 16: 5.33 ms against 10.09 at two tokens of 32 keys, bench/results/h200-peers-2026-12-02/).
     /// The backward's dQ: 32 keys per step where possible (two multiply-add chains).
     fn for_dim(d: u32, max_shared: u32, forward: bool) -> Option<SparseTiles> {
-        let knob = crate::ops::tiles::tuning(SPARSE_COOP_ENV, None).and_then(|n| match n[..] {
-            [nsg, bk] if [1, 2, 4, 8].contains(&nsg) && [16, 32, 64].contains(&bk) => {
-                Some(SparseTiles { nsg, bk })
-            }
-            _ => {
-                log::warn!("ignoring {SPARSE_COOP_ENV}={n:?} (want nsg in 1,2,4,8, bk 16,32,64)");
-                None
-            }
-        });
+        let knob = pair_knob(SPARSE_COOP_ENV, &[1, 2, 4, 8], &[16, 32, 64])
+            .map(|(nsg, bk)| SparseTiles { nsg, bk });
         let order: &[(u32, u32)] = match forward {
             true => &[(1, 16)],
             false => &[(4, 32), (2, 32), (4, 16), (1, 32), (2, 16), (1, 16)],
@@ -551,15 +537,8 @@ impl ScoreTiles {
     /// The first tile in order of preference that fits `max_shared` at head dim `d` and holds
     /// whole tokens of `g` query heads.
     fn for_shape(d: u32, g: u32, max_shared: u32) -> Option<ScoreTiles> {
-        let knob = crate::ops::tiles::tuning(SCORES_COOP_ENV, None).and_then(|n| match n[..] {
-            [nsg, bk] if [1, 2, 4, 8].contains(&nsg) && [32, 64, 128].contains(&bk) => {
-                Some(ScoreTiles { nsg, bk })
-            }
-            _ => {
-                log::warn!("ignoring {SCORES_COOP_ENV}={n:?} (want nsg in 1,2,4,8, bk 32,64,128)");
-                None
-            }
-        });
+        let knob = pair_knob(SCORES_COOP_ENV, &[1, 2, 4, 8], &[32, 64, 128])
+            .map(|(nsg, bk)| ScoreTiles { nsg, bk });
         // H200, 16384 tokens, d 128, G 16, blocks of 16 (bench/results/h200-select-2026-12-02/):
         // 8x32 3.47 ms, 4x32 3.54, 2x32 7.01, 1x32 18.3; 4x64 7.75, 2x64 23.3, 4x128 7.79.
         let order = [(8, 32), (4, 32), (2, 32), (1, 32)];

@@ -25,6 +25,20 @@ pub(crate) fn tuning(var: &str, name: Option<&str>) -> Option<Vec<u32>> {
     n
 }
 
+/// An `nsg,bk` pair (subgroups per workgroup, keys per step) from tuning variable `var`, when
+/// both are among the values the kernel takes; otherwise a warning that names them, and None.
+/// The tensor-core tiles' knobs (`SPARSE_ATTN_COOP`, `_COOP_SPARSE`, `_COOP_SCORES`) read this.
+pub(crate) fn pair_knob(var: &str, nsgs: &[u32], bks: &[u32]) -> Option<(u32, u32)> {
+    let n = tuning(var, None)?;
+    match n[..] {
+        [nsg, bk] if nsgs.contains(&nsg) && bks.contains(&bk) => Some((nsg, bk)),
+        _ => {
+            log::warn!("ignoring {var}={n:?} (want nsg in {nsgs:?} and bk in {bks:?})");
+            None
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
     Fwd,
