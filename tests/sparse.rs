@@ -270,27 +270,22 @@ fn automatic_sparse_kernels() {
                 &SparseConfig::new(o, c.nsel).bias(c.bias).dtype(dt),
             )
             .unwrap();
+            // The rule as ops/sparse.rs states it (rows_supported, ROWS_MAX_GROUP).
             let rows = c.causal && s.group() <= 4 && c.nsel * c.block <= 2048;
-            let coop = |supported: sparse_attn::Result<()>| {
+            let on_coop = |supported: sparse_attn::Result<()>| {
                 dt == DType::F16 && native_f16 && supported.is_ok()
             };
-            let d = s.head_dim;
-            let want = |coop_ok: bool| match (rows, coop_ok) {
+            let want = |coop: bool| match (rows, coop) {
                 (true, _) => SparseKernel::Rows,
                 (_, true) => SparseKernel::Coop,
                 _ => SparseKernel::Portable,
             };
-            let fwd_coop = coop(sparse_attn::ops::coop::sparse_supported(
-                &gpu,
-                d,
-                s.group(),
-                c.block,
+            let (d, g) = (s.head_dim, s.group());
+            let fwd_coop = on_coop(sparse_attn::ops::coop::sparse_supported(
+                &gpu, d, g, c.block,
             ));
-            let bwd_coop = coop(sparse_attn::ops::coop::sparse_backward_supported(
-                &gpu,
-                d,
-                s.group(),
-                c.block,
+            let bwd_coop = on_coop(sparse_attn::ops::coop::sparse_backward_supported(
+                &gpu, d, g, c.block,
             ));
             let ctx = format!("{s:?}, block {}, {dt:?}", c.block);
             assert_eq!(op.forward_kernel(), want(fwd_coop), "forward, {ctx}");
