@@ -63,7 +63,7 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
         workgroupBarrier();
         if (sg * 16u >= q0 && sg * 16u < q0 + QR) {
 //#for I in 0..DQ
-            qa[{I}] = coopLoadT<MatA>(&kv[(sg * 16u - q0) * DP + {I} * 16u], DP);
+            qa[{I}] = coopLoadT<MatA>(&kv[((sg * 16u - q0) * DP + {I} * 16u) / 4u], DP4);
 //#endfor
         }
     }

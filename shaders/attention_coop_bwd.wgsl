@@ -71,13 +71,13 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     stage_rows(0u, q4, row0, tid);
     workgroupBarrier();
 //#for I in 0..DQ
-    qa[{I}] = coopLoadT<MatA>(&kv[sg * 16u * DP + {I} * 16u], DP);
+    qa[{I}] = coopLoadT<MatA>(&kv[(sg * 16u * DP + {I} * 16u) / 4u], DP4);
 //#endfor
     workgroupBarrier();
     stage_rows(1u, q4, row0, tid);
     workgroupBarrier();
 //#for I in 0..DQ
-    da[{I}] = coopLoadT<MatA>(&kv[sg * 16u * DP + {I} * 16u], DP);
+    da[{I}] = coopLoadT<MatA>(&kv[(sg * 16u * DP + {I} * 16u) / 4u], DP4);
 //#endfor
 
     let r = lane / 2u;

@@ -33,15 +33,14 @@ alias MatA = coop_mat16x16<f16, A>;
 alias MatB = coop_mat16x16<f16, B>;
 alias MatC = coop_mat16x16<f32, C>;
 
-var<workgroup> kv: array<f16, KV>;
+var<workgroup> kv: array<vec4<f16>, KV / 4u>;
+// The staged row stride in vec4s (coopLoad's stride counts elements of the array it reads).
+const DP4: u32 = DP / 4u;
 // Row r of the tile's S (then P) at r·SP; subgroup sg owns rows sg·16 ..
 var<workgroup> scr: array<f32, BQ * SP>;
 
 fn put4(at: u32, x: vec4<f16>) {
-    kv[at] = x.x;
-    kv[at + 1u] = x.y;
-    kv[at + 2u] = x.z;
-    kv[at + 3u] = x.w;
+    kv[at / 4u] = x;
 }
 
 // Pooled keys [p0, p0 + BK) of the unit (from vec4 index kb4; zero at or past `end`) into
@@ -80,9 +79,10 @@ fn tile_logits(qa: ptr<function, array<MatA, DQ>>, sb: u32) {
         var s0 = zero;
         var s1 = zero;
 //#for I in 0..DQ
-        s0 = coopMultiplyAdd((*qa)[{I}], coopLoad<MatB>(&kv[j * 16u * DP + {I} * 16u], DP), s0);
+        s0 = coopMultiplyAdd((*qa)[{I}],
+            coopLoad<MatB>(&kv[(j * 16u * DP + {I} * 16u) / 4u], DP4), s0);
         s1 = coopMultiplyAdd((*qa)[{I}],
-            coopLoad<MatB>(&kv[(j + 1u) * 16u * DP + {I} * 16u], DP), s1);
+            coopLoad<MatB>(&kv[((j + 1u) * 16u * DP + {I} * 16u) / 4u], DP4), s1);
 //#endfor
         coopStoreT(s0, &scr[sb + j * 16u], SP);
         coopStoreT(s1, &scr[sb + j * 16u + 16u], SP);
@@ -122,7 +122,7 @@ fn block_scores_coop(@builtin(workgroup_id) wg: vec3<u32>,
         workgroupBarrier();
         if (sg * 16u >= q0 && sg * 16u < q0 + QR) {
 //#for I in 0..DQ
-            qa[{I}] = coopLoadT<MatA>(&kv[(sg * 16u - q0) * DP + {I} * 16u], DP);
+            qa[{I}] = coopLoadT<MatA>(&kv[((sg * 16u - q0) * DP + {I} * 16u) / 4u], DP4);
 //#endfor
         }
     }

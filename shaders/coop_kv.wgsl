@@ -55,7 +55,7 @@ fn kv_fragments(ka: ptr<function, array<MatA, DQ>>, va: ptr<function, array<MatA
         }
         workgroupBarrier();
 //#for I in 0..DQ
-        let f{I} = coopLoadT<MatA>(&kv[frag_row * DP + {I} * 16u], DP);
+        let f{I} = coopLoadT<MatA>(&kv[(frag_row * DP + {I} * 16u) / 4u], DP4);
         if (t == 0u) {
             (*ka)[{I}] = f{I};
         } else {

@@ -46,18 +46,18 @@ alias MatA = coop_mat16x16<f16, A>;
 alias MatB = coop_mat16x16<f16, B>;
 alias MatC = coop_mat16x16<f32, C>;
 
-// Staged rows (Q, K, V tiles; the kernel says where).
-var<workgroup> kv: array<f16, KV>;
+// Staged rows (Q, K, V tiles; the kernel says where), addressed in halves (`at`, DP) and
+// stored as vec4s: one 8-byte store per put4 and matrix loads with a stride of DP4 vec4s.
+var<workgroup> kv: array<vec4<f16>, KV / 4u>;
+// The staged row stride in vec4s (coopLoad's stride counts elements of the array it reads).
+const DP4: u32 = DP / 4u;
 // Per subgroup: S of a key tile, then the slices of P·V (16 x BK f32), and P (16 x BK f16).
 var<workgroup> scr: array<f32, NSG * 16u * SP>;
 var<workgroup> pm: array<f16, NSG * 16u * PP>;
 
-// Four halves into the staging area at `at`.
+// Four halves into the staging area at half `at` (a multiple of 4).
 fn put4(at: u32, x: ST) {
-    kv[at] = x.x;
-    kv[at + 1u] = x.y;
-    kv[at + 2u] = x.z;
-    kv[at + 3u] = x.w;
+    kv[at / 4u] = x;
 }
 
 // S = Q Kᵀ for the K rows staged from `kb` (BK rows, stride DP) into the scratch at `sb`.
@@ -70,9 +70,9 @@ fn scores(qa: ptr<function, array<MatA, DQ>>, kb: u32, sb: u32) {
             var s1 = zero;
 //#for I in 0..DQ
             s0 = coopMultiplyAdd((*qa)[{I}],
-                coopLoad<MatB>(&kv[kb + j * 16u * DP + {I} * 16u], DP), s0);
+                coopLoad<MatB>(&kv[(kb + j * 16u * DP + {I} * 16u) / 4u], DP4), s0);
             s1 = coopMultiplyAdd((*qa)[{I}],
-                coopLoad<MatB>(&kv[kb + (j + 1u) * 16u * DP + {I} * 16u], DP), s1);
+                coopLoad<MatB>(&kv[(kb + (j + 1u) * 16u * DP + {I} * 16u) / 4u], DP4), s1);
 //#endfor
             coopStoreT(s0, &scr[sb + j * 16u], SP);
             coopStoreT(s1, &scr[sb + j * 16u + 16u], SP);
@@ -82,7 +82,7 @@ fn scores(qa: ptr<function, array<MatA, DQ>>, kb: u32, sb: u32) {
             var s = zero;
 //#for I in 0..DQ
             s = coopMultiplyAdd((*qa)[{I}],
-                coopLoad<MatB>(&kv[kb + j * 16u * DP + {I} * 16u], DP), s);
+                coopLoad<MatB>(&kv[(kb + j * 16u * DP + {I} * 16u) / 4u], DP4), s);
 //#endfor
             coopStoreT(s, &scr[sb + j * 16u], SP);
         }
@@ -149,8 +149,8 @@ fn accumulate_o(o: ptr<function, array<MatC, DQ>>, vb: u32, pb: u32) {
     for (var j = 0u; j < NJ; j++) {
         let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);
 //#for I in 0..DQ
-        (*o)[{I}] = coopMultiplyAdd(pa, coopLoadT<MatB>(&kv[vb + j * 16u * DP + {I} * 16u], DP),
-            (*o)[{I}]);
+        (*o)[{I}] = coopMultiplyAdd(pa,
+            coopLoadT<MatB>(&kv[(vb + j * 16u * DP + {I} * 16u) / 4u], DP4), (*o)[{I}]);
 //#endfor
     }
 }
@@ -202,8 +202,8 @@ fn accumulate_pv(acc: ptr<function, array<f32, D / 2u>>, vb: u32, sb: u32, pb: u
                 for (var j = 0u; j < NJ; j++) {
                     let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);
                     let vr = vb + j * 16u * DP + (i0 + w) * 16u;
-                    let v0 = coopLoadT<MatB>(&kv[vr], DP);
-                    let v1 = coopLoadT<MatB>(&kv[vr + 16u], DP);
+                    let v0 = coopLoadT<MatB>(&kv[(vr) / 4u], DP4);
+                    let v1 = coopLoadT<MatB>(&kv[(vr + 16u) / 4u], DP4);
                     p0 = coopMultiplyAdd(pa, v0, p0);
                     p1 = coopMultiplyAdd(pa, v1, p1);
                 }
@@ -215,7 +215,7 @@ fn accumulate_pv(acc: ptr<function, array<f32, D / 2u>>, vb: u32, sb: u32, pb: u
                 var part = zero;
                 for (var j = 0u; j < NJ; j++) {
                     let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);
-                    let v = coopLoadT<MatB>(&kv[vb + j * 16u * DP + (i0 + w) * 16u], DP);
+                    let v = coopLoadT<MatB>(&kv[(vb + j * 16u * DP + (i0 + w) * 16u) / 4u], DP4);
                     part = coopMultiplyAdd(pa, v, part);
                 }
                 coopStoreT(part, &scr[sb + w * 16u], SP);

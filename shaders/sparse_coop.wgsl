@@ -62,7 +62,7 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     workgroupBarrier();
     var qa: array<MatA, DQ>;
 //#for I in 0..DQ
-    qa[{I}] = coopLoadT<MatA>(&kv[st + {I} * 16u], DP);
+    qa[{I}] = coopLoadT<MatA>(&kv[(st + {I} * 16u) / 4u], DP4);
 //#endfor
 
     let r = lane / 2u;
@@ -77,16 +77,17 @@ fn fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) ti
     // The next step's K/V rows travel through registers while this one is multiplied.
     var pk: array<ST, NPF>;
     var pv: array<ST, NPF>;
-    fetch_step(&tk, 0u, lane, &pk, &pv);
+    var next = fetch_step(&tk, 0u, lane, &pk, &pv);
     for (var step = 0u; step < steps; step++) {
         let i0 = step * BK;
+        var keys = next;
         put_step(st, lane, &pk, &pv);
-        fetch_step(&tk, i0 + BK, lane, &pk, &pv);
+        next = fetch_step(&tk, i0 + BK, lane, &pk, &pv);
         scores(&qa, st, sb);
         var x: array<f32, HB>;
         for (var c = 0u; c < HB; c++) {
             let col = lane_col(c, HB, r, half);
-            let key = list_key(&tk, i0 + col);
+            let key = step_key(&tk, &keys, col);
             x[c] = select(NEG, fma(scr[sb + r * SP + col], prm.scale_log2, key_bias(&tk, key)),
                 key != NO_KEY);
         }

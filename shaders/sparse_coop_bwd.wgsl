@@ -68,7 +68,7 @@ fn head_fragments(tk: ptr<function, Token>, which: u32, st: u32, lane: u32,
     }
     workgroupBarrier();
 //#for I in 0..DQ
-    (*fr)[{I}] = coopLoadT<MatA>(&kv[st + {I} * 16u], DP);
+    (*fr)[{I}] = coopLoadT<MatA>(&kv[(st + {I} * 16u) / 4u], DP4);
 //#endfor
 }
 
@@ -100,12 +100,12 @@ fn dq_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let steps = (prm.nsel * BLK + BK - 1u) / BK;
     for (var step = 0u; step < steps; step++) {
         let i0 = step * BK;
-        stage_step(&tk, i0, st, lane);
+        var keys = stage_step(&tk, i0, st, lane);
         scores(&qa, st, sb);
         var p: array<f32, HB>;
         for (var c = 0u; c < HB; c++) {
             let col = lane_col(c, HB, r, half);
-            let key = list_key(&tk, i0 + col);
+            let key = step_key(&tk, &keys, col);
             let s = fma(scr[sb + r * SP + col], prm.scale_log2, key_bias(&tk, key));
             p[c] = select(0.0, exp2(s - lse2), key != NO_KEY);
         }

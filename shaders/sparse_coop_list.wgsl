@@ -40,18 +40,39 @@ fn token_of(t: u32, u: u32) -> Token {
     );
 }
 
-// The key at position `i` of the token's list, or NO_KEY where there is none: past the list, a
-// sentinel or out-of-range block, or a key the token may not see.
-fn list_key(tk: ptr<function, Token>, i: u32) -> u32 {
-    if (!(*tk).live || i >= prm.nsel * BLK) {
-        return NO_KEY;
+// The keys of list positions [i0, i0 + BK), a step: a 16-key chunk lies in one block (blocks
+// are multiples of 16 keys), so one selection read per chunk gives its first key, and a column
+// adds its offset (`step_key`). Reading the selection per column instead cost 8 dependent loads
+// per lane and step.
+alias StepKeys = array<u32, NJ>;
+
+// The first key of each chunk of the step at `i0` (a multiple of 16), or NO_KEY where the chunk
+// has none: past the list, a sentinel or out-of-range block, or past what the token may see.
+fn step_keys(tk: ptr<function, Token>, i0: u32) -> StepKeys {
+    var keys: StepKeys;
+    for (var j = 0u; j < NJ; j++) {
+        let i = i0 + j * 16u;
+        keys[j] = NO_KEY;
+        if ((*tk).live && i < prm.nsel * BLK) {
+            let blk = sel[(*tk).sel0 + i / BLK];
+            let key = blk * BLK + i % BLK;
+            if (blk < (*tk).nb && key < (*tk).kv_len) {
+                keys[j] = key;
+            }
+        }
     }
-    let blk = sel[(*tk).sel0 + i / BLK];
-    let key = blk * BLK + i % BLK;
-    if (blk >= (*tk).nb || key >= (*tk).kv_len) {
-        return NO_KEY;
+    return keys;
+}
+
+// The key at column `col` of the step (< BK), or NO_KEY where there is none.
+fn step_key(tk: ptr<function, Token>, keys: ptr<function, StepKeys>, col: u32) -> u32 {
+    // Constant indices once unrolled (a computed index would put `keys` in local memory).
+    var first = NO_KEY;
+    for (var j = 0u; j < NJ; j++) {
+        first = select(first, (*keys)[j], col / 16u == j);
     }
-    return key;
+    let key = first + col % 16u;
+    return select(NO_KEY, key, first != NO_KEY && key < (*tk).kv_len);
 }
 
 // The per-key bias in log2 units (0 without one or without a key).
@@ -68,10 +89,11 @@ fn key_bias(tk: ptr<function, Token>, key: u32) -> f32 {
 // no key); `put_step` stores them. The forward fetches the next step's rows before this step's
 // products, so their loads are in flight meanwhile.
 fn fetch_step(tk: ptr<function, Token>, i0: u32, lane: u32, pk: ptr<function, array<ST, NPF>>,
-              pv: ptr<function, array<ST, NPF>>) {
+              pv: ptr<function, array<ST, NPF>>) -> StepKeys {
+    var keys = step_keys(tk, i0);
     for (var i = 0u; i < NPF; i++) {
         let e = lane + i * 32u;
-        let key = list_key(tk, i0 + e / D4);
+        let key = step_key(tk, &keys, e / D4);
         var a = ST(0.0);
         var b = ST(0.0);
         if (key != NO_KEY) {
@@ -82,6 +104,7 @@ fn fetch_step(tk: ptr<function, Token>, i0: u32, lane: u32, pk: ptr<function, ar
         (*pk)[i] = a;
         (*pv)[i] = b;
     }
+    return keys;
 }
 
 // Fetched rows into the subgroup's staging area at `st`, between barriers (the subgroup's own
@@ -98,10 +121,11 @@ fn put_step(st: u32, lane: u32, pk: ptr<function, array<ST, NPF>>,
     sg_sync();
 }
 
-// Both at once: all loads first, then the stores.
-fn stage_step(tk: ptr<function, Token>, i0: u32, st: u32, lane: u32) {
+// Both at once: all loads first, then the stores; returns the step's keys.
+fn stage_step(tk: ptr<function, Token>, i0: u32, st: u32, lane: u32) -> StepKeys {
     var pk: array<ST, NPF>;
     var pv: array<ST, NPF>;
-    fetch_step(tk, i0, lane, &pk, &pv);
+    let keys = fetch_step(tk, i0, lane, &pk, &pv);
     put_step(st, lane, &pk, &pv);
+    return keys;
 }
