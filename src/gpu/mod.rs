@@ -3,6 +3,8 @@
 mod device;
 pub(crate) mod encoder;
 pub(crate) mod pipeline;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod stats;
 pub(crate) mod tensor;
 mod timer;
 pub(crate) mod uniform;

@@ -420,7 +420,7 @@ fn unroll(file: &str, text: &str, constants: &[(&'static str, u32)]) -> Result<V
 }
 
 /// Declare every storage binding `read_write` (see [`Gpu::set_pooled_buffers`]).
-fn all_read_write(code: &str) -> String {
+pub(crate) fn all_read_write(code: &str) -> String {
     code.replace("var<storage, read>", "var<storage, read_write>")
 }
 
