@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+set -u
+for f in .gl/*.deb; do dpkg -x $f / >/dev/null; done; ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp
+xz -dc .dev/s24/sa.xz > /tmp/sa; chmod +x /tmp/sa
+mkdir -p /tmp/gt; xz -dc .dev/s24/suite.xz > /tmp/gt/suite; chmod +x /tmp/gt/suite
+(cd /tmp/gt && RUSTC_BOOTSTRAP=1 SPARSE_ATTN_GPU_CHECK=1 timeout 200 ./suite --test-threads 1 --report-time -Zunstable-options coop automatic 2>&1 | grep -E "^test |result|panicked|rel|err" | head -40 | tee $OUT/gpu-check.txt)
+S="bench sparse --seq 16384 --head-dim 128 --heads 16 --kv-heads 1 --block 16 --topk 16 --dtype f16 --target-seconds 0.2 --stages"
+F="bench full --seq 8192 --head-dim 128 --heads 16 --mask causal --variant f16:coop --target-seconds 0.2"
+for r in 1 2; do for v in base v4; do
+  SPARSE_ATTN_SHADERS=$PWD/.dev/s24/sh/$v RUST_LOG=warn timeout 100 /tmp/sa $S > $OUT/sparse-$v-$r.txt 2>&1
+  echo "== sparse $v $r rc=$?"; grep -E "wgsl" $OUT/sparse-$v-$r.txt | head -6
+  SPARSE_ATTN_SHADERS=$PWD/.dev/s24/sh/$v RUST_LOG=warn timeout 100 /tmp/sa $F > $OUT/full-$v-$r.txt 2>&1
+  echo "== full $v $r rc=$?"; grep -E "ms" $OUT/full-$v-$r.txt | head -4
+done; done
