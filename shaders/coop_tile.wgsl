@@ -7,9 +7,6 @@
 //                   running maximum; P to workgroup memory as f16
 //   accumulate_o    O += P V into O's D/16 accumulator matrices (the backwards' gradients too)
 //   store_acc       O / l through the scratch, written as vec4 rows
-//   accumulate_pv   (the sparse dK/dV) per 16-column slice: a product from zero through the
-//                   scratch into the lanes' f32 registers, which its phases add up
-//   store_o         those registers through the scratch, written as vec4 rows
 // A lane's values of a row sit at the columns lane_col gives (coop_lanes.wgsl).
 // The forwards keep O in accumulator matrices, which a row of P·V adds to on the tensor core; a
 // matrix cannot be scaled row by row, so when a row's maximum grows the subgroup sends its O
@@ -28,9 +25,8 @@
 // SUBGROUP_BARRIER), workgroup barriers otherwise (the backwards, in uniform control flow).
 // Needs: Params (attn_params.wgsl), `fn put_out(i: u32, x: ST)` (the output store), `enable
 // wgpu_cooperative_matrix;` in the kernel file, and constants D, BK, NSG, DP (staged f16 row
-// stride D + 8: rows 16 bytes apart in bank space), KV (staging halves), OW (O slices per round;
-// divides D/16 and BK/16), PAIRS, SG_SYNC, SPAD (f32 scratch row padding, 4 or 8 words:
-// coop_lanes.wgsl).
+// stride D + 8: rows 16 bytes apart in bank space), KV (staging halves), PAIRS, SG_SYNC, SPAD
+// (f32 scratch row padding, 4 or 8 words: coop_lanes.wgsl).
 
 //#include "coop_lanes.wgsl"
 
@@ -186,67 +182,6 @@ fn store_cols(at: u32, stride: u32, nrows: u32, sb: u32, lane: u32) {
             let a = sb + rr * SP + cc * 4u;
             let x = vec4<f32>(scr[a], scr[a + 1u], scr[a + 2u], scr[a + 3u]);
             put_out(at + rr * stride + cc, pack_st(x));
-        }
-    }
-}
-
-// O += P V for the V rows staged from `vb` (BK rows, stride DP), OW slices per round.
-fn accumulate_pv(acc: ptr<function, array<f32, D / 2u>>, vb: u32, sb: u32, pb: u32, r: u32,
-                 half: u32) {
-    var zero: MatC;
-    for (var i0 = 0u; i0 < DQ; i0 += OW) {
-        if (PAIRS == 1u) {
-            for (var w = 0u; w < OW; w += 2u) {
-                var p0 = zero;
-                var p1 = zero;
-                for (var j = 0u; j < NJ; j++) {
-                    let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);
-                    let vr = vb + j * 16u * DP + (i0 + w) * 16u;
-                    let v0 = coopLoadT<MatB>(&kv[(vr) / 4u], DP4);
-                    let v1 = coopLoadT<MatB>(&kv[(vr + 16u) / 4u], DP4);
-                    p0 = coopMultiplyAdd(pa, v0, p0);
-                    p1 = coopMultiplyAdd(pa, v1, p1);
-                }
-                coopStoreT(p0, &scr[sb + w * 16u], SP);
-                coopStoreT(p1, &scr[sb + w * 16u + 16u], SP);
-            }
-        } else {
-            for (var w = 0u; w < OW; w++) {
-                var part = zero;
-                for (var j = 0u; j < NJ; j++) {
-                    let pa = coopLoadT<MatA>(&pm[pb + j * 16u], PP);
-                    let v = coopLoadT<MatB>(&kv[(vb + j * 16u * DP + (i0 + w) * 16u) / 4u], DP4);
-                    part = coopMultiplyAdd(pa, v, part);
-                }
-                coopStoreT(part, &scr[sb + w * 16u], SP);
-            }
-        }
-        workgroupBarrier();
-        for (var c = 0u; c < OW * 8u; c++) {
-            (*acc)[i0 * 8u + c] += scr[sb + r * SP + lane_col(c, OW * 8u, r, half)];
-        }
-        workgroupBarrier();
-    }
-}
-
-// O = acc · inv for the subgroup's 16 rows: row rr goes to vec4 index base + rr·stride of the
-// kernel's output (its `put_out`); rows at or past `nrows` are not written.
-fn store_o(acc: ptr<function, array<f32, D / 2u>>, inv: f32, base: u32, stride: u32, nrows: u32,
-           sb: u32, r: u32, half: u32, lane: u32) {
-    for (var i0 = 0u; i0 < DQ; i0 += OW) {
-        workgroupBarrier();
-        for (var c = 0u; c < OW * 8u; c++) {
-            scr[sb + r * SP + lane_col(c, OW * 8u, r, half)] = (*acc)[i0 * 8u + c] * inv;
-        }
-        workgroupBarrier();
-        for (var e = lane; e < 16u * OW * 4u; e += 32u) {
-            let rr = e / (OW * 4u);
-            let cc = e % (OW * 4u);
-            if (rr < nrows) {
-                let a = sb + rr * SP + cc * 4u;
-                let x = vec4<f32>(scr[a], scr[a + 1u], scr[a + 2u], scr[a + 3u]);
-                put_out(base + rr * stride + i0 * 4u + cc, pack_st(x));
-            }
         }
     }
 }

@@ -14,8 +14,9 @@
 //         the selection NT tokens at a time and compacted in token order (a prefix sum), so the
 //         sums run in the same order every time (deterministic, no atomics). Per tile:
 //         Sᵀ = K Qᵀ, Pᵀ, dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − D), dV += Pᵀ dO, dK += s·dSᵀ Q
-//         (Q and dO rows staged as coop_tile's key operand). The NPH partial sums of a chunk
-//         are added through workgroup memory at the end.
+//         (Q and dO rows staged as coop_tile's key operand; dK and dV in accumulator
+//         matrices). The NPH partial sums of a chunk are added through workgroup memory at the
+//         end.
 // Tile machinery: coop_tile.wgsl (dkdv runs with BK = 16: one 16-column tile per subgroup).
 // Constants: those of coop_tile.wgsl, BLK, HAS_BIAS, KC, NPH, TPT.
 //#include "attn_params.wgsl"
@@ -176,25 +177,31 @@ fn stage_round(u: u32, first: u32, count: u32, tid: u32) {
     workgroupBarrier();
 }
 
-// Phase 0 of each key chunk adds the other phases' partial sums (slice by slice through the
-// scratch).
-fn add_phases(acc: ptr<function, array<f32, D / 2u>>, ph: u32, kc: u32, sb: u32, r: u32,
-              half: u32) {
-    for (var i0 = 0u; i0 < DQ; i0++) {
-        workgroupBarrier();
-        for (var c = 0u; c < 8u; c++) {
-            scr[sb + r * SP + lane_col(c, 8u, r, half)] = (*acc)[i0 * 8u + c];
-        }
-        workgroupBarrier();
-        if (ph == 0u) {
-            for (var p = 1u; p < NPH; p++) {
-                let ob = (p * KC + kc) * 16u * SP;
-                for (var c = 0u; c < 8u; c++) {
-                    (*acc)[i0 * 8u + c] += scr[ob + r * SP + lane_col(c, 8u, r, half)];
-                }
+// The chunk's dK or dV (`acc`, its 16 key rows times D, one accumulator matrix per 16
+// columns) times `f` to the output from vec4 index `at` (rows D4 apart; rows at or past
+// `nrows` not written): each phase's matrix through its scratch, phase 0 adding the NPH
+// partial sums in phase order (deterministic) as it writes.
+fn store_phases(acc: ptr<function, array<MatC, DQ>>, f: f32, at: u32, nrows: u32, ph: u32,
+                kc: u32, sb: u32, lane: u32) {
+//#for I in 0..DQ
+    workgroupBarrier();
+    coopStoreT((*acc)[{I}], &scr[sb], SP);
+    workgroupBarrier();
+    if (ph == 0u) {
+        for (var e = lane; e < 64u; e += 32u) {
+            let rr = e / 4u;
+            let cc = e % 4u;
+            var x = vec4<f32>(0.0);
+            for (var p = 0u; p < NPH; p++) {
+                let a = (p * KC + kc) * 16u * SP + rr * SP + cc * 4u;
+                x += vec4<f32>(scr[a], scr[a + 1u], scr[a + 2u], scr[a + 3u]);
+            }
+            if (rr < nrows) {
+                put_out(at + rr * D4 + {I} * 4u + cc, pack_st(x * f));
             }
         }
     }
+//#endfor
 }
 
 @compute @workgroup_size(NT)
@@ -215,8 +222,10 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
 
     let r = lane / 2u;
     let half = lane % 2u;
-    var acck: array<f32, D / 2u>;
-    var accv: array<f32, D / 2u>;
+    // dK and dV of the chunk's 16 keys in accumulator matrices (lane registers would be 128
+    // floats a lane: the driver kept them in local memory, 512 bytes).
+    var acck: array<MatC, DQ>;
+    var accv: array<MatC, DQ>;
     let sb = sg * 16u * SP;
     let pb = sg * 16u * PP;
     let key0c = key0 + kc * 16u;
@@ -257,12 +266,14 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
                 pm[pb + r * PP + col] = f16(p[c]);
             }
             workgroupBarrier();
-            accumulate_pv(&accv, base + 16u * DP, sb, pb, r, half);
+            accumulate_o(&accv, base + 16u * DP, pb);
+            // Every lane has read P before dS overwrites it.
+            workgroupBarrier();
             for (var c = 0u; c < HB; c++) {
                 pm[pb + r * PP + lane_col(c, HB, r, half)] = f16(ds[c]);
             }
             workgroupBarrier();
-            accumulate_pv(&acck, base, sb, pb, r, half);
+            accumulate_o(&acck, base, pb);
         }
         line_keep(min(n, rounds * GT), n, tid);
     }
@@ -284,16 +295,12 @@ fn dkdv_coop(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         workgroupBarrier();
     }
 //#endif
-    if (NPH > 1u) {
-        add_phases(&acck, ph, kc, sb, r, half);
-        add_phases(&accv, ph, kc, sb, r, half);
-    }
     var nrows = 0u;
-    if (ph == 0u && key0c < prm.seq_k) {
+    if (key0c < prm.seq_k) {
         nrows = min(16u, prm.seq_k - key0c);
     }
     out_to = 1u;
-    store_o(&acck, prm.scale, k4 + key0c * D4, D4, nrows, sb, r, half, lane);
+    store_phases(&acck, prm.scale, k4 + key0c * D4, nrows, ph, kc, sb, lane);
     out_to = 2u;
-    store_o(&accv, 1.0, k4 + key0c * D4, D4, nrows, sb, r, half, lane);
+    store_phases(&accv, 1.0, k4 + key0c * D4, nrows, ph, kc, sb, lane);
 }

@@ -72,7 +72,8 @@ impl CoopTiles {
         16 * self.nsg
     }
 
-    /// 16-column slices of O per round through the scratch: divides both D/16 and BK/16.
+    /// 16-column slices of O: divides both D/16 and BK/16 (with the key chunks, what decides
+    /// PAIRS).
     fn out_slices(&self, d: u32) -> u32 {
         (1..=self.bk / 16)
             .rev()
@@ -117,7 +118,6 @@ impl CoopTiles {
             ("NT", SUBGROUP * self.nsg),
             ("DP", d + 8),
             ("DQ", d / 16),
-            ("OW", self.out_slices(d)),
             ("KV", self.staging(d, forward)),
             ("QR", 2 * self.bk),
             ("PAIRS", self.pairs(d) as u32),
@@ -302,7 +302,6 @@ impl SparseTiles {
             ("NT", SUBGROUP * self.nsg),
             ("DP", d + 8),
             ("DQ", d / 16),
-            ("OW", t.out_slices(d)),
             ("PAIRS", t.pairs(d) as u32),
             ("HAS_BIAS", has_bias as u32),
             ("KV", self.nsg * 2 * self.bk * (d + 8)),
@@ -417,7 +416,6 @@ impl SparseBwdTiles {
             ("NT", SUBGROUP * self.nsg()),
             ("DP", d + 8),
             ("DQ", d / 16),
-            ("OW", 1),
             ("PAIRS", 0),
             ("SPAD", SCRATCH_PAD),
             ("HAS_BIAS", has_bias as u32),
