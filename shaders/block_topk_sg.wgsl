@@ -12,14 +12,16 @@
 //                   the host), NT / SLOTS rows per workgroup, no workgroup barrier; lane l keeps
 //                   the l-th winner (k <= SLOTS). H200, 16384 tokens, 1024 blocks, k 16:
 //                   0.92 ms against 1.17 (docs/BENCHMARKS.md)
-// Constants: those of block_select.wgsl (NT, NBP, BLK; D and BQ for attn_params.wgsl), SLOTS.
+// Constants: those of block_select.wgsl (NT, NBP, BLK; D and BQ for attn_params.wgsl), SLOTS,
+// EPT = ceil(NBP / SLOTS), a slot's blocks. The loops over a slot's blocks are unrolled
+// (`//#for`) so its keys stay in registers: with loops the H200's driver kept them in local
+// memory (128 bytes), and the row form took 0.91 ms against 0.77 unrolled (16384 tokens, 1024
+// blocks, k 16; docs/BENCHMARKS.md).
 //#include "attn_params.wgsl"
 //#include "select_common.wgsl"
 
 // Below every score, NEG and PAD: a block already taken.
 const TAKEN: f32 = -3.4028235e38;
-// Blocks per slot.
-const EPT: u32 = (NBP + SLOTS - 1u) / SLOTS;
 // With NOSA the rounds run in two stages: query-aware, then by the eviction score.
 
 // Each subgroup's winner of a round, in two halves used alternately (block_topk_sg).
@@ -50,11 +52,13 @@ fn load_row(row: u32, slot: u32, keys: ptr<function, array<f32, EPT>>) -> Row {
     let end = candidate_end(g, cur);
     let srow = prm.s_off + row * prm.np;
     let pend = pooled_end(g, t);
-    for (var n = 0u; n < EPT; n++) {
-        let x = topk_key(g, srow, slot + n * SLOTS, end, cur, pend);
-        // A NaN score ranks with the non-candidates (comparisons with NaN never pick it).
-        (*keys)[n] = select(x, NEG, x != x);
+    // A NaN score ranks with the non-candidates (comparisons with NaN never pick it).
+//#for N in 0..EPT
+    {
+        let x = topk_key(g, srow, slot + {N} * SLOTS, end, cur, pend);
+        (*keys)[{N}] = select(x, NEG, x != x);
     }
+//#endfor
     let n_out = min(prm.k, end);
     var n_stage = n_out;
 //#if NOSA
@@ -64,13 +68,13 @@ fn load_row(row: u32, slot: u32, keys: ptr<function, array<f32, EPT>>) -> Row {
 }
 
 fn local_best(keys: ptr<function, array<f32, EPT>>, slot: u32) -> Best {
+    // Entry 0 against itself never precedes: the unrolled loop may start there.
     var b = Best((*keys)[0], slot);
-    for (var n = 1u; n < EPT; n++) {
-        let j = slot + n * SLOTS;
-        if (precedes((*keys)[n], j, b.key, b.idx)) {
-            b = Best((*keys)[n], j);
-        }
+//#for N in 0..EPT
+    if (precedes((*keys)[{N}], slot + {N} * SLOTS, b.key, b.idx)) {
+        b = Best((*keys)[{N}], slot + {N} * SLOTS);
     }
+//#endfor
     return b;
 }
 
@@ -78,26 +82,26 @@ fn local_best(keys: ptr<function, array<f32, EPT>>, slot: u32) -> Best {
 fn stage_keys(r: Row, s: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Best>) {
 //#if NOSA
     if (s == r.n_stage) {
-        for (var n = 0u; n < EPT; n++) {
-            let j = slot + n * SLOTS;
-            if ((*keys)[n] != TAKEN) {
-                (*keys)[n] = select(evict_score(r.g, r.u, j, r.pend), PAD, j >= r.end);
-            }
+//#for N in 0..EPT
+        if ((*keys)[{N}] != TAKEN) {
+            let j = slot + {N} * SLOTS;
+            (*keys)[{N}] = select(evict_score(r.g, r.u, j, r.pend), PAD, j >= r.end);
         }
+//#endfor
         *b = local_best(keys, slot);
     }
 //#endif
 }
 
-// Block i won the round: its owner marks it taken and finds its next best. By constant indices
-// once unrolled: a computed index put `keys` in local memory (1.8 ms slower on the H200).
+// Block i won the round: its owner marks it taken and finds its next best. By constant indices:
+// a computed index put `keys` in local memory (1.8 ms slower on the H200).
 fn take(i: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Best>) {
     if (i % SLOTS == slot) {
-        for (var n = 0u; n < EPT; n++) {
-            if (slot + n * SLOTS == i) {
-                (*keys)[n] = TAKEN;
-            }
+//#for N in 0..EPT
+        if (slot + {N} * SLOTS == i) {
+            (*keys)[{N}] = TAKEN;
         }
+//#endfor
         *b = local_best(keys, slot);
     }
 }

@@ -661,8 +661,11 @@ impl BlockSelect {
                         Some(_) => "block_topk_row",
                         None => "block_topk_sg",
                     });
-                    // The slots a row's blocks are dealt to: lanes, or the workgroup's threads.
-                    k.constants.push(("SLOTS", lanes.unwrap_or(nt)));
+                    // The slots a row's blocks are dealt to: lanes, or the workgroup's threads;
+                    // and each slot's share, which the shader unrolls.
+                    let slots = lanes.unwrap_or(nt);
+                    k.constants.push(("SLOTS", slots));
+                    k.constants.push(("EPT", nbp.div_ceil(slots)));
                     k
                 }
                 _ => key("block_topk"),
