@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+set -u
+for f in .gl/*.deb; do dpkg -x $f / >/dev/null; done; ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp
+D=$PWD/.dev/s24
+xz -dc $D/sa.xz > /tmp/sa; chmod +x /tmp/sa; mkdir -p /tmp/gt; xz -dc $D/suite.xz > /tmp/gt/suite; chmod +x /tmp/gt/suite
+(cd /tmp/gt && SPARSE_ATTN_GPU_CHECK=1 timeout 150 ./suite --test-threads 1 select:: decode:: train_ops 2>&1 | grep -E "^test |result|panicked" > $OUT/gpu-check.txt); tail -1 $OUT/gpu-check.txt; grep -v " ok$" $OUT/gpu-check.txt | head
+S="bench sparse --seq 16384 --head-dim 128 --heads 16 --kv-heads 1 --block 16 --topk 16 --dtype f16 --target-seconds 0.2 --stages --no-backward --pipeline-stats"
+for r in 1 2; do for v in old new; do
+  if [ $v = old ]; then export SPARSE_ATTN_SHADERS=$D/sh/v5e; else unset SPARSE_ATTN_SHADERS; fi
+  timeout 60 /tmp/sa $S > $OUT/topk-$v-$r.txt 2>&1
+  echo "== $v $r rc=$?"; grep -E "block_topk_row  " $OUT/topk-$v-$r.txt | head -2
+  grep -A1 '^block_topk_sg.wgsl:block_topk_row' $OUT/topk-$v-$r.txt | grep -o 'Register Count=[0-9]*\|Local Memory Size=[0-9]*' | tr '\n' ' '; echo
+done; done
