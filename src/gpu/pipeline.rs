@@ -256,6 +256,13 @@ pub struct PipelineKey {
     pub storage: Storage,
 }
 
+impl PipelineKey {
+    /// `file:entry`, as profiles and pipeline statistics name the kernel.
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.file, self.entry)
+    }
+}
+
 /// A cached compute pipeline and its bind layout (group 0).
 #[derive(Debug)]
 pub struct Pipeline {
@@ -419,8 +426,18 @@ fn unroll(file: &str, text: &str, constants: &[(&'static str, u32)]) -> Result<V
     Ok(out)
 }
 
+/// The WGSL a pipeline is built from: `preprocess`, with every storage binding `read_write`
+/// where the buffers are pooled. `Gpu::pipeline` compiles it; `gpu::stats` compiles it again.
+pub(crate) fn module_code(key: &PipelineKey, pooled: bool) -> Result<String> {
+    let code = preprocess(key)?;
+    Ok(match pooled {
+        true => all_read_write(&code),
+        false => code,
+    })
+}
+
 /// Declare every storage binding `read_write` (see [`Gpu::set_pooled_buffers`]).
-pub(crate) fn all_read_write(code: &str) -> String {
+fn all_read_write(code: &str) -> String {
     code.replace("var<storage, read>", "var<storage, read_write>")
 }
 
@@ -437,11 +454,8 @@ impl Gpu {
         {
             return Ok(p.clone());
         }
-        let mut code = preprocess(key)?;
-        if pooled {
-            code = all_read_write(&code);
-        }
-        let label = format!("{}:{}", key.file, key.entry);
+        let code = module_code(key, pooled)?;
+        let label = key.label();
         let built = self.scoped(&format!("compiling {label}"), || {
             let desc = wgpu::ShaderModuleDescriptor {
                 label: Some(&label),

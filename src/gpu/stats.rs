@@ -4,7 +4,7 @@
 //! these, and on a GPU they decide how many subgroups an SM keeps in flight.
 //!
 //! wgpu creates its pipelines without the statistics flag, so this module compiles each kernel
-//! again on a Vulkan device of its own on the same GPU: the same WGSL (`preprocess`, as the
+//! again on a Vulkan device of its own on the same GPU: the same WGSL (`module_code`, as the
 //! pipeline cache built it) through naga to SPIR-V with the options wgpu uses for our modules
 //! (no runtime checks for the unchecked kernels, no loop bounding, no workgroup-memory zeroing),
 //! then `vkCreateComputePipelines` with `CAPTURE_STATISTICS`. A developer tool (`bench ...
@@ -17,7 +17,7 @@ use wgpu::naga;
 
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::gpu::pipeline::{PipelineKey, all_read_write, preprocess};
+use crate::gpu::pipeline::{PipelineKey, module_code};
 
 /// An executable the driver made (one for a compute pipeline): its name and statistics.
 pub type Executable = (String, Vec<(String, String)>);
@@ -31,17 +31,6 @@ pub struct KernelStats {
     pub constants: String,
     /// Per executable the driver made (one for a compute pipeline): its name and statistics.
     pub executables: Vec<Executable>,
-}
-
-impl KernelStats {
-    /// The statistic named `name` (case-insensitive) of the first executable that has it.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.executables
-            .iter()
-            .flat_map(|(_, s)| s.iter())
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
 }
 
 fn vk_err(what: &str) -> impl Fn(vk::Result) -> Error + '_ {
@@ -69,12 +58,9 @@ pub fn kernel_stats(gpu: &Gpu) -> Result<Vec<KernelStats>> {
     let vk = VkStats::new(&gpu.adapter().name)?;
     let mut out = Vec::new();
     for (key, pooled) in &keys {
-        let mut code = preprocess(key)?;
-        if *pooled {
-            code = all_read_write(&code);
-        }
-        let label = format!("{}:{}", key.file, key.entry);
-        let words = spirv(&code, key, &label)?;
+        let code = module_code(key, *pooled)?;
+        let label = key.label();
+        let words = spirv(&code, key.checked, Some(key.entry), &label)?;
         let executables = vk.compile(&words, key.entry, &label)?;
         let constants = key
             .constants
@@ -91,8 +77,15 @@ pub fn kernel_stats(gpu: &Gpu) -> Result<Vec<KernelStats>> {
     Ok(out)
 }
 
-/// SPIR-V of one kernel, as wgpu would write it for our modules.
-fn spirv(code: &str, key: &PipelineKey, label: &str) -> Result<Vec<u32>> {
+/// SPIR-V of a kernel module, as wgpu writes it for ours (runtime checks only where
+/// `checked`): one entry point, or every one with `entry` None. The shader tests compile
+/// through here too, so they see the options the driver gets.
+pub(crate) fn spirv(
+    code: &str,
+    checked: bool,
+    entry: Option<&str>,
+    label: &str,
+) -> Result<Vec<u32>> {
     let bad = |e: String| Error::Gpu(format!("{label}: {e}"));
     let module = naga::front::wgsl::parse_str(code).map_err(|e| bad(e.emit_to_string(code)))?;
     let info = naga::valid::Validator::new(
@@ -101,7 +94,7 @@ fn spirv(code: &str, key: &PipelineKey, label: &str) -> Result<Vec<u32>> {
     )
     .validate(&module)
     .map_err(|e| bad(e.emit_to_string(code)))?;
-    let policy = match key.checked {
+    let policy = match checked {
         true => naga::proc::BoundsCheckPolicy::Restrict,
         false => naga::proc::BoundsCheckPolicy::Unchecked,
     };
@@ -116,15 +109,15 @@ fn spirv(code: &str, key: &PipelineKey, label: &str) -> Result<Vec<u32>> {
             binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
         },
         zero_initialize_workgroup_memory: naga::back::spv::ZeroInitializeWorkgroupMemoryMode::None,
-        force_loop_bounding: key.checked,
-        emit_int_div_checks: key.checked,
+        force_loop_bounding: checked,
+        emit_int_div_checks: checked,
         ..Default::default()
     };
-    let pipeline = naga::back::spv::PipelineOptions {
+    let pipeline = entry.map(|e| naga::back::spv::PipelineOptions {
         shader_stage: naga::ShaderStage::Compute,
-        entry_point: key.entry.to_string(),
-    };
-    naga::back::spv::write_vec(&module, &info, &opts, Some(&pipeline))
+        entry_point: e.to_string(),
+    });
+    naga::back::spv::write_vec(&module, &info, &opts, pipeline.as_ref())
         .map_err(|e| bad(format!("{e:?}")))
 }
 
@@ -458,8 +451,8 @@ mod tests {
                 checked: false,
                 storage: Storage::F32,
             };
-            let code = preprocess(&key).unwrap();
-            let words = spirv(&code, &key, "fwd").unwrap();
+            let code = module_code(&key, false).unwrap();
+            let words = spirv(&code, false, Some("main"), "fwd").unwrap();
             let b = bindings(&words);
             let got: Vec<(u32, vk::DescriptorType)> =
                 b.iter().map(|b| (b.binding, b.descriptor_type)).collect();

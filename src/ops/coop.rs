@@ -819,21 +819,9 @@ mod tests {
         }
     }
 
+    /// Through naga to SPIR-V with the options the driver gets (unchecked, every entry).
     fn spirv(src: &str, what: &str) {
-        let module = naga::front::wgsl::parse_str(src)
-            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
-        let info = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
-        let opts = naga::back::spv::Options {
-            lang_version: (1, 6),
-            ..Default::default()
-        };
-        naga::back::spv::write_vec(&module, &info, &opts, None)
-            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        crate::gpu::stats::spirv(src, false, None, what).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// The kernel must get through naga (parse, validate, SPIR-V) on any machine, so CI catches

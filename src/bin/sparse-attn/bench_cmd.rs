@@ -26,10 +26,8 @@ pub struct FullArgs {
     /// words, what browsers without shader-f16 run), `f16:coop`, `f16:auto`; none = f32.
     #[arg(long, value_delimiter = ',', default_values_t = vec!["all".to_string()])]
     pub variant: Vec<String>,
-    /// After the run, print what the Vulkan driver made of every kernel it used (registers,
-    /// spills, ...: VK_KHR_pipeline_executable_properties; native Vulkan only).
-    #[arg(long)]
-    pub pipeline_stats: bool,
+    #[command(flatten)]
+    pub stats: PipelineStats,
     /// Skip the backward pass.
     #[arg(long)]
     pub no_backward: bool,
@@ -79,10 +77,8 @@ pub struct SparseArgs {
     /// Sparse attention with a random per-key bias (NOSA), forward and backward (d bias).
     #[arg(long)]
     pub bias: bool,
-    /// After the run, print what the Vulkan driver made of every kernel it used (registers,
-    /// spills, ...: VK_KHR_pipeline_executable_properties; native Vulkan only).
-    #[arg(long)]
-    pub pipeline_stats: bool,
+    #[command(flatten)]
+    pub stats: PipelineStats,
     #[command(flatten)]
     pub out: Output,
 }
@@ -194,9 +190,7 @@ pub fn bench_full_cmd(opts: &GpuOptions, a: &FullArgs) -> Result<ExitCode, Error
              the first variant of the row group."
         );
     }
-    if a.pipeline_stats {
-        print_pipeline_stats(&gpu)?;
-    }
+    a.stats.print(&gpu)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -307,21 +301,33 @@ pub fn bench_sparse_cmd(opts: &GpuOptions, a: &SparseArgs) -> Result<ExitCode, E
              bwd x = dense backward / sparse backward (the selection is reused from the forward)."
         );
     }
-    if a.pipeline_stats {
-        print_pipeline_stats(&gpu)?;
-    }
+    a.stats.print(&gpu)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Every pipeline the run built, with the driver's statistics of it (`gpu::stats`).
-fn print_pipeline_stats(gpu: &Gpu) -> Result<(), Error> {
-    println!("pipeline statistics (the Vulkan driver's, per kernel):");
-    for k in sparse_attn::gpu::stats::kernel_stats(gpu)? {
-        println!("{}  [{}]", k.label, k.constants);
-        for (name, stats) in &k.executables {
-            let s: Vec<String> = stats.iter().map(|(n, v)| format!("{n}={v}")).collect();
-            println!("    {name}: {}", s.join(", "));
+#[derive(Args)]
+pub struct PipelineStats {
+    /// After the run, print what the Vulkan driver made of every kernel it used (registers,
+    /// spills, ...: VK_KHR_pipeline_executable_properties; native Vulkan only).
+    #[arg(long)]
+    pub pipeline_stats: bool,
+}
+
+impl PipelineStats {
+    /// With the flag: every pipeline the run built, with the driver's statistics of it
+    /// (`gpu::stats`).
+    fn print(&self, gpu: &Gpu) -> Result<(), Error> {
+        if !self.pipeline_stats {
+            return Ok(());
         }
+        println!("pipeline statistics (the Vulkan driver's, per kernel):");
+        for k in sparse_attn::gpu::stats::kernel_stats(gpu)? {
+            println!("{}  [{}]", k.label, k.constants);
+            for (name, stats) in &k.executables {
+                let s: Vec<String> = stats.iter().map(|(n, v)| format!("{n}={v}")).collect();
+                println!("    {name}: {}", s.join(", "));
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
