@@ -9,12 +9,14 @@
 // flight while this one is multiplied):
 //   1. S = Q K̄ᵀ into the subgroup's scratch; lane l keeps row l/2's running max and sum of
 //      exp2 over the tile columns of parity l%2 (SSA, InfLLM-V2; MoBA has no normaliser)
-//   2. S again; P = exp2(S - lse) (MoBA: the scaled logits) in place, then, after a workgroup
-//      barrier, each (token, pooled key) sums its token's G rows into `scores`.
+//   2. S again; P = exp2(S - lse) (MoBA: the scaled logits), and each (token, pooled key) sums
+//      its token's G rows into `scores`: by subgroup shuffles where G divides 16 (`head_sums`),
+//      else through the scratch after a workgroup barrier.
 // Pooled keys past the tile's candidates are not multiplied; their scores are NEG.
 // Constants: D, DQ = D/16, DP = D + 8 (staged f16 row stride), BK (pooled keys a step, a
 // multiple of 32), NSG, NT = 32·NSG, BQ = 16·NSG, KV = staged rows · DP (the key tile, or QR
-// rows of Q a round), QR; and select_common.wgsl's BLK, NBP, NOSA, VARLEN (0: prefill only).
+// rows of Q a round), QR; GS = 1 where the group G divides 16, then GL = log2 G (else 0, 0);
+// and select_common.wgsl's BLK, NBP, NOSA, VARLEN (0: prefill only).
 //#include "attn_params.wgsl"
 //#include "select_common.wgsl"
 enable wgpu_cooperative_matrix;
@@ -88,6 +90,72 @@ fn tile_logits(qa: ptr<function, array<MatA, DQ>>, sb: u32) {
         coopStoreT(s1, &scr[sb + j * 16u + 16u], SP);
     }
     subgroupBarrier();
+}
+
+// A logit's probability (MoBA: the scaled logit), from the row's log-sum-exp `lse` (log2).
+fn prob(s: f32, sl2: f32, lse: f32, moba: bool) -> f32 {
+    return select(exp2(s * sl2 - lse), s * prm.scale, moba);
+}
+
+// The subgroup's scores of the staged tile where G divides 16 (GS = 1): lane (r, half) takes
+// its row's HB probabilities (columns 2c + half) from the scratch, then GL rounds of a
+// reduce-scatter over its token's rows (lane bits 1 .. GL), each halving the values, so that
+// it ends with its token's sums at HB >> GL columns, which it writes (at G 16, lane l column
+// l). This replaces a trip of P through the scratch, a workgroup barrier and G scratch reads
+// per score.
+fn head_sums(p0: u32, pend: u32, t: u32, sb: u32, r: u32, half: u32, lane: u32, moba: bool,
+             sl2: f32, lse: f32, u: u32) {
+    // The loops run to BK (a pipeline constant) for the preprocessor; the indices are
+    // constants, clamped into the array where the guard already excludes them.
+    var v: array<f32, HB>;
+//#for C in 0..BK
+    if ({C} < HB) {
+        let s = scr[sb + r * SP + 2u * {C} + half];
+        let p = prob(s, sl2, lse, moba);
+        v[min({C}, HB - 1u)] = select(0.0, p, p0 + 2u * {C} + half < pend);
+    }
+//#endfor
+    // Every lane has read the scratch before the next tile's S is stored there.
+    subgroupBarrier();
+    if (GL >= 1u) {
+        fold(&v, 2u, HB / 2u, lane);
+    }
+    if (GL >= 2u) {
+        fold(&v, 4u, HB / 4u, lane);
+    }
+    if (GL >= 3u) {
+        fold(&v, 8u, HB / 8u, lane);
+    }
+    if (GL >= 4u) {
+        fold(&v, 16u, HB / 16u, lane);
+    }
+    // Value j now sums the token's rows at tile column 2·((j << GL) + base) + half.
+    let base = (lane >> 1u) & ((1u << GL) - 1u);
+    if (t < prm.seq_q) {
+        let at = prm.s_off + (u * prm.seq_q + t) * prm.np;
+//#for J in 0..BK
+        if ({J} < (HB >> GL)) {
+            let p = p0 + 2u * (({J} << GL) + base) + half;
+            if (p < prm.np) {
+                scores[at + p] = select(NEG, v[min({J}, HB - 1u)], p < pend);
+            }
+        }
+//#endfor
+    }
+}
+
+// One reduce-scatter round over the lanes `mask` apart, of the first 2h values: the pair
+// (2j, 2j + 1) becomes value j, the lane with `mask` set keeping the odd one and its partner
+// the even one, each adding the other's. Constant indices keep `v` in registers.
+fn fold(v: ptr<function, array<f32, HB>>, mask: u32, h: u32, lane: u32) {
+    let up = (lane & mask) != 0u;
+//#for J in 0..BK
+    if ({J} < h) {
+        let a = (*v)[min(2u * {J}, HB - 1u)];
+        let b = (*v)[min(2u * {J} + 1u, HB - 1u)];
+        (*v)[min({J}, HB - 1u)] = select(a, b, up) + subgroupShuffleXor(select(b, a, up), mask);
+    }
+//#endfor
 }
 
 @compute @workgroup_size(NT)
@@ -168,18 +236,24 @@ fn block_scores_coop(@builtin(workgroup_id) wg: vec3<u32>,
     }
     let lse = m + log2(max(l, 1e-30));
 
-    // Pass 2: probabilities (MoBA: scaled logits) in place, then each (token, pooled key)
-    // sums its G rows; past the candidates, NEG.
+    // Pass 2: probabilities (MoBA: scaled logits), then each (token, pooled key) sums its G
+    // rows; past the candidates, NEG. Where G divides 16 (GL = log2 G, GS = 1) the subgroup's
+    // lanes sum their token's rows by shuffles; else P goes back to the scratch and, after a
+    // workgroup barrier, a thread sums each (token, pooled key) from there.
     fetch_keys(&pk, kb4, 0u, p_end, tid);
     for (var p0 = 0u; p0 < prm.np; p0 += BK) {
         if (p0 < p_end) {
             put_keys(&pk, tid);
             fetch_keys(&pk, kb4, p0 + BK, p_end, tid);
             tile_logits(&qa, sb);
+            if (GS == 1u) {
+                head_sums(p0, pend, t, sb, r, half, lane, moba, sl2, lse, u);
+                continue;
+            }
             for (var c = 0u; c < HB; c++) {
                 let a = sb + r * SP + 2u * c + half;
                 let s = scr[a];
-                let p = select(exp2(s * sl2 - lse), s * prm.scale, moba);
+                let p = prob(s, sl2, lse, moba);
                 scr[a] = select(0.0, p, p0 + 2u * c + half < pend);
             }
             workgroupBarrier();
@@ -191,7 +265,8 @@ fn block_scores_coop(@builtin(workgroup_id) wg: vec3<u32>,
             let p = p0 + c;
             if (te < prm.seq_q && p < prm.np) {
                 var sum = NEG;
-                if (p < pooled_end(g, te)) {
+                // Past p_end (the tile's last token's end) no token has candidates.
+                if (p0 < p_end && p < pooled_end(g, te)) {
                     sum = 0.0;
                     for (var h = 0u; h < prm.group; h++) {
                         sum += scr[(tt * prm.group + h) * SP + c];

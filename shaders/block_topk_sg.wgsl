@@ -4,7 +4,8 @@
 // SENTINEL. Instead of sorting every candidate (log²(blocks)/2 barrier-separated phases) it runs
 // min(k, candidates) rounds of an arg-max: a row's blocks are dealt to SLOTS slots (slot s holds
 // blocks s + n·SLOTS), each slot keeps the best of its own, subgroupMax / subgroupMin reduce
-// them, and only the winner's owner rescans its blocks. Two entries:
+// them, and only the winner's owner changes: it moves its runner-up up, and scans its blocks
+// again only when it has none (`Lead`). Two entries:
 //   block_topk_sg   a workgroup per row, SLOTS = NT threads; every thread combines the
 //                   subgroups' winners from workgroup memory (one barrier per round: the
 //                   winners alternate between two halves)
@@ -67,19 +68,34 @@ fn load_row(row: u32, slot: u32, keys: ptr<function, array<f32, EPT>>) -> Row {
     return Row(g, u, end, pend, n_out, n_stage);
 }
 
-fn local_best(keys: ptr<function, array<f32, EPT>>, slot: u32) -> Best {
-    // Entry 0 against itself never precedes: the unrolled loop may start there.
-    var b = Best((*keys)[0], slot);
+// A slot's best key and its runner-up, in the order of `precedes`: a slot whose best is taken
+// moves the runner-up up instead of scanning its blocks again. The runner-up's key TAKEN means
+// unknown (just moved up, or no block left): the slot's next take scans.
+struct Lead {
+    best: Best,
+    next: Best,
+}
+
+fn local_lead(keys: ptr<function, array<f32, EPT>>, slot: u32) -> Lead {
+    // Every block precedes (TAKEN, SENTINEL), taken ones included: `best` is a real block.
+    var b = Best(TAKEN, SENTINEL);
+    var n = b;
 //#for N in 0..EPT
-    if (precedes((*keys)[{N}], slot + {N} * SLOTS, b.key, b.idx)) {
-        b = Best((*keys)[{N}], slot + {N} * SLOTS);
+    {
+        let c = Best((*keys)[{N}], slot + {N} * SLOTS);
+        if (precedes(c.key, c.idx, b.key, b.idx)) {
+            n = b;
+            b = c;
+        } else if (precedes(c.key, c.idx, n.key, n.idx)) {
+            n = c;
+        }
     }
 //#endfor
-    return b;
+    return Lead(b, n);
 }
 
 // Round s's start: with NOSA, past the query-aware blocks the rest rank by the eviction score.
-fn stage_keys(r: Row, s: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Best>) {
+fn stage_keys(r: Row, s: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Lead>) {
 //#if NOSA
     if (s == r.n_stage) {
 //#for N in 0..EPT
@@ -88,21 +104,28 @@ fn stage_keys(r: Row, s: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b
             (*keys)[{N}] = select(evict_score(r.g, r.u, j, r.pend), PAD, j >= r.end);
         }
 //#endfor
-        *b = local_best(keys, slot);
+        *b = local_lead(keys, slot);
     }
 //#endif
 }
 
-// Block i won the round: its owner marks it taken and finds its next best. By constant indices:
-// a computed index put `keys` in local memory (1.8 ms slower on the H200).
-fn take(i: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Best>) {
+// Block i won the round: its owner marks it taken and moves its runner-up up, or scans for
+// its next two. By constant indices: a computed index put `keys` in local memory (1.8 ms slower
+// on the H200). The runner-up saves most scans: H200, 16384 tokens, 1024 blocks, k 16, 0.77 ->
+// 0.60 ms (docs/BENCHMARKS.md).
+fn take(i: u32, slot: u32, keys: ptr<function, array<f32, EPT>>, b: ptr<function, Lead>) {
     if (i % SLOTS == slot) {
 //#for N in 0..EPT
         if (slot + {N} * SLOTS == i) {
             (*keys)[{N}] = TAKEN;
         }
 //#endfor
-        *b = local_best(keys, slot);
+        if ((*b).next.key != TAKEN) {
+            (*b).best = (*b).next;
+            (*b).next = Best(TAKEN, SENTINEL);
+        } else {
+            *b = local_lead(keys, slot);
+        }
     }
 }
 
@@ -118,11 +141,11 @@ fn block_topk_sg(@builtin(workgroup_id) wg: vec3<u32>,
     }
     var keys: array<f32, EPT>;
     let r = load_row(row, tid, &keys);
-    var b = local_best(&keys, tid);
+    var b = local_lead(&keys, tid);
     for (var s = 0u; s < r.n_out; s++) {
         stage_keys(r, s, tid, &keys, &b);
-        let m = subgroupMax(b.key);
-        let i = subgroupMin(select(SENTINEL, b.idx, b.key == m));
+        let m = subgroupMax(b.best.key);
+        let i = subgroupMin(select(SENTINEL, b.best.idx, b.best.key == m));
         let h = (s & 1u) * NT;
         if (lane == 0u) {
             win_key[h + sg] = m;
@@ -156,12 +179,12 @@ fn block_topk_row(@builtin(workgroup_id) wg: vec3<u32>,
     let row = select(0u, row_in, live);
     var keys: array<f32, EPT>;
     let r = load_row(row, lane, &keys);
-    var b = local_best(&keys, lane);
+    var b = local_lead(&keys, lane);
     var mine = SENTINEL;
     for (var s = 0u; s < r.n_out; s++) {
         stage_keys(r, s, lane, &keys, &b);
-        let m = subgroupMax(b.key);
-        let i = subgroupMin(select(SENTINEL, b.idx, b.key == m));
+        let m = subgroupMax(b.best.key);
+        let i = subgroupMin(select(SENTINEL, b.best.idx, b.best.key == m));
         if (lane == s) {
             mine = i;
         }

@@ -318,6 +318,12 @@ fn selection_matches_reference() {
             shape(1, 2, 1, 3000, 3000, 16),
             opts(16, 9, 0, 0, Scoring::Moba),
         ),
+        // k = 32 of 188: the subgroup top-k's slots win several times each (their runners-up
+        // and their scans after a take: block_topk_sg.wgsl's `Lead`)
+        (
+            shape(1, 2, 1, 3000, 3000, 16),
+            opts(16, 32, 0, 0, Scoring::Ssa),
+        ),
         // A group of 32 query heads: more than 16 rows per thread column of the score tile
         (
             shape(1, 32, 1, 150, 150, 16),
@@ -339,8 +345,8 @@ fn selection_matches_reference() {
 }
 
 /// The block scores on tensor cores (f16 q and k) against the reference on the same rounded
-/// inputs: groups from 1 to 32 query heads (a token per subgroup at 16, across two subgroups
-/// at 32), head dims 16 to 128, more pooled keys than a key tile, lengths that are not
+/// inputs: groups from 1 to 32 query heads (summed by shuffles over 0 to 4 rounds up to 16: 1,
+/// 2, 4, 8, 16; a token per subgroup at 16, across two subgroups at 32), head dims 16 to 128, more pooled keys than a key tile, lengths that are not
 /// multiples of the block or of the tile's tokens, every scoring, causal or not, one token.
 /// Skipped with the reason where the device has no cooperative matrices (a failure under
 /// scripts/gpu-check.sh on one that has them).
@@ -380,6 +386,7 @@ fn coop_block_scores_match_reference() {
             shape(1, 32, 1, 150, 150, 16),
             opts(16, 4, 0, 0, Scoring::Ssa),
         ),
+        (shape(1, 8, 1, 77, 77, 64), opts(16, 3, 1, 0, Scoring::Ssa)),
         (shape(1, 16, 1, 1, 1, 64), opts(16, 1, 0, 0, Scoring::Ssa)),
         (shape(1, 4, 2, 50, 70, 32), non_causal),
     ];

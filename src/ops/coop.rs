@@ -587,10 +587,16 @@ pub(crate) fn scores_supported(gpu: &Gpu, d: usize, g: usize) -> Result<ScoreTil
 }
 
 /// The block scores' pipeline key: the tile's constants and the selection's (blocks of `blk`,
-/// NOSA's bindings). Prefill only: select_common.wgsl's decoding lengths (VARLEN) stay off.
-pub(crate) fn scores_key(d: u32, t: ScoreTiles, blk: u32, nosa: bool) -> PipelineKey {
+/// NOSA's bindings, `g` query heads per kv head). Prefill only: select_common.wgsl's decoding
+/// lengths (VARLEN) stay off.
+pub(crate) fn scores_key(d: u32, t: ScoreTiles, blk: u32, nosa: bool, g: u32) -> PipelineKey {
     let mut constants = t.constants(d);
+    // Where G divides 16 a subgroup's rows are whole tokens, summed by shuffles over log2 G
+    // rounds (H200, 16384 tokens, d 128, G 16: see docs/BENCHMARKS.md).
+    let shuffled = 16 % g == 0;
     constants.extend([
+        ("GS", shuffled as u32),
+        ("GL", if shuffled { g.trailing_zeros() } else { 0 }),
         ("BLK", blk),
         // Sizes only select_common.wgsl's top-k array, which this entry does not use; 16 keeps
         // every workgroup array a multiple of 64 bytes (see the test below).
@@ -765,7 +771,7 @@ mod tests {
             (256, 32, true),
         ] {
             let t = ScoreTiles::for_shape(d, g, 48 * 1024).unwrap();
-            let src = crate::gpu::preprocess(&scores_key(d, t, 16, nosa)).unwrap();
+            let src = crate::gpu::preprocess(&scores_key(d, t, 16, nosa, g)).unwrap();
             spirv(&src, &format!("scores d={d} g={g}"));
         }
     }
@@ -798,7 +804,7 @@ mod tests {
         for d in [16, 48, 64, 128, 256] {
             for g in [1, 16, 32] {
                 let t = ScoreTiles::for_shape(d, g, 48 * 1024).unwrap();
-                keys.push(scores_key(d, t, 16, true));
+                keys.push(scores_key(d, t, 16, true, g));
             }
         }
         for key in keys {

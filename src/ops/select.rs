@@ -636,6 +636,7 @@ impl BlockSelect {
                     t,
                     opts.block as u32,
                     opts.evict > 0,
+                    g as u32,
                 ))?,
                 None => gpu.pipeline(&key(match rows {
                     0 => "block_scores",
