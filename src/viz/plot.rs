@@ -1,8 +1,6 @@
 //! Line plots as PNG (training and evaluation figures), drawn with the same 8x8 font as the maps.
 
-use image::{Rgb, RgbImage};
-
-use super::{draw_text, fill};
+use super::{Rgb, RgbImage, draw_text, fill};
 use crate::error::Result;
 
 /// One line: a name for the legend (none if empty) and (x, y) points.
@@ -47,18 +45,12 @@ const PALETTE: [[u8; 3]; 8] = [
     [127, 127, 127],
 ];
 
-fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb<u8>) {
+fn line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb) {
     dash_line(img, (x0, y0), (x1, y1), c, false)
 }
 
 /// A line of 1-pixel steps; `dashed`: 5 drawn, 5 left out.
-fn dash_line(
-    img: &mut RgbImage,
-    (x0, y0): (f64, f64),
-    (x1, y1): (f64, f64),
-    c: Rgb<u8>,
-    dashed: bool,
-) {
+fn dash_line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: Rgb, dashed: bool) {
     let n = ((x1 - x0).abs().max((y1 - y0).abs()).ceil() as usize).max(1);
     for i in 0..=n {
         if dashed && (i / 5) % 2 == 1 {
