@@ -346,8 +346,9 @@ fn selection_matches_reference() {
 
 /// The block scores on tensor cores (f16 q and k) against the reference on the same rounded
 /// inputs: groups from 1 to 32 query heads (summed by shuffles over 0 to 4 rounds up to 16: 1,
-/// 2, 4, 8, 16; a token per subgroup at 16, across two subgroups at 32), head dims 16 to 128, more pooled keys than a key tile, lengths that are not
-/// multiples of the block or of the tile's tokens, every scoring, causal or not, one token.
+/// 2, 4, 8, 16; a token per subgroup at 16, across two subgroups at 32), head dims 16 to 128,
+/// more pooled keys than a key tile, lengths that are not multiples of the block or of the
+/// tile's tokens, every scoring, causal or not, one token.
 /// Skipped with the reason where the device has no cooperative matrices (a failure under
 /// scripts/gpu-check.sh on one that has them).
 #[test]

@@ -74,10 +74,17 @@ impl RgbImage {
         3 * (y as usize * self.width as usize + x as usize)
     }
 
-    /// Panics outside the picture (drawing code clips first).
+    /// Panics outside the picture (see `put_clipped`).
     pub fn put_pixel(&mut self, x: u32, y: u32, c: Rgb) {
         let i = self.at(x, y);
         self.data[i..i + 3].copy_from_slice(&c.0);
+    }
+
+    /// Drawing that may run off the edge: a pixel outside the picture is left out.
+    pub fn put_clipped(&mut self, x: i64, y: i64, c: Rgb) {
+        if (0..self.width as i64).contains(&x) && (0..self.height as i64).contains(&y) {
+            self.put_pixel(x as u32, y as u32, c);
+        }
     }
 
     /// Panics outside the picture.
@@ -134,11 +141,7 @@ pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, color: Rgb) {
         for (gy, row) in glyph.iter().enumerate() {
             for gx in 0..8 {
                 if row >> gx & 1 == 1 {
-                    let (px, py) = (x + n as i64 * 8 + gx, y + gy as i64);
-                    if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height()
-                    {
-                        img.put_pixel(px as u32, py as u32, color);
-                    }
+                    img.put_clipped(x + n as i64 * 8 + gx, y + gy as i64, color);
                 }
             }
         }
@@ -333,6 +336,12 @@ mod tests {
             }
         }
         assert_eq!(img.get_pixel(6, 2), Rgb([180, 160, 20]));
+        // Off the edges nothing is drawn (and nothing wraps to the next row).
+        let before = img.clone();
+        for (x, y) in [(-1, 0), (7, 0), (0, -1), (0, 3), (7, 1)] {
+            img.put_clipped(x, y, INK);
+        }
+        assert_eq!(img, before);
         let bytes = png_bytes(&img).unwrap();
         let mut dec = png::Decoder::new(std::io::Cursor::new(bytes))
             .read_info()

@@ -59,10 +59,7 @@ fn dash_line(img: &mut RgbImage, (x0, y0): (f64, f64), (x1, y1): (f64, f64), c: 
         let t = i as f64 / n as f64;
         let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t);
         for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
-            let (px, py) = (x as i64 + dx, y as i64 + dy);
-            if px >= 0 && py >= 0 && (px as u32) < img.width() && (py as u32) < img.height() {
-                img.put_pixel(px as u32, py as u32, c);
-            }
+            img.put_clipped(x as i64 + dx, y as i64 + dy, c);
         }
     }
 }
